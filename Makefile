@@ -1,0 +1,52 @@
+# Flotilla. `make demo` runs a real job end to end on the local emulator;
+# `make test` runs every test. Both install what they need into .venv.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+CARGO_TARGET_DIR ?= $(CURDIR)/target
+export CARGO_TARGET_DIR
+BIN := $(CARGO_TARGET_DIR)/debug
+FUNCTIONS := intake launch readiness command teardown
+
+.PHONY: help venv build build-functions test lint local-up local-down demo clean
+
+help:
+	@echo "make demo        run the demo job end to end on the local stack"
+	@echo "make test        unit, scenario and moto integration tests, plus cfn-lint"
+	@echo "make local-up    start moto + cargo lambda watch + event pump; writes .flotilla/local.env"
+	@echo "make local-down  stop everything local-up started"
+	@echo "make build       release build (LTO) of every binary"
+	@echo "make lint        cfn-lint template.yaml"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: tools/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tools/requirements.txt
+	touch $@
+
+build:
+	cargo build --release --workspace --bins
+
+build-functions:
+	cargo build $(foreach f,$(FUNCTIONS),-p $(f)) -p flotilla
+
+lint: venv
+	$(VENV)/bin/cfn-lint template.yaml
+
+# Tests start their own moto servers (FLOTILLA_PYTHON tells them which python).
+test: venv lint
+	FLOTILLA_PYTHON=$(CURDIR)/$(PY) cargo test --workspace
+
+local-up: venv build-functions
+	PATH="$(BIN):$$PATH" $(PY) tools/local_stack.py up
+
+local-down:
+	@if [ -x $(PY) ]; then $(PY) tools/local_stack.py down; fi
+
+demo: venv build-functions
+	PATH="$(BIN):$$PATH" bash tools/demo.sh
+
+clean: local-down
+	rm -rf .flotilla

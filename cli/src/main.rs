@@ -1,0 +1,221 @@
+//! `flotilla`: submit, plan, follow and cancel jobs.
+//!
+//! Reads `.flotilla/local.env` (written by `make local-up`) when present, else
+//! the normal AWS environment plus FLOTILLA_BUCKET and FLOTILLA_JOBS_QUEUE_URL.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use flotilla_shared::lifecycle::next_phase;
+use flotilla_shared::ports::Ledger;
+use flotilla_shared::record::{JobRecord, JobState};
+use flotilla_shared::{aws, plan, report, spec};
+
+#[derive(Parser)]
+#[command(name = "flotilla", version, about = "Run batch jobs on short-lived EC2 fleets")]
+struct Cli {
+    /// Environment file to load before the AWS environment.
+    #[arg(long, global = true, default_value = ".flotilla/local.env")]
+    env_file: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a job spec and send it to the jobs queue; prints the job id.
+    Submit { spec: PathBuf },
+    /// Show sizing, cost and what would be launched. Creates nothing.
+    Plan { spec: PathBuf },
+    /// Show a job's phase timeline, reason and last output lines.
+    Status {
+        job_id: String,
+        /// Output lines per instance and phase.
+        #[arg(long, default_value_t = 50)]
+        lines: usize,
+    },
+    /// Follow a job to a terminal state; exits 0 only if it SUCCEEDED.
+    Watch {
+        job_id: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Ask a job to stop: running commands are cancelled, volumes unmounted
+    /// and snapshotted per policy, the fleet terminated.
+    Cancel { job_id: String },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("flotilla: {err:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    load_env_file(&cli.env_file)?;
+    match cli.command {
+        Command::Plan { spec } => plan_command(&spec),
+        Command::Submit { spec } => submit(&spec).await,
+        Command::Status { job_id, lines } => {
+            let record = load(&job_id).await?;
+            print!("{}", report::render_with_tail(&record, lines));
+            Ok(0)
+        }
+        Command::Watch { job_id, timeout } => watch(&job_id, timeout).await,
+        Command::Cancel { job_id } => {
+            send_to_jobs_queue(&serde_json::json!({ "cancel": job_id }).to_string()).await?;
+            println!("cancel requested for {job_id}");
+            Ok(0)
+        }
+    }
+}
+
+/// KEY=VALUE lines (an optional `export ` prefix is allowed); variables already
+/// set in the environment win.
+fn load_env_file(path: &PathBuf) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    for line in text.lines() {
+        let line = line.trim();
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some((key, value)) = line.split_once('=') {
+            if std::env::var_os(key).is_none() {
+                // Single-threaded here: no other thread reads the environment yet.
+                unsafe { std::env::set_var(key, value.trim_matches('"')) };
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_spec(path: &PathBuf) -> Result<(String, spec::JobSpec)> {
+    let body = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let parsed = spec::parse(&body).and_then(|s| spec::validate(&s).map(|_| s));
+    match parsed {
+        Ok(job) => Ok((body, job)),
+        Err(err) => bail!("{}: rejected: {err}", path.display()),
+    }
+}
+
+fn plan_command(path: &PathBuf) -> Result<i32> {
+    let (_, job) = read_spec(path)?;
+    let plan = plan::plan(&job).map_err(|e| anyhow::anyhow!("rejected: {e}"))?;
+    println!("fleet:     {} x {} ({:?})", plan.instance_count, plan.instance_type, plan.market);
+    println!("sizing:    {}", plan.sizing);
+    println!("image:     {}", job.image.as_deref().unwrap_or("from launch template"));
+    match plan.max_cost_usd {
+        Some(cost) => println!("cost:      at most ${cost:.2} (every instance for the whole {} min deadline)", job.deadline_minutes),
+        None => println!("cost:      unknown price for {}", plan.instance_type),
+    }
+    for volume in &job.volumes {
+        println!("volume:    {} {:?} at {} on {}, snapshot {:?}, keep {}", volume.name, volume.source, volume.mount_point, volume.device, volume.snapshot, volume.retention.keep_last);
+    }
+    let steps: Vec<&str> = [job.setup.as_ref().map(|_| "setup"), Some("run"), job.before_unmount.as_ref().map(|_| "before_unmount")].into_iter().flatten().collect();
+    println!("steps:     {}", steps.join(" -> "));
+    println!("launches:  IMDSv2 required, encrypted EBS, no key pair; tagged flotilla:managed-by, flotilla:job-id, flotilla:expires-at");
+    println!("nothing was created");
+    Ok(0)
+}
+
+async fn submit(path: &PathBuf) -> Result<i32> {
+    let (body, job) = read_spec(path)?;
+    plan::plan(&job).map_err(|e| anyhow::anyhow!("rejected: {e}"))?;
+    // Give the job an id here so the user can follow it.
+    let (job_id, body) = match &job.id {
+        Some(id) => (id.clone(), body),
+        None => {
+            let id = format!("job-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+            let mut value: serde_json::Value = serde_json::from_str(&body)?;
+            value["id"] = serde_json::Value::String(id.clone());
+            (id, value.to_string())
+        }
+    };
+    send_to_jobs_queue(&body).await?;
+    println!("{job_id}");
+    Ok(0)
+}
+
+async fn send_to_jobs_queue(body: &str) -> Result<()> {
+    let queue_url = std::env::var("FLOTILLA_JOBS_QUEUE_URL").context("FLOTILLA_JOBS_QUEUE_URL is not set (run `make local-up` or export it)")?;
+    let config = aws::load_config().await;
+    aws_sdk_sqs::Client::new(&config)
+        .send_message()
+        .queue_url(queue_url)
+        .message_body(body)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("sending to the jobs queue: {}", aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+    Ok(())
+}
+
+async fn ledger() -> Result<aws::s3::S3Ledger> {
+    let bucket = std::env::var("FLOTILLA_BUCKET").context("FLOTILLA_BUCKET is not set (run `make local-up` or export it)")?;
+    let config = aws::load_config().await;
+    Ok(aws::s3::S3Ledger::new(aws::s3_client(&config), bucket))
+}
+
+async fn load(job_id: &str) -> Result<JobRecord> {
+    let ledger = ledger().await?;
+    match ledger.load(job_id).await? {
+        Some(versioned) => Ok(versioned.record),
+        None => bail!("no job {job_id} (not submitted yet, or intake has not read it)"),
+    }
+}
+
+const ORDER: [JobState; 7] = [
+    JobState::Submitted,
+    JobState::Launching,
+    JobState::WaitingReady,
+    JobState::Running,
+    JobState::Snapshotting,
+    JobState::TearingDown,
+    JobState::Succeeded,
+];
+
+fn progress_bar(record: &JobRecord) -> String {
+    let reached = ORDER.iter().position(|s| *s == record.state).unwrap_or(ORDER.len() - 1) + usize::from(record.state.is_terminal());
+    let done = reached.min(ORDER.len());
+    format!("[{}{}]", "#".repeat(done), ".".repeat(ORDER.len() - done))
+}
+
+async fn watch(job_id: &str, timeout: u64) -> Result<i32> {
+    let ledger = ledger().await?;
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    loop {
+        if let Some(versioned) = ledger.load(job_id).await? {
+            let record = versioned.record;
+            let phase = next_phase(&record).map(|p| format!(" ({})", p.as_str())).unwrap_or_default();
+            let line = format!("{} {:<13}{phase} {}", progress_bar(&record), record.state.as_str(), record.reason);
+            if line != last {
+                println!("{} {line}", chrono::Utc::now().format("%H:%M:%S"));
+                std::io::stdout().flush().ok();
+                last = line;
+            }
+            if record.state.is_terminal() {
+                println!();
+                print!("{}", report::render(&record));
+                return Ok(if record.state == JobState::Succeeded { 0 } else { 1 });
+            }
+        } else if last.is_empty() {
+            println!("waiting for intake to record {job_id}...");
+            last = "waiting".to_string();
+        }
+        if started.elapsed() > Duration::from_secs(timeout) {
+            bail!("{job_id} not finished after {timeout} s");
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+}

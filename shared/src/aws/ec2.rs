@@ -1,0 +1,372 @@
+//! EC2 (and SSM Parameter Store for image aliases) behind `Fleet` and `Volumes`.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
+    InstanceMarketOptionsRequest, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceType,
+    LaunchTemplateSpecification, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
+    VolumeType,
+};
+use chrono::{DateTime, Utc};
+
+use super::cloud_error;
+use crate::error::{CloudError, RetryClass};
+use crate::ports::{
+    tags, CloudResult, Fleet, InstanceView, LaunchRequest, NewVolume, SnapshotView, VolumeView, Volumes,
+};
+use crate::spec::Market;
+
+/// DescribeInstances accepts up to 1000 ids; smaller chunks keep responses small.
+const DESCRIBE_CHUNK: usize = 200;
+/// TerminateInstances accepts up to 1000 ids per call.
+const TERMINATE_CHUNK: usize = 1000;
+
+pub struct Ec2Fleet {
+    pub ec2: aws_sdk_ec2::Client,
+    pub ssm: aws_sdk_ssm::Client,
+}
+
+pub struct Ec2Volumes {
+    pub ec2: aws_sdk_ec2::Client,
+}
+
+fn tag_spec(resource: ResourceType, tags: &BTreeMap<String, String>) -> TagSpecification {
+    let mut spec = TagSpecification::builder().resource_type(resource);
+    for (key, value) in tags {
+        spec = spec.tags(Tag::builder().key(key).value(value).build());
+    }
+    spec.build()
+}
+
+fn tag_filters(tags: &[(&str, &str)]) -> Vec<Filter> {
+    tags.iter().map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(*v).build()).collect()
+}
+
+fn tags_of(tags: &[Tag]) -> BTreeMap<String, String> {
+    tags.iter().filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string()))).collect()
+}
+
+fn instance_view(instance: &aws_sdk_ec2::types::Instance) -> Option<InstanceView> {
+    Some(InstanceView {
+        instance_id: instance.instance_id()?.to_string(),
+        state: instance.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
+        availability_zone: instance.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string(),
+        launch_index: instance.ami_launch_index().unwrap_or_default().max(0) as u32,
+    })
+}
+
+impl Ec2Fleet {
+    /// Paginated by NextToken without MaxResults: moto counts MaxResults in
+    /// reservations, not instances.
+    async fn describe_filtered(&self, ids: &[String], filters: Vec<Filter>) -> CloudResult<Vec<InstanceView>> {
+        let mut views = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let response = self
+                .ec2
+                .describe_instances()
+                .set_instance_ids(if ids.is_empty() { None } else { Some(ids.to_vec()) })
+                .set_filters(if filters.is_empty() { None } else { Some(filters.clone()) })
+                .set_next_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| cloud_error("ec2", "DescribeInstances", e))?;
+            for reservation in response.reservations() {
+                views.extend(reservation.instances().iter().filter_map(instance_view));
+            }
+            token = response.next_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(views);
+            }
+        }
+    }
+
+    async fn root_device(&self, image_id: &str) -> CloudResult<Option<String>> {
+        let response = self
+            .ec2
+            .describe_images()
+            .image_ids(image_id)
+            .send()
+            .await
+            .map_err(|e| cloud_error("ec2", "DescribeImages", e))?;
+        Ok(response.images().first().and_then(|i| i.root_device_name()).map(str::to_string))
+    }
+}
+
+#[async_trait]
+impl Fleet for Ec2Fleet {
+    async fn resolve_image(&self, parameter: &str) -> CloudResult<String> {
+        let response = self
+            .ssm
+            .get_parameter()
+            .name(parameter)
+            .send()
+            .await
+            .map_err(|e| cloud_error("ssm", "GetParameter", e))?;
+        response
+            .parameter()
+            .and_then(|p| p.value())
+            .filter(|v| v.starts_with("ami-"))
+            .map(str::to_string)
+            .ok_or_else(|| CloudError::Invalid(format!("SSM parameter {parameter} does not hold an AMI id")))
+    }
+
+    async fn find_instances(&self, job_id: &str) -> CloudResult<Vec<InstanceView>> {
+        let mut filters = tag_filters(&[(tags::JOB_ID, job_id), (tags::MANAGED_BY, tags::MANAGED_BY_VALUE)]);
+        filters.push(
+            Filter::builder()
+                .name("instance-state-name")
+                .set_values(Some(["pending", "running", "stopping", "stopped", "shutting-down"].map(String::from).to_vec()))
+                .build(),
+        );
+        self.describe_filtered(&[], filters).await
+    }
+
+    async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>> {
+        let count = i32::try_from(request.count).map_err(|_| CloudError::Invalid("instance count too large".into()))?;
+        let mut call = self
+            .ec2
+            .run_instances()
+            // All or nothing: a fleet short of instances cannot meet its sizing.
+            .min_count(count)
+            .max_count(count)
+            .client_token(&request.client_token)
+            .instance_type(InstanceType::from(request.instance_type.as_str()))
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
+            .tag_specifications(tag_spec(ResourceType::Instance, &request.tags))
+            .tag_specifications(tag_spec(ResourceType::Volume, &request.tags))
+            .set_subnet_id(request.subnet_id.clone())
+            .set_security_group_ids(if request.security_group_ids.is_empty() { None } else { Some(request.security_group_ids.clone()) });
+        if let Some(image_id) = &request.image_id {
+            call = call.image_id(image_id);
+            if let Some(root) = self.root_device(image_id).await? {
+                call = call.block_device_mappings(
+                    BlockDeviceMapping::builder()
+                        .device_name(root)
+                        .ebs(EbsBlockDevice::builder().encrypted(true).delete_on_termination(true).build())
+                        .build(),
+                );
+            }
+        }
+        if request.launch_template_id.is_some() || request.launch_template_name.is_some() {
+            call = call.launch_template(
+                LaunchTemplateSpecification::builder()
+                    .set_launch_template_id(request.launch_template_id.clone())
+                    .set_launch_template_name(request.launch_template_name.clone())
+                    .set_version(request.launch_template_version.clone())
+                    .build(),
+            );
+        }
+        if let Some(profile) = &request.instance_profile {
+            let spec = if profile.starts_with("arn:") {
+                IamInstanceProfileSpecification::builder().arn(profile)
+            } else {
+                IamInstanceProfileSpecification::builder().name(profile)
+            };
+            call = call.iam_instance_profile(spec.build());
+        }
+        if request.market == Market::Spot {
+            call = call.instance_market_options(
+                InstanceMarketOptionsRequest::builder()
+                    .market_type(MarketType::Spot)
+                    .spot_options(SpotMarketOptions::builder().spot_instance_type(SpotInstanceType::OneTime).build())
+                    .build(),
+            );
+        }
+        let response = call.send().await.map_err(|e| cloud_error("ec2", "RunInstances", e))?;
+        Ok(response.instances().iter().filter_map(instance_view).collect())
+    }
+
+    async fn describe(&self, instance_ids: &[String]) -> CloudResult<Vec<InstanceView>> {
+        let mut views = Vec::new();
+        for chunk in instance_ids.chunks(DESCRIBE_CHUNK) {
+            views.extend(self.describe_filtered(chunk, vec![]).await?);
+        }
+        Ok(views)
+    }
+
+    async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()> {
+        for chunk in instance_ids.chunks(TERMINATE_CHUNK) {
+            match self.ec2.terminate_instances().set_instance_ids(Some(chunk.to_vec())).send().await {
+                Ok(_) => {}
+                Err(e) => {
+                    let err = cloud_error("ec2", "TerminateInstances", e);
+                    if err.class() != RetryClass::NotFound && err.class() != RetryClass::NotYetVisible {
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn volume_view(volume: &aws_sdk_ec2::types::Volume) -> Option<VolumeView> {
+    let attached_to = volume
+        .attachments()
+        .iter()
+        .find(|a| a.state().is_some_and(|s| s.as_str() == "attached"))
+        .and_then(|a| a.instance_id())
+        .map(str::to_string);
+    Some(VolumeView {
+        volume_id: volume.volume_id()?.to_string(),
+        state: volume.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+        availability_zone: volume.availability_zone().unwrap_or_default().to_string(),
+        attached_to,
+        tags: tags_of(volume.tags()),
+    })
+}
+
+fn ignore_not_found(result: Result<(), CloudError>) -> CloudResult<()> {
+    match result {
+        Err(err) if err.class() == RetryClass::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+#[async_trait]
+impl Volumes for Ec2Volumes {
+    async fn find_volumes(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<VolumeView>> {
+        let response = self
+            .ec2
+            .describe_volumes()
+            .set_filters(Some(tag_filters(tags)))
+            .send()
+            .await
+            .map_err(|e| cloud_error("ec2", "DescribeVolumes", e))?;
+        Ok(response.volumes().iter().filter_map(volume_view).collect())
+    }
+
+    async fn describe_volume(&self, volume_id: &str) -> CloudResult<Option<VolumeView>> {
+        match self.ec2.describe_volumes().volume_ids(volume_id).send().await {
+            Ok(response) => Ok(response.volumes().iter().filter_map(volume_view).next()),
+            Err(e) => {
+                let err = cloud_error("ec2", "DescribeVolumes", e);
+                if err.class() == RetryClass::NotFound {
+                    Ok(None)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    async fn create_volume(&self, request: &NewVolume) -> CloudResult<VolumeView> {
+        let response = self
+            .ec2
+            .create_volume()
+            .availability_zone(&request.availability_zone)
+            .set_size(request.size_gib.map(|s| s as i32))
+            .set_snapshot_id(request.snapshot_id.clone())
+            .volume_type(VolumeType::from(request.volume_type.as_str()))
+            .encrypted(true)
+            .client_token(&request.client_token)
+            .tag_specifications(tag_spec(ResourceType::Volume, &request.tags))
+            .send()
+            .await
+            .map_err(|e| cloud_error("ec2", "CreateVolume", e))?;
+        Ok(VolumeView {
+            volume_id: response.volume_id().unwrap_or_default().to_string(),
+            state: response.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+            availability_zone: response.availability_zone().unwrap_or_default().to_string(),
+            attached_to: None,
+            tags: tags_of(response.tags()),
+        })
+    }
+
+    async fn attach(&self, volume_id: &str, instance_id: &str, device: &str) -> CloudResult<()> {
+        self.ec2
+            .attach_volume()
+            .volume_id(volume_id)
+            .instance_id(instance_id)
+            .device(device)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| cloud_error("ec2", "AttachVolume", e))
+    }
+
+    async fn detach(&self, volume_id: &str, instance_id: &str) -> CloudResult<()> {
+        let result = self
+            .ec2
+            .detach_volume()
+            .volume_id(volume_id)
+            .instance_id(instance_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| cloud_error("ec2", "DetachVolume", e));
+        ignore_not_found(result)
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> CloudResult<()> {
+        let result = self
+            .ec2
+            .delete_volume()
+            .volume_id(volume_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| cloud_error("ec2", "DeleteVolume", e));
+        ignore_not_found(result)
+    }
+
+    async fn find_snapshots(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<SnapshotView>> {
+        let response = self
+            .ec2
+            .describe_snapshots()
+            .owner_ids("self")
+            .set_filters(Some(tag_filters(tags)))
+            .send()
+            .await
+            .map_err(|e| cloud_error("ec2", "DescribeSnapshots", e))?;
+        Ok(response
+            .snapshots()
+            .iter()
+            .filter_map(|s| {
+                Some(SnapshotView {
+                    snapshot_id: s.snapshot_id()?.to_string(),
+                    volume_id: s.volume_id().unwrap_or_default().to_string(),
+                    state: s.state().map(|st| st.as_str().to_string()).unwrap_or_default(),
+                    started_at: s
+                        .start_time()
+                        .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
+                        .unwrap_or_default(),
+                    tags: tags_of(s.tags()),
+                })
+            })
+            .collect())
+    }
+
+    async fn create_snapshot(&self, volume_id: &str, description: &str, tags: &BTreeMap<String, String>) -> CloudResult<String> {
+        let response = self
+            .ec2
+            .create_snapshot()
+            .volume_id(volume_id)
+            .description(description)
+            .tag_specifications(tag_spec(ResourceType::Snapshot, tags))
+            .send()
+            .await
+            .map_err(|e| cloud_error("ec2", "CreateSnapshot", e))?;
+        Ok(response.snapshot_id().unwrap_or_default().to_string())
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &str) -> CloudResult<()> {
+        let result = self
+            .ec2
+            .delete_snapshot()
+            .snapshot_id(snapshot_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| cloud_error("ec2", "DeleteSnapshot", e));
+        ignore_not_found(result)
+    }
+}

@@ -1,0 +1,106 @@
+//! AWS adapters behind the ports, through the real SDK. Clients are built
+//! once per cold start from one `SdkConfig`.
+
+pub mod ec2;
+pub mod s3;
+pub mod sqs;
+pub mod ssm;
+
+use std::collections::BTreeMap;
+
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+use crate::error::{CloudError, SpecError};
+use crate::lifecycle::Step;
+use crate::ports::{Ports, Settings, SystemClock};
+
+/// Load the SDK config from the environment. `AWS_ENDPOINT_URL` points every
+/// client at an emulator such as moto.
+pub async fn load_config() -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest()).load().await
+}
+
+/// Credentials for a job's `role_arn`, via STS AssumeRole with its external id.
+pub async fn assume_role(base: &SdkConfig, role_arn: &str, external_id: Option<&str>, job_id: &str) -> SdkConfig {
+    let mut builder = aws_config::sts::AssumeRoleProvider::builder(role_arn)
+        .session_name(format!("flotilla-{job_id}"))
+        .configure(base);
+    if let Some(external_id) = external_id {
+        builder = builder.external_id(external_id);
+    }
+    let provider = builder.build().await;
+    base.to_builder()
+        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(provider))
+        .build()
+}
+
+/// Everything the functions read from their environment.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub bucket: String,
+    pub queue_urls: BTreeMap<&'static str, String>,
+    pub settings: Settings,
+}
+
+impl Environment {
+    pub fn from_env() -> Result<Self, SpecError> {
+        let var = |name: &str| std::env::var(name).map_err(|_| SpecError::new(format!("environment variable {name} is not set")));
+        let mut queue_urls = BTreeMap::new();
+        for step in [Step::Launch, Step::Readiness, Step::Command, Step::Teardown] {
+            let name = format!("FLOTILLA_{}_QUEUE_URL", step.as_str().to_ascii_uppercase());
+            queue_urls.insert(step.as_str(), var(&name)?);
+        }
+        let mut settings = Settings::default();
+        if let Ok(delay) = std::env::var("FLOTILLA_POLL_DELAY_SECONDS") {
+            settings.poll_delay_seconds = delay.parse().map_err(|_| SpecError::new("FLOTILLA_POLL_DELAY_SECONDS must be a number"))?;
+        }
+        Ok(Environment { bucket: var("FLOTILLA_BUCKET")?, queue_urls, settings })
+    }
+}
+
+/// The real ports, wired from one config.
+pub fn ports(config: &SdkConfig, env: &Environment) -> Ports {
+    let ec2 = aws_sdk_ec2::Client::new(config);
+    let ssm = aws_sdk_ssm::Client::new(config);
+    Ports {
+        fleet: Box::new(ec2::Ec2Fleet { ec2: ec2.clone(), ssm: ssm.clone() }),
+        volumes: Box::new(ec2::Ec2Volumes { ec2 }),
+        commands: Box::new(ssm::SsmCommands { ssm }),
+        ledger: Box::new(s3::S3Ledger::new(s3_client(config), env.bucket.clone())),
+        queue: Box::new(sqs::SqsStepQueue { sqs: aws_sdk_sqs::Client::new(config), queue_urls: env.queue_urls.clone() }),
+        clock: Box::new(SystemClock),
+        settings: env.settings.clone(),
+    }
+}
+
+/// S3 with path-style addressing when an endpoint is overridden: emulators on
+/// 127.0.0.1 have no per-bucket host names.
+pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
+    let path_style = config.endpoint_url().is_some() || std::env::var("AWS_ENDPOINT_URL_S3").is_ok();
+    let s3_config = aws_sdk_s3::config::Builder::from(config).force_path_style(path_style).build();
+    aws_sdk_s3::Client::from_conf(s3_config)
+}
+
+/// Keep the AWS error code and classify it.
+pub(crate) fn cloud_error<E, R>(service: &'static str, operation: &'static str, err: SdkError<E, R>) -> CloudError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let code = err.code().unwrap_or_default().to_string();
+    let message = match err.message() {
+        Some(message) => message.to_string(),
+        None => DisplayErrorContext(&err).to_string(),
+    };
+    let code = if code.is_empty() {
+        match &err {
+            SdkError::TimeoutError(_) => "timeout".to_string(),
+            SdkError::DispatchFailure(_) => "dispatch".to_string(),
+            _ => String::new(),
+        }
+    } else {
+        code
+    };
+    CloudError::api(service, operation, &code, &message)
+}

@@ -1,0 +1,120 @@
+//! S3 behind `Ledger`: job records with conditional writes (If-Match /
+//! If-None-Match), so two deliveries of one message can never both act.
+
+use async_trait::async_trait;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ServerSideEncryption;
+
+use super::cloud_error;
+use crate::error::{CloudError, RetryClass};
+use crate::ports::{CloudResult, Ledger, Versioned, WriteOutcome};
+use crate::record::{record_key, JobRecord};
+
+pub struct S3Ledger {
+    s3: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+impl S3Ledger {
+    pub fn new(s3: aws_sdk_s3::Client, bucket: String) -> Self {
+        S3Ledger { s3, bucket }
+    }
+
+    async fn put(&self, record: &JobRecord, if_match: Option<&str>) -> CloudResult<WriteOutcome> {
+        let body = serde_json::to_vec_pretty(record).map_err(|e| CloudError::Invalid(e.to_string()))?;
+        let mut call = self
+            .s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(record_key(&record.job_id))
+            .content_type("application/json")
+            // The bucket policy denies unencrypted writes.
+            .server_side_encryption(ServerSideEncryption::Aes256)
+            .body(ByteStream::from(body));
+        call = match if_match {
+            Some(version) => call.if_match(version),
+            None => call.if_none_match("*"),
+        };
+        match call.send().await {
+            Ok(output) => Ok(WriteOutcome::Written { version: output.e_tag().unwrap_or_default().to_string() }),
+            Err(e) => {
+                let err = cloud_error("s3", "PutObject", e);
+                match &err {
+                    // 412: someone else wrote; 409: a concurrent conditional write is in flight.
+                    CloudError::Api { code, .. } if code == "PreconditionFailed" || code == "ConditionalRequestConflict" => Ok(WriteOutcome::Conflict),
+                    // If-Match on a missing key: the record vanished underneath.
+                    CloudError::Api { code, .. } if if_match.is_some() && code == "NoSuchKey" => Ok(WriteOutcome::Conflict),
+                    _ => Err(err),
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Ledger for S3Ledger {
+    async fn load(&self, job_id: &str) -> CloudResult<Option<Versioned>> {
+        let Some((body, version)) = self.get_with_etag(&record_key(job_id)).await? else {
+            return Ok(None);
+        };
+        let record: JobRecord = serde_json::from_slice(&body)
+            .map_err(|e| CloudError::Invalid(format!("job record {job_id} is not valid JSON: {e}")))?;
+        Ok(Some(Versioned { record, version }))
+    }
+
+    async fn create(&self, record: &JobRecord) -> CloudResult<WriteOutcome> {
+        self.put(record, None).await
+    }
+
+    async fn replace(&self, record: &JobRecord, version: &str) -> CloudResult<WriteOutcome> {
+        self.put(record, Some(version)).await
+    }
+
+    async fn put_artifact(&self, job_id: &str, name: &str, body: &[u8], content_type: &str) -> CloudResult<()> {
+        self.s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(format!("jobs/{job_id}/{name}"))
+            .content_type(content_type)
+            .server_side_encryption(ServerSideEncryption::Aes256)
+            .body(ByteStream::from(body.to_vec()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| cloud_error("s3", "PutObject", e))
+    }
+
+    async fn get(&self, key: &str) -> CloudResult<Option<Vec<u8>>> {
+        Ok(self.get_with_etag(key).await?.map(|(body, _)| body))
+    }
+
+    fn bucket(&self) -> &str {
+        &self.bucket
+    }
+}
+
+impl S3Ledger {
+    async fn get_with_etag(&self, key: &str) -> CloudResult<Option<(Vec<u8>, String)>> {
+        match self.s3.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(output) => {
+                let version = output.e_tag().unwrap_or_default().to_string();
+                let body = output
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| CloudError::api("s3", "GetObject", "", &e.to_string()))?
+                    .into_bytes()
+                    .to_vec();
+                Ok(Some((body, version)))
+            }
+            Err(e) => {
+                let err = cloud_error("s3", "GetObject", e);
+                if err.class() == RetryClass::NotFound {
+                    Ok(None)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! SSM Run Command behind `Commands`.
+
+use async_trait::async_trait;
+use aws_sdk_ssm::types::{CommandInvocationStatus, InstanceInformationStringFilter, PingStatus};
+
+use super::cloud_error;
+use crate::error::RetryClass;
+use crate::ports::{CloudResult, CommandRequest, Commands, InvocationView, MAX_INSTANCES_PER_COMMAND};
+
+pub struct SsmCommands {
+    pub ssm: aws_sdk_ssm::Client,
+}
+
+/// SSM's Comment field holds at most 100 characters.
+const MAX_COMMENT: usize = 100;
+
+#[async_trait]
+impl Commands for SsmCommands {
+    async fn online_agents(&self, instance_ids: &[String]) -> CloudResult<Vec<String>> {
+        let mut online = Vec::new();
+        // The InstanceIds filter takes at most 50 values.
+        for chunk in instance_ids.chunks(MAX_INSTANCES_PER_COMMAND) {
+            let mut token: Option<String> = None;
+            loop {
+                let response = self
+                    .ssm
+                    .describe_instance_information()
+                    .filters(InstanceInformationStringFilter::builder().key("InstanceIds").set_values(Some(chunk.to_vec())).build().map_err(|e| crate::error::CloudError::Invalid(e.to_string()))?)
+                    .set_next_token(token.clone())
+                    .send()
+                    .await;
+                let response = match response {
+                    Ok(response) => response,
+                    // Instances SSM has never heard of are simply not Online yet.
+                    Err(e) => {
+                        let err = cloud_error("ssm", "DescribeInstanceInformation", e);
+                        if err.class() == RetryClass::NotYetVisible {
+                            break;
+                        }
+                        return Err(err);
+                    }
+                };
+                for info in response.instance_information_list() {
+                    if info.ping_status() == Some(&PingStatus::Online) {
+                        if let Some(id) = info.instance_id() {
+                            online.push(id.to_string());
+                        }
+                    }
+                }
+                token = response.next_token().map(str::to_string);
+                if token.is_none() {
+                    break;
+                }
+            }
+        }
+        Ok(online)
+    }
+
+    async fn send(&self, request: &CommandRequest) -> CloudResult<String> {
+        let comment: String = request.comment.chars().take(MAX_COMMENT).collect();
+        let response = self
+            .ssm
+            .send_command()
+            .document_name("AWS-RunShellScript")
+            .set_instance_ids(Some(request.instance_ids.clone()))
+            .parameters("commands", request.lines.clone())
+            .parameters("executionTimeout", vec![request.timeout_seconds.to_string()])
+            .comment(comment)
+            .output_s3_bucket_name(&request.output_bucket)
+            .output_s3_key_prefix(&request.output_prefix)
+            .send()
+            .await
+            .map_err(|e| cloud_error("ssm", "SendCommand", e))?;
+        Ok(response.command().and_then(|c| c.command_id()).unwrap_or_default().to_string())
+    }
+
+    async fn find_by_comment(&self, instance_id: &str, comment: &str) -> CloudResult<Option<String>> {
+        let comment: String = comment.chars().take(MAX_COMMENT).collect();
+        let mut token: Option<String> = None;
+        loop {
+            let response = self
+                .ssm
+                .list_commands()
+                .instance_id(instance_id)
+                .set_next_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| cloud_error("ssm", "ListCommands", e))?;
+            if let Some(found) = response.commands().iter().find(|c| c.comment() == Some(comment.as_str())) {
+                return Ok(found.command_id().map(str::to_string));
+            }
+            token = response.next_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn invocations(&self, command_id: &str, instance_ids: &[String]) -> CloudResult<Vec<InvocationView>> {
+        // One paginated list for all statuses; per-instance Get only for finished
+        // ones, because only it returns up to 24,000 characters of output.
+        let mut statuses = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let response = self
+                .ssm
+                .list_command_invocations()
+                .command_id(command_id)
+                .set_next_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| cloud_error("ssm", "ListCommandInvocations", e))?;
+            for invocation in response.command_invocations() {
+                if let (Some(id), Some(status)) = (invocation.instance_id(), invocation.status()) {
+                    statuses.push((id.to_string(), status.clone()));
+                }
+            }
+            token = response.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        let mut views = Vec::new();
+        for (instance_id, status) in statuses {
+            if !instance_ids.contains(&instance_id) {
+                continue;
+            }
+            let finished = !matches!(
+                status,
+                CommandInvocationStatus::Pending | CommandInvocationStatus::InProgress | CommandInvocationStatus::Delayed | CommandInvocationStatus::Cancelling
+            );
+            if !finished {
+                views.push(InvocationView { instance_id, status: status.as_str().to_string(), exit_code: None, stdout: String::new(), stderr: String::new(), output_uri: None });
+                continue;
+            }
+            let detail = self
+                .ssm
+                .get_command_invocation()
+                .command_id(command_id)
+                .instance_id(&instance_id)
+                .send()
+                .await
+                .map_err(|e| cloud_error("ssm", "GetCommandInvocation", e))?;
+            views.push(InvocationView {
+                instance_id,
+                status: detail.status().map(|s| s.as_str().to_string()).unwrap_or_else(|| status.as_str().to_string()),
+                exit_code: Some(detail.response_code()),
+                stdout: detail.standard_output_content().unwrap_or_default().to_string(),
+                stderr: detail.standard_error_content().unwrap_or_default().to_string(),
+                output_uri: detail.standard_output_url().filter(|u| !u.is_empty()).map(str::to_string),
+            });
+        }
+        Ok(views)
+    }
+
+    async fn cancel(&self, command_id: &str) -> CloudResult<()> {
+        match self.ssm.cancel_command().command_id(command_id).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let err = cloud_error("ssm", "CancelCommand", e);
+                // Finished commands cannot be cancelled; that is fine.
+                if matches!(err.class(), RetryClass::NotFound | RetryClass::Permanent) {
+                    tracing::info!(%command_id, error = %err, "cancel not needed");
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Narrow ports between the lifecycle and the cloud. The AWS adapters live in
+//! `aws/`, the in-memory fake cloud in `fake`. Every call must be safe to
+//! repeat: a redelivered message repeats the calls of the step it carries.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::error::CloudError;
+use crate::lifecycle::StepMessage;
+use crate::record::JobRecord;
+use crate::spec::Market;
+
+pub type CloudResult<T> = Result<T, CloudError>;
+
+/// Tag keys Flotilla writes on everything it creates.
+pub mod tags {
+    pub const MANAGED_BY: &str = "flotilla:managed-by";
+    pub const MANAGED_BY_VALUE: &str = "flotilla";
+    pub const JOB_ID: &str = "flotilla:job-id";
+    pub const JOB_NAME: &str = "flotilla:job-name";
+    pub const EXPIRES_AT: &str = "flotilla:expires-at";
+    pub const SHARD: &str = "flotilla:shard";
+    pub const VOLUME: &str = "flotilla:volume";
+    pub const SOURCE_VOLUME: &str = "flotilla:source-volume";
+    pub const INSTANCE: &str = "flotilla:instance";
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceView {
+    pub instance_id: String,
+    /// pending, running, shutting-down, terminated, stopping, stopped
+    pub state: String,
+    pub availability_zone: String,
+    pub launch_index: u32,
+}
+
+impl InstanceView {
+    pub fn is_gone(&self) -> bool {
+        matches!(self.state.as_str(), "shutting-down" | "terminated" | "stopping" | "stopped")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchRequest {
+    pub job_id: String,
+    pub count: u32,
+    pub instance_type: String,
+    pub image_id: Option<String>,
+    pub launch_template_id: Option<String>,
+    pub launch_template_name: Option<String>,
+    pub launch_template_version: Option<String>,
+    pub subnet_id: Option<String>,
+    pub security_group_ids: Vec<String>,
+    pub instance_profile: Option<String>,
+    pub market: Market,
+    /// All tags, applied at create time to instances and their root volumes.
+    pub tags: BTreeMap<String, String>,
+    /// Same job and attempt, same token: EC2 returns the first launch again.
+    pub client_token: String,
+}
+
+#[async_trait]
+pub trait Fleet: Send + Sync {
+    /// Resolve an SSM parameter such as `/aws/service/ami-amazon-linux-latest/...`.
+    async fn resolve_image(&self, parameter: &str) -> CloudResult<String>;
+    /// This job's instances that are not terminated, found by tag.
+    async fn find_instances(&self, job_id: &str) -> CloudResult<Vec<InstanceView>>;
+    async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>>;
+    async fn describe(&self, instance_ids: &[String]) -> CloudResult<Vec<InstanceView>>;
+    /// Terminating an already terminated instance is fine.
+    async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()>;
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeView {
+    pub volume_id: String,
+    /// creating, available, in-use, deleting, deleted
+    pub state: String,
+    pub availability_zone: String,
+    pub attached_to: Option<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewVolume {
+    pub availability_zone: String,
+    pub size_gib: Option<u32>,
+    pub volume_type: String,
+    pub snapshot_id: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    pub client_token: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotView {
+    pub snapshot_id: String,
+    pub volume_id: String,
+    pub state: String,
+    pub started_at: DateTime<Utc>,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[async_trait]
+pub trait Volumes: Send + Sync {
+    /// Volumes carrying all of these tags.
+    async fn find_volumes(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<VolumeView>>;
+    async fn describe_volume(&self, volume_id: &str) -> CloudResult<Option<VolumeView>>;
+    async fn create_volume(&self, request: &NewVolume) -> CloudResult<VolumeView>;
+    async fn attach(&self, volume_id: &str, instance_id: &str, device: &str) -> CloudResult<()>;
+    async fn detach(&self, volume_id: &str, instance_id: &str) -> CloudResult<()>;
+    async fn delete_volume(&self, volume_id: &str) -> CloudResult<()>;
+    /// Snapshots carrying all of these tags.
+    async fn find_snapshots(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<SnapshotView>>;
+    async fn create_snapshot(
+        &self,
+        volume_id: &str,
+        description: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> CloudResult<String>;
+    async fn delete_snapshot(&self, snapshot_id: &str) -> CloudResult<()>;
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRequest {
+    /// At most 50: SendCommand's limit.
+    pub instance_ids: Vec<String>,
+    pub lines: Vec<String>,
+    pub timeout_seconds: u32,
+    /// Identifies the command so a redelivery can find it instead of resending.
+    pub comment: String,
+    pub output_bucket: String,
+    pub output_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvocationView {
+    pub instance_id: String,
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub output_uri: Option<String>,
+}
+
+impl InvocationView {
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self.status.as_str(),
+            "Success" | "Failed" | "TimedOut" | "Cancelled" | "Cancelling" | "Undeliverable" | "Terminated" | "DeliveryTimedOut"
+        ) && self.status != "Cancelling"
+    }
+}
+
+/// SendCommand's instance limit.
+pub const MAX_INSTANCES_PER_COMMAND: usize = 50;
+
+#[async_trait]
+pub trait Commands: Send + Sync {
+    /// Instance ids whose SSM agent reports PingStatus Online.
+    async fn online_agents(&self, instance_ids: &[String]) -> CloudResult<Vec<String>>;
+    async fn send(&self, request: &CommandRequest) -> CloudResult<String>;
+    /// A command sent earlier to this instance with this comment.
+    async fn find_by_comment(&self, instance_id: &str, comment: &str) -> CloudResult<Option<String>>;
+    async fn invocations(&self, command_id: &str, instance_ids: &[String]) -> CloudResult<Vec<InvocationView>>;
+    async fn cancel(&self, command_id: &str) -> CloudResult<()>;
+}
+
+/// A record and the version it was read at.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    pub record: JobRecord,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Written { version: String },
+    /// Someone else wrote first: reload and decide again.
+    Conflict,
+}
+
+/// Job records with compare-and-swap, and artifacts beside them.
+#[async_trait]
+pub trait Ledger: Send + Sync {
+    async fn load(&self, job_id: &str) -> CloudResult<Option<Versioned>>;
+    /// Create only if absent (If-None-Match: *).
+    async fn create(&self, record: &JobRecord) -> CloudResult<WriteOutcome>;
+    /// Replace only if unchanged since `version` (If-Match).
+    async fn replace(&self, record: &JobRecord, version: &str) -> CloudResult<WriteOutcome>;
+    async fn put_artifact(&self, job_id: &str, name: &str, body: &[u8], content_type: &str) -> CloudResult<()>;
+    /// Any object in the bucket, e.g. a schedule's stored spec.
+    async fn get(&self, key: &str) -> CloudResult<Option<Vec<u8>>>;
+    fn bucket(&self) -> &str;
+}
+
+#[async_trait]
+pub trait StepQueue: Send + Sync {
+    /// SQS caps DelaySeconds at 900.
+    async fn send(&self, message: &StepMessage, delay_seconds: u32) -> CloudResult<()>;
+}
+
+/// Clock port, so the fake cloud can run on virtual time.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// Everything a step needs, wired once per Lambda cold start.
+pub struct Ports {
+    pub fleet: Box<dyn Fleet>,
+    pub volumes: Box<dyn Volumes>,
+    pub commands: Box<dyn Commands>,
+    pub ledger: Box<dyn Ledger>,
+    pub queue: Box<dyn StepQueue>,
+    pub clock: Box<dyn Clock>,
+    pub settings: Settings,
+}
+
+/// Tunables read from the environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Delay between readiness and command polls.
+    pub poll_delay_seconds: u32,
+    /// How long instances may live past the job deadline before the reaper may kill them.
+    pub expiry_grace_minutes: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { poll_delay_seconds: 20, expiry_grace_minutes: 30 }
+    }
+}

@@ -1,0 +1,212 @@
+//! Every shell line Flotilla sends to an instance is built here, and every
+//! value that came from a job spec or from AWS goes through [`quote`].
+
+use std::collections::BTreeMap;
+
+use crate::spec::CommandSpec;
+
+/// Quote one word for POSIX sh/bash so it reaches the program verbatim.
+///
+/// Single quotes disable every expansion; an embedded `'` becomes `'\''`.
+/// Words made only of safe characters are left bare for readable logs.
+pub fn quote(word: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_-./=:,+@%".contains(c);
+    if !word.is_empty() && word.chars().all(safe) {
+        return word.to_string();
+    }
+    let mut quoted = String::with_capacity(word.len() + 2);
+    quoted.push('\'');
+    for c in word.chars() {
+        if c == '\'' {
+            quoted.push_str("'\\''");
+        } else {
+            quoted.push(c);
+        }
+    }
+    quoted.push('\'');
+    quoted
+}
+
+/// An argv as one shell line.
+pub fn command_line(argv: &[String]) -> String {
+    argv.iter().map(|word| quote(word)).collect::<Vec<_>>().join(" ")
+}
+
+/// What every script on an instance knows about its job.
+#[derive(Debug, Clone)]
+pub struct Preamble<'a> {
+    pub job_id: &'a str,
+    /// Instance id to shard index, in launch order.
+    pub instances: &'a [String],
+    pub env: &'a BTreeMap<String, String>,
+    /// Volume name to mount point.
+    pub mounts: &'a [(String, String)],
+    /// For fleets sized by items: each shard's `[start, end)` is exported.
+    pub items: Option<u64>,
+}
+
+impl Preamble<'_> {
+    fn lines(&self) -> Vec<String> {
+        let mut lines = vec![
+            "set -euo pipefail".to_string(),
+            // The SSM agent sets AWS_SSM_INSTANCE_ID; IMDSv2 is the fallback.
+            "FLOTILLA_INSTANCE_ID=\"${AWS_SSM_INSTANCE_ID:-$(TOKEN=$(curl -sS -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 60') && curl -sS -H \"X-aws-ec2-metadata-token: $TOKEN\" http://169.254.169.254/latest/meta-data/instance-id)}\"".to_string(),
+            format!("export FLOTILLA_JOB_ID={}", quote(self.job_id)),
+            "export FLOTILLA_INSTANCE_ID".to_string(),
+            format!("export FLOTILLA_SHARD_COUNT={}", self.instances.len()),
+            "case \"$FLOTILLA_INSTANCE_ID\" in".to_string(),
+        ];
+        let count = self.instances.len() as u32;
+        for (index, id) in self.instances.iter().enumerate() {
+            let items = self
+                .items
+                .map(|items| {
+                    let range = crate::plan::shard_range(items, index as u32, count);
+                    format!(" FLOTILLA_ITEM_START={} FLOTILLA_ITEM_END={}", range.start, range.end)
+                })
+                .unwrap_or_default();
+            lines.push(format!("  {}) export FLOTILLA_SHARD_INDEX={index}{items} ;;", quote(id)));
+        }
+        lines.push("  *) echo \"flotilla: instance $FLOTILLA_INSTANCE_ID is not in this job\" >&2; exit 97 ;;".to_string());
+        lines.push("esac".to_string());
+        for (key, value) in self.env {
+            // Keys are validated as [A-Za-z_][A-Za-z0-9_]*, values are quoted.
+            lines.push(format!("export {key}={}", quote(value)));
+        }
+        for (name, mount_point) in self.mounts {
+            let var = name.to_ascii_uppercase().replace('-', "_");
+            lines.push(format!("export FLOTILLA_MOUNT_{var}={}", quote(mount_point)));
+        }
+        lines
+    }
+}
+
+/// The lines of a user step: argv commands quoted, or the user's script run
+/// by its own bash so it cannot break the preamble.
+pub fn step_script(preamble: &Preamble<'_>, step: &CommandSpec) -> Vec<String> {
+    let mut lines = preamble.lines();
+    if let Some(script) = &step.script {
+        lines.push(format!("exec bash -c {} flotilla-step", quote(script)));
+    } else {
+        lines.extend(step.commands.iter().map(|argv| command_line(argv)));
+    }
+    lines
+}
+
+/// One data volume as seen from an instance.
+#[derive(Debug, Clone)]
+pub struct MountTarget {
+    pub name: String,
+    pub device: String,
+    pub mount_point: String,
+    /// Instance id to volume id attached to it.
+    pub volume_by_instance: Vec<(String, String)>,
+    /// Only a volume Flotilla created empty may be formatted.
+    pub format_if_blank: bool,
+}
+
+/// Marker the local emulator looks for: block-device work cannot run there.
+pub const VOLUME_OP_MARKER: &str = "# flotilla:volume-op";
+
+/// Find each volume's device (NVMe-aware), format it if new and blank, mount it.
+pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<String> {
+    let mut lines = vec![format!("{VOLUME_OP_MARKER} mount")];
+    lines.extend(preamble.lines());
+    lines.push("find_device() {".to_string());
+    // Nitro exposes EBS as NVMe; the by-id link carries the volume id without its dash.
+    lines.push("  local vol=\"${1//-/}\" requested=\"$2\" alt=\"/dev/xvd${2#/dev/sd}\"".to_string());
+    lines.push("  for _ in $(seq 1 60); do".to_string());
+    lines.push("    for dev in \"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_${vol}\" \"$requested\" \"$alt\"; do".to_string());
+    lines.push("      if [ -b \"$dev\" ]; then readlink -f \"$dev\"; return 0; fi".to_string());
+    lines.push("    done; sleep 1".to_string());
+    lines.push("  done; echo \"flotilla: no block device for $1\" >&2; return 1".to_string());
+    lines.push("}".to_string());
+    for target in targets {
+        lines.push("VOLUME_ID=".to_string());
+        lines.push("case \"$FLOTILLA_INSTANCE_ID\" in".to_string());
+        for (instance, volume) in &target.volume_by_instance {
+            lines.push(format!("  {}) VOLUME_ID={} ;;", quote(instance), quote(volume)));
+        }
+        lines.push("esac".to_string());
+        lines.push("if [ -n \"$VOLUME_ID\" ]; then".to_string());
+        lines.push(format!("  DEV=$(find_device \"$VOLUME_ID\" {})", quote(&target.device)));
+        if target.format_if_blank {
+            lines.push("  if ! blkid \"$DEV\" >/dev/null 2>&1; then mkfs -t ext4 -q \"$DEV\"; fi".to_string());
+        }
+        lines.push(format!("  mkdir -p {}", quote(&target.mount_point)));
+        lines.push(format!(
+            "  mountpoint -q {mp} || mount \"$DEV\" {mp}",
+            mp = quote(&target.mount_point)
+        ));
+        lines.push(format!("  echo \"mounted $VOLUME_ID ($DEV) at \"{}", quote(&target.mount_point)));
+        lines.push("fi".to_string());
+    }
+    lines
+}
+
+/// Flush and unmount, so the snapshot that follows is consistent.
+pub fn unmount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<String> {
+    let mut lines = vec![format!("{VOLUME_OP_MARKER} unmount")];
+    lines.extend(preamble.lines());
+    lines.push("sync".to_string());
+    for target in targets {
+        let mp = quote(&target.mount_point);
+        lines.push(format!("if mountpoint -q {mp}; then sync -f {mp}; umount {mp} && echo \"unmounted \"{mp}; fi"));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bash_echo(words: &[String]) -> Vec<u8> {
+        let line = format!("printf '%s\\0' {}", command_line(words));
+        let out = std::process::Command::new("bash").arg("-c").arg(&line).output().expect("bash runs");
+        assert!(out.status.success(), "bash failed on {line}");
+        out.stdout
+    }
+
+    #[test]
+    fn quotes_the_classics() {
+        assert_eq!(quote("plain-word.txt"), "plain-word.txt");
+        assert_eq!(quote(""), "''");
+        assert_eq!(quote("a b"), "'a b'");
+        assert_eq!(quote("it's"), "'it'\\''s'");
+        assert_eq!(quote("$(reboot)"), "'$(reboot)'");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        // Any string without NUL survives a real bash word-for-word.
+        #[test]
+        fn bash_sees_exactly_the_words(words in proptest::collection::vec("[^\u{0}]{0,24}", 1..5)) {
+            let expected: Vec<u8> = words.iter().flat_map(|w| w.bytes().chain(std::iter::once(0))).collect();
+            prop_assert_eq!(bash_echo(&words), expected);
+        }
+    }
+
+    #[test]
+    fn hostile_words_stay_words() {
+        let words: Vec<String> = ["; rm -rf /", "`id`", "$HOME", "a'b\"c", "\n", "*", "&&", "\\"].iter().map(|s| s.to_string()).collect();
+        let expected: Vec<u8> = words.iter().flat_map(|w| w.bytes().chain(std::iter::once(0))).collect();
+        assert_eq!(bash_echo(&words), expected);
+    }
+
+    #[test]
+    fn user_script_cannot_escape_its_quoting() {
+        let env = BTreeMap::from([("GREETING".to_string(), "it's $(whoami)".to_string())]);
+        let instances = vec!["i-0abc".to_string()];
+        let preamble = Preamble { job_id: "j1", instances: &instances, env: &env, mounts: &[], items: None };
+        let step = CommandSpec { commands: vec![], script: Some("echo \"$GREETING\"; echo 'x'\"'\"'y'".to_string()), timeout_seconds: 5 };
+        let script = step_script(&preamble, &step).join("\n");
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .env("AWS_SSM_INSTANCE_ID", "i-0abc")
+            .output()
+            .expect("bash runs");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $(whoami)\nx'y\n");
+    }
+}

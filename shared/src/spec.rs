@@ -1,0 +1,624 @@
+//! The job spec a user submits, and its validation.
+//!
+//! Parsing is strict (`deny_unknown_fields`) and every rejection names the
+//! offending field, so a REJECTED record tells the user exactly what to fix.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::SpecError;
+
+/// Largest fleet one job may ask for. EC2 account limits are usually lower.
+pub const MAX_INSTANCES: u32 = 1000;
+/// SSM `executionTimeout` accepts at most 172800 seconds (48 hours).
+pub const MAX_STEP_TIMEOUT_SECONDS: u32 = 172_800;
+pub const MAX_DEADLINE_MINUTES: u32 = 7 * 24 * 60;
+/// gp3/gp2 volumes top out at 16 TiB.
+pub const MAX_VOLUME_GIB: u32 = 16_384;
+/// SSM SendCommand's whole request is limited; keep each script well inside it.
+pub const MAX_SCRIPT_BYTES: usize = 48 * 1024;
+/// EC2 allows 50 tags per resource; Flotilla uses up to 8 of its own.
+pub const MAX_USER_TAGS: usize = 40;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Caller-chosen id: resubmitting the same id is a no-op.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Groups runs of the same job for snapshot retention; defaults to the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub fleet: FleetSpec,
+    pub instance_types: Vec<String>,
+    /// An AMI id (`ami-...`) or an SSM parameter path (`/aws/service/...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_template: Option<LaunchTemplateRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnet_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_profile: Option<String>,
+    #[serde(default)]
+    pub market: Market,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<CommandSpec>,
+    pub run: CommandSpec,
+    /// Runs before unmount and snapshot, even when `run` failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before_unmount: Option<CommandSpec>,
+    /// Whole-job deadline, counted from submission.
+    pub deadline_minutes: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum FleetSpec {
+    Count {
+        count: u32,
+    },
+    /// Sized from a benchmark: `ceil(items / (items_per_instance_minute * within_minutes))`.
+    Sized {
+        items: u64,
+        items_per_instance_minute: f64,
+        within_minutes: u32,
+        max_instances: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchTemplateRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Market {
+    #[default]
+    OnDemand,
+    Spot,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Short name, used in tags and for retention.
+    pub name: String,
+    pub source: VolumeSource,
+    /// Device name requested at attach, e.g. `/dev/sdf`. On Nitro instances the
+    /// kernel names it `/dev/nvme*n1`; the mount script finds it by volume id.
+    pub device: String,
+    pub mount_point: String,
+    #[serde(default)]
+    pub snapshot: SnapshotPolicy,
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VolumeSource {
+    /// A fresh, empty, encrypted volume per instance; formatted on first mount.
+    New {
+        size_gib: u32,
+        #[serde(default = "default_volume_type")]
+        volume_type: String,
+    },
+    /// A volume per instance restored from this snapshot.
+    SnapshotId(String),
+    /// An existing volume; attached to the first instance only and never deleted.
+    VolumeId(String),
+}
+
+fn default_volume_type() -> String {
+    "gp3".to_string()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotPolicy {
+    Never,
+    #[default]
+    OnSuccess,
+    Always,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Keep this many of the newest snapshots of this job name and volume.
+    pub keep_last: u32,
+    /// Delete older snapshots past this age; 0 keeps them regardless of age.
+    #[serde(default)]
+    pub max_age_days: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { keep_last: 7, max_age_days: 0 }
+    }
+}
+
+/// One step of work: either argv arrays (quoted by Flotilla) or a script
+/// (the user's own shell code, passed verbatim).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+    #[serde(default = "default_step_timeout")]
+    pub timeout_seconds: u32,
+}
+
+fn default_step_timeout() -> u32 {
+    3600
+}
+
+/// Parse a job body with a precise, path-qualified error.
+pub fn parse(body: &str) -> Result<JobSpec, SpecError> {
+    let de = &mut serde_json::Deserializer::from_str(body);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("malformed JSON: {inner}")
+        } else if path == "." {
+            inner.to_string()
+        } else if path.starts_with("fleet") && inner.to_string().contains("untagged") {
+            "fleet: expected {\"count\": N} or {\"items\", \"items_per_instance_minute\", \"within_minutes\", \"max_instances\"} with no other fields".to_string()
+        } else {
+            format!("{path}: {inner}")
+        };
+        SpecError::new(message)
+    })
+}
+
+/// Check everything serde cannot: ranges, character sets, cross-field rules.
+pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
+    if let Some(id) = &spec.id {
+        check_job_id("id", id)?;
+    }
+    if let Some(name) = &spec.name {
+        check_job_id("name", name)?;
+    }
+    match &spec.fleet {
+        FleetSpec::Count { count } => {
+            if *count == 0 || *count > MAX_INSTANCES {
+                return fail(format!("fleet.count: must be 1..={MAX_INSTANCES}, got {count}"));
+            }
+        }
+        FleetSpec::Sized { items, items_per_instance_minute, within_minutes, max_instances } => {
+            if *items == 0 {
+                return fail("fleet.items: must be at least 1");
+            }
+            if !items_per_instance_minute.is_finite() || *items_per_instance_minute <= 0.0 {
+                return fail(format!(
+                    "fleet.items_per_instance_minute: must be a positive number, got {items_per_instance_minute}"
+                ));
+            }
+            if *within_minutes == 0 {
+                return fail("fleet.within_minutes: must be at least 1");
+            }
+            if *max_instances == 0 || *max_instances > MAX_INSTANCES {
+                return fail(format!("fleet.max_instances: must be 1..={MAX_INSTANCES}, got {max_instances}"));
+            }
+        }
+    }
+    if spec.instance_types.is_empty() {
+        return fail("instance_types: at least one instance type is required");
+    }
+    for (i, t) in spec.instance_types.iter().enumerate() {
+        if !is_instance_type(t) {
+            return fail(format!("instance_types[{i}]: `{}` is not an instance type like `m7g.large`", printable(t)));
+        }
+    }
+    match (&spec.image, &spec.launch_template) {
+        (None, None) => return fail("image: an AMI id or SSM parameter is required unless launch_template is given"),
+        (Some(image), _) => check_image(image)?,
+        _ => {}
+    }
+    if let Some(lt) = &spec.launch_template {
+        match (&lt.id, &lt.name) {
+            (Some(id), None) => check_resource_id("launch_template.id", id, "lt-")?,
+            (None, Some(name)) => check_charset("launch_template.name", name, 128, |c| {
+                c.is_ascii_alphanumeric() || "()./_-".contains(c)
+            })?,
+            _ => return fail("launch_template: give exactly one of `id` or `name`"),
+        }
+        if let Some(version) = &lt.version {
+            if !(version == "$Latest" || version == "$Default" || version.parse::<u64>().is_ok()) {
+                return fail(format!(
+                    "launch_template.version: expected a number, `$Latest` or `$Default`, got `{}`",
+                    printable(version)
+                ));
+            }
+        }
+    }
+    for (i, s) in spec.subnet_ids.iter().enumerate() {
+        check_resource_id(&format!("subnet_ids[{i}]"), s, "subnet-")?;
+    }
+    for (i, s) in spec.security_group_ids.iter().enumerate() {
+        check_resource_id(&format!("security_group_ids[{i}]"), s, "sg-")?;
+    }
+    if let Some(profile) = &spec.instance_profile {
+        check_charset("instance_profile", profile, 2048, |c| {
+            c.is_ascii_alphanumeric() || "+=,.@-_:/".contains(c)
+        })?;
+    }
+    if spec.tags.len() > MAX_USER_TAGS {
+        return fail(format!("tags: at most {MAX_USER_TAGS} tags, got {}", spec.tags.len()));
+    }
+    for (key, value) in &spec.tags {
+        check_tag(key, value)?;
+    }
+    check_volumes(&spec.volumes)?;
+    for (key, value) in &spec.env {
+        let ok = !key.is_empty()
+            && key.len() <= 128
+            && key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return fail(format!("env: `{}` is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)", printable(key)));
+        }
+        if key.starts_with("FLOTILLA_") || key.starts_with("AWS_SSM_") {
+            return fail(format!("env.{key}: the FLOTILLA_ and AWS_SSM_ prefixes are reserved"));
+        }
+        check_no_control(&format!("env.{key}"), value)?;
+    }
+    if let Some(setup) = &spec.setup {
+        check_command("setup", setup)?;
+    }
+    check_command("run", &spec.run)?;
+    if let Some(hook) = &spec.before_unmount {
+        check_command("before_unmount", hook)?;
+    }
+    if spec.deadline_minutes == 0 || spec.deadline_minutes > MAX_DEADLINE_MINUTES {
+        return fail(format!(
+            "deadline_minutes: must be 1..={MAX_DEADLINE_MINUTES}, got {}",
+            spec.deadline_minutes
+        ));
+    }
+    if let Some(role) = &spec.role_arn {
+        let ok = role.starts_with("arn:aws") && role.contains(":iam::") && role.contains(":role/");
+        if !ok {
+            return fail(format!("role_arn: `{}` is not an IAM role ARN", printable(role)));
+        }
+        check_charset("role_arn", role, 2048, |c| c.is_ascii_alphanumeric() || "+=,.@-_:/".contains(c))?;
+    }
+    if let Some(external_id) = &spec.external_id {
+        if spec.role_arn.is_none() {
+            return fail("external_id: only meaningful with role_arn");
+        }
+        check_charset("external_id", external_id, 1224, |c| {
+            c.is_ascii_alphanumeric() || "+=,.@:/-".contains(c)
+        })?;
+    }
+    Ok(())
+}
+
+fn check_volumes(volumes: &[VolumeSpec]) -> Result<(), SpecError> {
+    // EC2 recommends /dev/sd[f-p] for EBS data volumes.
+    if volumes.len() > 11 {
+        return fail(format!("volumes: at most 11 data volumes, got {}", volumes.len()));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    let mut devices = std::collections::BTreeSet::new();
+    let mut mounts = std::collections::BTreeSet::new();
+    for (i, v) in volumes.iter().enumerate() {
+        let at = format!("volumes[{i}]");
+        check_charset(&format!("{at}.name"), &v.name, 32, |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')?;
+        if !names.insert(v.name.as_str()) {
+            return fail(format!("{at}.name: `{}` is used twice", v.name));
+        }
+        let device_ok = ["/dev/sd", "/dev/xvd"].iter().any(|prefix| {
+            v.device
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.len() == 1 && ('f'..='p').contains(&rest.chars().next().unwrap_or('a')))
+        });
+        if !device_ok {
+            return fail(format!("{at}.device: expected /dev/sd[f-p] or /dev/xvd[f-p], got `{}`", printable(&v.device)));
+        }
+        if !devices.insert(v.device.as_str()) {
+            return fail(format!("{at}.device: `{}` is used twice", v.device));
+        }
+        check_mount_point(&format!("{at}.mount_point"), &v.mount_point)?;
+        if !mounts.insert(v.mount_point.as_str()) {
+            return fail(format!("{at}.mount_point: `{}` is used twice", v.mount_point));
+        }
+        match &v.source {
+            VolumeSource::New { size_gib, volume_type } => {
+                if *size_gib == 0 || *size_gib > MAX_VOLUME_GIB {
+                    return fail(format!("{at}.source.new.size_gib: must be 1..={MAX_VOLUME_GIB}, got {size_gib}"));
+                }
+                if !["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"].contains(&volume_type.as_str()) {
+                    return fail(format!("{at}.source.new.volume_type: unknown type `{}`", printable(volume_type)));
+                }
+            }
+            VolumeSource::SnapshotId(id) => check_resource_id(&format!("{at}.source.snapshot_id"), id, "snap-")?,
+            VolumeSource::VolumeId(id) => check_resource_id(&format!("{at}.source.volume_id"), id, "vol-")?,
+        }
+        if v.retention.keep_last == 0 && v.snapshot != SnapshotPolicy::Never {
+            return fail(format!("{at}.retention.keep_last: must be at least 1 when snapshots are taken"));
+        }
+        if v.retention.keep_last > 1000 {
+            return fail(format!("{at}.retention.keep_last: at most 1000, got {}", v.retention.keep_last));
+        }
+    }
+    Ok(())
+}
+
+fn check_command(at: &str, command: &CommandSpec) -> Result<(), SpecError> {
+    match (command.commands.is_empty(), &command.script) {
+        (true, None) => return fail(format!("{at}: give `commands` (argv arrays) or `script`")),
+        (false, Some(_)) => return fail(format!("{at}: give `commands` or `script`, not both")),
+        _ => {}
+    }
+    if command.timeout_seconds == 0 || command.timeout_seconds > MAX_STEP_TIMEOUT_SECONDS {
+        return fail(format!(
+            "{at}.timeout_seconds: must be 1..={MAX_STEP_TIMEOUT_SECONDS}, got {}",
+            command.timeout_seconds
+        ));
+    }
+    for (i, argv) in command.commands.iter().enumerate() {
+        let program = argv.first().ok_or_else(|| SpecError::new(format!("{at}.commands[{i}]: empty argv")))?;
+        let plain = !program.is_empty() && program.chars().all(|c| c.is_ascii_alphanumeric() || "_./+-".contains(c));
+        if !plain {
+            return fail(format!(
+                "{at}.commands[{i}][0]: program `{}` must be a plain path (letters, digits, _ . / + -); use `script` for shell syntax",
+                printable(program)
+            ));
+        }
+        for (j, arg) in argv.iter().enumerate() {
+            check_no_control(&format!("{at}.commands[{i}][{j}]"), arg)?;
+        }
+    }
+    if let Some(script) = &command.script {
+        if script.trim().is_empty() {
+            return fail(format!("{at}.script: is empty"));
+        }
+        if script.len() > MAX_SCRIPT_BYTES {
+            return fail(format!("{at}.script: {} bytes, at most {MAX_SCRIPT_BYTES}", script.len()));
+        }
+        if let Some(c) = script.chars().find(|c| c.is_control() && *c != '\n' && *c != '\t') {
+            return fail(format!("{at}.script: control character U+{:04X} not allowed", c as u32));
+        }
+    }
+    Ok(())
+}
+
+/// Job ids become S3 keys, tag values and ClientTokens, so they are kept plain.
+pub fn check_job_id(at: &str, id: &str) -> Result<(), SpecError> {
+    let ok = !id.is_empty()
+        && id.len() <= 48
+        && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !id.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        fail(format!("{at}: `{}` must be 1-48 of a-z, 0-9 and -, not starting with -", printable(id)))
+    }
+}
+
+fn check_image(image: &str) -> Result<(), SpecError> {
+    if image.starts_with("ami-") {
+        return check_resource_id("image", image, "ami-");
+    }
+    if image.starts_with('/') {
+        return check_charset("image", image, 1011, |c| c.is_ascii_alphanumeric() || "/_.-".contains(c));
+    }
+    fail(format!("image: expected `ami-...` or an SSM parameter path `/aws/service/...`, got `{}`", printable(image)))
+}
+
+/// EC2 tags allow letters, digits, spaces and `_.:/=+-@`; we refuse the rest
+/// rather than let quotes or newlines reach tooling that reads tags.
+fn check_tag(key: &str, value: &str) -> Result<(), SpecError> {
+    let allowed = |c: char| c.is_alphanumeric() || c == ' ' || "_.:/=+-@".contains(c);
+    if key.is_empty() || key.chars().count() > 128 || key.starts_with("aws:") || key.starts_with("flotilla:") {
+        return fail(format!(
+            "tags: key `{}` must be 1-128 characters and not start with aws: or flotilla:",
+            printable(key)
+        ));
+    }
+    if let Some(c) = key.chars().find(|c| !allowed(*c)) {
+        return fail(format!("tags: key `{}` contains `{}`; allowed are letters, digits, spaces and _.:/=+-@", printable(key), printable(&c.to_string())));
+    }
+    if value.chars().count() > 256 {
+        return fail(format!("tags.{key}: value longer than 256 characters"));
+    }
+    if let Some(c) = value.chars().find(|c| !allowed(*c)) {
+        return fail(format!("tags.{key}: value contains `{}`; allowed are letters, digits, spaces and _.:/=+-@", printable(&c.to_string())));
+    }
+    Ok(())
+}
+
+fn check_mount_point(at: &str, path: &str) -> Result<(), SpecError> {
+    check_charset(at, path, 200, |c| c.is_ascii_alphanumeric() || "/_.-".contains(c))?;
+    let reserved = ["/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/sbin", "/sys", "/usr", "/var", "/tmp"];
+    if !path.starts_with('/') || path.split('/').any(|part| part == ".." || part == ".") || path.ends_with('/') {
+        return fail(format!("{at}: `{path}` must be an absolute path without . or .. and no trailing /"));
+    }
+    if reserved.contains(&path) {
+        return fail(format!("{at}: `{path}` is a system directory"));
+    }
+    Ok(())
+}
+
+fn check_resource_id(at: &str, id: &str, prefix: &str) -> Result<(), SpecError> {
+    let rest = id.strip_prefix(prefix).unwrap_or("");
+    let ok = !rest.is_empty() && rest.len() <= 32 && rest.chars().all(|c| c.is_ascii_hexdigit());
+    if ok {
+        Ok(())
+    } else {
+        fail(format!("{at}: `{}` is not a valid {prefix}... id", printable(id)))
+    }
+}
+
+fn check_charset(at: &str, value: &str, max_len: usize, allowed: impl Fn(char) -> bool) -> Result<(), SpecError> {
+    if value.is_empty() || value.len() > max_len {
+        return fail(format!("{at}: must be 1-{max_len} characters"));
+    }
+    if let Some(c) = value.chars().find(|c| !allowed(*c)) {
+        return fail(format!("{at}: character `{}` is not allowed in `{}`", printable(&c.to_string()), printable(value)));
+    }
+    Ok(())
+}
+
+fn check_no_control(at: &str, value: &str) -> Result<(), SpecError> {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return fail(format!("{at}: control character U+{:04X} not allowed", c as u32));
+    }
+    Ok(())
+}
+
+fn is_instance_type(t: &str) -> bool {
+    let mut parts = t.split('.');
+    let (Some(family), Some(size), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let word = |s: &str| !s.is_empty() && s.len() <= 24 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    word(family) && word(size)
+}
+
+/// Show hostile input in a reason without echoing control characters.
+fn printable(s: &str) -> String {
+    let shown: String = s.chars().take(80).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 80 {
+        format!("{shown}…")
+    } else {
+        shown
+    }
+}
+
+fn fail<T>(message: impl Into<String>) -> Result<T, SpecError> {
+    Err(SpecError::new(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn minimal() -> serde_json::Value {
+        serde_json::json!({
+            "fleet": {"count": 2},
+            "instance_types": ["t3.micro"],
+            "image": "ami-0abcdef1234567890",
+            "run": {"commands": [["echo", "hello"]]},
+            "deadline_minutes": 30
+        })
+    }
+
+    fn reason(value: serde_json::Value) -> String {
+        let body = value.to_string();
+        match parse(&body).and_then(|spec| validate(&spec).map(|_| spec)) {
+            Ok(_) => panic!("expected rejection for {body}"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    fn with(path: &[&str], value: serde_json::Value) -> serde_json::Value {
+        let mut spec = minimal();
+        let mut cursor = &mut spec;
+        for key in &path[..path.len() - 1] {
+            cursor = cursor.get_mut(*key).expect("path exists");
+        }
+        cursor[path[path.len() - 1]] = value;
+        spec
+    }
+
+    #[test]
+    fn minimal_spec_is_valid() {
+        let spec = parse(&minimal().to_string()).expect("parses");
+        validate(&spec).expect("valid");
+        assert_eq!(spec.market, Market::OnDemand);
+        assert_eq!(spec.run.timeout_seconds, 3600);
+    }
+
+    #[test]
+    fn malformed_json_is_named() {
+        let err = parse("{\"fleet\": ").expect_err("malformed");
+        assert!(err.to_string().starts_with("malformed JSON"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let r = reason(with(&["colour"], serde_json::json!("blue")));
+        assert!(r.contains("unknown field `colour`"), "{r}");
+    }
+
+    #[test]
+    fn wrong_type_names_path() {
+        let r = reason(with(&["deadline_minutes"], serde_json::json!("soon")));
+        assert!(r.starts_with("deadline_minutes: invalid type"), "{r}");
+    }
+
+    #[test]
+    fn absurd_counts_are_rejected() {
+        let r = reason(with(&["fleet"], serde_json::json!({"count": 100000})));
+        assert!(r.contains("fleet.count: must be 1..=1000, got 100000"), "{r}");
+        let r = reason(with(&["fleet"], serde_json::json!({"count": 0})));
+        assert!(r.contains("fleet.count"), "{r}");
+        let r = reason(with(&["fleet"], serde_json::json!({"count": -1})));
+        assert!(r.starts_with("fleet"), "{r}");
+    }
+
+    #[test]
+    fn injection_in_program_and_tags_is_rejected() {
+        let r = reason(with(&["run"], serde_json::json!({"commands": [["echo;rm", "-rf"]]})));
+        assert!(r.contains("run.commands[0][0]: program `echo;rm`"), "{r}");
+        let r = reason(with(&["run"], serde_json::json!({"commands": [["echo", "a\nrm -rf /"]]})));
+        assert!(r.contains("run.commands[0][1]: control character U+000A"), "{r}");
+        let r = reason(with(&["tags"], serde_json::json!({"team": "x\"; rm -rf /"})));
+        assert!(r.contains("tags.team: value contains `\\\"`"), "{r}");
+        let r = reason(with(&["tags"], serde_json::json!({"a;b": "x"})));
+        assert!(r.contains("key `a;b` contains `;`"), "{r}");
+        let r = reason(with(&["tags"], serde_json::json!({"team": "a\nb"})));
+        assert!(r.contains("tags.team: value contains `\\n`"), "{r}");
+        let r = reason(with(&["env"], serde_json::json!({"X; rm": "1"})));
+        assert!(r.contains("env: `X; rm` is not a valid variable name"), "{r}");
+    }
+
+    #[test]
+    fn hostile_paths_and_ids_are_rejected() {
+        let vol = |mount: &str| {
+            with(
+                &["volumes"],
+                serde_json::json!([{"name": "data", "source": {"new": {"size_gib": 10}}, "device": "/dev/sdf", "mount_point": mount}]),
+            )
+        };
+        assert!(reason(vol("/data/../etc")).contains("mount_point"));
+        assert!(reason(vol("/data$(reboot)")).contains("character `$`"));
+        assert!(reason(vol("/etc")).contains("system directory"));
+        let r = reason(with(&["id"], serde_json::json!("../../x")));
+        assert!(r.starts_with("id: `../../x` must be"), "{r}");
+        let r = reason(with(&["image"], serde_json::json!("ami-zz; reboot")));
+        assert!(r.starts_with("image: `ami-zz; reboot` is not a valid"), "{r}");
+    }
+
+    #[test]
+    fn sized_fleet_needs_all_fields() {
+        let r = reason(with(&["fleet"], serde_json::json!({"items": 10})));
+        assert!(r.starts_with("fleet: expected"), "{r}");
+    }
+}

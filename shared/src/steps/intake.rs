@@ -1,0 +1,154 @@
+//! Intake: accept (validate, plan, record) or reject a job, or record a cancel
+//! request. Bad input is answered with a REJECTED record and never retried.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::error::StepError;
+use crate::lifecycle::{Step, StepMessage};
+use crate::plan::plan;
+use crate::ports::{Ports, WriteOutcome};
+use crate::record::{JobRecord, JobState, Outbox};
+use crate::spec::{self, check_job_id};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intake {
+    Accepted { job_id: String },
+    /// The job already exists: a resubmission or a duplicate delivery.
+    AlreadyKnown { job_id: String },
+    Rejected { job_id: String, reason: String },
+    CancelRequested { job_id: String },
+    CancelIgnored { job_id: String, reason: String },
+}
+
+/// Where a scheduled rule's job spec is kept: `schedules/<rule-name>.json`.
+pub fn schedule_key(rule_name: &str) -> String {
+    format!("schedules/{rule_name}.json")
+}
+
+/// Handle one submission body. `delivery_id` (the SQS message id) names jobs
+/// that carry no id of their own, so a redelivery maps to the same job.
+pub async fn submit(ports: &Ports, body: &str, delivery_id: &str) -> Result<Intake, StepError> {
+    if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(body) {
+        if map.len() == 1 {
+            if let Some(Value::String(job_id)) = map.get("cancel") {
+                return cancel(ports, job_id).await;
+            }
+        }
+    }
+    let fallback_id = derived_id(delivery_id);
+    submit_spec(ports, body, fallback_id).await
+}
+
+/// A scheduled firing: the spec is read from the bucket, the job id is the rule
+/// and the firing minute, so a duplicate delivery of one firing is one job.
+pub async fn scheduled(ports: &Ports, rule_name: &str, fired_at: DateTime<Utc>) -> Result<Intake, StepError> {
+    let clean: String = rule_name.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let clean = clean.trim_matches('-');
+    let job_id = format!("{}-{}", &clean[..clean.len().min(34)], fired_at.format("%Y%m%d%H%M"));
+    let Some(body) = ports.ledger.get(&schedule_key(rule_name)).await? else {
+        return reject(ports, job_id, format!("schedule {rule_name}: no spec at s3://{}/{}", ports.ledger.bucket(), schedule_key(rule_name)), "").await;
+    };
+    let body = String::from_utf8_lossy(&body).to_string();
+    // The firing's own id wins over any id in the stored spec.
+    let body = match serde_json::from_str::<Value>(&body) {
+        Ok(Value::Object(mut map)) => {
+            map.insert("id".to_string(), Value::String(job_id.clone()));
+            Value::Object(map).to_string()
+        }
+        _ => body,
+    };
+    submit_spec(ports, &body, job_id).await
+}
+
+async fn submit_spec(ports: &Ports, body: &str, fallback_id: String) -> Result<Intake, StepError> {
+    let now = ports.clock.now();
+    let parsed = spec::parse(body).and_then(|spec| spec::validate(&spec).map(|_| spec));
+    let spec = match parsed {
+        Ok(spec) => spec,
+        Err(err) => return reject(ports, claimed_id(body).unwrap_or(fallback_id), err.message, body).await,
+    };
+    let job_id = spec.id.clone().unwrap_or(fallback_id);
+    let plan = match plan(&spec) {
+        Ok(plan) => plan,
+        Err(err) => return reject(ports, job_id, err.message, body).await,
+    };
+    let mut record = JobRecord::new(job_id.clone(), spec, plan, now);
+    record.step_seq = 1;
+    record.outbox = Some(Outbox { message: StepMessage { job_id: job_id.clone(), step: Step::Launch, seq: 1 }, delay_seconds: 0 });
+    match ports.ledger.create(&record).await? {
+        WriteOutcome::Written { .. } => {
+            send_outbox(ports, &record).await?;
+            info!(%job_id, reason = %record.reason, "job accepted");
+            Ok(Intake::Accepted { job_id })
+        }
+        WriteOutcome::Conflict => {
+            // A redelivery after a crash between create and send: send again.
+            if let Some(existing) = ports.ledger.load(&job_id).await? {
+                if existing.record.state == JobState::Submitted {
+                    send_outbox(ports, &existing.record).await?;
+                }
+                info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
+            }
+            Ok(Intake::AlreadyKnown { job_id })
+        }
+    }
+}
+
+async fn send_outbox(ports: &Ports, record: &JobRecord) -> Result<(), StepError> {
+    if let Some(outbox) = &record.outbox {
+        ports.queue.send(&outbox.message, outbox.delay_seconds).await?;
+    }
+    Ok(())
+}
+
+async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Result<Intake, StepError> {
+    warn!(%job_id, %reason, "job rejected");
+    let record = JobRecord::rejected(job_id.clone(), reason.clone(), body, ports.clock.now());
+    match ports.ledger.create(&record).await? {
+        WriteOutcome::Written { .. } => Ok(Intake::Rejected { job_id, reason }),
+        // Never overwrite a real job with a rejection of a later submission.
+        WriteOutcome::Conflict => Ok(Intake::AlreadyKnown { job_id }),
+    }
+}
+
+async fn cancel(ports: &Ports, job_id: &str) -> Result<Intake, StepError> {
+    if check_job_id("cancel", job_id).is_err() {
+        return Ok(Intake::CancelIgnored { job_id: job_id.chars().take(64).collect(), reason: "not a job id".into() });
+    }
+    for _ in 0..4 {
+        let Some(loaded) = ports.ledger.load(job_id).await? else {
+            return Ok(Intake::CancelIgnored { job_id: job_id.to_string(), reason: "no such job".into() });
+        };
+        if loaded.record.state.is_terminal() || loaded.record.cancel_requested {
+            return Ok(Intake::CancelIgnored { job_id: job_id.to_string(), reason: format!("job is {}", loaded.record.state) });
+        }
+        let mut record = loaded.record.clone();
+        record.cancel_requested = true;
+        record.reason = format!("cancel requested while {}", record.state);
+        // step_seq is left alone: the step chain in flight picks the request up.
+        if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &loaded.version).await? {
+            info!(%job_id, "cancel requested");
+            return Ok(Intake::CancelRequested { job_id: job_id.to_string() });
+        }
+    }
+    Err(StepError::Contended(job_id.to_string()))
+}
+
+/// The id a malformed body claims, if it is a valid id: the user finds the
+/// rejection under the name they chose.
+fn claimed_id(body: &str) -> Option<String> {
+    let value: Value = serde_json::from_str(body).ok()?;
+    let id = value.get("id")?.as_str()?;
+    check_job_id("id", id).ok().map(|_| id.to_string())
+}
+
+fn derived_id(delivery_id: &str) -> String {
+    let hex: String = delivery_id.chars().filter(|c| c.is_ascii_hexdigit()).map(|c| c.to_ascii_lowercase()).take(20).collect();
+    if hex.is_empty() {
+        format!("job-{}", uuid::Uuid::new_v4().simple())[..24].to_string()
+    } else {
+        format!("job-{hex}")
+    }
+}

@@ -1,0 +1,8 @@
+//! Flotilla's integration tests: one binary, so the AWS SDK links once.
+
+mod events;
+mod lifecycle_moto;
+mod moto;
+mod moto_extension;
+mod rejections;
+mod scenarios;

@@ -1,0 +1,283 @@
+//! A moto server per test (with tools/flotilla_moto.py loaded), the bucket and
+//! queues, real SDK clients, and a driver that plays the Lambda event source:
+//! it receives from each queue, hands the batch to the real handler, and
+//! deletes only the records the handler did not report as failed.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_lambda_events::event::sqs::SqsEvent;
+use aws_sdk_s3::config::Credentials;
+use flotilla_shared::aws::{self, Environment};
+use flotilla_shared::handlers;
+use flotilla_shared::lifecycle::Step;
+use flotilla_shared::ports::{Ports, Settings};
+use flotilla_shared::record::JobRecord;
+use serde_json::json;
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+pub struct MotoStack {
+    child: Child,
+    #[allow(dead_code)]
+    pub endpoint: String,
+    pub config: SdkConfig,
+    pub bucket: String,
+    pub jobs_queue: String,
+    pub queue_urls: BTreeMap<&'static str, String>,
+    pub scratch: PathBuf,
+}
+
+impl Drop for MotoStack {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+impl MotoStack {
+    pub async fn start() -> MotoStack {
+        let root = workspace_root();
+        let python = std::env::var("FLOTILLA_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
+        assert!(python.exists(), "{} not found: run the tests with `make test`, which installs moto into .venv", python.display());
+        let port = free_port();
+        let scratch = std::env::temp_dir().join(format!("flotilla-test-{port}"));
+        let child = Command::new(&python)
+            .arg(root.join("tools/moto_server.py"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("FLOTILLA_EMU_SCRATCH", &scratch)
+            .env("FLOTILLA_EMU_AGENT_SECONDS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto server");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto server did not start on {endpoint}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let config = aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(&endpoint)
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+            .load()
+            .await;
+        let bucket = "flotilla-test-jobs".to_string();
+        aws::s3_client(&config).create_bucket().bucket(&bucket).send().await.expect("create bucket");
+        let sqs = aws_sdk_sqs::Client::new(&config);
+        let mut queue_urls = BTreeMap::new();
+        let create = |name: String| {
+            let sqs = sqs.clone();
+            async move {
+                let dlq = sqs.create_queue().queue_name(format!("{name}-dlq")).send().await.expect("dlq");
+                let dlq_arn = format!("arn:aws:sqs:us-east-1:123456789012:{name}-dlq");
+                let _ = dlq;
+                let redrive = json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 5}).to_string();
+                sqs.create_queue()
+                    .queue_name(&name)
+                    .attributes(aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout, "2")
+                    .attributes(aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy, redrive)
+                    .send()
+                    .await
+                    .expect("queue")
+                    .queue_url()
+                    .expect("url")
+                    .to_string()
+            }
+        };
+        let jobs_queue = create("flotilla-jobs".to_string()).await;
+        for step in [Step::Launch, Step::Readiness, Step::Command, Step::Teardown] {
+            queue_urls.insert(step.as_str(), create(format!("flotilla-{}", step.as_str())).await);
+        }
+        MotoStack { child, endpoint, config, bucket, jobs_queue, queue_urls, scratch }
+    }
+
+    pub fn ports(&self) -> Ports {
+        let env = Environment {
+            bucket: self.bucket.clone(),
+            queue_urls: self.queue_urls.clone(),
+            settings: Settings { poll_delay_seconds: 1, expiry_grace_minutes: 30 },
+        };
+        aws::ports(&self.config, &env)
+    }
+
+    pub fn ec2(&self) -> aws_sdk_ec2::Client {
+        aws_sdk_ec2::Client::new(&self.config)
+    }
+
+    pub fn ssm(&self) -> aws_sdk_ssm::Client {
+        aws_sdk_ssm::Client::new(&self.config)
+    }
+
+    pub fn sqs(&self) -> aws_sdk_sqs::Client {
+        aws_sdk_sqs::Client::new(&self.config)
+    }
+
+    pub async fn submit(&self, body: &str) {
+        self.sqs().send_message().queue_url(&self.jobs_queue).message_body(body).send().await.expect("submit");
+    }
+
+    pub async fn record(&self, ports: &Ports, job_id: &str) -> Option<JobRecord> {
+        ports.ledger.load(job_id).await.expect("load").map(|v| v.record)
+    }
+
+    /// Managed instances in `pending` or `running`.
+    pub async fn running_managed(&self) -> usize {
+        let out = self
+            .ec2()
+            .describe_instances()
+            .filters(aws_sdk_ec2::types::Filter::builder().name("tag:flotilla:managed-by").values("flotilla").build())
+            .filters(aws_sdk_ec2::types::Filter::builder().name("instance-state-name").values("pending").values("running").build())
+            .send()
+            .await
+            .expect("describe");
+        out.reservations().iter().map(|r| r.instances().len()).sum()
+    }
+
+    pub async fn managed_instance_count(&self, job_id: &str) -> usize {
+        let out = self
+            .ec2()
+            .describe_instances()
+            .filters(aws_sdk_ec2::types::Filter::builder().name("tag:flotilla:job-id").values(job_id).build())
+            .send()
+            .await
+            .expect("describe");
+        out.reservations().iter().map(|r| r.instances().len()).sum()
+    }
+
+    pub async fn snapshots(&self, job_id: &str) -> Vec<aws_sdk_ec2::types::Snapshot> {
+        self.ec2()
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(aws_sdk_ec2::types::Filter::builder().name("tag:flotilla:job-id").values(job_id).build())
+            .send()
+            .await
+            .expect("snapshots")
+            .snapshots()
+            .to_vec()
+    }
+
+    pub async fn live_job_volumes(&self, job_id: &str) -> usize {
+        self.ec2()
+            .describe_volumes()
+            .filters(aws_sdk_ec2::types::Filter::builder().name("tag:flotilla:job-id").values(job_id).build())
+            .filters(aws_sdk_ec2::types::Filter::builder().name("tag:flotilla:volume").values("data").build())
+            .send()
+            .await
+            .expect("volumes")
+            .volumes()
+            .len()
+    }
+
+    /// Deliver every queue's messages once, as the Lambda event source does.
+    /// With `duplicate`, each batch is handed to the handler twice at once.
+    pub async fn pump_once(&self, ports: &Ports, duplicate: bool) -> usize {
+        let mut delivered = 0;
+        let mut queues: Vec<(Option<Step>, String)> = vec![(None, self.jobs_queue.clone())];
+        for step in [Step::Launch, Step::Readiness, Step::Command, Step::Teardown] {
+            queues.push((Some(step), self.queue_urls[step.as_str()].clone()));
+        }
+        for (step, url) in queues {
+            let received = self.sqs().receive_message().queue_url(&url).max_number_of_messages(10).send().await.expect("receive");
+            let messages = received.messages().to_vec();
+            if messages.is_empty() {
+                continue;
+            }
+            delivered += messages.len();
+            let event = json!({"Records": messages.iter().map(|m| json!({
+                "messageId": m.message_id(),
+                "receiptHandle": m.receipt_handle(),
+                "body": m.body(),
+                "attributes": {},
+                "messageAttributes": {},
+                "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:test",
+                "awsRegion": "us-east-1",
+            })).collect::<Vec<_>>()});
+            let failed = match step {
+                None => {
+                    let call = || handlers::intake_event(ports, lambda_runtime::LambdaEvent::new(event.clone(), Default::default()));
+                    let response = if duplicate {
+                        let (a, b) = tokio::join!(call(), call());
+                        b.expect("intake b");
+                        a.expect("intake a")
+                    } else {
+                        call().await.expect("intake")
+                    };
+                    failures(&response)
+                }
+                Some(step) => {
+                    let batch: SqsEvent = serde_json::from_value(event.clone()).expect("sqs event");
+                    let response = if duplicate {
+                        let (a, _b) = tokio::join!(handlers::step_batch(ports, step, batch.clone()), handlers::step_batch(ports, step, batch));
+                        a
+                    } else {
+                        handlers::step_batch(ports, step, batch).await
+                    };
+                    failures(&serde_json::to_value(response).expect("json"))
+                }
+            };
+            for message in messages {
+                if !failed.contains(&message.message_id().unwrap_or_default().to_string()) {
+                    self.sqs().delete_message().queue_url(&url).receipt_handle(message.receipt_handle().unwrap_or_default()).send().await.expect("delete");
+                }
+            }
+        }
+        delivered
+    }
+
+    /// Pump until the job is terminal.
+    pub async fn run_to_end(&self, ports: &Ports, job_id: &str, duplicate: bool, timeout: Duration) -> JobRecord {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let delivered = self.pump_once(ports, duplicate).await;
+            if let Some(record) = self.record(ports, job_id).await {
+                if record.state.is_terminal() {
+                    // Nothing may stay in flight after the end.
+                    self.pump_once(ports, duplicate).await;
+                    return record;
+                }
+            }
+            assert!(Instant::now() < deadline, "job {job_id} not terminal after {timeout:?}: {:?}", self.record(ports, job_id).await.map(|r| (r.state, r.reason)));
+            if delivered == 0 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+    }
+}
+
+fn failures(response: &serde_json::Value) -> Vec<String> {
+    response["batchItemFailures"]
+        .as_array()
+        .map(|items| items.iter().filter_map(|i| i["itemIdentifier"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// A small valid job; tests adjust it.
+pub fn job(id: &str) -> serde_json::Value {
+    json!({
+        "id": id,
+        "fleet": {"count": 2},
+        "instance_types": ["t3.micro"],
+        "image": "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+        "tags": {"team": "tests"},
+        "volumes": [{"name": "data", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf", "mount_point": "/data", "snapshot": "on-success", "retention": {"keep_last": 2}}],
+        "env": {"WHO": "it's me; $(not run)"},
+        "setup": {"commands": [["echo", "setup"]], "timeout_seconds": 30},
+        "run": {"script": "echo \"run $FLOTILLA_SHARD_INDEX/$FLOTILLA_SHARD_COUNT $WHO\"", "timeout_seconds": 30},
+        "before_unmount": {"commands": [["echo", "hook"]], "timeout_seconds": 30},
+        "deadline_minutes": 10
+    })
+}

@@ -1,0 +1,130 @@
+//! Pins what tools/flotilla_moto.py adds to moto 5.2.5, each behaviour as AWS
+//! documents it. Without the extension every test here fails.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::InstanceType;
+use aws_sdk_ssm::types::{CommandInvocationStatus, InstanceInformationStringFilter};
+
+use crate::moto::MotoStack;
+
+async fn launch(stack: &MotoStack, count: i32, token: Option<&str>) -> Vec<String> {
+    let out = stack
+        .ec2()
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(InstanceType::T3Micro)
+        .min_count(count)
+        .max_count(count)
+        .set_client_token(token.map(str::to_string))
+        .send()
+        .await
+        .expect("run instances");
+    out.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect()
+}
+
+async fn finished(stack: &MotoStack, command_id: &str, instance_id: &str) -> aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = stack.ssm().get_command_invocation().command_id(command_id).instance_id(instance_id).send().await.expect("get invocation");
+        if !matches!(out.status(), Some(CommandInvocationStatus::InProgress | CommandInvocationStatus::Pending)) {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "command never finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn send(stack: &MotoStack, instances: &[String], script: &str, timeout: u32) -> String {
+    stack
+        .ssm()
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .set_instance_ids(Some(instances.to_vec()))
+        .parameters("commands", vec![script.to_string()])
+        .parameters("executionTimeout", vec![timeout.to_string()])
+        .output_s3_bucket_name(&stack.bucket)
+        .output_s3_key_prefix("outputs/ext")
+        .send()
+        .await
+        .expect("send")
+        .command()
+        .and_then(|c| c.command_id())
+        .expect("id")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_come_online_after_boot_and_only_named_instances_are_listed() {
+    let stack = MotoStack::start().await;
+    let ids = launch(&stack, 2, None).await;
+    let ask = || {
+        stack
+            .ssm()
+            .describe_instance_information()
+            .filters(InstanceInformationStringFilter::builder().key("InstanceIds").values(&ids[0]).build().expect("filter"))
+            .send()
+    };
+    let early = ask().await.expect("describe");
+    assert!(early.instance_information_list().is_empty(), "agent not registered right after launch");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let later = ask().await.expect("describe");
+    let list = later.instance_information_list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].instance_id(), Some(ids[0].as_str()));
+    assert_eq!(list[0].ping_status().map(|p| p.as_str()), Some("Online"));
+    assert!(list[0].agent_version().unwrap_or_default().contains("flotilla-emulator"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_token_makes_run_instances_idempotent() {
+    let stack = MotoStack::start().await;
+    let first = launch(&stack, 2, Some("job-x-launch-1")).await;
+    let again = launch(&stack, 2, Some("job-x-launch-1")).await;
+    assert_eq!(first, again);
+    let other = launch(&stack, 1, Some("job-y-launch-1")).await;
+    assert_ne!(first[0], other[0]);
+    let all: usize = stack.ec2().describe_instances().send().await.expect("describe").reservations().iter().map(|r| r.instances().len()).sum();
+    assert_eq!(all, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_target_only_named_instances_and_really_run() {
+    let stack = MotoStack::start().await;
+    let ids = launch(&stack, 2, None).await;
+    let command_id = send(&stack, &ids[..1], "echo \"on $AWS_SSM_INSTANCE_ID\"; echo oops >&2; exit 4", 30).await;
+    let listed = stack.ssm().list_command_invocations().command_id(&command_id).details(true).send().await.expect("list");
+    assert_eq!(listed.command_invocations().len(), 1, "only the named instance");
+    let out = finished(&stack, &command_id, &ids[0]).await;
+    assert_eq!(out.status(), Some(&CommandInvocationStatus::Failed));
+    assert_eq!(out.response_code(), 4);
+    assert_eq!(out.standard_output_content(), Some(format!("on {}\n", ids[0]).as_str()));
+    assert_eq!(out.standard_error_content(), Some("oops\n"));
+    // Full output lands in S3 at SSM's key layout.
+    let key = format!("outputs/ext/{command_id}/{}/awsrunShellScript/0.awsrunShellScript/stdout", ids[0]);
+    let object = flotilla_shared::aws::s3_client(&stack.config).get_object().bucket(&stack.bucket).key(&key).send().await.expect("output object");
+    let body = object.body.collect().await.expect("body").into_bytes();
+    assert_eq!(&body[..], format!("on {}\n", ids[0]).as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execution_timeout_and_cancel_are_reported() {
+    let stack = MotoStack::start().await;
+    let ids = launch(&stack, 1, None).await;
+    let slow = send(&stack, &ids, "sleep 20", 1).await;
+    assert_eq!(finished(&stack, &slow, &ids[0]).await.status(), Some(&CommandInvocationStatus::TimedOut));
+    let cancelled = send(&stack, &ids, "sleep 20", 60).await;
+    stack.ssm().cancel_command().command_id(&cancelled).send().await.expect("cancel");
+    assert_eq!(finished(&stack, &cancelled, &ids[0]).await.status(), Some(&CommandInvocationStatus::Cancelled));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_scripts_are_reported_not_run() {
+    let stack = MotoStack::start().await;
+    let ids = launch(&stack, 1, None).await;
+    let command_id = send(&stack, &ids, "# flotilla:volume-op mount\nmkfs -t ext4 /dev/nonexistent\n  i-1) VOLUME_ID=vol-0abc ;;", 30).await;
+    let out = finished(&stack, &command_id, &ids[0]).await;
+    assert_eq!(out.status(), Some(&CommandInvocationStatus::Success));
+    let stdout = out.standard_output_content().unwrap_or_default();
+    assert!(stdout.contains("flotilla-emulator") && stdout.contains("skipped, no EBS block devices") && stdout.contains("vol-0abc"), "{stdout}");
+}

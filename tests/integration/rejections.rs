@@ -1,0 +1,52 @@
+//! Bad input through intake against moto: each gets a REJECTED record with a
+//! precise reason, creates no AWS resource, and is not retried.
+
+use flotilla_shared::record::JobState;
+use serde_json::json;
+
+use crate::moto::{job, MotoStack};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_and_malformed_specs_are_rejected_without_side_effects() {
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    let mut cases: Vec<(String, &str, &str)> = Vec::new();
+    let with = |id: &str, path: &str, value: serde_json::Value| {
+        let mut spec = job(id);
+        spec[path] = value;
+        spec.to_string()
+    };
+    cases.push((r#"{"id": "broken-json", "fleet": "#.to_string(), "", "malformed JSON"));
+    cases.push((with("unknown-field", "colour", json!("red")), "unknown-field", "unknown field `colour`"));
+    cases.push((with("wrong-type", "deadline_minutes", json!("soon")), "wrong-type", "deadline_minutes: invalid type: string \"soon\""));
+    cases.push((with("absurd-count", "fleet", json!({"count": 5000000})), "absurd-count", "fleet.count: must be 1..=1000, got 5000000"));
+    cases.push((with("quote-tag", "tags", json!({"team": "a'b"})), "quote-tag", "tags.team: value contains `'`"));
+    cases.push((with("semicolon-program", "run", json!({"commands": [["ls;reboot"]]})), "semicolon-program", "run.commands[0][0]: program `ls;reboot` must be a plain path"));
+    cases.push((with("newline-arg", "run", json!({"commands": [["echo", "a\nreboot"]]})), "newline-arg", "run.commands[0][1]: control character U+000A not allowed"));
+    cases.push((with("too-big", "fleet", json!({"items": 1000000, "items_per_instance_minute": 1, "within_minutes": 1, "max_instances": 10})), "too-big", "needs 1000000 instances, above max_instances 10"));
+    for (body, _, _) in &cases {
+        stack.submit(body).await;
+    }
+    for _ in 0..3 {
+        stack.pump_once(&ports, false).await;
+    }
+    for (_, id, reason) in cases.iter().skip(1) {
+        let record = stack.record(&ports, id).await.unwrap_or_else(|| panic!("no record for {id}"));
+        assert_eq!(record.state, JobState::Rejected, "{id}");
+        assert!(record.reason.contains(reason), "{id}: {}", record.reason);
+        assert!(record.rejected_input.is_some());
+    }
+    // The malformed body has no readable id: its record is named after the message.
+    let listed = flotilla_shared::aws::s3_client(&stack.config).list_objects_v2().bucket(&stack.bucket).prefix("jobs/job-").send().await.expect("list");
+    assert_eq!(listed.contents().len(), 1, "one record for the unnamed malformed body");
+    let key = listed.contents()[0].key().expect("key").to_string();
+    let id = key.trim_start_matches("jobs/").trim_end_matches("/job.json");
+    let record = stack.record(&ports, id).await.expect("record");
+    assert!(record.reason.starts_with("malformed JSON"), "{}", record.reason);
+
+    // Nothing was launched, and nothing is left to retry.
+    let instances = stack.ec2().describe_instances().send().await.expect("describe");
+    assert!(instances.reservations().is_empty());
+    assert_eq!(stack.ec2().describe_volumes().send().await.expect("volumes").volumes().len(), 0);
+    assert_eq!(stack.pump_once(&ports, false).await, 0, "no message came back for retry");
+}

@@ -1,0 +1,343 @@
+"""The local stack: moto server (with Flotilla's extension), the bucket and
+queues template.yaml declares, `cargo lambda watch` serving the real function
+binaries, and an event pump between them.
+
+  python tools/local_stack.py up        # start everything, write .flotilla/local.env
+  python tools/local_stack.py down      # stop what `up` started, by pid
+  python tools/local_stack.py fire RULE # fire a schedule now
+  python tools/local_stack.py pump      # the pump itself (started by `up`)
+
+The pump delivers queue messages to the functions as real SQS event batches
+through cargo lambda's invoke endpoint. It honours partial batch failures
+(only successful records are deleted), visibility timeouts, and DLQs (moto
+moves a message after maxReceiveCount receives). It fires `rate(...)`
+schedules as real EventBridge "Scheduled Event" payloads.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STATE = os.path.join(ROOT, ".flotilla")
+PIDS = os.path.join(STATE, "pids")
+LOGS = os.path.join(STATE, "logs")
+ENV_FILE = os.path.join(STATE, "local.env")
+STACK = os.environ.get("FLOTILLA_STACK_NAME", "flotilla")
+ACCOUNT = "123456789012"
+REGION = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+MOTO_PORT = int(os.environ.get("FLOTILLA_MOTO_PORT", "5055"))
+INVOKE_PORT = int(os.environ.get("FLOTILLA_INVOKE_PORT", "9055"))
+ENDPOINT = f"http://127.0.0.1:{MOTO_PORT}"
+# Locally, failed records come back after this many seconds rather than the
+# template's 360 s, so a demo does not stall on one retry.
+LOCAL_VISIBILITY = int(os.environ.get("FLOTILLA_LOCAL_VISIBILITY_SECONDS", "10"))
+POLL_DELAY = os.environ.get("FLOTILLA_POLL_DELAY_SECONDS", "2")
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def log(message):
+    print(f"local-stack: {message}", flush=True)
+
+
+# --- template.yaml --------------------------------------------------------
+
+
+def load_template():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def tag(loader, suffix, node):
+        if isinstance(node, yaml.ScalarNode):
+            value = loader.construct_scalar(node)
+        elif isinstance(node, yaml.SequenceNode):
+            value = loader.construct_sequence(node, deep=True)
+        else:
+            value = loader.construct_mapping(node, deep=True)
+        return {"Fn::" + suffix if suffix not in ("Ref",) else "Ref": value}
+
+    Loader.add_multi_constructor("!", tag)
+    with open(os.path.join(ROOT, "template.yaml")) as f:
+        return yaml.load(f, Loader=Loader)
+
+
+def sub(value):
+    """Resolve the few !Sub forms the template uses for names."""
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        value = value["Fn::Sub"]
+    return value.replace("${AWS::StackName}", STACK).replace("${AWS::AccountId}", ACCOUNT).replace("${AWS::Region}", REGION)
+
+
+def wiring(template):
+    """Queues, bucket, and which function each queue and schedule feeds."""
+    resources = template["Resources"]
+    queues, routes, schedules = {}, [], []
+    bucket = None
+    for logical, resource in resources.items():
+        props = resource.get("Properties", {})
+        if resource["Type"] == "AWS::SQS::Queue":
+            redrive = props.get("RedrivePolicy")
+            queues[logical] = {
+                "name": sub(props["QueueName"]),
+                "visibility": props.get("VisibilityTimeout", 30),
+                "dlq": redrive["deadLetterTargetArn"]["Fn::GetAtt"].split(".")[0] if redrive else None,
+                "max_receives": redrive["maxReceiveCount"] if redrive else None,
+            }
+        elif resource["Type"] == "AWS::S3::Bucket":
+            bucket = sub(props["BucketName"])
+    for logical, resource in resources.items():
+        if resource["Type"] != "AWS::Serverless::Function":
+            continue
+        binary = resource["Metadata"]["BuildProperties"]["Binary"]
+        for event in resource["Properties"].get("Events", {}).values():
+            if event["Type"] == "SQS":
+                queue = event["Properties"]["Queue"]["Fn::GetAtt"].split(".")[0]
+                routes.append({"queue": queue, "function": binary, "batch": event["Properties"].get("BatchSize", 10)})
+            elif event["Type"] == "Schedule":
+                props = event["Properties"]
+                schedules.append({"name": sub(props["Name"]), "expression": props["Schedule"], "function": binary})
+    return queues, routes, schedules, bucket
+
+
+# --- process management ---------------------------------------------------
+
+
+def start(name, argv, env=None):
+    os.makedirs(PIDS, exist_ok=True)
+    os.makedirs(LOGS, exist_ok=True)
+    out = open(os.path.join(LOGS, f"{name}.log"), "ab")
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env or os.environ.copy(), start_new_session=True)
+    with open(os.path.join(PIDS, f"{name}.pid"), "w") as f:
+        f.write(str(process.pid))
+    return process
+
+
+def wait_for(url, seconds, what):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except Exception:
+            time.sleep(0.3)
+    raise SystemExit(f"local-stack: {what} did not come up at {url} within {seconds} s (see {LOGS})")
+
+
+def clients():
+    import boto3
+
+    session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
+    return session.client("sqs", endpoint_url=ENDPOINT), session.client("s3", endpoint_url=ENDPOINT)
+
+
+def up():
+    if os.path.exists(os.path.join(PIDS, "moto.pid")):
+        down(quiet=True)
+    template = load_template()
+    queues, routes, schedules, bucket = wiring(template)
+    env = os.environ.copy()
+    env.setdefault("FLOTILLA_EMU_SCRATCH", os.path.join(STATE, "instances"))
+    start("moto", [sys.executable, os.path.join(ROOT, "tools", "moto_server.py"), "-H", "127.0.0.1", "-p", str(MOTO_PORT)], env)
+    wait_for(f"{ENDPOINT}/moto-api/", 30, "moto server")
+    log(f"moto server (with tools/flotilla_moto.py) on {ENDPOINT}")
+
+    sqs, s3 = clients()
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_encryption(
+        Bucket=bucket,
+        ServerSideEncryptionConfiguration={"Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]},
+    )
+    urls = {}
+    for logical in sorted(queues, key=lambda q: queues[q]["dlq"] is not None):  # DLQs first
+        queue = queues[logical]
+        attributes = {"VisibilityTimeout": str(min(queue["visibility"], LOCAL_VISIBILITY))}
+        if queue["dlq"]:
+            dlq_arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queues[queue['dlq']]['name']}"
+            attributes["RedrivePolicy"] = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": queue["max_receives"]})
+        urls[logical] = sqs.create_queue(QueueName=queue["name"], Attributes=attributes)["QueueUrl"]
+    log(f"bucket {bucket} (SSE) and {len(urls)} queues from template.yaml")
+
+    lines = {
+        "AWS_ENDPOINT_URL": ENDPOINT,
+        "AWS_REGION": REGION,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "FLOTILLA_BUCKET": bucket,
+        "FLOTILLA_JOBS_QUEUE_URL": urls["JobsQueue"],
+        "FLOTILLA_LAUNCH_QUEUE_URL": urls["LaunchQueue"],
+        "FLOTILLA_READINESS_QUEUE_URL": urls["ReadinessQueue"],
+        "FLOTILLA_COMMAND_QUEUE_URL": urls["CommandQueue"],
+        "FLOTILLA_TEARDOWN_QUEUE_URL": urls["TeardownQueue"],
+        "FLOTILLA_POLL_DELAY_SECONDS": POLL_DELAY,
+        "FLOTILLA_INVOKE_URL": f"http://127.0.0.1:{INVOKE_PORT}",
+        "RUST_LOG": "info",
+    }
+    with open(ENV_FILE, "w") as f:
+        f.write("# Written by `make local-up`. Source it to use awscli or flotilla against the local stack.\n")
+        for key, value in lines.items():
+            f.write(f"export {key}={value}\n")
+    log(f"wrote {os.path.relpath(ENV_FILE, ROOT)}")
+
+    watch_env = os.environ.copy()
+    watch_env["PATH"] = f"{VENV_BIN}:{watch_env.get('PATH', '')}"
+    # cargo lambda reads KEY=VALUE lines; it does not understand `export`.
+    plain_env = os.path.join(STATE, "functions.env")
+    with open(plain_env, "w") as f:
+        for key, value in lines.items():
+            f.write(f"{key}={value}\n")
+    argv = [os.path.join(VENV_BIN, "cargo-lambda"), "lambda", "watch", "--ignore-changes", "--quiet",
+            "-A", "127.0.0.1", "-P", str(INVOKE_PORT), "--env-file", plain_env, "--concurrency", "2"]
+    start("cargo-lambda-watch", argv, watch_env)
+    wait_for(f"http://127.0.0.1:{INVOKE_PORT}/", 120, "cargo lambda watch")
+    log(f"cargo lambda watch serving {', '.join(sorted({r['function'] for r in routes}))} on port {INVOKE_PORT}")
+    start("pump", [sys.executable, os.path.abspath(__file__), "pump"])
+    log("event pump started; logs in .flotilla/logs/")
+
+
+def down(quiet=False):
+    if not os.path.isdir(PIDS):
+        if not quiet:
+            log("nothing running")
+        return
+    for name in ("pump", "cargo-lambda-watch", "moto"):
+        path = os.path.join(PIDS, f"{name}.pid")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            pid = int(f.read().strip())
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(50):
+                os.kill(pid, 0)
+                time.sleep(0.1)
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.remove(path)
+        if not quiet:
+            log(f"stopped {name} (pid {pid})")
+
+
+# --- the pump ---------------------------------------------------------------
+
+
+def invoke(function, payload):
+    url = f"http://127.0.0.1:{INVOKE_PORT}/2015-03-31/functions/{function}/invocations"
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=900) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+    except Exception as err:
+        return 0, str(err)
+
+
+def sqs_record(message, queue_arn):
+    return {
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": message.get("Attributes", {}),
+        "messageAttributes": {},
+        "md5OfBody": message.get("MD5OfBody") or hashlib.md5(message["Body"].encode()).hexdigest(),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": queue_arn,
+        "awsRegion": REGION,
+    }
+
+
+def scheduled_event(rule):
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": ACCOUNT,
+        "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": REGION,
+        "resources": [f"arn:aws:events:{REGION}:{ACCOUNT}:rule/{rule}"],
+        "detail": {},
+    }
+
+
+def rate_seconds(expression):
+    if not expression.startswith("rate("):
+        return None  # cron schedules fire only on demand: `local_stack.py fire`
+    amount, unit = expression[5:-1].split()
+    return int(amount) * {"minute": 60, "minutes": 60, "hour": 3600, "hours": 3600, "day": 86400, "days": 86400}[unit]
+
+
+def pump():
+    template = load_template()
+    queues, routes, schedules, _ = wiring(template)
+    sqs, _ = clients()
+    urls = {r["queue"]: sqs.get_queue_url(QueueName=queues[r["queue"]]["name"])["QueueUrl"] for r in routes}
+    next_fire = {s["name"]: time.time() + rate_seconds(s["expression"]) for s in schedules if rate_seconds(s["expression"])}
+    while True:
+        busy = False
+        for route in routes:
+            url = urls[route["queue"]]
+            messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(route["batch"], 10), AttributeNames=["All"], WaitTimeSeconds=0).get("Messages", [])
+            if not messages:
+                continue
+            busy = True
+            arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queues[route['queue']]['name']}"
+            status, response = invoke(route["function"], {"Records": [sqs_record(m, arn) for m in messages]})
+            if status != 200 or not isinstance(response, dict):
+                # A function error fails the whole batch, as Lambda does: every
+                # record becomes visible again after the visibility timeout.
+                log(f"{route['function']}: invoke failed ({status}): {str(response)[:300]}")
+                continue
+            failed = {f["itemIdentifier"] for f in response.get("batchItemFailures", [])}
+            done = [m for m in messages if m["MessageId"] not in failed]
+            for start_at in range(0, len(done), 10):
+                entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done[start_at:start_at + 10])]
+                sqs.delete_message_batch(QueueUrl=url, Entries=entries)
+            log(f"{route['function']}: {len(messages)} record(s), {len(failed)} returned for retry")
+        now = time.time()
+        for schedule in schedules:
+            if schedule["name"] in next_fire and now >= next_fire[schedule["name"]]:
+                next_fire[schedule["name"]] = now + rate_seconds(schedule["expression"])
+                status, response = invoke(schedule["function"], scheduled_event(schedule["name"]))
+                log(f"schedule {schedule['name']}: {status} {str(response)[:200]}")
+        if not busy:
+            time.sleep(0.5)
+
+
+def fire(rule):
+    _, _, schedules, _ = wiring(load_template())
+    match = [s for s in schedules if s["name"] == rule]
+    if not match:
+        raise SystemExit(f"local-stack: no schedule {rule}; template.yaml has {', '.join(s['name'] for s in schedules)}")
+    status, response = invoke(match[0]["function"], scheduled_event(rule))
+    print(json.dumps(response) if not isinstance(response, str) else response)
+    return 0 if status == 200 else 1
+
+
+if __name__ == "__main__":
+    command = sys.argv[1] if len(sys.argv) > 1 else "help"
+    if command == "up":
+        up()
+    elif command == "down":
+        down()
+    elif command == "pump":
+        pump()
+    elif command == "fire" and len(sys.argv) == 3:
+        sys.exit(fire(sys.argv[2]))
+    else:
+        print(__doc__)
+        sys.exit(0 if command in ("help", "-h", "--help") else 2)
