@@ -21,6 +21,8 @@ Gaps filled (measured against moto 5.2.5):
    no EBS device here, and the invocation output says so.
 5. RunInstances ignores ClientToken: a repeated token returns the first
    reservation, as EC2 does.
+6. CreateVolume ignores ClientToken: a repeated token returns the first
+   volume, as EC2 does.
 
 Not filled, and worked around in Flotilla instead:
 - DescribeInstances MaxResults counts reservations: Flotilla paginates by
@@ -34,6 +36,7 @@ Not filled, and worked around in Flotilla instead:
 
 import datetime
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,6 +84,31 @@ def _run_instances(self, image_id, count, user_data, security_group_names, **kwa
 
 
 EC2Backend.run_instances = _run_instances
+
+
+# --- 6. CreateVolume ClientToken -------------------------------------------
+
+from moto.ec2.responses.elastic_block_store import ElasticBlockStore  # noqa: E402
+
+_original_create_volume = ElasticBlockStore.create_volume
+
+
+def _create_volume(self):
+    token = self._get_param("ClientToken")
+    if not token:
+        return _original_create_volume(self)
+    backend = self.ec2_backend
+    tokens = backend.__dict__.setdefault("_flotilla_volume_tokens", {})
+    with _lock:
+        known = tokens.get(token)
+        if known in backend.volumes:
+            return ActionResult(backend.volumes[known])
+        result = _original_create_volume(self)
+        tokens[token] = result.result.id
+        return result
+
+
+ElasticBlockStore.create_volume = _create_volume
 
 
 # --- 3. SendCommand targets only what it names -----------------------------
@@ -168,7 +196,7 @@ def _run(execution):
     script = _script(command)
     if script.startswith(VOLUME_OP_MARKER):
         op = script.splitlines()[0][len(VOLUME_OP_MARKER):].strip() or "volume operation"
-        volumes = sorted({word for line in script.splitlines() for word in line.replace(")", " ").split() if word.startswith("vol-")})
+        volumes = sorted(set(re.findall(r"vol-[0-9a-f]+", script)))
         execution.stdout = (
             f"[{EMULATOR}] {op}: skipped, no EBS block devices on this machine "
             f"(would {op} {', '.join(volumes) or 'no volumes'}; NVMe lookup via /dev/disk/by-id)\n"

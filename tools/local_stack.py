@@ -182,6 +182,8 @@ def up():
         "FLOTILLA_COMMAND_QUEUE_URL": urls["CommandQueue"],
         "FLOTILLA_TEARDOWN_QUEUE_URL": urls["TeardownQueue"],
         "FLOTILLA_POLL_DELAY_SECONDS": POLL_DELAY,
+        # Resend a lost step message once the visibility timeout has passed.
+        "FLOTILLA_OUTBOX_GRACE_SECONDS": str(LOCAL_VISIBILITY + 2),
         "FLOTILLA_INVOKE_URL": f"http://127.0.0.1:{INVOKE_PORT}",
         "RUST_LOG": "info",
     }

@@ -82,7 +82,7 @@ pub fn classify(code: &str) -> RetryClass {
         "InvalidInstanceId" | "InvalidInstanceID.NotFound" | "InvalidInstanceInformationFilterValue" => {
             RetryClass::NotYetVisible
         }
-        "InvalidVolume.NotFound" | "InvalidSnapshot.NotFound" | "NoSuchKey" | "NotFound"
+        "InvalidVolume.NotFound" | "InvalidSnapshot.NotFound" | "InvalidAttachment.NotFound" | "NoSuchKey" | "NotFound"
         | "InvocationDoesNotExist" | "InvalidCommandId" | "IncorrectState" | "IncorrectInstanceState" => {
             RetryClass::NotFound
         }
@@ -108,6 +108,10 @@ pub enum StepError {
     Illegal(String),
     #[error("job {0}: record kept changing; will retry")]
     Contended(String),
+    /// This message's successor was sent moments ago and may still be on its
+    /// way; ask again later rather than resend it or drop this message.
+    #[error("job {0}: next step message may still be in flight")]
+    OutboxPending(String),
 }
 
 impl StepError {
@@ -115,7 +119,7 @@ impl StepError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StepError::Cloud(err) => err.is_retryable(),
-            StepError::Contended(_) => true,
+            StepError::Contended(_) | StepError::OutboxPending(_) => true,
             _ => false,
         }
     }

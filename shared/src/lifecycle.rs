@@ -82,30 +82,23 @@ pub fn apply(record: &mut JobRecord, event: Event, now: DateTime<Utc>) -> Result
         }
         (Event::FleetReady, WaitingReady) => (Running, "fleet ready; running commands".to_string()),
         (Event::PhasesDone, Running) => {
-            let reason = match record.outcome {
-                None | Some(Outcome::Succeeded) => {
-                    record.outcome = Some(Outcome::Succeeded);
-                    "commands succeeded; snapshotting volumes".to_string()
-                }
-                _ => record.reason.clone(),
-            };
-            (Snapshotting, reason)
+            if record.outcome.is_none() {
+                record.outcome = Some(Outcome::Succeeded);
+            }
+            (Snapshotting, keep_reason(record, "commands succeeded; snapshotting volumes"))
         }
         (Event::VolumesReleased, Snapshotting) => (TearingDown, keep_reason(record, "terminating the fleet")),
         (Event::FleetTerminated, TearingDown) => {
             let outcome = record.outcome.unwrap_or(Outcome::Failed);
-            let reason = match outcome {
-                Outcome::Succeeded => "all commands succeeded".to_string(),
-                _ => record.reason.clone(),
-            };
-            (outcome.terminal_state(), reason)
+            (outcome.terminal_state(), keep_reason(record, "all commands succeeded"))
         }
         (Event::Abort { outcome, reason }, state) => {
             // The first decided outcome wins: a cancel after a failure stays a failure.
             if record.outcome.is_none() || record.outcome == Some(Outcome::Succeeded) {
                 record.outcome = Some(*outcome);
-                record.reason = reason.clone();
+                record.outcome_reason = Some(reason.clone());
             }
+            record.reason = record.outcome_reason.clone().unwrap_or_else(|| reason.clone());
             let to = match state {
                 // Instances may exist already: terminate by tag.
                 Submitted | Launching => TearingDown,
@@ -130,10 +123,11 @@ pub fn apply(record: &mut JobRecord, event: Event, now: DateTime<Utc>) -> Result
     Ok(())
 }
 
+/// A decided failure's reason outlives progress messages.
 fn keep_reason(record: &JobRecord, default: &str) -> String {
-    match record.outcome {
-        Some(Outcome::Succeeded) | None => default.to_string(),
-        _ => record.reason.clone(),
+    match (record.outcome, &record.outcome_reason) {
+        (Some(Outcome::Failed | Outcome::Cancelled), Some(reason)) => reason.clone(),
+        _ => default.to_string(),
     }
 }
 

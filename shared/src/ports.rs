@@ -232,10 +232,14 @@ pub struct Settings {
     pub poll_delay_seconds: u32,
     /// How long instances may live past the job deadline before the reaper may kill them.
     pub expiry_grace_minutes: u32,
+    /// A redelivered message resends the record's outbox only if the record
+    /// has not moved for the outbox delay plus this long: sooner, the outbox
+    /// message is probably still on its way, and resending would duplicate it.
+    pub outbox_grace_seconds: u32,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { poll_delay_seconds: 20, expiry_grace_minutes: 30 }
+        Settings { poll_delay_seconds: 20, expiry_grace_minutes: 30, outbox_grace_seconds: 60 }
     }
 }

@@ -200,6 +200,9 @@ pub struct JobRecord {
     pub cancel_requested: bool,
     #[serde(default)]
     pub outcome: Option<Outcome>,
+    /// Why the outcome was decided; `reason` also carries progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome_reason: Option<String>,
     #[serde(default)]
     pub resolved_image: Option<String>,
     #[serde(default)]
@@ -214,6 +217,9 @@ pub struct JobRecord {
     pub pruned_snapshots: Vec<String>,
     #[serde(default)]
     pub terminated: bool,
+    /// Permanent errors met while releasing resources; teardown gives up after a few.
+    #[serde(default)]
+    pub teardown_errors: u32,
     /// For REJECTED records: the start of what was received.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected_input: Option<String>,
@@ -237,6 +243,7 @@ impl JobRecord {
             timeline: vec![PhaseStamp { state: JobState::Submitted, at: now }],
             cancel_requested: false,
             outcome: None,
+            outcome_reason: None,
             resolved_image: None,
             instances: vec![],
             volumes: vec![],
@@ -244,6 +251,7 @@ impl JobRecord {
             snapshots: vec![],
             pruned_snapshots: vec![],
             terminated: false,
+            teardown_errors: 0,
             rejected_input: None,
         }
     }
@@ -264,6 +272,7 @@ impl JobRecord {
             timeline: vec![PhaseStamp { state: JobState::Rejected, at: now }],
             cancel_requested: false,
             outcome: None,
+            outcome_reason: None,
             resolved_image: None,
             instances: vec![],
             volumes: vec![],
@@ -271,6 +280,7 @@ impl JobRecord {
             snapshots: vec![],
             pruned_snapshots: vec![],
             terminated: false,
+            teardown_errors: 0,
             rejected_input: Some(shown),
         }
     }

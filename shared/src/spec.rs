@@ -503,7 +503,11 @@ fn is_instance_type(t: &str) -> bool {
 
 /// Show hostile input in a reason without echoing control characters.
 fn printable(s: &str) -> String {
-    let shown: String = s.chars().take(80).flat_map(char::escape_debug).collect();
+    let shown: String = s
+        .chars()
+        .take(80)
+        .map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() })
+        .collect();
     if s.chars().count() > 80 {
         format!("{shown}…")
     } else {
@@ -590,7 +594,7 @@ mod tests {
         let r = reason(with(&["run"], serde_json::json!({"commands": [["echo", "a\nrm -rf /"]]})));
         assert!(r.contains("run.commands[0][1]: control character U+000A"), "{r}");
         let r = reason(with(&["tags"], serde_json::json!({"team": "x\"; rm -rf /"})));
-        assert!(r.contains("tags.team: value contains `\\\"`"), "{r}");
+        assert!(r.contains("tags.team: value contains `\"`"), "{r}");
         let r = reason(with(&["tags"], serde_json::json!({"a;b": "x"})));
         assert!(r.contains("key `a;b` contains `;`"), "{r}");
         let r = reason(with(&["tags"], serde_json::json!({"team": "a\nb"})));

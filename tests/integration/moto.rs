@@ -108,7 +108,7 @@ impl MotoStack {
         let env = Environment {
             bucket: self.bucket.clone(),
             queue_urls: self.queue_urls.clone(),
-            settings: Settings { poll_delay_seconds: 1, expiry_grace_minutes: 30 },
+            settings: Settings { poll_delay_seconds: 1, expiry_grace_minutes: 30, outbox_grace_seconds: 3 },
         };
         aws::ports(&self.config, &env)
     }

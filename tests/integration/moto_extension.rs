@@ -89,6 +89,16 @@ async fn client_token_makes_run_instances_idempotent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_token_makes_create_volume_idempotent() {
+    let stack = MotoStack::start().await;
+    let create = || stack.ec2().create_volume().availability_zone("us-east-1a").size(1).client_token("job-x-data-0").send();
+    let first = create().await.expect("create");
+    let again = create().await.expect("create again");
+    assert_eq!(first.volume_id(), again.volume_id());
+    assert_eq!(stack.ec2().describe_volumes().send().await.expect("describe").volumes().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_target_only_named_instances_and_really_run() {
     let stack = MotoStack::start().await;
     let ids = launch(&stack, 2, None).await;

@@ -16,7 +16,7 @@ fn cloud() -> FakeCloud {
 }
 
 fn ports(cloud: &FakeCloud) -> Ports {
-    cloud.ports(Settings { poll_delay_seconds: 20, expiry_grace_minutes: 30 })
+    cloud.ports(Settings { poll_delay_seconds: 20, expiry_grace_minutes: 30, outbox_grace_seconds: 20 })
 }
 
 /// Deliver messages in time order until none is left. `copies` delivers each

@@ -83,7 +83,9 @@ impl Ec2Fleet {
         }
     }
 
-    async fn root_device(&self, image_id: &str) -> CloudResult<Option<String>> {
+    /// The image's root device and its size, so the root volume can be
+    /// mapped as encrypted without shrinking it.
+    async fn root_device(&self, image_id: &str) -> CloudResult<Option<(String, Option<i32>)>> {
         let response = self
             .ec2
             .describe_images()
@@ -91,7 +93,15 @@ impl Ec2Fleet {
             .send()
             .await
             .map_err(|e| cloud_error("ec2", "DescribeImages", e))?;
-        Ok(response.images().first().and_then(|i| i.root_device_name()).map(str::to_string))
+        let Some(image) = response.images().first() else { return Ok(None) };
+        let Some(root) = image.root_device_name() else { return Ok(None) };
+        let size = image
+            .block_device_mappings()
+            .iter()
+            .find(|m| m.device_name() == Some(root))
+            .and_then(|m| m.ebs())
+            .and_then(|ebs| ebs.volume_size());
+        Ok(Some((root.to_string(), size)))
     }
 }
 
@@ -146,11 +156,11 @@ impl Fleet for Ec2Fleet {
             .set_security_group_ids(if request.security_group_ids.is_empty() { None } else { Some(request.security_group_ids.clone()) });
         if let Some(image_id) = &request.image_id {
             call = call.image_id(image_id);
-            if let Some(root) = self.root_device(image_id).await? {
+            if let Some((root, size)) = self.root_device(image_id).await? {
                 call = call.block_device_mappings(
                     BlockDeviceMapping::builder()
                         .device_name(root)
-                        .ebs(EbsBlockDevice::builder().encrypted(true).delete_on_termination(true).build())
+                        .ebs(EbsBlockDevice::builder().encrypted(true).delete_on_termination(true).set_volume_size(size).build())
                         .build(),
                 );
             }

@@ -52,9 +52,12 @@ impl Environment {
             queue_urls.insert(step.as_str(), var(&name)?);
         }
         let mut settings = Settings::default();
-        if let Ok(delay) = std::env::var("FLOTILLA_POLL_DELAY_SECONDS") {
-            settings.poll_delay_seconds = delay.parse().map_err(|_| SpecError::new("FLOTILLA_POLL_DELAY_SECONDS must be a number"))?;
-        }
+        let number = |name: &str, default: u32| match std::env::var(name) {
+            Ok(value) => value.parse().map_err(|_| SpecError::new(format!("{name} must be a whole number, got {value:?}"))),
+            Err(_) => Ok(default),
+        };
+        settings.poll_delay_seconds = number("FLOTILLA_POLL_DELAY_SECONDS", settings.poll_delay_seconds)?;
+        settings.outbox_grace_seconds = number("FLOTILLA_OUTBOX_GRACE_SECONDS", settings.outbox_grace_seconds)?;
         Ok(Environment { bucket: var("FLOTILLA_BUCKET")?, queue_urls, settings })
     }
 }

@@ -86,7 +86,10 @@ async fn submit_spec(ports: &Ports, body: &str, fallback_id: String) -> Result<I
         WriteOutcome::Conflict => {
             // A redelivery after a crash between create and send: send again.
             if let Some(existing) = ports.ledger.load(&job_id).await? {
-                if existing.record.state == JobState::Submitted {
+                // Still SUBMITTED after the grace: the launch message was lost.
+                let grace = chrono::Duration::seconds(i64::from(ports.settings.outbox_grace_seconds));
+                let stalled = existing.record.updated_at.is_none_or(|at| ports.clock.now() - at >= grace);
+                if existing.record.state == JobState::Submitted && existing.record.step_seq == 1 && stalled {
                     send_outbox(ports, &existing.record).await?;
                 }
                 info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");

@@ -57,7 +57,13 @@ pub async fn handle(ports: &Ports, message: &StepMessage) -> Result<Handled, Ste
         let record = &loaded.record;
         if record.step_seq == message.seq + 1 {
             if let Some(outbox) = &record.outbox {
-                // Our write landed; the send after it may not have.
+                // Our write landed; the send after it may not have. Only a
+                // record that stopped moving means the message was lost.
+                let quiet = i64::from(outbox.delay_seconds + ports.settings.outbox_grace_seconds);
+                let stalled = record.updated_at.is_none_or(|at| ports.clock.now() - at >= chrono::Duration::seconds(quiet));
+                if !stalled {
+                    return Err(StepError::OutboxPending(message.job_id.clone()));
+                }
                 ports.queue.send(&outbox.message, outbox.delay_seconds).await?;
                 return Ok(Handled::Resent);
             }
@@ -73,11 +79,8 @@ pub async fn handle(ports: &Ports, message: &StepMessage) -> Result<Handled, Ste
         let next = match advance(ports, &mut record, message.step).await {
             Ok(next) => next,
             Err(StepError::Cloud(err)) if !err.is_retryable() => {
-                // Retrying will not help: fail the job and tear down what exists.
-                warn!(job_id = %record.job_id, error = %err, "permanent cloud error; failing the job");
-                let reason = format!("{} failed: {err}", message.step.as_str());
-                lifecycle::apply(&mut record, Event::Abort { outcome: crate::record::Outcome::Failed, reason }, now)?;
-                Next::Now
+                warn!(job_id = %record.job_id, error = %err, "permanent cloud error");
+                permanent_error(&mut record, message.step, &err.to_string(), now)?
             }
             Err(err) => return Err(err),
         };
@@ -103,13 +106,38 @@ pub async fn handle(ports: &Ports, message: &StepMessage) -> Result<Handled, Ste
             }
             WriteOutcome::Conflict => {
                 info!(job_id = %record.job_id, "record changed underneath; reloading");
-                cancel_unrecorded_commands(ports, &loaded.record, &record).await;
+                undo_lost_side_effects(ports, &loaded.record, &record).await;
                 continue;
             }
         }
     }
     Err(StepError::Contended(message.job_id.clone()))
 }
+
+/// Retrying will not help. Before teardown: fail the job and tear down what
+/// exists. During teardown: back off a few times, then give up on the part
+/// that fails and leave its tagged resources to the reaper.
+fn permanent_error(record: &mut JobRecord, step: Step, error: &str, now: chrono::DateTime<chrono::Utc>) -> Result<Next, StepError> {
+    use crate::record::{JobState, Outcome};
+    let reason = format!("{} failed: {error}", step.as_str());
+    if !matches!(record.state, JobState::Snapshotting | JobState::TearingDown) {
+        lifecycle::apply(record, Event::Abort { outcome: Outcome::Failed, reason }, now)?;
+        return Ok(Next::Now);
+    }
+    record.teardown_errors += 1;
+    if record.teardown_errors < TEARDOWN_ATTEMPTS {
+        record.reason = format!("{reason} (attempt {} of {TEARDOWN_ATTEMPTS})", record.teardown_errors);
+        return Ok(Next::After(TEARDOWN_BACKOFF_SECONDS * record.teardown_errors));
+    }
+    let reason = format!("{reason}; left for the reaper");
+    lifecycle::apply(record, Event::Abort { outcome: Outcome::Failed, reason }, now)?;
+    let event = if record.state == JobState::Snapshotting { Event::VolumesReleased } else { Event::FleetTerminated };
+    lifecycle::apply(record, event, now)?;
+    Ok(Next::Now)
+}
+
+const TEARDOWN_ATTEMPTS: u32 = 5;
+const TEARDOWN_BACKOFF_SECONDS: u32 = 30;
 
 async fn advance(ports: &Ports, record: &mut JobRecord, step: Step) -> Result<Next, StepError> {
     let now = ports.clock.now();
@@ -128,13 +156,34 @@ async fn advance(ports: &Ports, record: &mut JobRecord, step: Step) -> Result<Ne
     }
 }
 
-/// A racing delivery won the write, so commands this delivery sent will never
-/// be collected: cancel them rather than let the work run twice.
-async fn cancel_unrecorded_commands(ports: &Ports, before: &JobRecord, after: &JobRecord) {
-    let known: Vec<&String> = before.steps.iter().flat_map(|s| &s.command_ids).collect();
-    for command_id in after.steps.iter().flat_map(|s| &s.command_ids).filter(|id| !known.contains(id)) {
-        if let Err(err) = ports.commands.cancel(command_id).await {
+/// A racing delivery won the write. Commands, snapshots and volumes this
+/// delivery created that the winner did not record would run twice or leak:
+/// cancel or delete them. (EC2 ClientTokens make most volume races moot.)
+async fn undo_lost_side_effects(ports: &Ports, before: &JobRecord, ours: &JobRecord) {
+    let winner = match ports.ledger.load(&ours.job_id).await {
+        Ok(Some(latest)) => latest.record,
+        _ => return, // cannot tell what the winner kept; leave it to the reaper
+    };
+    let commands = |r: &JobRecord| r.steps.iter().flat_map(|s| s.command_ids.clone()).collect::<Vec<_>>();
+    let (known, kept) = (commands(before), commands(&winner));
+    for command_id in commands(ours).into_iter().filter(|id| !known.contains(id) && !kept.contains(id)) {
+        if let Err(err) = ports.commands.cancel(&command_id).await {
             warn!(%command_id, error = %err, "could not cancel a duplicate command");
+        }
+    }
+    let snapshots = |r: &JobRecord| r.snapshots.iter().map(|s| s.snapshot_id.clone()).collect::<Vec<_>>();
+    let (known, kept) = (snapshots(before), snapshots(&winner));
+    for snapshot_id in snapshots(ours).into_iter().filter(|id| !known.contains(id) && !kept.contains(id)) {
+        if let Err(err) = ports.volumes.delete_snapshot(&snapshot_id).await {
+            warn!(%snapshot_id, error = %err, "could not delete a duplicate snapshot");
+        }
+    }
+    let volumes = |r: &JobRecord| r.volumes.iter().filter(|v| v.created_by_flotilla).map(|v| (v.volume_id.clone(), v.instance_id.clone())).collect::<Vec<_>>();
+    let (known, kept) = (volumes(before), volumes(&winner));
+    for (volume_id, instance_id) in volumes(ours).into_iter().filter(|v| !known.contains(v) && !kept.iter().any(|k| k.0 == v.0)) {
+        let _ = ports.volumes.detach(&volume_id, &instance_id).await;
+        if let Err(err) = ports.volumes.delete_volume(&volume_id).await {
+            warn!(%volume_id, error = %err, "could not delete a duplicate volume; the reaper will");
         }
     }
 }
