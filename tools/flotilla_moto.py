@@ -196,11 +196,15 @@ def _run(execution):
     script = _script(command)
     if script.startswith(VOLUME_OP_MARKER):
         op = script.splitlines()[0][len(VOLUME_OP_MARKER):].strip() or "volume operation"
-        volumes = sorted(set(re.findall(r"vol-[0-9a-f]+", script)))
-        execution.stdout = (
-            f"[{EMULATOR}] {op}: skipped, no EBS block devices on this machine "
-            f"(would {op} {', '.join(volumes) or 'no volumes'}; NVMe lookup via /dev/disk/by-id)\n"
-        )
+        mine = re.findall(re.escape(execution.instance_id) + r"\) VOLUME_ID=(vol-[0-9a-f]+)", script)
+        mounts = sorted(set(re.findall(r"(?:mkdir -p|umount) (\S+)", script)))
+        what = ", ".join(mine) if mine else "this instance's volumes"
+        where = ", ".join(mounts) or "their mount points"
+        if op == "mount":
+            plan = f"would find {what} by NVMe id under /dev/disk/by-id, mkfs.ext4 if blank, mount at {where}"
+        else:
+            plan = f"would sync and umount {where}"
+        execution.stdout = f"[{EMULATOR}] {op} skipped: no EBS block devices on this machine; {plan}\n"
         execution.status, execution.response_code = "Success", 0
         execution.ended = _now()
         _write_output(execution)

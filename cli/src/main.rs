@@ -109,10 +109,17 @@ fn read_spec(path: &PathBuf) -> Result<(String, spec::JobSpec)> {
     }
 }
 
+fn market(market: spec::Market) -> &'static str {
+    match market {
+        spec::Market::OnDemand => "on-demand",
+        spec::Market::Spot => "spot",
+    }
+}
+
 fn plan_command(path: &PathBuf) -> Result<i32> {
     let (_, job) = read_spec(path)?;
     let plan = plan::plan(&job).map_err(|e| anyhow::anyhow!("rejected: {e}"))?;
-    println!("fleet:     {} x {} ({:?})", plan.instance_count, plan.instance_type, plan.market);
+    println!("fleet:     {} x {} ({})", plan.instance_count, plan.instance_type, market(plan.market));
     println!("sizing:    {}", plan.sizing);
     println!("image:     {}", job.image.as_deref().unwrap_or("from launch template"));
     match plan.max_cost_usd {
@@ -120,7 +127,17 @@ fn plan_command(path: &PathBuf) -> Result<i32> {
         None => println!("cost:      unknown price for {}", plan.instance_type),
     }
     for volume in &job.volumes {
-        println!("volume:    {} {:?} at {} on {}, snapshot {:?}, keep {}", volume.name, volume.source, volume.mount_point, volume.device, volume.snapshot, volume.retention.keep_last);
+        let source = match &volume.source {
+            spec::VolumeSource::New { size_gib, volume_type } => format!("new {size_gib} GiB {volume_type} per instance"),
+            spec::VolumeSource::SnapshotId(id) => format!("from {id} per instance"),
+            spec::VolumeSource::VolumeId(id) => format!("existing {id} on shard 0"),
+        };
+        let snapshot = match volume.snapshot {
+            spec::SnapshotPolicy::Never => "never snapshotted".to_string(),
+            spec::SnapshotPolicy::OnSuccess => format!("snapshot on success, keep {}", volume.retention.keep_last),
+            spec::SnapshotPolicy::Always => format!("snapshot always, keep {}", volume.retention.keep_last),
+        };
+        println!("volume:    {}: {source}, {} at {}, {snapshot}", volume.name, volume.device, volume.mount_point);
     }
     let steps: Vec<&str> = [job.setup.as_ref().map(|_| "setup"), Some("run"), job.before_unmount.as_ref().map(|_| "before_unmount")].into_iter().flatten().collect();
     println!("steps:     {}", steps.join(" -> "));
@@ -197,7 +214,10 @@ async fn watch(job_id: &str, timeout: u64) -> Result<i32> {
     loop {
         if let Some(versioned) = ledger.load(job_id).await? {
             let record = versioned.record;
-            let phase = next_phase(&record).map(|p| format!(" ({})", p.as_str())).unwrap_or_default();
+            let phase = match record.state {
+                JobState::Running => next_phase(&record).map(|p| format!(" ({})", p.as_str())).unwrap_or_default(),
+                _ => String::new(),
+            };
             let line = format!("{} {:<13}{phase} {}", progress_bar(&record), record.state.as_str(), record.reason);
             if line != last {
                 println!("{} {line}", chrono::Utc::now().format("%H:%M:%S"));

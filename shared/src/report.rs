@@ -18,7 +18,11 @@ pub fn render_with_tail(record: &JobRecord, tail: usize) -> String {
     let _ = writeln!(out, "reason: {}", record.reason);
     if let Some(plan) = &record.plan {
         let cost = plan.max_cost_usd.map(|c| format!("${c:.2} at most")).unwrap_or_else(|| "unknown price".to_string());
-        let _ = writeln!(out, "plan: {} x {} ({:?}); {}; cost {cost}", plan.instance_count, plan.instance_type, plan.market, plan.sizing);
+        let market = match plan.market {
+            crate::spec::Market::OnDemand => "on-demand",
+            crate::spec::Market::Spot => "spot",
+        };
+        let _ = writeln!(out, "plan: {} x {} ({market}); {}; cost {cost}", plan.instance_count, plan.instance_type, plan.sizing);
     }
     let _ = writeln!(out, "timeline:");
     for (index, stamp) in record.timeline.iter().enumerate() {
@@ -54,15 +58,20 @@ pub fn render_with_tail(record: &JobRecord, tail: usize) -> String {
             None => "in progress",
         };
         let _ = writeln!(out, "phase {}: {status}{took} [{}]", step.phase.as_str(), step.command_ids.join(", "));
+        // Every instance's output sits under the command's prefix; name it once.
+        if let Some(uri) = step.invocations.iter().find_map(|i| i.output_uri.as_deref()) {
+            if let Some(command_id) = step.command_ids.first() {
+                if let Some(end) = uri.find(command_id.as_str()) {
+                    let _ = writeln!(out, "  full output: {}{command_id}/<instance>/", &uri[..end]);
+                }
+            }
+        }
         for invocation in &step.invocations {
             let code = invocation.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".to_string());
             let _ = writeln!(out, "  {} {} exit {code}", invocation.instance_id, invocation.status);
             let skip = invocation.output_tail.len().saturating_sub(tail);
             for line in &invocation.output_tail[skip..] {
                 let _ = writeln!(out, "    | {line}");
-            }
-            if let Some(uri) = &invocation.output_uri {
-                let _ = writeln!(out, "    full output: {uri}");
             }
         }
     }

@@ -132,9 +132,11 @@ async fn execution_timeout_and_cancel_are_reported() {
 async fn volume_scripts_are_reported_not_run() {
     let stack = MotoStack::start().await;
     let ids = launch(&stack, 1, None).await;
-    let command_id = send(&stack, &ids, "# flotilla:volume-op mount\nmkfs -t ext4 /dev/nonexistent\n  i-1) VOLUME_ID=vol-0abc ;;", 30).await;
+    let script = format!("# flotilla:volume-op mount\n  {}) VOLUME_ID=vol-0abc ;;\n  i-other) VOLUME_ID=vol-0def ;;\nmkdir -p /data\nmkfs -t ext4 /dev/nonexistent", ids[0]);
+    let command_id = send(&stack, &ids, &script, 30).await;
     let out = finished(&stack, &command_id, &ids[0]).await;
     assert_eq!(out.status(), Some(&CommandInvocationStatus::Success));
     let stdout = out.standard_output_content().unwrap_or_default();
-    assert!(stdout.contains("flotilla-emulator") && stdout.contains("skipped, no EBS block devices") && stdout.contains("vol-0abc"), "{stdout}");
+    assert!(stdout.contains("flotilla-emulator") && stdout.contains("skipped: no EBS block devices"), "{stdout}");
+    assert!(stdout.contains("would find vol-0abc ") && !stdout.contains("vol-0def") && stdout.contains("mount at /data"), "{stdout}");
 }
