@@ -123,12 +123,17 @@ fn plan_command(path: &PathBuf) -> Result<i32> {
     println!("sizing:    {}", plan.sizing);
     println!("image:     {}", job.image.as_deref().unwrap_or("from launch template"));
     match plan.max_cost_usd {
-        Some(cost) => println!("cost:      at most ${cost:.2} (every instance for the whole {} min deadline)", job.deadline_minutes),
+        Some(cost) => println!(
+            "cost:      at most ${cost:.2} (every instance for the whole {} min deadline)",
+            job.deadline_minutes
+        ),
         None => println!("cost:      unknown price for {}", plan.instance_type),
     }
     for volume in &job.volumes {
         let source = match &volume.source {
-            spec::VolumeSource::New { size_gib, volume_type } => format!("new {size_gib} GiB {volume_type} per instance"),
+            spec::VolumeSource::New { size_gib, volume_type } => {
+                format!("new {size_gib} GiB {volume_type} per instance")
+            }
             spec::VolumeSource::SnapshotId(id) => format!("from {id} per instance"),
             spec::VolumeSource::VolumeId(id) => format!("existing {id} on shard 0"),
         };
@@ -139,7 +144,11 @@ fn plan_command(path: &PathBuf) -> Result<i32> {
         };
         println!("volume:    {}: {source}, {} at {}, {snapshot}", volume.name, volume.device, volume.mount_point);
     }
-    let steps: Vec<&str> = [job.setup.as_ref().map(|_| "setup"), Some("run"), job.before_unmount.as_ref().map(|_| "before_unmount")].into_iter().flatten().collect();
+    let steps: Vec<&str> =
+        [job.setup.as_ref().map(|_| "setup"), Some("run"), job.before_unmount.as_ref().map(|_| "before_unmount")]
+            .into_iter()
+            .flatten()
+            .collect();
     println!("steps:     {}", steps.join(" -> "));
     println!("launches:  IMDSv2 required, encrypted EBS, no key pair; tagged flotilla:managed-by, flotilla:job-id, flotilla:expires-at");
     println!("nothing was created");
@@ -165,7 +174,8 @@ async fn submit(path: &PathBuf) -> Result<i32> {
 }
 
 async fn send_to_jobs_queue(body: &str) -> Result<()> {
-    let queue_url = std::env::var("FLOTILLA_JOBS_QUEUE_URL").context("FLOTILLA_JOBS_QUEUE_URL is not set (run `make local-up` or export it)")?;
+    let queue_url = std::env::var("FLOTILLA_JOBS_QUEUE_URL")
+        .context("FLOTILLA_JOBS_QUEUE_URL is not set (run `make local-up` or export it)")?;
     let config = aws::load_config().await;
     aws_sdk_sqs::Client::new(&config)
         .send_message()
@@ -178,7 +188,8 @@ async fn send_to_jobs_queue(body: &str) -> Result<()> {
 }
 
 async fn ledger() -> Result<aws::s3::S3Ledger> {
-    let bucket = std::env::var("FLOTILLA_BUCKET").context("FLOTILLA_BUCKET is not set (run `make local-up` or export it)")?;
+    let bucket =
+        std::env::var("FLOTILLA_BUCKET").context("FLOTILLA_BUCKET is not set (run `make local-up` or export it)")?;
     let config = aws::load_config().await;
     Ok(aws::s3::S3Ledger::new(aws::s3_client(&config), bucket))
 }
@@ -202,7 +213,8 @@ const ORDER: [JobState; 7] = [
 ];
 
 fn progress_bar(record: &JobRecord) -> String {
-    let reached = ORDER.iter().position(|s| *s == record.state).unwrap_or(ORDER.len() - 1) + usize::from(record.state.is_terminal());
+    let reached = ORDER.iter().position(|s| *s == record.state).unwrap_or(ORDER.len() - 1)
+        + usize::from(record.state.is_terminal());
     let done = reached.min(ORDER.len());
     format!("[{}{}]", "#".repeat(done), ".".repeat(ORDER.len() - done))
 }

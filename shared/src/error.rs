@@ -37,13 +37,7 @@ pub enum RetryClass {
 #[derive(Debug, Error)]
 pub enum CloudError {
     #[error("{service} {operation}: {code}: {message}")]
-    Api {
-        service: &'static str,
-        operation: &'static str,
-        code: String,
-        message: String,
-        class: RetryClass,
-    },
+    Api { service: &'static str, operation: &'static str, code: String, message: String, class: RetryClass },
     #[error("{0}")]
     Invalid(String),
 }
@@ -74,20 +68,34 @@ impl CloudError {
 /// Map an AWS error code to a retry class.
 pub fn classify(code: &str) -> RetryClass {
     match code {
-        "Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "TooManyRequestsException"
-        | "SlowDown" | "RequestThrottled" => RetryClass::Throttled,
-        "InsufficientInstanceCapacity" | "InsufficientCapacity" | "InsufficientHostCapacity"
-        | "InsufficientReservedInstanceCapacity" | "SpotMaxPriceTooLow" | "MaxSpotInstanceCountExceeded"
-        | "InstanceLimitExceeded" | "Unsupported" => RetryClass::Capacity,
+        "Throttling"
+        | "ThrottlingException"
+        | "RequestLimitExceeded"
+        | "TooManyRequestsException"
+        | "SlowDown"
+        | "RequestThrottled" => RetryClass::Throttled,
+        "InsufficientInstanceCapacity"
+        | "InsufficientCapacity"
+        | "InsufficientHostCapacity"
+        | "InsufficientReservedInstanceCapacity"
+        | "SpotMaxPriceTooLow"
+        | "MaxSpotInstanceCountExceeded"
+        | "InstanceLimitExceeded"
+        | "Unsupported" => RetryClass::Capacity,
         "InvalidInstanceId" | "InvalidInstanceID.NotFound" | "InvalidInstanceInformationFilterValue" => {
             RetryClass::NotYetVisible
         }
-        "InvalidVolume.NotFound" | "InvalidSnapshot.NotFound" | "InvalidAttachment.NotFound" | "NoSuchKey" | "NotFound"
-        | "InvocationDoesNotExist" | "InvalidCommandId" | "IncorrectState" | "IncorrectInstanceState" => {
-            RetryClass::NotFound
-        }
-        "" | "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable"
-        | "dispatch" | "timeout" | "response" => RetryClass::Transient,
+        "InvalidVolume.NotFound"
+        | "InvalidSnapshot.NotFound"
+        | "InvalidAttachment.NotFound"
+        | "NoSuchKey"
+        | "NotFound"
+        | "InvocationDoesNotExist"
+        | "InvalidCommandId"
+        | "IncorrectState"
+        | "IncorrectInstanceState" => RetryClass::NotFound,
+        "" | "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" | "dispatch" | "timeout"
+        | "response" => RetryClass::Transient,
         _ => RetryClass::Permanent,
     }
 }

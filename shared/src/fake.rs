@@ -71,6 +71,9 @@ pub struct FakeState {
     pub calls: BTreeMap<&'static str, u64>,
     /// Fault injection: this many SendMessage calls fail (as after a crash).
     pub fail_sends: u32,
+    /// Roles assumed, with their external ids; roles listed in `refused_roles` are denied.
+    pub assumed_roles: Vec<(String, Option<String>)>,
+    pub refused_roles: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -115,11 +118,14 @@ impl FakeCloud {
         }
     }
 
+    fn cloud(&self) -> Cloud {
+        Cloud { fleet: Box::new(self.clone()), volumes: Box::new(self.clone()), commands: Box::new(self.clone()) }
+    }
+
     pub fn ports(&self, settings: Settings) -> Ports {
         Ports {
-            fleet: Box::new(self.clone()),
-            volumes: Box::new(self.clone()),
-            commands: Box::new(self.clone()),
+            cloud: self.cloud(),
+            accounts: Box::new(self.clone()),
             ledger: Box::new(self.clone()),
             queue: Box::new(self.clone()),
             clock: Box::new(self.clone()),
@@ -273,14 +279,24 @@ impl Volumes for FakeCloud {
         let mut state = self.lock();
         FakeCloud::count(&mut state, "CreateVolume");
         let id = FakeCloud::next_id(&mut state, "vol");
-        let volume = FakeVolume { id, state: "available".into(), az: request.availability_zone.clone(), attached_to: None, tags: request.tags.clone() };
+        let volume = FakeVolume {
+            id,
+            state: "available".into(),
+            az: request.availability_zone.clone(),
+            attached_to: None,
+            tags: request.tags.clone(),
+        };
         state.volumes.push(volume.clone());
         Ok(volume_view(&volume))
     }
 
     async fn attach(&self, volume_id: &str, instance_id: &str, _device: &str) -> CloudResult<()> {
         let mut state = self.lock();
-        let volume = state.volumes.iter_mut().find(|v| v.id == volume_id).ok_or_else(|| not_found("AttachVolume", "InvalidVolume.NotFound"))?;
+        let volume = state
+            .volumes
+            .iter_mut()
+            .find(|v| v.id == volume_id)
+            .ok_or_else(|| not_found("AttachVolume", "InvalidVolume.NotFound"))?;
         if volume.attached_to.is_some() {
             return Err(CloudError::api("ec2", "AttachVolume", "VolumeInUse", "already attached"));
         }
@@ -315,16 +331,32 @@ impl Volumes for FakeCloud {
             .snapshots
             .iter()
             .filter(|s| has_tags(&s.tags, tags))
-            .map(|s| SnapshotView { snapshot_id: s.id.clone(), volume_id: s.volume_id.clone(), state: "completed".into(), started_at: s.started_at, tags: s.tags.clone() })
+            .map(|s| SnapshotView {
+                snapshot_id: s.id.clone(),
+                volume_id: s.volume_id.clone(),
+                state: "completed".into(),
+                started_at: s.started_at,
+                tags: s.tags.clone(),
+            })
             .collect())
     }
 
-    async fn create_snapshot(&self, volume_id: &str, _description: &str, tags: &BTreeMap<String, String>) -> CloudResult<String> {
+    async fn create_snapshot(
+        &self,
+        volume_id: &str,
+        _description: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> CloudResult<String> {
         let now = self.now();
         let mut state = self.lock();
         FakeCloud::count(&mut state, "CreateSnapshot");
         let id = FakeCloud::next_id(&mut state, "snap");
-        state.snapshots.push(FakeSnapshot { id: id.clone(), volume_id: volume_id.to_string(), started_at: now, tags: tags.clone() });
+        state.snapshots.push(FakeSnapshot {
+            id: id.clone(),
+            volume_id: volume_id.to_string(),
+            started_at: now,
+            tags: tags.clone(),
+        });
         Ok(id)
     }
 
@@ -344,7 +376,11 @@ impl Commands for FakeCloud {
         Ok(state
             .instances
             .iter()
-            .filter(|i| instance_ids.contains(&i.id) && i.state == "running" && now >= i.launched_at + Duration::seconds(self.agent_seconds))
+            .filter(|i| {
+                instance_ids.contains(&i.id)
+                    && i.state == "running"
+                    && now >= i.launched_at + Duration::seconds(self.agent_seconds)
+            })
             .map(|i| i.id.clone())
             .collect())
     }
@@ -366,7 +402,13 @@ impl Commands for FakeCloud {
         let mut state = self.lock();
         FakeCloud::count(&mut state, "SendCommand");
         let id = FakeCloud::next_id(&mut state, "cmd");
-        state.commands.push(FakeCommand { id: id.clone(), request: request.clone(), sent_at: now, cancelled: false, results });
+        state.commands.push(FakeCommand {
+            id: id.clone(),
+            request: request.clone(),
+            sent_at: now,
+            cancelled: false,
+            results,
+        });
         Ok(id)
     }
 
@@ -382,7 +424,10 @@ impl Commands for FakeCloud {
     async fn invocations(&self, command_id: &str, instance_ids: &[String]) -> CloudResult<Vec<InvocationView>> {
         let now = self.now();
         let state = self.lock();
-        let command = state.commands.iter().find(|c| c.id == command_id).ok_or_else(|| CloudError::api("ssm", "ListCommandInvocations", "InvalidCommandId", "no such command"))?;
+        let command =
+            state.commands.iter().find(|c| c.id == command_id).ok_or_else(|| {
+                CloudError::api("ssm", "ListCommandInvocations", "InvalidCommandId", "no such command")
+            })?;
         Ok(command
             .results
             .iter()
@@ -470,6 +515,26 @@ impl Ledger for FakeCloud {
 
     fn bucket(&self) -> &str {
         &self.bucket
+    }
+}
+
+/// One fake cloud stands for every account; it records which roles were assumed.
+#[async_trait]
+impl Accounts for FakeCloud {
+    async fn assume(&self, role_arn: &str, external_id: Option<&str>, _job_id: &str) -> CloudResult<Arc<Cloud>> {
+        let mut state = self.lock();
+        FakeCloud::count(&mut state, "AssumeRole");
+        if state.refused_roles.iter().any(|r| r == role_arn) {
+            return Err(CloudError::api(
+                "sts",
+                "AssumeRole",
+                "AccessDenied",
+                "not authorized to perform sts:AssumeRole",
+            ));
+        }
+        state.assumed_roles.push((role_arn.to_string(), external_id.map(str::to_string)));
+        drop(state);
+        Ok(Arc::new(self.cloud()))
     }
 }
 

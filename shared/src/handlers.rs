@@ -19,7 +19,11 @@ pub async fn step_batch(ports: &Ports, expected: Step, event: SqsEvent) -> SqsBa
         let body = message.body.unwrap_or_default();
         let step: StepMessage = serde_json::from_str(&body).map_err(|e| StepError::BadMessage(e.to_string()))?;
         if step.step != expected {
-            return Err(StepError::BadMessage(format!("{} message on the {} queue", step.step.as_str(), expected.as_str())));
+            return Err(StepError::BadMessage(format!(
+                "{} message on the {} queue",
+                step.step.as_str(),
+                expected.as_str()
+            )));
         }
         let handled = steps::handle(ports, &step).await?;
         info!(job_id = %step.job_id, ?handled, "handled");

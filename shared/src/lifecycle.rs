@@ -202,22 +202,41 @@ mod tests {
         let mut record = JobRecord::new("j".into(), spec, plan, Utc::now());
         if with_volume {
             record.volumes.push(crate::record::VolumeEntry {
-                name: "data".into(), volume_id: "vol-1".into(), instance_id: "i-1".into(), device: "/dev/sdf".into(),
-                created_by_flotilla: true, detached: false, deleted: false,
+                name: "data".into(),
+                volume_id: "vol-1".into(),
+                instance_id: "i-1".into(),
+                device: "/dev/sdf".into(),
+                created_by_flotilla: true,
+                detached: false,
+                deleted: false,
             });
         }
         record
     }
 
     fn finish(record: &mut JobRecord, phase: Phase, ok: bool) {
-        record.steps.push(StepRun { phase, command_ids: vec![], dispatched_at: Utc::now(), finished_at: Some(Utc::now()), invocations: vec![], succeeded: Some(ok) });
+        record.steps.push(StepRun {
+            phase,
+            command_ids: vec![],
+            dispatched_at: Utc::now(),
+            finished_at: Some(Utc::now()),
+            invocations: vec![],
+            succeeded: Some(ok),
+        });
     }
 
     #[test]
     fn happy_path_visits_every_state_in_order() {
         let mut r = record(true);
         let now = Utc::now();
-        for event in [Event::LaunchStarted, Event::FleetLaunched, Event::FleetReady, Event::PhasesDone, Event::VolumesReleased, Event::FleetTerminated] {
+        for event in [
+            Event::LaunchStarted,
+            Event::FleetLaunched,
+            Event::FleetReady,
+            Event::PhasesDone,
+            Event::VolumesReleased,
+            Event::FleetTerminated,
+        ] {
             apply(&mut r, event, now).expect("legal");
         }
         let states: Vec<_> = r.timeline.iter().map(|s| s.state).collect();
@@ -273,7 +292,8 @@ mod tests {
         apply(&mut r, Event::FleetLaunched, Utc::now()).expect("legal");
         apply(&mut r, Event::Abort { outcome: Outcome::Failed, reason: "deadline".into() }, Utc::now()).expect("legal");
         assert_eq!(r.state, JobState::Snapshotting);
-        apply(&mut r, Event::Abort { outcome: Outcome::Cancelled, reason: "cancel".into() }, Utc::now()).expect("legal");
+        apply(&mut r, Event::Abort { outcome: Outcome::Cancelled, reason: "cancel".into() }, Utc::now())
+            .expect("legal");
         assert_eq!((r.outcome, r.reason.as_str()), (Some(Outcome::Failed), "deadline"));
         apply(&mut r, Event::VolumesReleased, Utc::now()).expect("legal");
         apply(&mut r, Event::FleetTerminated, Utc::now()).expect("legal");
@@ -285,7 +305,9 @@ mod tests {
         let mut r = record(false);
         let late = r.deadline_at.expect("deadline") + chrono::Duration::seconds(1);
         assert_eq!(abort_reason(&r, Utc::now()), None);
-        assert!(abort_reason(&r, late).is_some_and(|(o, why)| o == Outcome::Failed && why.contains("deadline of 10 min")));
+        assert!(
+            abort_reason(&r, late).is_some_and(|(o, why)| o == Outcome::Failed && why.contains("deadline of 10 min"))
+        );
         r.cancel_requested = true;
         assert_eq!(abort_reason(&r, Utc::now()).map(|a| a.0), Some(Outcome::Cancelled));
     }

@@ -115,15 +115,18 @@ mod tests {
     #[test]
     fn benchmark_sizing_matches_the_worked_example() {
         // One instance does 100 files in 10 min; 202 files in 10 min needs 3.
-        let fleet = FleetSpec::Sized { items: 202, items_per_instance_minute: 10.0, within_minutes: 10, max_instances: 50 };
+        let fleet =
+            FleetSpec::Sized { items: 202, items_per_instance_minute: 10.0, within_minutes: 10, max_instances: 50 };
         assert_eq!(fleet_size(&fleet).expect("fits").0, 3);
-        let exact = FleetSpec::Sized { items: 200, items_per_instance_minute: 10.0, within_minutes: 10, max_instances: 50 };
+        let exact =
+            FleetSpec::Sized { items: 200, items_per_instance_minute: 10.0, within_minutes: 10, max_instances: 50 };
         assert_eq!(fleet_size(&exact).expect("fits").0, 2);
     }
 
     #[test]
     fn sizing_above_max_is_refused_with_numbers() {
-        let fleet = FleetSpec::Sized { items: 10_000, items_per_instance_minute: 1.0, within_minutes: 10, max_instances: 20 };
+        let fleet =
+            FleetSpec::Sized { items: 10_000, items_per_instance_minute: 1.0, within_minutes: 10, max_instances: 20 };
         let err = fleet_size(&fleet).expect_err("too many");
         assert!(err.to_string().contains("needs 1000 instances, above max_instances 20"), "{err}");
     }

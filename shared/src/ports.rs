@@ -148,7 +148,14 @@ impl InvocationView {
     pub fn is_finished(&self) -> bool {
         matches!(
             self.status.as_str(),
-            "Success" | "Failed" | "TimedOut" | "Cancelled" | "Cancelling" | "Undeliverable" | "Terminated" | "DeliveryTimedOut"
+            "Success"
+                | "Failed"
+                | "TimedOut"
+                | "Cancelled"
+                | "Cancelling"
+                | "Undeliverable"
+                | "Terminated"
+                | "DeliveryTimedOut"
         ) && self.status != "Cancelling"
     }
 }
@@ -176,7 +183,9 @@ pub struct Versioned {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOutcome {
-    Written { version: String },
+    Written {
+        version: String,
+    },
     /// Someone else wrote first: reload and decide again.
     Conflict,
 }
@@ -214,11 +223,30 @@ impl Clock for SystemClock {
     }
 }
 
-/// Everything a step needs, wired once per Lambda cold start.
-pub struct Ports {
+/// The ports that act on a job's instances and volumes, in one account.
+pub struct Cloud {
     pub fleet: Box<dyn Fleet>,
     pub volumes: Box<dyn Volumes>,
     pub commands: Box<dyn Commands>,
+}
+
+/// Cloud ports in another account, for jobs with a `role_arn`.
+#[async_trait]
+pub trait Accounts: Send + Sync {
+    /// Assume `role_arn` (with its external id) and return ports acting as it.
+    async fn assume(
+        &self,
+        role_arn: &str,
+        external_id: Option<&str>,
+        job_id: &str,
+    ) -> CloudResult<std::sync::Arc<Cloud>>;
+}
+
+/// Everything a step needs, wired once per Lambda cold start.
+pub struct Ports {
+    /// The function's own account.
+    pub cloud: Cloud,
+    pub accounts: Box<dyn Accounts>,
     pub ledger: Box<dyn Ledger>,
     pub queue: Box<dyn StepQueue>,
     pub clock: Box<dyn Clock>,

@@ -22,7 +22,11 @@ pub fn render_with_tail(record: &JobRecord, tail: usize) -> String {
             crate::spec::Market::OnDemand => "on-demand",
             crate::spec::Market::Spot => "spot",
         };
-        let _ = writeln!(out, "plan: {} x {} ({market}); {}; cost {cost}", plan.instance_count, plan.instance_type, plan.sizing);
+        let _ = writeln!(
+            out,
+            "plan: {} x {} ({market}); {}; cost {cost}",
+            plan.instance_count, plan.instance_type, plan.sizing
+        );
     }
     let _ = writeln!(out, "timeline:");
     for (index, stamp) in record.timeline.iter().enumerate() {
@@ -46,12 +50,21 @@ pub fn render_with_tail(record: &JobRecord, tail: usize) -> String {
     if !record.volumes.is_empty() {
         let _ = writeln!(out, "volumes:");
         for v in &record.volumes {
-            let fate = if v.deleted { "deleted" } else if v.detached { "detached" } else { "attached" };
+            let fate = if v.deleted {
+                "deleted"
+            } else if v.detached {
+                "detached"
+            } else {
+                "attached"
+            };
             let _ = writeln!(out, "  {} {} on {} at {} ({fate})", v.name, v.volume_id, v.instance_id, v.device);
         }
     }
     for step in &record.steps {
-        let took = step.finished_at.map(|f| format!(" in {:.1}s", (f - step.dispatched_at).num_milliseconds() as f64 / 1000.0)).unwrap_or_default();
+        let took = step
+            .finished_at
+            .map(|f| format!(" in {:.1}s", (f - step.dispatched_at).num_milliseconds() as f64 / 1000.0))
+            .unwrap_or_default();
         let status = match step.succeeded {
             Some(true) => "succeeded",
             Some(false) => "FAILED",

@@ -67,7 +67,9 @@ impl Preamble<'_> {
                 .unwrap_or_default();
             lines.push(format!("  {}) export FLOTILLA_SHARD_INDEX={index}{items} ;;", quote(id)));
         }
-        lines.push("  *) echo \"flotilla: instance $FLOTILLA_INSTANCE_ID is not in this job\" >&2; exit 97 ;;".to_string());
+        lines.push(
+            "  *) echo \"flotilla: instance $FLOTILLA_INSTANCE_ID is not in this job\" >&2; exit 97 ;;".to_string(),
+        );
         lines.push("esac".to_string());
         for (key, value) in self.env {
             // Keys are validated as [A-Za-z_][A-Za-z0-9_]*, values are quoted.
@@ -116,7 +118,10 @@ pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<Str
     // Nitro exposes EBS as NVMe; the by-id link carries the volume id without its dash.
     lines.push("  local vol=\"${1//-/}\" requested=\"$2\" alt=\"/dev/xvd${2#/dev/sd}\"".to_string());
     lines.push("  for _ in $(seq 1 60); do".to_string());
-    lines.push("    for dev in \"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_${vol}\" \"$requested\" \"$alt\"; do".to_string());
+    lines.push(
+        "    for dev in \"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_${vol}\" \"$requested\" \"$alt\"; do"
+            .to_string(),
+    );
     lines.push("      if [ -b \"$dev\" ]; then readlink -f \"$dev\"; return 0; fi".to_string());
     lines.push("    done; sleep 1".to_string());
     lines.push("  done; echo \"flotilla: no block device for $1\" >&2; return 1".to_string());
@@ -134,10 +139,7 @@ pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<Str
             lines.push("  if ! blkid \"$DEV\" >/dev/null 2>&1; then mkfs -t ext4 -q \"$DEV\"; fi".to_string());
         }
         lines.push(format!("  mkdir -p {}", quote(&target.mount_point)));
-        lines.push(format!(
-            "  mountpoint -q {mp} || mount \"$DEV\" {mp}",
-            mp = quote(&target.mount_point)
-        ));
+        lines.push(format!("  mountpoint -q {mp} || mount \"$DEV\" {mp}", mp = quote(&target.mount_point)));
         lines.push(format!("  echo \"mounted $VOLUME_ID ($DEV) at \"{}", quote(&target.mount_point)));
         lines.push("fi".to_string());
     }
@@ -189,7 +191,8 @@ mod tests {
 
     #[test]
     fn hostile_words_stay_words() {
-        let words: Vec<String> = ["; rm -rf /", "`id`", "$HOME", "a'b\"c", "\n", "*", "&&", "\\"].iter().map(|s| s.to_string()).collect();
+        let words: Vec<String> =
+            ["; rm -rf /", "`id`", "$HOME", "a'b\"c", "\n", "*", "&&", "\\"].iter().map(|s| s.to_string()).collect();
         let expected: Vec<u8> = words.iter().flat_map(|w| w.bytes().chain(std::iter::once(0))).collect();
         assert_eq!(bash_echo(&words), expected);
     }
@@ -199,7 +202,11 @@ mod tests {
         let env = BTreeMap::from([("GREETING".to_string(), "it's $(whoami)".to_string())]);
         let instances = vec!["i-0abc".to_string()];
         let preamble = Preamble { job_id: "j1", instances: &instances, env: &env, mounts: &[], items: None };
-        let step = CommandSpec { commands: vec![], script: Some("echo \"$GREETING\"; echo 'x'\"'\"'y'".to_string()), timeout_seconds: 5 };
+        let step = CommandSpec {
+            commands: vec![],
+            script: Some("echo \"$GREETING\"; echo 'x'\"'\"'y'".to_string()),
+            timeout_seconds: 5,
+        };
         let script = step_script(&preamble, &step).join("\n");
         let out = std::process::Command::new("bash")
             .arg("-c")

@@ -242,9 +242,9 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if let Some(lt) = &spec.launch_template {
         match (&lt.id, &lt.name) {
             (Some(id), None) => check_resource_id("launch_template.id", id, "lt-")?,
-            (None, Some(name)) => check_charset("launch_template.name", name, 128, |c| {
-                c.is_ascii_alphanumeric() || "()./_-".contains(c)
-            })?,
+            (None, Some(name)) => {
+                check_charset("launch_template.name", name, 128, |c| c.is_ascii_alphanumeric() || "()./_-".contains(c))?
+            }
             _ => return fail("launch_template: give exactly one of `id` or `name`"),
         }
         if let Some(version) = &lt.version {
@@ -263,9 +263,7 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         check_resource_id(&format!("security_group_ids[{i}]"), s, "sg-")?;
     }
     if let Some(profile) = &spec.instance_profile {
-        check_charset("instance_profile", profile, 2048, |c| {
-            c.is_ascii_alphanumeric() || "+=,.@-_:/".contains(c)
-        })?;
+        check_charset("instance_profile", profile, 2048, |c| c.is_ascii_alphanumeric() || "+=,.@-_:/".contains(c))?;
     }
     if spec.tags.len() > MAX_USER_TAGS {
         return fail(format!("tags: at most {MAX_USER_TAGS} tags, got {}", spec.tags.len()));
@@ -295,10 +293,7 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         check_command("before_unmount", hook)?;
     }
     if spec.deadline_minutes == 0 || spec.deadline_minutes > MAX_DEADLINE_MINUTES {
-        return fail(format!(
-            "deadline_minutes: must be 1..={MAX_DEADLINE_MINUTES}, got {}",
-            spec.deadline_minutes
-        ));
+        return fail(format!("deadline_minutes: must be 1..={MAX_DEADLINE_MINUTES}, got {}", spec.deadline_minutes));
     }
     if let Some(role) = &spec.role_arn {
         let ok = role.starts_with("arn:aws") && role.contains(":iam::") && role.contains(":role/");
@@ -311,9 +306,7 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         if spec.role_arn.is_none() {
             return fail("external_id: only meaningful with role_arn");
         }
-        check_charset("external_id", external_id, 1224, |c| {
-            c.is_ascii_alphanumeric() || "+=,.@:/-".contains(c)
-        })?;
+        check_charset("external_id", external_id, 1224, |c| c.is_ascii_alphanumeric() || "+=,.@:/-".contains(c))?;
     }
     Ok(())
 }
@@ -328,7 +321,9 @@ fn check_volumes(volumes: &[VolumeSpec]) -> Result<(), SpecError> {
     let mut mounts = std::collections::BTreeSet::new();
     for (i, v) in volumes.iter().enumerate() {
         let at = format!("volumes[{i}]");
-        check_charset(&format!("{at}.name"), &v.name, 32, |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')?;
+        check_charset(&format!("{at}.name"), &v.name, 32, |c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
+        })?;
         if !names.insert(v.name.as_str()) {
             return fail(format!("{at}.name: `{}` is used twice", v.name));
         }
@@ -338,7 +333,10 @@ fn check_volumes(volumes: &[VolumeSpec]) -> Result<(), SpecError> {
                 .is_some_and(|rest| rest.len() == 1 && ('f'..='p').contains(&rest.chars().next().unwrap_or('a')))
         });
         if !device_ok {
-            return fail(format!("{at}.device: expected /dev/sd[f-p] or /dev/xvd[f-p], got `{}`", printable(&v.device)));
+            return fail(format!(
+                "{at}.device: expected /dev/sd[f-p] or /dev/xvd[f-p], got `{}`",
+                printable(&v.device)
+            ));
         }
         if !devices.insert(v.device.as_str()) {
             return fail(format!("{at}.device: `{}` is used twice", v.device));
@@ -442,20 +440,28 @@ fn check_tag(key: &str, value: &str) -> Result<(), SpecError> {
         ));
     }
     if let Some(c) = key.chars().find(|c| !allowed(*c)) {
-        return fail(format!("tags: key `{}` contains `{}`; allowed are letters, digits, spaces and _.:/=+-@", printable(key), printable(&c.to_string())));
+        return fail(format!(
+            "tags: key `{}` contains `{}`; allowed are letters, digits, spaces and _.:/=+-@",
+            printable(key),
+            printable(&c.to_string())
+        ));
     }
     if value.chars().count() > 256 {
         return fail(format!("tags.{key}: value longer than 256 characters"));
     }
     if let Some(c) = value.chars().find(|c| !allowed(*c)) {
-        return fail(format!("tags.{key}: value contains `{}`; allowed are letters, digits, spaces and _.:/=+-@", printable(&c.to_string())));
+        return fail(format!(
+            "tags.{key}: value contains `{}`; allowed are letters, digits, spaces and _.:/=+-@",
+            printable(&c.to_string())
+        ));
     }
     Ok(())
 }
 
 fn check_mount_point(at: &str, path: &str) -> Result<(), SpecError> {
     check_charset(at, path, 200, |c| c.is_ascii_alphanumeric() || "/_.-".contains(c))?;
-    let reserved = ["/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/sbin", "/sys", "/usr", "/var", "/tmp"];
+    let reserved =
+        ["/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/sbin", "/sys", "/usr", "/var", "/tmp"];
     if !path.starts_with('/') || path.split('/').any(|part| part == ".." || part == ".") || path.ends_with('/') {
         return fail(format!("{at}: `{path}` must be an absolute path without . or .. and no trailing /"));
     }
@@ -480,7 +486,11 @@ fn check_charset(at: &str, value: &str, max_len: usize, allowed: impl Fn(char) -
         return fail(format!("{at}: must be 1-{max_len} characters"));
     }
     if let Some(c) = value.chars().find(|c| !allowed(*c)) {
-        return fail(format!("{at}: character `{}` is not allowed in `{}`", printable(&c.to_string()), printable(value)));
+        return fail(format!(
+            "{at}: character `{}` is not allowed in `{}`",
+            printable(&c.to_string()),
+            printable(value)
+        ));
     }
     Ok(())
 }
@@ -497,17 +507,16 @@ fn is_instance_type(t: &str) -> bool {
     let (Some(family), Some(size), None) = (parts.next(), parts.next(), parts.next()) else {
         return false;
     };
-    let word = |s: &str| !s.is_empty() && s.len() <= 24 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let word = |s: &str| {
+        !s.is_empty() && s.len() <= 24 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
     word(family) && word(size)
 }
 
 /// Show hostile input in a reason without echoing control characters.
 fn printable(s: &str) -> String {
-    let shown: String = s
-        .chars()
-        .take(80)
-        .map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() })
-        .collect();
+    let shown: String =
+        s.chars().take(80).map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect();
     if s.chars().count() > 80 {
         format!("{shown}…")
     } else {

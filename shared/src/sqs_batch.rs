@@ -33,3 +33,32 @@ where
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lambda_events::event::sqs::SqsMessage;
+
+    fn message(id: &str) -> SqsMessage {
+        let mut message = SqsMessage::default();
+        message.message_id = Some(id.to_string());
+        message.body = Some(id.to_string());
+        message
+    }
+
+    #[tokio::test]
+    async fn only_retryable_records_are_returned_to_the_queue() {
+        let mut event = SqsEvent::default();
+        event.records = vec![message("ok"), message("bad"), message("busy"), message("ok-too")];
+        let response = for_each_record(event, |m| async move {
+            match m.body.as_deref() {
+                Some("bad") => Err(StepError::BadMessage("garbage".into())),
+                Some("busy") => Err(StepError::Contended("j".into())),
+                _ => Ok(()),
+            }
+        })
+        .await;
+        let failed: Vec<&str> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
+        assert_eq!(failed, vec!["busy"]);
+    }
+}

@@ -26,7 +26,8 @@ async fn intake(ports: &Ports, payload: Value) -> Value {
 async fn feed_step(ports: &Ports, name: &str, step: Step, job_id: &str) {
     let record = ports.ledger.load(job_id).await.expect("load").expect("record").record;
     let mut payload = event(name);
-    let mut body: Value = serde_json::from_str(payload["Records"][0]["body"].as_str().expect("body")).expect("step body");
+    let mut body: Value =
+        serde_json::from_str(payload["Records"][0]["body"].as_str().expect("body")).expect("step body");
     body["seq"] = Value::from(record.step_seq);
     payload["Records"][0]["body"] = Value::String(body.to_string());
     let batch: SqsEvent = serde_json::from_value(payload).expect("SqsEvent");
@@ -77,11 +78,18 @@ async fn every_event_file_drives_its_function() {
     assert_eq!(fired.record.state, JobState::Submitted);
     // A duplicate delivery of the same firing is the same job.
     intake(&ports, event("scheduled-event.json")).await;
-    assert_eq!(ports.ledger.load("flotilla-nightly-example-202611210300").await.expect("load").expect("job").version, fired.version);
+    assert_eq!(
+        ports.ledger.load("flotilla-nightly-example-202611210300").await.expect("load").expect("job").version,
+        fired.version
+    );
 
     let response = intake(&ports, event("sqs-submit-bad-jobs.json")).await;
     assert_eq!(response["batchItemFailures"].as_array().map(Vec::len), Some(0), "bad input is never retried");
-    for (id, reason) in [("hostile-tag", "tags.team: value contains"), ("hostile-program", "program `rm -rf /;` must be a plain path"), ("absurd-count", "fleet.count: must be 1..=1000")] {
+    for (id, reason) in [
+        ("hostile-tag", "tags.team: value contains"),
+        ("hostile-program", "program `rm -rf /;` must be a plain path"),
+        ("absurd-count", "fleet.count: must be 1..=1000"),
+    ] {
         let record = ports.ledger.load(id).await.expect("load").expect(id).record;
         assert_eq!(record.state, JobState::Rejected);
         assert!(record.reason.contains(reason), "{id}: {}", record.reason);

@@ -26,11 +26,23 @@ async fn success_runs_every_phase_snapshots_and_cleans_up() {
     for invocation in &run.invocations {
         assert_eq!(invocation.exit_code, Some(0));
         // The env value reached the script verbatim: quoted, not executed.
-        assert!(invocation.output_tail.iter().any(|l| l.ends_with("/2 it's me; $(not run)")), "{:?}", invocation.output_tail);
-        assert!(invocation.output_uri.as_deref().is_some_and(|u| u.contains("/outputs/ok-1/run/")), "{:?}", invocation.output_uri);
+        assert!(
+            invocation.output_tail.iter().any(|l| l.ends_with("/2 it's me; $(not run)")),
+            "{:?}",
+            invocation.output_tail
+        );
+        assert!(
+            invocation.output_uri.as_deref().is_some_and(|u| u.contains("/outputs/ok-1/run/")),
+            "{:?}",
+            invocation.output_uri
+        );
     }
-    let shards: Vec<String> = run.invocations.iter().flat_map(|i| i.output_tail.clone()).filter(|l| l.starts_with("run ")).collect();
-    assert!(shards.iter().any(|l| l.starts_with("run 0/2")) && shards.iter().any(|l| l.starts_with("run 1/2")), "{shards:?}");
+    let shards: Vec<String> =
+        run.invocations.iter().flat_map(|i| i.output_tail.clone()).filter(|l| l.starts_with("run ")).collect();
+    assert!(
+        shards.iter().any(|l| l.starts_with("run 0/2")) && shards.iter().any(|l| l.starts_with("run 1/2")),
+        "{shards:?}"
+    );
 
     assert_eq!(stack.running_managed().await, 0);
     assert_eq!(record.snapshots.len(), 2, "one snapshot per instance volume");
@@ -43,7 +55,10 @@ async fn success_runs_every_phase_snapshots_and_cleans_up() {
     }
     assert_eq!(stack.live_job_volumes("ok-1").await, 0, "job volumes are deleted after their snapshot");
     // The report is written beside the record.
-    let report = flotilla_shared::ports::Ledger::get(ports.ledger.as_ref(), "jobs/ok-1/report.txt").await.expect("get").expect("report");
+    let report = flotilla_shared::ports::Ledger::get(ports.ledger.as_ref(), "jobs/ok-1/report.txt")
+        .await
+        .expect("get")
+        .expect("report");
     assert!(String::from_utf8_lossy(&report).contains("job ok-1: SUCCEEDED"));
 }
 
@@ -57,9 +72,16 @@ async fn failing_command_fails_the_job_still_unmounts_and_skips_on_success_snaps
     let record = stack.run_to_end(&ports, "fail-1", false, LIMIT).await;
 
     assert_eq!(record.state, JobState::Failed);
-    assert!(record.reason.starts_with("run failed on 2/2 instance(s)") && record.reason.ends_with("exited 3"), "{}", record.reason);
+    assert!(
+        record.reason.starts_with("run failed on 2/2 instance(s)") && record.reason.ends_with("exited 3"),
+        "{}",
+        record.reason
+    );
     let run = record.step(Phase::Run).expect("run");
-    assert!(run.invocations.iter().all(|i| i.exit_code == Some(3) && i.output_tail.contains(&"about to fail".to_string())));
+    assert!(run
+        .invocations
+        .iter()
+        .all(|i| i.exit_code == Some(3) && i.output_tail.contains(&"about to fail".to_string())));
     // Cleanup phases still ran.
     assert!(record.step(Phase::BeforeUnmount).is_some_and(|s| s.succeeded == Some(true)));
     assert!(record.step(Phase::Unmount).is_some_and(|s| s.succeeded == Some(true)));
@@ -79,7 +101,11 @@ async fn timed_out_command_fails_and_always_policy_still_snapshots() {
     let record = stack.run_to_end(&ports, "slow-1", false, LIMIT).await;
 
     assert_eq!(record.state, JobState::Failed);
-    assert!(record.reason.contains("run failed on 1/1") && record.reason.contains("timed out after 2 s"), "{}", record.reason);
+    assert!(
+        record.reason.contains("run failed on 1/1") && record.reason.contains("timed out after 2 s"),
+        "{}",
+        record.reason
+    );
     assert_eq!(record.step(Phase::Run).map(|s| s.invocations[0].status.as_str()), Some("TimedOut"));
     assert_eq!(stack.running_managed().await, 0);
     assert_eq!(stack.snapshots("slow-1").await.len(), 1, "always policy snapshots a failed job");
@@ -106,10 +132,13 @@ async fn deadline_stops_a_long_run_and_tears_down() {
     }
     // Steps write concurrently; retry the compare-and-swap like any writer.
     loop {
-        let loaded = flotilla_shared::ports::Ledger::load(ports.ledger.as_ref(), "late-1").await.expect("load").expect("record");
+        let loaded =
+            flotilla_shared::ports::Ledger::load(ports.ledger.as_ref(), "late-1").await.expect("load").expect("record");
         let mut record = loaded.record.clone();
         record.deadline_at = Some(chrono::Utc::now() - chrono::Duration::seconds(1));
-        let outcome = flotilla_shared::ports::Ledger::replace(ports.ledger.as_ref(), &record, &loaded.version).await.expect("replace");
+        let outcome = flotilla_shared::ports::Ledger::replace(ports.ledger.as_ref(), &record, &loaded.version)
+            .await
+            .expect("replace");
         if matches!(outcome, flotilla_shared::ports::WriteOutcome::Written { .. }) {
             break;
         }
@@ -148,7 +177,11 @@ async fn cancel_mid_run_cancels_the_command_and_tears_down() {
     let run = record.step(Phase::Run).expect("run");
     assert_eq!(run.succeeded, Some(false));
     let status = stack.ssm().list_command_invocations().command_id(&run.command_ids[0]).send().await.expect("list");
-    assert!(status.command_invocations().iter().all(|i| i.status().map(|s| s.as_str()) == Some("Cancelled")), "{:?}", status.command_invocations());
+    assert!(
+        status.command_invocations().iter().all(|i| i.status().map(|s| s.as_str()) == Some("Cancelled")),
+        "{:?}",
+        status.command_invocations()
+    );
     assert_eq!(stack.running_managed().await, 0);
     assert!(stack.snapshots("cancel-1").await.is_empty());
 }
@@ -178,5 +211,19 @@ async fn every_step_survives_duplicate_concurrent_delivery() {
         assert_eq!(live.len(), 1, "{phase:?} recorded exactly once");
     }
     assert_eq!(stack.snapshots("dup-1").await.len(), 2, "one snapshot per volume");
+    assert_eq!(stack.running_managed().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_arn_job_runs_with_sts_temporary_credentials() {
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    let mut spec = job("role-1");
+    spec["fleet"] = serde_json::json!({"count": 1});
+    spec["role_arn"] = serde_json::json!("arn:aws:iam::123456789012:role/flotilla-target");
+    spec["external_id"] = serde_json::json!("tenant-7");
+    stack.submit(&spec.to_string()).await;
+    let record = stack.run_to_end(&ports, "role-1", false, LIMIT).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     assert_eq!(stack.running_managed().await, 0);
 }

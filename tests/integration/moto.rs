@@ -49,8 +49,13 @@ fn free_port() -> u16 {
 impl MotoStack {
     pub async fn start() -> MotoStack {
         let root = workspace_root();
-        let python = std::env::var("FLOTILLA_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
-        assert!(python.exists(), "{} not found: run the tests with `make test`, which installs moto into .venv", python.display());
+        let python =
+            std::env::var("FLOTILLA_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
+        assert!(
+            python.exists(),
+            "{} not found: run the tests with `make test`, which installs moto into .venv",
+            python.display()
+        );
         let port = free_port();
         let scratch = std::env::temp_dir().join(format!("flotilla-test-{port}"));
         let child = Command::new(&python)
@@ -139,7 +144,13 @@ impl MotoStack {
             .ec2()
             .describe_instances()
             .filters(aws_sdk_ec2::types::Filter::builder().name("tag:flotilla:managed-by").values("flotilla").build())
-            .filters(aws_sdk_ec2::types::Filter::builder().name("instance-state-name").values("pending").values("running").build())
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .build(),
+            )
             .send()
             .await
             .expect("describe");
@@ -190,7 +201,8 @@ impl MotoStack {
             queues.push((Some(step), self.queue_urls[step.as_str()].clone()));
         }
         for (step, url) in queues {
-            let received = self.sqs().receive_message().queue_url(&url).max_number_of_messages(10).send().await.expect("receive");
+            let received =
+                self.sqs().receive_message().queue_url(&url).max_number_of_messages(10).send().await.expect("receive");
             let messages = received.messages().to_vec();
             if messages.is_empty() {
                 continue;
@@ -208,7 +220,12 @@ impl MotoStack {
             })).collect::<Vec<_>>()});
             let failed = match step {
                 None => {
-                    let call = || handlers::intake_event(ports, lambda_runtime::LambdaEvent::new(event.clone(), Default::default()));
+                    let call = || {
+                        handlers::intake_event(
+                            ports,
+                            lambda_runtime::LambdaEvent::new(event.clone(), Default::default()),
+                        )
+                    };
                     let response = if duplicate {
                         let (a, b) = tokio::join!(call(), call());
                         b.expect("intake b");
@@ -221,7 +238,10 @@ impl MotoStack {
                 Some(step) => {
                     let batch: SqsEvent = serde_json::from_value(event.clone()).expect("sqs event");
                     let response = if duplicate {
-                        let (a, _b) = tokio::join!(handlers::step_batch(ports, step, batch.clone()), handlers::step_batch(ports, step, batch));
+                        let (a, _b) = tokio::join!(
+                            handlers::step_batch(ports, step, batch.clone()),
+                            handlers::step_batch(ports, step, batch)
+                        );
                         a
                     } else {
                         handlers::step_batch(ports, step, batch).await
@@ -231,7 +251,13 @@ impl MotoStack {
             };
             for message in messages {
                 if !failed.contains(&message.message_id().unwrap_or_default().to_string()) {
-                    self.sqs().delete_message().queue_url(&url).receipt_handle(message.receipt_handle().unwrap_or_default()).send().await.expect("delete");
+                    self.sqs()
+                        .delete_message()
+                        .queue_url(&url)
+                        .receipt_handle(message.receipt_handle().unwrap_or_default())
+                        .send()
+                        .await
+                        .expect("delete");
                 }
             }
         }
@@ -250,7 +276,11 @@ impl MotoStack {
                     return record;
                 }
             }
-            assert!(Instant::now() < deadline, "job {job_id} not terminal after {timeout:?}: {:?}", self.record(ports, job_id).await.map(|r| (r.state, r.reason)));
+            assert!(
+                Instant::now() < deadline,
+                "job {job_id} not terminal after {timeout:?}: {:?}",
+                self.record(ports, job_id).await.map(|r| (r.state, r.reason))
+            );
             if delivered == 0 {
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }

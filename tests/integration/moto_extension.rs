@@ -23,10 +23,21 @@ async fn launch(stack: &MotoStack, count: i32, token: Option<&str>) -> Vec<Strin
     out.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect()
 }
 
-async fn finished(stack: &MotoStack, command_id: &str, instance_id: &str) -> aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput {
+async fn finished(
+    stack: &MotoStack,
+    command_id: &str,
+    instance_id: &str,
+) -> aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = stack.ssm().get_command_invocation().command_id(command_id).instance_id(instance_id).send().await.expect("get invocation");
+        let out = stack
+            .ssm()
+            .get_command_invocation()
+            .command_id(command_id)
+            .instance_id(instance_id)
+            .send()
+            .await
+            .expect("get invocation");
         if !matches!(out.status(), Some(CommandInvocationStatus::InProgress | CommandInvocationStatus::Pending)) {
             return out;
         }
@@ -62,7 +73,9 @@ async fn agents_come_online_after_boot_and_only_named_instances_are_listed() {
         stack
             .ssm()
             .describe_instance_information()
-            .filters(InstanceInformationStringFilter::builder().key("InstanceIds").values(&ids[0]).build().expect("filter"))
+            .filters(
+                InstanceInformationStringFilter::builder().key("InstanceIds").values(&ids[0]).build().expect("filter"),
+            )
             .send()
     };
     let early = ask().await.expect("describe");
@@ -84,14 +97,24 @@ async fn client_token_makes_run_instances_idempotent() {
     assert_eq!(first, again);
     let other = launch(&stack, 1, Some("job-y-launch-1")).await;
     assert_ne!(first[0], other[0]);
-    let all: usize = stack.ec2().describe_instances().send().await.expect("describe").reservations().iter().map(|r| r.instances().len()).sum();
+    let all: usize = stack
+        .ec2()
+        .describe_instances()
+        .send()
+        .await
+        .expect("describe")
+        .reservations()
+        .iter()
+        .map(|r| r.instances().len())
+        .sum();
     assert_eq!(all, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_token_makes_create_volume_idempotent() {
     let stack = MotoStack::start().await;
-    let create = || stack.ec2().create_volume().availability_zone("us-east-1a").size(1).client_token("job-x-data-0").send();
+    let create =
+        || stack.ec2().create_volume().availability_zone("us-east-1a").size(1).client_token("job-x-data-0").send();
     let first = create().await.expect("create");
     let again = create().await.expect("create again");
     assert_eq!(first.volume_id(), again.volume_id());
@@ -103,7 +126,8 @@ async fn commands_target_only_named_instances_and_really_run() {
     let stack = MotoStack::start().await;
     let ids = launch(&stack, 2, None).await;
     let command_id = send(&stack, &ids[..1], "echo \"on $AWS_SSM_INSTANCE_ID\"; echo oops >&2; exit 4", 30).await;
-    let listed = stack.ssm().list_command_invocations().command_id(&command_id).details(true).send().await.expect("list");
+    let listed =
+        stack.ssm().list_command_invocations().command_id(&command_id).details(true).send().await.expect("list");
     assert_eq!(listed.command_invocations().len(), 1, "only the named instance");
     let out = finished(&stack, &command_id, &ids[0]).await;
     assert_eq!(out.status(), Some(&CommandInvocationStatus::Failed));
@@ -112,7 +136,13 @@ async fn commands_target_only_named_instances_and_really_run() {
     assert_eq!(out.standard_error_content(), Some("oops\n"));
     // Full output lands in S3 at SSM's key layout.
     let key = format!("outputs/ext/{command_id}/{}/awsrunShellScript/0.awsrunShellScript/stdout", ids[0]);
-    let object = flotilla_shared::aws::s3_client(&stack.config).get_object().bucket(&stack.bucket).key(&key).send().await.expect("output object");
+    let object = flotilla_shared::aws::s3_client(&stack.config)
+        .get_object()
+        .bucket(&stack.bucket)
+        .key(&key)
+        .send()
+        .await
+        .expect("output object");
     let body = object.body.collect().await.expect("body").into_bytes();
     assert_eq!(&body[..], format!("on {}\n", ids[0]).as_bytes());
 }
@@ -138,5 +168,8 @@ async fn volume_scripts_are_reported_not_run() {
     assert_eq!(out.status(), Some(&CommandInvocationStatus::Success));
     let stdout = out.standard_output_content().unwrap_or_default();
     assert!(stdout.contains("flotilla-emulator") && stdout.contains("skipped: no EBS block devices"), "{stdout}");
-    assert!(stdout.contains("would find vol-0abc ") && !stdout.contains("vol-0def") && stdout.contains("mount at /data"), "{stdout}");
+    assert!(
+        stdout.contains("would find vol-0abc ") && !stdout.contains("vol-0def") && stdout.contains("mount at /data"),
+        "{stdout}"
+    );
 }

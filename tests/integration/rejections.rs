@@ -18,12 +18,36 @@ async fn hostile_and_malformed_specs_are_rejected_without_side_effects() {
     };
     cases.push((r#"{"id": "broken-json", "fleet": "#.to_string(), "", "malformed JSON"));
     cases.push((with("unknown-field", "colour", json!("red")), "unknown-field", "unknown field `colour`"));
-    cases.push((with("wrong-type", "deadline_minutes", json!("soon")), "wrong-type", "deadline_minutes: invalid type: string \"soon\""));
-    cases.push((with("absurd-count", "fleet", json!({"count": 5000000})), "absurd-count", "fleet.count: must be 1..=1000, got 5000000"));
+    cases.push((
+        with("wrong-type", "deadline_minutes", json!("soon")),
+        "wrong-type",
+        "deadline_minutes: invalid type: string \"soon\"",
+    ));
+    cases.push((
+        with("absurd-count", "fleet", json!({"count": 5000000})),
+        "absurd-count",
+        "fleet.count: must be 1..=1000, got 5000000",
+    ));
     cases.push((with("quote-tag", "tags", json!({"team": "a'b"})), "quote-tag", "tags.team: value contains `'`"));
-    cases.push((with("semicolon-program", "run", json!({"commands": [["ls;reboot"]]})), "semicolon-program", "run.commands[0][0]: program `ls;reboot` must be a plain path"));
-    cases.push((with("newline-arg", "run", json!({"commands": [["echo", "a\nreboot"]]})), "newline-arg", "run.commands[0][1]: control character U+000A not allowed"));
-    cases.push((with("too-big", "fleet", json!({"items": 1000000, "items_per_instance_minute": 1, "within_minutes": 1, "max_instances": 10})), "too-big", "needs 1000000 instances, above max_instances 10"));
+    cases.push((
+        with("semicolon-program", "run", json!({"commands": [["ls;reboot"]]})),
+        "semicolon-program",
+        "run.commands[0][0]: program `ls;reboot` must be a plain path",
+    ));
+    cases.push((
+        with("newline-arg", "run", json!({"commands": [["echo", "a\nreboot"]]})),
+        "newline-arg",
+        "run.commands[0][1]: control character U+000A not allowed",
+    ));
+    cases.push((
+        with(
+            "too-big",
+            "fleet",
+            json!({"items": 1000000, "items_per_instance_minute": 1, "within_minutes": 1, "max_instances": 10}),
+        ),
+        "too-big",
+        "needs 1000000 instances, above max_instances 10",
+    ));
     for (body, _, _) in &cases {
         stack.submit(body).await;
     }
@@ -37,7 +61,13 @@ async fn hostile_and_malformed_specs_are_rejected_without_side_effects() {
         assert!(record.rejected_input.is_some());
     }
     // The malformed body has no readable id: its record is named after the message.
-    let listed = flotilla_shared::aws::s3_client(&stack.config).list_objects_v2().bucket(&stack.bucket).prefix("jobs/job-").send().await.expect("list");
+    let listed = flotilla_shared::aws::s3_client(&stack.config)
+        .list_objects_v2()
+        .bucket(&stack.bucket)
+        .prefix("jobs/job-")
+        .send()
+        .await
+        .expect("list");
     assert_eq!(listed.contents().len(), 1, "one record for the unnamed malformed body");
     let key = listed.contents()[0].key().expect("key").to_string();
     let id = key.trim_start_matches("jobs/").trim_end_matches("/job.json");

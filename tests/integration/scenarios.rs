@@ -48,7 +48,8 @@ async fn run_job(cloud: &FakeCloud, spec: serde_json::Value, copies: usize) -> J
 async fn sized_fleet_runs_every_phase_on_virtual_time() {
     let cloud = cloud();
     let mut spec = job("sim-1");
-    spec["fleet"] = serde_json::json!({"items": 202, "items_per_instance_minute": 10, "within_minutes": 10, "max_instances": 5});
+    spec["fleet"] =
+        serde_json::json!({"items": 202, "items_per_instance_minute": 10, "within_minutes": 10, "max_instances": 5});
     let record = run_job(&cloud, spec, 1).await;
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     assert_eq!(record.instances.len(), 3);
@@ -208,4 +209,31 @@ async fn seeded_soak_of_mixed_jobs_leaves_nothing_running() {
         }
     }
     assert_eq!(cloud.running_instances(), 0);
+}
+
+#[tokio::test]
+async fn role_arn_jobs_act_through_the_assumed_role() {
+    let cloud = cloud();
+    let mut spec = job("sim-role");
+    spec["role_arn"] = serde_json::json!("arn:aws:iam::210987654321:role/flotilla-target");
+    spec["external_id"] = serde_json::json!("tenant-7");
+    let record = run_job(&cloud, spec, 1).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    let assumed = cloud.lock().assumed_roles.clone();
+    assert!(!assumed.is_empty());
+    assert!(assumed
+        .iter()
+        .all(|(role, external)| role.ends_with(":role/flotilla-target") && external.as_deref() == Some("tenant-7")));
+}
+
+#[tokio::test]
+async fn a_refused_role_fails_the_job_with_the_reason_and_launches_nothing() {
+    let cloud = cloud();
+    cloud.lock().refused_roles.push("arn:aws:iam::210987654321:role/locked".to_string());
+    let mut spec = job("sim-locked");
+    spec["role_arn"] = serde_json::json!("arn:aws:iam::210987654321:role/locked");
+    let record = run_job(&cloud, spec, 1).await;
+    assert_eq!(record.state, JobState::Failed);
+    assert!(record.reason.starts_with("launch failed: sts AssumeRole: AccessDenied"), "{}", record.reason);
+    assert_eq!(cloud.lock().calls.get("RunInstances"), None);
 }

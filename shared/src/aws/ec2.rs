@@ -108,13 +108,8 @@ impl Ec2Fleet {
 #[async_trait]
 impl Fleet for Ec2Fleet {
     async fn resolve_image(&self, parameter: &str) -> CloudResult<String> {
-        let response = self
-            .ssm
-            .get_parameter()
-            .name(parameter)
-            .send()
-            .await
-            .map_err(|e| cloud_error("ssm", "GetParameter", e))?;
+        let response =
+            self.ssm.get_parameter().name(parameter).send().await.map_err(|e| cloud_error("ssm", "GetParameter", e))?;
         response
             .parameter()
             .and_then(|p| p.value())
@@ -128,7 +123,9 @@ impl Fleet for Ec2Fleet {
         filters.push(
             Filter::builder()
                 .name("instance-state-name")
-                .set_values(Some(["pending", "running", "stopping", "stopped", "shutting-down"].map(String::from).to_vec()))
+                .set_values(Some(
+                    ["pending", "running", "stopping", "stopped", "shutting-down"].map(String::from).to_vec(),
+                ))
                 .build(),
         );
         self.describe_filtered(&[], filters).await
@@ -153,14 +150,24 @@ impl Fleet for Ec2Fleet {
             .tag_specifications(tag_spec(ResourceType::Instance, &request.tags))
             .tag_specifications(tag_spec(ResourceType::Volume, &request.tags))
             .set_subnet_id(request.subnet_id.clone())
-            .set_security_group_ids(if request.security_group_ids.is_empty() { None } else { Some(request.security_group_ids.clone()) });
+            .set_security_group_ids(if request.security_group_ids.is_empty() {
+                None
+            } else {
+                Some(request.security_group_ids.clone())
+            });
         if let Some(image_id) = &request.image_id {
             call = call.image_id(image_id);
             if let Some((root, size)) = self.root_device(image_id).await? {
                 call = call.block_device_mappings(
                     BlockDeviceMapping::builder()
                         .device_name(root)
-                        .ebs(EbsBlockDevice::builder().encrypted(true).delete_on_termination(true).set_volume_size(size).build())
+                        .ebs(
+                            EbsBlockDevice::builder()
+                                .encrypted(true)
+                                .delete_on_termination(true)
+                                .set_volume_size(size)
+                                .build(),
+                        )
                         .build(),
                 );
             }
@@ -355,7 +362,12 @@ impl Volumes for Ec2Volumes {
             .collect())
     }
 
-    async fn create_snapshot(&self, volume_id: &str, description: &str, tags: &BTreeMap<String, String>) -> CloudResult<String> {
+    async fn create_snapshot(
+        &self,
+        volume_id: &str,
+        description: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> CloudResult<String> {
         let response = self
             .ec2
             .create_snapshot()

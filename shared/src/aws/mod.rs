@@ -6,14 +6,17 @@ pub mod s3;
 pub mod sqs;
 pub mod ssm;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_ec2::config::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 use crate::error::{CloudError, SpecError};
 use crate::lifecycle::Step;
-use crate::ports::{Ports, Settings, SystemClock};
+use crate::ports::{Accounts, Cloud, CloudResult, Ports, Settings, SystemClock};
 
 /// Load the SDK config from the environment. `AWS_ENDPOINT_URL` points every
 /// client at an emulator such as moto.
@@ -21,18 +24,63 @@ pub async fn load_config() -> SdkConfig {
     aws_config::defaults(BehaviorVersion::latest()).load().await
 }
 
-/// Credentials for a job's `role_arn`, via STS AssumeRole with its external id.
-pub async fn assume_role(base: &SdkConfig, role_arn: &str, external_id: Option<&str>, job_id: &str) -> SdkConfig {
-    let mut builder = aws_config::sts::AssumeRoleProvider::builder(role_arn)
-        .session_name(format!("flotilla-{job_id}"))
-        .configure(base);
-    if let Some(external_id) = external_id {
-        builder = builder.external_id(external_id);
+/// Jobs with a `role_arn` act in the target account through STS AssumeRole.
+/// Clients are cached per role and external id: a warm Lambda reuses them,
+/// and their identity cache refreshes the temporary credentials.
+pub struct StsAccounts {
+    base: SdkConfig,
+    cache: Mutex<HashMap<(String, Option<String>), Arc<Cloud>>>,
+}
+
+impl StsAccounts {
+    pub fn new(base: SdkConfig) -> Self {
+        StsAccounts { base, cache: Mutex::new(HashMap::new()) }
     }
-    let provider = builder.build().await;
-    base.to_builder()
-        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(provider))
-        .build()
+}
+
+#[async_trait]
+impl Accounts for StsAccounts {
+    async fn assume(&self, role_arn: &str, external_id: Option<&str>, job_id: &str) -> CloudResult<Arc<Cloud>> {
+        let key = (role_arn.to_string(), external_id.map(str::to_string));
+        if let Some(cloud) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return Ok(cloud);
+        }
+        let mut builder = aws_config::sts::AssumeRoleProvider::builder(role_arn)
+            // RoleSessionName: at most 64 characters of [\w+=,.@-].
+            .session_name(format!("flotilla-{job_id}").chars().take(64).collect::<String>())
+            .configure(&self.base);
+        if let Some(external_id) = external_id {
+            builder = builder.external_id(external_id);
+        }
+        let provider = builder.build().await;
+        // Resolve once now, so a refused role fails the job with its reason
+        // instead of surfacing later as a transport error on every call.
+        if let Err(err) = provider.provide_credentials().await {
+            let message = DisplayErrorContext(&err).to_string();
+            let code = if message.contains("AccessDenied") || message.contains("not authorized") {
+                "AccessDenied"
+            } else {
+                ""
+            };
+            return Err(CloudError::api("sts", "AssumeRole", code, &message));
+        }
+        let config = self.base.to_builder().credentials_provider(SharedCredentialsProvider::new(provider)).build();
+        let cloud = Arc::new(cloud(&config));
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert(key, cloud.clone());
+        }
+        Ok(cloud)
+    }
+}
+
+fn cloud(config: &SdkConfig) -> Cloud {
+    let ec2 = aws_sdk_ec2::Client::new(config);
+    let ssm = aws_sdk_ssm::Client::new(config);
+    Cloud {
+        fleet: Box::new(ec2::Ec2Fleet { ec2: ec2.clone(), ssm: ssm.clone() }),
+        volumes: Box::new(ec2::Ec2Volumes { ec2 }),
+        commands: Box::new(ssm::SsmCommands { ssm }),
+    }
 }
 
 /// Everything the functions read from their environment.
@@ -45,7 +93,9 @@ pub struct Environment {
 
 impl Environment {
     pub fn from_env() -> Result<Self, SpecError> {
-        let var = |name: &str| std::env::var(name).map_err(|_| SpecError::new(format!("environment variable {name} is not set")));
+        let var = |name: &str| {
+            std::env::var(name).map_err(|_| SpecError::new(format!("environment variable {name} is not set")))
+        };
         let mut queue_urls = BTreeMap::new();
         for step in [Step::Launch, Step::Readiness, Step::Command, Step::Teardown] {
             let name = format!("FLOTILLA_{}_QUEUE_URL", step.as_str().to_ascii_uppercase());
@@ -53,7 +103,9 @@ impl Environment {
         }
         let mut settings = Settings::default();
         let number = |name: &str, default: u32| match std::env::var(name) {
-            Ok(value) => value.parse().map_err(|_| SpecError::new(format!("{name} must be a whole number, got {value:?}"))),
+            Ok(value) => {
+                value.parse().map_err(|_| SpecError::new(format!("{name} must be a whole number, got {value:?}")))
+            }
             Err(_) => Ok(default),
         };
         settings.poll_delay_seconds = number("FLOTILLA_POLL_DELAY_SECONDS", settings.poll_delay_seconds)?;
@@ -64,14 +116,14 @@ impl Environment {
 
 /// The real ports, wired from one config.
 pub fn ports(config: &SdkConfig, env: &Environment) -> Ports {
-    let ec2 = aws_sdk_ec2::Client::new(config);
-    let ssm = aws_sdk_ssm::Client::new(config);
     Ports {
-        fleet: Box::new(ec2::Ec2Fleet { ec2: ec2.clone(), ssm: ssm.clone() }),
-        volumes: Box::new(ec2::Ec2Volumes { ec2 }),
-        commands: Box::new(ssm::SsmCommands { ssm }),
+        cloud: cloud(config),
+        accounts: Box::new(StsAccounts::new(config.clone())),
         ledger: Box::new(s3::S3Ledger::new(s3_client(config), env.bucket.clone())),
-        queue: Box::new(sqs::SqsStepQueue { sqs: aws_sdk_sqs::Client::new(config), queue_urls: env.queue_urls.clone() }),
+        queue: Box::new(sqs::SqsStepQueue {
+            sqs: aws_sdk_sqs::Client::new(config),
+            queue_urls: env.queue_urls.clone(),
+        }),
         clock: Box::new(SystemClock),
         settings: env.settings.clone(),
     }

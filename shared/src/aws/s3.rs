@@ -41,9 +41,15 @@ impl S3Ledger {
                 let err = cloud_error("s3", "PutObject", e);
                 match &err {
                     // 412: someone else wrote; 409: a concurrent conditional write is in flight.
-                    CloudError::Api { code, .. } if code == "PreconditionFailed" || code == "ConditionalRequestConflict" => Ok(WriteOutcome::Conflict),
+                    CloudError::Api { code, .. }
+                        if code == "PreconditionFailed" || code == "ConditionalRequestConflict" =>
+                    {
+                        Ok(WriteOutcome::Conflict)
+                    }
                     // If-Match on a missing key: the record vanished underneath.
-                    CloudError::Api { code, .. } if if_match.is_some() && code == "NoSuchKey" => Ok(WriteOutcome::Conflict),
+                    CloudError::Api { code, .. } if if_match.is_some() && code == "NoSuchKey" => {
+                        Ok(WriteOutcome::Conflict)
+                    }
                     _ => Err(err),
                 }
             }

@@ -25,7 +25,13 @@ impl Commands for SsmCommands {
                 let response = self
                     .ssm
                     .describe_instance_information()
-                    .filters(InstanceInformationStringFilter::builder().key("InstanceIds").set_values(Some(chunk.to_vec())).build().map_err(|e| crate::error::CloudError::Invalid(e.to_string()))?)
+                    .filters(
+                        InstanceInformationStringFilter::builder()
+                            .key("InstanceIds")
+                            .set_values(Some(chunk.to_vec()))
+                            .build()
+                            .map_err(|e| crate::error::CloudError::Invalid(e.to_string()))?,
+                    )
                     .set_next_token(token.clone())
                     .send()
                     .await;
@@ -127,10 +133,20 @@ impl Commands for SsmCommands {
             }
             let finished = !matches!(
                 status,
-                CommandInvocationStatus::Pending | CommandInvocationStatus::InProgress | CommandInvocationStatus::Delayed | CommandInvocationStatus::Cancelling
+                CommandInvocationStatus::Pending
+                    | CommandInvocationStatus::InProgress
+                    | CommandInvocationStatus::Delayed
+                    | CommandInvocationStatus::Cancelling
             );
             if !finished {
-                views.push(InvocationView { instance_id, status: status.as_str().to_string(), exit_code: None, stdout: String::new(), stderr: String::new(), output_uri: None });
+                views.push(InvocationView {
+                    instance_id,
+                    status: status.as_str().to_string(),
+                    exit_code: None,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    output_uri: None,
+                });
                 continue;
             }
             let detail = self

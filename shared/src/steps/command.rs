@@ -6,7 +6,7 @@ use chrono::Duration;
 
 use crate::error::StepError;
 use crate::lifecycle::{self, next_phase, Event};
-use crate::ports::{CommandRequest, InvocationView, Ports, MAX_INSTANCES_PER_COMMAND};
+use crate::ports::{Cloud, CommandRequest, InvocationView, Ports, MAX_INSTANCES_PER_COMMAND};
 use crate::record::{Invocation, JobRecord, Outcome, Phase, StepRun};
 use crate::shell::{self, MountTarget, Preamble};
 use crate::spec::{CommandSpec, VolumeSource};
@@ -19,7 +19,7 @@ const REPORT_GRACE_SECONDS: i64 = 120;
 /// Mount and unmount get this long; they wait at most 60 s for a device.
 const VOLUME_OP_TIMEOUT_SECONDS: u32 = 600;
 
-pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, StepError> {
+pub async fn advance(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -> Result<Next, StepError> {
     let now = ports.clock.now();
     let Some(phase) = next_phase(record) else {
         lifecycle::apply(record, Event::PhasesDone, now)?;
@@ -27,26 +27,27 @@ pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, Step
     };
     let aborted = record.outcome.is_some_and(|o| o != Outcome::Succeeded);
     let Some(step) = record.step(phase).cloned() else {
-        dispatch(ports, record, phase).await?;
+        dispatch(ports, cloud, record, phase).await?;
         return Ok(Next::Poll);
     };
     if step.command_ids.is_empty() {
         // Claimed by a delivery that crashed before SendCommand returned.
-        dispatch(ports, record, phase).await?;
+        dispatch(ports, cloud, record, phase).await?;
         return Ok(Next::Poll);
     }
     // A cancel or deadline stops a work phase at once.
     if aborted && !phase.runs_after_failure() {
         for command_id in &step.command_ids {
-            ports.commands.cancel(command_id).await?;
+            cloud.commands.cancel(command_id).await?;
         }
         finish(record, phase, vec![], false, now);
         return Ok(Next::Now);
     }
-    let chunks: Vec<Vec<String>> = record.instance_ids().chunks(MAX_INSTANCES_PER_COMMAND).map(<[String]>::to_vec).collect();
+    let chunks: Vec<Vec<String>> =
+        record.instance_ids().chunks(MAX_INSTANCES_PER_COMMAND).map(<[String]>::to_vec).collect();
     let mut views = Vec::new();
     for (command_id, instance_ids) in step.command_ids.iter().zip(&chunks) {
-        views.extend(ports.commands.invocations(command_id, instance_ids).await?);
+        views.extend(cloud.commands.invocations(command_id, instance_ids).await?);
     }
     let done = views.len() == record.instances.len() && views.iter().all(InvocationView::is_finished);
     let timeout = Duration::seconds(i64::from(phase_timeout(record, phase)) + REPORT_GRACE_SECONDS);
@@ -58,7 +59,7 @@ pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, Step
     if !done {
         // SSM never reported: treat as a timeout and stop the command.
         for command_id in &step.command_ids {
-            ports.commands.cancel(command_id).await?;
+            cloud.commands.cancel(command_id).await?;
         }
     }
     let invocations: Vec<Invocation> = record
@@ -66,7 +67,13 @@ pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, Step
         .into_iter()
         .map(|instance_id| match views.iter().find(|v| v.instance_id == instance_id) {
             Some(view) if view.is_finished() => to_invocation(view),
-            _ => Invocation { instance_id, status: "TimedOut".to_string(), exit_code: None, output_tail: vec![], output_uri: None },
+            _ => Invocation {
+                instance_id,
+                status: "TimedOut".to_string(),
+                exit_code: None,
+                output_tail: vec![],
+                output_uri: None,
+            },
         })
         .collect();
     let succeeded = invocations.iter().all(|i| i.status == "Success");
@@ -85,7 +92,13 @@ pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, Step
     Ok(Next::Now)
 }
 
-fn finish(record: &mut JobRecord, phase: Phase, invocations: Vec<Invocation>, succeeded: bool, now: chrono::DateTime<chrono::Utc>) {
+fn finish(
+    record: &mut JobRecord,
+    phase: Phase,
+    invocations: Vec<Invocation>,
+    succeeded: bool,
+    now: chrono::DateTime<chrono::Utc>,
+) {
     if let Some(step) = record.step_mut(phase) {
         step.invocations = invocations;
         step.finished_at = Some(now);
@@ -101,7 +114,13 @@ fn failure_reason(record: &JobRecord, phase: Phase, invocations: &[Invocation]) 
         (_, Some(code)) if code >= 0 => format!("exited {code}"),
         (status, _) => status.to_ascii_lowercase(),
     };
-    format!("{} failed on {}/{} instance(s): {} {what}", phase.as_str(), failed.len(), invocations.len(), first.instance_id)
+    format!(
+        "{} failed on {}/{} instance(s): {} {what}",
+        phase.as_str(),
+        failed.len(),
+        invocations.len(),
+        first.instance_id
+    )
 }
 
 fn to_invocation(view: &InvocationView) -> Invocation {
@@ -132,14 +151,14 @@ fn phase_timeout(record: &JobRecord, phase: Phase) -> u32 {
 }
 
 /// Send the phase's command, or adopt one a crashed delivery already sent.
-async fn dispatch(ports: &Ports, record: &mut JobRecord, phase: Phase) -> Result<(), StepError> {
+async fn dispatch(ports: &Ports, cloud: &Cloud, record: &mut JobRecord, phase: Phase) -> Result<(), StepError> {
     let now = ports.clock.now();
     let lines = phase_lines(record, phase);
     let ids = record.instance_ids();
     let mut command_ids = Vec::new();
     for (chunk_index, chunk) in ids.chunks(MAX_INSTANCES_PER_COMMAND).enumerate() {
         let comment = format!("flotilla {} {} {chunk_index}", record.job_id, phase.as_str());
-        if let Some(existing) = ports.commands.find_by_comment(&chunk[0], &comment).await? {
+        if let Some(existing) = cloud.commands.find_by_comment(&chunk[0], &comment).await? {
             command_ids.push(existing);
             continue;
         }
@@ -152,10 +171,17 @@ async fn dispatch(ports: &Ports, record: &mut JobRecord, phase: Phase) -> Result
             // Outside jobs/: the SSM agent writes output without an SSE header.
             output_prefix: format!("outputs/{}/{}", record.job_id, phase.as_str()),
         };
-        command_ids.push(ports.commands.send(&request).await?);
+        command_ids.push(cloud.commands.send(&request).await?);
     }
     record.steps.retain(|s| s.phase != phase);
-    record.steps.push(StepRun { phase, command_ids, dispatched_at: now, finished_at: None, invocations: vec![], succeeded: None });
+    record.steps.push(StepRun {
+        phase,
+        command_ids,
+        dispatched_at: now,
+        finished_at: None,
+        invocations: vec![],
+        succeeded: None,
+    });
     record.reason = format!("{} dispatched to {} instance(s)", phase.as_str(), ids.len());
     Ok(())
 }
@@ -165,9 +191,8 @@ fn phase_lines(record: &JobRecord, phase: Phase) -> Vec<String> {
     let spec = record.spec.as_ref();
     let env = spec.map(|s| &s.env).unwrap_or(&empty);
     let instances = record.instance_ids();
-    let mounts: Vec<(String, String)> = spec
-        .map(|s| s.volumes.iter().map(|v| (v.name.clone(), v.mount_point.clone())).collect())
-        .unwrap_or_default();
+    let mounts: Vec<(String, String)> =
+        spec.map(|s| s.volumes.iter().map(|v| (v.name.clone(), v.mount_point.clone())).collect()).unwrap_or_default();
     let items = spec.and_then(|s| match s.fleet {
         crate::spec::FleetSpec::Sized { items, .. } => Some(items),
         crate::spec::FleetSpec::Count { .. } => None,

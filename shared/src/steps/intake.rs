@@ -14,12 +14,24 @@ use crate::spec::{self, check_job_id};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Intake {
-    Accepted { job_id: String },
+    Accepted {
+        job_id: String,
+    },
     /// The job already exists: a resubmission or a duplicate delivery.
-    AlreadyKnown { job_id: String },
-    Rejected { job_id: String, reason: String },
-    CancelRequested { job_id: String },
-    CancelIgnored { job_id: String, reason: String },
+    AlreadyKnown {
+        job_id: String,
+    },
+    Rejected {
+        job_id: String,
+        reason: String,
+    },
+    CancelRequested {
+        job_id: String,
+    },
+    CancelIgnored {
+        job_id: String,
+        reason: String,
+    },
 }
 
 /// Where a scheduled rule's job spec is kept: `schedules/<rule-name>.json`.
@@ -44,11 +56,18 @@ pub async fn submit(ports: &Ports, body: &str, delivery_id: &str) -> Result<Inta
 /// A scheduled firing: the spec is read from the bucket, the job id is the rule
 /// and the firing minute, so a duplicate delivery of one firing is one job.
 pub async fn scheduled(ports: &Ports, rule_name: &str, fired_at: DateTime<Utc>) -> Result<Intake, StepError> {
-    let clean: String = rule_name.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let clean: String =
+        rule_name.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     let clean = clean.trim_matches('-');
     let job_id = format!("{}-{}", &clean[..clean.len().min(34)], fired_at.format("%Y%m%d%H%M"));
     let Some(body) = ports.ledger.get(&schedule_key(rule_name)).await? else {
-        return reject(ports, job_id, format!("schedule {rule_name}: no spec at s3://{}/{}", ports.ledger.bucket(), schedule_key(rule_name)), "").await;
+        return reject(
+            ports,
+            job_id,
+            format!("schedule {rule_name}: no spec at s3://{}/{}", ports.ledger.bucket(), schedule_key(rule_name)),
+            "",
+        )
+        .await;
     };
     let body = String::from_utf8_lossy(&body).to_string();
     // The firing's own id wins over any id in the stored spec.
@@ -76,7 +95,8 @@ async fn submit_spec(ports: &Ports, body: &str, fallback_id: String) -> Result<I
     };
     let mut record = JobRecord::new(job_id.clone(), spec, plan, now);
     record.step_seq = 1;
-    record.outbox = Some(Outbox { message: StepMessage { job_id: job_id.clone(), step: Step::Launch, seq: 1 }, delay_seconds: 0 });
+    record.outbox =
+        Some(Outbox { message: StepMessage { job_id: job_id.clone(), step: Step::Launch, seq: 1 }, delay_seconds: 0 });
     match ports.ledger.create(&record).await? {
         WriteOutcome::Written { .. } => {
             send_outbox(ports, &record).await?;
@@ -125,7 +145,10 @@ async fn cancel(ports: &Ports, job_id: &str) -> Result<Intake, StepError> {
             return Ok(Intake::CancelIgnored { job_id: job_id.to_string(), reason: "no such job".into() });
         };
         if loaded.record.state.is_terminal() || loaded.record.cancel_requested {
-            return Ok(Intake::CancelIgnored { job_id: job_id.to_string(), reason: format!("job is {}", loaded.record.state) });
+            return Ok(Intake::CancelIgnored {
+                job_id: job_id.to_string(),
+                reason: format!("job is {}", loaded.record.state),
+            });
         }
         let mut record = loaded.record.clone();
         record.cancel_requested = true;
@@ -148,7 +171,8 @@ fn claimed_id(body: &str) -> Option<String> {
 }
 
 fn derived_id(delivery_id: &str) -> String {
-    let hex: String = delivery_id.chars().filter(|c| c.is_ascii_hexdigit()).map(|c| c.to_ascii_lowercase()).take(20).collect();
+    let hex: String =
+        delivery_id.chars().filter(|c| c.is_ascii_hexdigit()).map(|c| c.to_ascii_lowercase()).take(20).collect();
     if hex.is_empty() {
         format!("job-{}", uuid::Uuid::new_v4().simple())[..24].to_string()
     } else {

@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use crate::error::StepError;
 use crate::lifecycle::{self, Event};
-use crate::ports::{tags, LaunchRequest, Ports};
+use crate::ports::{tags, Cloud, LaunchRequest, Ports};
 use crate::record::{InstanceEntry, JobRecord, JobState};
 use crate::spec::JobSpec;
 use crate::steps::Next;
 
-pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, StepError> {
+pub async fn advance(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -> Result<Next, StepError> {
     let now = ports.clock.now();
     if record.state == JobState::Submitted {
         lifecycle::apply(record, Event::LaunchStarted, now)?;
@@ -19,18 +19,18 @@ pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, Step
 
     if record.resolved_image.is_none() {
         if let Some(image) = &spec.image {
-            let resolved = if image.starts_with('/') { ports.fleet.resolve_image(image).await? } else { image.clone() };
+            let resolved = if image.starts_with('/') { cloud.fleet.resolve_image(image).await? } else { image.clone() };
             record.resolved_image = Some(resolved);
         }
     }
 
     // EC2 honours the ClientToken; we also adopt by tag, since a redelivery may
     // come after the token's window and emulators ignore tokens.
-    let mut instances = ports.fleet.find_instances(&record.job_id).await?;
+    let mut instances = cloud.fleet.find_instances(&record.job_id).await?;
     instances.retain(|i| !i.is_gone());
     if instances.is_empty() {
         let request = launch_request(record, &spec, count, ports.settings.expiry_grace_minutes);
-        instances = ports.fleet.launch(&request).await?;
+        instances = cloud.fleet.launch(&request).await?;
     }
     instances.sort_by(|a, b| (a.launch_index, &a.instance_id).cmp(&(b.launch_index, &b.instance_id)));
     record.instances = instances
@@ -51,7 +51,8 @@ pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, Step
 /// The tags on everything a job creates.
 pub fn job_tags(record: &JobRecord, spec: &JobSpec, grace_minutes: u32) -> BTreeMap<String, String> {
     let mut all = spec.tags.clone();
-    let expires = record.deadline_at.unwrap_or(record.submitted_at) + chrono::Duration::minutes(i64::from(grace_minutes));
+    let expires =
+        record.deadline_at.unwrap_or(record.submitted_at) + chrono::Duration::minutes(i64::from(grace_minutes));
     all.insert(tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string());
     all.insert(tags::JOB_ID.to_string(), record.job_id.clone());
     all.insert(tags::JOB_NAME.to_string(), job_name(record));

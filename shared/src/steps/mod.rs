@@ -19,9 +19,9 @@ pub mod teardown;
 
 use tracing::{info, warn};
 
-use crate::error::StepError;
+use crate::error::{CloudError, StepError};
 use crate::lifecycle::{self, abort_reason, next_step, Event, Step, StepMessage};
-use crate::ports::{Ports, WriteOutcome};
+use crate::ports::{Cloud, Ports, WriteOutcome};
 use crate::record::{JobRecord, Outbox};
 
 /// Compare-and-swap attempts before handing the message back to SQS.
@@ -41,7 +41,9 @@ pub enum Next {
 /// Outcome of handling one step message, for logs and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
-    Advanced { state: String },
+    Advanced {
+        state: String,
+    },
     /// Duplicate or out-of-date message; nothing done.
     Stale,
     /// The step had written but maybe not sent; its outbox was sent again.
@@ -60,7 +62,8 @@ pub async fn handle(ports: &Ports, message: &StepMessage) -> Result<Handled, Ste
                 // Our write landed; the send after it may not have. Only a
                 // record that stopped moving means the message was lost.
                 let quiet = i64::from(outbox.delay_seconds + ports.settings.outbox_grace_seconds);
-                let stalled = record.updated_at.is_none_or(|at| ports.clock.now() - at >= chrono::Duration::seconds(quiet));
+                let stalled =
+                    record.updated_at.is_none_or(|at| ports.clock.now() - at >= chrono::Duration::seconds(quiet));
                 if !stalled {
                     return Err(StepError::OutboxPending(message.job_id.clone()));
                 }
@@ -76,7 +79,24 @@ pub async fn handle(ports: &Ports, message: &StepMessage) -> Result<Handled, Ste
         }
         let mut record = record.clone();
         let now = ports.clock.now();
-        let next = match advance(ports, &mut record, message.step).await {
+        let assumed =
+            match record.spec.as_ref().and_then(|s| s.role_arn.as_deref().map(|r| (r, s.external_id.as_deref()))) {
+                Some((role_arn, external_id)) => {
+                    Some(ports.accounts.assume(role_arn, external_id, &record.job_id).await)
+                }
+                None => None,
+            };
+        let cloud: &Cloud = match &assumed {
+            Some(Ok(cloud)) => cloud,
+            _ => &ports.cloud,
+        };
+        let result = match &assumed {
+            Some(Err(err)) => {
+                Err(StepError::Cloud(CloudError::api("sts", "AssumeRole", err_code(err), &err.to_string())))
+            }
+            _ => advance(ports, cloud, &mut record, message.step).await,
+        };
+        let next = match result {
             Ok(next) => next,
             Err(StepError::Cloud(err)) if !err.is_retryable() => {
                 warn!(job_id = %record.job_id, error = %err, "permanent cloud error");
@@ -106,7 +126,7 @@ pub async fn handle(ports: &Ports, message: &StepMessage) -> Result<Handled, Ste
             }
             WriteOutcome::Conflict => {
                 info!(job_id = %record.job_id, "record changed underneath; reloading");
-                undo_lost_side_effects(ports, &loaded.record, &record).await;
+                undo_lost_side_effects(ports, cloud, &loaded.record, &record).await;
                 continue;
             }
         }
@@ -117,7 +137,12 @@ pub async fn handle(ports: &Ports, message: &StepMessage) -> Result<Handled, Ste
 /// Retrying will not help. Before teardown: fail the job and tear down what
 /// exists. During teardown: back off a few times, then give up on the part
 /// that fails and leave its tagged resources to the reaper.
-fn permanent_error(record: &mut JobRecord, step: Step, error: &str, now: chrono::DateTime<chrono::Utc>) -> Result<Next, StepError> {
+fn permanent_error(
+    record: &mut JobRecord,
+    step: Step,
+    error: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Next, StepError> {
     use crate::record::{JobState, Outcome};
     let reason = format!("{} failed: {error}", step.as_str());
     if !matches!(record.state, JobState::Snapshotting | JobState::TearingDown) {
@@ -139,7 +164,14 @@ fn permanent_error(record: &mut JobRecord, step: Step, error: &str, now: chrono:
 const TEARDOWN_ATTEMPTS: u32 = 5;
 const TEARDOWN_BACKOFF_SECONDS: u32 = 30;
 
-async fn advance(ports: &Ports, record: &mut JobRecord, step: Step) -> Result<Next, StepError> {
+fn err_code(err: &CloudError) -> &str {
+    match err {
+        CloudError::Api { code, .. } => code,
+        CloudError::Invalid(_) => "InvalidRole",
+    }
+}
+
+async fn advance(ports: &Ports, cloud: &Cloud, record: &mut JobRecord, step: Step) -> Result<Next, StepError> {
     let now = ports.clock.now();
     if let Some((outcome, reason)) = abort_reason(record, now) {
         info!(job_id = %record.job_id, %reason, "stopping early");
@@ -149,17 +181,17 @@ async fn advance(ports: &Ports, record: &mut JobRecord, step: Step) -> Result<Ne
         }
     }
     match step {
-        Step::Launch => launch::advance(ports, record).await,
-        Step::Readiness => readiness::advance(ports, record).await,
-        Step::Command => command::advance(ports, record).await,
-        Step::Teardown => teardown::advance(ports, record).await,
+        Step::Launch => launch::advance(ports, cloud, record).await,
+        Step::Readiness => readiness::advance(ports, cloud, record).await,
+        Step::Command => command::advance(ports, cloud, record).await,
+        Step::Teardown => teardown::advance(ports, cloud, record).await,
     }
 }
 
 /// A racing delivery won the write. Commands, snapshots and volumes this
 /// delivery created that the winner did not record would run twice or leak:
 /// cancel or delete them. (EC2 ClientTokens make most volume races moot.)
-async fn undo_lost_side_effects(ports: &Ports, before: &JobRecord, ours: &JobRecord) {
+async fn undo_lost_side_effects(ports: &Ports, cloud: &Cloud, before: &JobRecord, ours: &JobRecord) {
     let winner = match ports.ledger.load(&ours.job_id).await {
         Ok(Some(latest)) => latest.record,
         _ => return, // cannot tell what the winner kept; leave it to the reaper
@@ -167,22 +199,30 @@ async fn undo_lost_side_effects(ports: &Ports, before: &JobRecord, ours: &JobRec
     let commands = |r: &JobRecord| r.steps.iter().flat_map(|s| s.command_ids.clone()).collect::<Vec<_>>();
     let (known, kept) = (commands(before), commands(&winner));
     for command_id in commands(ours).into_iter().filter(|id| !known.contains(id) && !kept.contains(id)) {
-        if let Err(err) = ports.commands.cancel(&command_id).await {
+        if let Err(err) = cloud.commands.cancel(&command_id).await {
             warn!(%command_id, error = %err, "could not cancel a duplicate command");
         }
     }
     let snapshots = |r: &JobRecord| r.snapshots.iter().map(|s| s.snapshot_id.clone()).collect::<Vec<_>>();
     let (known, kept) = (snapshots(before), snapshots(&winner));
     for snapshot_id in snapshots(ours).into_iter().filter(|id| !known.contains(id) && !kept.contains(id)) {
-        if let Err(err) = ports.volumes.delete_snapshot(&snapshot_id).await {
+        if let Err(err) = cloud.volumes.delete_snapshot(&snapshot_id).await {
             warn!(%snapshot_id, error = %err, "could not delete a duplicate snapshot");
         }
     }
-    let volumes = |r: &JobRecord| r.volumes.iter().filter(|v| v.created_by_flotilla).map(|v| (v.volume_id.clone(), v.instance_id.clone())).collect::<Vec<_>>();
+    let volumes = |r: &JobRecord| {
+        r.volumes
+            .iter()
+            .filter(|v| v.created_by_flotilla)
+            .map(|v| (v.volume_id.clone(), v.instance_id.clone()))
+            .collect::<Vec<_>>()
+    };
     let (known, kept) = (volumes(before), volumes(&winner));
-    for (volume_id, instance_id) in volumes(ours).into_iter().filter(|v| !known.contains(v) && !kept.iter().any(|k| k.0 == v.0)) {
-        let _ = ports.volumes.detach(&volume_id, &instance_id).await;
-        if let Err(err) = ports.volumes.delete_volume(&volume_id).await {
+    for (volume_id, instance_id) in
+        volumes(ours).into_iter().filter(|v| !known.contains(v) && !kept.iter().any(|k| k.0 == v.0))
+    {
+        let _ = cloud.volumes.detach(&volume_id, &instance_id).await;
+        if let Err(err) = cloud.volumes.delete_volume(&volume_id).await {
             warn!(%volume_id, error = %err, "could not delete a duplicate volume; the reaper will");
         }
     }

@@ -5,23 +5,27 @@ use std::collections::BTreeMap;
 
 use crate::error::StepError;
 use crate::lifecycle::{self, Event};
-use crate::ports::{tags, NewVolume, Ports};
+use crate::ports::{tags, Cloud, NewVolume, Ports};
 use crate::record::{JobRecord, Outcome, VolumeEntry};
 use crate::spec::VolumeSource;
 use crate::steps::launch::job_tags;
 use crate::steps::Next;
 
-pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, StepError> {
+pub async fn advance(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -> Result<Next, StepError> {
     let now = ports.clock.now();
     let ids = record.instance_ids();
-    let views = ports.fleet.describe(&ids).await?;
+    let views = cloud.fleet.describe(&ids).await?;
     for entry in &mut record.instances {
         if let Some(view) = views.iter().find(|v| v.instance_id == entry.instance_id) {
             entry.state = view.state.clone();
             entry.availability_zone = view.availability_zone.clone();
         }
     }
-    if let Some(lost) = record.instances.iter().find(|i| matches!(i.state.as_str(), "shutting-down" | "terminated" | "stopping" | "stopped")) {
+    if let Some(lost) = record
+        .instances
+        .iter()
+        .find(|i| matches!(i.state.as_str(), "shutting-down" | "terminated" | "stopping" | "stopped"))
+    {
         let reason = format!("instance {} became {} before the job ran", lost.instance_id, lost.state);
         lifecycle::apply(record, Event::Abort { outcome: Outcome::Failed, reason }, now)?;
         return Ok(Next::Now);
@@ -32,12 +36,12 @@ pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, Step
         return Ok(Next::Poll);
     }
     // SSM rejects commands to an instance until its agent is Online.
-    let online = ports.commands.online_agents(&ids).await?;
+    let online = cloud.commands.online_agents(&ids).await?;
     if online.len() < ids.len() {
         record.reason = format!("{}/{} SSM agents Online", online.len(), ids.len());
         return Ok(Next::Poll);
     }
-    if !ensure_volumes(ports, record).await? {
+    if !ensure_volumes(ports, cloud, record).await? {
         return Ok(Next::Poll);
     }
     lifecycle::apply(record, Event::FleetReady, now)?;
@@ -45,7 +49,7 @@ pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, Step
 }
 
 /// Create (or find) and attach every data volume. True once all are attached.
-async fn ensure_volumes(ports: &Ports, record: &mut JobRecord) -> Result<bool, StepError> {
+async fn ensure_volumes(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -> Result<bool, StepError> {
     let Some(spec) = record.spec.clone() else { return Ok(true) };
     let base_tags = job_tags(record, &spec, ports.settings.expiry_grace_minutes);
     let mut all_attached = true;
@@ -56,21 +60,29 @@ async fn ensure_volumes(ports: &Ports, record: &mut JobRecord) -> Result<bool, S
             _ => record.instances.clone(),
         };
         for instance in targets {
-            let known = record.volumes.iter().position(|v| v.name == volume.name && v.instance_id == instance.instance_id);
+            let known =
+                record.volumes.iter().position(|v| v.name == volume.name && v.instance_id == instance.instance_id);
             let index = match known {
                 Some(index) => index,
                 None => {
-                    let entry = find_or_create(ports, record, &base_tags, volume, &instance.instance_id, &instance.availability_zone, instance.shard_index).await?;
+                    let entry = find_or_create(
+                        cloud,
+                        record,
+                        &base_tags,
+                        volume,
+                        &instance.instance_id,
+                        &instance.availability_zone,
+                        instance.shard_index,
+                    )
+                    .await?;
                     record.volumes.push(entry);
                     record.volumes.len() - 1
                 }
             };
             let entry = record.volumes[index].clone();
-            let view = ports
-                .volumes
-                .describe_volume(&entry.volume_id)
-                .await?
-                .ok_or_else(|| StepError::Cloud(crate::error::CloudError::Invalid(format!("volume {} vanished", entry.volume_id))))?;
+            let view = cloud.volumes.describe_volume(&entry.volume_id).await?.ok_or_else(|| {
+                StepError::Cloud(crate::error::CloudError::Invalid(format!("volume {} vanished", entry.volume_id)))
+            })?;
             if view.availability_zone != instance.availability_zone {
                 return Err(StepError::Cloud(crate::error::CloudError::Invalid(format!(
                     "volume {} is in {}, instance {} in {}: EBS attaches only within one AZ",
@@ -80,7 +92,7 @@ async fn ensure_volumes(ports: &Ports, record: &mut JobRecord) -> Result<bool, S
             match (view.state.as_str(), view.attached_to.as_deref()) {
                 (_, Some(owner)) if owner == instance.instance_id => {}
                 ("available", None) => {
-                    ports.volumes.attach(&entry.volume_id, &instance.instance_id, &entry.device).await?;
+                    cloud.volumes.attach(&entry.volume_id, &instance.instance_id, &entry.device).await?;
                     all_attached = false;
                 }
                 (_, Some(other)) => {
@@ -101,7 +113,7 @@ async fn ensure_volumes(ports: &Ports, record: &mut JobRecord) -> Result<bool, S
 }
 
 async fn find_or_create(
-    ports: &Ports,
+    cloud: &Cloud,
     record: &JobRecord,
     base_tags: &BTreeMap<String, String>,
     volume: &crate::spec::VolumeSpec,
@@ -123,7 +135,7 @@ async fn find_or_create(
         VolumeSource::New { size_gib, volume_type } => (Some(*size_gib), volume_type.clone(), None),
         VolumeSource::SnapshotId(snapshot) => (None, "gp3".to_string(), Some(snapshot.clone())),
     };
-    let found = ports
+    let found = cloud
         .volumes
         .find_volumes(&[(tags::JOB_ID, &record.job_id), (tags::VOLUME, &volume.name), (tags::INSTANCE, instance_id)])
         .await?;
@@ -134,7 +146,7 @@ async fn find_or_create(
     volume_tags.insert(tags::VOLUME.to_string(), volume.name.clone());
     volume_tags.insert(tags::INSTANCE.to_string(), instance_id.to_string());
     volume_tags.insert(tags::SHARD.to_string(), shard.to_string());
-    let created = ports
+    let created = cloud
         .volumes
         .create_volume(&NewVolume {
             availability_zone: availability_zone.to_string(),

@@ -8,7 +8,7 @@ use chrono::SecondsFormat;
 
 use crate::error::StepError;
 use crate::lifecycle::{self, Event};
-use crate::ports::{tags, Ports};
+use crate::ports::{tags, Cloud, Ports};
 use crate::record::{JobRecord, JobState, Outcome, SnapshotEntry};
 use crate::report;
 use crate::spec::SnapshotPolicy;
@@ -18,25 +18,25 @@ use crate::steps::Next;
 /// Detach and terminate progress is checked this often.
 const TEARDOWN_POLL_SECONDS: u32 = 5;
 
-pub async fn advance(ports: &Ports, record: &mut JobRecord) -> Result<Next, StepError> {
+pub async fn advance(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -> Result<Next, StepError> {
     match record.state {
-        JobState::Snapshotting => release_volumes(ports, record).await,
-        JobState::TearingDown => terminate_fleet(ports, record).await,
+        JobState::Snapshotting => release_volumes(ports, cloud, record).await,
+        JobState::TearingDown => terminate_fleet(ports, cloud, record).await,
         _ => Ok(Next::Now),
     }
 }
 
-async fn release_volumes(ports: &Ports, record: &mut JobRecord) -> Result<Next, StepError> {
+async fn release_volumes(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -> Result<Next, StepError> {
     let now = ports.clock.now();
     // Detach: the command step already ran sync and umount.
     let mut waiting = 0;
     for entry in record.volumes.iter_mut().filter(|v| !v.detached) {
-        match ports.volumes.describe_volume(&entry.volume_id).await? {
+        match cloud.volumes.describe_volume(&entry.volume_id).await? {
             None => entry.detached = true,
             Some(view) => match (view.state.as_str(), view.attached_to.as_deref()) {
                 ("available", None) => entry.detached = true,
                 (_, Some(owner)) if owner == entry.instance_id => {
-                    ports.volumes.detach(&entry.volume_id, &entry.instance_id).await?;
+                    cloud.volumes.detach(&entry.volume_id, &entry.instance_id).await?;
                     waiting += 1;
                 }
                 (_, Some(_other)) => entry.detached = true, // no longer ours to detach
@@ -49,7 +49,10 @@ async fn release_volumes(ports: &Ports, record: &mut JobRecord) -> Result<Next, 
         return Ok(Next::After(TEARDOWN_POLL_SECONDS));
     }
 
-    let spec = record.spec.clone().ok_or_else(|| StepError::RecordCorrupt { job_id: record.job_id.clone(), reason: "no spec".into() })?;
+    let spec = record
+        .spec
+        .clone()
+        .ok_or_else(|| StepError::RecordCorrupt { job_id: record.job_id.clone(), reason: "no spec".into() })?;
     let succeeded = record.outcome == Some(Outcome::Succeeded);
     let base_tags = job_tags(record, &spec, ports.settings.expiry_grace_minutes);
     let name = job_name(record);
@@ -67,14 +70,19 @@ async fn release_volumes(ports: &Ports, record: &mut JobRecord) -> Result<Next, 
             if record.snapshots.iter().any(|s| s.volume_id == entry.volume_id) {
                 continue;
             }
-            let found = ports
+            let found = cloud
                 .volumes
                 .find_snapshots(&[(tags::JOB_ID, &record.job_id), (tags::SOURCE_VOLUME, &entry.volume_id)])
                 .await?;
             let snapshot_id = match found.into_iter().next() {
                 Some(existing) => existing.snapshot_id,
                 None => {
-                    let shard = record.instances.iter().find(|i| i.instance_id == entry.instance_id).map(|i| i.shard_index).unwrap_or(0);
+                    let shard = record
+                        .instances
+                        .iter()
+                        .find(|i| i.instance_id == entry.instance_id)
+                        .map(|i| i.shard_index)
+                        .unwrap_or(0);
                     let mut snapshot_tags: BTreeMap<String, String> = base_tags.clone();
                     snapshot_tags.remove(tags::EXPIRES_AT); // snapshots live by retention, not job expiry
                     snapshot_tags.insert(tags::VOLUME.to_string(), volume.name.clone());
@@ -88,16 +96,20 @@ async fn release_volumes(ports: &Ports, record: &mut JobRecord) -> Result<Next, 
                         entry.volume_id,
                         now.to_rfc3339_opts(SecondsFormat::Secs, true)
                     );
-                    ports.volumes.create_snapshot(&entry.volume_id, &description, &snapshot_tags).await?
+                    cloud.volumes.create_snapshot(&entry.volume_id, &description, &snapshot_tags).await?
                 }
             };
-            record.snapshots.push(SnapshotEntry { volume_name: volume.name.clone(), volume_id: entry.volume_id.clone(), snapshot_id });
+            record.snapshots.push(SnapshotEntry {
+                volume_name: volume.name.clone(),
+                volume_id: entry.volume_id.clone(),
+                snapshot_id,
+            });
         }
-        prune(ports, record, &name, volume).await?;
+        prune(ports, cloud, record, &name, volume).await?;
     }
     // Snapshots copy from the point in time they start, so the volume may go now.
     for entry in record.volumes.iter_mut().filter(|v| v.created_by_flotilla && !v.deleted) {
-        ports.volumes.delete_volume(&entry.volume_id).await?;
+        cloud.volumes.delete_volume(&entry.volume_id).await?;
         entry.deleted = true;
     }
     lifecycle::apply(record, Event::VolumesReleased, now)?;
@@ -106,11 +118,21 @@ async fn release_volumes(ports: &Ports, record: &mut JobRecord) -> Result<Next, 
 
 /// Keep the newest `keep_last` snapshots per job name, volume and shard, and
 /// drop any older than `max_age_days`. This run's own snapshots always stay.
-async fn prune(ports: &Ports, record: &mut JobRecord, name: &str, volume: &crate::spec::VolumeSpec) -> Result<(), StepError> {
+async fn prune(
+    ports: &Ports,
+    cloud: &Cloud,
+    record: &mut JobRecord,
+    name: &str,
+    volume: &crate::spec::VolumeSpec,
+) -> Result<(), StepError> {
     let now = ports.clock.now();
-    let mut lineage = ports
+    let mut lineage = cloud
         .volumes
-        .find_snapshots(&[(tags::MANAGED_BY, tags::MANAGED_BY_VALUE), (tags::JOB_NAME, name), (tags::VOLUME, &volume.name)])
+        .find_snapshots(&[
+            (tags::MANAGED_BY, tags::MANAGED_BY_VALUE),
+            (tags::JOB_NAME, name),
+            (tags::VOLUME, &volume.name),
+        ])
         .await?;
     lineage.sort_by(|a, b| b.started_at.cmp(&a.started_at).then_with(|| b.snapshot_id.cmp(&a.snapshot_id)));
     let mut kept_per_shard: BTreeMap<String, u32> = BTreeMap::new();
@@ -125,28 +147,28 @@ async fn prune(ports: &Ports, record: &mut JobRecord, name: &str, volume: &crate
             continue;
         }
         if !record.pruned_snapshots.contains(&snapshot.snapshot_id) {
-            ports.volumes.delete_snapshot(&snapshot.snapshot_id).await?;
+            cloud.volumes.delete_snapshot(&snapshot.snapshot_id).await?;
             record.pruned_snapshots.push(snapshot.snapshot_id);
         }
     }
     Ok(())
 }
 
-async fn terminate_fleet(ports: &Ports, record: &mut JobRecord) -> Result<Next, StepError> {
+async fn terminate_fleet(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -> Result<Next, StepError> {
     let now = ports.clock.now();
     // Tag lookup also catches instances a launch made but never recorded.
     let mut ids = record.instance_ids();
-    for found in ports.fleet.find_instances(&record.job_id).await? {
+    for found in cloud.fleet.find_instances(&record.job_id).await? {
         if !ids.contains(&found.instance_id) {
             ids.push(found.instance_id);
         }
     }
-    let views = if ids.is_empty() { vec![] } else { ports.fleet.describe(&ids).await? };
+    let views = if ids.is_empty() { vec![] } else { cloud.fleet.describe(&ids).await? };
     let alive: Vec<String> = views.iter().filter(|v| v.state != "terminated").map(|v| v.instance_id.clone()).collect();
     if !alive.is_empty() {
         let to_stop: Vec<String> = views.iter().filter(|v| !v.is_gone()).map(|v| v.instance_id.clone()).collect();
         if !to_stop.is_empty() {
-            ports.fleet.terminate(&to_stop).await?;
+            cloud.fleet.terminate(&to_stop).await?;
         }
         record.reason = format!("terminating {} instance(s)", alive.len());
         return Ok(Next::After(TEARDOWN_POLL_SECONDS));
@@ -158,7 +180,10 @@ async fn terminate_fleet(ports: &Ports, record: &mut JobRecord) -> Result<Next, 
     let mut finished = record.clone();
     lifecycle::apply(&mut finished, Event::FleetTerminated, now)?;
     // The report is written before the terminal record, so a terminal record always has one.
-    ports.ledger.put_artifact(&record.job_id, "report.txt", report::render(&finished).as_bytes(), "text/plain; charset=utf-8").await?;
+    ports
+        .ledger
+        .put_artifact(&record.job_id, "report.txt", report::render(&finished).as_bytes(), "text/plain; charset=utf-8")
+        .await?;
     *record = finished;
     Ok(Next::Now)
 }
