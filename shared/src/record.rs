@@ -227,20 +227,33 @@ pub struct JobRecord {
 
 impl JobRecord {
     pub fn new(job_id: String, spec: JobSpec, plan: Plan, now: DateTime<Utc>) -> Self {
-        let deadline_at = Some(now + chrono::Duration::minutes(i64::from(spec.deadline_minutes)));
         let reason = format!("accepted: {}", plan.sizing);
+        let mut record = JobRecord::blank(job_id, JobState::Submitted, reason, now);
+        record.deadline_at = Some(now + chrono::Duration::minutes(i64::from(spec.deadline_minutes)));
+        record.spec = Some(spec);
+        record.plan = Some(plan);
+        record
+    }
+
+    pub fn rejected(job_id: String, reason: String, input: &str, now: DateTime<Utc>) -> Self {
+        let mut record = JobRecord::blank(job_id, JobState::Rejected, reason, now);
+        record.rejected_input = Some(input.chars().take(2048).collect());
+        record
+    }
+
+    fn blank(job_id: String, state: JobState, reason: String, now: DateTime<Utc>) -> Self {
         JobRecord {
             job_id,
-            state: JobState::Submitted,
+            state,
             step_seq: 0,
             updated_at: Some(now),
             outbox: None,
             reason,
-            spec: Some(spec),
-            plan: Some(plan),
+            spec: None,
+            plan: None,
             submitted_at: now,
-            deadline_at,
-            timeline: vec![PhaseStamp { state: JobState::Submitted, at: now }],
+            deadline_at: None,
+            timeline: vec![PhaseStamp { state, at: now }],
             cancel_requested: false,
             outcome: None,
             outcome_reason: None,
@@ -253,35 +266,6 @@ impl JobRecord {
             terminated: false,
             teardown_errors: 0,
             rejected_input: None,
-        }
-    }
-
-    pub fn rejected(job_id: String, reason: String, input: &str, now: DateTime<Utc>) -> Self {
-        let shown: String = input.chars().take(2048).collect();
-        JobRecord {
-            job_id,
-            state: JobState::Rejected,
-            step_seq: 0,
-            updated_at: Some(now),
-            outbox: None,
-            reason,
-            spec: None,
-            plan: None,
-            submitted_at: now,
-            deadline_at: None,
-            timeline: vec![PhaseStamp { state: JobState::Rejected, at: now }],
-            cancel_requested: false,
-            outcome: None,
-            outcome_reason: None,
-            resolved_image: None,
-            instances: vec![],
-            volumes: vec![],
-            steps: vec![],
-            snapshots: vec![],
-            pruned_snapshots: vec![],
-            terminated: false,
-            teardown_errors: 0,
-            rejected_input: Some(shown),
         }
     }
 

@@ -227,3 +227,62 @@ async fn role_arn_job_runs_with_sts_temporary_credentials() {
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     assert_eq!(stack.running_managed().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_template_spot_and_every_volume_source() {
+    use aws_sdk_ec2::types::{InstanceType, RequestLaunchTemplateData};
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    let ec2 = stack.ec2();
+    ec2.create_launch_template()
+        .launch_template_name("flotilla-workers")
+        .launch_template_data(
+            RequestLaunchTemplateData::builder().image_id("ami-12c6146b").instance_type(InstanceType::T3Micro).build(),
+        )
+        .send()
+        .await
+        .expect("launch template");
+    let existing = ec2.create_volume().availability_zone("us-east-1a").size(2).send().await.expect("volume");
+    let existing = existing.volume_id().expect("id").to_string();
+    let seed = ec2.create_volume().availability_zone("us-east-1a").size(1).send().await.expect("seed");
+    let seed_snapshot = ec2.create_snapshot().volume_id(seed.volume_id().expect("id")).send().await.expect("snapshot");
+    let seed_snapshot = seed_snapshot.snapshot_id().expect("id").to_string();
+
+    let mut spec = job("sources-1");
+    spec.as_object_mut().expect("object").remove("image");
+    spec["launch_template"] = serde_json::json!({"name": "flotilla-workers", "version": "$Latest"});
+    spec["market"] = serde_json::json!("spot");
+    spec["volumes"] = serde_json::json!([
+        {"name": "keep", "source": {"volume_id": existing}, "device": "/dev/sdg", "mount_point": "/keep", "snapshot": "always", "retention": {"keep_last": 3}},
+        {"name": "data", "source": {"snapshot_id": seed_snapshot}, "device": "/dev/sdf", "mount_point": "/data", "snapshot": "never"}
+    ]);
+    stack.submit(&spec.to_string()).await;
+    let record = stack.run_to_end(&ports, "sources-1", false, LIMIT).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+
+    let instances = ec2
+        .describe_instances()
+        .filters(aws_sdk_ec2::types::Filter::builder().name("tag:flotilla:job-id").values("sources-1").build())
+        .send()
+        .await
+        .expect("describe");
+    let images: Vec<_> = instances
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| i.image_id().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(images, vec!["ami-12c6146b".to_string(); 2], "launched from the template");
+    // The user's volume went to shard 0 only, was detached, and is never deleted.
+    let kept: Vec<_> = record.volumes.iter().filter(|v| v.name == "keep").collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].instance_id, record.instances[0].instance_id);
+    let view = ec2.describe_volumes().volume_ids(&existing).send().await.expect("volume");
+    assert_eq!(view.volumes()[0].state().map(|s| s.as_str()), Some("available"));
+    // Restored volumes were ours: deleted, and "never" means no snapshot of them.
+    assert_eq!(stack.live_job_volumes("sources-1").await, 0);
+    let snapshots = stack.snapshots("sources-1").await;
+    assert_eq!(snapshots.len(), 1);
+    assert_eq!(snapshots[0].volume_id(), Some(existing.as_str()));
+    assert_eq!(stack.running_managed().await, 0);
+}
