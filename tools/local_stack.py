@@ -105,7 +105,8 @@ def wiring(template):
                 routes.append({"queue": queue, "function": binary, "batch": event["Properties"].get("BatchSize", 10)})
             elif event["Type"] == "Schedule":
                 props = event["Properties"]
-                schedules.append({"name": sub(props["Name"]), "expression": props["Schedule"], "function": binary})
+                schedules.append({"name": sub(props["Name"]), "expression": props["Schedule"], "function": binary,
+                                  "enabled": props.get("Enabled", True)})
     return queues, routes, schedules, bucket
 
 
@@ -288,7 +289,8 @@ def pump():
     queues, routes, schedules, _ = wiring(template)
     sqs, _ = clients()
     urls = {r["queue"]: sqs.get_queue_url(QueueName=queues[r["queue"]]["name"])["QueueUrl"] for r in routes}
-    next_fire = {s["name"]: time.time() + rate_seconds(s["expression"]) for s in schedules if rate_seconds(s["expression"])}
+    # Disabled rules never fire by themselves, as in EventBridge.
+    next_fire = {s["name"]: time.time() + rate_seconds(s["expression"]) for s in schedules if s["enabled"] and rate_seconds(s["expression"])}
     while True:
         busy = False
         for route in routes:

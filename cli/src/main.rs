@@ -248,6 +248,7 @@ async fn watch(job_id: &str, timeout: u64) -> Result<i32> {
         if started.elapsed() > Duration::from_secs(timeout) {
             bail!("{job_id} not finished after {timeout} s");
         }
+        // A person is watching: the CLI polls. Lambda code never sleeps.
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
 }
