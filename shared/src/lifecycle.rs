@@ -140,6 +140,11 @@ pub fn abort_reason(record: &JobRecord, now: DateTime<Utc>) -> Option<(Outcome, 
     if record.outcome.is_some_and(|o| o != Outcome::Succeeded) {
         return None; // already decided
     }
+    // Once the work is done, a late deadline or cancel must not turn a success
+    // into a failure, nor skip its on-success snapshots.
+    if matches!(record.state, JobState::Snapshotting | JobState::TearingDown) {
+        return None;
+    }
     if record.cancel_requested {
         return Some((Outcome::Cancelled, format!("cancelled by request while {}", record.state)));
     }
@@ -310,5 +315,15 @@ mod tests {
         );
         r.cancel_requested = true;
         assert_eq!(abort_reason(&r, Utc::now()).map(|a| a.0), Some(Outcome::Cancelled));
+    }
+
+    #[test]
+    fn finishing_jobs_ignore_late_deadlines_and_cancels() {
+        let mut r = record(true);
+        r.state = JobState::Snapshotting;
+        r.outcome = Some(Outcome::Succeeded);
+        r.cancel_requested = true;
+        let late = r.deadline_at.expect("deadline") + chrono::Duration::hours(1);
+        assert_eq!(abort_reason(&r, late), None);
     }
 }
