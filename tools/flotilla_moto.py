@@ -220,6 +220,9 @@ def _run(execution):
         "AWS_SSM_REGION_NAME": command.backend_region,
         "FLOTILLA_EMULATOR": "1",
     }
+    if execution.cancelled:  # cancelled before it started
+        execution.status, execution.ended = "Cancelled", _now()
+        return
     try:
         execution.process = subprocess.Popen(
             ["bash", "-c", script],
@@ -229,6 +232,8 @@ def _run(execution):
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
+        if execution.cancelled:  # cancelled while it was starting
+            os.killpg(execution.process.pid, signal.SIGKILL)
         try:
             out, err = execution.process.communicate(timeout=_timeout(command))
             timed_out = False

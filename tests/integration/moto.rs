@@ -48,6 +48,11 @@ fn free_port() -> u16 {
 
 impl MotoStack {
     pub async fn start() -> MotoStack {
+        MotoStack::start_with_agent_delay(1).await
+    }
+
+    /// `agent_seconds`: how long after launch the emulated SSM agent comes Online.
+    pub async fn start_with_agent_delay(agent_seconds: u32) -> MotoStack {
         let root = workspace_root();
         let python =
             std::env::var("FLOTILLA_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
@@ -62,7 +67,7 @@ impl MotoStack {
             .arg(root.join("tools/moto_server.py"))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .env("FLOTILLA_EMU_SCRATCH", &scratch)
-            .env("FLOTILLA_EMU_AGENT_SECONDS", "1")
+            .env("FLOTILLA_EMU_AGENT_SECONDS", agent_seconds.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -67,7 +67,7 @@ async fn send(stack: &MotoStack, instances: &[String], script: &str, timeout: u3
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_come_online_after_boot_and_only_named_instances_are_listed() {
-    let stack = MotoStack::start().await;
+    let stack = MotoStack::start_with_agent_delay(4).await;
     let ids = launch(&stack, 2, None).await;
     let ask = || {
         stack
@@ -80,7 +80,7 @@ async fn agents_come_online_after_boot_and_only_named_instances_are_listed() {
     };
     let early = ask().await.expect("describe");
     assert!(early.instance_information_list().is_empty(), "agent not registered right after launch");
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tokio::time::sleep(Duration::from_millis(4300)).await;
     let later = ask().await.expect("describe");
     let list = later.instance_information_list();
     assert_eq!(list.len(), 1);
