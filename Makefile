@@ -9,11 +9,12 @@ export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
 FUNCTIONS := intake launch readiness command teardown
 
-.PHONY: help venv build build-functions test lint local-up local-down demo clean
+.PHONY: help venv build build-functions test smoke lint local-up local-down demo clean
 
 help:
 	@echo "make demo        run the demo job end to end on the local stack"
-	@echo "make test        unit, scenario and moto integration tests, plus cfn-lint"
+	@echo "make test        unit, scenario and moto integration tests, cfn-lint, then make smoke"
+	@echo "make smoke       local stack end to end: jobs submitted with plain awscli reach their terminal states"
 	@echo "make local-up    start moto + cargo lambda watch + event pump; writes .flotilla/local.env"
 	@echo "make local-down  stop everything local-up started"
 	@echo "make build       release build (LTO) of every binary"
@@ -38,6 +39,10 @@ lint: venv
 # Tests start their own moto servers (FLOTILLA_PYTHON tells them which python).
 test: venv lint
 	FLOTILLA_PYTHON=$(CURDIR)/$(PY) cargo test --workspace
+	$(MAKE) smoke
+
+smoke: venv build-functions
+	PATH="$(BIN):$$PATH" bash tools/local_smoke.sh
 
 local-up: venv build-functions
 	PATH="$(BIN):$$PATH" $(PY) tools/local_stack.py up

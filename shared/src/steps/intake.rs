@@ -170,12 +170,18 @@ fn claimed_id(body: &str) -> Option<String> {
     check_job_id("id", id).ok().map(|_| id.to_string())
 }
 
+/// `job-<SQS message id>`, so a user who sent a spec without an id (say with
+/// awscli, which prints the MessageId) can find its record.
 fn derived_id(delivery_id: &str) -> String {
-    let hex: String =
-        delivery_id.chars().filter(|c| c.is_ascii_hexdigit()).map(|c| c.to_ascii_lowercase()).take(20).collect();
-    if hex.is_empty() {
+    let clean: String = delivery_id
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')
+        .take(44) // job ids are at most 48 characters
+        .collect();
+    if clean.is_empty() {
         format!("job-{}", uuid::Uuid::new_v4().simple())[..24].to_string()
     } else {
-        format!("job-{hex}")
+        format!("job-{clean}")
     }
 }

