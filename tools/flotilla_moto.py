@@ -24,14 +24,19 @@ Gaps filled (measured against moto 5.2.5):
 6. CreateVolume ignores ClientToken: a repeated token returns the first
    volume, as EC2 does.
 
-Not filled, and worked around in Flotilla instead:
-- DescribeInstances MaxResults counts reservations: Flotilla paginates by
-  NextToken without MaxResults.
-- Launch-template MetadataOptions and IamInstanceProfile are ignored: Flotilla
-  passes MetadataOptions on RunInstances itself.
-- Schedules never fire: the local pump (tools/pump.py) fires them.
-- A bucket policy denying aws:SecureTransport=false blocks plain HTTP: the
-  local stack does not apply that statement; template.yaml does.
+7. Launch-template MetadataOptions and IamInstanceProfile are ignored, and a
+   requested profile goes to the first instance only: the template's values
+   apply unless RunInstances overrides them, and every instance gets the
+   profile.
+8. DescribeInstances MaxResults counts reservations: it counts instances,
+   splitting a reservation across pages when needed.
+
+Not filled here:
+- Schedules never fire: the local pump (tools/local_stack.py) fires them.
+- template.yaml's bucket policy: its aws:SecureTransport=false statement
+  blocks plain HTTP, and moto evaluates the Null condition of its
+  unencrypted-write statement wrongly (it denies writes that carry SSE). The
+  local bucket gets default SSE and no policy.
 """
 
 import datetime
@@ -84,6 +89,106 @@ def _run_instances(self, image_id, count, user_data, security_group_names, **kwa
 
 
 EC2Backend.run_instances = _run_instances
+
+
+# --- 7. Launch templates' MetadataOptions and IamInstanceProfile ----------
+# EC2 applies a launch template's MetadataOptions and IamInstanceProfile, with
+# RunInstances parameters taking precedence, and gives the profile to every
+# instance of the launch. moto ignores both template fields and associates a
+# requested profile with the first instance only.
+
+from moto.ec2.models.iam_instance_profile import IamInstanceProfileAssociationBackend  # noqa: E402
+from moto.ec2.responses.instances import InstanceResponse  # noqa: E402
+
+_in_run_instances = threading.local()
+_run_instances_with_token = EC2Backend.run_instances
+
+
+def _run_instances_with_template(self, image_id, count, user_data, security_group_names, **kwargs):
+    profile = {"Name": kwargs.get("iam_instance_profile_name"), "Arn": kwargs.get("iam_instance_profile_arn")}
+    if kwargs.get("launch_template"):
+        data = self._get_template_from_args(kwargs["launch_template"]).data
+        options = dict(data.get("MetadataOptions") or {})
+        options.update(kwargs.get("metadata_options") or {})
+        kwargs["metadata_options"] = options
+        if not (profile["Name"] or profile["Arn"]):
+            template_profile = data.get("IamInstanceProfile") or {}
+            profile = {"Name": template_profile.get("Name"), "Arn": template_profile.get("Arn")}
+    reservation = _run_instances_with_token(self, image_id, count, user_data, security_group_names, **kwargs)
+    if profile["Name"] or profile["Arn"]:
+        for instance in reservation.instances:
+            if instance.id not in self.iam_instance_profile_associations:
+                self.associate_iam_instance_profile(
+                    instance_id=instance.id,
+                    iam_instance_profile_name=profile["Name"],
+                    iam_instance_profile_arn=profile["Arn"],
+                )
+    return reservation
+
+
+EC2Backend.run_instances = _run_instances_with_template
+
+_original_associate = IamInstanceProfileAssociationBackend.associate_iam_instance_profile
+
+
+def _associate_iam_instance_profile(self, instance_id, iam_instance_profile_name=None, iam_instance_profile_arn=None):
+    # moto's RunInstances response associates the first instance after the
+    # backend did so for all; keep the association made at launch.
+    known = self.iam_instance_profile_associations.get(instance_id)
+    if known is not None and getattr(_in_run_instances, "active", False):
+        return known
+    return _original_associate(self, instance_id, iam_instance_profile_name, iam_instance_profile_arn)
+
+
+IamInstanceProfileAssociationBackend.associate_iam_instance_profile = _associate_iam_instance_profile
+EC2Backend.associate_iam_instance_profile = _associate_iam_instance_profile
+
+_original_run_instances_response = InstanceResponse.run_instances
+
+
+def _run_instances_response(self):
+    _in_run_instances.active = True
+    try:
+        return _original_run_instances_response(self)
+    finally:
+        _in_run_instances.active = False
+
+
+InstanceResponse.run_instances = _run_instances_response
+
+
+# --- 8. DescribeInstances MaxResults counts instances ----------------------
+# EC2's MaxResults (5-1000) caps the instances on a page, splitting a
+# reservation across pages if need be; moto counts reservations.
+
+_original_describe_instances = InstanceResponse.describe_instances
+_TOKEN_PREFIX = "flotilla-offset-"
+
+
+def _describe_instances(self):
+    if "MaxResults" not in self.data or self._get_param("InstanceIds", []):
+        return _original_describe_instances(self)
+    import copy
+
+    self.error_on_dryrun()
+    reservations = self.ec2_backend.describe_instances(filters=self._filters_from_querystring())
+    pairs = [(reservation, instance) for reservation in reservations for instance in reservation.instances]
+    token = self._get_param("NextToken") or ""
+    start = int(token[len(_TOKEN_PREFIX):]) if token.startswith(_TOKEN_PREFIX) else 0
+    max_results = max(5, min(1000, int(self._get_param("MaxResults"))))
+    page = []
+    for reservation, instance in pairs[start:start + max_results]:
+        if not page or page[-1].id != reservation.id:
+            part = copy.copy(reservation)
+            part.instances = []
+            page.append(part)
+        page[-1].instances.append(instance)
+    end = start + max_results
+    next_token = f"{_TOKEN_PREFIX}{end}" if end < len(pairs) else None
+    return ActionResult({"Reservations": page, "NextToken": next_token})
+
+
+InstanceResponse.describe_instances = _describe_instances
 
 
 # --- 6. CreateVolume ClientToken -------------------------------------------

@@ -48,6 +48,15 @@ async fn drive_until(ports: &Ports, name: &str, step: Step, job_id: &str, done: 
     }
 }
 
+/// The README's full spec example is the demo job, so it cannot drift.
+#[test]
+fn readme_example_is_the_demo_job() {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("README.md");
+    let block = readme.split("```json\n").nth(1).and_then(|rest| rest.split("```").next()).expect("a json block");
+    let example: Value = serde_json::from_str(block).expect("README example is JSON");
+    assert_eq!(example, event("demo-job.json"));
+}
+
 #[test]
 fn demo_job_is_valid_and_plans_three_instances() {
     let body = std::fs::read_to_string(workspace_root().join("events/demo-job.json")).expect("demo job");

@@ -25,13 +25,13 @@ pub fn workspace_root() -> PathBuf {
 
 pub struct MotoStack {
     child: Child,
-    #[allow(dead_code)]
     pub endpoint: String,
     pub config: SdkConfig,
     pub bucket: String,
     pub jobs_queue: String,
     pub queue_urls: BTreeMap<&'static str, String>,
     pub scratch: PathBuf,
+    python: PathBuf,
 }
 
 impl Drop for MotoStack {
@@ -111,7 +111,7 @@ impl MotoStack {
         for step in [Step::Launch, Step::Readiness, Step::Command, Step::Teardown] {
             queue_urls.insert(step.as_str(), create(format!("flotilla-{}", step.as_str())).await);
         }
-        MotoStack { child, endpoint, config, bucket, jobs_queue, queue_urls, scratch }
+        MotoStack { child, endpoint, config, bucket, jobs_queue, queue_urls, scratch, python }
     }
 
     pub fn ports(&self) -> Ports {
@@ -121,6 +121,17 @@ impl MotoStack {
             settings: Settings { poll_delay_seconds: 1, expiry_grace_minutes: 30, outbox_grace_seconds: 3 },
         };
         aws::ports(&self.config, &env)
+    }
+
+    /// IAM is not in the workspace's SDK set (one more SDK crate to build for
+    /// one test call), so the profile is made with boto3 from the same venv.
+    pub fn create_instance_profile(&self, name: &str) {
+        let script = "import boto3, sys; boto3.client('iam', endpoint_url=sys.argv[1], region_name='us-east-1', \
+                      aws_access_key_id='testing', aws_secret_access_key='testing')\
+                      .create_instance_profile(InstanceProfileName=sys.argv[2])";
+        let status =
+            Command::new(&self.python).args(["-c", script, &self.endpoint, name]).status().expect("run python");
+        assert!(status.success(), "create instance profile {name}");
     }
 
     pub fn ec2(&self) -> aws_sdk_ec2::Client {

@@ -173,3 +173,76 @@ async fn volume_scripts_are_reported_not_run() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_templates_give_every_instance_their_metadata_options_and_profile() {
+    use aws_sdk_ec2::types::{
+        HttpTokensState, LaunchTemplateHttpTokensState, LaunchTemplateIamInstanceProfileSpecificationRequest,
+        LaunchTemplateInstanceMetadataOptionsRequest, LaunchTemplateSpecification, RequestLaunchTemplateData,
+    };
+    let stack = MotoStack::start().await;
+    stack.create_instance_profile("flotilla-worker");
+    let ec2 = stack.ec2();
+    let data = RequestLaunchTemplateData::builder()
+        .image_id("ami-12c6146b")
+        .metadata_options(
+            LaunchTemplateInstanceMetadataOptionsRequest::builder()
+                .http_tokens(LaunchTemplateHttpTokensState::Required)
+                .http_put_response_hop_limit(2)
+                .build(),
+        )
+        .iam_instance_profile(
+            LaunchTemplateIamInstanceProfileSpecificationRequest::builder().name("flotilla-worker").build(),
+        )
+        .build();
+    ec2.create_launch_template().launch_template_name("workers").launch_template_data(data).send().await.expect("lt");
+    let run = || {
+        ec2.run_instances()
+            .launch_template(LaunchTemplateSpecification::builder().launch_template_name("workers").build())
+            .min_count(3)
+            .max_count(3)
+            .client_token("lt-launch-1")
+            .send()
+    };
+    let first = run().await.expect("run from template");
+    // A repeated token returns the same launch without re-associating profiles.
+    let again = run().await.expect("same token again");
+    let ids: Vec<String> = first.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
+    let again: Vec<String> = again.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
+    assert_eq!(ids, again);
+    let described = ec2.describe_instances().set_instance_ids(Some(ids.clone())).send().await.expect("describe");
+    let instances: Vec<_> = described.reservations().iter().flat_map(|r| r.instances()).collect();
+    assert_eq!(instances.len(), 3);
+    for instance in instances {
+        let options = instance.metadata_options().expect("metadata options");
+        assert_eq!(options.http_tokens(), Some(&HttpTokensState::Required), "{:?}", instance.instance_id());
+        assert_eq!(options.http_put_response_hop_limit(), Some(2));
+        let profile = instance.iam_instance_profile().and_then(|p| p.arn()).unwrap_or_default();
+        assert!(profile.ends_with(":instance-profile/flotilla-worker"), "{:?}: {profile}", instance.instance_id());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_instances_max_results_counts_instances() {
+    let stack = MotoStack::start().await;
+    launch(&stack, 7, None).await;
+    launch(&stack, 1, None).await;
+    let mut pages = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = stack
+            .ec2()
+            .describe_instances()
+            .max_results(5)
+            .set_next_token(token.clone())
+            .send()
+            .await
+            .expect("describe page");
+        pages.push(page.reservations().iter().map(|r| r.instances().len()).sum::<usize>());
+        token = page.next_token().map(str::to_string);
+        if token.is_none() {
+            break;
+        }
+    }
+    assert_eq!(pages, vec![5, 3], "pages of at most 5 instances, a reservation of 7 split");
+}

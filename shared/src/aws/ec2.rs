@@ -58,8 +58,8 @@ fn instance_view(instance: &aws_sdk_ec2::types::Instance) -> Option<InstanceView
 }
 
 impl Ec2Fleet {
-    /// Paginated by NextToken without MaxResults: moto counts MaxResults in
-    /// reservations, not instances.
+    /// Pages of up to 1,000 instances when searching by tag; EC2 refuses
+    /// MaxResults together with InstanceIds.
     async fn describe_filtered(&self, ids: &[String], filters: Vec<Filter>) -> CloudResult<Vec<InstanceView>> {
         let mut views = Vec::new();
         let mut token: Option<String> = None;
@@ -69,6 +69,7 @@ impl Ec2Fleet {
                 .describe_instances()
                 .set_instance_ids(if ids.is_empty() { None } else { Some(ids.to_vec()) })
                 .set_filters(if filters.is_empty() { None } else { Some(filters.clone()) })
+                .set_max_results(ids.is_empty().then_some(1000))
                 .set_next_token(token.clone())
                 .send()
                 .await
