@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 AWS=.venv/bin/aws
 
+# The README quotes `flotilla --help`; it must stay true to the binary.
+if ! $PY -c 'import sys; sys.exit(sys.argv[1].strip() not in open("README.md").read())' "$(flotilla --help)"; then
+  echo "FAIL README.md no longer matches \`flotilla --help\`"
+  exit 1
+fi
+
 trap '$PY tools/local_stack.py down' EXIT
 $PY tools/local_stack.py up
 source .flotilla/local.env
