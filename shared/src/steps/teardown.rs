@@ -117,7 +117,7 @@ async fn release_volumes(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -
 }
 
 /// Keep the newest `keep_last` snapshots per job name, volume and shard, and
-/// drop any older than `max_age_days`. This run's own snapshots always stay.
+/// drop any older than `max_age_days`. This job id's own snapshots always stay.
 async fn prune(
     ports: &Ports,
     cloud: &Cloud,
@@ -137,7 +137,10 @@ async fn prune(
     lineage.sort_by(|a, b| b.started_at.cmp(&a.started_at).then_with(|| b.snapshot_id.cmp(&a.snapshot_id)));
     let mut kept_per_shard: BTreeMap<String, u32> = BTreeMap::new();
     for snapshot in lineage {
-        let own = record.snapshots.iter().any(|s| s.snapshot_id == snapshot.snapshot_id);
+        // Any snapshot of this job id is this run's, including one a racing
+        // duplicate delivery made and has not recorded yet: never prune it.
+        let own = record.snapshots.iter().any(|s| s.snapshot_id == snapshot.snapshot_id)
+            || snapshot.tags.get(tags::JOB_ID) == Some(&record.job_id);
         let shard = snapshot.tags.get(tags::SHARD).cloned().unwrap_or_default();
         let kept = kept_per_shard.entry(shard).or_default();
         let too_old = volume.retention.max_age_days > 0
