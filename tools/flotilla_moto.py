@@ -30,6 +30,9 @@ Gaps filled (measured against moto 5.2.5):
    profile.
 8. DescribeInstances MaxResults counts reservations: it counts instances,
    splitting a reservation across pages when needed.
+9. AttachVolume re-attaches an attached volume and overwrites a device that
+   is in use: the first now fails with VolumeInUse, the second with
+   InvalidParameterValue ("Attachment point ... is already in use").
 
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
@@ -214,6 +217,33 @@ def _create_volume(self):
 
 
 ElasticBlockStore.create_volume = _create_volume
+
+
+# --- 9. AttachVolume refuses a volume or device in use ----------------------
+# Checked at the API, not in the backend: moto's own RunInstances attaches
+# root volumes through the backend.
+
+from moto.ec2.exceptions import EC2ClientError, VolumeInUseError  # noqa: E402
+
+_attach_lock = threading.Lock()
+_original_attach_volume = ElasticBlockStore.attach_volume
+
+
+def _attach_volume(self):
+    volume_id = self._get_param("VolumeId")
+    instance_id = self._get_param("InstanceId")
+    device_path = self._get_param("Device")
+    backend = self.ec2_backend
+    with _attach_lock:
+        volume = backend.get_volume(volume_id)
+        if volume.attachment is not None:
+            raise VolumeInUseError(volume_id, volume.attachment.instance.id)
+        if device_path in backend.get_instance(instance_id).block_device_mapping:
+            raise EC2ClientError("InvalidParameterValue", f"Attachment point {device_path} is already in use")
+        return _original_attach_volume(self)
+
+
+ElasticBlockStore.attach_volume = _attach_volume
 
 
 # --- 3. SendCommand targets only what it names -----------------------------

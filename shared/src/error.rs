@@ -54,6 +54,14 @@ impl CloudError {
         !matches!(self.class(), RetryClass::Permanent)
     }
 
+    /// The AWS error code, for the few calls that treat one code specially.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            CloudError::Api { code, .. } => Some(code),
+            CloudError::Invalid(_) => None,
+        }
+    }
+
     pub fn api(service: &'static str, operation: &'static str, code: &str, message: &str) -> Self {
         CloudError::Api {
             service,

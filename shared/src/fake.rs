@@ -74,6 +74,15 @@ pub struct FakeState {
     /// Roles assumed, with their external ids; roles listed in `refused_roles` are denied.
     pub assumed_roles: Vec<(String, Option<String>)>,
     pub refused_roles: Vec<String>,
+    /// Fault injection: the next call of each named operation takes effect,
+    /// then fails, as if the caller crashed before seeing the reply.
+    pub crash_after: Vec<&'static str>,
+    /// Fault injection: this many instance tag lookups miss the newest
+    /// instance, as an eventually consistent DescribeInstances does.
+    pub stale_tag_lookups: u32,
+    /// Fault injection: this many volume describes show the volume as
+    /// available and unattached, as a read that lags a racing attach does.
+    pub stale_volume_views: u32,
 }
 
 #[derive(Clone)]
@@ -153,6 +162,18 @@ impl FakeCloud {
     fn count(state: &mut FakeState, call: &'static str) {
         *state.calls.entry(call).or_default() += 1;
     }
+
+    /// After an operation took effect: fail if a crash was injected here.
+    fn crash_point(state: &mut FakeState, call: &'static str) -> CloudResult<()> {
+        match state.crash_after.iter().position(|c| *c == call) {
+            Some(index) => {
+                state.crash_after.remove(index);
+                // Transient, as a Lambda that died mid-call: SQS redelivers the message.
+                Err(CloudError::api("ec2", call, "InternalError", "injected: crashed before the reply"))
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 fn refresh(state: &mut FakeState, now: DateTime<Utc>, boot_seconds: i64) {
@@ -189,7 +210,14 @@ impl Fleet for FakeCloud {
             .iter()
             .filter(|i| i.state != "terminated" && has_tags(&i.tags, &[(tags::JOB_ID, job_id)]))
             .map(view)
-            .collect())
+            .collect::<Vec<_>>())
+        .map(|mut found| {
+            if state.stale_tag_lookups > 0 {
+                state.stale_tag_lookups -= 1;
+                found.pop();
+            }
+            found
+        })
     }
 
     async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>> {
@@ -213,6 +241,7 @@ impl Fleet for FakeCloud {
             ids.push(id);
         }
         state.launch_tokens.insert(request.client_token.clone(), ids.clone());
+        FakeCloud::crash_point(&mut state, "RunInstances")?;
         Ok(state.instances.iter().filter(|i| ids.contains(&i.id)).map(view).collect())
     }
 
@@ -271,8 +300,16 @@ impl Volumes for FakeCloud {
     }
 
     async fn describe_volume(&self, volume_id: &str) -> CloudResult<Option<VolumeView>> {
-        let state = self.lock();
-        Ok(state.volumes.iter().find(|v| v.id == volume_id && v.state != "deleted").map(volume_view))
+        let mut state = self.lock();
+        let mut view = state.volumes.iter().find(|v| v.id == volume_id && v.state != "deleted").map(volume_view);
+        if let Some(view) = view.as_mut().filter(|v| v.attached_to.is_some()) {
+            if state.stale_volume_views > 0 {
+                state.stale_volume_views -= 1;
+                view.state = "available".into();
+                view.attached_to = None;
+            }
+        }
+        Ok(view)
     }
 
     async fn create_volume(&self, request: &NewVolume) -> CloudResult<VolumeView> {
@@ -292,6 +329,7 @@ impl Volumes for FakeCloud {
 
     async fn attach(&self, volume_id: &str, instance_id: &str, _device: &str) -> CloudResult<()> {
         let mut state = self.lock();
+        FakeCloud::count(&mut state, "AttachVolume");
         let volume = state
             .volumes
             .iter_mut()

@@ -210,6 +210,7 @@ async fn every_step_survives_duplicate_concurrent_delivery() {
             .collect();
         assert_eq!(live.len(), 1, "{phase:?} recorded exactly once");
     }
+    assert_eq!(record.instances.len(), 2, "the whole fleet recorded, not what a racing lookup saw");
     assert_eq!(stack.snapshots("dup-1").await.len(), 2, "one snapshot per volume");
     assert_eq!(stack.running_managed().await, 0);
 }

@@ -19,8 +19,11 @@ use flotilla_shared::ports::{Ports, Settings};
 use flotilla_shared::record::JobRecord;
 use serde_json::json;
 
+/// Read at run time: a shared CARGO_TARGET_DIR may hold a binary compiled in
+/// another clone, whose compile-time path no longer exists.
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    PathBuf::from(manifest_dir).parent().expect("workspace root").to_path_buf()
 }
 
 pub struct MotoStack {

@@ -246,3 +246,32 @@ async fn describe_instances_max_results_counts_instances() {
     }
     assert_eq!(pages, vec![5, 3], "pages of at most 5 instances, a reservation of 7 split");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_volume_refuses_a_volume_or_device_in_use() {
+    use aws_sdk_ec2::error::ProvideErrorMetadata;
+    let stack = MotoStack::start().await;
+    let ec2 = stack.ec2();
+    let instances = launch(&stack, 2, None).await;
+    let volume = |size| ec2.create_volume().availability_zone("us-east-1a").size(size).send();
+    let first = volume(1).await.expect("volume").volume_id().expect("id").to_string();
+    let second = volume(2).await.expect("volume").volume_id().expect("id").to_string();
+    let attach = |volume_id: &str, instance_id: &str| {
+        ec2.attach_volume().volume_id(volume_id).instance_id(instance_id).device("/dev/sdf").send()
+    };
+    attach(&first, &instances[0]).await.expect("first attach");
+
+    let again = attach(&first, &instances[1]).await.expect_err("an attached volume");
+    assert_eq!(again.code(), Some("VolumeInUse"), "{again:?}");
+    let taken = attach(&second, &instances[0]).await.expect_err("a device in use");
+    assert_eq!(taken.code(), Some("InvalidParameterValue"), "{taken:?}");
+    assert!(taken.message().unwrap_or_default().contains("/dev/sdf is already in use"), "{taken:?}");
+
+    // The refusals changed nothing: the first attachment stands and detaches cleanly.
+    let view = ec2.describe_volumes().volume_ids(&first).send().await.expect("describe");
+    let attachments = view.volumes()[0].attachments();
+    assert_eq!(attachments.len(), 1);
+    assert_eq!(attachments[0].instance_id(), Some(instances[0].as_str()));
+    ec2.detach_volume().volume_id(&first).instance_id(&instances[0]).send().await.expect("detach");
+    attach(&second, &instances[0]).await.expect("the device is free again");
+}

@@ -96,6 +96,42 @@ async fn a_crash_between_record_write_and_send_is_repaired_by_redelivery() {
     assert_eq!(cloud.lock().calls.get("RunInstances"), Some(&1));
 }
 
+#[tokio::test]
+async fn a_launch_seen_half_way_by_tag_is_completed_through_its_client_token() {
+    let cloud = cloud();
+    let ports = ports(&cloud);
+    intake::submit(&ports, &job("sim-half").to_string(), "m-1").await.expect("intake");
+    // The first launch lands but its delivery dies before the reply; the
+    // redelivery's tag lookup then sees only one of the two instances.
+    cloud.lock().crash_after.push("RunInstances");
+    let launch = cloud.next_message().expect("launch message");
+    assert!(steps::handle(&ports, &launch).await.is_err(), "the injected crash");
+    assert_eq!(cloud.lock().instances.len(), 2);
+    cloud.lock().stale_tag_lookups = 1;
+    cloud.redeliver_later(launch, 30);
+    drain(&cloud, &ports, 1).await;
+    let record = cloud.record("sim-half").expect("record");
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    assert_eq!(record.instances.len(), 2, "the whole fleet, not the part the lookup saw");
+    assert_eq!(record.snapshots.len(), 2, "one snapshot per instance's volume");
+    assert_eq!(cloud.lock().instances.len(), 2, "the repeated token launched nothing new");
+    assert_eq!(cloud.lock().calls.get("RunInstances"), Some(&2));
+    assert_eq!(cloud.running_instances(), 0);
+}
+
+#[tokio::test]
+async fn an_attach_that_lost_a_race_waits_for_the_next_poll() {
+    let cloud = cloud();
+    // Readiness reads its volumes as unattached after they were attached, so
+    // it attaches again and EC2 answers VolumeInUse, as it does to a racing
+    // duplicate delivery.
+    cloud.lock().stale_volume_views = 2;
+    let record = run_job(&cloud, job("sim-attach-race"), 1).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    assert_eq!(cloud.lock().stale_volume_views, 0, "the stale reads happened");
+    assert!(cloud.lock().calls.get("AttachVolume").copied().unwrap_or(0) >= 3, "{:?}", cloud.lock().calls);
+}
+
 async fn drain_some(cloud: &FakeCloud, ports: &Ports, count: usize) {
     for _ in 0..count {
         let Some(message) = cloud.next_message() else { return };

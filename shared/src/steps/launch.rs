@@ -24,13 +24,20 @@ pub async fn advance(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -> Re
         }
     }
 
-    // EC2 honours the ClientToken; we also adopt by tag, since a redelivery may
-    // come after the token's window and emulators ignore tokens.
+    // Adopt by tag first: a redelivery may come after the ClientToken's window.
     let mut instances = cloud.fleet.find_instances(&record.job_id).await?;
     instances.retain(|i| !i.is_gone());
-    if instances.is_empty() {
+    if instances.len() < count as usize {
+        // Fewer than asked may mean a tag lookup that saw a launch half-way
+        // (DescribeInstances is eventually consistent, and a racing delivery
+        // may still be inside RunInstances). The same ClientToken returns that
+        // launch's instances instead of starting a second fleet.
         let request = launch_request(record, &spec, count, ports.settings.expiry_grace_minutes);
-        instances = cloud.fleet.launch(&request).await?;
+        for launched in cloud.fleet.launch(&request).await? {
+            if !launched.is_gone() && !instances.iter().any(|i| i.instance_id == launched.instance_id) {
+                instances.push(launched);
+            }
+        }
     }
     instances.sort_by(|a, b| (a.launch_index, &a.instance_id).cmp(&(b.launch_index, &b.instance_id)));
     record.instances = instances

@@ -92,7 +92,13 @@ async fn ensure_volumes(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) ->
             match (view.state.as_str(), view.attached_to.as_deref()) {
                 (_, Some(owner)) if owner == instance.instance_id => {}
                 ("available", None) => {
-                    cloud.volumes.attach(&entry.volume_id, &instance.instance_id, &entry.device).await?;
+                    match cloud.volumes.attach(&entry.volume_id, &instance.instance_id, &entry.device).await {
+                        Ok(()) => {}
+                        // A racing duplicate delivery attached it after our describe:
+                        // the next poll sees who holds it.
+                        Err(err) if err.code() == Some("VolumeInUse") => {}
+                        Err(err) => return Err(err.into()),
+                    }
                     all_attached = false;
                 }
                 (_, Some(other)) => {
