@@ -283,6 +283,36 @@ impl MotoStack {
         delivered
     }
 
+    /// Every volume with its state and attachments, and every instance's
+    /// block device mapping: what a stuck teardown needs explained.
+    pub async fn volume_attachments(&self) -> String {
+        let ec2 = self.ec2();
+        let mut out = String::new();
+        for volume in ec2.describe_volumes().send().await.expect("volumes").volumes() {
+            let attachments: Vec<_> = volume
+                .attachments()
+                .iter()
+                .map(|a| format!("{:?}@{:?}:{:?}", a.instance_id(), a.device(), a.state()))
+                .collect();
+            out += &format!("\n  {:?} {:?} {attachments:?}", volume.volume_id(), volume.state());
+        }
+        for reservation in ec2.describe_instances().send().await.expect("instances").reservations() {
+            for instance in reservation.instances() {
+                let devices: Vec<_> = instance
+                    .block_device_mappings()
+                    .iter()
+                    .map(|m| format!("{:?}={:?}", m.device_name(), m.ebs().and_then(|e| e.volume_id())))
+                    .collect();
+                out += &format!(
+                    "\n  {:?} {:?} {devices:?}",
+                    instance.instance_id(),
+                    instance.state().and_then(|s| s.name())
+                );
+            }
+        }
+        out
+    }
+
     /// Pump until the job is terminal.
     pub async fn run_to_end(&self, ports: &Ports, job_id: &str, duplicate: bool, timeout: Duration) -> JobRecord {
         let deadline = Instant::now() + timeout;
@@ -295,11 +325,15 @@ impl MotoStack {
                     return record;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "job {job_id} not terminal after {timeout:?}: {:?}",
-                self.record(ports, job_id).await.map(|r| (r.state, r.reason))
-            );
+            if Instant::now() >= deadline {
+                let record = self.record(ports, job_id).await;
+                panic!(
+                    "job {job_id} not terminal after {timeout:?}: {:?}\nvolumes in the record: {:?}\nin the emulator: {}",
+                    record.as_ref().map(|r| (r.state, &r.reason)),
+                    record.as_ref().map(|r| &r.volumes),
+                    self.volume_attachments().await
+                );
+            }
             if delivered == 0 {
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
