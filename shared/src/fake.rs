@@ -83,6 +83,10 @@ pub struct FakeState {
     /// Fault injection: this many volume describes show the volume as
     /// available and unattached, as a read that lags a racing attach does.
     pub stale_volume_views: u32,
+    /// Fault injection: DetachVolume is accepted but never completes (a busy
+    /// device); a forced detach still works unless `stuck_even_forced`.
+    pub stuck_detaches: bool,
+    pub stuck_even_forced: bool,
 }
 
 #[derive(Clone)]
@@ -343,9 +347,15 @@ impl Volumes for FakeCloud {
         Ok(())
     }
 
-    async fn detach(&self, volume_id: &str, _instance_id: &str) -> CloudResult<()> {
+    async fn detach(&self, volume_id: &str, _instance_id: &str, force: bool) -> CloudResult<()> {
         let mut state = self.lock();
+        FakeCloud::count(&mut state, if force { "DetachVolume(force)" } else { "DetachVolume" });
+        let stuck = state.stuck_detaches;
+        let forced_free = force && !state.stuck_even_forced;
         if let Some(volume) = state.volumes.iter_mut().find(|v| v.id == volume_id) {
+            if stuck && !forced_free {
+                return Ok(()); // accepted, as EC2 does, yet it never finishes
+            }
             volume.attached_to = None;
             volume.state = "available".into();
         }

@@ -214,6 +214,8 @@ mod tests {
                 created_by_flotilla: true,
                 detached: false,
                 deleted: false,
+                detach_requests: 0,
+                detach_abandoned: false,
             });
         }
         record

@@ -109,7 +109,8 @@ pub trait Volumes: Send + Sync {
     async fn describe_volume(&self, volume_id: &str) -> CloudResult<Option<VolumeView>>;
     async fn create_volume(&self, request: &NewVolume) -> CloudResult<VolumeView>;
     async fn attach(&self, volume_id: &str, instance_id: &str, device: &str) -> CloudResult<()>;
-    async fn detach(&self, volume_id: &str, instance_id: &str) -> CloudResult<()>;
+    /// `force` is EC2's last resort for a detach that does not finish.
+    async fn detach(&self, volume_id: &str, instance_id: &str, force: bool) -> CloudResult<()>;
     async fn delete_volume(&self, volume_id: &str) -> CloudResult<()>;
     /// Snapshots carrying all of these tags.
     async fn find_snapshots(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<SnapshotView>>;

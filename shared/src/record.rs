@@ -133,6 +133,16 @@ pub struct VolumeEntry {
     pub detached: bool,
     #[serde(default)]
     pub deleted: bool,
+    /// DetachVolume calls so far; past a limit teardown forces, then gives up.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub detach_requests: u32,
+    /// It never detached: snapshotted in place, deleted once the fleet is gone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detach_abandoned: bool,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +230,9 @@ pub struct JobRecord {
     /// Permanent errors met while releasing resources; teardown gives up after a few.
     #[serde(default)]
     pub teardown_errors: u32,
+    /// Things that went wrong without changing the outcome, for the report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// For REJECTED records: the start of what was received.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected_input: Option<String>,
@@ -265,6 +278,7 @@ impl JobRecord {
             pruned_snapshots: vec![],
             terminated: false,
             teardown_errors: 0,
+            warnings: vec![],
             rejected_input: None,
         }
     }

@@ -16,6 +16,9 @@ pub fn render_with_tail(record: &JobRecord, tail: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "job {}: {}", record.job_id, record.state);
     let _ = writeln!(out, "reason: {}", record.reason);
+    for warning in &record.warnings {
+        let _ = writeln!(out, "warning: {warning}");
+    }
     if let Some(plan) = &record.plan {
         let cost = plan.max_cost_usd.map(|c| format!("${c:.2} at most")).unwrap_or_else(|| "unknown price".to_string());
         let market = match plan.market {

@@ -273,3 +273,39 @@ async fn a_refused_role_fails_the_job_with_the_reason_and_launches_nothing() {
     assert!(record.reason.starts_with("launch failed: sts AssumeRole: AccessDenied"), "{}", record.reason);
     assert_eq!(cloud.lock().calls.get("RunInstances"), None);
 }
+
+#[tokio::test]
+async fn a_detach_that_does_not_finish_is_forced() {
+    let cloud = cloud();
+    cloud.lock().stuck_detaches = true;
+    let record = run_job(&cloud, job("sim-stuck"), 1).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    assert!(record.warnings.is_empty(), "{:?}", record.warnings);
+    let state = cloud.lock();
+    assert!(state.calls.get("DetachVolume(force)").is_some_and(|n| *n >= 2), "{:?}", state.calls);
+    assert!(state.volumes.iter().all(|v| v.state == "deleted"), "{:?}", state.volumes);
+    assert_eq!(state.snapshots.len(), 2);
+}
+
+#[tokio::test]
+async fn a_volume_that_never_detaches_is_snapshotted_in_place_and_deleted_after_terminate() {
+    let cloud = cloud();
+    {
+        let mut state = cloud.lock();
+        state.stuck_detaches = true;
+        state.stuck_even_forced = true;
+    }
+    let record = run_job(&cloud, job("sim-wedged"), 2).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    assert_eq!(record.warnings.len(), 2, "{:?}", record.warnings);
+    assert!(record.warnings[0].contains("did not detach"), "{}", record.warnings[0]);
+    assert!(record.volumes.iter().all(|v| v.detach_abandoned && v.deleted));
+    assert_eq!(cloud.running_instances(), 0);
+    let state = cloud.lock();
+    assert!(state.volumes.iter().all(|v| v.state == "deleted"), "{:?}", state.volumes);
+    assert_eq!(state.snapshots.len(), 2, "the policy's snapshots are still taken");
+    let report =
+        String::from_utf8(state.objects.iter().find(|(k, _)| k.ends_with("/report.txt")).expect("report").1 .0.clone())
+            .expect("utf8");
+    assert!(report.contains("warning: volume vol-"), "{report}");
+}

@@ -311,12 +311,13 @@ impl Volumes for Ec2Volumes {
             .map_err(|e| cloud_error("ec2", "AttachVolume", e))
     }
 
-    async fn detach(&self, volume_id: &str, instance_id: &str) -> CloudResult<()> {
+    async fn detach(&self, volume_id: &str, instance_id: &str, force: bool) -> CloudResult<()> {
         let result = self
             .ec2
             .detach_volume()
             .volume_id(volume_id)
             .instance_id(instance_id)
+            .force(force)
             .send()
             .await
             .map(|_| ())

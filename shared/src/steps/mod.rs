@@ -221,7 +221,7 @@ async fn undo_lost_side_effects(ports: &Ports, cloud: &Cloud, before: &JobRecord
     for (volume_id, instance_id) in
         volumes(ours).into_iter().filter(|v| !known.contains(v) && !kept.iter().any(|k| k.0 == v.0))
     {
-        let _ = cloud.volumes.detach(&volume_id, &instance_id).await;
+        let _ = cloud.volumes.detach(&volume_id, &instance_id, false).await;
         if let Err(err) = cloud.volumes.delete_volume(&volume_id).await {
             warn!(%volume_id, error = %err, "could not delete a duplicate volume; the reaper will");
         }

@@ -135,6 +135,8 @@ async fn find_or_create(
         created_by_flotilla: created,
         detached: false,
         deleted: false,
+        detach_requests: 0,
+        detach_abandoned: false,
     };
     let (size_gib, volume_type, snapshot_id) = match &volume.source {
         VolumeSource::VolumeId(id) => return Ok(entry(id.clone(), false)),

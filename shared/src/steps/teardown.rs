@@ -17,6 +17,11 @@ use crate::steps::Next;
 
 /// Detach and terminate progress is checked this often.
 const TEARDOWN_POLL_SECONDS: u32 = 5;
+/// A detach still pending after this many polls is forced...
+const FORCE_DETACH_AFTER_REQUESTS: u32 = 12;
+/// ...and after this many teardown stops waiting: terminating the instance
+/// detaches the volume, and a job must not hang on one busy device.
+const ABANDON_DETACH_AFTER_REQUESTS: u32 = 24;
 
 pub async fn advance(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -> Result<Next, StepError> {
     match record.state {
@@ -30,19 +35,34 @@ async fn release_volumes(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -
     let now = ports.clock.now();
     // Detach: the command step already ran sync and umount.
     let mut waiting = 0;
-    for entry in record.volumes.iter_mut().filter(|v| !v.detached) {
+    let mut abandoned = Vec::new();
+    for entry in record.volumes.iter_mut().filter(|v| !v.detached && !v.detach_abandoned) {
         match cloud.volumes.describe_volume(&entry.volume_id).await? {
             None => entry.detached = true,
             Some(view) => match (view.state.as_str(), view.attached_to.as_deref()) {
                 ("available", None) => entry.detached = true,
                 (_, Some(owner)) if owner == entry.instance_id => {
-                    cloud.volumes.detach(&entry.volume_id, &entry.instance_id).await?;
+                    if entry.detach_requests >= ABANDON_DETACH_AFTER_REQUESTS {
+                        entry.detach_abandoned = true;
+                        abandoned.push(entry.volume_id.clone());
+                        continue;
+                    }
+                    entry.detach_requests += 1;
+                    let force = entry.detach_requests > FORCE_DETACH_AFTER_REQUESTS;
+                    cloud.volumes.detach(&entry.volume_id, &entry.instance_id, force).await?;
                     waiting += 1;
                 }
                 (_, Some(_other)) => entry.detached = true, // no longer ours to detach
                 _ => waiting += 1,
             },
         }
+    }
+    for volume_id in abandoned {
+        record.warnings.push(format!(
+            "volume {volume_id} did not detach after {ABANDON_DETACH_AFTER_REQUESTS} requests \
+             (the last {} forced): snapshotted while attached, deleted after the fleet terminated",
+            ABANDON_DETACH_AFTER_REQUESTS - FORCE_DETACH_AFTER_REQUESTS
+        ));
     }
     if waiting > 0 {
         record.reason = format!("detaching {waiting} volume(s)");
@@ -108,7 +128,7 @@ async fn release_volumes(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -
         prune(ports, cloud, record, &name, volume).await?;
     }
     // Snapshots copy from the point in time they start, so the volume may go now.
-    for entry in record.volumes.iter_mut().filter(|v| v.created_by_flotilla && !v.deleted) {
+    for entry in record.volumes.iter_mut().filter(|v| v.created_by_flotilla && !v.deleted && !v.detach_abandoned) {
         cloud.volumes.delete_volume(&entry.volume_id).await?;
         entry.deleted = true;
     }
@@ -174,6 +194,22 @@ async fn terminate_fleet(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -
             cloud.fleet.terminate(&to_stop).await?;
         }
         record.reason = format!("terminating {} instance(s)", alive.len());
+        return Ok(Next::After(TEARDOWN_POLL_SECONDS));
+    }
+    // Volumes that never detached are free once their instance is gone.
+    let mut still_attached = 0;
+    for entry in record.volumes.iter_mut().filter(|v| v.detach_abandoned && v.created_by_flotilla && !v.deleted) {
+        match cloud.volumes.describe_volume(&entry.volume_id).await? {
+            None => entry.deleted = true,
+            Some(view) if view.attached_to.is_none() => {
+                cloud.volumes.delete_volume(&entry.volume_id).await?;
+                entry.deleted = true;
+            }
+            Some(_) => still_attached += 1,
+        }
+    }
+    if still_attached > 0 {
+        record.reason = format!("waiting for {still_attached} volume(s) to detach from terminated instances");
         return Ok(Next::After(TEARDOWN_POLL_SECONDS));
     }
     for entry in &mut record.instances {
