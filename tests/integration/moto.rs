@@ -245,27 +245,30 @@ impl MotoStack {
                             lambda_runtime::LambdaEvent::new(event.clone(), Default::default()),
                         )
                     };
-                    let response = if duplicate {
+                    if duplicate {
+                        // Each copy fails or succeeds on its own, as two SQS receipts do.
                         let (a, b) = tokio::join!(call(), call());
-                        b.expect("intake b");
-                        a.expect("intake a")
+                        let mut failed = failures(&a.expect("intake a"));
+                        failed.extend(failures(&b.expect("intake b")));
+                        failed
                     } else {
-                        call().await.expect("intake")
-                    };
-                    failures(&response)
+                        failures(&call().await.expect("intake"))
+                    }
                 }
                 Some(step) => {
                     let batch: SqsEvent = serde_json::from_value(event.clone()).expect("sqs event");
-                    let response = if duplicate {
-                        let (a, _b) = tokio::join!(
+                    let failed_in = |response| failures(&serde_json::to_value(response).expect("json"));
+                    if duplicate {
+                        let (a, b) = tokio::join!(
                             handlers::step_batch(ports, step, batch.clone()),
                             handlers::step_batch(ports, step, batch)
                         );
-                        a
+                        let mut failed = failed_in(a);
+                        failed.extend(failed_in(b));
+                        failed
                     } else {
-                        handlers::step_batch(ports, step, batch).await
-                    };
-                    failures(&serde_json::to_value(response).expect("json"))
+                        failed_in(handlers::step_batch(ports, step, batch).await)
+                    }
                 }
             };
             for message in messages {
