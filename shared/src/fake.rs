@@ -209,19 +209,17 @@ impl Fleet for FakeCloud {
         let mut state = self.lock();
         FakeCloud::count(&mut state, "DescribeInstances");
         refresh(&mut state, now, self.boot_seconds);
-        Ok(state
+        let mut found: Vec<InstanceView> = state
             .instances
             .iter()
             .filter(|i| i.state != "terminated" && has_tags(&i.tags, &[(tags::JOB_ID, job_id)]))
             .map(view)
-            .collect::<Vec<_>>())
-        .map(|mut found| {
-            if state.stale_tag_lookups > 0 {
-                state.stale_tag_lookups -= 1;
-                found.pop();
-            }
-            found
-        })
+            .collect();
+        if state.stale_tag_lookups > 0 {
+            state.stale_tag_lookups -= 1;
+            found.pop();
+        }
+        Ok(found)
     }
 
     async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>> {

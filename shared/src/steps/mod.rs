@@ -91,9 +91,12 @@ pub async fn handle(ports: &Ports, message: &StepMessage) -> Result<Handled, Ste
             _ => &ports.cloud,
         };
         let result = match &assumed {
-            Some(Err(err)) => {
-                Err(StepError::Cloud(CloudError::api("sts", "AssumeRole", err_code(err), &err.to_string())))
-            }
+            Some(Err(err)) => Err(StepError::Cloud(CloudError::api(
+                "sts",
+                "AssumeRole",
+                err.code().unwrap_or("InvalidRole"),
+                &err.to_string(),
+            ))),
             _ => advance(ports, cloud, &mut record, message.step).await,
         };
         let next = match result {
@@ -163,13 +166,6 @@ fn permanent_error(
 
 const TEARDOWN_ATTEMPTS: u32 = 5;
 const TEARDOWN_BACKOFF_SECONDS: u32 = 30;
-
-fn err_code(err: &CloudError) -> &str {
-    match err {
-        CloudError::Api { code, .. } => code,
-        CloudError::Invalid(_) => "InvalidRole",
-    }
-}
 
 async fn advance(ports: &Ports, cloud: &Cloud, record: &mut JobRecord, step: Step) -> Result<Next, StepError> {
     let now = ports.clock.now();

@@ -35,7 +35,6 @@ async fn release_volumes(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -
     let now = ports.clock.now();
     // Detach: the command step already ran sync and umount.
     let mut waiting = 0;
-    let mut abandoned = Vec::new();
     for entry in record.volumes.iter_mut().filter(|v| !v.detached && !v.detach_abandoned) {
         match cloud.volumes.describe_volume(&entry.volume_id).await? {
             None => entry.detached = true,
@@ -44,7 +43,12 @@ async fn release_volumes(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -
                 (_, Some(owner)) if owner == entry.instance_id => {
                     if entry.detach_requests >= ABANDON_DETACH_AFTER_REQUESTS {
                         entry.detach_abandoned = true;
-                        abandoned.push(entry.volume_id.clone());
+                        record.warnings.push(format!(
+                            "volume {} did not detach after {ABANDON_DETACH_AFTER_REQUESTS} requests \
+                             (the last {} forced): snapshotted while attached, deleted after the fleet terminated",
+                            entry.volume_id,
+                            ABANDON_DETACH_AFTER_REQUESTS - FORCE_DETACH_AFTER_REQUESTS
+                        ));
                         continue;
                     }
                     entry.detach_requests += 1;
@@ -56,13 +60,6 @@ async fn release_volumes(ports: &Ports, cloud: &Cloud, record: &mut JobRecord) -
                 _ => waiting += 1,
             },
         }
-    }
-    for volume_id in abandoned {
-        record.warnings.push(format!(
-            "volume {volume_id} did not detach after {ABANDON_DETACH_AFTER_REQUESTS} requests \
-             (the last {} forced): snapshotted while attached, deleted after the fleet terminated",
-            ABANDON_DETACH_AFTER_REQUESTS - FORCE_DETACH_AFTER_REQUESTS
-        ));
     }
     if waiting > 0 {
         record.reason = format!("detaching {waiting} volume(s)");
