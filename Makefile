@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
-FUNCTIONS := intake launch readiness command teardown
+FUNCTIONS := intake reconcile tick
 
 .PHONY: help venv build build-functions test smoke lint local-up local-down demo clean
 

@@ -107,7 +107,7 @@ done
 hostile_instances=$(aws_local ec2 describe-instances --filters "Name=tag:flotilla:job-id,Values=smoke-hostile" \
   --query 'length(Reservations)' --output text)
 if [ "$hostile_instances" = 0 ]; then echo "ok   rejected jobs launched nothing"; else echo "FAIL a rejected job launched instances"; failures=$((failures + 1)); fi
-for dlq in flotilla-jobs-dlq flotilla-launch-dlq flotilla-readiness-dlq flotilla-command-dlq flotilla-teardown-dlq; do
+for dlq in flotilla-jobs-dlq flotilla-reconcile-dlq; do
   url=$(aws_local sqs get-queue-url --queue-name "$dlq" --query QueueUrl --output text)
   depth=$(aws_local sqs get-queue-attributes --queue-url "$url" --attribute-names ApproximateNumberOfMessages \
     --query Attributes.ApproximateNumberOfMessages --output text)

@@ -4,14 +4,18 @@ binaries, and an event pump between them.
 
   python tools/local_stack.py up        # start everything, write .flotilla/local.env
   python tools/local_stack.py down      # stop what `up` started, by pid
-  python tools/local_stack.py fire RULE # fire a schedule now
+  python tools/local_stack.py fire RULE # fire a schedule now (cron or rate)
   python tools/local_stack.py pump      # the pump itself (started by `up`)
 
 The pump delivers queue messages to the functions as real SQS event batches
 through cargo lambda's invoke endpoint. It honours partial batch failures
 (only successful records are deleted), visibility timeouts, and DLQs (moto
-moves a message after maxReceiveCount receives). It fires `rate(...)`
-schedules as real EventBridge "Scheduled Event" payloads.
+moves a message after maxReceiveCount receives). It fires enabled `rate(...)`
+schedules (the safety tick) as real EventBridge "Scheduled Event" payloads,
+every FLOTILLA_LOCAL_TICK_SECONDS (default 20) at most, so a stranded job is
+picked up quickly; `cron(...)` schedules fire only through `fire`.
+AWS::Events::Rule resources (EC2 and SSM events to the reconcile queue) are
+not delivered locally yet.
 """
 
 import datetime
@@ -38,8 +42,11 @@ MOTO_PORT = int(os.environ.get("FLOTILLA_MOTO_PORT", "5055"))
 INVOKE_PORT = int(os.environ.get("FLOTILLA_INVOKE_PORT", "9055"))
 ENDPOINT = f"http://127.0.0.1:{MOTO_PORT}"
 # Locally, failed records come back after this many seconds rather than the
-# template's 360 s, so a demo does not stall on one retry.
+# template's visibility timeouts, so a demo does not stall on one retry.
 LOCAL_VISIBILITY = int(os.environ.get("FLOTILLA_LOCAL_VISIBILITY_SECONDS", "10"))
+# Locally, rate(...) schedules (the safety tick, rate(5 minutes) in the
+# template) fire at least this often.
+LOCAL_TICK = int(os.environ.get("FLOTILLA_LOCAL_TICK_SECONDS", "20"))
 POLL_DELAY = os.environ.get("FLOTILLA_POLL_DELAY_SECONDS", "2")
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -78,8 +85,21 @@ def sub(value):
     return value.replace("${AWS::StackName}", STACK).replace("${AWS::AccountId}", ACCOUNT).replace("${AWS::Region}", REGION)
 
 
+def resolve(template, value):
+    """A parameter's Default for {"Ref": <parameter>}; other values unchanged."""
+    if isinstance(value, dict) and set(value) == {"Ref"}:
+        parameter = template.get("Parameters", {}).get(value["Ref"])
+        if parameter is None or "Default" not in parameter:
+            raise SystemExit(f"local-stack: template.yaml: cannot resolve {value} locally")
+        return parameter["Default"]
+    return value
+
+
 def wiring(template):
-    """Queues, bucket, and which function each queue and schedule feeds."""
+    """Queues, bucket, and which function each queue and schedule feeds.
+
+    Other resources (AWS::Events::Rule, AWS::SQS::QueuePolicy, IAM, ...) are
+    not wired locally."""
     resources = template["Resources"]
     queues, routes, schedules = {}, [], []
     bucket = None
@@ -99,15 +119,21 @@ def wiring(template):
         if resource["Type"] != "AWS::Serverless::Function":
             continue
         binary = resource["Metadata"]["BuildProperties"]["Binary"]
-        for event in resource["Properties"].get("Events", {}).values():
+        for event_name, event in resource["Properties"].get("Events", {}).items():
             if event["Type"] == "SQS":
                 queue = event["Properties"]["Queue"]["Fn::GetAtt"].split(".")[0]
                 routes.append({"queue": queue, "function": binary, "batch": event["Properties"].get("BatchSize", 10)})
             elif event["Type"] == "Schedule":
                 props = event["Properties"]
-                schedules.append({"name": sub(props["Name"]), "expression": props["Schedule"], "function": binary,
-                                  "enabled": props.get("Enabled", True)})
+                name = sub(props["Name"]) if "Name" in props else f"{STACK}-{logical}-{event_name}"
+                schedules.append({"name": name, "expression": resolve(template, props["Schedule"]), "function": binary,
+                                  "enabled": resolve(template, props.get("Enabled", True))})
     return queues, routes, schedules, bucket
+
+
+def event_rules(template):
+    """AWS::Events::Rule resources (not delivered locally yet)."""
+    return sorted(logical for logical, resource in template["Resources"].items() if resource["Type"] == "AWS::Events::Rule")
 
 
 # --- process management ---------------------------------------------------
@@ -178,13 +204,8 @@ def up():
         "AWS_SECRET_ACCESS_KEY": "testing",
         "FLOTILLA_BUCKET": bucket,
         "FLOTILLA_JOBS_QUEUE_URL": urls["JobsQueue"],
-        "FLOTILLA_LAUNCH_QUEUE_URL": urls["LaunchQueue"],
-        "FLOTILLA_READINESS_QUEUE_URL": urls["ReadinessQueue"],
-        "FLOTILLA_COMMAND_QUEUE_URL": urls["CommandQueue"],
-        "FLOTILLA_TEARDOWN_QUEUE_URL": urls["TeardownQueue"],
+        "FLOTILLA_RECONCILE_QUEUE_URL": urls["ReconcileQueue"],
         "FLOTILLA_POLL_DELAY_SECONDS": POLL_DELAY,
-        # Resend a lost step message once the visibility timeout has passed.
-        "FLOTILLA_OUTBOX_GRACE_SECONDS": str(LOCAL_VISIBILITY + 2),
         "FLOTILLA_INVOKE_URL": f"http://127.0.0.1:{INVOKE_PORT}",
         "RUST_LOG": "info",
     }
@@ -205,9 +226,14 @@ def up():
             "-A", "127.0.0.1", "-P", str(INVOKE_PORT), "--env-file", plain_env, "--concurrency", "2"]
     start("cargo-lambda-watch", argv, watch_env)
     wait_for(f"http://127.0.0.1:{INVOKE_PORT}/", 120, "cargo lambda watch")
-    log(f"cargo lambda watch serving {', '.join(sorted({r['function'] for r in routes}))} on port {INVOKE_PORT}")
+    served = {r["function"] for r in routes} | {s["function"] for s in schedules}
+    log(f"cargo lambda watch serving {', '.join(sorted(served))} on port {INVOKE_PORT}")
     start("pump", [sys.executable, os.path.abspath(__file__), "pump"])
-    log("event pump started; logs in .flotilla/logs/")
+    ticks = [f"{s['name']} every {local_interval(s['expression'])} s" for s in schedules if s["enabled"] and local_interval(s["expression"])]
+    log(f"event pump started ({', '.join(ticks) or 'no rate schedules'}); logs in .flotilla/logs/")
+    rules = event_rules(template)
+    if rules:
+        log(f"not delivered locally: EventBridge rules {', '.join(rules)}")
 
 
 def down(quiet=False):
@@ -284,13 +310,19 @@ def rate_seconds(expression):
     return int(amount) * {"minute": 60, "minutes": 60, "hour": 3600, "hours": 3600, "day": 86400, "days": 86400}[unit]
 
 
+def local_interval(expression):
+    """How often a schedule fires locally: a rate, capped at LOCAL_TICK; None for cron."""
+    seconds = rate_seconds(expression)
+    return min(seconds, LOCAL_TICK) if seconds else None
+
+
 def pump():
     template = load_template()
     queues, routes, schedules, _ = wiring(template)
     sqs, _ = clients()
     urls = {r["queue"]: sqs.get_queue_url(QueueName=queues[r["queue"]]["name"])["QueueUrl"] for r in routes}
     # Disabled rules never fire by themselves, as in EventBridge.
-    next_fire = {s["name"]: time.time() + rate_seconds(s["expression"]) for s in schedules if s["enabled"] and rate_seconds(s["expression"])}
+    next_fire = {s["name"]: time.time() + local_interval(s["expression"]) for s in schedules if s["enabled"] and local_interval(s["expression"])}
     while True:
         busy = False
         for route in routes:
@@ -315,7 +347,7 @@ def pump():
         now = time.time()
         for schedule in schedules:
             if schedule["name"] in next_fire and now >= next_fire[schedule["name"]]:
-                next_fire[schedule["name"]] = now + rate_seconds(schedule["expression"])
+                next_fire[schedule["name"]] = now + local_interval(schedule["expression"])
                 status, response = invoke(schedule["function"], scheduled_event(schedule["name"]))
                 log(f"schedule {schedule['name']}: {status} {str(response)[:200]}")
         if not busy:

@@ -20,17 +20,20 @@ impl SpecError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RetryClass {
-    /// Rate limited: retry later with backoff.
+    /// Rate limited, as the SDK's own classifier says: it already backed off
+    /// (adaptive mode); the job waits and tries again, and never fails for it.
     Throttled,
-    /// No capacity for this instance type or AZ: try another or fail over.
+    /// Transport error, timeout or 5xx, as the SDK's classifiers say.
+    Transient,
+    /// No capacity for this instance type, AZ or market: try the next option.
     Capacity,
-    /// Eventual consistency, e.g. an instance id SSM has not seen yet.
+    /// Eventual consistency right after a create, e.g. an instance id SSM
+    /// has not seen yet.
     NotYetVisible,
     /// The resource is gone; usually fine during teardown.
     NotFound,
-    /// Transport error or 5xx.
-    Transient,
-    /// Bad request, missing permission: retrying will not help.
+    /// Bad request, missing permission, a referenced resource that does not
+    /// exist: retrying will not help.
     Permanent,
 }
 
@@ -40,6 +43,10 @@ pub enum CloudError {
     Api { service: &'static str, operation: &'static str, code: String, message: String, class: RetryClass },
     #[error("{0}")]
     Invalid(String),
+    /// Only the simulator raises this: the process died at this await point,
+    /// after the call took effect. Nothing after it may run.
+    #[error("simulated crash in {0}")]
+    Crashed(&'static str),
 }
 
 impl CloudError {
@@ -47,6 +54,7 @@ impl CloudError {
         match self {
             CloudError::Api { class, .. } => *class,
             CloudError::Invalid(_) => RetryClass::Permanent,
+            CloudError::Crashed(_) => RetryClass::Transient,
         }
     }
 
@@ -54,62 +62,78 @@ impl CloudError {
         !matches!(self.class(), RetryClass::Permanent)
     }
 
+    /// Throttling or a transient fault: wait and try again, never fail for it.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.class(), RetryClass::Throttled | RetryClass::Transient)
+    }
+
     /// The AWS error code, for the few calls that treat one code specially.
     pub fn code(&self) -> Option<&str> {
         match self {
             CloudError::Api { code, .. } => Some(code),
-            CloudError::Invalid(_) => None,
+            _ => None,
         }
     }
 
+    /// An error whose class comes from the domain table alone (fakes, tests).
     pub fn api(service: &'static str, operation: &'static str, code: &str, message: &str) -> Self {
-        CloudError::Api {
-            service,
-            operation,
-            code: code.to_string(),
-            message: message.to_string(),
-            class: classify(code),
-        }
+        let class = classify(code).unwrap_or(RetryClass::Permanent);
+        CloudError::Api { service, operation, code: code.to_string(), message: message.to_string(), class }
+    }
+
+    /// An error the SDK classified first: `sdk` is its verdict for codes the
+    /// domain table does not know.
+    pub fn classified(
+        service: &'static str,
+        operation: &'static str,
+        code: &str,
+        message: &str,
+        sdk: Option<RetryClass>,
+    ) -> Self {
+        let class = sdk.or_else(|| classify(code)).unwrap_or(RetryClass::Permanent);
+        CloudError::Api { service, operation, code: code.to_string(), message: message.to_string(), class }
     }
 }
 
-/// Map an AWS error code to a retry class.
-pub fn classify(code: &str) -> RetryClass {
-    match code {
-        "Throttling"
-        | "ThrottlingException"
-        | "RequestLimitExceeded"
-        | "TooManyRequestsException"
-        | "SlowDown"
-        | "RequestThrottled" => RetryClass::Throttled,
+/// The classes the SDK cannot know. Throttling and transient faults are not
+/// here: the SDK's retry classifiers decide those (see `aws::cloud_error`).
+pub fn classify(code: &str) -> Option<RetryClass> {
+    Some(match code {
+        // EC2 "Insufficient capacity" and spot errors, docs: AWSEC2/latest/APIReference/errors-overview.html
         "InsufficientInstanceCapacity"
         | "InsufficientCapacity"
         | "InsufficientHostCapacity"
         | "InsufficientReservedInstanceCapacity"
+        | "InsufficientFreeAddressesInSubnet"
+        | "InsufficientCapacityOnHost"
+        | "Unsupported"
         | "SpotMaxPriceTooLow"
         | "MaxSpotInstanceCountExceeded"
         | "InstanceLimitExceeded"
-        | "Unsupported" => RetryClass::Capacity,
-        "InvalidInstanceId" | "InvalidInstanceID.NotFound" | "InvalidInstanceInformationFilterValue" => {
+        | "VcpuLimitExceeded" => RetryClass::Capacity,
+        // EC2 "Eventual consistency" (AWSEC2/latest/devguide/eventual-consistency.html); SSM
+        // answers InvalidInstanceId until the agent registers (SendCommand reference).
+        "InvalidInstanceID.NotFound" | "InvalidInstanceId" | "InvalidInstanceInformationFilterValue" => {
             RetryClass::NotYetVisible
         }
         "InvalidVolume.NotFound"
-        | "InvalidSnapshot.NotFound"
         | "InvalidAttachment.NotFound"
         | "NoSuchKey"
         | "NotFound"
         | "InvocationDoesNotExist"
         | "InvalidCommandId"
-        | "IncorrectState"
-        | "IncorrectInstanceState" => RetryClass::NotFound,
-        "" | "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" | "dispatch" | "timeout"
-        | "response" => RetryClass::Transient,
-        _ => RetryClass::Permanent,
-    }
+        | "InvalidSnapshot.NotFound" => RetryClass::NotFound,
+        // The simulator's and our own transport labels.
+        "InternalError" | "InternalFailure" | "ServiceUnavailable" | "dispatch" | "timeout" | "response" => {
+            RetryClass::Transient
+        }
+        "Throttling" | "ThrottlingException" | "RequestLimitExceeded" => RetryClass::Throttled,
+        _ => return None,
+    })
 }
 
-/// Why a step could not complete. Retryable errors leave the SQS message to be
-/// redelivered; the rest fail the job with a reason.
+/// Why handling a message could not complete. Retryable errors leave the SQS
+/// message to be redelivered; the rest are recorded and dropped.
 #[derive(Debug, Error)]
 pub enum StepError {
     #[error(transparent)]
@@ -118,16 +142,13 @@ pub enum StepError {
     RecordMissing(String),
     #[error("job record {job_id} is corrupt: {reason}")]
     RecordCorrupt { job_id: String, reason: String },
-    #[error("unreadable step message: {0}")]
+    #[error("unreadable message: {0}")]
     BadMessage(String),
-    #[error("illegal transition: {0}")]
-    Illegal(String),
     #[error("job {0}: record kept changing; will retry")]
     Contended(String),
-    /// This message's successor was sent moments ago and may still be on its
-    /// way; ask again later rather than resend it or drop this message.
-    #[error("job {0}: next step message may still be in flight")]
-    OutboxPending(String),
+    /// Another reconciler took the lease over (ours had expired): stop at once.
+    #[error("job {0}: lease lost to another reconciler")]
+    LeaseLost(String),
 }
 
 impl StepError {
@@ -135,7 +156,7 @@ impl StepError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StepError::Cloud(err) => err.is_retryable(),
-            StepError::Contended(_) | StepError::OutboxPending(_) => true,
+            StepError::Contended(_) | StepError::LeaseLost(_) => true,
             _ => false,
         }
     }

@@ -1,31 +1,141 @@
-//! An in-memory fake cloud behind the same ports, on a virtual clock.
+//! The simulated cloud: the same ports as AWS, on a virtual clock, with
+//! realistic latencies and seeded faults. It is for faults and scale, beside
+//! moto (which the SDK adapters are tested against), never instead of it.
 //!
-//! It is for scenario tests and, later, fault injection and scale simulation;
-//! the SDK adapters are tested against moto instead. Instances boot, agents
-//! come Online and commands finish as virtual time passes; a `CommandBehaviour`
-//! decides each command's exit code, output and duration.
+//! - Time moves only when the simulator says: every call costs a few tens of
+//!   milliseconds of virtual time, and instances, agents, volumes and
+//!   snapshots change state when their moment passes.
+//! - Every call is an await point where the seeded scheduler may yield, so
+//!   two reconcilers joined on one thread interleave deterministically.
+//! - RunInstances and CreateVolume honour ClientTokens as EC2 documents,
+//!   `IdempotentParameterMismatch` included.
+//! - It keeps the evidence the invariant checkers need: every command run
+//!   per shard, every volume deletion and the snapshots it had then.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context as TaskContext, Poll};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 
 use crate::error::CloudError;
-use crate::lifecycle::StepMessage;
 use crate::ports::*;
-use crate::record::{record_key, JobRecord};
+use crate::reconcile::WakeMessage;
+use crate::record::{active_key, record_key, JobRecord};
+use crate::spec::Market;
 
 /// What a command does on one instance: (exit code, stdout, seconds it takes).
 pub type CommandBehaviour = Arc<dyn Fn(&CommandRequest, &str) -> (i32, String, i64) + Send + Sync>;
+
+/// splitmix64: small, fast, and the same on every machine.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        if hi <= lo {
+            return lo;
+        }
+        lo + (self.next_u64() % ((hi - lo + 1) as u64)) as i64
+    }
+
+    pub fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && (self.next_u64() as f64 / u64::MAX as f64) < p
+    }
+}
+
+/// Latencies, in virtual seconds, drawn per resource.
+#[derive(Debug, Clone)]
+pub struct Latencies {
+    pub running: (i64, i64),
+    pub agent: (i64, i64),
+    pub shutting_down: (i64, i64),
+    pub volume_create: (i64, i64),
+    pub attach: (i64, i64),
+    pub snapshot: (i64, i64),
+    /// Milliseconds each API call takes.
+    pub call_ms: (i64, i64),
+}
+
+impl Latencies {
+    /// As AWS behaves: 5-18 s to running, 30 s to 6 min for SSM, snapshots in minutes.
+    pub fn realistic() -> Self {
+        Latencies {
+            running: (5, 18),
+            agent: (30, 360),
+            shutting_down: (5, 60),
+            volume_create: (1, 10),
+            attach: (1, 8),
+            snapshot: (60, 600),
+            call_ms: (20, 250),
+        }
+    }
+
+    /// Short and fixed, for scenario tests that count calls.
+    pub fn quick() -> Self {
+        Latencies {
+            running: (30, 30),
+            agent: (60, 60),
+            shutting_down: (0, 0),
+            volume_create: (0, 0),
+            attach: (0, 0),
+            snapshot: (0, 0),
+            call_ms: (0, 0),
+        }
+    }
+}
+
+/// Seeded faults. Probabilities are per call (or per resource where noted).
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// A call fails with a throttling or 5xx error (before taking effect).
+    pub transient: f64,
+    /// A mutating call takes effect, then the process dies (the pass ends).
+    pub crash_after: f64,
+    /// Instance types EC2 has no capacity for (InsufficientInstanceCapacity).
+    pub no_capacity: BTreeSet<String>,
+    /// Spot has no capacity at all (spot capacity-not-available).
+    pub no_spot_capacity: bool,
+    /// Per instance: its agent never registers.
+    pub agent_never: f64,
+    /// Per snapshot: it ends in `error`.
+    pub snapshot_error: f64,
+    /// Per command invocation: exit 1 / hang until the timeout.
+    pub command_fail: f64,
+    pub command_hang: f64,
+    /// The scheduler yields at an await point with this probability.
+    pub yield_rate: f64,
+}
 
 #[derive(Debug, Clone)]
 pub struct FakeInstance {
     pub id: String,
     pub state: String,
     pub az: String,
+    pub instance_type: String,
+    pub market: Market,
     pub tags: BTreeMap<String, String>,
     pub launched_at: DateTime<Utc>,
+    pub running_at: DateTime<Utc>,
+    /// None: its agent never comes Online (no profile, or a fault).
+    pub online_at: Option<DateTime<Utc>>,
+    pub terminated_at: Option<DateTime<Utc>>,
     pub launch_index: u32,
 }
 
@@ -35,6 +145,7 @@ pub struct FakeVolume {
     pub state: String,
     pub az: String,
     pub attached_to: Option<String>,
+    pub available_at: DateTime<Utc>,
     pub tags: BTreeMap<String, String>,
 }
 
@@ -43,7 +154,28 @@ pub struct FakeSnapshot {
     pub id: String,
     pub volume_id: String,
     pub started_at: DateTime<Utc>,
+    pub completes_at: DateTime<Utc>,
+    pub fails: bool,
     pub tags: BTreeMap<String, String>,
+}
+
+impl FakeSnapshot {
+    fn state(&self, now: DateTime<Utc>) -> &'static str {
+        match (now >= self.completes_at, self.fails) {
+            (false, _) => "pending",
+            (true, true) => "error",
+            (true, false) => "completed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeRun {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub finishes_at: DateTime<Utc>,
+    /// Set when its instance stopped or terminated before it finished.
+    pub died_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,64 +183,76 @@ pub struct FakeCommand {
     pub id: String,
     pub request: CommandRequest,
     pub sent_at: DateTime<Utc>,
-    pub cancelled: bool,
-    /// Per instance: exit code, stdout, finishes at.
-    pub results: BTreeMap<String, (i32, String, DateTime<Utc>)>,
+    pub cancelled_at: Option<DateTime<Utc>>,
+    pub runs: BTreeMap<String, FakeRun>,
+}
+
+/// Evidence for the invariant checkers.
+#[derive(Debug, Clone, Default)]
+pub struct Evidence {
+    /// (job id, shard, phase, instance, from, until) of every command run.
+    pub runs: Vec<(String, u32, String, String, DateTime<Utc>, DateTime<Utc>)>,
+    /// (volume id, its tags, completed snapshots of it at that moment).
+    pub deleted_volumes: Vec<(String, BTreeMap<String, String>, Vec<String>)>,
 }
 
 #[derive(Default)]
 pub struct FakeState {
     pub now: Option<DateTime<Utc>>,
+    pub rng: Option<Rng>,
     pub instances: Vec<FakeInstance>,
     pub volumes: Vec<FakeVolume>,
     pub snapshots: Vec<FakeSnapshot>,
     pub commands: Vec<FakeCommand>,
     pub objects: BTreeMap<String, (Vec<u8>, u64)>,
-    pub queue: VecDeque<(DateTime<Utc>, StepMessage)>,
-    pub launch_tokens: BTreeMap<String, Vec<String>>,
+    pub queue: VecDeque<(DateTime<Utc>, WakeMessage)>,
+    /// ClientToken -> (request fingerprint, instance ids).
+    pub launch_tokens: BTreeMap<String, (String, Vec<String>)>,
+    pub volume_tokens: BTreeMap<String, String>,
     pub next_id: u64,
-    /// Counts of each call, for assertions and rate checks.
+    /// Counts of each call, for assertions and the call budget.
     pub calls: BTreeMap<&'static str, u64>,
-    /// Fault injection: this many SendMessage calls fail (as after a crash).
-    pub fail_sends: u32,
+    pub faults: Faults,
     /// Roles assumed, with their external ids; roles listed in `refused_roles` are denied.
     pub assumed_roles: Vec<(String, Option<String>)>,
     pub refused_roles: Vec<String>,
-    /// Fault injection: the next call of each named operation takes effect,
-    /// then fails, as if the caller crashed before seeing the reply.
+    /// The next call of each named operation takes effect, then the caller
+    /// crashes before seeing the reply.
     pub crash_after: Vec<&'static str>,
-    /// Fault injection: this many instance tag lookups miss the newest
-    /// instance, as an eventually consistent DescribeInstances does.
-    pub stale_tag_lookups: u32,
-    /// Fault injection: this many volume describes show the volume as
-    /// available and unattached, as a read that lags a racing attach does.
-    pub stale_volume_views: u32,
-    /// Fault injection: DetachVolume is accepted but never completes (a busy
-    /// device); a forced detach still works unless `stuck_even_forced`.
-    pub stuck_detaches: bool,
-    pub stuck_even_forced: bool,
+    /// Fault injection: this many SendMessage calls fail.
+    pub fail_sends: u32,
+    pub evidence: Evidence,
+    /// Snapshot ids that do not exist: CreateVolume from one is refused.
+    pub missing_snapshots: BTreeSet<String>,
 }
 
 #[derive(Clone)]
 pub struct FakeCloud {
     pub state: Arc<Mutex<FakeState>>,
     behaviour: CommandBehaviour,
-    /// Seconds from launch until running, and until the agent is Online.
-    pub boot_seconds: i64,
-    pub agent_seconds: i64,
+    pub latencies: Latencies,
     bucket: String,
 }
 
 impl FakeCloud {
     pub fn new(start: DateTime<Utc>) -> Self {
-        let state = FakeState { now: Some(start), ..Default::default() };
+        let state = FakeState { now: Some(start), rng: Some(Rng::new(1)), ..Default::default() };
         FakeCloud {
             state: Arc::new(Mutex::new(state)),
             behaviour: Arc::new(|_, _| (0, "ok".to_string(), 5)),
-            boot_seconds: 30,
-            agent_seconds: 60,
+            latencies: Latencies::quick(),
             bucket: "fake-bucket".to_string(),
         }
+    }
+
+    pub fn seeded(start: DateTime<Utc>, seed: u64, latencies: Latencies, faults: Faults) -> Self {
+        let cloud = FakeCloud::new(start);
+        {
+            let mut state = cloud.lock();
+            state.rng = Some(Rng::new(seed));
+            state.faults = faults;
+        }
+        FakeCloud { latencies, ..cloud }
     }
 
     pub fn with_behaviour(mut self, behaviour: CommandBehaviour) -> Self {
@@ -129,6 +273,7 @@ impl FakeCloud {
         if state.now.is_none_or(|now| at > now) {
             state.now = Some(at);
         }
+        refresh(&mut state);
     }
 
     fn cloud(&self) -> Cloud {
@@ -146,11 +291,11 @@ impl FakeCloud {
         }
     }
 
+    /// Instances not terminated (stopped ones count: they still cost their volumes).
     pub fn running_instances(&self) -> usize {
-        let now = self.now();
         let mut state = self.lock();
-        refresh(&mut state, now, self.boot_seconds);
-        state.instances.iter().filter(|i| i.state != "terminated").count()
+        refresh(&mut state);
+        state.instances.iter().filter(|i| i.state != "terminated" && i.state != "shutting-down").count()
     }
 
     pub fn record(&self, job_id: &str) -> Option<JobRecord> {
@@ -158,32 +303,123 @@ impl FakeCloud {
         state.objects.get(&record_key(job_id)).and_then(|(body, _)| serde_json::from_slice(body).ok())
     }
 
+    pub fn record_bytes(&self, job_id: &str) -> usize {
+        self.lock().objects.get(&record_key(job_id)).map(|(body, _)| body.len()).unwrap_or(0)
+    }
+
+    /// Stop or kill an instance now, as a user or EC2 would.
+    pub fn set_instance_state(&self, instance_id: &str, state_name: &str) {
+        let mut state = self.lock();
+        let now = state.now.unwrap_or_default();
+        if let Some(instance) = state.instances.iter_mut().find(|i| i.id == instance_id) {
+            if instance.state == "terminated" {
+                return;
+            }
+            instance.state = state_name.to_string();
+            if state_name == "terminated" {
+                instance.terminated_at = Some(now);
+            }
+        }
+        refresh(&mut state);
+    }
+
     fn next_id(state: &mut FakeState, prefix: &str) -> String {
         state.next_id += 1;
         format!("{prefix}-{:017x}", state.next_id)
     }
 
-    fn count(state: &mut FakeState, call: &'static str) {
-        *state.calls.entry(call).or_default() += 1;
+    /// Every call: count it, let virtual time pass, maybe fail before it
+    /// takes effect, and maybe yield to the other reconciler.
+    async fn call(&self, operation: &'static str, mutating: bool) -> CloudResult<()> {
+        let yield_now = {
+            let mut state = self.lock();
+            *state.calls.entry(operation).or_default() += 1;
+            let (lo, hi) = self.latencies.call_ms;
+            let (transient_rate, yield_rate) = (state.faults.transient, state.faults.yield_rate);
+            let rng = state.rng.as_mut().expect("rng");
+            let ms = rng.range(lo, hi);
+            let transient = rng.chance(transient_rate);
+            let yields = rng.chance(yield_rate);
+            let now = state.now.unwrap_or_default() + Duration::milliseconds(ms);
+            state.now = Some(now);
+            refresh(&mut state);
+            if transient {
+                let code = if mutating { "RequestLimitExceeded" } else { "ServiceUnavailable" };
+                return Err(CloudError::api("ec2", operation, code, "injected"));
+            }
+            yields
+        };
+        if yield_now {
+            YieldOnce(false).await;
+        }
+        Ok(())
     }
 
-    /// After an operation took effect: fail if a crash was injected here.
-    fn crash_point(state: &mut FakeState, call: &'static str) -> CloudResult<()> {
-        match state.crash_after.iter().position(|c| *c == call) {
-            Some(index) => {
-                state.crash_after.remove(index);
-                // Transient, as a Lambda that died mid-call: SQS redelivers the message.
-                Err(CloudError::api("ec2", call, "InternalError", "injected: crashed before the reply"))
-            }
-            None => Ok(()),
+    /// After a call took effect: maybe the process dies before the reply.
+    fn after(&self, state: &mut FakeState, operation: &'static str) -> CloudResult<()> {
+        if let Some(index) = state.crash_after.iter().position(|c| *c == operation) {
+            state.crash_after.remove(index);
+            return Err(CloudError::Crashed(operation));
+        }
+        let p = state.faults.crash_after;
+        if state.rng.as_mut().expect("rng").chance(p) {
+            return Err(CloudError::Crashed(operation));
+        }
+        Ok(())
+    }
+}
+
+/// Returns Pending once, waking itself: the executor polls the other branch.
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        if self.0 {
+            Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
         }
     }
 }
 
-fn refresh(state: &mut FakeState, now: DateTime<Utc>, boot_seconds: i64) {
+/// Move every resource to the state its moment says.
+fn refresh(state: &mut FakeState) {
+    let now = state.now.unwrap_or_default();
+    let mut ended: Vec<String> = Vec::new();
     for instance in &mut state.instances {
-        if instance.state == "pending" && now >= instance.launched_at + Duration::seconds(boot_seconds) {
+        if instance.state == "pending" && now >= instance.running_at {
             instance.state = "running".to_string();
+        }
+        if instance.state == "shutting-down" && instance.terminated_at.is_some_and(|at| now >= at) {
+            instance.state = "terminated".to_string();
+        }
+        if matches!(instance.state.as_str(), "terminated" | "stopped" | "stopping" | "shutting-down") {
+            ended.push(instance.id.clone());
+        }
+    }
+    for volume in &mut state.volumes {
+        if volume.state == "creating" && now >= volume.available_at {
+            volume.state = "available".to_string();
+        }
+        // EC2 detaches a volume when its instance terminates.
+        if let Some(owner) = &volume.attached_to {
+            let gone = state.instances.iter().any(|i| &i.id == owner && i.state == "terminated");
+            if gone {
+                volume.attached_to = None;
+                volume.state = "available".to_string();
+            } else if volume.state == "attaching" && now >= volume.available_at {
+                volume.state = "in-use".to_string();
+            }
+        }
+    }
+    for command in &mut state.commands {
+        for (instance_id, run) in command.runs.iter_mut() {
+            if run.died_at.is_none() && now < run.finishes_at && ended.contains(instance_id) {
+                run.died_at = Some(now);
+            }
         }
     }
 }
@@ -198,85 +434,118 @@ impl Clock for FakeCloud {
     }
 }
 
-#[async_trait]
-impl Fleet for FakeCloud {
-    async fn resolve_image(&self, parameter: &str) -> CloudResult<String> {
-        Ok(format!("ami-{:016x}", parameter.len()))
-    }
-
-    async fn find_instances(&self, job_id: &str) -> CloudResult<Vec<InstanceView>> {
-        let now = self.now();
-        let mut state = self.lock();
-        FakeCloud::count(&mut state, "DescribeInstances");
-        refresh(&mut state, now, self.boot_seconds);
-        let mut found: Vec<InstanceView> = state
-            .instances
-            .iter()
-            .filter(|i| i.state != "terminated" && has_tags(&i.tags, &[(tags::JOB_ID, job_id)]))
-            .map(view)
-            .collect();
-        if state.stale_tag_lookups > 0 {
-            state.stale_tag_lookups -= 1;
-            found.pop();
-        }
-        Ok(found)
-    }
-
-    async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>> {
-        let now = self.now();
-        let mut state = self.lock();
-        FakeCloud::count(&mut state, "RunInstances");
-        if let Some(ids) = state.launch_tokens.get(&request.client_token).cloned() {
-            return Ok(state.instances.iter().filter(|i| ids.contains(&i.id)).map(view).collect());
-        }
-        let mut ids = Vec::new();
-        for index in 0..request.count {
-            let id = FakeCloud::next_id(&mut state, "i");
-            state.instances.push(FakeInstance {
-                id: id.clone(),
-                state: "pending".into(),
-                az: "us-east-1a".into(),
-                tags: request.tags.clone(),
-                launched_at: now,
-                launch_index: index,
-            });
-            ids.push(id);
-        }
-        state.launch_tokens.insert(request.client_token.clone(), ids.clone());
-        FakeCloud::crash_point(&mut state, "RunInstances")?;
-        Ok(state.instances.iter().filter(|i| ids.contains(&i.id)).map(view).collect())
-    }
-
-    async fn describe(&self, instance_ids: &[String]) -> CloudResult<Vec<InstanceView>> {
-        let now = self.now();
-        let mut state = self.lock();
-        FakeCloud::count(&mut state, "DescribeInstances");
-        refresh(&mut state, now, self.boot_seconds);
-        Ok(state.instances.iter().filter(|i| instance_ids.contains(&i.id)).map(view).collect())
-    }
-
-    async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()> {
-        let mut state = self.lock();
-        FakeCloud::count(&mut state, "TerminateInstances");
-        for instance in state.instances.iter_mut().filter(|i| instance_ids.contains(&i.id)) {
-            instance.state = "terminated".into();
-        }
-        for volume in state.volumes.iter_mut() {
-            if volume.attached_to.as_ref().is_some_and(|id| instance_ids.contains(id)) {
-                volume.attached_to = None;
-                volume.state = "available".into();
-            }
-        }
-        Ok(())
-    }
-}
-
 fn view(instance: &FakeInstance) -> InstanceView {
     InstanceView {
         instance_id: instance.id.clone(),
         state: instance.state.clone(),
         availability_zone: instance.az.clone(),
         launch_index: instance.launch_index,
+        job_id: instance.tags.get(tags::JOB_ID).cloned(),
+    }
+}
+
+fn fingerprint(request: &LaunchRequest) -> String {
+    format!(
+        "{}|{:?}|{:?}|{:?}|{:?}|{}",
+        request.instance_type, request.image_id, request.subnet_id, request.market, request.instance_profile, request.count
+    )
+}
+
+#[async_trait]
+impl Fleet for FakeCloud {
+    async fn resolve_image(&self, parameter: &str) -> CloudResult<String> {
+        self.call("GetParameter", false).await?;
+        Ok(format!("ami-{:016x}", parameter.len()))
+    }
+
+    async fn find_instances(&self, job_id: &str) -> CloudResult<Vec<InstanceView>> {
+        self.call("DescribeInstances", false).await?;
+        let state = self.lock();
+        Ok(state.instances.iter().filter(|i| has_tags(&i.tags, &[(tags::JOB_ID, job_id)])).map(view).collect())
+    }
+
+    async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>> {
+        self.call("RunInstances", true).await?;
+        let mut state = self.lock();
+        let now = state.now.unwrap_or_default();
+        if let Some((print, ids)) = state.launch_tokens.get(&request.client_token).cloned() {
+            if print != fingerprint(request) {
+                return Err(CloudError::api(
+                    "ec2",
+                    "RunInstances",
+                    "IdempotentParameterMismatch",
+                    "the client token was used with different parameters",
+                ));
+            }
+            return Ok(state.instances.iter().filter(|i| ids.contains(&i.id)).map(view).collect());
+        }
+        if state.faults.no_capacity.contains(&request.instance_type) {
+            return Err(CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "no capacity"));
+        }
+        if request.market == Market::Spot && state.faults.no_spot_capacity {
+            return Err(CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "spot capacity-not-available"));
+        }
+        let mut ids = Vec::new();
+        for index in 0..request.count {
+            let id = FakeCloud::next_id(&mut state, "i");
+            let l = &self.latencies;
+            let agent_never = state.faults.agent_never;
+            let rng = state.rng.as_mut().expect("rng");
+            let running_at = now + Duration::seconds(rng.range(l.running.0, l.running.1));
+            let online_at = running_at + Duration::seconds(rng.range(l.agent.0, l.agent.1));
+            // The agent needs an instance profile (or Default Host Management).
+            let online = request.instance_profile.is_some() && !rng.chance(agent_never);
+            let az = ["us-east-1a", "us-east-1b"][usize::from(request.subnet_id.as_deref().is_some_and(|s| s.ends_with('b')))];
+            let mut instance_tags = request.tags.clone();
+            instance_tags.insert(tags::LAUNCH.to_string(), request.client_token.clone());
+            state.instances.push(FakeInstance {
+                id: id.clone(),
+                state: "pending".into(),
+                az: az.to_string(),
+                instance_type: request.instance_type.clone(),
+                market: request.market,
+                tags: instance_tags,
+                launched_at: now,
+                running_at,
+                online_at: online.then_some(online_at),
+                terminated_at: None,
+                launch_index: index,
+            });
+            ids.push(id);
+        }
+        state.launch_tokens.insert(request.client_token.clone(), (fingerprint(request), ids.clone()));
+        self.after(&mut state, "RunInstances")?;
+        Ok(state.instances.iter().filter(|i| ids.contains(&i.id)).map(view).collect())
+    }
+
+    async fn describe(&self, instance_ids: &[String]) -> CloudResult<Vec<InstanceView>> {
+        self.call("DescribeInstances", false).await?;
+        let state = self.lock();
+        Ok(state.instances.iter().filter(|i| instance_ids.contains(&i.id)).map(view).collect())
+    }
+
+    async fn job_of(&self, instance_id: &str) -> CloudResult<Option<String>> {
+        self.call("DescribeInstances", false).await?;
+        let state = self.lock();
+        Ok(state.instances.iter().find(|i| i.id == instance_id).and_then(|i| i.tags.get(tags::JOB_ID).cloned()))
+    }
+
+    async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()> {
+        self.call("TerminateInstances", true).await?;
+        let mut state = self.lock();
+        let now = state.now.unwrap_or_default();
+        let (lo, hi) = self.latencies.shutting_down;
+        for id in instance_ids {
+            let delay = state.rng.as_mut().expect("rng").range(lo, hi);
+            if let Some(instance) = state.instances.iter_mut().find(|i| &i.id == id) {
+                if !matches!(instance.state.as_str(), "terminated" | "shutting-down") {
+                    instance.state = "shutting-down".into();
+                    instance.terminated_at = Some(now + Duration::seconds(delay));
+                }
+            }
+        }
+        refresh(&mut state);
+        self.after(&mut state, "TerminateInstances")
     }
 }
 
@@ -297,63 +566,78 @@ fn not_found(operation: &'static str, code: &str) -> CloudError {
 #[async_trait]
 impl Volumes for FakeCloud {
     async fn find_volumes(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<VolumeView>> {
+        self.call("DescribeVolumes", false).await?;
         let state = self.lock();
         Ok(state.volumes.iter().filter(|v| v.state != "deleted" && has_tags(&v.tags, tags)).map(volume_view).collect())
     }
 
     async fn describe_volume(&self, volume_id: &str) -> CloudResult<Option<VolumeView>> {
-        let mut state = self.lock();
-        let mut view = state.volumes.iter().find(|v| v.id == volume_id && v.state != "deleted").map(volume_view);
-        if let Some(view) = view.as_mut().filter(|v| v.attached_to.is_some()) {
-            if state.stale_volume_views > 0 {
-                state.stale_volume_views -= 1;
-                view.state = "available".into();
-                view.attached_to = None;
-            }
-        }
-        Ok(view)
+        self.call("DescribeVolumes", false).await?;
+        let state = self.lock();
+        Ok(state.volumes.iter().find(|v| v.id == volume_id && v.state != "deleted").map(volume_view))
     }
 
     async fn create_volume(&self, request: &NewVolume) -> CloudResult<VolumeView> {
+        self.call("CreateVolume", true).await?;
         let mut state = self.lock();
-        FakeCloud::count(&mut state, "CreateVolume");
+        if let Some(id) = state.volume_tokens.get(&request.client_token).cloned() {
+            if let Some(volume) = state.volumes.iter().find(|v| v.id == id) {
+                return Ok(volume_view(volume));
+            }
+        }
+        if let Some(snapshot) = &request.snapshot_id {
+            if state.missing_snapshots.contains(snapshot) {
+                return Err(CloudError::api("ec2", "CreateVolume", "InvalidSnapshot.NotFound", "no such snapshot"));
+            }
+        }
+        let now = state.now.unwrap_or_default();
+        let (lo, hi) = self.latencies.volume_create;
+        let delay = state.rng.as_mut().expect("rng").range(lo, hi);
         let id = FakeCloud::next_id(&mut state, "vol");
+        let mut volume_tags = request.tags.clone();
+        volume_tags.insert(tags::MANAGED_BY.into(), tags::MANAGED_BY_VALUE.into());
         let volume = FakeVolume {
-            id,
-            state: "available".into(),
+            id: id.clone(),
+            state: if delay == 0 { "available".into() } else { "creating".into() },
             az: request.availability_zone.clone(),
             attached_to: None,
-            tags: request.tags.clone(),
+            available_at: now + Duration::seconds(delay),
+            tags: volume_tags,
         };
         state.volumes.push(volume.clone());
+        state.volume_tokens.insert(request.client_token.clone(), id);
+        self.after(&mut state, "CreateVolume")?;
         Ok(volume_view(&volume))
     }
 
     async fn attach(&self, volume_id: &str, instance_id: &str, _device: &str) -> CloudResult<()> {
+        self.call("AttachVolume", true).await?;
         let mut state = self.lock();
-        FakeCloud::count(&mut state, "AttachVolume");
+        let now = state.now.unwrap_or_default();
+        let (lo, hi) = self.latencies.attach;
+        let delay = state.rng.as_mut().expect("rng").range(lo, hi);
+        let alive = state.instances.iter().any(|i| i.id == instance_id && i.state == "running");
         let volume = state
             .volumes
             .iter_mut()
-            .find(|v| v.id == volume_id)
+            .find(|v| v.id == volume_id && v.state != "deleted")
             .ok_or_else(|| not_found("AttachVolume", "InvalidVolume.NotFound"))?;
         if volume.attached_to.is_some() {
             return Err(CloudError::api("ec2", "AttachVolume", "VolumeInUse", "already attached"));
         }
+        if volume.state != "available" || !alive {
+            return Err(CloudError::api("ec2", "AttachVolume", "IncorrectState", "not available"));
+        }
         volume.attached_to = Some(instance_id.to_string());
-        volume.state = "in-use".into();
-        Ok(())
+        volume.state = if delay == 0 { "in-use".into() } else { "attaching".into() };
+        volume.available_at = now + Duration::seconds(delay);
+        self.after(&mut state, "AttachVolume")
     }
 
-    async fn detach(&self, volume_id: &str, _instance_id: &str, force: bool) -> CloudResult<()> {
+    async fn detach(&self, volume_id: &str, _instance_id: &str, _force: bool) -> CloudResult<()> {
+        self.call("DetachVolume", true).await?;
         let mut state = self.lock();
-        FakeCloud::count(&mut state, if force { "DetachVolume(force)" } else { "DetachVolume" });
-        let stuck = state.stuck_detaches;
-        let forced_free = force && !state.stuck_even_forced;
         if let Some(volume) = state.volumes.iter_mut().find(|v| v.id == volume_id) {
-            if stuck && !forced_free {
-                return Ok(()); // accepted, as EC2 does, yet it never finishes
-            }
             volume.attached_to = None;
             volume.state = "available".into();
         }
@@ -361,18 +645,31 @@ impl Volumes for FakeCloud {
     }
 
     async fn delete_volume(&self, volume_id: &str) -> CloudResult<()> {
+        self.call("DeleteVolume", true).await?;
         let mut state = self.lock();
-        if let Some(volume) = state.volumes.iter_mut().find(|v| v.id == volume_id) {
-            if volume.attached_to.is_some() {
-                return Err(CloudError::api("ec2", "DeleteVolume", "VolumeInUse", "attached"));
-            }
-            volume.state = "deleted".into();
+        let now = state.now.unwrap_or_default();
+        let completed: Vec<String> = state
+            .snapshots
+            .iter()
+            .filter(|s| s.volume_id == volume_id && s.state(now) == "completed")
+            .map(|s| s.id.clone())
+            .collect();
+        let Some(volume) = state.volumes.iter_mut().find(|v| v.id == volume_id && v.state != "deleted") else {
+            return Err(not_found("DeleteVolume", "InvalidVolume.NotFound"));
+        };
+        if volume.attached_to.is_some() {
+            return Err(CloudError::api("ec2", "DeleteVolume", "VolumeInUse", "attached"));
         }
-        Ok(())
+        volume.state = "deleted".into();
+        let tags = volume.tags.clone();
+        state.evidence.deleted_volumes.push((volume_id.to_string(), tags, completed));
+        self.after(&mut state, "DeleteVolume")
     }
 
     async fn find_snapshots(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<SnapshotView>> {
+        self.call("DescribeSnapshots", false).await?;
         let state = self.lock();
+        let now = state.now.unwrap_or_default();
         Ok(state
             .snapshots
             .iter()
@@ -380,7 +677,7 @@ impl Volumes for FakeCloud {
             .map(|s| SnapshotView {
                 snapshot_id: s.id.clone(),
                 volume_id: s.volume_id.clone(),
-                state: "completed".into(),
+                state: s.state(now).into(),
                 started_at: s.started_at,
                 tags: s.tags.clone(),
             })
@@ -393,72 +690,117 @@ impl Volumes for FakeCloud {
         _description: &str,
         tags: &BTreeMap<String, String>,
     ) -> CloudResult<String> {
-        let now = self.now();
+        self.call("CreateSnapshot", true).await?;
         let mut state = self.lock();
-        FakeCloud::count(&mut state, "CreateSnapshot");
+        if !state.volumes.iter().any(|v| v.id == volume_id && v.state != "deleted") {
+            return Err(not_found("CreateSnapshot", "InvalidVolume.NotFound"));
+        }
+        let now = state.now.unwrap_or_default();
+        let (lo, hi) = self.latencies.snapshot;
+        let p = state.faults.snapshot_error;
+        let rng = state.rng.as_mut().expect("rng");
+        let took = rng.range(lo, hi);
+        let fails = rng.chance(p);
         let id = FakeCloud::next_id(&mut state, "snap");
         state.snapshots.push(FakeSnapshot {
             id: id.clone(),
             volume_id: volume_id.to_string(),
             started_at: now,
+            completes_at: now + Duration::seconds(took),
+            fails,
             tags: tags.clone(),
         });
+        self.after(&mut state, "CreateSnapshot")?;
         Ok(id)
     }
 
     async fn delete_snapshot(&self, snapshot_id: &str) -> CloudResult<()> {
+        self.call("DeleteSnapshot", true).await?;
         let mut state = self.lock();
         state.snapshots.retain(|s| s.id != snapshot_id);
         Ok(())
     }
 }
 
+/// The shard each instance of a command serves, read from its preamble.
+fn shards_of(request: &CommandRequest) -> BTreeMap<String, u32> {
+    request
+        .lines
+        .iter()
+        .filter_map(|line| {
+            let (id, rest) = line.trim().split_once(") export FLOTILLA_SHARD_INDEX=")?;
+            let index = rest.split_whitespace().next()?.trim_end_matches(";;").parse().ok()?;
+            Some((id.trim_matches('\'').to_string(), index))
+        })
+        .collect()
+}
+
+fn phase_of(comment: &str) -> String {
+    comment.split_whitespace().nth(2).unwrap_or_default().to_string()
+}
+
 #[async_trait]
 impl Commands for FakeCloud {
     async fn online_agents(&self, instance_ids: &[String]) -> CloudResult<Vec<String>> {
-        let now = self.now();
-        let mut state = self.lock();
-        refresh(&mut state, now, self.boot_seconds);
+        self.call("DescribeInstanceInformation", false).await?;
+        let state = self.lock();
+        let now = state.now.unwrap_or_default();
         Ok(state
             .instances
             .iter()
             .filter(|i| {
-                instance_ids.contains(&i.id)
-                    && i.state == "running"
-                    && now >= i.launched_at + Duration::seconds(self.agent_seconds)
+                instance_ids.contains(&i.id) && i.state == "running" && i.online_at.is_some_and(|at| now >= at)
             })
             .map(|i| i.id.clone())
             .collect())
     }
 
     async fn send(&self, request: &CommandRequest) -> CloudResult<String> {
+        self.call("SendCommand", true).await?;
         if request.instance_ids.len() > MAX_INSTANCES_PER_COMMAND {
             // Real SSM answers this with a misleading throttling error.
             return Err(CloudError::api("ssm", "SendCommand", "ThrottlingException", "too many instance ids"));
         }
-        let now = self.now();
-        let results = request
-            .instance_ids
-            .iter()
-            .map(|id| {
-                let (code, stdout, seconds) = (self.behaviour)(request, id);
-                (id.clone(), (code, stdout, now + Duration::seconds(seconds)))
-            })
-            .collect();
         let mut state = self.lock();
-        FakeCloud::count(&mut state, "SendCommand");
+        let now = state.now.unwrap_or_default();
+        for id in &request.instance_ids {
+            let ready = state.instances.iter().any(|i| &i.id == id && i.state == "running" && i.online_at.is_some_and(|at| now >= at));
+            if !ready {
+                return Err(CloudError::api("ssm", "SendCommand", "InvalidInstanceId", "instance not Online"));
+            }
+        }
+        let mut runs = BTreeMap::new();
+        for id in &request.instance_ids {
+            let (mut code, stdout, mut seconds) = (self.behaviour)(request, id);
+            let faults = state.faults.clone();
+            let user_phase = !request.lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER));
+            let rng = state.rng.as_mut().expect("rng");
+            if user_phase && rng.chance(faults.command_fail) {
+                code = 1;
+            }
+            if user_phase && rng.chance(faults.command_hang) {
+                seconds = i64::from(request.timeout_seconds) + 3600;
+            }
+            runs.insert(
+                id.clone(),
+                FakeRun { exit_code: code, stdout, finishes_at: now + Duration::seconds(seconds), died_at: None },
+            );
+        }
         let id = FakeCloud::next_id(&mut state, "cmd");
-        state.commands.push(FakeCommand {
-            id: id.clone(),
-            request: request.clone(),
-            sent_at: now,
-            cancelled: false,
-            results,
-        });
+        let shards = shards_of(request);
+        let job_id = request.comment.split_whitespace().nth(1).unwrap_or_default().to_string();
+        for (instance_id, run) in &runs {
+            let until = run.finishes_at.min(now + Duration::seconds(i64::from(request.timeout_seconds)));
+            let shard = shards.get(instance_id).copied().unwrap_or(u32::MAX);
+            state.evidence.runs.push((job_id.clone(), shard, phase_of(&request.comment), id.clone(), now, until));
+        }
+        state.commands.push(FakeCommand { id: id.clone(), request: request.clone(), sent_at: now, cancelled_at: None, runs });
+        self.after(&mut state, "SendCommand")?;
         Ok(id)
     }
 
     async fn find_by_comment(&self, instance_id: &str, comment: &str) -> CloudResult<Option<String>> {
+        self.call("ListCommands", false).await?;
         let state = self.lock();
         Ok(state
             .commands
@@ -468,35 +810,40 @@ impl Commands for FakeCloud {
     }
 
     async fn invocations(&self, command_id: &str, instance_ids: &[String]) -> CloudResult<Vec<InvocationView>> {
-        let now = self.now();
+        self.call("ListCommandInvocations", false).await?;
         let state = self.lock();
+        let now = state.now.unwrap_or_default();
         let command =
             state.commands.iter().find(|c| c.id == command_id).ok_or_else(|| {
                 CloudError::api("ssm", "ListCommandInvocations", "InvalidCommandId", "no such command")
             })?;
+        let deadline = command.sent_at + Duration::seconds(i64::from(command.request.timeout_seconds));
         Ok(command
-            .results
+            .runs
             .iter()
             .filter(|(id, _)| instance_ids.contains(id))
-            .map(|(id, (code, stdout, finishes_at))| {
-                let deadline = command.sent_at + Duration::seconds(i64::from(command.request.timeout_seconds));
-                let (status, exit_code) = if command.cancelled {
+            .map(|(id, run)| {
+                let (status, exit_code) = if command.cancelled_at.is_some_and(|at| at < run.finishes_at) {
                     ("Cancelled", None)
-                } else if *finishes_at > deadline && now >= deadline {
+                } else if run.died_at.is_some() {
+                    // The agent died with its instance: SSM never hears a result,
+                    // and the invocation times out (never Success).
+                    if now >= deadline { ("TimedOut", Some(-1)) } else { ("InProgress", None) }
+                } else if run.finishes_at > deadline && now >= deadline {
                     ("TimedOut", Some(-1))
-                } else if now < *finishes_at {
+                } else if now < run.finishes_at {
                     ("InProgress", None)
-                } else if *code == 0 {
+                } else if run.exit_code == 0 {
                     ("Success", Some(0))
                 } else {
-                    ("Failed", Some(*code))
+                    ("Failed", Some(run.exit_code))
                 };
-                let done = exit_code.is_some() || command.cancelled;
+                let done = exit_code.is_some() || status == "Cancelled";
                 InvocationView {
                     instance_id: id.clone(),
                     status: status.to_string(),
                     exit_code,
-                    stdout: if done { stdout.clone() } else { String::new() },
+                    stdout: if done { run.stdout.clone() } else { String::new() },
                     stderr: String::new(),
                     output_uri: None,
                 }
@@ -505,9 +852,17 @@ impl Commands for FakeCloud {
     }
 
     async fn cancel(&self, command_id: &str) -> CloudResult<()> {
+        self.call("CancelCommand", true).await?;
         let mut state = self.lock();
+        let now = state.now.unwrap_or_default();
         if let Some(command) = state.commands.iter_mut().find(|c| c.id == command_id) {
-            command.cancelled = true;
+            command.cancelled_at.get_or_insert(now);
+            let id = command.id.clone();
+            for run in &mut state.evidence.runs {
+                if run.3 == id && run.5 > now {
+                    run.5 = now;
+                }
+            }
         }
         Ok(())
     }
@@ -516,6 +871,7 @@ impl Commands for FakeCloud {
 #[async_trait]
 impl Ledger for FakeCloud {
     async fn load(&self, job_id: &str) -> CloudResult<Option<Versioned>> {
+        self.call("GetObject", false).await?;
         let state = self.lock();
         match state.objects.get(&record_key(job_id)) {
             None => Ok(None),
@@ -527,6 +883,7 @@ impl Ledger for FakeCloud {
     }
 
     async fn create(&self, record: &JobRecord) -> CloudResult<WriteOutcome> {
+        self.call("PutObject", true).await?;
         let mut state = self.lock();
         let key = record_key(&record.job_id);
         if state.objects.contains_key(&key) {
@@ -538,6 +895,7 @@ impl Ledger for FakeCloud {
     }
 
     async fn replace(&self, record: &JobRecord, version: &str) -> CloudResult<WriteOutcome> {
+        self.call("PutObject", true).await?;
         let mut state = self.lock();
         let key = record_key(&record.job_id);
         let current = state.objects.get(&key).map(|(_, v)| *v);
@@ -547,16 +905,36 @@ impl Ledger for FakeCloud {
         let next = current.unwrap_or_default() + 1;
         let body = serde_json::to_vec(record).map_err(|e| CloudError::Invalid(e.to_string()))?;
         state.objects.insert(key, (body, next));
+        self.after(&mut state, "PutObject")?;
         Ok(WriteOutcome::Written { version: next.to_string() })
     }
 
     async fn put_artifact(&self, job_id: &str, name: &str, body: &[u8], _content_type: &str) -> CloudResult<()> {
+        self.call("PutObject", true).await?;
         self.lock().objects.insert(format!("jobs/{job_id}/{name}"), (body.to_vec(), 1));
         Ok(())
     }
 
     async fn get(&self, key: &str) -> CloudResult<Option<Vec<u8>>> {
+        self.call("GetObject", false).await?;
         Ok(self.lock().objects.get(key).map(|(body, _)| body.clone()))
+    }
+
+    async fn set_active(&self, job_id: &str, active: bool) -> CloudResult<()> {
+        self.call("PutObject", true).await?;
+        let mut state = self.lock();
+        if active {
+            state.objects.insert(active_key(job_id), (vec![], 1));
+        } else {
+            state.objects.remove(&active_key(job_id));
+        }
+        Ok(())
+    }
+
+    async fn list_active(&self) -> CloudResult<Vec<String>> {
+        self.call("ListObjectsV2", false).await?;
+        let state = self.lock();
+        Ok(state.objects.keys().filter_map(|k| k.strip_prefix("active/")).map(str::to_string).collect())
     }
 
     fn bucket(&self) -> &str {
@@ -568,8 +946,8 @@ impl Ledger for FakeCloud {
 #[async_trait]
 impl Accounts for FakeCloud {
     async fn assume(&self, role_arn: &str, external_id: Option<&str>, _job_id: &str) -> CloudResult<Arc<Cloud>> {
+        self.call("AssumeRole", false).await?;
         let mut state = self.lock();
-        FakeCloud::count(&mut state, "AssumeRole");
         if state.refused_roles.iter().any(|r| r == role_arn) {
             return Err(CloudError::api(
                 "sts",
@@ -585,15 +963,15 @@ impl Accounts for FakeCloud {
 }
 
 #[async_trait]
-impl StepQueue for FakeCloud {
-    async fn send(&self, message: &StepMessage, delay_seconds: u32) -> CloudResult<()> {
-        let now = self.now();
+impl WakeQueue for FakeCloud {
+    async fn send(&self, message: &WakeMessage, delay_seconds: u32) -> CloudResult<()> {
+        self.call("SendMessage", true).await?;
         let mut state = self.lock();
-        FakeCloud::count(&mut state, "SendMessage");
         if state.fail_sends > 0 {
             state.fail_sends -= 1;
             return Err(CloudError::api("sqs", "SendMessage", "ServiceUnavailable", "injected fault"));
         }
+        let now = state.now.unwrap_or_default();
         state.queue.push_back((now + Duration::seconds(i64::from(delay_seconds)), message.clone()));
         Ok(())
     }
@@ -601,19 +979,35 @@ impl StepQueue for FakeCloud {
 
 impl FakeCloud {
     /// Take the message due soonest and move the clock to it.
-    pub fn next_message(&self) -> Option<StepMessage> {
+    pub fn next_message(&self) -> Option<WakeMessage> {
         let (at, message) = {
             let mut state = self.lock();
-            let index = (0..state.queue.len()).min_by_key(|i| state.queue[*i].0)?;
+            let index = (0..state.queue.len()).min_by_key(|i| (state.queue[*i].0, *i))?;
             state.queue.remove(index)?
         };
         self.advance_to(at);
         Some(message)
     }
 
+    /// When the next message is due, if any.
+    pub fn next_due(&self) -> Option<DateTime<Utc>> {
+        self.lock().queue.iter().map(|(at, _)| *at).min()
+    }
+
     /// Put a message back as SQS would after its visibility timeout.
-    pub fn redeliver_later(&self, message: StepMessage, seconds: i64) {
-        let at = self.now() + Duration::seconds(seconds);
-        self.lock().queue.push_back((at, message));
+    pub fn redeliver_later(&self, message: WakeMessage, seconds: i64) {
+        let mut state = self.lock();
+        let at = state.now.unwrap_or_default() + Duration::seconds(seconds);
+        state.queue.push_back((at, message));
+    }
+
+    /// Total calls, and mutating ones (creates, deletes, sends).
+    pub fn call_totals(&self) -> (u64, u64) {
+        let state = self.lock();
+        let total = state.calls.values().sum();
+        let reads = ["DescribeInstances", "DescribeVolumes", "DescribeSnapshots", "DescribeInstanceInformation",
+            "ListCommands", "ListCommandInvocations", "GetObject", "GetParameter", "AssumeRole", "ListObjectsV2"];
+        let mutating = state.calls.iter().filter(|(k, _)| !reads.contains(k)).map(|(_, v)| *v).sum();
+        (total, mutating)
     }
 }

@@ -7,29 +7,90 @@ use lambda_runtime::LambdaEvent;
 use serde_json::{json, Value};
 use tracing::info;
 
-use crate::error::StepError;
-use crate::lifecycle::{Step, StepMessage};
-use crate::ports::Ports;
-use crate::sqs_batch::for_each_record;
-use crate::steps::{self, intake};
+use aws_lambda_events::event::cloudwatch_events::ec2::InstanceStateChange;
+use aws_lambda_events::event::cloudwatch_events::CloudWatchEvent;
 
-/// A batch from one step's queue.
-pub async fn step_batch(ports: &Ports, expected: Step, event: SqsEvent) -> SqsBatchResponse {
+use crate::error::StepError;
+use crate::intake;
+use crate::ports::Ports;
+use crate::reconcile::{self, WakeMessage};
+use crate::sqs_batch::for_each_record;
+
+/// A batch from the reconcile queue: wakes, and EventBridge events that
+/// EC2 and SSM rules deliver to the same queue. `budget` bounds each pass.
+pub async fn reconcile_batch(ports: &Ports, event: SqsEvent, budget: chrono::Duration) -> SqsBatchResponse {
     for_each_record(event, |message| async move {
         let body = message.body.unwrap_or_default();
-        let step: StepMessage = serde_json::from_str(&body).map_err(|e| StepError::BadMessage(e.to_string()))?;
-        if step.step != expected {
-            return Err(StepError::BadMessage(format!(
-                "{} message on the {} queue",
-                step.step.as_str(),
-                expected.as_str()
-            )));
+        let value: Value = serde_json::from_str(&body).map_err(|e| StepError::BadMessage(e.to_string()))?;
+        if value.get("detail-type").is_some() {
+            return instance_event(ports, value).await;
         }
-        let handled = steps::handle(ports, &step).await?;
-        info!(job_id = %step.job_id, ?handled, "handled");
+        let wake: WakeMessage = serde_json::from_value(value).map_err(|e| StepError::BadMessage(e.to_string()))?;
+        let handled = reconcile::reconcile(ports, &wake, budget).await?;
+        info!(job_id = %wake.job_id, ?handled, "handled");
         Ok(())
     })
     .await
+}
+
+/// An EC2 event about one instance: record a spot warning on its job, and
+/// wake the job so its next step starts now rather than at the next poll.
+async fn instance_event(ports: &Ports, value: Value) -> Result<(), StepError> {
+    let event: CloudWatchEvent<Value> =
+        serde_json::from_value(value).map_err(|e| StepError::BadMessage(e.to_string()))?;
+    let detail_type = event.detail_type.clone().unwrap_or_default();
+    let instance_id = match detail_type.as_str() {
+        "EC2 Instance State-change Notification" => {
+            let detail: InstanceStateChange = serde_json::from_value(event.detail.clone().unwrap_or_default())
+                .map_err(|e| StepError::BadMessage(e.to_string()))?;
+            detail.instance_id
+        }
+        // SSM's detail names the instance as `instance-id` too.
+        _ => event
+            .detail
+            .as_ref()
+            .and_then(|d| d.get("instance-id"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| StepError::BadMessage(format!("{detail_type} without detail.instance-id")))?,
+    };
+    let Some(job_id) = ports.cloud.fleet.job_of(&instance_id).await? else {
+        info!(%instance_id, %detail_type, "not a Flotilla instance; ignored");
+        return Ok(());
+    };
+    let interruption =
+        matches!(detail_type.as_str(), "EC2 Spot Instance Interruption Warning" | "EC2 Instance Rebalance Recommendation");
+    if interruption {
+        let id = instance_id.clone();
+        reconcile::update_inbox(
+            ports,
+            &job_id,
+            move |record| {
+                if record.interruptions.contains(&id) {
+                    return false;
+                }
+                record.interruptions.push(id.clone());
+                true
+            },
+            "event",
+        )
+        .await?;
+    } else {
+        ports.queue.send(&WakeMessage::new(&job_id, "event"), 0).await?;
+    }
+    info!(%instance_id, %job_id, %detail_type, "event routed to its job");
+    Ok(())
+}
+
+/// The safety tick: wake every job that is not terminal, so a lost message
+/// only ever delays a job.
+pub async fn tick(ports: &Ports) -> Result<Value, StepError> {
+    let jobs = ports.ledger.list_active().await?;
+    for job_id in &jobs {
+        ports.queue.send(&WakeMessage::new(job_id, "tick"), 0).await?;
+    }
+    info!(jobs = jobs.len(), "safety tick");
+    Ok(json!({ "woken": jobs.len() }))
 }
 
 /// Intake takes SQS job submissions and EventBridge scheduled events.

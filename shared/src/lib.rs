@@ -1,16 +1,18 @@
-//! Flotilla's domain: job spec, planner, lifecycle state machine, steps,
-//! ports, AWS adapters and the in-memory fake cloud.
+//! Flotilla's domain: job spec, planner, the reconciler (one pure decision
+//! function and the loop around it), ports, AWS adapters and the simulated
+//! cloud.
 
 pub mod aws;
 pub mod error;
 pub mod fake;
 pub mod handlers;
-pub mod lifecycle;
+pub mod intake;
 pub mod plan;
 pub mod ports;
+pub mod reconcile;
 pub mod record;
 pub mod report;
 pub mod shell;
+pub mod sim;
 pub mod spec;
 pub mod sqs_batch;
-pub mod steps;

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::error::CloudError;
-use crate::lifecycle::StepMessage;
+use crate::reconcile::WakeMessage;
 use crate::record::JobRecord;
 use crate::spec::Market;
 
@@ -25,6 +25,9 @@ pub mod tags {
     pub const VOLUME: &str = "flotilla:volume";
     pub const SOURCE_VOLUME: &str = "flotilla:source-volume";
     pub const INSTANCE: &str = "flotilla:instance";
+    /// The RunInstances ClientToken an instance was launched with.
+    pub const LAUNCH: &str = "flotilla:launch";
+    pub const ATTEMPT: &str = "flotilla:attempt";
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -34,17 +37,25 @@ pub struct InstanceView {
     pub state: String,
     pub availability_zone: String,
     pub launch_index: u32,
+    /// Its `flotilla:job-id` tag.
+    pub job_id: Option<String>,
 }
 
 impl InstanceView {
+    /// Not running and never will again without help: lost to the job.
     pub fn is_gone(&self) -> bool {
         matches!(self.state.as_str(), "shutting-down" | "terminated" | "stopping" | "stopped")
+    }
+
+    pub fn is_terminated(&self) -> bool {
+        self.state == "terminated"
     }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LaunchRequest {
     pub job_id: String,
+    /// MaxCount; MinCount is 1, so EC2 launches what capacity allows.
     pub count: u32,
     pub instance_type: String,
     pub image_id: Option<String>,
@@ -65,11 +76,14 @@ pub struct LaunchRequest {
 pub trait Fleet: Send + Sync {
     /// Resolve an SSM parameter such as `/aws/service/ami-amazon-linux-latest/...`.
     async fn resolve_image(&self, parameter: &str) -> CloudResult<String>;
-    /// This job's instances that are not terminated, found by tag.
+    /// This job's instances in every state, terminated ones included while
+    /// EC2 still lists them, found by tag (one paginated call).
     async fn find_instances(&self, job_id: &str) -> CloudResult<Vec<InstanceView>>;
     async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>>;
     async fn describe(&self, instance_ids: &[String]) -> CloudResult<Vec<InstanceView>>;
-    /// Terminating an already terminated instance is fine.
+    /// The job an instance belongs to, from its tag; None if not ours.
+    async fn job_of(&self, instance_id: &str) -> CloudResult<Option<String>>;
+    /// Terminating an already terminated (or stopped) instance is fine.
     async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()>;
 }
 
@@ -202,13 +216,16 @@ pub trait Ledger: Send + Sync {
     async fn put_artifact(&self, job_id: &str, name: &str, body: &[u8], content_type: &str) -> CloudResult<()>;
     /// Any object in the bucket, e.g. a schedule's stored spec.
     async fn get(&self, key: &str) -> CloudResult<Option<Vec<u8>>>;
+    /// `active/<job_id>` markers: the jobs the safety tick wakes.
+    async fn set_active(&self, job_id: &str, active: bool) -> CloudResult<()>;
+    async fn list_active(&self) -> CloudResult<Vec<String>>;
     fn bucket(&self) -> &str;
 }
 
 #[async_trait]
-pub trait StepQueue: Send + Sync {
+pub trait WakeQueue: Send + Sync {
     /// SQS caps DelaySeconds at 900.
-    async fn send(&self, message: &StepMessage, delay_seconds: u32) -> CloudResult<()>;
+    async fn send(&self, message: &WakeMessage, delay_seconds: u32) -> CloudResult<()>;
 }
 
 /// Clock port, so the fake cloud can run on virtual time.
@@ -249,7 +266,7 @@ pub struct Ports {
     pub cloud: Cloud,
     pub accounts: Box<dyn Accounts>,
     pub ledger: Box<dyn Ledger>,
-    pub queue: Box<dyn StepQueue>,
+    pub queue: Box<dyn WakeQueue>,
     pub clock: Box<dyn Clock>,
     pub settings: Settings,
 }
@@ -257,18 +274,26 @@ pub struct Ports {
 /// Tunables read from the environment.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Delay between readiness and command polls.
+    /// Delay between polls while something is under way.
     pub poll_delay_seconds: u32,
     /// How long instances may live past the job deadline before the reaper may kill them.
     pub expiry_grace_minutes: u32,
-    /// A redelivered message resends the record's outbox only if the record
-    /// has not moved for the outbox delay plus this long: sooner, the outbox
-    /// message is probably still on its way, and resending would duplicate it.
-    pub outbox_grace_seconds: u32,
+    /// The deployment's worker instance profile, for specs that name none.
+    pub worker_instance_profile: Option<String>,
+    /// How long a pass may work before it saves and re-queues itself.
+    pub pass_budget_seconds: u32,
+    /// An agent not Online this long after launch counts as a lost instance.
+    pub agent_timeout_seconds: u32,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { poll_delay_seconds: 20, expiry_grace_minutes: 30, outbox_grace_seconds: 60 }
+        Settings {
+            poll_delay_seconds: 20,
+            expiry_grace_minutes: 30,
+            worker_instance_profile: None,
+            pass_budget_seconds: 50,
+            agent_timeout_seconds: 900,
+        }
     }
 }

@@ -1,11 +1,14 @@
 //! The job record: `s3://<bucket>/jobs/<id>/job.json`, the single source of
-//! truth for a job. Every change is a conditional write (see `ports::Ledger`).
+//! truth for a job. It holds one slot per shard; each slot keeps its attempts
+//! (instance, launch option, volumes, command phases) and a reason trail.
+//! Only `reconcile::decide` changes shard and job state; every write is a
+//! conditional write (see `ports::Ledger`).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::Plan;
-use crate::spec::JobSpec;
+use crate::spec::{JobSpec, Market};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -49,7 +52,7 @@ impl std::fmt::Display for JobState {
     }
 }
 
-/// The command phases run on every instance, in this order.
+/// The command phases run on every shard, in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -79,7 +82,7 @@ impl Phase {
     }
 }
 
-/// The decided end of a job, set before teardown so teardown knows it.
+/// The decided end of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Outcome {
@@ -99,46 +102,111 @@ impl Outcome {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Outbox {
-    pub message: crate::lifecycle::StepMessage,
-    pub delay_seconds: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhaseStamp {
     pub state: JobState,
     pub at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstanceEntry {
-    pub instance_id: String,
-    pub shard_index: u32,
-    #[serde(default)]
-    pub availability_zone: String,
-    #[serde(default)]
-    pub state: String,
+/// Where one attempt runs: the spec allows a list, tried in the user's order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchOption {
+    pub instance_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<String>,
+    pub market: Market,
+}
+
+/// Where an attempt is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Waiting for RunInstances (the token is the intent).
+    Launching,
+    /// Waiting for `running` and the SSM agent Online.
+    Booting,
+    /// Creating and attaching the attempt's volumes.
+    Attaching,
+    /// Running command phases.
+    Working,
+    /// Terminating the instance, snapshotting and deleting volumes.
+    Releasing,
+    /// Nothing of this attempt is left running.
+    Done,
+}
+
+/// Why an attempt's work ended. `evaluate_on_exit` rules match `as_str`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndCause {
+    Succeeded,
+    CommandFailed,
+    TimedOut,
+    InstanceLost,
+    SpotInterruption,
+    AgentNeverOnline,
+    /// EC2 had no capacity for this option; the next option is tried.
+    Capacity,
+    /// Cancel, deadline or another shard's failure stopped the job.
+    Aborted,
+    /// An AWS error that retrying cannot fix (bad snapshot id, no permission).
+    Permanent,
+}
+
+impl EndCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndCause::Succeeded => "Succeeded",
+            EndCause::CommandFailed => "CommandFailed",
+            EndCause::TimedOut => "TimedOut",
+            EndCause::InstanceLost => "InstanceLost",
+            EndCause::SpotInterruption => "SpotInterruption",
+            EndCause::AgentNeverOnline => "AgentNeverOnline",
+            EndCause::Capacity => "Capacity",
+            EndCause::Aborted => "Aborted",
+            EndCause::Permanent => "Permanent",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VolumeEntry {
+pub struct AttemptEnd {
+    pub cause: EndCause,
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRef {
+    /// None until CreateSnapshot answered; the executor first looks it up by tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    /// pending, completed or error (as EC2 reports it).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptVolume {
     /// The spec's volume name.
     pub name: String,
-    pub volume_id: String,
-    pub instance_id: String,
-    pub device: String,
-    /// Flotilla deletes only what it created.
-    pub created_by_flotilla: bool,
-    #[serde(default)]
-    pub detached: bool,
-    #[serde(default)]
-    pub deleted: bool,
-    /// DetachVolume calls so far; past a limit teardown forces, then gives up.
+    /// CreateVolume ClientToken: the intent, written before the call.
+    pub token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_id: Option<String>,
+    /// Flotilla deletes only what it created (`volume_id` sources are kept).
+    pub created: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotRef>,
+    /// Snapshots that ended in `error`; after a few the volume is kept.
     #[serde(default, skip_serializing_if = "is_zero")]
-    pub detach_requests: u32,
-    /// It never detached: snapshotted in place, deleted once the fleet is gone.
+    pub snapshot_failures: u32,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub detach_abandoned: bool,
+    pub deleted: bool,
+    /// Why the volume was kept (and left for the reaper), if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<String>,
 }
 
 fn is_zero(value: &u32) -> bool {
@@ -146,55 +214,159 @@ fn is_zero(value: &u32) -> bool {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Invocation {
-    pub instance_id: String,
-    /// SSM status: Pending, InProgress, Success, Failed, TimedOut, Cancelled...
-    pub status: String,
+pub struct PhaseRun {
+    pub phase: Phase,
+    /// SendCommand's Comment: the intent, so a retried pass finds the command
+    /// before it sends another.
+    pub comment: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
+    pub dispatched_at: DateTime<Utc>,
+    /// SSM status once finished: Success, Failed, TimedOut, Cancelled...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
-    /// The last lines of standard output and error.
-    #[serde(default)]
-    pub output_tail: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Where the full output is (the tail lives beside the record in S3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_uri: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepRun {
-    pub phase: Phase,
-    /// One SendCommand per 50 instances.
-    #[serde(default)]
-    pub command_ids: Vec<String>,
-    /// Set before SendCommand so a redelivery finds (not repeats) the command.
-    pub dispatched_at: DateTime<Utc>,
-    #[serde(default)]
-    pub finished_at: Option<DateTime<Utc>>,
-    #[serde(default)]
-    pub invocations: Vec<Invocation>,
-    #[serde(default)]
-    pub succeeded: Option<bool>,
+impl PhaseRun {
+    pub fn succeeded(&self) -> bool {
+        self.status.as_deref() == Some("Success")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotEntry {
-    pub volume_name: String,
-    pub volume_id: String,
-    pub snapshot_id: String,
+pub struct Attempt {
+    /// 1-based; capacity failover keeps the number, a retry adds one.
+    pub number: u32,
+    /// Index into the job's launch options.
+    pub option: u32,
+    pub launch: LaunchOption,
+    /// RunInstances ClientToken of the batch this attempt launches in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability_zone: Option<String>,
+    pub stage: Stage,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launched_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminate_requested: bool,
+    /// A spot interruption or rebalance warning arrived for this instance.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<AttemptVolume>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseRun>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<AttemptEnd>,
+    /// Permanent errors terminating the instance; after a few it is left to
+    /// the reaper with this reason.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub release_errors: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_for_reaper: Option<String>,
+}
+
+impl Attempt {
+    pub fn new(number: u32, option: u32, launch: LaunchOption) -> Self {
+        Attempt {
+            number,
+            option,
+            launch,
+            launch_token: None,
+            instance_id: None,
+            availability_zone: None,
+            stage: Stage::Launching,
+            launched_at: None,
+            terminate_requested: false,
+            interrupted: false,
+            volumes: vec![],
+            phases: vec![],
+            end: None,
+            release_errors: 0,
+            left_for_reaper: None,
+        }
+    }
+
+    pub fn phase(&self, phase: Phase) -> Option<&PhaseRun> {
+        self.phases.iter().find(|p| p.phase == phase)
+    }
+}
+
+/// A reason trail entry: why a decision was made, for the user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Note {
+    pub at: DateTime<Utc>,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardResult {
+    pub succeeded: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: u32,
+    /// The last one is current.
+    pub attempts: Vec<Attempt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ShardResult>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trail: Vec<Note>,
+}
+
+/// The trail keeps this many entries per shard, so records stay small.
+pub const TRAIL_LIMIT: usize = 12;
+
+impl Shard {
+    pub fn current(&self) -> Option<&Attempt> {
+        self.attempts.last()
+    }
+
+    pub fn current_mut(&mut self) -> Option<&mut Attempt> {
+        self.attempts.last_mut()
+    }
+
+    pub fn note(&mut self, at: DateTime<Utc>, text: impl Into<String>) {
+        self.trail.push(Note { at, text: text.into() });
+        if self.trail.len() > TRAIL_LIMIT {
+            let excess = self.trail.len() - TRAIL_LIMIT;
+            self.trail.drain(1..=excess); // keep the first entry: how it started
+        }
+    }
+}
+
+/// One reconciler at a time: a lease taken by compare-and-swap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub owner: String,
+    pub until: DateTime<Utc>,
+}
+
+/// The next poll already on its way, so a pass does not send another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wake {
+    pub id: String,
+    pub at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub job_id: String,
     pub state: JobState,
-    /// Bumped by every step write; a step message carries the value it expects.
-    #[serde(default)]
-    pub step_seq: u64,
     #[serde(default)]
     pub updated_at: Option<DateTime<Utc>>,
-    /// The message sent after the last write (transactional outbox): if the
-    /// sender crashed before sending it, a redelivery of the message before
-    /// sends it again.
-    #[serde(default)]
-    pub outbox: Option<Outbox>,
     /// Why the job is where it is, in words.
     pub reason: String,
     #[serde(default)]
@@ -206,30 +378,44 @@ pub struct JobRecord {
     pub deadline_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub timeline: Vec<PhaseStamp>,
+    /// Written by intake: the only field another writer may change under a lease.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Instances a spot interruption or rebalance event named; the reconciler
+    /// moves them onto their attempts. Written by the event path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interruptions: Vec<String>,
     #[serde(default)]
     pub outcome: Option<Outcome>,
-    /// Why the outcome was decided; `reason` also carries progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome_reason: Option<String>,
     #[serde(default)]
     pub resolved_image: Option<String>,
     #[serde(default)]
-    pub instances: Vec<InstanceEntry>,
+    pub shards: Vec<Shard>,
+    /// Counter for tokens and comments, so each intent is unique.
     #[serde(default)]
-    pub volumes: Vec<VolumeEntry>,
+    pub next_seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake: Option<Wake>,
+    /// Reconcile passes so far.
     #[serde(default)]
-    pub steps: Vec<StepRun>,
-    #[serde(default)]
-    pub snapshots: Vec<SnapshotEntry>,
-    #[serde(default)]
+    pub passes: u64,
+    /// Volume names whose snapshot lineage was pruned at the end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pruned: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pruned_snapshots: Vec<String>,
-    #[serde(default)]
-    pub terminated: bool,
-    /// Permanent errors met while releasing resources; teardown gives up after a few.
-    #[serde(default)]
-    pub teardown_errors: u32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub report_written: bool,
+    /// Passes in a row whose observation failed with a permanent error.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub observe_failures: u32,
+    /// Permanent errors of the final sweep; past a few it leaves the rest to the reaper.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cleanup_failures: u32,
     /// Things that went wrong without changing the outcome, for the report.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -243,6 +429,15 @@ impl JobRecord {
         let reason = format!("accepted: {}", plan.sizing);
         let mut record = JobRecord::blank(job_id, JobState::Submitted, reason, now);
         record.deadline_at = Some(now + chrono::Duration::minutes(i64::from(spec.deadline_minutes)));
+        let options = launch_options(&spec);
+        record.shards = (0..plan.instance_count)
+            .map(|index| Shard {
+                index,
+                attempts: vec![Attempt::new(1, 0, options[0].clone())],
+                result: None,
+                trail: vec![],
+            })
+            .collect();
         record.spec = Some(spec);
         record.plan = Some(plan);
         record
@@ -258,9 +453,7 @@ impl JobRecord {
         JobRecord {
             job_id,
             state,
-            step_seq: 0,
             updated_at: Some(now),
-            outbox: None,
             reason,
             spec: None,
             plan: None,
@@ -268,35 +461,78 @@ impl JobRecord {
             deadline_at: None,
             timeline: vec![PhaseStamp { state, at: now }],
             cancel_requested: false,
+            interruptions: vec![],
             outcome: None,
             outcome_reason: None,
             resolved_image: None,
-            instances: vec![],
-            volumes: vec![],
-            steps: vec![],
-            snapshots: vec![],
+            shards: vec![],
+            next_seq: 0,
+            lease: None,
+            wake: None,
+            passes: 0,
+            pruned: vec![],
             pruned_snapshots: vec![],
-            terminated: false,
-            teardown_errors: 0,
+            report_written: false,
+            observe_failures: 0,
+            cleanup_failures: 0,
             warnings: vec![],
             rejected_input: None,
         }
     }
 
-    pub fn step(&self, phase: Phase) -> Option<&StepRun> {
-        self.steps.iter().find(|s| s.phase == phase)
-    }
-
-    pub fn step_mut(&mut self, phase: Phase) -> Option<&mut StepRun> {
-        self.steps.iter_mut().find(|s| s.phase == phase)
-    }
-
+    /// Every instance any attempt launched.
     pub fn instance_ids(&self) -> Vec<String> {
-        self.instances.iter().map(|i| i.instance_id.clone()).collect()
+        self.attempts().filter_map(|a| a.instance_id.clone()).collect()
     }
+
+    pub fn attempts(&self) -> impl Iterator<Item = &Attempt> {
+        self.shards.iter().flat_map(|s| s.attempts.iter())
+    }
+
+    /// Snapshots this job took, with the volume name they belong to.
+    pub fn snapshots(&self) -> Vec<(String, String)> {
+        self.attempts()
+            .flat_map(|a| a.volumes.iter())
+            .filter_map(|v| {
+                let id = v.snapshot.as_ref()?.snapshot_id.clone()?;
+                Some((v.name.clone(), id))
+            })
+            .collect()
+    }
+
+    pub fn take_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+}
+
+/// The (instance type x subnet x market) options a slot may launch on, in
+/// the user's order: every subnet of the first type, then the next type;
+/// spot options first when the spec allows an on-demand fallback.
+pub fn launch_options(spec: &JobSpec) -> Vec<LaunchOption> {
+    let subnets: Vec<Option<String>> =
+        if spec.subnet_ids.is_empty() { vec![None] } else { spec.subnet_ids.iter().cloned().map(Some).collect() };
+    let mut markets = vec![spec.market];
+    if spec.market == Market::Spot && spec.on_demand_fallback {
+        markets.push(Market::OnDemand);
+    }
+    let mut options = Vec::new();
+    for market in markets {
+        for instance_type in &spec.instance_types {
+            for subnet_id in &subnets {
+                options.push(LaunchOption { instance_type: instance_type.clone(), subnet_id: subnet_id.clone(), market });
+            }
+        }
+    }
+    options
 }
 
 /// The S3 key of a job's record.
 pub fn record_key(job_id: &str) -> String {
     format!("jobs/{job_id}/job.json")
+}
+
+/// The S3 key that marks a job as not yet terminal, for the safety tick.
+pub fn active_key(job_id: &str) -> String {
+    format!("active/{job_id}")
 }

@@ -1,6 +1,7 @@
 //! The human-readable job report, written to `jobs/<id>/report.txt` and shown
 //! by `flotilla status`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::record::JobRecord;
@@ -8,14 +9,29 @@ use crate::record::JobRecord;
 /// How many output lines per instance the report shows.
 pub const REPORT_TAIL_LINES: usize = 10;
 
+/// Shards listed one by one; a 1,000-shard report lists the first ones.
+pub const MAX_SHARDS_SHOWN: usize = 50;
+
+/// Output tails by (shard, attempt, phase), read from `jobs/<id>/output/`.
+pub type Tails = BTreeMap<(u32, u32, String), Vec<String>>;
+
 pub fn render(record: &JobRecord) -> String {
-    render_with_tail(record, REPORT_TAIL_LINES)
+    render_with_tail(record, &Tails::new(), REPORT_TAIL_LINES)
 }
 
-pub fn render_with_tail(record: &JobRecord, tail: usize) -> String {
+pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "job {}: {}", record.job_id, record.state);
-    let _ = writeln!(out, "reason: {}", record.reason);
+    // The report is written just before the terminal record: show the outcome.
+    let state = match (record.state.is_terminal(), record.outcome) {
+        (false, Some(outcome)) if record.shards.iter().all(|s| s.result.is_some()) => outcome.terminal_state(),
+        _ => record.state,
+    };
+    let _ = writeln!(out, "job {}: {state}", record.job_id);
+    let reason = match (&record.outcome_reason, state.is_terminal()) {
+        (Some(reason), true) => reason.clone(),
+        _ => record.reason.clone(),
+    };
+    let _ = writeln!(out, "reason: {reason}");
     for warning in &record.warnings {
         let _ = writeln!(out, "warning: {warning}");
     }
@@ -40,61 +56,82 @@ pub fn render_with_tail(record: &JobRecord, tail: usize) -> String {
             .unwrap_or_default();
         let _ = writeln!(out, "  {}  {}{took}", stamp.at.format("%Y-%m-%dT%H:%M:%S%.3fZ"), stamp.state);
     }
-    if !record.instances.is_empty() {
-        let _ = writeln!(out, "instances:");
-        for instance in &record.instances {
+    let shown = record.shards.len().min(MAX_SHARDS_SHOWN);
+    if !record.shards.is_empty() {
+        let failed = record.shards.iter().filter(|s| s.result.as_ref().is_some_and(|r| !r.succeeded)).count();
+        let retried = record.shards.iter().filter(|s| s.attempts.len() > 1).count();
+        let _ = writeln!(
+            out,
+            "shards: {} ({} failed, {} with more than one attempt); showing {shown}",
+            record.shards.len(),
+            failed,
+            retried
+        );
+    }
+    for shard in record.shards.iter().take(shown) {
+        let result = match &shard.result {
+            Some(r) if r.succeeded => "succeeded".to_string(),
+            Some(r) => format!("FAILED: {}", r.reason),
+            None => "in progress".to_string(),
+        };
+        let _ = writeln!(out, "shard {}: {result}", shard.index);
+        for attempt in &shard.attempts {
+            let market = match attempt.launch.market {
+                crate::spec::Market::OnDemand => "on-demand",
+                crate::spec::Market::Spot => "spot",
+            };
+            let ended = attempt.end.as_ref().map(|e| format!(" -> {}: {}", e.cause.as_str(), e.detail)).unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  shard {} {} {} {}",
-                instance.shard_index, instance.instance_id, instance.availability_zone, instance.state
+                "  attempt {} {} {} {market} {}{ended}",
+                attempt.number,
+                attempt.instance_id.as_deref().unwrap_or("(not launched)"),
+                attempt.launch.instance_type,
+                attempt.availability_zone.as_deref().unwrap_or("")
             );
-        }
-    }
-    if !record.volumes.is_empty() {
-        let _ = writeln!(out, "volumes:");
-        for v in &record.volumes {
-            let fate = if v.deleted {
-                "deleted"
-            } else if v.detached {
-                "detached"
-            } else {
-                "attached"
-            };
-            let _ = writeln!(out, "  {} {} on {} at {} ({fate})", v.name, v.volume_id, v.instance_id, v.device);
-        }
-    }
-    for step in &record.steps {
-        let took = step
-            .finished_at
-            .map(|f| format!(" in {:.1}s", (f - step.dispatched_at).num_milliseconds() as f64 / 1000.0))
-            .unwrap_or_default();
-        let status = match step.succeeded {
-            Some(true) => "succeeded",
-            Some(false) => "FAILED",
-            None => "in progress",
-        };
-        let _ = writeln!(out, "phase {}: {status}{took} [{}]", step.phase.as_str(), step.command_ids.join(", "));
-        // Every instance's output sits under the command's prefix; name it once.
-        if let Some(uri) = step.invocations.iter().find_map(|i| i.output_uri.as_deref()) {
-            if let Some(command_id) = step.command_ids.first() {
-                if let Some(end) = uri.find(command_id.as_str()) {
-                    let _ = writeln!(out, "  full output: {}{command_id}/<instance>/", &uri[..end]);
+            for run in &attempt.phases {
+                let took = run
+                    .finished_at
+                    .map(|f| format!(" in {:.1}s", (f - run.dispatched_at).num_milliseconds() as f64 / 1000.0))
+                    .unwrap_or_default();
+                let code = run.exit_code.map(|c| format!(" exit {c}")).unwrap_or_default();
+                let status = run.status.as_deref().unwrap_or("in progress");
+                let _ = writeln!(
+                    out,
+                    "    {} {status}{code}{took} [{}]",
+                    run.phase.as_str(),
+                    run.command_id.as_deref().unwrap_or("-")
+                );
+                if let Some(lines) = tails.get(&(shard.index, attempt.number, run.phase.as_str().to_string())) {
+                    let skip = lines.len().saturating_sub(tail);
+                    for line in &lines[skip..] {
+                        let _ = writeln!(out, "      | {line}");
+                    }
                 }
             }
-        }
-        for invocation in &step.invocations {
-            let code = invocation.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".to_string());
-            let _ = writeln!(out, "  {} {} exit {code}", invocation.instance_id, invocation.status);
-            let skip = invocation.output_tail.len().saturating_sub(tail);
-            for line in &invocation.output_tail[skip..] {
-                let _ = writeln!(out, "    | {line}");
+            for v in &attempt.volumes {
+                let fate = match (&v.kept, v.deleted) {
+                    (Some(why), _) => format!("kept: {why}"),
+                    (None, true) => "deleted".to_string(),
+                    (None, false) => "in use".to_string(),
+                };
+                let snapshot = v
+                    .snapshot
+                    .as_ref()
+                    .and_then(|s| s.snapshot_id.as_ref().map(|id| format!(", snapshot {id} {}", s.state)))
+                    .unwrap_or_default();
+                let _ = writeln!(out, "    volume {} {} ({fate}{snapshot})", v.name, v.volume_id.as_deref().unwrap_or("-"));
             }
         }
+        for note in &shard.trail {
+            let _ = writeln!(out, "  why {}: {}", note.at.format("%H:%M:%S"), note.text);
+        }
     }
-    if !record.snapshots.is_empty() {
+    let snapshots = record.snapshots();
+    if !snapshots.is_empty() {
         let _ = writeln!(out, "snapshots:");
-        for s in &record.snapshots {
-            let _ = writeln!(out, "  {} of {} ({})", s.snapshot_id, s.volume_id, s.volume_name);
+        for (volume, id) in snapshots {
+            let _ = writeln!(out, "  {id} ({volume})");
         }
     }
     if !record.pruned_snapshots.is_empty() {

@@ -36,8 +36,10 @@ pub fn command_line(argv: &[String]) -> String {
 #[derive(Debug, Clone)]
 pub struct Preamble<'a> {
     pub job_id: &'a str,
-    /// Instance id to shard index, in launch order.
-    pub instances: &'a [String],
+    /// The instances this command goes to, with their shard index.
+    pub instances: &'a [(String, u32)],
+    /// Shards in the whole job.
+    pub shard_count: u32,
     pub env: &'a BTreeMap<String, String>,
     /// Volume name to mount point.
     pub mounts: &'a [(String, String)],
@@ -53,15 +55,15 @@ impl Preamble<'_> {
             "FLOTILLA_INSTANCE_ID=\"${AWS_SSM_INSTANCE_ID:-$(TOKEN=$(curl -sS -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 60') && curl -sS -H \"X-aws-ec2-metadata-token: $TOKEN\" http://169.254.169.254/latest/meta-data/instance-id)}\"".to_string(),
             format!("export FLOTILLA_JOB_ID={}", quote(self.job_id)),
             "export FLOTILLA_INSTANCE_ID".to_string(),
-            format!("export FLOTILLA_SHARD_COUNT={}", self.instances.len()),
+            format!("export FLOTILLA_SHARD_COUNT={}", self.shard_count),
             "case \"$FLOTILLA_INSTANCE_ID\" in".to_string(),
         ];
-        let count = self.instances.len() as u32;
-        for (index, id) in self.instances.iter().enumerate() {
+        let count = self.shard_count;
+        for (id, index) in self.instances {
             let items = self
                 .items
                 .map(|items| {
-                    let range = crate::plan::shard_range(items, index as u32, count);
+                    let range = crate::plan::shard_range(items, *index, count);
                     format!(" FLOTILLA_ITEM_START={} FLOTILLA_ITEM_END={}", range.start, range.end)
                 })
                 .unwrap_or_default();
@@ -200,8 +202,9 @@ mod tests {
     #[test]
     fn user_script_cannot_escape_its_quoting() {
         let env = BTreeMap::from([("GREETING".to_string(), "it's $(whoami)".to_string())]);
-        let instances = vec!["i-0abc".to_string()];
-        let preamble = Preamble { job_id: "j1", instances: &instances, env: &env, mounts: &[], items: None };
+        let instances = vec![("i-0abc".to_string(), 0)];
+        let preamble =
+            Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None };
         let step = CommandSpec {
             commands: vec![],
             script: Some("echo \"$GREETING\"; echo 'x'\"'\"'y'".to_string()),

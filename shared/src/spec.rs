@@ -45,6 +45,13 @@ pub struct JobSpec {
     pub instance_profile: Option<String>,
     #[serde(default)]
     pub market: Market,
+    /// With `market: spot`: when spot has no capacity, or an instance is
+    /// interrupted, the slot moves to on-demand.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_demand_fallback: bool,
+    /// Which shard failures are retried, and how often.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryStrategy>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -78,6 +85,49 @@ pub enum FleetSpec {
         within_minutes: u32,
         max_instances: u32,
     },
+}
+
+/// AWS Batch's retry strategy, per shard: `attempts` counts the first run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryStrategy {
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Checked in order; the first match decides. When none matches, instance
+    /// loss, spot interruption and an agent that never came Online are
+    /// retried, and a failed or timed-out command exits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evaluate_on_exit: Vec<ExitRule>,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+
+impl Default for RetryStrategy {
+    fn default() -> Self {
+        RetryStrategy { attempts: default_attempts(), evaluate_on_exit: vec![] }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitRule {
+    /// Exit code pattern: digits, optionally ending in `*` (`"13*"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_exit_code: Option<String>,
+    /// Reason pattern, optionally ending in `*`: `InstanceLost`,
+    /// `SpotInterruption`, `AgentNeverOnline`, `CommandFailed`, `TimedOut`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_reason: Option<String>,
+    pub action: RetryAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RetryAction {
+    Retry,
+    Exit,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,6 +322,12 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         check_tag(key, value)?;
     }
     check_volumes(&spec.volumes)?;
+    if spec.on_demand_fallback && spec.market != Market::Spot {
+        return fail("on_demand_fallback: only meaningful with market `spot`");
+    }
+    if let Some(retry) = &spec.retry {
+        check_retry(retry)?;
+    }
     for (key, value) in &spec.env {
         let ok = !key.is_empty()
             && key.len() <= 128
@@ -365,6 +421,39 @@ fn check_volumes(volumes: &[VolumeSpec]) -> Result<(), SpecError> {
         }
     }
     Ok(())
+}
+
+fn check_retry(retry: &RetryStrategy) -> Result<(), SpecError> {
+    if retry.attempts == 0 || retry.attempts > 10 {
+        return fail(format!("retry.attempts: must be 1..=10, got {}", retry.attempts));
+    }
+    if retry.evaluate_on_exit.len() > 5 {
+        return fail("retry.evaluate_on_exit: at most 5 rules");
+    }
+    for (i, rule) in retry.evaluate_on_exit.iter().enumerate() {
+        let at = format!("retry.evaluate_on_exit[{i}]");
+        if rule.on_exit_code.is_none() && rule.on_reason.is_none() {
+            return fail(format!("{at}: give on_exit_code or on_reason"));
+        }
+        if let Some(code) = &rule.on_exit_code {
+            let digits = code.strip_suffix('*').unwrap_or(code);
+            if code.is_empty() || code.len() > 12 || !digits.chars().all(|c| c.is_ascii_digit()) {
+                return fail(format!("{at}.on_exit_code: expected digits optionally ending in *, got `{}`", printable(code)));
+            }
+        }
+        if let Some(reason) = &rule.on_reason {
+            check_charset(&format!("{at}.on_reason"), reason, 512, |c| c.is_ascii_alphanumeric() || " .:_-*".contains(c))?;
+        }
+    }
+    Ok(())
+}
+
+/// AWS Batch's pattern match: exact, or a prefix ending in `*`.
+pub fn pattern_matches(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
+    }
 }
 
 fn check_command(at: &str, command: &CommandSpec) -> Result<(), SpecError> {

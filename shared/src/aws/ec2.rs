@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
     InstanceMarketOptionsRequest, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceType,
-    LaunchTemplateSpecification, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
-    VolumeType,
+    LaunchTemplateSpecification, MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions, Tag,
+    TagSpecification, VolumeType,
 };
 use chrono::{DateTime, Utc};
 
@@ -54,6 +54,12 @@ fn instance_view(instance: &aws_sdk_ec2::types::Instance) -> Option<InstanceView
         state: instance.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
         availability_zone: instance.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string(),
         launch_index: instance.ami_launch_index().unwrap_or_default().max(0) as u32,
+        job_id: instance
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some(tags::JOB_ID))
+            .and_then(|t| t.value())
+            .map(str::to_string),
     })
 }
 
@@ -120,15 +126,8 @@ impl Fleet for Ec2Fleet {
     }
 
     async fn find_instances(&self, job_id: &str) -> CloudResult<Vec<InstanceView>> {
-        let mut filters = tag_filters(&[(tags::JOB_ID, job_id), (tags::MANAGED_BY, tags::MANAGED_BY_VALUE)]);
-        filters.push(
-            Filter::builder()
-                .name("instance-state-name")
-                .set_values(Some(
-                    ["pending", "running", "stopping", "stopped", "shutting-down"].map(String::from).to_vec(),
-                ))
-                .build(),
-        );
+        // Every state: a terminated instance tells the job it was lost.
+        let filters = tag_filters(&[(tags::JOB_ID, job_id), (tags::MANAGED_BY, tags::MANAGED_BY_VALUE)]);
         self.describe_filtered(&[], filters).await
     }
 
@@ -137,9 +136,11 @@ impl Fleet for Ec2Fleet {
         let mut call = self
             .ec2
             .run_instances()
-            // All or nothing: a fleet short of instances cannot meet its sizing.
-            .min_count(count)
+            // EC2 launches what capacity allows; the rest launch on later passes.
+            .min_count(1)
             .max_count(count)
+            // A `poweroff` in a user's script must not leave a stopped, billed volume.
+            .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
             .client_token(&request.client_token)
             .instance_type(InstanceType::from(request.instance_type.as_str()))
             .metadata_options(
@@ -208,6 +209,14 @@ impl Fleet for Ec2Fleet {
             views.extend(self.describe_filtered(chunk, vec![]).await?);
         }
         Ok(views)
+    }
+
+    async fn job_of(&self, instance_id: &str) -> CloudResult<Option<String>> {
+        match self.describe_filtered(&[instance_id.to_string()], vec![]).await {
+            Ok(views) => Ok(views.into_iter().next().and_then(|v| v.job_id)),
+            Err(err) if matches!(err.class(), RetryClass::NotFound | RetryClass::NotYetVisible) => Ok(None),
+            Err(err) => Err(err),
+        }
     }
 
     async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()> {

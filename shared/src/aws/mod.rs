@@ -6,22 +6,27 @@ pub mod s3;
 pub mod sqs;
 pub mod ssm;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_ec2::config::{ProvideCredentials, SharedCredentialsProvider};
+use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
-use crate::error::{CloudError, SpecError};
-use crate::lifecycle::Step;
+use crate::error::{CloudError, RetryClass, SpecError};
 use crate::ports::{Accounts, Cloud, CloudResult, Ports, Settings, SystemClock};
 
 /// Load the SDK config from the environment. `AWS_ENDPOINT_URL` points every
-/// client at an emulator such as moto.
+/// client at an emulator such as moto. Adaptive retry: the SDK backs off
+/// throttling with a client-side rate limiter shared by every call of the
+/// process, before an error ever reaches the reconciler.
 pub async fn load_config() -> SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest()).load().await
+    aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5))
+        .load()
+        .await
 }
 
 /// Jobs with a `role_arn` act in the target account through STS AssumeRole.
@@ -57,12 +62,12 @@ impl Accounts for StsAccounts {
         // instead of surfacing later as a transport error on every call.
         if let Err(err) = provider.provide_credentials().await {
             let message = DisplayErrorContext(&err).to_string();
-            let code = if message.contains("AccessDenied") || message.contains("not authorized") {
-                "AccessDenied"
-            } else {
-                ""
-            };
-            return Err(CloudError::api("sts", "AssumeRole", code, &message));
+            // A refusal is permanent; anything else (a network blip) is waited
+            // out, bounded by the job's deadline.
+            if message.contains("AccessDenied") || message.contains("not authorized") {
+                return Err(CloudError::api("sts", "AssumeRole", "AccessDenied", &message));
+            }
+            return Err(CloudError::classified("sts", "AssumeRole", "", &message, Some(RetryClass::Transient)));
         }
         let config = self.base.to_builder().credentials_provider(SharedCredentialsProvider::new(provider)).build();
         let cloud = Arc::new(cloud(&config));
@@ -87,7 +92,7 @@ fn cloud(config: &SdkConfig) -> Cloud {
 #[derive(Debug, Clone)]
 pub struct Environment {
     pub bucket: String,
-    pub queue_urls: BTreeMap<&'static str, String>,
+    pub reconcile_queue_url: String,
     pub settings: Settings,
 }
 
@@ -96,11 +101,6 @@ impl Environment {
         let var = |name: &str| {
             std::env::var(name).map_err(|_| SpecError::new(format!("environment variable {name} is not set")))
         };
-        let mut queue_urls = BTreeMap::new();
-        for step in [Step::Launch, Step::Readiness, Step::Command, Step::Teardown] {
-            let name = format!("FLOTILLA_{}_QUEUE_URL", step.as_str().to_ascii_uppercase());
-            queue_urls.insert(step.as_str(), var(&name)?);
-        }
         let mut settings = Settings::default();
         let number = |name: &str, default: u32| match std::env::var(name) {
             Ok(value) => {
@@ -109,8 +109,14 @@ impl Environment {
             Err(_) => Ok(default),
         };
         settings.poll_delay_seconds = number("FLOTILLA_POLL_DELAY_SECONDS", settings.poll_delay_seconds)?;
-        settings.outbox_grace_seconds = number("FLOTILLA_OUTBOX_GRACE_SECONDS", settings.outbox_grace_seconds)?;
-        Ok(Environment { bucket: var("FLOTILLA_BUCKET")?, queue_urls, settings })
+        settings.agent_timeout_seconds = number("FLOTILLA_AGENT_TIMEOUT_SECONDS", settings.agent_timeout_seconds)?;
+        settings.worker_instance_profile =
+            std::env::var("FLOTILLA_WORKER_INSTANCE_PROFILE").ok().filter(|p| !p.trim().is_empty());
+        Ok(Environment {
+            bucket: var("FLOTILLA_BUCKET")?,
+            reconcile_queue_url: var("FLOTILLA_RECONCILE_QUEUE_URL")?,
+            settings,
+        })
     }
 }
 
@@ -120,9 +126,9 @@ pub fn ports(config: &SdkConfig, env: &Environment) -> Ports {
         cloud: cloud(config),
         accounts: Box::new(StsAccounts::new(config.clone())),
         ledger: Box::new(s3::S3Ledger::new(s3_client(config), env.bucket.clone())),
-        queue: Box::new(sqs::SqsStepQueue {
+        queue: Box::new(sqs::SqsWakeQueue {
             sqs: aws_sdk_sqs::Client::new(config),
-            queue_urls: env.queue_urls.clone(),
+            queue_url: env.reconcile_queue_url.clone(),
         }),
         clock: Box::new(SystemClock),
         settings: env.settings.clone(),
@@ -137,25 +143,40 @@ pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(s3_config)
 }
 
-/// Keep the AWS error code and classify it.
-pub(crate) fn cloud_error<E, R>(service: &'static str, operation: &'static str, err: SdkError<E, R>) -> CloudError
+/// Keep the AWS error code, and classify it the way the SDK's own retry
+/// classifiers do (transport errors, 5xx, its lists of throttling and
+/// transient codes) before the domain table decides the rest.
+pub(crate) fn cloud_error<E>(service: &'static str, operation: &'static str, err: SdkError<E, HttpResponse>) -> CloudError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
+    use aws_runtime::retries::classifiers::{THROTTLING_ERRORS, TRANSIENT_ERRORS};
     let code = err.code().unwrap_or_default().to_string();
     let message = match err.message() {
         Some(message) => message.to_string(),
         None => DisplayErrorContext(&err).to_string(),
     };
+    let sdk_class = match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Some(RetryClass::Transient)
+        }
+        _ if THROTTLING_ERRORS.contains(&code.as_str()) => Some(RetryClass::Throttled),
+        _ if TRANSIENT_ERRORS.contains(&code.as_str()) => Some(RetryClass::Transient),
+        SdkError::ServiceError(service_error) if service_error.raw().status().as_u16() >= 500 => {
+            Some(RetryClass::Transient)
+        }
+        _ => None,
+    };
     let code = if code.is_empty() {
         match &err {
             SdkError::TimeoutError(_) => "timeout".to_string(),
             SdkError::DispatchFailure(_) => "dispatch".to_string(),
+            SdkError::ResponseError(_) => "response".to_string(),
             _ => String::new(),
         }
     } else {
         code
     };
-    CloudError::api(service, operation, &code, &message)
+    CloudError::classified(service, operation, &code, &message, sdk_class)
 }
+

@@ -8,7 +8,7 @@ use aws_sdk_s3::types::ServerSideEncryption;
 use super::cloud_error;
 use crate::error::{CloudError, RetryClass};
 use crate::ports::{CloudResult, Ledger, Versioned, WriteOutcome};
-use crate::record::{record_key, JobRecord};
+use crate::record::{active_key, record_key, JobRecord};
 
 pub struct S3Ledger {
     s3: aws_sdk_s3::Client,
@@ -21,7 +21,7 @@ impl S3Ledger {
     }
 
     async fn put(&self, record: &JobRecord, if_match: Option<&str>) -> CloudResult<WriteOutcome> {
-        let body = serde_json::to_vec_pretty(record).map_err(|e| CloudError::Invalid(e.to_string()))?;
+        let body = serde_json::to_vec(record).map_err(|e| CloudError::Invalid(e.to_string()))?;
         let mut call = self
             .s3
             .put_object()
@@ -94,6 +94,44 @@ impl Ledger for S3Ledger {
         Ok(self.get_with_etag(key).await?.map(|(body, _)| body))
     }
 
+    async fn set_active(&self, job_id: &str, active: bool) -> CloudResult<()> {
+        if active {
+            self.s3
+                .put_object()
+                .bucket(&self.bucket)
+                .key(active_key(job_id))
+                .server_side_encryption(ServerSideEncryption::Aes256)
+                .body(ByteStream::from_static(b""))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| cloud_error("s3", "PutObject", e))
+        } else {
+            self.s3
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(active_key(job_id))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| cloud_error("s3", "DeleteObject", e))
+        }
+    }
+
+    async fn list_active(&self) -> CloudResult<Vec<String>> {
+        let mut pages = self.s3.list_objects_v2().bucket(&self.bucket).prefix("active/").into_paginator().send();
+        let mut jobs = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| cloud_error("s3", "ListObjectsV2", e))?;
+            for object in page.contents() {
+                if let Some(job_id) = object.key().and_then(|k| k.strip_prefix("active/")) {
+                    jobs.push(job_id.to_string());
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
     fn bucket(&self) -> &str {
         &self.bucket
     }
@@ -108,7 +146,7 @@ impl S3Ledger {
                     .body
                     .collect()
                     .await
-                    .map_err(|e| CloudError::api("s3", "GetObject", "", &e.to_string()))?
+                    .map_err(|e| CloudError::classified("s3", "GetObject", "", &e.to_string(), Some(RetryClass::Transient)))?
                     .into_bytes()
                     .to_vec();
                 Ok(Some((body, version)))

@@ -1,31 +1,24 @@
-//! SQS behind `StepQueue`: one queue per step.
-
-use std::collections::BTreeMap;
+//! SQS behind `WakeQueue`: one reconcile queue.
 
 use async_trait::async_trait;
 
 use super::cloud_error;
 use crate::error::CloudError;
-use crate::lifecycle::StepMessage;
-use crate::ports::{CloudResult, StepQueue};
+use crate::ports::{CloudResult, WakeQueue};
+use crate::reconcile::WakeMessage;
 
-pub struct SqsStepQueue {
+pub struct SqsWakeQueue {
     pub sqs: aws_sdk_sqs::Client,
-    /// Step name to queue URL.
-    pub queue_urls: BTreeMap<&'static str, String>,
+    pub queue_url: String,
 }
 
 #[async_trait]
-impl StepQueue for SqsStepQueue {
-    async fn send(&self, message: &StepMessage, delay_seconds: u32) -> CloudResult<()> {
-        let url = self
-            .queue_urls
-            .get(message.step.as_str())
-            .ok_or_else(|| CloudError::Invalid(format!("no queue for step {}", message.step.as_str())))?;
+impl WakeQueue for SqsWakeQueue {
+    async fn send(&self, message: &WakeMessage, delay_seconds: u32) -> CloudResult<()> {
         let body = serde_json::to_string(message).map_err(|e| CloudError::Invalid(e.to_string()))?;
         self.sqs
             .send_message()
-            .queue_url(url)
+            .queue_url(&self.queue_url)
             .message_body(body)
             // SQS caps DelaySeconds at 900.
             .delay_seconds(delay_seconds.min(900) as i32)

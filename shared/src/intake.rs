@@ -6,10 +6,10 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::error::StepError;
-use crate::lifecycle::{Step, StepMessage};
 use crate::plan::plan;
 use crate::ports::{Ports, WriteOutcome};
-use crate::record::{JobRecord, JobState, Outbox};
+use crate::reconcile::{self, WakeMessage};
+use crate::record::JobRecord;
 use crate::spec::{self, check_job_id};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,37 +93,27 @@ async fn submit_spec(ports: &Ports, body: &str, fallback_id: String) -> Result<I
         Ok(plan) => plan,
         Err(err) => return reject(ports, job_id, err.message, body).await,
     };
-    let mut record = JobRecord::new(job_id.clone(), spec, plan, now);
-    record.step_seq = 1;
-    record.outbox =
-        Some(Outbox { message: StepMessage { job_id: job_id.clone(), step: Step::Launch, seq: 1 }, delay_seconds: 0 });
+    let record = JobRecord::new(job_id.clone(), spec, plan, now);
+    // The marker first: a job the tick cannot see could strand if its wake is lost.
+    ports.ledger.set_active(&job_id, true).await?;
     match ports.ledger.create(&record).await? {
         WriteOutcome::Written { .. } => {
-            send_outbox(ports, &record).await?;
+            ports.queue.send(&WakeMessage::new(&job_id, "submit"), 0).await?;
             info!(%job_id, reason = %record.reason, "job accepted");
             Ok(Intake::Accepted { job_id })
         }
         WriteOutcome::Conflict => {
-            // A redelivery after a crash between create and send: send again.
+            // A redelivery, perhaps after a crash before the wake was sent:
+            // waking a job is always harmless.
             if let Some(existing) = ports.ledger.load(&job_id).await? {
-                // Still SUBMITTED after the grace: the launch message was lost.
-                let grace = chrono::Duration::seconds(i64::from(ports.settings.outbox_grace_seconds));
-                let stalled = existing.record.updated_at.is_none_or(|at| ports.clock.now() - at >= grace);
-                if existing.record.state == JobState::Submitted && existing.record.step_seq == 1 && stalled {
-                    send_outbox(ports, &existing.record).await?;
+                if !existing.record.state.is_terminal() {
+                    ports.queue.send(&WakeMessage::new(&job_id, "submit"), 0).await?;
                 }
                 info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
             }
             Ok(Intake::AlreadyKnown { job_id })
         }
     }
-}
-
-async fn send_outbox(ports: &Ports, record: &JobRecord) -> Result<(), StepError> {
-    if let Some(outbox) = &record.outbox {
-        ports.queue.send(&outbox.message, outbox.delay_seconds).await?;
-    }
-    Ok(())
 }
 
 async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Result<Intake, StepError> {
@@ -140,26 +130,32 @@ async fn cancel(ports: &Ports, job_id: &str) -> Result<Intake, StepError> {
     if check_job_id("cancel", job_id).is_err() {
         return Ok(Intake::CancelIgnored { job_id: job_id.chars().take(64).collect(), reason: "not a job id".into() });
     }
-    for _ in 0..4 {
-        let Some(loaded) = ports.ledger.load(job_id).await? else {
-            return Ok(Intake::CancelIgnored { job_id: job_id.to_string(), reason: "no such job".into() });
-        };
-        if loaded.record.state.is_terminal() || loaded.record.cancel_requested {
-            return Ok(Intake::CancelIgnored {
-                job_id: job_id.to_string(),
-                reason: format!("job is {}", loaded.record.state),
-            });
-        }
-        let mut record = loaded.record.clone();
-        record.cancel_requested = true;
-        record.reason = format!("cancel requested while {}", record.state);
-        // step_seq is left alone: the step chain in flight picks the request up.
-        if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &loaded.version).await? {
-            info!(%job_id, "cancel requested");
-            return Ok(Intake::CancelRequested { job_id: job_id.to_string() });
-        }
+    let Some(loaded) = ports.ledger.load(job_id).await? else {
+        return Ok(Intake::CancelIgnored { job_id: job_id.to_string(), reason: "no such job".into() });
+    };
+    if loaded.record.state.is_terminal() || loaded.record.cancel_requested {
+        return Ok(Intake::CancelIgnored { job_id: job_id.to_string(), reason: format!("job is {}", loaded.record.state) });
     }
-    Err(StepError::Contended(job_id.to_string()))
+    // Only the flag is written; the job's reconciler acts on it.
+    let requested = reconcile::update_inbox(
+        ports,
+        job_id,
+        |record| {
+            if record.cancel_requested {
+                return false;
+            }
+            record.cancel_requested = true;
+            true
+        },
+        "cancel",
+    )
+    .await?;
+    if requested {
+        info!(%job_id, "cancel requested");
+        Ok(Intake::CancelRequested { job_id: job_id.to_string() })
+    } else {
+        Ok(Intake::CancelIgnored { job_id: job_id.to_string(), reason: "job finished or already cancelling".into() })
+    }
 }
 
 /// The id a malformed body claims, if it is a valid id: the user finds the

@@ -1,0 +1,23 @@
+//! The reconciler: wakes and EC2/SSM events for one job at a time. A thin
+//! composition root; the logic is `flotilla_shared::reconcile`.
+
+use aws_lambda_events::event::sqs::SqsEvent;
+use flotilla_shared::{aws, handlers};
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+
+/// Stop acting this long before the function's timeout, to save and re-queue.
+const SAFETY_MARGIN_MS: i64 = 15_000;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+    let env = aws::Environment::from_env()?;
+    let config = aws::load_config().await;
+    let ports = aws::ports(&config, &env);
+    lambda_runtime::run(service_fn(|event: LambdaEvent<SqsEvent>| async {
+        let left_ms = event.context.deadline as i64 - chrono::Utc::now().timestamp_millis() - SAFETY_MARGIN_MS;
+        let budget = chrono::Duration::milliseconds(left_ms.clamp(5_000, i64::from(env.settings.pass_budget_seconds) * 1000));
+        Ok::<_, Error>(handlers::reconcile_batch(&ports, event.payload, budget).await)
+    }))
+    .await
+}

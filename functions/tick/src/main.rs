@@ -1,0 +1,18 @@
+//! The safety tick: a schedule wakes every non-terminal job, so a lost
+//! message only ever delays a job. A thin composition root.
+
+use flotilla_shared::{aws, handlers};
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use serde_json::Value;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+    let env = aws::Environment::from_env()?;
+    let config = aws::load_config().await;
+    let ports = aws::ports(&config, &env);
+    lambda_runtime::run(service_fn(|_event: LambdaEvent<Value>| async {
+        handlers::tick(&ports).await.map_err(Error::from)
+    }))
+    .await
+}

@@ -1,0 +1,1430 @@
+//! The one place where job and shard state changes: a pure function of
+//! (record, observation, now) that returns the actions to take, and a pure
+//! function that folds each action's result back into the record.
+//!
+//! Every action's intent (a ClientToken, a command comment, a snapshot
+//! request) is in the record before the action runs, so a pass that crashes
+//! after any call is finished by the next pass without repeating it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+
+use crate::error::{CloudError, RetryClass};
+use crate::ports::{
+    tags, CommandRequest, InstanceView, InvocationView, LaunchRequest, NewVolume, Settings, SnapshotView, VolumeView,
+    MAX_INSTANCES_PER_COMMAND,
+};
+use crate::record::*;
+use crate::shell::{self, MountTarget, Preamble};
+use crate::spec::{pattern_matches, CommandSpec, JobSpec, RetryAction, RetryStrategy, SnapshotPolicy, VolumeSource};
+
+/// What one pass saw of the cloud: a few batched, paginated calls.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    /// This job's instances by id, found by tag, in every state.
+    pub instances: BTreeMap<String, InstanceView>,
+    /// Instances whose SSM agent is Online.
+    pub online: BTreeSet<String>,
+    /// This job's volumes (by tag) and its `volume_id` sources, by id.
+    pub volumes: BTreeMap<String, VolumeView>,
+    /// This job's snapshots, by id.
+    pub snapshots: BTreeMap<String, SnapshotView>,
+    /// By (command id, instance id).
+    pub invocations: BTreeMap<(String, String), InvocationView>,
+    /// Recorded volumes that DescribeVolumes says no longer exist.
+    pub gone_volumes: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Launch { request: LaunchRequest },
+    CreateVolume { request: NewVolume },
+    Attach { volume_id: String, instance_id: String, device: String },
+    /// The executor looks the comment up first and sends only if it finds nothing.
+    Send { request: CommandRequest },
+    Cancel { command_id: String },
+    Terminate { instance_ids: Vec<String> },
+    /// The executor looks for a snapshot with these tags first.
+    Snapshot { volume_id: String, description: String, tags: BTreeMap<String, String> },
+    DeleteVolume { volume_id: String },
+    /// Keep the newest `keep_last` of this job name's lineage; never this job's own.
+    Prune { volume: String, job_name: String, keep_last: u32, max_age_days: u32 },
+    /// The tail of one shard's phase output, beside the record in S3.
+    SaveOutput { name: String, body: String },
+    WriteReport,
+}
+
+/// Lines of output kept per shard and phase; the full output is in S3.
+pub const OUTPUT_TAIL_LINES: usize = 50;
+
+/// Where a shard's phase output tail is kept, under `jobs/<id>/`.
+pub fn output_name(shard: u32, attempt: u32, phase: Phase) -> String {
+    format!("output/{shard}/{attempt}-{}.txt", phase.as_str())
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Launch { .. } => "RunInstances",
+            Action::CreateVolume { .. } => "CreateVolume",
+            Action::Attach { .. } => "AttachVolume",
+            Action::Send { .. } => "SendCommand",
+            Action::Cancel { .. } => "CancelCommand",
+            Action::Terminate { .. } => "TerminateInstances",
+            Action::Snapshot { .. } => "CreateSnapshot",
+            Action::DeleteVolume { .. } => "DeleteVolume",
+            Action::Prune { .. } => "PruneSnapshots",
+            Action::SaveOutput { .. } => "SaveOutput",
+            Action::WriteReport => "WriteReport",
+        }
+    }
+}
+
+/// What an action returned.
+#[derive(Debug)]
+pub enum Done {
+    Launched(Vec<InstanceView>),
+    Created(String),
+    Sent(String),
+    Snapshotted(String),
+    Pruned(Vec<String>),
+    Ok,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// The job is terminal: no wake needed.
+    Finished,
+    /// Look again after this many seconds.
+    After(u32),
+}
+
+/// Per-pass limits, so one pass stays inside its time budget; the rest
+/// waits for the next pass. RunInstances: 5 requests burst, 2/s refill.
+const MAX_LAUNCH_CALLS: usize = 4;
+const MAX_VOLUME_CALLS: usize = 100;
+/// How long past its own timeout a command may stay unreported before we cancel it.
+const REPORT_GRACE_SECONDS: i64 = 120;
+/// Mount and unmount get this long; they wait at most 60 s for a device.
+const VOLUME_OP_TIMEOUT_SECONDS: u32 = 600;
+/// An instance RunInstances returned but DescribeInstances never showed.
+const VANISHED_AFTER_SECONDS: i64 = 600;
+/// A snapshot that errors this often is given up on, and its volume kept.
+const SNAPSHOT_TRIES: u32 = 3;
+/// Permanent errors while releasing an attempt before leaving it to the reaper.
+const RELEASE_ERRORS: u32 = 3;
+/// A requested snapshot not visible this long is treated as failed.
+const SNAPSHOT_LOST_SECONDS: i64 = 1800;
+
+pub struct Context<'a> {
+    pub now: DateTime<Utc>,
+    pub settings: &'a Settings,
+    pub bucket: &'a str,
+}
+
+/// Decide the next actions for a job, updating shard and job state.
+pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (Vec<Action>, Next) {
+    if record.state.is_terminal() {
+        return (vec![], Next::Finished);
+    }
+    let Some(spec) = record.spec.clone() else {
+        record.state = JobState::Failed;
+        record.reason = "record has no spec".into();
+        return (vec![], Next::Finished);
+    };
+    let now = ctx.now;
+    let mut wait = ctx.settings.poll_delay_seconds;
+    let mut actions = Vec::new();
+
+    for instance_id in std::mem::take(&mut record.interruptions) {
+        for shard in &mut record.shards {
+            let Some(attempt) = shard.current_mut() else { continue };
+            if attempt.instance_id.as_deref() == Some(instance_id.as_str()) && attempt.stage != Stage::Done {
+                attempt.interrupted = true;
+                shard.note(now, format!("spot interruption warning for {instance_id}"));
+            }
+        }
+    }
+    check_abort(record, now);
+
+    let mut terminate: Vec<String> = Vec::new();
+    let aborting = record.outcome.is_some();
+    let job = JobFacts {
+        spec: &spec,
+        job_id: record.job_id.clone(),
+        aborting,
+        tags: job_tags(record, &spec, ctx.settings.expiry_grace_minutes),
+    };
+    for index in 0..record.shards.len() {
+        if record.shards[index].result.is_some() {
+            continue;
+        }
+        let seq_before = record.next_seq;
+        let mut seq = seq_before;
+        let shard = &mut record.shards[index];
+        step_shard(&job, shard, obs, ctx, &mut seq, &mut actions, &mut terminate, &mut wait);
+        record.next_seq = seq;
+    }
+    // A shard that failed for good stops the job (fail fast), with its reason.
+    check_abort(record, now);
+
+    plan_launches(record, &spec, ctx, &mut actions, &mut wait);
+    plan_dispatch(record, &spec, ctx, &mut actions);
+
+    let all_done = record.shards.iter().all(|s| s.result.is_some());
+    if all_done {
+        finish(record, &spec, obs, &mut actions, &mut terminate, &mut wait);
+    }
+    if !terminate.is_empty() {
+        terminate.sort();
+        terminate.dedup();
+        actions.push(Action::Terminate { instance_ids: terminate });
+        wait = wait.min(5);
+    }
+    update_state(record, now);
+    if record.state.is_terminal() {
+        return (actions, Next::Finished);
+    }
+    (actions, Next::After(wait.max(1)))
+}
+
+struct JobFacts<'a> {
+    spec: &'a JobSpec,
+    job_id: String,
+    aborting: bool,
+    /// The tags on everything the job creates.
+    tags: BTreeMap<String, String>,
+}
+
+/// Cancel, deadline, or a shard that failed for good: decide the outcome once.
+fn check_abort(record: &mut JobRecord, now: DateTime<Utc>) {
+    if record.outcome.is_some() || record.shards.iter().all(|s| s.result.is_some()) {
+        return;
+    }
+    let (outcome, reason) = if record.cancel_requested {
+        (Outcome::Cancelled, format!("cancelled by request while {}", record.state))
+    } else if record.deadline_at.is_some_and(|d| now > d) {
+        let minutes = record.spec.as_ref().map(|s| s.deadline_minutes).unwrap_or_default();
+        (Outcome::Failed, format!("deadline of {minutes} min passed while {}", record.state))
+    } else if let Some(failed) = record.shards.iter().find(|s| s.result.as_ref().is_some_and(|r| !r.succeeded)) {
+        let reason = failed.result.as_ref().map(|r| r.reason.clone()).unwrap_or_default();
+        (Outcome::Failed, format!("shard {} failed: {reason}", failed.index))
+    } else {
+        return;
+    };
+    record.outcome = Some(outcome);
+    record.outcome_reason = Some(reason);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn step_shard(
+    job: &JobFacts<'_>,
+    shard: &mut Shard,
+    obs: &Observation,
+    ctx: &Context<'_>,
+    seq: &mut u64,
+    actions: &mut Vec<Action>,
+    terminate: &mut Vec<String>,
+    wait: &mut u32,
+) {
+    let now = ctx.now;
+    let index = shard.index;
+    let Some(attempt) = shard.attempts.last_mut() else { return };
+    let instance = attempt.instance_id.as_ref().and_then(|id| obs.instances.get(id));
+    let mut notes: Vec<String> = Vec::new();
+
+    // Loss and stop conditions, before the stage's own work.
+    if matches!(attempt.stage, Stage::Booting | Stage::Attaching | Stage::Working) && attempt.end.is_none() {
+        let lost = match instance {
+            Some(view) if view.is_gone() => Some(format!("instance {} became {}", view.instance_id, view.state)),
+            None if attempt.launched_at.is_some_and(|at| now - at > Duration::seconds(VANISHED_AFTER_SECONDS)) => {
+                Some(format!("instance {} vanished", attempt.instance_id.as_deref().unwrap_or("?")))
+            }
+            _ => None,
+        };
+        if let Some(detail) = lost {
+            let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::InstanceLost };
+            end(attempt, cause, &detail, None);
+            notes.push(detail);
+            attempt.stage = Stage::Releasing;
+        } else if job.aborting && attempt.stage != Stage::Working {
+            end(attempt, EndCause::Aborted, "job stopping", None);
+            attempt.stage = Stage::Releasing;
+        } else if attempt.interrupted && attempt.stage != Stage::Working {
+            end(attempt, EndCause::SpotInterruption, "spot interruption warning", None);
+            attempt.stage = Stage::Releasing;
+        }
+    }
+
+    match attempt.stage {
+        Stage::Launching => {
+            if job.aborting {
+                // A launch may have happened under its token: the final sweep
+                // terminates whatever carries this job's tag.
+                end(attempt, EndCause::Aborted, "job stopped before launch", None);
+                attempt.stage = Stage::Done;
+            }
+        }
+        Stage::Booting => {
+            let view = instance;
+            match view {
+                Some(view) if view.state == "running" => {
+                    attempt.availability_zone = Some(view.availability_zone.clone());
+                    if obs.online.contains(&view.instance_id) {
+                        attempt.stage = Stage::Attaching;
+                        notes.push(format!("{} running, agent Online", view.instance_id));
+                    } else if attempt
+                        .launched_at
+                        .is_some_and(|at| now - at > Duration::seconds(i64::from(ctx.settings.agent_timeout_seconds)))
+                    {
+                        let detail = format!(
+                            "SSM agent of {} not Online after {} s (instance profile? SSM endpoint?)",
+                            view.instance_id, ctx.settings.agent_timeout_seconds
+                        );
+                        end(attempt, EndCause::AgentNeverOnline, &detail, None);
+                        notes.push(detail);
+                        attempt.stage = Stage::Releasing;
+                    }
+                }
+                _ => *wait = (*wait).min(10),
+            }
+        }
+        _ => {}
+    }
+
+    if attempt.stage == Stage::Attaching {
+        match attach_volumes(job, index, attempt, obs, seq, actions) {
+            Ok(true) => {
+                attempt.stage = Stage::Working;
+            }
+            Ok(false) => *wait = (*wait).min(5),
+            Err(detail) => {
+                end(attempt, EndCause::Permanent, &detail, None);
+                notes.push(detail);
+                attempt.stage = Stage::Releasing;
+            }
+        }
+    }
+
+    if attempt.stage == Stage::Working {
+        work(job, index, attempt, obs, ctx, actions, &mut notes);
+        if attempt.stage == Stage::Working {
+            *wait = (*wait).min(ctx.settings.poll_delay_seconds);
+        }
+    }
+
+    if attempt.stage == Stage::Releasing {
+        if release(job, index, attempt, obs, now, actions, terminate, &mut notes) {
+            attempt.stage = Stage::Done;
+        } else {
+            *wait = (*wait).min(5);
+        }
+    }
+
+    let done = attempt.stage == Stage::Done;
+    for note in notes {
+        shard.note(now, note);
+    }
+    if done {
+        settle(job, shard, now);
+    }
+}
+
+fn end(attempt: &mut Attempt, cause: EndCause, detail: &str, exit_code: Option<i32>) {
+    if attempt.end.is_none() {
+        attempt.end = Some(AttemptEnd { cause, detail: detail.to_string(), exit_code });
+    }
+}
+
+/// An attempt is over and released: retry, fail over, or record the result.
+fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) {
+    let Some(attempt) = shard.attempts.last() else { return };
+    let Some(ended) = attempt.end.clone() else {
+        shard.result = Some(ShardResult { succeeded: false, reason: "attempt ended without a cause".into() });
+        return;
+    };
+    let options = launch_options(job.spec);
+    match ended.cause {
+        EndCause::Succeeded => {
+            shard.result = Some(ShardResult { succeeded: true, reason: "succeeded".into() });
+        }
+        EndCause::Aborted | EndCause::Permanent => {
+            shard.result = Some(ShardResult { succeeded: false, reason: ended.detail.clone() });
+        }
+        EndCause::Capacity => {
+            let next = attempt.option + 1;
+            if job.aborting {
+                shard.result = Some(ShardResult { succeeded: false, reason: "job stopped".into() });
+            } else if let Some(option) = options.get(next as usize) {
+                let number = attempt.number;
+                shard.note(now, format!("{}; failing over to {}", ended.detail, describe_option(option)));
+                shard.attempts.push(Attempt::new(number, next, option.clone()));
+            } else {
+                shard.result = Some(ShardResult {
+                    succeeded: false,
+                    reason: format!("no capacity in any allowed option: {}", ended.detail),
+                });
+            }
+        }
+        cause => {
+            let strategy = job.spec.retry.clone().unwrap_or_default();
+            let used = shard.attempts.last().map(|a| a.number).unwrap_or(1);
+            let action = retry_action(&strategy, cause, ended.exit_code);
+            if !job.aborting && action == RetryAction::Retry && used < strategy.attempts {
+                let current = shard.attempts.last().cloned().expect("an attempt");
+                // A spot interruption moves the slot to on-demand when allowed.
+                let option = if cause == EndCause::SpotInterruption {
+                    options
+                        .iter()
+                        .position(|o| o.market == crate::spec::Market::OnDemand)
+                        .map(|p| p as u32)
+                        .unwrap_or(current.option)
+                } else {
+                    current.option
+                };
+                let launch = options.get(option as usize).cloned().unwrap_or(current.launch.clone());
+                shard.note(
+                    now,
+                    format!(
+                        "{}: {}; retrying (attempt {} of {}) on {}",
+                        cause.as_str(),
+                        ended.detail,
+                        used + 1,
+                        strategy.attempts,
+                        describe_option(&launch)
+                    ),
+                );
+                shard.attempts.push(Attempt::new(used + 1, option, launch));
+            } else {
+                let why = if job.aborting {
+                    "job stopping".to_string()
+                } else if action == RetryAction::Exit {
+                    "retry strategy says EXIT".to_string()
+                } else {
+                    format!("{used} of {} attempts used", strategy.attempts)
+                };
+                shard.result = Some(ShardResult {
+                    succeeded: false,
+                    reason: format!("{}: {} ({why})", cause.as_str(), ended.detail),
+                });
+            }
+        }
+    }
+}
+
+/// AWS Batch's evaluateOnExit: the first matching rule decides, else the default.
+pub fn retry_action(strategy: &RetryStrategy, cause: EndCause, exit_code: Option<i32>) -> RetryAction {
+    for rule in &strategy.evaluate_on_exit {
+        let code_ok = rule
+            .on_exit_code
+            .as_ref()
+            .is_none_or(|p| exit_code.is_some_and(|code| pattern_matches(p, &code.to_string())));
+        let reason_ok = rule.on_reason.as_ref().is_none_or(|p| pattern_matches(p, cause.as_str()));
+        if code_ok && reason_ok {
+            return rule.action;
+        }
+    }
+    match cause {
+        EndCause::InstanceLost | EndCause::SpotInterruption | EndCause::AgentNeverOnline => RetryAction::Retry,
+        _ => RetryAction::Exit,
+    }
+}
+
+fn describe_option(option: &LaunchOption) -> String {
+    let market = match option.market {
+        crate::spec::Market::OnDemand => "on-demand",
+        crate::spec::Market::Spot => "spot",
+    };
+    match &option.subnet_id {
+        Some(subnet) => format!("{} {market} in {subnet}", option.instance_type),
+        None => format!("{} {market}", option.instance_type),
+    }
+}
+
+/// Volumes this shard gets: a `volume_id` source goes to shard 0 only.
+fn volume_specs<'a>(spec: &'a JobSpec, shard: u32) -> impl Iterator<Item = &'a crate::spec::VolumeSpec> {
+    spec.volumes.iter().filter(move |v| !matches!(v.source, VolumeSource::VolumeId(_)) || shard == 0)
+}
+
+/// Create (by token) and attach this attempt's volumes. True once all are
+/// attached; Err with a reason when retrying cannot help.
+fn attach_volumes(
+    job: &JobFacts<'_>,
+    shard: u32,
+    attempt: &mut Attempt,
+    obs: &Observation,
+    seq: &mut u64,
+    actions: &mut Vec<Action>,
+) -> Result<bool, String> {
+    let (Some(instance_id), Some(az)) = (attempt.instance_id.clone(), attempt.availability_zone.clone()) else {
+        return Ok(false);
+    };
+    let mut all = true;
+    for volume in volume_specs(job.spec, shard) {
+        if !attempt.volumes.iter().any(|v| v.name == volume.name) {
+            *seq += 1;
+            let (volume_id, created) = match &volume.source {
+                VolumeSource::VolumeId(id) => (Some(id.clone()), false),
+                _ => (None, true),
+            };
+            attempt.volumes.push(AttemptVolume {
+                name: volume.name.clone(),
+                // ClientToken: at most 64 ASCII characters; job ids are at most 48.
+                token: format!("{}-v{}", job.job_id, *seq),
+                volume_id,
+                created,
+                snapshot: None,
+                snapshot_failures: 0,
+                deleted: false,
+                kept: None,
+            });
+        }
+        let entry = attempt.volumes.iter().find(|v| v.name == volume.name).cloned().expect("just added");
+        let Some(volume_id) = entry.volume_id.clone() else {
+            let (size_gib, volume_type, snapshot_id) = match &volume.source {
+                VolumeSource::New { size_gib, volume_type } => (Some(*size_gib), volume_type.clone(), None),
+                VolumeSource::SnapshotId(id) => (None, "gp3".to_string(), Some(id.clone())),
+                VolumeSource::VolumeId(_) => unreachable!("volume_id sources have an id"),
+            };
+            let mut volume_tags = job.tags.clone();
+            volume_tags.insert(tags::VOLUME.to_string(), volume.name.clone());
+            volume_tags.insert(tags::INSTANCE.to_string(), instance_id.clone());
+            volume_tags.insert(tags::SHARD.to_string(), shard.to_string());
+            volume_tags.insert(tags::ATTEMPT.to_string(), entry.token.clone());
+            actions.push(Action::CreateVolume {
+                request: NewVolume {
+                    availability_zone: az.clone(),
+                    size_gib,
+                    volume_type,
+                    snapshot_id,
+                    tags: volume_tags,
+                    client_token: entry.token.clone(),
+                },
+            });
+            all = false;
+            continue;
+        };
+        let Some(view) = obs.volumes.get(&volume_id) else {
+            if !entry.created {
+                return Err(format!("volume {volume_id} does not exist"));
+            }
+            all = false; // just created: not visible yet
+            continue;
+        };
+        if view.availability_zone != az {
+            return Err(format!(
+                "volume {volume_id} is in {}, instance {instance_id} in {az}: EBS attaches only within one AZ",
+                view.availability_zone
+            ));
+        }
+        match (view.state.as_str(), view.attached_to.as_deref()) {
+            (_, Some(owner)) if owner == instance_id => {}
+            (_, Some(other)) => {
+                if !entry.created {
+                    return Err(format!("volume {volume_id} is attached to {other}, not to this job's {instance_id}"));
+                }
+                all = false;
+            }
+            ("available", None) => {
+                actions.push(Action::Attach {
+                    volume_id: volume_id.clone(),
+                    instance_id: instance_id.clone(),
+                    device: volume.device.clone(),
+                });
+                all = false;
+            }
+            ("error", _) => return Err(format!("volume {volume_id} is in state error")),
+            _ => all = false,
+        }
+    }
+    Ok(all)
+}
+
+/// The phases this job runs, in order.
+pub fn planned_phases(spec: &JobSpec, shard: u32) -> Vec<Phase> {
+    let has_volumes = volume_specs(spec, shard).next().is_some();
+    Phase::ALL
+        .into_iter()
+        .filter(|phase| match phase {
+            Phase::Mount | Phase::Unmount => has_volumes,
+            Phase::Setup => spec.setup.is_some(),
+            Phase::Run => true,
+            Phase::BeforeUnmount => spec.before_unmount.is_some(),
+        })
+        .collect()
+}
+
+fn phase_spec(spec: &JobSpec, phase: Phase) -> Option<&CommandSpec> {
+    match phase {
+        Phase::Setup => spec.setup.as_ref(),
+        Phase::Run => Some(&spec.run),
+        Phase::BeforeUnmount => spec.before_unmount.as_ref(),
+        Phase::Mount | Phase::Unmount => None,
+    }
+}
+
+pub fn phase_timeout(spec: &JobSpec, phase: Phase) -> u32 {
+    phase_spec(spec, phase).map(|c| c.timeout_seconds).unwrap_or(VOLUME_OP_TIMEOUT_SECONDS)
+}
+
+/// Collect the phase in flight, then pick the next one. Work phases stop at
+/// the first failure, cancel, deadline or interruption; cleanup phases run
+/// after those if the volumes were mounted.
+fn work(
+    job: &JobFacts<'_>,
+    shard: u32,
+    attempt: &mut Attempt,
+    obs: &Observation,
+    ctx: &Context<'_>,
+    actions: &mut Vec<Action>,
+    notes: &mut Vec<String>,
+) {
+    let now = ctx.now;
+    let instance_id = attempt.instance_id.clone().unwrap_or_default();
+    let stopping = job.aborting || attempt.interrupted;
+    if let Some(run) = attempt.phases.iter_mut().find(|p| p.status.is_none()) {
+        let Some(command_id) = run.command_id.clone() else {
+            return; // its Send is re-planned by plan_dispatch from the comment
+        };
+        let timeout = Duration::seconds(i64::from(phase_timeout(job.spec, run.phase)) + REPORT_GRACE_SECONDS);
+        match obs.invocations.get(&(command_id.clone(), instance_id.clone())) {
+            Some(view) if view.is_finished() => {
+                let mut lines: Vec<&str> = view.stdout.lines().collect();
+                let stderr: Vec<String> = view.stderr.lines().map(|l| format!("[stderr] {l}")).collect();
+                lines.extend(stderr.iter().map(String::as_str));
+                if !lines.is_empty() {
+                    let skip = lines.len().saturating_sub(OUTPUT_TAIL_LINES);
+                    actions.push(Action::SaveOutput {
+                        name: output_name(shard, attempt.number, run.phase),
+                        body: lines[skip..].join("\n"),
+                    });
+                }
+                run.status = Some(view.status.clone());
+                run.exit_code = view.exit_code;
+                run.finished_at = Some(now);
+                run.output_uri = view.output_uri.clone();
+            }
+            _ if stopping && !run.phase.runs_after_failure() => {
+                actions.push(Action::Cancel { command_id });
+                run.status = Some("Cancelled".into());
+                run.finished_at = Some(now);
+            }
+            _ if now > run.dispatched_at + timeout => {
+                // SSM never reported: treat as a timeout and stop the command.
+                actions.push(Action::Cancel { command_id });
+                run.status = Some("TimedOut".into());
+                run.finished_at = Some(now);
+            }
+            _ => return,
+        }
+        let run = run.clone();
+        if !run.succeeded() {
+            let what = match (run.status.as_deref(), run.exit_code) {
+                (Some("TimedOut"), _) => format!("timed out after {} s", phase_timeout(job.spec, run.phase)),
+                (_, Some(code)) if code >= 0 => format!("exited {code}"),
+                (status, _) => status.unwrap_or("?").to_ascii_lowercase(),
+            };
+            let detail = format!("{} {what} on {instance_id}", run.phase.as_str());
+            notes.push(detail.clone());
+            if run.phase.runs_after_failure() {
+                notes.push(format!("warning: cleanup phase {} did not succeed", run.phase.as_str()));
+            } else if stopping {
+                let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::Aborted };
+                end(attempt, cause, "stopped while working", None);
+            } else {
+                let cause = if run.status.as_deref() == Some("TimedOut") {
+                    EndCause::TimedOut
+                } else {
+                    EndCause::CommandFailed
+                };
+                end(attempt, cause, &detail, run.exit_code.filter(|c| *c >= 0));
+            }
+        }
+    }
+    if stopping && attempt.end.is_none() {
+        let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::Aborted };
+        end(attempt, cause, "stopped while working", None);
+    }
+    let planned = planned_phases(job.spec, shard);
+    let ran = |p: Phase| attempt.phases.iter().any(|r| r.phase == p);
+    let next = if attempt.end.is_none() {
+        planned.into_iter().find(|p| !ran(*p))
+    } else {
+        // Cleanup runs only where the volumes were mounted (or there are none).
+        let mounted = attempt.volumes.is_empty() || attempt.phase(Phase::Mount).is_some_and(PhaseRun::succeeded);
+        let started = attempt.phases.iter().any(|r| !r.phase.runs_after_failure());
+        if mounted && started {
+            planned.into_iter().filter(|p| p.runs_after_failure()).find(|p| !ran(*p))
+        } else {
+            None
+        }
+    };
+    match next {
+        Some(phase) => {
+            // Opened here; plan_dispatch groups it into a SendCommand.
+            attempt.phases.push(PhaseRun {
+                phase,
+                comment: String::new(), // set by plan_dispatch
+                command_id: None,
+                dispatched_at: now,
+                status: None,
+                exit_code: None,
+                finished_at: None,
+                output_uri: None,
+            });
+        }
+        None => {
+            if attempt.end.is_none() {
+                end(attempt, EndCause::Succeeded, "all phases succeeded", Some(0));
+            }
+            attempt.stage = Stage::Releasing;
+        }
+    }
+}
+
+/// Terminate the instance (stopped ones too), then snapshot what the policy
+/// wants once each volume is free, and delete a created volume only after its
+/// snapshot is `completed`. True when nothing of the attempt is left.
+#[allow(clippy::too_many_arguments)]
+fn release(
+    job: &JobFacts<'_>,
+    shard: u32,
+    attempt: &mut Attempt,
+    obs: &Observation,
+    now: DateTime<Utc>,
+    actions: &mut Vec<Action>,
+    terminate: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> bool {
+    let mut settled = true;
+    let instance_gone = match attempt.instance_id.as_ref() {
+        None => true,
+        Some(_) if attempt.left_for_reaper.is_some() => true,
+        Some(id) => match obs.instances.get(id) {
+            Some(view) if view.is_terminated() => true,
+            Some(view) => {
+                if view.state != "shutting-down" {
+                    terminate.push(id.clone());
+                }
+                attempt.terminate_requested = true;
+                false
+            }
+            // Not listed: terminated long ago, or never visible.
+            None => attempt.terminate_requested || attempt.launched_at.is_none_or(|at| now - at > Duration::minutes(5)),
+        },
+    };
+    if !instance_gone {
+        settled = false;
+    }
+    let work_succeeded = attempt.end.as_ref().is_some_and(|e| e.cause == EndCause::Succeeded);
+    let mut launched_volume_calls = 0;
+    for volume in &mut attempt.volumes {
+        if volume.deleted || volume.kept.is_some() {
+            continue;
+        }
+        // A create whose reply was lost: find the volume by its token tag.
+        if volume.volume_id.is_none() {
+            volume.volume_id = obs
+                .volumes
+                .values()
+                .find(|v| v.tags.get(tags::ATTEMPT) == Some(&volume.token))
+                .map(|v| v.volume_id.clone());
+            if volume.volume_id.is_none() {
+                volume.deleted = true; // never created (the final sweep catches a late one)
+                continue;
+            }
+        }
+        let volume_id = volume.volume_id.clone().unwrap_or_default();
+        let Some(view) = obs.volumes.get(&volume_id) else {
+            if obs.gone_volumes.contains(&volume_id) {
+                if volume.created {
+                    volume.deleted = true;
+                } else {
+                    volume.kept = Some("a volume_id source: never deleted".into());
+                }
+            } else {
+                settled = false; // not visible yet
+            }
+            continue;
+        };
+        let policy = job.spec.volumes.iter().find(|v| v.name == volume.name).map(|v| v.snapshot);
+        let wanted = match policy {
+            Some(SnapshotPolicy::Always) => true,
+            Some(SnapshotPolicy::OnSuccess) => work_succeeded,
+            _ => false,
+        };
+        let attached = view.attached_to.is_some() || view.state == "in-use";
+        if attached || view.state == "creating" {
+            settled = false;
+            continue;
+        }
+        if view.state != "available" {
+            settled = false;
+            continue;
+        }
+        let mut ready_to_delete = !wanted;
+        if wanted {
+            match volume.snapshot.clone() {
+                None => {
+                    volume.snapshot =
+                        Some(SnapshotRef { snapshot_id: None, state: "requested".into(), requested_at: Some(now) });
+                    actions.push(snapshot_action(job, shard, volume, &volume_id, now));
+                    settled = false;
+                }
+                Some(SnapshotRef { snapshot_id: None, .. }) => {
+                    actions.push(snapshot_action(job, shard, volume, &volume_id, now));
+                    settled = false;
+                }
+                Some(SnapshotRef { snapshot_id: Some(id), state, requested_at }) => {
+                    let seen = obs.snapshots.get(&id).map(|s| s.state.clone());
+                    // A snapshot that never shows up (deleted by someone) is a failed one.
+                    let lost = seen.is_none()
+                        && state != "completed"
+                        && requested_at.is_some_and(|at| now - at > Duration::seconds(SNAPSHOT_LOST_SECONDS));
+                    let state_now = if lost { "error".to_string() } else { seen.unwrap_or(state) };
+                    match state_now.as_str() {
+                        "completed" => {
+                            volume.snapshot =
+                                Some(SnapshotRef { snapshot_id: Some(id), state: "completed".into(), requested_at });
+                            ready_to_delete = true;
+                        }
+                        "error" => {
+                            volume.snapshot_failures += 1;
+                            notes.push(format!("snapshot {id} of {volume_id} ended in error"));
+                            if volume.snapshot_failures >= SNAPSHOT_TRIES {
+                                volume.kept = Some(format!(
+                                    "{SNAPSHOT_TRIES} snapshots of it ended in error; kept so no data is lost"
+                                ));
+                            } else {
+                                volume.snapshot = None; // a new one next pass
+                                settled = false;
+                            }
+                        }
+                        _ => settled = false,
+                    }
+                }
+            }
+        }
+        if ready_to_delete && volume.kept.is_none() {
+            if volume.created {
+                if launched_volume_calls < MAX_VOLUME_CALLS {
+                    actions.push(Action::DeleteVolume { volume_id: volume_id.clone() });
+                    launched_volume_calls += 1;
+                }
+                settled = false; // marked deleted when the call succeeds
+            } else {
+                volume.kept = Some("a volume_id source: never deleted".into());
+            }
+        }
+    }
+    settled && instance_gone && attempt.volumes.iter().all(|v| v.deleted || v.kept.is_some())
+}
+
+fn snapshot_action(
+    job: &JobFacts<'_>,
+    shard: u32,
+    volume: &AttemptVolume,
+    volume_id: &str,
+    now: DateTime<Utc>,
+) -> Action {
+    let name = job.spec.name.clone().unwrap_or_else(|| job.job_id.clone());
+    let mut snapshot_tags = BTreeMap::new();
+    snapshot_tags.insert(tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string());
+    snapshot_tags.insert(tags::JOB_ID.to_string(), job.job_id.clone());
+    snapshot_tags.insert(tags::JOB_NAME.to_string(), name.clone());
+    snapshot_tags.insert(tags::VOLUME.to_string(), volume.name.clone());
+    snapshot_tags.insert(tags::SOURCE_VOLUME.to_string(), volume_id.to_string());
+    snapshot_tags.insert(tags::SHARD.to_string(), shard.to_string());
+    snapshot_tags.insert(tags::ATTEMPT.to_string(), volume.token.clone());
+    snapshot_tags.insert("Name".to_string(), format!("{name}-{}-{shard}", volume.name));
+    for (key, value) in &job.spec.tags {
+        snapshot_tags.entry(key.clone()).or_insert_with(|| value.clone());
+    }
+    let description = format!(
+        "flotilla job {} volume {} shard {shard} from {volume_id} at {}",
+        job.job_id,
+        volume.name,
+        now.to_rfc3339_opts(SecondsFormat::Secs, true)
+    );
+    Action::Snapshot { volume_id: volume_id.to_string(), description, tags: snapshot_tags }
+}
+
+/// Group attempts waiting to launch into RunInstances calls: one ClientToken
+/// per batch, written before the call, MinCount 1 so EC2 fills what it can.
+fn plan_launches(
+    record: &mut JobRecord,
+    spec: &JobSpec,
+    ctx: &Context<'_>,
+    actions: &mut Vec<Action>,
+    wait: &mut u32,
+) {
+    if record.outcome.is_some() {
+        return;
+    }
+    // Fresh attempts get a token per option group.
+    let mut fresh: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (index, shard) in record.shards.iter().enumerate() {
+        if shard.result.is_some() {
+            continue;
+        }
+        if let Some(a) = shard.current() {
+            if a.stage == Stage::Launching && a.launch_token.is_none() && a.end.is_none() {
+                fresh.entry(a.option).or_default().push(index);
+            }
+        }
+    }
+    let pending_tokens: BTreeSet<String> = record
+        .shards
+        .iter()
+        .filter_map(|s| s.current())
+        .filter(|a| a.stage == Stage::Launching && a.end.is_none())
+        .filter_map(|a| a.launch_token.clone())
+        .collect();
+    let mut calls = pending_tokens.len();
+    for (_, shards) in fresh {
+        for chunk in shards.chunks(1000) {
+            if calls >= MAX_LAUNCH_CALLS {
+                break;
+            }
+            calls += 1;
+            let seq = record.take_seq();
+            let token = format!("{}-l{seq}", record.job_id);
+            for index in chunk {
+                if let Some(a) = record.shards[*index].current_mut() {
+                    a.launch_token = Some(token.clone());
+                }
+            }
+        }
+    }
+    let mut by_token: BTreeMap<String, (u32, LaunchOption)> = BTreeMap::new();
+    for shard in &record.shards {
+        if shard.result.is_some() {
+            continue;
+        }
+        if let Some(a) = shard.current() {
+            if let (Stage::Launching, Some(token), None) = (a.stage, &a.launch_token, &a.end) {
+                let entry = by_token.entry(token.clone()).or_insert((0, a.launch.clone()));
+                entry.0 += 1;
+            }
+        }
+    }
+    for (token, (count, option)) in by_token {
+        actions.push(Action::Launch { request: launch_request(record, spec, ctx, &token, count, &option) });
+        *wait = (*wait).min(5);
+    }
+}
+
+/// The tags on everything a job creates.
+pub fn job_tags(record: &JobRecord, spec: &JobSpec, grace_minutes: u32) -> BTreeMap<String, String> {
+    let mut all = spec.tags.clone();
+    let expires =
+        record.deadline_at.unwrap_or(record.submitted_at) + chrono::Duration::minutes(i64::from(grace_minutes));
+    all.insert(tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string());
+    all.insert(tags::JOB_ID.to_string(), record.job_id.clone());
+    all.insert(tags::JOB_NAME.to_string(), job_name(record));
+    all.insert(tags::EXPIRES_AT.to_string(), expires.to_rfc3339_opts(SecondsFormat::Secs, true));
+    all.insert("Name".to_string(), format!("flotilla-{}", record.job_id));
+    all
+}
+
+pub fn job_name(record: &JobRecord) -> String {
+    record.spec.as_ref().and_then(|s| s.name.clone()).unwrap_or_else(|| record.job_id.clone())
+}
+
+fn launch_request(
+    record: &JobRecord,
+    spec: &JobSpec,
+    ctx: &Context<'_>,
+    token: &str,
+    count: u32,
+    option: &LaunchOption,
+) -> LaunchRequest {
+    let template = spec.launch_template.as_ref();
+    let mut launch_tags = job_tags(record, spec, ctx.settings.expiry_grace_minutes);
+    launch_tags.insert(tags::LAUNCH.to_string(), token.to_string());
+    LaunchRequest {
+        job_id: record.job_id.clone(),
+        count,
+        instance_type: option.instance_type.clone(),
+        image_id: record.resolved_image.clone(),
+        launch_template_id: template.and_then(|t| t.id.clone()),
+        launch_template_name: template.and_then(|t| t.name.clone()),
+        launch_template_version: template.and_then(|t| t.version.clone()),
+        subnet_id: option.subnet_id.clone(),
+        security_group_ids: spec.security_group_ids.clone(),
+        instance_profile: spec.instance_profile.clone().or_else(|| ctx.settings.worker_instance_profile.clone()),
+        market: option.market,
+        tags: launch_tags,
+        client_token: token.to_string(),
+    }
+}
+
+/// Phases that `work` opened this pass (no comment yet) or whose send never
+/// answered (a comment, no command id): one SendCommand per phase and 50
+/// instances, with a comment that makes the send findable.
+fn plan_dispatch(
+    record: &mut JobRecord,
+    spec: &JobSpec,
+    ctx: &Context<'_>,
+    actions: &mut Vec<Action>,
+) {
+    let mut fresh: BTreeMap<Phase, Vec<usize>> = BTreeMap::new();
+    for (index, shard) in record.shards.iter().enumerate() {
+        let Some(a) = shard.current() else { continue };
+        if a.stage != Stage::Working {
+            continue;
+        }
+        if let Some(run) = a.phases.iter().find(|p| p.status.is_none() && p.comment.is_empty()) {
+            fresh.entry(run.phase).or_default().push(index);
+        }
+    }
+    for (phase, shards) in fresh {
+        for chunk in shards.chunks(MAX_INSTANCES_PER_COMMAND) {
+            let seq = record.take_seq();
+            let comment = format!("flotilla {} {} c{seq}", record.job_id, phase.as_str());
+            for index in chunk {
+                if let Some(run) =
+                    record.shards[*index].current_mut().and_then(|a| a.phases.iter_mut().find(|p| p.status.is_none()))
+                {
+                    run.comment = comment.clone();
+                }
+            }
+        }
+    }
+    // Every comment without a command id gets its Send (the executor adopts
+    // a command already sent under that comment).
+    let mut unsent: BTreeMap<String, (Phase, Vec<(String, u32)>)> = BTreeMap::new();
+    for shard in &record.shards {
+        let Some(a) = shard.current() else { continue };
+        if a.stage != Stage::Working {
+            continue;
+        }
+        if let Some(run) = a.phases.iter().find(|p| p.status.is_none() && p.command_id.is_none()) {
+            if let Some(instance_id) = &a.instance_id {
+                unsent.entry(run.comment.clone()).or_insert((run.phase, vec![])).1.push((instance_id.clone(), shard.index));
+            }
+        }
+    }
+    for (comment, (phase, instances)) in unsent {
+        let lines = phase_lines(record, spec, phase, &instances);
+        actions.push(Action::Send {
+            request: CommandRequest {
+                instance_ids: instances.iter().map(|(id, _)| id.clone()).collect(),
+                lines,
+                timeout_seconds: phase_timeout(spec, phase),
+                comment,
+                output_bucket: ctx.bucket.to_string(),
+                // Outside jobs/: the SSM agent writes output without an SSE header.
+                output_prefix: format!("outputs/{}/{}", record.job_id, phase.as_str()),
+            },
+        });
+    }
+}
+
+fn phase_lines(record: &JobRecord, spec: &JobSpec, phase: Phase, instances: &[(String, u32)]) -> Vec<String> {
+    let mounts: Vec<(String, String)> = spec.volumes.iter().map(|v| (v.name.clone(), v.mount_point.clone())).collect();
+    let items = match spec.fleet {
+        crate::spec::FleetSpec::Sized { items, .. } => Some(items),
+        crate::spec::FleetSpec::Count { .. } => None,
+    };
+    let preamble = Preamble {
+        job_id: &record.job_id,
+        instances,
+        shard_count: record.shards.len() as u32,
+        env: &spec.env,
+        mounts: &mounts,
+        items,
+    };
+    let wanted: BTreeSet<&String> = instances.iter().map(|(id, _)| id).collect();
+    let targets: Vec<MountTarget> = spec
+        .volumes
+        .iter()
+        .map(|v| MountTarget {
+            name: v.name.clone(),
+            device: v.device.clone(),
+            mount_point: v.mount_point.clone(),
+            volume_by_instance: record
+                .shards
+                .iter()
+                .filter_map(|s| s.current())
+                .filter_map(|a| {
+                    let instance = a.instance_id.as_ref().filter(|id| wanted.contains(id))?;
+                    let volume = a.volumes.iter().find(|x| x.name == v.name)?.volume_id.clone()?;
+                    Some((instance.clone(), volume))
+                })
+                .collect(),
+            format_if_blank: matches!(v.source, VolumeSource::New { .. }),
+        })
+        .filter(|t| !t.volume_by_instance.is_empty())
+        .collect();
+    match phase {
+        Phase::Mount => shell::mount_script(&preamble, &targets),
+        Phase::Unmount => shell::unmount_script(&preamble, &targets),
+        _ => match phase_spec(spec, phase) {
+            Some(command) => shell::step_script(&preamble, command),
+            None => vec!["true".to_string()],
+        },
+    }
+}
+
+/// Every shard has its result: sweep by tag, prune retention, write the
+/// report, then the terminal state.
+fn finish(
+    record: &mut JobRecord,
+    spec: &JobSpec,
+    obs: &Observation,
+    actions: &mut Vec<Action>,
+    terminate: &mut Vec<String>,
+    wait: &mut u32,
+) {
+    if record.outcome.is_none() {
+        let failed = record.shards.iter().find(|s| s.result.as_ref().is_some_and(|r| !r.succeeded));
+        match failed {
+            None => {
+                record.outcome = Some(Outcome::Succeeded);
+                record.outcome_reason = Some("all shards succeeded".into());
+            }
+            Some(shard) => {
+                record.outcome = Some(Outcome::Failed);
+                let reason = shard.result.as_ref().map(|r| r.reason.clone()).unwrap_or_default();
+                record.outcome_reason = Some(format!("shard {} failed: {reason}", shard.index));
+            }
+        }
+    }
+    // Anything carrying this job's tag that a lost reply or a crash left.
+    let mut busy = false;
+    let abandoned: BTreeSet<&String> =
+        record.attempts().filter(|a| a.left_for_reaper.is_some()).filter_map(|a| a.instance_id.as_ref()).collect();
+    let give_up = record.cleanup_failures >= RELEASE_ERRORS * 2;
+    for view in obs.instances.values() {
+        if abandoned.contains(&view.instance_id) || give_up {
+            continue;
+        }
+        if !view.is_terminated() {
+            busy = true;
+            if view.state != "shutting-down" {
+                terminate.push(view.instance_id.clone());
+            }
+        }
+    }
+    let known: BTreeSet<String> =
+        record.attempts().flat_map(|a| a.volumes.iter()).filter_map(|v| v.volume_id.clone()).collect();
+    for view in obs.volumes.values() {
+        // Created under a token whose reply was lost and never attached: no data.
+        if !known.contains(&view.volume_id) && view.tags.contains_key(tags::ATTEMPT) {
+            match (view.state.as_str(), view.attached_to.is_some()) {
+                ("available", false) => actions.push(Action::DeleteVolume { volume_id: view.volume_id.clone() }),
+                ("deleting" | "deleted", _) => continue,
+                _ => {}
+            }
+            busy = true;
+        }
+    }
+    if busy {
+        *wait = (*wait).min(5);
+        return;
+    }
+    let name = job_name(record);
+    let took_snapshots: BTreeSet<String> = record.snapshots().into_iter().map(|(volume, _)| volume).collect();
+    let mut pruning = false;
+    for volume in &spec.volumes {
+        if took_snapshots.contains(&volume.name) && !record.pruned.contains(&volume.name) {
+            actions.push(Action::Prune {
+                volume: volume.name.clone(),
+                job_name: name.clone(),
+                keep_last: volume.retention.keep_last,
+                max_age_days: volume.retention.max_age_days,
+            });
+            pruning = true;
+        }
+    }
+    if pruning {
+        return;
+    }
+    if !record.report_written {
+        actions.push(Action::WriteReport);
+        return;
+    }
+    let outcome = record.outcome.unwrap_or(Outcome::Failed);
+    record.state = outcome.terminal_state();
+    record.reason = record.outcome_reason.clone().unwrap_or_default();
+}
+
+/// The job's state, derived from its shards, and a reason in words.
+fn update_state(record: &mut JobRecord, now: DateTime<Utc>) {
+    if !record.state.is_terminal() {
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut stages = BTreeSet::new();
+        for shard in &record.shards {
+            if shard.result.is_some() {
+                *counts.entry("done").or_default() += 1;
+                continue;
+            }
+            if let Some(a) = shard.current() {
+                stages.insert(a.stage as u8);
+                let label = match a.stage {
+                    Stage::Launching => "launching",
+                    Stage::Booting => "booting",
+                    Stage::Attaching => "attaching volumes",
+                    Stage::Working => "working",
+                    Stage::Releasing => "releasing",
+                    Stage::Done => "done",
+                };
+                *counts.entry(label).or_default() += 1;
+            }
+        }
+        let has = |s: Stage| stages.contains(&(s as u8));
+        record.state = if stages.is_empty() {
+            JobState::TearingDown
+        } else if has(Stage::Working) {
+            JobState::Running
+        } else if has(Stage::Booting) || has(Stage::Attaching) {
+            JobState::WaitingReady
+        } else if has(Stage::Launching) {
+            JobState::Launching
+        } else {
+            JobState::Snapshotting
+        };
+        let summary: Vec<String> = counts.iter().map(|(label, n)| format!("{n} {label}")).collect();
+        let total = record.shards.len();
+        record.reason = match &record.outcome_reason {
+            Some(reason) if record.outcome != Some(Outcome::Succeeded) => {
+                format!("{reason}; shards of {total}: {}", summary.join(", "))
+            }
+            _ => format!("shards of {total}: {}", summary.join(", ")),
+        };
+    }
+    if record.timeline.last().map(|s| s.state) != Some(record.state) {
+        record.timeline.push(PhaseStamp { state: record.state, at: now });
+    }
+}
+
+/// Fold an action's result into the record. Transient errors change nothing:
+/// the next pass decides the same action again.
+pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, CloudError>, now: DateTime<Utc>) {
+    let error = match result {
+        Ok(done) => {
+            apply_done(record, action, done, now);
+            return;
+        }
+        Err(err) => err,
+    };
+    let class = error.class();
+    if matches!(class, RetryClass::Throttled | RetryClass::Transient | RetryClass::NotYetVisible) {
+        return;
+    }
+    let message = error.to_string();
+    match action {
+        Action::Launch { request } => {
+            let capacity = class == RetryClass::Capacity;
+            for shard in &mut record.shards {
+                let Some(a) = shard.current_mut() else { continue };
+                if a.launch_token.as_deref() == Some(request.client_token.as_str()) && a.stage == Stage::Launching {
+                    let cause = if capacity { EndCause::Capacity } else { EndCause::Permanent };
+                    let detail = if capacity {
+                        format!("no capacity for {}: {}", describe_option(&a.launch), error.code().unwrap_or("?"))
+                    } else {
+                        format!("launch failed: {message}")
+                    };
+                    end(a, cause, &detail, None);
+                    a.stage = Stage::Done;
+                }
+            }
+            settle_launch_failures(record, now);
+        }
+        Action::CreateVolume { request } => {
+            fail_attempt_where(record, |a| a.volumes.iter().any(|v| v.token == request.client_token), &message, now);
+        }
+        Action::Attach { volume_id, .. } => {
+            if error.code() == Some("VolumeInUse") || error.code() == Some("IncorrectState") {
+                return; // a racing attach, or not available yet: the next pass looks again
+            }
+            let id = volume_id.clone();
+            fail_attempt_where(
+                record,
+                |a| a.stage == Stage::Attaching && a.volumes.iter().any(|v| v.volume_id.as_deref() == Some(id.as_str())),
+                &message,
+                now,
+            );
+        }
+        Action::Send { request } => {
+            let comment = request.comment.clone();
+            fail_attempt_where(
+                record,
+                |a| a.phases.iter().any(|p| p.comment == comment && p.status.is_none()),
+                &message,
+                now,
+            );
+            for a in record.shards.iter_mut().filter_map(|s| s.current_mut()) {
+                for p in a.phases.iter_mut().filter(|p| p.comment == comment && p.status.is_none()) {
+                    p.status = Some("Failed".into());
+                    p.finished_at = Some(now);
+                }
+            }
+        }
+        Action::Cancel { .. } | Action::SaveOutput { .. } => {}
+        Action::Terminate { instance_ids } => {
+            record.warnings.push(format!("TerminateInstances {instance_ids:?}: {message}"));
+            record.cleanup_failures += 1;
+            for a in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()) {
+                if a.instance_id.as_ref().is_some_and(|id| instance_ids.contains(id)) {
+                    bump_release_error(a, &message);
+                }
+            }
+            dedup_warnings(record);
+        }
+        Action::Snapshot { volume_id, .. } => {
+            for v in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()).flat_map(|a| a.volumes.iter_mut()) {
+                if v.volume_id.as_deref() == Some(volume_id.as_str()) {
+                    v.kept = Some(format!("snapshot refused ({message}); kept so no data is lost"));
+                }
+            }
+        }
+        Action::DeleteVolume { volume_id } => {
+            if class == RetryClass::NotFound {
+                mark_deleted(record, volume_id);
+                return;
+            }
+            if error.code() == Some("VolumeInUse") {
+                return;
+            }
+            for v in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()).flat_map(|a| a.volumes.iter_mut()) {
+                if v.volume_id.as_deref() == Some(volume_id.as_str()) {
+                    v.kept = Some(format!("delete refused: {message}; left for the reaper"));
+                }
+            }
+            record.warnings.push(format!("volume {volume_id} not deleted: {message}"));
+        }
+        Action::Prune { volume, .. } => {
+            record.warnings.push(format!("pruning snapshots of {volume}: {message}"));
+            record.pruned.push(volume.clone());
+        }
+        Action::WriteReport => {
+            record.warnings.push(format!("report not written: {message}"));
+            record.report_written = true;
+        }
+    }
+}
+
+fn dedup_warnings(record: &mut JobRecord) {
+    let mut seen = BTreeSet::new();
+    record.warnings.retain(|w| seen.insert(w.clone()));
+}
+
+/// A permanent error while terminating: after a few, stop waiting on the
+/// instance and leave it to the reaper (its tags carry expires-at) rather
+/// than loop.
+fn bump_release_error(attempt: &mut Attempt, message: &str) {
+    attempt.release_errors += 1;
+    if attempt.release_errors >= RELEASE_ERRORS {
+        attempt.left_for_reaper = Some(message.to_string());
+    }
+}
+
+fn mark_deleted(record: &mut JobRecord, volume_id: &str) {
+    for v in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()).flat_map(|a| a.volumes.iter_mut()) {
+        if v.volume_id.as_deref() == Some(volume_id) {
+            v.deleted = true;
+        }
+    }
+}
+
+/// A permanent error ends the current attempt; release cleans up after it.
+fn fail_attempt_where(
+    record: &mut JobRecord,
+    matches: impl Fn(&Attempt) -> bool,
+    message: &str,
+    now: DateTime<Utc>,
+) {
+    for shard in &mut record.shards {
+        let Some(a) = shard.attempts.last_mut() else { continue };
+        if matches(a) && a.end.is_none() {
+            end(a, EndCause::Permanent, message, None);
+            a.stage = Stage::Releasing;
+            shard.note(now, message.to_string());
+        }
+    }
+}
+
+/// Launch failures end attempts at once (nothing was launched): fail over or fail.
+fn settle_launch_failures(record: &mut JobRecord, now: DateTime<Utc>) {
+    let Some(spec) = record.spec.clone() else { return };
+    let job = JobFacts {
+        spec: &spec,
+        job_id: record.job_id.clone(),
+        aborting: record.outcome.is_some(),
+        tags: BTreeMap::new(),
+    };
+    for shard in &mut record.shards {
+        if shard.result.is_none() && shard.current().is_some_and(|a| a.stage == Stage::Done) {
+            settle(&job, shard, now);
+        }
+    }
+}
+
+fn apply_done(record: &mut JobRecord, action: &Action, done: Done, now: DateTime<Utc>) {
+    match (action, done) {
+        (Action::Launch { request }, Done::Launched(mut instances)) => {
+            instances.sort_by(|a, b| (a.launch_index, &a.instance_id).cmp(&(b.launch_index, &b.instance_id)));
+            let mut instances = instances.into_iter();
+            let mut short = 0;
+            for shard in &mut record.shards {
+                let Some(a) = shard.current_mut() else { continue };
+                if a.launch_token.as_deref() != Some(request.client_token.as_str()) || a.stage != Stage::Launching {
+                    continue;
+                }
+                match instances.next() {
+                    Some(view) => {
+                        a.instance_id = Some(view.instance_id.clone());
+                        a.availability_zone = Some(view.availability_zone.clone());
+                        a.launched_at = Some(now);
+                        a.stage = Stage::Booting;
+                        let text = format!("launched {} ({})", view.instance_id, describe_option(&a.launch));
+                        shard.note(now, text);
+                    }
+                    None => {
+                        // EC2 filled part of the batch: the rest launch next pass.
+                        a.launch_token = None;
+                        short += 1;
+                    }
+                }
+            }
+            if short > 0 {
+                record.warnings.push(format!("a launch got fewer instances than asked; {short} retried"));
+                dedup_warnings(record);
+            }
+        }
+        (Action::CreateVolume { request }, Done::Created(volume_id)) => {
+            for v in record.shards.iter_mut().filter_map(|s| s.current_mut()).flat_map(|a| a.volumes.iter_mut()) {
+                if v.token == request.client_token {
+                    v.volume_id = Some(volume_id.clone());
+                }
+            }
+        }
+        (Action::Send { request }, Done::Sent(command_id)) => {
+            for a in record.shards.iter_mut().filter_map(|s| s.current_mut()) {
+                for p in a.phases.iter_mut().filter(|p| p.comment == request.comment) {
+                    p.command_id = Some(command_id.clone());
+                }
+            }
+        }
+        (Action::Snapshot { volume_id, .. }, Done::Snapshotted(snapshot_id)) => {
+            for v in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()).flat_map(|a| a.volumes.iter_mut()) {
+                if v.volume_id.as_deref() == Some(volume_id.as_str()) && v.kept.is_none() && !v.deleted {
+                    if let Some(snapshot) = v.snapshot.as_mut().filter(|s| s.snapshot_id.is_none()) {
+                        snapshot.snapshot_id = Some(snapshot_id.clone());
+                        snapshot.state = "pending".into();
+                    }
+                }
+            }
+        }
+        (Action::DeleteVolume { volume_id }, _) => mark_deleted(record, volume_id),
+        (Action::Prune { volume, .. }, Done::Pruned(ids)) => {
+            record.pruned.push(volume.clone());
+            record.pruned_snapshots.extend(ids);
+        }
+        (Action::WriteReport, _) => record.report_written = true,
+        _ => {}
+    }
+}

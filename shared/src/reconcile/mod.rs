@@ -1,0 +1,323 @@
+//! Level-triggered reconciliation: every trigger (a poll, a submission, a
+//! cancel, an EventBridge event, the safety tick) runs the same pass for one
+//! job. It never asks which trigger woke it:
+//!
+//! 1. load the record and take its lease by compare-and-swap (one actor per
+//!    job; a busy job re-queues the trigger for when the lease ends);
+//! 2. observe the cloud in a few batched calls;
+//! 3. `decide` (pure) updates shard state and returns actions; the record,
+//!    with every action's intent, is saved before any action runs;
+//! 4. run the actions, fold their results in (`decide::apply`), save;
+//! 5. repeat while the time budget lasts, then release the lease and make
+//!    sure one wake is on its way unless the job is terminal.
+//!
+//! A crash anywhere leaves intents in the record (tokens, comments, snapshot
+//! requests) that the next pass completes without repeating; a lease that
+//! outlives its crashed owner expires. Nothing is rolled back: a pass that
+//! loses the lease stops, and its side effects are found again by token,
+//! comment or tag.
+
+pub mod act;
+pub mod decide;
+pub mod observe;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::error::{CloudError, StepError};
+use crate::ports::{Cloud, Ports, WriteOutcome};
+use crate::record::{JobRecord, Lease, Outcome, Stage, Wake};
+
+pub use decide::{Action, Context, Next, Observation};
+
+/// The body of a message on the reconcile queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WakeMessage {
+    pub job_id: String,
+    /// Set on the job's scheduled poll, so a pass knows that poll arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_id: Option<String>,
+    /// What sent it, for logs only: submit, cancel, poll, tick, event, busy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+}
+
+impl WakeMessage {
+    pub fn new(job_id: &str, trigger: &str) -> Self {
+        WakeMessage { job_id: job_id.to_string(), wake_id: None, trigger: Some(trigger.to_string()) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// The job is terminal; nothing to do.
+    Finished,
+    /// Another pass holds the lease; the trigger was re-queued for its end.
+    Busy,
+    /// No record: a wake for a job that does not exist.
+    Unknown,
+    Reconciled { state: String },
+}
+
+/// The lease outlives the pass budget by this much, so a pass that is still
+/// saving is never overtaken; a crashed pass's lease expires after it.
+const LEASE_MARGIN_SECONDS: i64 = 30;
+/// Observe-decide-act rounds per pass: results often unlock the next step.
+const MAX_ROUNDS: usize = 4;
+/// Passes in a row whose observation fails permanently before the job gives up.
+const OBSERVE_FAILURES: u32 = 5;
+/// Back-off after a transient error that outlasted the SDK's own retries.
+const TRANSIENT_BACKOFF_SECONDS: u32 = 15;
+
+/// One reconcile pass for one job, within `budget`.
+pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -> Result<Handled, StepError> {
+    let started = ports.clock.now();
+    let owner = uuid::Uuid::new_v4().simple().to_string();
+    let lease_until = started + budget + Duration::seconds(LEASE_MARGIN_SECONDS);
+
+    // 1. The lease.
+    let (mut record, mut version) = {
+        let mut taken = None;
+        for _ in 0..4 {
+            let Some(loaded) = ports.ledger.load(&message.job_id).await? else { return Ok(Handled::Unknown) };
+            let mut record = loaded.record;
+            if record.state.is_terminal() {
+                return Ok(Handled::Finished);
+            }
+            if let Some(lease) = record.lease.as_ref().filter(|l| l.until > started) {
+                let delay = (lease.until - started).num_seconds().clamp(1, 900) as u32;
+                ports.queue.send(&WakeMessage::new(&record.job_id, "busy"), delay).await?;
+                return Ok(Handled::Busy);
+            }
+            record.lease = Some(Lease { owner: owner.clone(), until: lease_until });
+            if message.wake_id.is_some() && record.wake.as_ref().map(|w| &w.id) == message.wake_id.as_ref() {
+                record.wake = None; // this poll arrived
+            }
+            record.passes += 1;
+            record.updated_at = Some(started);
+            if let WriteOutcome::Written { version } = ports.ledger.replace(&record, &loaded.version).await? {
+                taken = Some((record, version));
+                break;
+            }
+        }
+        taken.ok_or_else(|| StepError::Contended(message.job_id.clone()))?
+    };
+
+    // The job's cloud: its own account, or the role it names.
+    let assumed = match record.spec.as_ref().and_then(|s| s.role_arn.clone().map(|r| (r, s.external_id.clone()))) {
+        Some((role_arn, external_id)) => {
+            Some(ports.accounts.assume(&role_arn, external_id.as_deref(), &record.job_id).await)
+        }
+        None => None,
+    };
+    let cloud: &Cloud = match &assumed {
+        Some(Ok(cloud)) => cloud,
+        Some(Err(err)) if err.is_transient() && record.deadline_at.is_none_or(|d| started <= d) => {
+            return finish_pass(ports, &mut record, &mut version, &owner, Next::After(TRANSIENT_BACKOFF_SECONDS)).await;
+        }
+        Some(Err(err)) => {
+            // Nothing can have been created in an account we never reached.
+            let reason = format!("cannot act in the job's account: {err}");
+            give_up(&mut record, &reason, ports.clock.now());
+            return finish_pass(ports, &mut record, &mut version, &owner, Next::Finished).await;
+        }
+        None => &ports.cloud,
+    };
+
+    let mut next = Next::After(ports.settings.poll_delay_seconds);
+    for _ in 0..MAX_ROUNDS {
+        let now = ports.clock.now();
+        if let Err(err) = resolve_image(cloud, &mut record).await {
+            if err.is_transient() || matches!(err, CloudError::Crashed(_)) {
+                crash_or(err)?;
+                next = Next::After(TRANSIENT_BACKOFF_SECONDS);
+                break;
+            }
+            record.outcome.get_or_insert(Outcome::Failed);
+            record.outcome_reason.get_or_insert(format!("image: {err}"));
+        }
+        // 2. Observe.
+        let observation = match observe::observe(cloud, &record).await {
+            Ok(observation) => {
+                record.observe_failures = 0;
+                observation
+            }
+            Err(err) if err.is_retryable() => {
+                crash_or(err)?;
+                next = Next::After(TRANSIENT_BACKOFF_SECONDS);
+                break;
+            }
+            Err(err) => {
+                record.observe_failures += 1;
+                warn!(job_id = %record.job_id, error = %err, "observation failed");
+                if record.observe_failures >= OBSERVE_FAILURES {
+                    give_up(&mut record, &format!("cannot observe the job's resources: {err}"), now);
+                    next = Next::Finished;
+                } else {
+                    next = Next::After(TRANSIENT_BACKOFF_SECONDS * record.observe_failures);
+                }
+                break;
+            }
+        };
+        // 3. Decide, and save the intents.
+        let context = Context { now, settings: &ports.settings, bucket: ports.ledger.bucket() };
+        let (actions, decided) = decide::decide(&mut record, &observation, &context);
+        next = decided;
+        save(ports, &mut record, &mut version, &owner).await?;
+        if actions.is_empty() {
+            break;
+        }
+        // 4. Act.
+        let mut transient = false;
+        for action in &actions {
+            if ports.clock.now() >= started + budget {
+                break; // the rest is decided again next pass
+            }
+            let result = act::execute(ports, cloud, &record, action).await;
+            if let Err(err) = &result {
+                if matches!(err, CloudError::Crashed(_)) {
+                    return Err(StepError::Cloud(CloudError::Crashed("action")));
+                }
+                transient |= err.is_transient();
+                info!(job_id = %record.job_id, action = action.name(), error = %err, "action failed");
+            }
+            decide::apply(&mut record, action, result, ports.clock.now());
+        }
+        save(ports, &mut record, &mut version, &owner).await?;
+        if transient {
+            next = Next::After(TRANSIENT_BACKOFF_SECONDS);
+            break;
+        }
+        if ports.clock.now() >= started + budget {
+            next = Next::After(1);
+            break;
+        }
+    }
+    finish_pass(ports, &mut record, &mut version, &owner, next).await
+}
+
+/// A crash is not an error to handle: the process is gone.
+fn crash_or(err: CloudError) -> Result<(), StepError> {
+    match err {
+        CloudError::Crashed(at) => Err(StepError::Cloud(CloudError::Crashed(at))),
+        _ => Ok(()),
+    }
+}
+
+/// Nothing more can be done from here: fail with the reason, and leave what
+/// exists to the reaper (every resource carries expires-at).
+fn give_up(record: &mut JobRecord, reason: &str, now: DateTime<Utc>) {
+    record.outcome.get_or_insert(Outcome::Failed);
+    record.outcome_reason.get_or_insert(reason.to_string());
+    record.warnings.push(format!("{reason}; any resources left are for the reaper"));
+    record.state = record.outcome.unwrap_or(Outcome::Failed).terminal_state();
+    record.reason = record.outcome_reason.clone().unwrap_or_default();
+    record.timeline.push(crate::record::PhaseStamp { state: record.state, at: now });
+}
+
+async fn resolve_image(cloud: &Cloud, record: &mut JobRecord) -> Result<(), CloudError> {
+    let launching = record.shards.iter().filter_map(|s| s.current()).any(|a| a.stage == Stage::Launching);
+    if record.resolved_image.is_some() || !launching || record.outcome.is_some() {
+        return Ok(());
+    }
+    let Some(image) = record.spec.as_ref().and_then(|s| s.image.clone()) else { return Ok(()) };
+    let resolved = if image.starts_with('/') { cloud.fleet.resolve_image(&image).await? } else { image };
+    record.resolved_image = Some(resolved);
+    Ok(())
+}
+
+/// Release the lease, make sure one wake is on its way, save.
+async fn finish_pass(
+    ports: &Ports,
+    record: &mut JobRecord,
+    version: &mut String,
+    owner: &str,
+    next: Next,
+) -> Result<Handled, StepError> {
+    let now = ports.clock.now();
+    record.lease = None;
+    let mut send = None;
+    if let (false, Next::After(seconds)) = (record.state.is_terminal(), next) {
+        // SQS caps DelaySeconds at 900.
+        let seconds = seconds.min(900);
+        let due = now + Duration::seconds(i64::from(seconds));
+        let pending = record.wake.as_ref().is_some_and(|w| w.at > now && w.at <= due + Duration::seconds(2));
+        if !pending {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            record.wake = Some(Wake { id: id.clone(), at: due });
+            send = Some((
+                WakeMessage { job_id: record.job_id.clone(), wake_id: Some(id), trigger: Some("poll".into()) },
+                seconds,
+            ));
+        }
+    }
+    // Sent before the save: if the save is lost the wake still comes, and an
+    // unexpected wake is harmless.
+    if let Some((message, delay)) = &send {
+        ports.queue.send(message, *delay).await?;
+    }
+    if record.state.is_terminal() {
+        record.wake = None;
+    }
+    save(ports, record, version, owner).await?;
+    if record.state.is_terminal() {
+        ports.ledger.set_active(&record.job_id, false).await?;
+    }
+    info!(job_id = %record.job_id, state = %record.state, reason = %record.reason, "reconciled");
+    Ok(Handled::Reconciled { state: record.state.to_string() })
+}
+
+/// Compare-and-swap under our lease. Intake may set `cancel_requested` and
+/// the event path may add `interruptions` meanwhile: those are merged; any
+/// other change means the lease was lost.
+async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner: &str) -> Result<(), StepError> {
+    for _ in 0..5 {
+        record.updated_at = Some(ports.clock.now());
+        match ports.ledger.replace(record, version).await? {
+            WriteOutcome::Written { version: written } => {
+                *version = written;
+                return Ok(());
+            }
+            WriteOutcome::Conflict => {
+                let Some(fresh) = ports.ledger.load(&record.job_id).await? else {
+                    return Err(StepError::RecordMissing(record.job_id.clone()));
+                };
+                if fresh.record.lease.as_ref().map(|l| l.owner.as_str()) != Some(owner) {
+                    return Err(StepError::LeaseLost(record.job_id.clone()));
+                }
+                record.cancel_requested |= fresh.record.cancel_requested;
+                for id in fresh.record.interruptions {
+                    if !record.interruptions.contains(&id) {
+                        record.interruptions.push(id);
+                    }
+                }
+                *version = fresh.version;
+            }
+        }
+    }
+    Err(StepError::Contended(record.job_id.clone()))
+}
+
+/// Record something on a job from outside a pass (a cancel, an
+/// interruption), without touching the lease, then wake the job.
+pub async fn update_inbox(
+    ports: &Ports,
+    job_id: &str,
+    change: impl Fn(&mut JobRecord) -> bool,
+    trigger: &str,
+) -> Result<bool, StepError> {
+    for _ in 0..5 {
+        let Some(loaded) = ports.ledger.load(job_id).await? else { return Ok(false) };
+        let mut record = loaded.record;
+        if record.state.is_terminal() || !change(&mut record) {
+            return Ok(false);
+        }
+        if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &loaded.version).await? {
+            ports.queue.send(&WakeMessage::new(job_id, trigger), 0).await?;
+            return Ok(true);
+        }
+    }
+    Err(StepError::Contended(job_id.to_string()))
+}

@@ -1,0 +1,93 @@
+//! One pass's view of the cloud, in a few batched calls: instances and
+//! volumes by the job's tag (paginated), agents of booting instances,
+//! snapshots only while one is pending, invocations per command in flight.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::ports::{tags, Cloud, CloudResult};
+use crate::record::{JobRecord, Stage};
+use crate::reconcile::Observation;
+use crate::spec::VolumeSource;
+
+pub async fn observe(cloud: &Cloud, record: &JobRecord) -> CloudResult<Observation> {
+    let mut observation = Observation::default();
+    let launched = record.attempts().any(|a| a.launch_token.is_some());
+    if launched {
+        for view in cloud.fleet.find_instances(&record.job_id).await? {
+            observation.instances.insert(view.instance_id.clone(), view);
+        }
+    }
+    let booting: Vec<String> = record
+        .shards
+        .iter()
+        .filter_map(|s| s.current())
+        .filter(|a| a.stage == Stage::Booting)
+        .filter_map(|a| a.instance_id.clone())
+        .filter(|id| observation.instances.get(id).is_some_and(|v| v.state == "running"))
+        .collect();
+    if !booting.is_empty() {
+        observation.online = cloud.commands.online_agents(&booting).await?.into_iter().collect();
+    }
+    let has_volumes = record.attempts().any(|a| !a.volumes.is_empty());
+    if has_volumes {
+        for view in cloud.volumes.find_volumes(&[(tags::JOB_ID, record.job_id.as_str())]).await? {
+            observation.volumes.insert(view.volume_id.clone(), view);
+        }
+        // Sources the user named are not ours to tag: look at them by id.
+        let sources: BTreeSet<String> = record
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter())
+            .filter_map(|v| match &v.source {
+                VolumeSource::VolumeId(id) => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        // Recorded volumes the tag search missed (gone, or not indexed yet), and
+        // sources the user named (not ours to tag): look at them by id.
+        let missing: BTreeSet<String> = record
+            .attempts()
+            .flat_map(|a| a.volumes.iter())
+            .filter(|v| !v.deleted && v.kept.is_none())
+            .filter_map(|v| v.volume_id.clone())
+            .filter(|id| !observation.volumes.contains_key(id))
+            .chain(sources)
+            .collect();
+        for id in missing {
+            match cloud.volumes.describe_volume(&id).await? {
+                Some(view) => {
+                    observation.volumes.insert(id, view);
+                }
+                None => {
+                    observation.gone_volumes.insert(id);
+                }
+            }
+        }
+    }
+    let snapshot_pending = record
+        .attempts()
+        .flat_map(|a| a.volumes.iter())
+        .any(|v| v.snapshot.as_ref().is_some_and(|s| s.snapshot_id.is_some() && s.state != "completed"));
+    if snapshot_pending {
+        for view in cloud.volumes.find_snapshots(&[(tags::JOB_ID, record.job_id.as_str())]).await? {
+            observation.snapshots.insert(view.snapshot_id.clone(), view);
+        }
+    }
+    let mut in_flight: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for attempt in record.shards.iter().filter_map(|s| s.current()) {
+        if attempt.stage != Stage::Working {
+            continue;
+        }
+        for run in attempt.phases.iter().filter(|p| p.status.is_none()) {
+            if let (Some(command_id), Some(instance_id)) = (&run.command_id, &attempt.instance_id) {
+                in_flight.entry(command_id.clone()).or_default().push(instance_id.clone());
+            }
+        }
+    }
+    for (command_id, instance_ids) in in_flight {
+        for view in cloud.commands.invocations(&command_id, &instance_ids).await? {
+            observation.invocations.insert((command_id.clone(), view.instance_id.clone()), view);
+        }
+    }
+    Ok(observation)
+}

@@ -1,0 +1,522 @@
+//! The deterministic simulator: one job at a time through intake and the
+//! real reconciler, on the simulated cloud's virtual clock, with seeded
+//! faults (crashes at await points, duplicate concurrent deliveries,
+//! throttling, capacity, instance kills and stops, spot warnings, agents that
+//! never register, failing and hanging commands, snapshots that end in
+//! error, cancels and deadlines at random moments). After each job it checks
+//! the invariants; a failing seed replays exactly.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use serde_json::{json, Value};
+
+use crate::fake::{FakeCloud, Faults, Latencies, Rng};
+use crate::intake;
+use crate::ports::{Ports, Settings};
+use crate::reconcile;
+use crate::record::{EndCause, JobRecord, JobState};
+
+/// SQS hands a message to the DLQ after this many receives.
+const MAX_RECEIVES: u32 = 5;
+/// The reconcile queue's visibility timeout.
+const VISIBILITY_SECONDS: i64 = 150;
+/// The safety tick's period.
+const TICK_SECONDS: i64 = 300;
+/// A job must be terminal this long after its deadline at the latest: the
+/// longest cleanup (cleanup phases' timeouts, snapshots in minutes) fits.
+pub const FINISH_BOUND_MINUTES: i64 = 45;
+
+/// One simulated job: its spec and the faults it meets.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub seed: u64,
+    pub spec: Value,
+    pub faults: Faults,
+    pub latencies: Latencies,
+    /// Probability that a message is delivered twice at once.
+    pub duplicate: f64,
+    /// Seconds after submission at which each timed fault happens.
+    pub kills: Vec<i64>,
+    pub stops: Vec<i64>,
+    pub spot_warnings: Vec<i64>,
+    pub cancel_at: Option<i64>,
+    /// Only faults a job must survive: it must SUCCEED.
+    pub recoverable: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SimResult {
+    pub seed: u64,
+    pub shards: u32,
+    pub state: Option<JobState>,
+    pub violations: Vec<(String, String)>,
+    pub calls: u64,
+    pub mutating_calls: u64,
+    pub call_floor: u64,
+    pub passes: u64,
+    pub record_bytes: usize,
+    pub virtual_minutes: i64,
+    /// The job's report, kept when an invariant failed.
+    pub report: String,
+}
+
+pub fn start_time() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("time")
+}
+
+pub fn settings() -> Settings {
+    Settings {
+        poll_delay_seconds: 20,
+        expiry_grace_minutes: 30,
+        worker_instance_profile: Some("flotilla-worker".into()),
+        pass_budget_seconds: 50,
+        agent_timeout_seconds: 900,
+    }
+}
+
+/// A random scenario for `seed`: sizes 1-50 (mostly small), volumes and
+/// policies, markets, and faults; about half are recoverable-only.
+pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
+    let mut rng = Rng::new(seed);
+    let shards = size.unwrap_or_else(|| match rng.range(0, 9) {
+        0..=4 => rng.range(1, 4) as u32,
+        5..=7 => rng.range(5, 20) as u32,
+        _ => rng.range(21, 50) as u32,
+    });
+    let recoverable = rng.chance(0.5);
+    let policies = ["on-success", "always", "never"];
+    let volumes: Vec<Value> = (0..rng.range(0, 2))
+        .map(|i| {
+            json!({"name": format!("v{i}"), "source": {"new": {"size_gib": 1}}, "device": format!("/dev/sd{}", ["f", "g"][i as usize]),
+                   "mount_point": format!("/data{i}"), "snapshot": policies[rng.range(0, 2) as usize], "retention": {"keep_last": 2}})
+        })
+        .collect();
+    let spot = rng.chance(0.3);
+    let two_types = rng.chance(0.5);
+    let mut faults = Faults {
+        transient: 0.02,
+        crash_after: if rng.chance(0.6) { 0.01 } else { 0.0 },
+        yield_rate: 0.3,
+        ..Default::default()
+    };
+    if two_types && rng.chance(0.5) {
+        faults.no_capacity.insert("m7i.large".into());
+    }
+    if spot && rng.chance(0.4) {
+        faults.no_spot_capacity = true;
+    }
+    let deadline = 120;
+    let mut scenario = Scenario {
+        seed,
+        spec: json!({}),
+        faults,
+        latencies: Latencies::realistic(),
+        duplicate: 0.2,
+        kills: vec![],
+        stops: vec![],
+        spot_warnings: vec![],
+        cancel_at: None,
+        recoverable,
+    };
+    let mut types = vec!["m7i.large"];
+    if two_types {
+        types.push("c7i.large");
+    }
+    // With a single spot type and no fallback, no spot capacity is fatal.
+    if scenario.faults.no_spot_capacity && recoverable && !two_types {
+        scenario.faults.no_spot_capacity = false;
+    }
+    if !two_types {
+        scenario.faults.no_capacity.clear();
+    }
+    let losses = if shards > 0 { rng.range(0, 2) } else { 0 };
+    for _ in 0..losses {
+        match rng.range(0, 2) {
+            0 => scenario.kills.push(rng.range(30, 1500)),
+            1 => scenario.stops.push(rng.range(30, 1500)),
+            _ => scenario.spot_warnings.push(rng.range(30, 1500)),
+        }
+    }
+    if !recoverable {
+        scenario.faults.agent_never = if rng.chance(0.3) { 0.05 } else { 0.0 };
+        scenario.faults.snapshot_error = if rng.chance(0.5) { 0.2 } else { 0.0 };
+        scenario.faults.command_fail = if rng.chance(0.4) { 0.03 } else { 0.0 };
+        scenario.faults.command_hang = if rng.chance(0.2) { 0.02 } else { 0.0 };
+        if rng.chance(0.4) {
+            scenario.cancel_at = Some(rng.range(10, 3000));
+        }
+    }
+    let run_seconds = rng.range(30, 900);
+    let mut spec = json!({
+        "id": format!("sim-{seed}"),
+        "name": format!("sim-{}", seed % 7),
+        "fleet": {"count": shards},
+        "instance_types": types,
+        "image": "ami-0abc1234",
+        "volumes": volumes,
+        "run": {"script": format!("sleep {run_seconds}"), "timeout_seconds": 1800},
+        "deadline_minutes": if recoverable { deadline } else { [20, 60, deadline][rng.range(0, 2) as usize] },
+    });
+    if rng.chance(0.5) {
+        spec["setup"] = json!({"commands": [["true"]], "timeout_seconds": 300});
+    }
+    if rng.chance(0.5) {
+        spec["before_unmount"] = json!({"commands": [["sync"]], "timeout_seconds": 300});
+    }
+    if spot {
+        spec["market"] = json!("spot");
+        spec["on_demand_fallback"] = json!(true);
+    }
+    scenario.spec = spec;
+    scenario
+}
+
+/// Run one scenario to its end and check every invariant.
+pub async fn run(scenario: &Scenario) -> SimResult {
+    let run_seconds: i64 = scenario.spec["run"]["script"]
+        .as_str()
+        .and_then(|s| s.strip_prefix("sleep "))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let cloud = FakeCloud::seeded(start_time(), scenario.seed, scenario.latencies.clone(), scenario.faults.clone())
+        .with_behaviour(std::sync::Arc::new(move |request, _| {
+            let volume_op = request.lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER));
+            if volume_op {
+                (0, String::new(), 3)
+            } else if request.comment.contains(" run ") {
+                (0, "done".into(), run_seconds)
+            } else {
+                (0, String::new(), 2)
+            }
+        }));
+    let ports = cloud.ports(settings());
+    let job_id = scenario.spec["id"].as_str().unwrap_or_default().to_string();
+    let shards = scenario.spec["fleet"]["count"].as_u64().unwrap_or(1) as u32;
+    let mut rng = Rng::new(scenario.seed ^ 0x5151);
+    let mut result = SimResult { seed: scenario.seed, shards, ..Default::default() };
+    let start = start_time();
+
+    // Intake, retried as SQS would until it lands.
+    let body = scenario.spec.to_string();
+    for _ in 0..20 {
+        if intake::submit(&ports, &body, "m-1").await.is_ok() {
+            break;
+        }
+        let now = cloud.now();
+        cloud.advance_to(now + Duration::seconds(30));
+    }
+    let deadline_minutes = scenario.spec["deadline_minutes"].as_i64().unwrap_or(60);
+    let hard_stop = start + Duration::minutes(deadline_minutes + FINISH_BOUND_MINUTES);
+    let mut timed: Vec<(i64, Fault)> = Vec::new();
+    timed.extend(scenario.kills.iter().map(|t| (*t, Fault::Kill)));
+    timed.extend(scenario.stops.iter().map(|t| (*t, Fault::Stop)));
+    timed.extend(scenario.spot_warnings.iter().map(|t| (*t, Fault::SpotWarning)));
+    timed.extend(scenario.cancel_at.iter().map(|t| (*t, Fault::Cancel)));
+    timed.sort();
+    let mut receives: BTreeMap<String, u32> = BTreeMap::new();
+    let mut next_tick = start + Duration::seconds(TICK_SECONDS);
+    let mut steps = 0u64;
+    loop {
+        steps += 1;
+        if steps > 200_000 {
+            result.violations.push(("runaway".into(), "more than 200,000 deliveries".into()));
+            break;
+        }
+        let terminal = cloud.record(&job_id).is_some_and(|r| r.state.is_terminal());
+        if terminal {
+            break;
+        }
+        let due = cloud.next_due();
+        let fault_at = timed.first().map(|(t, _)| start + Duration::seconds(*t));
+        // What comes first: a timed fault, the tick, or a message.
+        let mut next = next_tick;
+        if let Some(at) = due {
+            next = next.min(at);
+        }
+        if let Some(at) = fault_at {
+            next = next.min(at);
+        }
+        if next > hard_stop {
+            break;
+        }
+        if fault_at == Some(next) {
+            cloud.advance_to(next);
+            let (_, fault) = timed.remove(0);
+            if let Some(follow) = inject(&cloud, &ports, &job_id, fault, &mut rng).await {
+                timed.push(follow);
+                timed.sort();
+            }
+            continue;
+        }
+        if next == next_tick && due.is_none_or(|d| d > next_tick) {
+            cloud.advance_to(next_tick);
+            next_tick += Duration::seconds(TICK_SECONDS);
+            let _ = crate::handlers::tick(&ports).await;
+            continue;
+        }
+        let Some(message) = cloud.next_message() else { continue };
+        let copies = if rng.chance(scenario.duplicate) { 2 } else { 1 };
+        let budget = Duration::seconds(i64::from(ports.settings.pass_budget_seconds));
+        let outcomes = if copies == 2 {
+            let (a, b) =
+                tokio::join!(reconcile::reconcile(&ports, &message, budget), reconcile::reconcile(&ports, &message, budget));
+            vec![a, b]
+        } else {
+            vec![reconcile::reconcile(&ports, &message, budget).await]
+        };
+        for outcome in outcomes {
+            if let Err(err) = outcome {
+                if err.is_retryable() {
+                    let key = format!("{message:?}");
+                    let count = receives.entry(key).or_default();
+                    *count += 1;
+                    if *count < MAX_RECEIVES {
+                        cloud.redeliver_later(message.clone(), VISIBILITY_SECONDS);
+                    } // else: dead-lettered; the safety tick carries the job on
+                }
+            }
+        }
+    }
+    // Let instances finish shutting down before counting what is left.
+    let end = cloud.now();
+    cloud.advance_to(end + Duration::minutes(5));
+    check(scenario, &cloud, &job_id, &mut result);
+    if !result.violations.is_empty() {
+        if let Some(record) = cloud.record(&job_id) {
+            result.report = crate::report::render(&record);
+        }
+    }
+    result.virtual_minutes = (end - start).num_minutes();
+    result
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    Kill,
+    Stop,
+    SpotWarning,
+    Cancel,
+    /// EC2 reclaims a spot instance two minutes after its warning.
+    Reclaim(String),
+}
+
+/// Apply one timed fault; a spot warning schedules its reclaim.
+async fn inject(cloud: &FakeCloud, ports: &Ports, job_id: &str, fault: Fault, rng: &mut Rng) -> Option<(i64, Fault)> {
+    let candidates: Vec<String> = {
+        let state = cloud.lock();
+        state.instances.iter().filter(|i| matches!(i.state.as_str(), "pending" | "running")).map(|i| i.id.clone()).collect()
+    };
+    let victim = (!candidates.is_empty()).then(|| candidates[rng.range(0, candidates.len() as i64 - 1) as usize].clone());
+    match (fault, victim) {
+        (Fault::Cancel, _) => {
+            let _ = intake::submit(ports, &json!({"cancel": job_id}).to_string(), "m-cancel").await;
+        }
+        (Fault::Reclaim(id), _) => cloud.set_instance_state(&id, "terminated"),
+        (_, None) => {}
+        (Fault::Kill, Some(id)) => cloud.set_instance_state(&id, "terminated"),
+        (Fault::Stop, Some(id)) => cloud.set_instance_state(&id, "stopped"),
+        (Fault::SpotWarning, Some(id)) => {
+            // The handler's path for the EventBridge warning: record it on the job.
+            let noted = id.clone();
+            let _ = reconcile::update_inbox(
+                ports,
+                job_id,
+                move |record| {
+                    record.interruptions.push(noted.clone());
+                    true
+                },
+                "event",
+            )
+            .await;
+            let at = (cloud.now() - start_time()).num_seconds() + 120;
+            return Some((at, Fault::Reclaim(id)));
+        }
+    }
+    None
+}
+
+fn violation(result: &mut SimResult, invariant: &str, detail: String) {
+    result.violations.push((invariant.to_string(), detail));
+}
+
+/// The invariants, checked after every job.
+fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimResult) {
+    let Some(record) = cloud.record(job_id) else {
+        violation(result, "terminal", "no record".into());
+        return;
+    };
+    result.state = Some(record.state);
+    result.passes = record.passes;
+    result.record_bytes = cloud.record_bytes(job_id);
+    let (calls, mutating) = cloud.call_totals();
+    result.calls = calls;
+    result.mutating_calls = mutating;
+    if !record.state.is_terminal() {
+        violation(result, "terminal", format!("still {} ({})", record.state, record.reason));
+    }
+    let state = cloud.lock();
+    let now = state.now.unwrap_or_default();
+    // 0 managed instances not terminated.
+    let alive: Vec<&String> = state
+        .instances
+        .iter()
+        .filter(|i| !matches!(i.state.as_str(), "terminated" | "shutting-down"))
+        .map(|i| &i.id)
+        .collect();
+    if !alive.is_empty() {
+        violation(result, "instances left", format!("{} not terminated: {alive:?}", alive.len()));
+    }
+    // 0 managed volumes left, apart from those the record says it kept (and why).
+    let kept: BTreeSet<String> = record
+        .attempts()
+        .flat_map(|a| a.volumes.iter())
+        .filter(|v| v.kept.is_some())
+        .filter_map(|v| v.volume_id.clone())
+        .collect();
+    let leaked: Vec<&String> = state
+        .volumes
+        .iter()
+        .filter(|v| v.state != "deleted")
+        .filter(|v| !kept.contains(&v.id))
+        .map(|v| &v.id)
+        .collect();
+    if !leaked.is_empty() {
+        violation(result, "volumes left", format!("{leaked:?}"));
+    }
+    // Every required snapshot exists and is completed; no volume deleted without one.
+    let spec: crate::spec::JobSpec = serde_json::from_value(scenario.spec.clone()).expect("spec");
+    for attempt in record.attempts() {
+        for volume in &attempt.volumes {
+            let policy = spec.volumes.iter().find(|v| v.name == volume.name).map(|v| v.snapshot);
+            let required = match policy {
+                Some(crate::spec::SnapshotPolicy::Always) => true,
+                Some(crate::spec::SnapshotPolicy::OnSuccess) => {
+                    attempt.end.as_ref().is_some_and(|e| e.cause == EndCause::Succeeded)
+                }
+                _ => false,
+            };
+            let Some(volume_id) = &volume.volume_id else { continue };
+            let deleted = state.evidence.deleted_volumes.iter().find(|(id, _, _)| id == volume_id);
+            if required {
+                let snapshot_ok = volume
+                    .snapshot
+                    .as_ref()
+                    .and_then(|s| s.snapshot_id.as_ref())
+                    .and_then(|id| state.snapshots.iter().find(|s| &s.id == id))
+                    .is_some_and(|s| now >= s.completes_at && !s.fails);
+                if !snapshot_ok && volume.kept.is_none() {
+                    violation(result, "required snapshot", format!("{volume_id}: no completed snapshot"));
+                }
+                if let Some((_, _, completed)) = deleted {
+                    if completed.is_empty() {
+                        violation(result, "deleted without snapshot", volume_id.clone());
+                    }
+                }
+            }
+        }
+    }
+    // 0 duplicate instances: every instance the cloud launched is one attempt's.
+    let recorded: BTreeSet<String> = record.instance_ids().into_iter().collect();
+    let launched = state.instances.len();
+    if launched > recorded.len() {
+        let extra: Vec<&String> =
+            state.instances.iter().map(|i| &i.id).filter(|id| !recorded.contains(*id)).collect();
+        violation(result, "duplicate instances", format!("{} launched, {} recorded: {extra:?}", launched, recorded.len()));
+    }
+    // No moment where one shard's command ran twice at once.
+    let mut intervals: BTreeMap<(u32, String), Vec<(DateTime<Utc>, DateTime<Utc>)>> = BTreeMap::new();
+    for command in &state.commands {
+        let shards = shards_in(&command.request.lines);
+        let phase = command.request.comment.split_whitespace().nth(2).unwrap_or_default().to_string();
+        let timeout_at = command.sent_at + Duration::seconds(i64::from(command.request.timeout_seconds));
+        for (instance_id, run) in &command.runs {
+            let mut until = run.finishes_at.min(timeout_at);
+            if let Some(at) = run.died_at {
+                until = until.min(at);
+            }
+            if let Some(at) = command.cancelled_at {
+                until = until.min(at);
+            }
+            if let Some(shard) = shards.get(instance_id) {
+                intervals.entry((*shard, phase.clone())).or_default().push((command.sent_at, until));
+            }
+        }
+    }
+    for ((shard, phase), mut runs) in intervals {
+        runs.sort();
+        for pair in runs.windows(2) {
+            if pair[1].0 < pair[0].1 {
+                violation(result, "concurrent command", format!("shard {shard} {phase} ran twice at once"));
+            }
+        }
+    }
+    // A job whose only faults are recoverable succeeds.
+    if scenario.recoverable && record.state != JobState::Succeeded {
+        violation(result, "recoverable job failed", format!("{}: {}", record.state, record.reason));
+    }
+    // EC2 and SSM mutating calls within a factor of the floor for the work done.
+    let floor = call_floor(&record);
+    result.call_floor = floor;
+    let ec2_mutating: u64 = ["RunInstances", "CreateVolume", "AttachVolume", "CreateSnapshot", "DeleteVolume", "SendCommand", "TerminateInstances"]
+        .iter()
+        .map(|k| state.calls.get(k).copied().unwrap_or(0))
+        .sum();
+    if ec2_mutating > floor * CALL_FACTOR + 10 {
+        violation(result, "call budget", format!("{ec2_mutating} mutating EC2/SSM calls, floor {floor}"));
+    }
+}
+
+/// Mutating EC2/SSM calls may exceed the floor by this factor (retries after
+/// injected throttling, interleaved duplicates, capacity failover).
+pub const CALL_FACTOR: u64 = 3;
+
+/// The fewest mutating EC2/SSM calls the work the record shows could take.
+fn call_floor(record: &JobRecord) -> u64 {
+    let mut floor = 0u64;
+    let mut phases: BTreeMap<String, u64> = BTreeMap::new();
+    for attempt in record.attempts() {
+        if attempt.instance_id.is_some() {
+            floor += 1; // its share of RunInstances and TerminateInstances, rounded up
+        }
+        // CreateVolume, AttachVolume, CreateSnapshot, DeleteVolume.
+        floor += 4 * attempt.volumes.len() as u64;
+        for run in &attempt.phases {
+            *phases.entry(run.comment.clone()).or_default() += 1;
+        }
+    }
+    floor + phases.len() as u64
+}
+
+fn shards_in(lines: &[String]) -> BTreeMap<String, u32> {
+    lines
+        .iter()
+        .filter_map(|line| {
+            let (id, rest) = line.trim().split_once(") export FLOTILLA_SHARD_INDEX=")?;
+            let index = rest.split_whitespace().next()?.trim_end_matches(";;").parse().ok()?;
+            Some((id.trim_matches('\'').to_string(), index))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn seeded_jobs_hold_every_invariant() {
+        let count: u64 = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+        let first: u64 = std::env::var("SIM_FIRST").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+        let mut failed = Vec::new();
+        for seed in first..first + count {
+            let result = run(&scenario(seed, None)).await;
+            if !result.violations.is_empty() {
+                if std::env::var("SIM_REPORT").is_ok() {
+                    eprintln!("seed {seed}: {:?}\n{:?}\n{}", scenario(seed, None), result.violations, result.report);
+                }
+                failed.push((seed, result.shards, result.state, result.violations));
+            }
+        }
+        assert!(failed.is_empty(), "{failed:#?}");
+    }
+}
