@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use flotilla_shared::lifecycle::next_phase;
+use flotilla_shared::aws::s3::S3Ledger;
 use flotilla_shared::ports::Ledger;
+use flotilla_shared::reconcile::decide::output_name;
 use flotilla_shared::record::{JobRecord, JobState};
 use flotilla_shared::{aws, plan, report, spec};
 
@@ -68,7 +69,8 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Submit { spec } => submit(&spec).await,
         Command::Status { job_id, lines } => {
             let record = load(&job_id).await?;
-            print!("{}", report::render_with_tail(&record, lines));
+            let ledger = ledger().await?;
+            print!("{}", report::render_with_tail(&record, &tails(&ledger, &record).await, lines));
             Ok(0)
         }
         Command::Watch { job_id, timeout } => watch(&job_id, timeout).await,
@@ -202,6 +204,23 @@ async fn load(job_id: &str) -> Result<JobRecord> {
     }
 }
 
+/// The output tails of the shards the report shows, from beside the record.
+async fn tails(ledger: &S3Ledger, record: &JobRecord) -> report::Tails {
+    let mut tails = report::Tails::new();
+    for shard in record.shards.iter().take(report::MAX_SHARDS_SHOWN) {
+        for attempt in &shard.attempts {
+            for run in &attempt.phases {
+                let key = format!("jobs/{}/{}", record.job_id, output_name(shard.index, attempt.number, run.phase));
+                if let Ok(Some(body)) = ledger.get(&key).await {
+                    let lines = String::from_utf8_lossy(&body).lines().map(str::to_string).collect();
+                    tails.insert((shard.index, attempt.number, run.phase.as_str().to_string()), lines);
+                }
+            }
+        }
+    }
+    tails
+}
+
 const ORDER: [JobState; 7] = [
     JobState::Submitted,
     JobState::Launching,
@@ -226,11 +245,7 @@ async fn watch(job_id: &str, timeout: u64) -> Result<i32> {
     loop {
         if let Some(versioned) = ledger.load(job_id).await? {
             let record = versioned.record;
-            let phase = match record.state {
-                JobState::Running => next_phase(&record).map(|p| format!(" ({})", p.as_str())).unwrap_or_default(),
-                _ => String::new(),
-            };
-            let line = format!("{} {:<13}{phase} {}", progress_bar(&record), record.state.as_str(), record.reason);
+            let line = format!("{} {:<13} {}", progress_bar(&record), record.state.as_str(), record.reason);
             if line != last {
                 println!("{} {line}", chrono::Utc::now().format("%H:%M:%S"));
                 std::io::stdout().flush().ok();
@@ -238,7 +253,7 @@ async fn watch(job_id: &str, timeout: u64) -> Result<i32> {
             }
             if record.state.is_terminal() {
                 println!();
-                print!("{}", report::render(&record));
+                print!("{}", report::render_with_tail(&record, &tails(&ledger, &record).await, report::REPORT_TAIL_LINES));
                 return Ok(if record.state == JobState::Succeeded { 0 } else { 1 });
             }
         } else if last.is_empty() {

@@ -90,7 +90,12 @@ impl CloudError {
         message: &str,
         sdk: Option<RetryClass>,
     ) -> Self {
-        let class = sdk.or_else(|| classify(code)).unwrap_or(RetryClass::Permanent);
+        // EC2 sends capacity errors as 5xx: what the domain knows about a code
+        // (capacity, not found, not yet visible) wins over "5xx is transient".
+        let class = match classify(code) {
+            Some(domain @ (RetryClass::Capacity | RetryClass::NotFound | RetryClass::NotYetVisible)) => domain,
+            domain => sdk.or(domain).unwrap_or(RetryClass::Permanent),
+        };
         CloudError::Api { service, operation, code: code.to_string(), message: message.to_string(), class }
     }
 }

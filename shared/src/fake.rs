@@ -176,6 +176,7 @@ pub struct FakeRun {
     pub finishes_at: DateTime<Utc>,
     /// Set when its instance stopped or terminated before it finished.
     pub died_at: Option<DateTime<Utc>>,
+    pub cancelled_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone)]
@@ -183,15 +184,12 @@ pub struct FakeCommand {
     pub id: String,
     pub request: CommandRequest,
     pub sent_at: DateTime<Utc>,
-    pub cancelled_at: Option<DateTime<Utc>>,
     pub runs: BTreeMap<String, FakeRun>,
 }
 
 /// Evidence for the invariant checkers.
 #[derive(Debug, Clone, Default)]
 pub struct Evidence {
-    /// (job id, shard, phase, instance, from, until) of every command run.
-    pub runs: Vec<(String, u32, String, String, DateTime<Utc>, DateTime<Utc>)>,
     /// (volume id, its tags, completed snapshots of it at that moment).
     pub deleted_volumes: Vec<(String, BTreeMap<String, String>, Vec<String>)>,
 }
@@ -224,6 +222,8 @@ pub struct FakeState {
     pub evidence: Evidence,
     /// Snapshot ids that do not exist: CreateVolume from one is refused.
     pub missing_snapshots: BTreeSet<String>,
+    /// Operations refused with this (permanent) error code, as IAM would.
+    pub refused: BTreeMap<&'static str, &'static str>,
 }
 
 #[derive(Clone)]
@@ -347,6 +347,9 @@ impl FakeCloud {
                 let code = if mutating { "RequestLimitExceeded" } else { "ServiceUnavailable" };
                 return Err(CloudError::api("ec2", operation, code, "injected"));
             }
+            if let Some(code) = state.refused.get(operation) {
+                return Err(CloudError::api("ec2", operation, code, "refused by policy (injected)"));
+            }
             yields
         };
         if yield_now {
@@ -441,6 +444,7 @@ fn view(instance: &FakeInstance) -> InstanceView {
         availability_zone: instance.az.clone(),
         launch_index: instance.launch_index,
         job_id: instance.tags.get(tags::JOB_ID).cloned(),
+        launch_token: instance.tags.get(tags::LAUNCH).cloned(),
     }
 }
 
@@ -722,23 +726,6 @@ impl Volumes for FakeCloud {
     }
 }
 
-/// The shard each instance of a command serves, read from its preamble.
-fn shards_of(request: &CommandRequest) -> BTreeMap<String, u32> {
-    request
-        .lines
-        .iter()
-        .filter_map(|line| {
-            let (id, rest) = line.trim().split_once(") export FLOTILLA_SHARD_INDEX=")?;
-            let index = rest.split_whitespace().next()?.trim_end_matches(";;").parse().ok()?;
-            Some((id.trim_matches('\'').to_string(), index))
-        })
-        .collect()
-}
-
-fn phase_of(comment: &str) -> String {
-    comment.split_whitespace().nth(2).unwrap_or_default().to_string()
-}
-
 #[async_trait]
 impl Commands for FakeCloud {
     async fn online_agents(&self, instance_ids: &[String]) -> CloudResult<Vec<String>> {
@@ -766,7 +753,8 @@ impl Commands for FakeCloud {
         for id in &request.instance_ids {
             let ready = state.instances.iter().any(|i| &i.id == id && i.state == "running" && i.online_at.is_some_and(|at| now >= at));
             if !ready {
-                return Err(CloudError::api("ssm", "SendCommand", "InvalidInstanceId", "instance not Online"));
+                let seen = state.instances.iter().find(|i| &i.id == id).map(|i| (i.state.clone(), i.online_at));
+                return Err(CloudError::api("ssm", "SendCommand", "InvalidInstanceId", &format!("{id} not Online: {seen:?}")));
             }
         }
         let mut runs = BTreeMap::new();
@@ -783,18 +771,17 @@ impl Commands for FakeCloud {
             }
             runs.insert(
                 id.clone(),
-                FakeRun { exit_code: code, stdout, finishes_at: now + Duration::seconds(seconds), died_at: None },
+                FakeRun {
+                    exit_code: code,
+                    stdout,
+                    finishes_at: now + Duration::seconds(seconds),
+                    died_at: None,
+                    cancelled_at: None,
+                },
             );
         }
         let id = FakeCloud::next_id(&mut state, "cmd");
-        let shards = shards_of(request);
-        let job_id = request.comment.split_whitespace().nth(1).unwrap_or_default().to_string();
-        for (instance_id, run) in &runs {
-            let until = run.finishes_at.min(now + Duration::seconds(i64::from(request.timeout_seconds)));
-            let shard = shards.get(instance_id).copied().unwrap_or(u32::MAX);
-            state.evidence.runs.push((job_id.clone(), shard, phase_of(&request.comment), id.clone(), now, until));
-        }
-        state.commands.push(FakeCommand { id: id.clone(), request: request.clone(), sent_at: now, cancelled_at: None, runs });
+        state.commands.push(FakeCommand { id: id.clone(), request: request.clone(), sent_at: now, runs });
         self.after(&mut state, "SendCommand")?;
         Ok(id)
     }
@@ -823,7 +810,7 @@ impl Commands for FakeCloud {
             .iter()
             .filter(|(id, _)| instance_ids.contains(id))
             .map(|(id, run)| {
-                let (status, exit_code) = if command.cancelled_at.is_some_and(|at| at < run.finishes_at) {
+                let (status, exit_code) = if run.cancelled_at.is_some() {
                     ("Cancelled", None)
                 } else if run.died_at.is_some() {
                     // The agent died with its instance: SSM never hears a result,
@@ -851,16 +838,14 @@ impl Commands for FakeCloud {
             .collect())
     }
 
-    async fn cancel(&self, command_id: &str) -> CloudResult<()> {
+    async fn cancel(&self, command_id: &str, instance_ids: &[String]) -> CloudResult<()> {
         self.call("CancelCommand", true).await?;
         let mut state = self.lock();
         let now = state.now.unwrap_or_default();
         if let Some(command) = state.commands.iter_mut().find(|c| c.id == command_id) {
-            command.cancelled_at.get_or_insert(now);
-            let id = command.id.clone();
-            for run in &mut state.evidence.runs {
-                if run.3 == id && run.5 > now {
-                    run.5 = now;
+            for (id, run) in command.runs.iter_mut() {
+                if instance_ids.contains(id) && run.cancelled_at.is_none() && now < run.finishes_at {
+                    run.cancelled_at = Some(now);
                 }
             }
         }

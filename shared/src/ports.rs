@@ -39,6 +39,8 @@ pub struct InstanceView {
     pub launch_index: u32,
     /// Its `flotilla:job-id` tag.
     pub job_id: Option<String>,
+    /// Its `flotilla:launch` tag: the RunInstances ClientToken it came from.
+    pub launch_token: Option<String>,
 }
 
 impl InstanceView {
@@ -186,7 +188,8 @@ pub trait Commands: Send + Sync {
     /// A command sent earlier to this instance with this comment.
     async fn find_by_comment(&self, instance_id: &str, comment: &str) -> CloudResult<Option<String>>;
     async fn invocations(&self, command_id: &str, instance_ids: &[String]) -> CloudResult<Vec<InvocationView>>;
-    async fn cancel(&self, command_id: &str) -> CloudResult<()>;
+    /// Cancel the command on these instances only (the others keep running).
+    async fn cancel(&self, command_id: &str, instance_ids: &[String]) -> CloudResult<()>;
 }
 
 /// A record and the version it was read at.

@@ -416,13 +416,30 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
             }
         }
     }
-    // 0 duplicate instances: every instance the cloud launched is one attempt's.
-    let recorded: BTreeSet<String> = record.instance_ids().into_iter().collect();
-    let launched = state.instances.len();
-    if launched > recorded.len() {
-        let extra: Vec<&String> =
-            state.instances.iter().map(|i| &i.id).filter(|id| !recorded.contains(*id)).collect();
-        violation(result, "duplicate instances", format!("{} launched, {} recorded: {extra:?}", launched, recorded.len()));
+    // 0 duplicate instances for one slot attempt: a launch token never
+    // yields more instances than attempts were given it, and no instance
+    // serves two attempts.
+    let mut given: BTreeMap<String, usize> = BTreeMap::new();
+    for attempt in record.attempts() {
+        if let Some(token) = &attempt.launch_token {
+            *given.entry(token.clone()).or_default() += 1;
+        }
+    }
+    let mut launched: BTreeMap<String, usize> = BTreeMap::new();
+    for instance in &state.instances {
+        let token = instance.tags.get(crate::ports::tags::LAUNCH).cloned().unwrap_or_default();
+        *launched.entry(token).or_default() += 1;
+    }
+    for (token, count) in &launched {
+        let allowed = given.get(token).copied().unwrap_or(0);
+        if *count > allowed {
+            violation(result, "duplicate instances", format!("token {token}: {count} instances for {allowed} attempts"));
+        }
+    }
+    let ids = record.instance_ids();
+    let distinct: BTreeSet<&String> = ids.iter().collect();
+    if distinct.len() != ids.len() {
+        violation(result, "duplicate instances", "an instance serves two attempts".into());
     }
     // No moment where one shard's command ran twice at once.
     let mut intervals: BTreeMap<(u32, String), Vec<(DateTime<Utc>, DateTime<Utc>)>> = BTreeMap::new();
@@ -435,7 +452,7 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
             if let Some(at) = run.died_at {
                 until = until.min(at);
             }
-            if let Some(at) = command.cancelled_at {
+            if let Some(at) = run.cancelled_at {
                 until = until.min(at);
             }
             if let Some(shard) = shards.get(instance_id) {

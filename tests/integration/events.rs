@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::sqs::SqsEvent;
 use flotilla_shared::handlers;
-use flotilla_shared::lifecycle::Step;
 use flotilla_shared::ports::Ports;
 use flotilla_shared::record::JobState;
 use lambda_runtime::LambdaEvent;
@@ -22,28 +21,31 @@ async fn intake(ports: &Ports, payload: Value) -> Value {
     handlers::intake_event(ports, LambdaEvent::new(payload, Default::default())).await.expect("intake")
 }
 
-/// Feed a step file, with its `seq` set to the record's current one.
-async fn feed_step(ports: &Ports, name: &str, step: Step, job_id: &str) {
-    let record = ports.ledger.load(job_id).await.expect("load").expect("record").record;
+/// Feed an SQS file to the reconcile function, with its job id replaced.
+async fn feed(ports: &Ports, name: &str, edit: impl Fn(&mut Value)) -> Value {
     let mut payload = event(name);
-    let mut body: Value =
-        serde_json::from_str(payload["Records"][0]["body"].as_str().expect("body")).expect("step body");
-    body["seq"] = Value::from(record.step_seq);
+    let mut body: Value = serde_json::from_str(payload["Records"][0]["body"].as_str().expect("body")).expect("body");
+    edit(&mut body);
     payload["Records"][0]["body"] = Value::String(body.to_string());
     let batch: SqsEvent = serde_json::from_value(payload).expect("SqsEvent");
-    let response = handlers::step_batch(ports, step, batch).await;
+    let response = handlers::reconcile_batch(ports, batch, chrono::Duration::seconds(20)).await;
     assert!(response.batch_item_failures.is_empty(), "{name}: {:?}", response.batch_item_failures);
+    body
 }
 
-async fn drive_until(ports: &Ports, name: &str, step: Step, job_id: &str, done: impl Fn(JobState) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Wake the job with the wake file until `done`, as its polls would.
+async fn drive_until(ports: &Ports, job_id: &str, done: impl Fn(JobState) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let state = ports.ledger.load(job_id).await.expect("load").expect("record").record.state;
         if done(state) {
             return;
         }
-        assert!(Instant::now() < deadline, "{name}: stuck in {state}");
-        feed_step(ports, name, step, job_id).await;
+        assert!(Instant::now() < deadline, "stuck in {state}");
+        feed(ports, "reconcile-wake.json", |body| {
+            body["job_id"] = Value::from(job_id);
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
@@ -108,18 +110,29 @@ async fn every_event_file_drives_its_function() {
 
     intake(&ports, event("sqs-submit-job.json")).await;
     let submitted = ports.ledger.load("events-submit").await.expect("load").expect("job").record;
-    assert_eq!((submitted.state, submitted.step_seq), (JobState::Submitted, 1));
+    assert_eq!(submitted.state, JobState::Submitted);
+    assert_eq!(submitted.shards.len(), 2);
 
-    feed_step(&ports, "step-launch.json", Step::Launch, "events-submit").await;
-    let launched = ports.ledger.load("events-submit").await.expect("load").expect("job").record;
-    assert_eq!(launched.state, JobState::WaitingReady);
-    assert_eq!(launched.instances.len(), 2);
+    // The wake file reconciles the job; any number of wakes is harmless.
+    drive_until(&ports, "events-submit", |s| s == JobState::Running).await;
+    let running = ports.ledger.load("events-submit").await.expect("load").expect("job").record;
+    let instance = running.shards[0].current().and_then(|a| a.instance_id.clone()).expect("an instance");
 
-    drive_until(&ports, "step-readiness.json", Step::Readiness, "events-submit", |s| s == JobState::Running).await;
-    drive_until(&ports, "step-command.json", Step::Command, "events-submit", |s| s == JobState::Snapshotting).await;
-    drive_until(&ports, "step-teardown.json", Step::Teardown, "events-submit", JobState::is_terminal).await;
+    // The spot warning file names an instance: routed to its job by tag and
+    // recorded there (here for a real instance of the job).
+    feed(&ports, "spot-interruption.json", |body| {
+        body["detail"]["instance-id"] = Value::from(instance.clone());
+    })
+    .await;
+    drive_until(&ports, "events-submit", JobState::is_terminal).await;
     let done = ports.ledger.load("events-submit").await.expect("load").expect("job").record;
-    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&done));
+    let warned = &done.shards[0];
+    assert!(warned.attempts.len() == 2 || warned.attempts[0].interrupted, "{:?}", warned.trail);
+
+    // The tick file: a safety tick over the active jobs (none left).
+    let ticked = handlers::tick(&ports).await.expect("tick");
+    assert_eq!(ticked["woken"], 0);
 
     // Cancelling a finished job changes nothing.
     intake(&ports, event("sqs-cancel-job.json")).await;

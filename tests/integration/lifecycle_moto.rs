@@ -1,16 +1,55 @@
 //! Every lifecycle path through the real SDK against moto (with the extension):
-//! success, a failing command, a timeout, the deadline, a cancel, and
-//! duplicate delivery of every step. After each: no managed instance runs,
-//! and snapshots exist exactly where the policy says.
+//! success, a failing command, a timeout, the deadline, a cancel, duplicate
+//! concurrent delivery, and recovery (an instance killed, a spot warning,
+//! capacity refused, a cancel while snapshotting, a 100-instance job). After
+//! each: no managed instance runs, and snapshots exist exactly where the
+//! policy says.
 
 use std::time::Duration;
 
-use flotilla_shared::record::{JobState, Phase};
+use flotilla_shared::record::{EndCause, JobRecord, JobState, Phase, Stage};
 
 use crate::moto::{job, MotoStack};
 
 // Generous: a loaded 2-core CI machine runs several moto servers at once.
 const LIMIT: Duration = Duration::from_secs(180);
+
+fn phases(record: &JobRecord, shard: usize) -> Vec<Phase> {
+    record.shards[shard].current().map(|a| a.phases.iter().map(|p| p.phase).collect()).unwrap_or_default()
+}
+
+fn run_of(record: &JobRecord, shard: usize) -> flotilla_shared::record::PhaseRun {
+    record.shards[shard].current().and_then(|a| a.phase(Phase::Run)).cloned().expect("a run phase")
+}
+
+/// A shard's output tail, kept beside the record.
+async fn output(stack: &MotoStack, job_id: &str, shard: u32, attempt: u32, phase: Phase) -> Vec<String> {
+    let name = flotilla_shared::reconcile::decide::output_name(shard, attempt, phase);
+    let ports = stack.ports();
+    let body = ports.ledger.get(&format!("jobs/{job_id}/{name}")).await.expect("get").unwrap_or_default();
+    String::from_utf8_lossy(&body).lines().map(str::to_string).collect()
+}
+
+/// Pump until `ready` holds for the record.
+async fn pump_until(stack: &MotoStack, job_id: &str, ready: impl Fn(&JobRecord) -> bool) -> JobRecord {
+    let ports = stack.ports();
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        stack.pump_once(&ports, false).await;
+        if let Some(record) = stack.record(&ports, job_id).await {
+            if ready(&record) {
+                return record;
+            }
+            assert!(!record.state.is_terminal(), "{job_id} ended early: {}", record.reason);
+        }
+        assert!(std::time::Instant::now() < deadline, "{job_id}: condition never held");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn all_running(record: &JobRecord) -> bool {
+    record.shards.iter().all(|s| s.current().is_some_and(|a| a.phase(Phase::Run).is_some_and(|p| p.command_id.is_some())))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn success_runs_every_phase_snapshots_and_cleans_up() {
@@ -20,33 +59,22 @@ async fn success_runs_every_phase_snapshots_and_cleans_up() {
     let record = stack.run_to_end(&ports, "ok-1", false, LIMIT).await;
 
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
-    assert_eq!(record.instances.len(), 2);
-    let phases: Vec<Phase> = record.steps.iter().map(|s| s.phase).collect();
-    assert_eq!(phases, vec![Phase::Mount, Phase::Setup, Phase::Run, Phase::BeforeUnmount, Phase::Unmount]);
-    let run = record.step(Phase::Run).expect("run step");
-    for invocation in &run.invocations {
-        assert_eq!(invocation.exit_code, Some(0));
+    assert_eq!(record.shards.len(), 2);
+    let mut seen = Vec::new();
+    for shard in 0..2 {
+        assert_eq!(phases(&record, shard), vec![Phase::Mount, Phase::Setup, Phase::Run, Phase::BeforeUnmount, Phase::Unmount]);
+        let run = run_of(&record, shard);
+        assert_eq!(run.exit_code, Some(0));
+        assert!(run.output_uri.as_deref().is_some_and(|u| u.contains("/outputs/ok-1/run/")), "{:?}", run.output_uri);
+        let tail = output(&stack, "ok-1", shard as u32, 1, Phase::Run).await;
         // The env value reached the script verbatim: quoted, not executed.
-        assert!(
-            invocation.output_tail.iter().any(|l| l.ends_with("/2 it's me; $(not run)")),
-            "{:?}",
-            invocation.output_tail
-        );
-        assert!(
-            invocation.output_uri.as_deref().is_some_and(|u| u.contains("/outputs/ok-1/run/")),
-            "{:?}",
-            invocation.output_uri
-        );
+        assert!(tail.iter().any(|l| l.ends_with("/2 it's me; $(not run)")), "{tail:?}");
+        seen.extend(tail);
     }
-    let shards: Vec<String> =
-        run.invocations.iter().flat_map(|i| i.output_tail.clone()).filter(|l| l.starts_with("run ")).collect();
-    assert!(
-        shards.iter().any(|l| l.starts_with("run 0/2")) && shards.iter().any(|l| l.starts_with("run 1/2")),
-        "{shards:?}"
-    );
+    assert!(seen.iter().any(|l| l.starts_with("run 0/2")) && seen.iter().any(|l| l.starts_with("run 1/2")), "{seen:?}");
 
     assert_eq!(stack.running_managed().await, 0);
-    assert_eq!(record.snapshots.len(), 2, "one snapshot per instance volume");
+    assert_eq!(record.snapshots().len(), 2, "one snapshot per instance volume");
     let snapshots = stack.snapshots("ok-1").await;
     assert_eq!(snapshots.len(), 2);
     for snapshot in &snapshots {
@@ -55,12 +83,9 @@ async fn success_runs_every_phase_snapshots_and_cleans_up() {
         assert!(snapshot.tags().iter().any(|t| t.key() == Some("flotilla:managed-by")));
     }
     assert_eq!(stack.live_job_volumes("ok-1").await, 0, "job volumes are deleted after their snapshot");
-    // The report is written beside the record.
-    let report = flotilla_shared::ports::Ledger::get(ports.ledger.as_ref(), "jobs/ok-1/report.txt")
-        .await
-        .expect("get")
-        .expect("report");
+    let report = ports.ledger.get("jobs/ok-1/report.txt").await.expect("get").expect("report");
     assert!(String::from_utf8_lossy(&report).contains("job ok-1: SUCCEEDED"));
+    assert!(ports.ledger.list_active().await.expect("list").is_empty(), "no longer active");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,21 +98,20 @@ async fn failing_command_fails_the_job_still_unmounts_and_skips_on_success_snaps
     let record = stack.run_to_end(&ports, "fail-1", false, LIMIT).await;
 
     assert_eq!(record.state, JobState::Failed);
-    assert!(
-        record.reason.starts_with("run failed on 2/2 instance(s)") && record.reason.ends_with("exited 3"),
-        "{}",
-        record.reason
-    );
-    let run = record.step(Phase::Run).expect("run");
-    assert!(run
-        .invocations
-        .iter()
-        .all(|i| i.exit_code == Some(3) && i.output_tail.contains(&"about to fail".to_string())));
-    // Cleanup phases still ran.
-    assert!(record.step(Phase::BeforeUnmount).is_some_and(|s| s.succeeded == Some(true)));
-    assert!(record.step(Phase::Unmount).is_some_and(|s| s.succeeded == Some(true)));
+    assert!(record.reason.contains("CommandFailed: run exited 3 on i-"), "{}", record.reason);
+    for shard in 0..2 {
+        let attempt = record.shards[shard].current().expect("attempt");
+        // The first failure stops the job; a shard still running is cancelled.
+        assert!(matches!(attempt.end.as_ref().map(|e| e.cause), Some(EndCause::CommandFailed | EndCause::Aborted)));
+        // Cleanup phases still ran.
+        assert!(attempt.phase(Phase::BeforeUnmount).is_some_and(|p| p.succeeded()), "{:?}", attempt.phases);
+        assert!(attempt.phase(Phase::Unmount).is_some_and(|p| p.succeeded()));
+    }
+    let failed = record.shards.iter().find(|s| s.attempts[0].end.as_ref().is_some_and(|e| e.cause == EndCause::CommandFailed)).expect("a failed shard");
+    let tail = output(&stack, "fail-1", failed.index, 1, Phase::Run).await;
+    assert!(tail.contains(&"about to fail".to_string()), "{tail:?}");
     assert_eq!(stack.running_managed().await, 0);
-    assert!(stack.snapshots("fail-1").await.is_empty(), "on-success policy: no snapshot of a failed job");
+    assert!(stack.snapshots("fail-1").await.is_empty(), "on-success policy: no snapshot of a failed shard");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,12 +126,8 @@ async fn timed_out_command_fails_and_always_policy_still_snapshots() {
     let record = stack.run_to_end(&ports, "slow-1", false, LIMIT).await;
 
     assert_eq!(record.state, JobState::Failed);
-    assert!(
-        record.reason.contains("run failed on 1/1") && record.reason.contains("timed out after 2 s"),
-        "{}",
-        record.reason
-    );
-    assert_eq!(record.step(Phase::Run).map(|s| s.invocations[0].status.as_str()), Some("TimedOut"));
+    assert!(record.reason.contains("TimedOut: run timed out after 2 s"), "{}", record.reason);
+    assert_eq!(run_of(&record, 0).status.as_deref(), Some("TimedOut"));
     assert_eq!(stack.running_managed().await, 0);
     assert_eq!(stack.snapshots("slow-1").await.len(), 1, "always policy snapshots a failed job");
 }
@@ -120,36 +140,22 @@ async fn deadline_stops_a_long_run_and_tears_down() {
     spec["fleet"] = serde_json::json!({"count": 1});
     spec["run"] = serde_json::json!({"script": "sleep 120", "timeout_seconds": 300});
     stack.submit(&spec.to_string()).await;
-    // Run until the command is in flight, then move the deadline into the past.
-    let deadline = std::time::Instant::now() + LIMIT;
+    pump_until(&stack, "late-1", all_running).await;
+    // Move the deadline into the past; retry the compare-and-swap like any writer.
     loop {
-        stack.pump_once(&ports, false).await;
-        let record = stack.record(&ports, "late-1").await;
-        if record.as_ref().is_some_and(|r| r.step(Phase::Run).is_some()) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "run never dispatched");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Steps write concurrently; retry the compare-and-swap like any writer.
-    loop {
-        let loaded =
-            flotilla_shared::ports::Ledger::load(ports.ledger.as_ref(), "late-1").await.expect("load").expect("record");
+        let loaded = ports.ledger.load("late-1").await.expect("load").expect("record");
         let mut record = loaded.record.clone();
         record.deadline_at = Some(chrono::Utc::now() - chrono::Duration::seconds(1));
-        let outcome = flotilla_shared::ports::Ledger::replace(ports.ledger.as_ref(), &record, &loaded.version)
-            .await
-            .expect("replace");
+        let outcome = ports.ledger.replace(&record, &loaded.version).await.expect("replace");
         if matches!(outcome, flotilla_shared::ports::WriteOutcome::Written { .. }) {
             break;
         }
     }
-
     let record = stack.run_to_end(&ports, "late-1", false, LIMIT).await;
     assert_eq!(record.state, JobState::Failed);
     assert!(record.reason.starts_with("deadline of 10 min passed while RUNNING"), "{}", record.reason);
-    assert_eq!(record.step(Phase::Run).and_then(|s| s.succeeded), Some(false));
-    assert!(record.step(Phase::Unmount).is_some(), "cleanup ran after the deadline");
+    assert_eq!(run_of(&record, 0).status.as_deref(), Some("Cancelled"));
+    assert!(phases(&record, 0).contains(&Phase::Unmount), "cleanup ran after the deadline");
     assert_eq!(stack.running_managed().await, 0);
     assert!(stack.snapshots("late-1").await.is_empty());
 }
@@ -161,34 +167,31 @@ async fn cancel_mid_run_cancels_the_command_and_tears_down() {
     let mut spec = job("cancel-1");
     spec["run"] = serde_json::json!({"script": "sleep 120", "timeout_seconds": 300});
     stack.submit(&spec.to_string()).await;
-    let deadline = std::time::Instant::now() + LIMIT;
-    loop {
-        stack.pump_once(&ports, false).await;
-        if stack.record(&ports, "cancel-1").await.is_some_and(|r| r.step(Phase::Run).is_some()) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "run never dispatched");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    pump_until(&stack, "cancel-1", all_running).await;
     stack.submit(r#"{"cancel": "cancel-1"}"#).await;
     let record = stack.run_to_end(&ports, "cancel-1", false, LIMIT).await;
 
     assert_eq!(record.state, JobState::Cancelled);
     assert!(record.reason.starts_with("cancelled by request while RUNNING"), "{}", record.reason);
-    let run = record.step(Phase::Run).expect("run");
-    assert_eq!(run.succeeded, Some(false));
-    let status = stack.ssm().list_command_invocations().command_id(&run.command_ids[0]).send().await.expect("list");
-    assert!(
-        status.command_invocations().iter().all(|i| i.status().map(|s| s.as_str()) == Some("Cancelled")),
-        "{:?}",
-        status.command_invocations()
-    );
+    for shard in 0..2 {
+        let run = run_of(&record, shard);
+        assert_eq!(run.status.as_deref(), Some("Cancelled"));
+        let command_id = run.command_id.expect("sent");
+        let status = stack.ssm().list_command_invocations().command_id(&command_id).send().await.expect("list");
+        assert!(
+            status.command_invocations().iter().all(|i| i.status().map(|s| s.as_str()) == Some("Cancelled")),
+            "{:?}",
+            status.command_invocations()
+        );
+    }
     assert_eq!(stack.running_managed().await, 0);
     assert!(stack.snapshots("cancel-1").await.is_empty());
 }
 
+/// Two deliveries of every message, handled at once: one fleet, and every
+/// phase sent exactly once per shard (counted in SSM, not in the record).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_step_survives_duplicate_concurrent_delivery() {
+async fn every_message_survives_duplicate_concurrent_delivery() {
     let stack = MotoStack::start().await;
     let ports = stack.ports();
     stack.submit(&job("dup-1").to_string()).await;
@@ -196,22 +199,13 @@ async fn every_step_survives_duplicate_concurrent_delivery() {
 
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     assert_eq!(stack.managed_instance_count("dup-1").await, 2, "one fleet, not two");
+    let commands = stack.ssm().list_commands().send().await.expect("list");
     for phase in [Phase::Mount, Phase::Setup, Phase::Run, Phase::BeforeUnmount, Phase::Unmount] {
-        let comment = format!("flotilla dup-1 {} 0", phase.as_str());
-        let commands = stack.ssm().list_commands().send().await.expect("list");
-        let live: Vec<_> = commands
-            .commands()
-            .iter()
-            .filter(|c| c.comment() == Some(comment.as_str()))
-            .filter(|c| {
-                // A racing duplicate may send and then cancel its own copy.
-                let id = c.command_id().unwrap_or_default();
-                record.steps.iter().any(|s| s.command_ids.iter().any(|k| k == id))
-            })
-            .collect();
-        assert_eq!(live.len(), 1, "{phase:?} recorded exactly once");
+        let prefix = format!("flotilla dup-1 {} ", phase.as_str());
+        let sent: Vec<_> = commands.commands().iter().filter(|c| c.comment().is_some_and(|k| k.starts_with(&prefix))).collect();
+        assert_eq!(sent.len(), 1, "{phase:?} sent exactly once");
+        assert_eq!(sent[0].instance_ids().len(), 2, "{phase:?} for both shards in one call");
     }
-    assert_eq!(record.instances.len(), 2, "the whole fleet recorded, not what a racing lookup saw");
     assert_eq!(stack.snapshots("dup-1").await.len(), 2, "one snapshot per volume");
     assert_eq!(stack.running_managed().await, 0);
 }
@@ -276,9 +270,10 @@ async fn launch_template_spot_and_every_volume_source() {
         .collect();
     assert_eq!(images, vec!["ami-12c6146b".to_string(); 2], "launched from the template");
     // The user's volume went to shard 0 only, was detached, and is never deleted.
-    let kept: Vec<_> = record.volumes.iter().filter(|v| v.name == "keep").collect();
+    let kept: Vec<_> =
+        record.attempts().flat_map(|a| a.volumes.iter()).filter(|v| v.name == "keep").collect();
     assert_eq!(kept.len(), 1);
-    assert_eq!(kept[0].instance_id, record.instances[0].instance_id);
+    assert_eq!(record.shards[0].attempts[0].volumes.iter().filter(|v| v.name == "keep").count(), 1);
     let view = ec2.describe_volumes().volume_ids(&existing).send().await.expect("volume");
     assert_eq!(view.volumes()[0].state().map(|s| s.as_str()), Some("available"));
     // Restored volumes were ours: deleted, and "never" means no snapshot of them.
@@ -287,4 +282,148 @@ async fn launch_template_spot_and_every_volume_source() {
     assert_eq!(snapshots.len(), 1);
     assert_eq!(snapshots[0].volume_id(), Some(existing.as_str()));
     assert_eq!(stack.running_managed().await, 0);
+}
+
+/// An instance terminated mid-run (a plain `aws ec2 terminate-instances`):
+/// its shard re-runs on a replacement and the job SUCCEEDS; the other shard
+/// is not re-run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_mid_run_is_replaced_and_the_job_succeeds() {
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    let mut spec = job("killed-1");
+    spec["run"] = serde_json::json!({"script": "sleep 4; echo done $FLOTILLA_SHARD_INDEX", "timeout_seconds": 60});
+    stack.submit(&spec.to_string()).await;
+    let record = pump_until(&stack, "killed-1", all_running).await;
+    let victim = record.shards[1].current().and_then(|a| a.instance_id.clone()).expect("instance");
+    stack.ec2().terminate_instances().instance_ids(&victim).send().await.expect("terminate");
+    let record = stack.run_to_end(&ports, "killed-1", false, LIMIT).await;
+
+    assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
+    let shard = &record.shards[1];
+    assert_eq!(shard.attempts.len(), 2);
+    assert_eq!(shard.attempts[0].end.as_ref().map(|e| e.cause), Some(EndCause::InstanceLost));
+    assert_eq!(record.shards[0].attempts.len(), 1, "the other shard kept its instance");
+    assert_eq!(output(&stack, "killed-1", 1, 2, Phase::Run).await, vec!["done 1".to_string()]);
+    assert_eq!(stack.running_managed().await, 0);
+    // on-success: the lost attempt's volume is not snapshotted; the two finished ones are.
+    assert_eq!(stack.snapshots("killed-1").await.len(), 2);
+    assert_eq!(stack.live_job_volumes("killed-1").await, 0);
+}
+
+/// A spot interruption warning arrives as an EventBridge event on the
+/// reconcile queue; the instance is reclaimed moments later. The shard runs
+/// its cleanup, is replaced on on-demand, and the job SUCCEEDS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_interruption_mid_run_moves_the_shard_and_the_job_succeeds() {
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    let mut spec = job("spot-1");
+    spec["market"] = serde_json::json!("spot");
+    spec["on_demand_fallback"] = serde_json::json!(true);
+    spec["run"] = serde_json::json!({"script": "sleep 6", "timeout_seconds": 60});
+    stack.submit(&spec.to_string()).await;
+    let record = pump_until(&stack, "spot-1", all_running).await;
+    let victim = record.shards[0].current().and_then(|a| a.instance_id.clone()).expect("instance");
+    let event = serde_json::json!({
+        "version": "0", "id": "7e1d5b8a-0000-4000-8000-000000000001",
+        "detail-type": "EC2 Spot Instance Interruption Warning", "source": "aws.ec2",
+        "account": "123456789012", "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "region": "us-east-1", "resources": [format!("arn:aws:ec2:us-east-1a:instance/{victim}")],
+        "detail": {"instance-id": victim, "instance-action": "terminate"}
+    });
+    stack.sqs().send_message().queue_url(&stack.reconcile_queue).message_body(event.to_string()).send().await.expect("event");
+    // Deliver the warning, then EC2 reclaims the instance.
+    for _ in 0..5 {
+        stack.pump_once(&ports, false).await;
+    }
+    stack.ec2().terminate_instances().instance_ids(&victim).send().await.expect("reclaim");
+    let record = stack.run_to_end(&ports, "spot-1", false, LIMIT).await;
+
+    assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
+    let shard = &record.shards[0];
+    assert_eq!(shard.attempts.len(), 2, "{:?}", shard.trail);
+    assert_eq!(shard.attempts[0].end.as_ref().map(|e| e.cause), Some(EndCause::SpotInterruption));
+    assert_eq!(shard.attempts[1].launch.market, flotilla_shared::spec::Market::OnDemand);
+    assert_eq!(stack.running_managed().await, 0);
+    assert_eq!(stack.live_job_volumes("spot-1").await, 0);
+}
+
+/// EC2 has no capacity for the first instance type: every slot fails over
+/// to the second, in the user's order, and the trail says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_refused_for_the_first_type_runs_on_the_second() {
+    let stack = MotoStack::start().await;
+    std::fs::create_dir_all(&stack.scratch).expect("scratch");
+    std::fs::write(stack.scratch.join("no-capacity"), "t3.micro\n").expect("refuse t3.micro");
+    let ports = stack.ports();
+    let mut spec = job("capacity-1");
+    spec["instance_types"] = serde_json::json!(["t3.micro", "t3.small"]);
+    stack.submit(&spec.to_string()).await;
+    let record = stack.run_to_end(&ports, "capacity-1", false, LIMIT).await;
+
+    assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
+    for shard in &record.shards {
+        assert_eq!(shard.attempts[0].end.as_ref().map(|e| e.cause), Some(EndCause::Capacity));
+        assert_eq!(shard.current().map(|a| a.launch.instance_type.as_str()), Some("t3.small"));
+        assert!(shard.trail.iter().any(|n| n.text.contains("InsufficientInstanceCapacity")), "{:?}", shard.trail);
+    }
+    assert_eq!(stack.running_managed().await, 0);
+    assert_eq!(stack.snapshots("capacity-1").await.len(), 2);
+}
+
+/// A cancel that lands while shards are releasing (snapshotting) keeps the
+/// snapshots their succeeded work earned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_snapshotting_keeps_the_snapshots() {
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    stack.submit(&job("snapcancel-1").to_string()).await;
+    pump_until(&stack, "snapcancel-1", |r| {
+        r.shards.iter().all(|s| s.current().is_some_and(|a| a.stage == Stage::Releasing || a.stage == Stage::Done))
+    })
+    .await;
+    stack.submit(r#"{"cancel": "snapcancel-1"}"#).await;
+    let record = stack.run_to_end(&ports, "snapcancel-1", false, LIMIT).await;
+    assert!(record.state.is_terminal());
+    assert_eq!(stack.snapshots("snapcancel-1").await.len(), 2, "{}", flotilla_shared::report::render(&record));
+    assert_eq!(stack.live_job_volumes("snapcancel-1").await, 0);
+    assert_eq!(stack.running_managed().await, 0);
+}
+
+/// The work fails and so does a cleanup phase: the job ends FAILED with the
+/// first reason, and everything is torn down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_cleanup_phase_still_ends_the_job_and_tears_down() {
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    let mut spec = job("cleanup-1");
+    spec["run"] = serde_json::json!({"script": "exit 4", "timeout_seconds": 30});
+    spec["before_unmount"] = serde_json::json!({"script": "exit 5", "timeout_seconds": 30});
+    stack.submit(&spec.to_string()).await;
+    let record = stack.run_to_end(&ports, "cleanup-1", false, LIMIT).await;
+    assert_eq!(record.state, JobState::Failed);
+    assert!(record.reason.contains("run exited 4"), "{}", record.reason);
+    assert!(record.shards.iter().any(|s| s.trail.iter().any(|n| n.text.contains("before_unmount exited 5"))));
+    assert_eq!(stack.running_managed().await, 0);
+    assert_eq!(stack.live_job_volumes("cleanup-1").await, 0);
+}
+
+/// 100 instances with a volume each, through the real SDK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_instance_job_with_a_volume_each() {
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    let mut spec = job("hundred-1");
+    spec["fleet"] = serde_json::json!({"count": 100});
+    spec.as_object_mut().expect("object").remove("setup");
+    spec.as_object_mut().expect("object").remove("before_unmount");
+    spec["run"] = serde_json::json!({"commands": [["true"]], "timeout_seconds": 60});
+    stack.submit(&spec.to_string()).await;
+    let record = stack.run_to_end(&ports, "hundred-1", false, Duration::from_secs(420)).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    assert_eq!(record.shards.len(), 100);
+    assert_eq!(stack.running_managed().await, 0);
+    assert_eq!(stack.snapshots("hundred-1").await.len(), 100);
+    assert_eq!(stack.live_job_volumes("hundred-1").await, 0);
 }

@@ -3,7 +3,6 @@
 //! it receives from each queue, hands the batch to the real handler, and
 //! deletes only the records the handler did not report as failed.
 
-use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,7 +13,6 @@ use aws_lambda_events::event::sqs::SqsEvent;
 use aws_sdk_s3::config::Credentials;
 use flotilla_shared::aws::{self, Environment};
 use flotilla_shared::handlers;
-use flotilla_shared::lifecycle::Step;
 use flotilla_shared::ports::{Ports, Settings};
 use flotilla_shared::record::JobRecord;
 use serde_json::json;
@@ -26,13 +24,16 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(manifest_dir).parent().expect("workspace root").to_path_buf()
 }
 
+/// The instance profile tests' launches get by default, as a deployment's would.
+pub const WORKER_PROFILE: &str = "flotilla-worker";
+
 pub struct MotoStack {
     child: Child,
     pub endpoint: String,
     pub config: SdkConfig,
     pub bucket: String,
     pub jobs_queue: String,
-    pub queue_urls: BTreeMap<&'static str, String>,
+    pub reconcile_queue: String,
     pub scratch: PathBuf,
     python: PathBuf,
 }
@@ -90,7 +91,6 @@ impl MotoStack {
         let bucket = "flotilla-test-jobs".to_string();
         aws::s3_client(&config).create_bucket().bucket(&bucket).send().await.expect("create bucket");
         let sqs = aws_sdk_sqs::Client::new(&config);
-        let mut queue_urls = BTreeMap::new();
         let create = |name: String| {
             let sqs = sqs.clone();
             async move {
@@ -111,17 +111,24 @@ impl MotoStack {
             }
         };
         let jobs_queue = create("flotilla-jobs".to_string()).await;
-        for step in [Step::Launch, Step::Readiness, Step::Command, Step::Teardown] {
-            queue_urls.insert(step.as_str(), create(format!("flotilla-{}", step.as_str())).await);
-        }
-        MotoStack { child, endpoint, config, bucket, jobs_queue, queue_urls, scratch, python }
+        let reconcile_queue = create("flotilla-reconcile".to_string()).await;
+        let stack = MotoStack { child, endpoint, config, bucket, jobs_queue, reconcile_queue, scratch, python };
+        // The deployment's worker profile: the SSM agent needs one to come Online.
+        stack.create_instance_profile(WORKER_PROFILE);
+        stack
     }
 
     pub fn ports(&self) -> Ports {
         let env = Environment {
             bucket: self.bucket.clone(),
-            queue_urls: self.queue_urls.clone(),
-            settings: Settings { poll_delay_seconds: 1, expiry_grace_minutes: 30, outbox_grace_seconds: 3 },
+            reconcile_queue_url: self.reconcile_queue.clone(),
+            settings: Settings {
+                poll_delay_seconds: 1,
+                expiry_grace_minutes: 30,
+                worker_instance_profile: Some(WORKER_PROFILE.to_string()),
+                pass_budget_seconds: 20,
+                agent_timeout_seconds: 120,
+            },
         };
         aws::ports(&self.config, &env)
     }
@@ -157,7 +164,8 @@ impl MotoStack {
         ports.ledger.load(job_id).await.expect("load").map(|v| v.record)
     }
 
-    /// Managed instances in `pending` or `running`.
+    /// Managed instances not terminated: pending, running, stopping, stopped
+    /// (a stopped instance still bills its volumes).
     pub async fn running_managed(&self) -> usize {
         let out = self
             .ec2()
@@ -168,6 +176,8 @@ impl MotoStack {
                     .name("instance-state-name")
                     .values("pending")
                     .values("running")
+                    .values("stopping")
+                    .values("stopped")
                     .build(),
             )
             .send()
@@ -215,11 +225,7 @@ impl MotoStack {
     /// With `duplicate`, each batch is handed to the handler twice at once.
     pub async fn pump_once(&self, ports: &Ports, duplicate: bool) -> usize {
         let mut delivered = 0;
-        let mut queues: Vec<(Option<Step>, String)> = vec![(None, self.jobs_queue.clone())];
-        for step in [Step::Launch, Step::Readiness, Step::Command, Step::Teardown] {
-            queues.push((Some(step), self.queue_urls[step.as_str()].clone()));
-        }
-        for (step, url) in queues {
+        for (intake, url) in [(true, self.jobs_queue.clone()), (false, self.reconcile_queue.clone())] {
             let received =
                 self.sqs().receive_message().queue_url(&url).max_number_of_messages(10).send().await.expect("receive");
             let messages = received.messages().to_vec();
@@ -237,38 +243,33 @@ impl MotoStack {
                 "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:test",
                 "awsRegion": "us-east-1",
             })).collect::<Vec<_>>()});
-            let failed = match step {
-                None => {
-                    let call = || {
-                        handlers::intake_event(
-                            ports,
-                            lambda_runtime::LambdaEvent::new(event.clone(), Default::default()),
-                        )
-                    };
-                    if duplicate {
-                        // Each copy fails or succeeds on its own, as two SQS receipts do.
-                        let (a, b) = tokio::join!(call(), call());
-                        let mut failed = failures(&a.expect("intake a"));
-                        failed.extend(failures(&b.expect("intake b")));
-                        failed
-                    } else {
-                        failures(&call().await.expect("intake"))
-                    }
+            let failed = if intake {
+                let call = || {
+                    handlers::intake_event(ports, lambda_runtime::LambdaEvent::new(event.clone(), Default::default()))
+                };
+                if duplicate {
+                    // Each copy fails or succeeds on its own, as two SQS receipts do.
+                    let (a, b) = tokio::join!(call(), call());
+                    let mut failed = failures(&a.expect("intake a"));
+                    failed.extend(failures(&b.expect("intake b")));
+                    failed
+                } else {
+                    failures(&call().await.expect("intake"))
                 }
-                Some(step) => {
-                    let batch: SqsEvent = serde_json::from_value(event.clone()).expect("sqs event");
-                    let failed_in = |response| failures(&serde_json::to_value(response).expect("json"));
-                    if duplicate {
-                        let (a, b) = tokio::join!(
-                            handlers::step_batch(ports, step, batch.clone()),
-                            handlers::step_batch(ports, step, batch)
-                        );
-                        let mut failed = failed_in(a);
-                        failed.extend(failed_in(b));
-                        failed
-                    } else {
-                        failed_in(handlers::step_batch(ports, step, batch).await)
-                    }
+            } else {
+                let batch: SqsEvent = serde_json::from_value(event.clone()).expect("sqs event");
+                let failed_in = |response| failures(&serde_json::to_value(response).expect("json"));
+                let budget = chrono::Duration::seconds(20);
+                if duplicate {
+                    let (a, b) = tokio::join!(
+                        handlers::reconcile_batch(ports, batch.clone(), budget),
+                        handlers::reconcile_batch(ports, batch, budget)
+                    );
+                    let mut failed = failed_in(a);
+                    failed.extend(failed_in(b));
+                    failed
+                } else {
+                    failed_in(handlers::reconcile_batch(ports, batch, budget).await)
                 }
             };
             for message in messages {
@@ -331,9 +332,9 @@ impl MotoStack {
             if Instant::now() >= deadline {
                 let record = self.record(ports, job_id).await;
                 panic!(
-                    "job {job_id} not terminal after {timeout:?}: {:?}\nvolumes in the record: {:?}\nin the emulator: {}",
+                    "job {job_id} not terminal after {timeout:?}: {:?}\nreport:\n{}\nin the emulator: {}",
                     record.as_ref().map(|r| (r.state, &r.reason)),
-                    record.as_ref().map(|r| &r.volumes),
+                    record.as_ref().map(flotilla_shared::report::render).unwrap_or_default(),
                     self.volume_attachments().await
                 );
             }

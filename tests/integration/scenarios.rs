@@ -1,72 +1,106 @@
-//! The whole state machine against the in-memory fake cloud, on a virtual
-//! clock: the same steps and ports as in AWS, with faults injected.
+//! The reconciler against the simulated cloud, on a virtual clock: one
+//! scenario per bug the old step chain had, plus recovery features. Each
+//! asserts what the user sees (state, reason) and what is left in the cloud.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 
-use chrono::{TimeZone, Utc};
-use flotilla_shared::fake::FakeCloud;
-use flotilla_shared::ports::{Ports, Settings};
-use flotilla_shared::record::{JobRecord, JobState, Phase};
-use flotilla_shared::steps::{self, intake};
+use chrono::Duration;
+use flotilla_shared::fake::{FakeCloud, Faults, Latencies};
+use flotilla_shared::intake;
+use flotilla_shared::ports::Ports;
+use flotilla_shared::reconcile::{self, WakeMessage};
+use flotilla_shared::record::{EndCause, JobRecord, JobState, Phase, Stage};
+use flotilla_shared::sim;
+use serde_json::json;
 
 use crate::moto::job;
 
 fn cloud() -> FakeCloud {
-    FakeCloud::new(Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("time"))
+    FakeCloud::new(sim::start_time())
 }
 
 fn ports(cloud: &FakeCloud) -> Ports {
-    cloud.ports(Settings { poll_delay_seconds: 20, expiry_grace_minutes: 30, outbox_grace_seconds: 20 })
+    cloud.ports(sim::settings())
 }
 
-/// Deliver messages in time order until none is left. `copies` delivers each
-/// message that many times; a retryable error redelivers after 30 s.
-async fn drain(cloud: &FakeCloud, ports: &Ports, copies: usize) -> usize {
+const BUDGET_SECONDS: i64 = 50;
+
+/// One delivery of a message; with `copies` 2, two deliveries interleaved
+/// at every await point the simulated cloud yields at.
+async fn deliver(ports: &Ports, message: &WakeMessage, copies: usize) -> usize {
+    let budget = Duration::seconds(BUDGET_SECONDS);
+    let results = if copies == 2 {
+        let (a, b) =
+            tokio::join!(reconcile::reconcile(ports, message, budget), reconcile::reconcile(ports, message, budget));
+        vec![a, b]
+    } else {
+        vec![reconcile::reconcile(ports, message, budget).await]
+    };
+    results.iter().filter(|r| r.is_err()).count()
+}
+
+/// Deliver messages in time order until `stop` holds or none is left; a
+/// failed delivery comes back after the visibility timeout.
+async fn drive(cloud: &FakeCloud, ports: &Ports, copies: usize, stop: impl Fn(&JobRecord) -> bool, job_id: &str) {
     let mut handled = 0;
     while let Some(message) = cloud.next_message() {
-        for _ in 0..copies {
-            handled += 1;
-            if let Err(err) = steps::handle(ports, &message).await {
-                assert!(err.is_retryable(), "permanent step error: {err}");
-                cloud.redeliver_later(message.clone(), 30);
-            }
+        handled += 1;
+        assert!(handled < 20_000, "runaway message loop");
+        if deliver(ports, &message, copies).await > 0 {
+            cloud.redeliver_later(message, 150);
         }
-        assert!(handled < 10_000, "runaway message loop");
+        if cloud.record(job_id).is_some_and(|r| stop(&r)) {
+            return;
+        }
     }
-    handled
 }
 
 async fn run_job(cloud: &FakeCloud, spec: serde_json::Value, copies: usize) -> JobRecord {
     let ports = ports(cloud);
     let id = spec["id"].as_str().expect("id").to_string();
     intake::submit(&ports, &spec.to_string(), "m-1").await.expect("intake");
-    drain(cloud, &ports, copies).await;
+    drive(cloud, &ports, copies, |r| r.state.is_terminal(), &id).await;
     cloud.record(&id).expect("record")
 }
 
-#[tokio::test]
-async fn sized_fleet_runs_every_phase_on_virtual_time() {
-    let cloud = cloud();
-    let mut spec = job("sim-1");
-    spec["fleet"] =
-        serde_json::json!({"items": 202, "items_per_instance_minute": 10, "within_minutes": 10, "max_instances": 5});
-    let record = run_job(&cloud, spec, 1).await;
-    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
-    assert_eq!(record.instances.len(), 3);
-    assert_eq!(record.snapshots.len(), 3);
-    assert_eq!(cloud.running_instances(), 0);
-    let states: Vec<JobState> = record.timeline.iter().map(|s| s.state).collect();
-    use JobState::*;
-    assert_eq!(states, vec![Submitted, Launching, WaitingReady, Running, Snapshotting, TearingDown, Succeeded]);
-    // The fleet waited for boot and agents on the virtual clock, not by sleeping.
-    let waited = record.timeline[3].at - record.timeline[2].at;
-    assert!(waited >= chrono::Duration::seconds(60), "{waited}");
+fn phases(record: &JobRecord, shard: usize) -> Vec<Phase> {
+    record.shards[shard].current().map(|a| a.phases.iter().map(|p| p.phase).collect()).unwrap_or_default()
+}
+
+fn left_volumes(cloud: &FakeCloud) -> Vec<String> {
+    cloud.lock().volumes.iter().filter(|v| v.state != "deleted").map(|v| v.id.clone()).collect()
 }
 
 #[tokio::test]
-async fn duplicated_messages_launch_once_and_send_each_phase_once() {
+async fn sized_fleet_runs_every_phase_per_shard_on_virtual_time() {
     let cloud = cloud();
-    let record = run_job(&cloud, job("sim-dup"), 3).await;
+    let mut spec = job("sim-1");
+    spec["fleet"] = json!({"items": 202, "items_per_instance_minute": 10, "within_minutes": 10, "max_instances": 5});
+    let record = run_job(&cloud, spec, 1).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    assert_eq!(record.shards.len(), 3);
+    for shard in 0..3 {
+        assert_eq!(phases(&record, shard), vec![Phase::Mount, Phase::Setup, Phase::Run, Phase::BeforeUnmount, Phase::Unmount]);
+    }
+    assert_eq!(record.snapshots().len(), 3);
+    assert_eq!(cloud.running_instances(), 0);
+    assert!(left_volumes(&cloud).is_empty());
+    // The fleet waited for boot and agents on the virtual clock, not by sleeping.
+    let running = record.timeline.iter().find(|s| s.state == JobState::Running).expect("ran");
+    assert!(running.at - record.submitted_at >= Duration::seconds(60));
+    // One RunInstances for the fleet, one SendCommand per phase.
+    let calls = cloud.lock().calls.clone();
+    assert_eq!(calls.get("RunInstances"), Some(&1));
+    assert_eq!(calls.get("SendCommand"), Some(&5));
+}
+
+/// Bug 7 and test gap 8: two deliveries run interleaved at every await point.
+/// Exactly one fleet, one volume and one snapshot per slot, and no shard's
+/// command is ever sent twice.
+#[tokio::test]
+async fn interleaved_duplicate_deliveries_launch_once_and_send_each_phase_once() {
+    let cloud = FakeCloud::seeded(sim::start_time(), 7, Latencies::quick(), Faults { yield_rate: 0.5, ..Default::default() });
+    let record = run_job(&cloud, job("sim-dup"), 2).await;
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     let calls = cloud.lock().calls.clone();
     assert_eq!(calls.get("RunInstances"), Some(&1));
@@ -75,102 +109,274 @@ async fn duplicated_messages_launch_once_and_send_each_phase_once() {
     assert_eq!(calls.get("CreateVolume"), Some(&2));
 }
 
+/// A crash after each kind of call, one at a time: the next pass finishes
+/// what the crashed one started, without repeating it.
 #[tokio::test]
-async fn a_crash_between_record_write_and_send_is_repaired_by_redelivery() {
-    let cloud = cloud();
-    let ports = ports(&cloud);
-    intake::submit(&ports, &job("sim-crash").to_string(), "m-1").await.expect("intake");
-    // Every fifth send fails after its record write, many times over.
-    for _ in 0..6 {
-        if let Some(message) = cloud.next_message() {
-            cloud.lock().fail_sends = 1;
-            if steps::handle(&ports, &message).await.is_err() {
-                cloud.redeliver_later(message, 30);
-            }
-        }
-        drain_some(&cloud, &ports, 4).await;
+async fn a_crash_after_any_call_is_finished_without_repeating_it() {
+    for operation in ["RunInstances", "CreateVolume", "AttachVolume", "SendCommand", "CreateSnapshot", "DeleteVolume", "TerminateInstances", "PutObject"] {
+        let cloud = cloud();
+        cloud.lock().crash_after.push(operation);
+        let record = run_job(&cloud, job(&format!("crash-{}", operation.to_lowercase())), 1).await;
+        assert_eq!(record.state, JobState::Succeeded, "{operation}: {}", record.reason);
+        let calls = cloud.lock().calls.clone();
+        assert_eq!(cloud.lock().instances.len(), 2, "{operation}: one fleet");
+        assert_eq!(calls.get("CreateSnapshot"), Some(&2), "{operation}: one snapshot per volume");
+        assert_eq!(cloud.lock().commands.len(), 5, "{operation}: each phase sent once");
+        assert!(left_volumes(&cloud).is_empty(), "{operation}");
+        assert_eq!(cloud.running_instances(), 0, "{operation}");
     }
-    drain(&cloud, &ports, 1).await;
-    let record = cloud.record("sim-crash").expect("record");
-    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
-    assert_eq!(cloud.lock().calls.get("RunInstances"), Some(&1));
 }
 
+/// Bug 1: a cancel while snapshots are being taken keeps them; volumes go
+/// only after their snapshot is completed (bug 4).
 #[tokio::test]
-async fn a_launch_seen_half_way_by_tag_is_completed_through_its_client_token() {
-    let cloud = cloud();
+async fn cancel_during_snapshotting_keeps_the_snapshots() {
+    let mut latencies = Latencies::quick();
+    latencies.snapshot = (300, 300);
+    let cloud = FakeCloud::seeded(sim::start_time(), 3, latencies, Faults::default());
     let ports = ports(&cloud);
-    intake::submit(&ports, &job("sim-half").to_string(), "m-1").await.expect("intake");
-    // The first launch lands but its delivery dies before the reply; the
-    // redelivery's tag lookup then sees only one of the two instances.
-    cloud.lock().crash_after.push("RunInstances");
-    let launch = cloud.next_message().expect("launch message");
-    assert!(steps::handle(&ports, &launch).await.is_err(), "the injected crash");
-    assert_eq!(cloud.lock().instances.len(), 2);
-    cloud.lock().stale_tag_lookups = 1;
-    cloud.redeliver_later(launch, 30);
-    drain(&cloud, &ports, 1).await;
-    let record = cloud.record("sim-half").expect("record");
-    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
-    assert_eq!(record.instances.len(), 2, "the whole fleet, not the part the lookup saw");
-    assert_eq!(record.snapshots.len(), 2, "one snapshot per instance's volume");
-    assert_eq!(cloud.lock().instances.len(), 2, "the repeated token launched nothing new");
-    assert_eq!(cloud.lock().calls.get("RunInstances"), Some(&2));
+    intake::submit(&ports, &job("snap-cancel").to_string(), "m-1").await.expect("intake");
+    drive(&cloud, &ports, 1, |r| r.snapshots().len() == 2, "snap-cancel").await;
+    intake::submit(&ports, r#"{"cancel": "snap-cancel"}"#, "m-2").await.expect("cancel");
+    // Deleting before the snapshot completes is what AWS allows and what loses data.
+    assert!(cloud.lock().evidence.deleted_volumes.is_empty());
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "snap-cancel").await;
+    let record = cloud.record("snap-cancel").expect("record");
+    assert_eq!(record.state, JobState::Cancelled, "{}", record.reason);
+    let state = cloud.lock();
+    assert_eq!(state.snapshots.len(), 2, "the job's only snapshots survive the cancel");
+    for (volume, _, completed) in &state.evidence.deleted_volumes {
+        assert!(!completed.is_empty(), "{volume} deleted before its snapshot completed");
+    }
+}
+
+/// Bug 2: a cancel while volumes are being created (one create's reply lost)
+/// leaks nothing: the volume is found by its token tag and deleted.
+#[tokio::test]
+async fn cancel_while_volumes_are_created_leaks_nothing() {
+    let mut latencies = Latencies::quick();
+    latencies.volume_create = (20, 20);
+    let cloud = FakeCloud::seeded(sim::start_time(), 5, latencies, Faults::default());
+    cloud.lock().crash_after.push("CreateVolume");
+    let ports = ports(&cloud);
+    intake::submit(&ports, &job("vol-cancel").to_string(), "m-1").await.expect("intake");
+    // Stop once a volume's intent is recorded; its create crashed before the reply.
+    drive(&cloud, &ports, 1, |r| r.attempts().any(|a| !a.volumes.is_empty()), "vol-cancel").await;
+    assert!(!left_volumes(&cloud).is_empty(), "a volume exists that the record has no id for");
+    intake::submit(&ports, r#"{"cancel": "vol-cancel"}"#, "m-2").await.expect("cancel");
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "vol-cancel").await;
+    let record = cloud.record("vol-cancel").expect("record");
+    assert_eq!(record.state, JobState::Cancelled, "{}", record.reason);
+    assert!(left_volumes(&cloud).is_empty(), "{:?}", left_volumes(&cloud));
     assert_eq!(cloud.running_instances(), 0);
 }
 
+/// Bug 3 and 10: an instance stopped mid-run (a user's `aws ec2
+/// stop-instances`, or a `poweroff`) is terminated and its shard re-run on a
+/// replacement; the job succeeds and nothing stays stopped.
 #[tokio::test]
-async fn an_attach_that_lost_a_race_waits_for_the_next_poll() {
+async fn a_stopped_instance_is_terminated_and_its_shard_replaced() {
+    let mut latencies = Latencies::quick();
+    latencies.shutting_down = (10, 10);
+    let cloud = FakeCloud::seeded(sim::start_time(), 9, latencies, Faults::default())
+        .with_behaviour(std::sync::Arc::new(|request, _| {
+            let seconds = if request.comment.contains(" run ") { 600 } else { 5 };
+            (0, "ok".into(), seconds)
+        }));
+    let ports = ports(&cloud);
+    intake::submit(&ports, &job("stopped-1").to_string(), "m-1").await.expect("intake");
+    let running = |r: &JobRecord| r.shards.iter().all(|s| s.current().is_some_and(|a| a.phase(Phase::Run).is_some()));
+    drive(&cloud, &ports, 1, running, "stopped-1").await;
+    let record = cloud.record("stopped-1").expect("record");
+    let victim = record.shards[1].current().and_then(|a| a.instance_id.clone()).expect("instance");
+    let other_run = record.shards[0].current().and_then(|a| a.phase(Phase::Run)).and_then(|p| p.command_id.clone());
+    cloud.set_instance_state(&victim, "stopped");
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "stopped-1").await;
+
+    let record = cloud.record("stopped-1").expect("record");
+    assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
+    let shard = &record.shards[1];
+    assert_eq!(shard.attempts.len(), 2, "replaced once");
+    assert_eq!(shard.attempts[0].end.as_ref().map(|e| e.cause), Some(EndCause::InstanceLost));
+    assert!(shard.trail.iter().any(|n| n.text.contains("became stopped")), "{:?}", shard.trail);
+    // The other shard's work was not repeated.
+    assert_eq!(record.shards[0].attempts.len(), 1);
+    assert_eq!(record.shards[0].current().and_then(|a| a.phase(Phase::Run)).and_then(|p| p.command_id.clone()), other_run);
+    let state = cloud.lock();
+    let stopped = state.instances.iter().find(|i| i.id == victim).expect("victim");
+    assert_eq!(stopped.state, "terminated", "a stopped instance is terminated, not left stopped");
+    drop(state);
+    assert!(left_volumes(&cloud).is_empty());
+}
+
+/// Bug 4: a snapshot that ends in `error` is retried; after three the volume
+/// is kept (never deleted without a snapshot) and the report says why.
+#[tokio::test]
+async fn a_snapshot_in_error_is_retried_and_the_volume_kept_after_three() {
+    let mut latencies = Latencies::quick();
+    latencies.snapshot = (60, 60);
+    let faults = Faults { snapshot_error: 1.0, ..Default::default() };
+    let cloud = FakeCloud::seeded(sim::start_time(), 11, latencies, faults);
+    let mut spec = job("snap-error");
+    spec["fleet"] = json!({"count": 1});
+    let record = run_job(&cloud, spec, 1).await;
+    assert!(record.state.is_terminal());
+    let volume = &record.shards[0].attempts[0].volumes[0];
+    assert_eq!(volume.snapshot_failures, 3);
+    assert!(volume.kept.as_deref().is_some_and(|k| k.contains("ended in error")), "{volume:?}");
+    assert_eq!(left_volumes(&cloud).len(), 1, "kept, not deleted");
+    assert!(cloud.lock().evidence.deleted_volumes.is_empty());
+    assert!(flotilla_shared::report::render(&record).contains("kept: 3 snapshots of it ended in error"));
+    assert_eq!(cloud.running_instances(), 0);
+}
+
+/// Bug 5: a permanent error while releasing (DeleteVolume refused) ends the
+/// job with a warning instead of looping, and the fleet is still terminated.
+#[tokio::test]
+async fn a_permanent_error_in_cleanup_ends_the_job_and_tears_down() {
     let cloud = cloud();
-    // Readiness reads its volumes as unattached after they were attached, so
-    // it attaches again and EC2 answers VolumeInUse, as it does to a racing
-    // duplicate delivery.
-    cloud.lock().stale_volume_views = 2;
-    let record = run_job(&cloud, job("sim-attach-race"), 1).await;
-    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
-    assert_eq!(cloud.lock().stale_volume_views, 0, "the stale reads happened");
-    assert!(cloud.lock().calls.get("AttachVolume").copied().unwrap_or(0) >= 3, "{:?}", cloud.lock().calls);
+    cloud.lock().refused.insert("DeleteVolume", "UnauthorizedOperation");
+    let record = run_job(&cloud, job("cleanup-refused"), 1).await;
+    assert!(record.state.is_terminal(), "{}", record.reason);
+    assert!(record.warnings.iter().any(|w| w.contains("UnauthorizedOperation")), "{:?}", record.warnings);
+    assert_eq!(cloud.running_instances(), 0);
+    // Snapshots were taken before the refused deletes: no data lost.
+    assert_eq!(cloud.lock().snapshots.len(), 2);
+    assert!(cloud.lock().calls.get("DeleteVolume").copied().unwrap_or(0) <= 4, "no loop");
 }
 
-async fn drain_some(cloud: &FakeCloud, ports: &Ports, count: usize) {
-    for _ in 0..count {
-        let Some(message) = cloud.next_message() else { return };
-        if steps::handle(ports, &message).await.is_err() {
-            cloud.redeliver_later(message, 30);
-        }
-    }
-}
-
+/// Bug 6: a volume from a snapshot that does not exist fails the job with
+/// the reason, and tears down the fleet at once (not at the DLQ, not at the
+/// deadline).
 #[tokio::test]
-async fn failing_run_fails_job_without_on_success_snapshots() {
-    let cloud = cloud().with_behaviour(Arc::new(|request, _| {
-        if request.comment.contains(" run ") {
-            (7, "boom".to_string(), 10)
-        } else {
-            (0, "ok".to_string(), 2)
+async fn a_missing_snapshot_fails_the_job_and_tears_down() {
+    let cloud = cloud();
+    cloud.lock().missing_snapshots.insert("snap-0123456789abcdef0".into());
+    let mut spec = job("bad-snapshot");
+    spec["volumes"][0]["source"] = json!({"snapshot_id": "snap-0123456789abcdef0"});
+    let record = run_job(&cloud, spec, 1).await;
+    assert_eq!(record.state, JobState::Failed);
+    assert!(record.reason.contains("InvalidSnapshot.NotFound"), "{}", record.reason);
+    assert!(record.timeline.last().expect("end").at - record.submitted_at < Duration::minutes(10));
+    assert_eq!(cloud.running_instances(), 0);
+}
+
+/// Bug 6: capacity errors fail over to the next instance type, in the
+/// user's order, and the trail records each decision.
+#[tokio::test]
+async fn capacity_refused_for_the_first_type_runs_on_the_second() {
+    let faults = Faults { no_capacity: ["t3.micro".to_string()].into(), ..Default::default() };
+    let cloud = FakeCloud::seeded(sim::start_time(), 13, Latencies::quick(), faults);
+    let mut spec = job("capacity-1");
+    spec["instance_types"] = json!(["t3.micro", "t3.small"]);
+    let record = run_job(&cloud, spec, 1).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    for shard in &record.shards {
+        assert_eq!(shard.attempts.len(), 2);
+        assert_eq!(shard.attempts[0].end.as_ref().map(|e| e.cause), Some(EndCause::Capacity));
+        assert_eq!(shard.current().map(|a| a.launch.instance_type.as_str()), Some("t3.small"));
+        assert!(shard.trail.iter().any(|n| n.text.contains("failing over to t3.small")), "{:?}", shard.trail);
+    }
+    assert!(cloud.lock().instances.iter().all(|i| i.instance_type == "t3.small"));
+}
+
+/// Spot capacity gone: the slot falls back to on-demand when the spec allows.
+#[tokio::test]
+async fn no_spot_capacity_falls_back_to_on_demand() {
+    let faults = Faults { no_spot_capacity: true, ..Default::default() };
+    let cloud = FakeCloud::seeded(sim::start_time(), 17, Latencies::quick(), faults);
+    let mut spec = job("spot-1");
+    spec["market"] = json!("spot");
+    spec["on_demand_fallback"] = json!(true);
+    let record = run_job(&cloud, spec, 1).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    assert!(cloud.lock().instances.iter().all(|i| i.market == flotilla_shared::spec::Market::OnDemand));
+}
+
+/// A spot interruption warning mid-run: the shard runs its cleanup phases,
+/// snapshots per policy, and is replaced on on-demand; the job succeeds.
+#[tokio::test]
+async fn a_spot_interruption_moves_the_shard_to_on_demand() {
+    let cloud = cloud().with_behaviour(std::sync::Arc::new(|request, _| {
+        (0, "ok".into(), if request.comment.contains(" run ") { 600 } else { 5 })
+    }));
+    let ports = ports(&cloud);
+    let mut spec = job("spot-2");
+    spec["market"] = json!("spot");
+    spec["on_demand_fallback"] = json!(true);
+    spec["volumes"][0]["snapshot"] = json!("always");
+    intake::submit(&ports, &spec.to_string(), "m-1").await.expect("intake");
+    let running = |r: &JobRecord| r.shards.iter().all(|s| s.current().is_some_and(|a| a.phase(Phase::Run).is_some()));
+    drive(&cloud, &ports, 1, running, "spot-2").await;
+    let victim = cloud.record("spot-2").expect("r").shards[0].current().and_then(|a| a.instance_id.clone()).expect("id");
+    let noted = victim.clone();
+    reconcile::update_inbox(&ports, "spot-2", move |r| {
+        r.interruptions.push(noted.clone());
+        true
+    }, "event")
+    .await
+    .expect("warning");
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "spot-2").await;
+    let record = cloud.record("spot-2").expect("record");
+    assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
+    let shard = &record.shards[0];
+    assert_eq!(shard.attempts[0].end.as_ref().map(|e| e.cause), Some(EndCause::SpotInterruption));
+    let cleanup: Vec<Phase> = shard.attempts[0].phases.iter().map(|p| p.phase).collect();
+    assert!(cleanup.contains(&Phase::Unmount), "cleanup ran before the instance went: {cleanup:?}");
+    assert!(shard.attempts[0].volumes[0].snapshot.as_ref().is_some_and(|s| s.state == "completed"));
+    assert_eq!(shard.attempts[1].launch.market, flotilla_shared::spec::Market::OnDemand);
+    assert_eq!(record.shards[1].attempts.len(), 1, "only the interrupted shard moved");
+}
+
+/// AWS Batch's evaluateOnExit: exit 137 retries, anything else exits.
+#[tokio::test]
+async fn retry_strategy_retries_only_the_matching_exit() {
+    let cloud = cloud().with_behaviour(std::sync::Arc::new({
+        let tries = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<String, u32>::new()));
+        move |request, instance| {
+            if !request.comment.contains(" run ") {
+                return (0, String::new(), 5);
+            }
+            // Shard 1's first run is OOM-killed (137); the retry succeeds.
+            let mut tries = tries.lock().expect("tries");
+            let count = tries.entry(instance.to_string()).or_default();
+            *count += 1;
+            let shard1 = request.lines.iter().any(|l| l.contains(instance) && l.contains("SHARD_INDEX=1"));
+            (if shard1 && *count == 1 && instance.ends_with('2') { 137 } else { 0 }, "ok".into(), 5)
         }
     }));
-    let record = run_job(&cloud, job("sim-fail"), 1).await;
+    let mut spec = job("retry-1");
+    spec["retry"] = json!({"attempts": 2, "evaluate_on_exit": [{"on_exit_code": "137", "action": "RETRY"}]});
+    let record = run_job(&cloud, spec, 1).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
+    assert_eq!(record.shards[1].attempts.len(), 2);
+    assert_eq!(record.shards[1].attempts[0].end.as_ref().and_then(|e| e.exit_code), Some(137));
+    assert_eq!(record.shards[0].attempts.len(), 1, "only the failed shard retried");
+
+    // Without a matching rule a failed command exits: the job fails.
+    let cloud = self::cloud().with_behaviour(std::sync::Arc::new(|request, _| {
+        (if request.comment.contains(" run ") { 3 } else { 0 }, String::new(), 5)
+    }));
+    let record = run_job(&cloud, job("retry-2"), 1).await;
     assert_eq!(record.state, JobState::Failed);
-    assert!(record.reason.ends_with("exited 7"), "{}", record.reason);
-    assert!(record.snapshots.is_empty());
-    assert!(record.step(Phase::Unmount).is_some());
-    assert_eq!(cloud.running_instances(), 0);
+    assert!(record.reason.contains("run exited 3"), "{}", record.reason);
+    assert!(record.shards.iter().all(|s| s.attempts.len() == 1));
+    // Cleanup still ran, and on-success snapshots were not taken.
+    assert!(phases(&record, 0).contains(&Phase::Unmount));
+    assert!(cloud.lock().snapshots.is_empty());
 }
 
+/// A role that is refused fails the job with the reason and launches nothing.
 #[tokio::test]
-async fn cancel_while_waiting_for_agents_detaches_and_terminates() {
+async fn a_refused_role_fails_the_job_with_the_reason_and_launches_nothing() {
     let cloud = cloud();
-    let ports = ports(&cloud);
-    intake::submit(&ports, &job("sim-cancel").to_string(), "m-1").await.expect("intake");
-    drain_some(&cloud, &ports, 2).await; // launch, first readiness poll
-    let outcome = intake::submit(&ports, r#"{"cancel": "sim-cancel"}"#, "m-2").await.expect("cancel");
-    assert_eq!(outcome, intake::Intake::CancelRequested { job_id: "sim-cancel".into() });
-    drain(&cloud, &ports, 1).await;
-    let record = cloud.record("sim-cancel").expect("record");
-    assert_eq!(record.state, JobState::Cancelled);
-    assert!(record.steps.is_empty(), "no command ran");
-    assert_eq!(cloud.running_instances(), 0);
+    cloud.lock().refused_roles.push("arn:aws:iam::210987654321:role/locked".to_string());
+    let mut spec = job("sim-locked");
+    spec["role_arn"] = json!("arn:aws:iam::210987654321:role/locked");
+    let record = run_job(&cloud, spec, 1).await;
+    assert_eq!(record.state, JobState::Failed);
+    assert!(record.reason.contains("AccessDenied"), "{}", record.reason);
+    assert_eq!(cloud.lock().calls.get("RunInstances"), None);
 }
 
 #[tokio::test]
@@ -178,8 +384,8 @@ async fn retention_keeps_the_newest_snapshots_per_shard() {
     let cloud = cloud();
     for run in 0..4 {
         let mut spec = job(&format!("nightly-{run}"));
-        spec["name"] = serde_json::json!("nightly");
-        spec["fleet"] = serde_json::json!({"count": 1});
+        spec["name"] = json!("nightly");
+        spec["fleet"] = json!({"count": 1});
         let record = run_job(&cloud, spec, 1).await;
         assert_eq!(record.state, JobState::Succeeded);
     }
@@ -188,124 +394,62 @@ async fn retention_keeps_the_newest_snapshots_per_shard() {
     assert_eq!(kept, vec!["nightly-2".to_string(), "nightly-3".to_string()]);
 }
 
-/// A small seeded soak: many jobs, random failures and duplicates. Every job
-/// must end, and nothing may be left running.
+/// A lost wake (every message dead-lettered) only delays the job: the safety
+/// tick wakes it.
 #[tokio::test]
-async fn seeded_soak_of_mixed_jobs_leaves_nothing_running() {
-    let mut seed: u64 = 0x5eed_f10f;
-    let mut next = move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (seed >> 33) as u32
-    };
-    let cloud = cloud().with_behaviour(Arc::new(|request, instance| {
-        let fails = request.comment.contains("soak-fail") && request.comment.contains(" run ");
-        let code = if fails && instance.ends_with('1') { 2 } else { 0 };
-        (code, "soak".to_string(), 5)
-    }));
+async fn the_safety_tick_carries_a_job_whose_messages_died() {
+    let cloud = cloud();
     let ports = ports(&cloud);
-    let mut expected = Vec::new();
-    for index in 0..60 {
-        let kind = next() % 3;
-        let id = match kind {
-            0 => format!("soak-ok-{index}"),
-            1 => format!("soak-fail-{index}"),
-            _ => format!("soak-cancel-{index}"),
-        };
-        let mut spec = job(&id);
-        spec["fleet"] = serde_json::json!({"count": 1 + next() % 3});
-        intake::submit(&ports, &spec.to_string(), &format!("m-{index}")).await.expect("intake");
-        expected.push((id, kind));
-    }
-    let mut handled = 0;
-    while let Some(message) = cloud.next_message() {
-        handled += 1;
-        assert!(handled < 50_000, "runaway");
-        if next() % 10 == 0 {
-            cloud.lock().fail_sends = 1;
-        }
-        let copies = if next() % 7 == 0 { 2 } else { 1 };
-        for _ in 0..copies {
-            if steps::handle(&ports, &message).await.is_err() {
-                cloud.redeliver_later(message.clone(), 30);
+    intake::submit(&ports, &job("orphaned").to_string(), "m-1").await.expect("intake");
+    cloud.lock().queue.clear(); // every wake lost
+    for _ in 0..200 {
+        flotilla_shared::handlers::tick(&ports).await.expect("tick");
+        while let Some(message) = cloud.next_message() {
+            // Only the tick's wakes are delivered; polls are dropped too.
+            if message.trigger.as_deref() == Some("tick") {
+                let _ = deliver(&ports, &message, 1).await;
             }
         }
-        if handled % 25 == 0 {
-            for (id, kind) in &expected {
-                if *kind == 2 {
-                    intake::submit(&ports, &format!(r#"{{"cancel": "{id}"}}"#), "c").await.expect("cancel");
-                }
-            }
+        let now = cloud.now();
+        cloud.advance_to(now + Duration::seconds(300));
+        if cloud.record("orphaned").is_some_and(|r| r.state.is_terminal()) {
+            break;
         }
     }
-    for (id, kind) in &expected {
-        let record = cloud.record(id).expect("record");
-        assert!(record.state.is_terminal(), "{id} stuck in {}", record.state);
-        if *kind == 0 {
-            assert_eq!(record.state, JobState::Succeeded, "{id}: {}", record.reason);
+    let record = cloud.record("orphaned").expect("record");
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    assert!(ports.ledger.list_active().await.expect("list").is_empty());
+}
+
+/// The record of a 1,000-instance job stays well under 1 MB, and the job
+/// launches in one RunInstances call and commands in batches of 50.
+#[tokio::test]
+async fn a_thousand_instance_job_keeps_a_small_record() {
+    let cloud = cloud();
+    let mut spec = job("big-1");
+    spec["fleet"] = json!({"count": 1000});
+    let record = run_job(&cloud, spec, 1).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    let bytes = cloud.record_bytes("big-1");
+    assert!(bytes < 1_000_000, "record is {bytes} bytes");
+    let calls = cloud.lock().calls.clone();
+    assert_eq!(calls.get("RunInstances"), Some(&1));
+    assert_eq!(calls.get("SendCommand"), Some(&(5 * 20)), "five phases, 20 batches of 50");
+    assert!(record.shards.iter().all(|s| s.current().is_some_and(|a| a.stage == Stage::Done)));
+    println!("1,000-instance record: {bytes} bytes; calls: {calls:?}");
+}
+
+/// The short seeded variant of `make chaos`: random sizes, faults and
+/// duplicates, every invariant checked after every job.
+#[tokio::test]
+async fn seeded_simulation_holds_every_invariant() {
+    let jobs: u64 = std::env::var("FLOTILLA_SIM_JOBS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
+    let mut failures = Vec::new();
+    for seed in 1..=jobs {
+        let result = sim::run(&sim::scenario(seed, None)).await;
+        if !result.violations.is_empty() {
+            failures.push(format!("seed {seed} ({} shards): {:?}", result.shards, result.violations));
         }
     }
-    assert_eq!(cloud.running_instances(), 0);
-}
-
-#[tokio::test]
-async fn role_arn_jobs_act_through_the_assumed_role() {
-    let cloud = cloud();
-    let mut spec = job("sim-role");
-    spec["role_arn"] = serde_json::json!("arn:aws:iam::210987654321:role/flotilla-target");
-    spec["external_id"] = serde_json::json!("tenant-7");
-    let record = run_job(&cloud, spec, 1).await;
-    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
-    let assumed = cloud.lock().assumed_roles.clone();
-    assert!(!assumed.is_empty());
-    assert!(assumed
-        .iter()
-        .all(|(role, external)| role.ends_with(":role/flotilla-target") && external.as_deref() == Some("tenant-7")));
-}
-
-#[tokio::test]
-async fn a_refused_role_fails_the_job_with_the_reason_and_launches_nothing() {
-    let cloud = cloud();
-    cloud.lock().refused_roles.push("arn:aws:iam::210987654321:role/locked".to_string());
-    let mut spec = job("sim-locked");
-    spec["role_arn"] = serde_json::json!("arn:aws:iam::210987654321:role/locked");
-    let record = run_job(&cloud, spec, 1).await;
-    assert_eq!(record.state, JobState::Failed);
-    assert!(record.reason.starts_with("launch failed: sts AssumeRole: AccessDenied"), "{}", record.reason);
-    assert_eq!(cloud.lock().calls.get("RunInstances"), None);
-}
-
-#[tokio::test]
-async fn a_detach_that_does_not_finish_is_forced() {
-    let cloud = cloud();
-    cloud.lock().stuck_detaches = true;
-    let record = run_job(&cloud, job("sim-stuck"), 1).await;
-    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
-    assert!(record.warnings.is_empty(), "{:?}", record.warnings);
-    let state = cloud.lock();
-    assert!(state.calls.get("DetachVolume(force)").is_some_and(|n| *n >= 2), "{:?}", state.calls);
-    assert!(state.volumes.iter().all(|v| v.state == "deleted"), "{:?}", state.volumes);
-    assert_eq!(state.snapshots.len(), 2);
-}
-
-#[tokio::test]
-async fn a_volume_that_never_detaches_is_snapshotted_in_place_and_deleted_after_terminate() {
-    let cloud = cloud();
-    {
-        let mut state = cloud.lock();
-        state.stuck_detaches = true;
-        state.stuck_even_forced = true;
-    }
-    let record = run_job(&cloud, job("sim-wedged"), 2).await;
-    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
-    assert_eq!(record.warnings.len(), 2, "{:?}", record.warnings);
-    assert!(record.warnings[0].contains("did not detach"), "{}", record.warnings[0]);
-    assert!(record.volumes.iter().all(|v| v.detach_abandoned && v.deleted));
-    assert_eq!(cloud.running_instances(), 0);
-    let state = cloud.lock();
-    assert!(state.volumes.iter().all(|v| v.state == "deleted"), "{:?}", state.volumes);
-    assert_eq!(state.snapshots.len(), 2, "the policy's snapshots are still taken");
-    let report =
-        String::from_utf8(state.objects.iter().find(|(k, _)| k.ends_with("/report.txt")).expect("report").1 .0.clone())
-            .expect("utf8");
-    assert!(report.contains("warning: volume vol-"), "{report}");
+    assert!(failures.is_empty(), "replay one with `make chaos SEED=<seed>`:\n{}", failures.join("\n"));
 }

@@ -14,10 +14,12 @@ async fn main() -> Result<(), Error> {
     let env = aws::Environment::from_env()?;
     let config = aws::load_config().await;
     let ports = aws::ports(&config, &env);
-    lambda_runtime::run(service_fn(|event: LambdaEvent<SqsEvent>| async {
+    let most_ms = i64::from(env.settings.pass_budget_seconds) * 1000;
+    let ports = &ports;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
         let left_ms = event.context.deadline as i64 - chrono::Utc::now().timestamp_millis() - SAFETY_MARGIN_MS;
-        let budget = chrono::Duration::milliseconds(left_ms.clamp(5_000, i64::from(env.settings.pass_budget_seconds) * 1000));
-        Ok::<_, Error>(handlers::reconcile_batch(&ports, event.payload, budget).await)
+        let budget = chrono::Duration::milliseconds(left_ms.clamp(5_000, most_ms));
+        Ok::<_, Error>(handlers::reconcile_batch(ports, event.payload, budget).await)
     }))
     .await
 }

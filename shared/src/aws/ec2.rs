@@ -54,13 +54,13 @@ fn instance_view(instance: &aws_sdk_ec2::types::Instance) -> Option<InstanceView
         state: instance.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
         availability_zone: instance.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string(),
         launch_index: instance.ami_launch_index().unwrap_or_default().max(0) as u32,
-        job_id: instance
-            .tags()
-            .iter()
-            .find(|t| t.key() == Some(tags::JOB_ID))
-            .and_then(|t| t.value())
-            .map(str::to_string),
+        job_id: tag_value(instance.tags(), tags::JOB_ID),
+        launch_token: tag_value(instance.tags(), tags::LAUNCH),
     })
+}
+
+fn tag_value(tags: &[Tag], key: &str) -> Option<String> {
+    tags.iter().find(|t| t.key() == Some(key)).and_then(|t| t.value()).map(str::to_string)
 }
 
 impl Ec2Fleet {

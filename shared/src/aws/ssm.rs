@@ -169,8 +169,9 @@ impl Commands for SsmCommands {
         Ok(views)
     }
 
-    async fn cancel(&self, command_id: &str) -> CloudResult<()> {
-        match self.ssm.cancel_command().command_id(command_id).send().await {
+    async fn cancel(&self, command_id: &str, instance_ids: &[String]) -> CloudResult<()> {
+        let call = self.ssm.cancel_command().command_id(command_id).set_instance_ids(Some(instance_ids.to_vec()));
+        match call.send().await {
             Ok(_) => Ok(()),
             Err(e) => {
                 let err = cloud_error("ssm", "CancelCommand", e);

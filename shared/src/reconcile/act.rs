@@ -26,7 +26,9 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
             }
             cloud.commands.send(request).await.map(Done::Sent)
         }
-        Action::Cancel { command_id } => cloud.commands.cancel(command_id).await.map(|_| Done::Ok),
+        Action::Cancel { command_id, instance_ids } => {
+            cloud.commands.cancel(command_id, instance_ids).await.map(|_| Done::Ok)
+        }
         Action::Terminate { instance_ids } => cloud.fleet.terminate(instance_ids).await.map(|_| Done::Ok),
         Action::Snapshot { volume_id, description, tags: snapshot_tags } => {
             let token = snapshot_tags.get(tags::ATTEMPT).cloned().unwrap_or_default();

@@ -43,7 +43,8 @@ pub enum Action {
     Attach { volume_id: String, instance_id: String, device: String },
     /// The executor looks the comment up first and sends only if it finds nothing.
     Send { request: CommandRequest },
-    Cancel { command_id: String },
+    /// SSM cancels only the named instances' invocations.
+    Cancel { command_id: String, instance_ids: Vec<String> },
     Terminate { instance_ids: Vec<String> },
     /// The executor looks for a snapshot with these tags first.
     Snapshot { volume_id: String, description: String, tags: BTreeMap<String, String> },
@@ -147,6 +148,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         }
     }
     check_abort(record, now);
+    adopt_launched(record, obs, now);
 
     let mut terminate: Vec<String> = Vec::new();
     let aborting = record.outcome.is_some();
@@ -235,7 +237,7 @@ fn step_shard(
     let mut notes: Vec<String> = Vec::new();
 
     // Loss and stop conditions, before the stage's own work.
-    if matches!(attempt.stage, Stage::Booting | Stage::Attaching | Stage::Working) && attempt.end.is_none() {
+    if matches!(attempt.stage, Stage::Booting | Stage::Attaching | Stage::Working) {
         let lost = match instance {
             Some(view) if view.is_gone() => Some(format!("instance {} became {}", view.instance_id, view.state)),
             None if attempt.launched_at.is_some_and(|at| now - at > Duration::seconds(VANISHED_AFTER_SECONDS)) => {
@@ -244,6 +246,7 @@ fn step_shard(
             _ => None,
         };
         if let Some(detail) = lost {
+            // Whatever the attempt was doing (cleanup included) died with it.
             let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::InstanceLost };
             end(attempt, cause, &detail, None);
             notes.push(detail);
@@ -606,13 +609,13 @@ fn work(
                 run.output_uri = view.output_uri.clone();
             }
             _ if stopping && !run.phase.runs_after_failure() => {
-                actions.push(Action::Cancel { command_id });
+                actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
                 run.status = Some("Cancelled".into());
                 run.finished_at = Some(now);
             }
             _ if now > run.dispatched_at + timeout => {
                 // SSM never reported: treat as a timeout and stop the command.
-                actions.push(Action::Cancel { command_id });
+                actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
                 run.status = Some("TimedOut".into());
                 run.finished_at = Some(now);
             }
@@ -850,6 +853,39 @@ fn snapshot_action(
     Action::Snapshot { volume_id: volume_id.to_string(), description, tags: snapshot_tags }
 }
 
+/// Instances a RunInstances made whose reply was lost (a crash) carry the
+/// batch's token as a tag: give them to the attempts waiting on that token,
+/// in launch order, as the reply would have.
+fn adopt_launched(record: &mut JobRecord, obs: &Observation, now: DateTime<Utc>) {
+    let assigned: BTreeSet<String> = record.instance_ids().into_iter().collect();
+    let mut by_token: BTreeMap<&str, Vec<&InstanceView>> = BTreeMap::new();
+    for view in obs.instances.values() {
+        if let Some(token) = view.launch_token.as_deref() {
+            if !assigned.contains(&view.instance_id) {
+                by_token.entry(token).or_default().push(view);
+            }
+        }
+    }
+    for (token, mut views) in by_token {
+        views.sort_by(|a, b| (a.launch_index, &a.instance_id).cmp(&(b.launch_index, &b.instance_id)));
+        let mut views = views.into_iter();
+        for shard in &mut record.shards {
+            let Some(a) = shard.current_mut() else { continue };
+            if a.stage != Stage::Launching || a.instance_id.is_some() || a.launch_token.as_deref() != Some(token) {
+                continue;
+            }
+            let Some(view) = views.next() else { break };
+            a.instance_id = Some(view.instance_id.clone());
+            a.availability_zone = Some(view.availability_zone.clone());
+            a.launched_at = Some(now);
+            // Even a job that is stopping takes it, so it is released like any other.
+            a.stage = Stage::Booting;
+            let text = format!("adopted {} launched under {token}", view.instance_id);
+            shard.note(now, text);
+        }
+    }
+}
+
 /// Group attempts waiting to launch into RunInstances calls: one ClientToken
 /// per batch, written before the call, MinCount 1 so EC2 fills what it can.
 fn plan_launches(
@@ -897,16 +933,21 @@ fn plan_launches(
             }
         }
     }
+    // A token's count never changes (EC2 answers IdempotentParameterMismatch
+    // to the same token with other parameters): every attempt ever given it.
+    let waiting: BTreeSet<String> = record
+        .shards
+        .iter()
+        .filter(|s| s.result.is_none())
+        .filter_map(|s| s.current())
+        .filter(|a| a.stage == Stage::Launching && a.end.is_none() && a.instance_id.is_none())
+        .filter_map(|a| a.launch_token.clone())
+        .collect();
     let mut by_token: BTreeMap<String, (u32, LaunchOption)> = BTreeMap::new();
-    for shard in &record.shards {
-        if shard.result.is_some() {
-            continue;
-        }
-        if let Some(a) = shard.current() {
-            if let (Stage::Launching, Some(token), None) = (a.stage, &a.launch_token, &a.end) {
-                let entry = by_token.entry(token.clone()).or_insert((0, a.launch.clone()));
-                entry.0 += 1;
-            }
+    for a in record.attempts() {
+        if let Some(token) = a.launch_token.as_ref().filter(|t| waiting.contains(*t)) {
+            let entry = by_token.entry(token.clone()).or_insert((0, a.launch.clone()));
+            entry.0 += 1;
         }
     }
     for (token, (count, option)) in by_token {
@@ -1366,12 +1407,17 @@ fn settle_launch_failures(record: &mut JobRecord, now: DateTime<Utc>) {
 fn apply_done(record: &mut JobRecord, action: &Action, done: Done, now: DateTime<Utc>) {
     match (action, done) {
         (Action::Launch { request }, Done::Launched(mut instances)) => {
+            let assigned: BTreeSet<String> = record.instance_ids().into_iter().collect();
+            instances.retain(|i| !assigned.contains(&i.instance_id));
             instances.sort_by(|a, b| (a.launch_index, &a.instance_id).cmp(&(b.launch_index, &b.instance_id)));
             let mut instances = instances.into_iter();
             let mut short = 0;
             for shard in &mut record.shards {
                 let Some(a) = shard.current_mut() else { continue };
-                if a.launch_token.as_deref() != Some(request.client_token.as_str()) || a.stage != Stage::Launching {
+                if a.launch_token.as_deref() != Some(request.client_token.as_str())
+                    || a.stage != Stage::Launching
+                    || a.instance_id.is_some()
+                {
                     continue;
                 }
                 match instances.next() {
