@@ -6,21 +6,34 @@ ran report "flotilla-emulator" in their StatusDetails-adjacent fields, and
 the tests in tests/integration/moto_extension.rs pin each one.
 
 Gaps filled (measured against moto 5.2.5):
-1. SSM DescribeInstanceInformation is unimplemented: running EC2 instances
-   report PingStatus Online FLOTILLA_EMU_AGENT_SECONDS after launch (default 2),
-   stopped ones ConnectionLost; terminated ones are not listed.
+1. SSM DescribeInstanceInformation is unimplemented, and SendCommand accepts
+   any instance id. The SSM agent registers only on an instance with an IAM
+   instance profile (AWS: the agent needs an instance profile with SSM
+   permissions, or Default Host Management Configuration, which is not
+   emulated): such an instance reports PingStatus Online
+   FLOTILLA_EMU_AGENT_SECONDS (default 2) after launch or start, and
+   ConnectionLost while stopped; instances without a profile never register
+   and are never listed; terminated ones are not listed. SendCommand to an
+   instance whose agent never registered, or that is shutting-down or
+   terminated, fails with InvalidInstanceId (HTTP 400); a registered instance
+   that is stopped or stopping is a valid target, and its invocation stays
+   Delayed until the instance runs again or the command expires.
 2. SSM ListCommandInvocations is unimplemented: implemented, with Details.
 3. SendCommand with only InstanceIds targets every instance in the region:
-   now only the given instances (plus any matched by Targets).
+   now only the given instances (plus registered ones matched by Targets).
 4. GetCommandInvocation always returns Success with empty output: commands
    really run, with bash, in a scratch directory per instance under
    FLOTILLA_EMU_SCRATCH, with AWS_SSM_INSTANCE_ID set as the SSM agent does.
-   executionTimeout gives TimedOut, exit codes give Failed, CancelCommand
-   gives Cancelled. Output is written to S3 at AWS's key layout. Scripts that
-   touch block devices (marked "# flotilla:volume-op") are not run: there is
-   no EBS device here, and the invocation output says so.
-5. RunInstances ignores ClientToken: a repeated token returns the first
-   reservation, as EC2 does.
+   executionTimeout gives TimedOut (ExecutionTimedOut), exit codes give
+   Failed, CancelCommand gives Cancelled. Output is written to S3 at AWS's key
+   layout. Scripts that touch block devices (marked "# flotilla:volume-op")
+   are not run: there is no EBS device here, and the invocation output says
+   so.
+5. RunInstances ignores ClientToken: a repeated token with the same
+   parameters returns the first reservation, as EC2 does; with different
+   parameters (other than the Availability Zone) it fails with
+   IdempotentParameterMismatch (HTTP 400). A refused request does not use up
+   its token.
 6. CreateVolume ignores ClientToken: a repeated token returns the first
    volume, as EC2 does.
 
@@ -33,9 +46,29 @@ Gaps filled (measured against moto 5.2.5):
 9. AttachVolume re-attaches an attached volume and overwrites a device that
    is in use: the first now fails with VolumeInUse, the second with
    InvalidParameterValue ("Attachment point ... is already in use").
+10. A command keeps running, and reports Success, on an instance that was
+   stopped or terminated under it: the instance's SSM agent dies with it, so
+   its unfinished invocations are killed (the bash process group gets
+   SIGKILL), write no output, and stay InProgress until the command expires
+   (SendCommand TimeoutSeconds, default 3600, plus executionTimeout, after
+   SendCommand); then they are TimedOut with StatusDetails DeliveryTimedOut,
+   as SSM marks invocations whose agent never sent a terminal response. They
+   are never Success.
+11. EC2 never runs out of capacity. For tests: RunInstances for an instance
+   type listed in FLOTILLA_EMU_NO_CAPACITY (comma-separated) or in the file
+   $FLOTILLA_EMU_SCRATCH/no-capacity (one per line, re-read on every call)
+   fails with InsufficientInstanceCapacity, a server error (HTTP 500), with
+   EC2's message ("We currently do not have sufficient <type> capacity in the
+   Availability Zone you requested (<az>). ..."). The pseudo type "spot"
+   refuses every spot request (InstanceMarketOptions MarketType=spot, in the
+   request or its launch template) with InsufficientInstanceCapacity "There
+   is no Spot capacity available that matches your request."
 
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
+- EventBridge events are not emitted: `tools/local_stack.py interrupt <id>`
+  puts an "EC2 Spot Instance Interruption Warning" on the reconcile queue and
+  terminates the instance after FLOTILLA_EMU_RECLAIM_SECONDS (default 120).
 - template.yaml's bucket policy: its aws:SecureTransport=false statement
   blocks plain HTTP, and moto evaluates the Null condition of its
   unencrypted-write statement wrongly (it denies writes that carry SSE). The
@@ -73,7 +106,86 @@ def _now():
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-# --- 5. RunInstances ClientToken -------------------------------------------
+# --- 5. RunInstances ClientToken, and 11. capacity refusals ----------------
+
+from moto.ec2.exceptions import EC2ClientError  # noqa: E402
+
+# The request being served: InstanceResponse.run_instances (below, with 7)
+# records the request's fingerprint here for the backend.
+_in_run_instances = threading.local()
+
+# EC2: "If you retry a successful request using the same client token, but one
+# or more of the parameters are different, other than the Region or
+# Availability Zone, the retry fails with an IdempotentParameterMismatch
+# error." (https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-idempotency.html)
+_NOT_FINGERPRINTED = ("ClientToken", "TagSpecification.", "Placement.AvailabilityZone", "Action", "Version")
+
+
+def _request_fingerprint(querystring):
+    return tuple(
+        sorted((key, tuple(values)) for key, values in querystring.items() if not key.startswith(_NOT_FINGERPRINTED))
+    )
+
+
+class IdempotentParameterMismatch(EC2ClientError):
+    # A client error, 400 (Run_Instance_Idempotency "400 (Client Error)");
+    # the message is the one EC2 returns.
+    def __init__(self):
+        super().__init__(
+            "IdempotentParameterMismatch",
+            "Arguments on this idempotent request are inconsistent with arguments used in previous request(s).",
+        )
+
+
+class InsufficientInstanceCapacity(EC2ClientError):
+    """Listed under "Server error codes" (AWSEC2/latest/APIReference/errors-overview.html):
+    EC2 answers it with HTTP 500, which the SDKs retry before giving up."""
+
+    http_status = 500
+
+    def __init__(self, message):
+        super().__init__("InsufficientInstanceCapacity", message)
+
+
+def _refused_types():
+    listed = os.environ.get("FLOTILLA_EMU_NO_CAPACITY", "").split(",")
+    try:  # re-read on every call: a test may change it at run time
+        with open(os.path.join(SCRATCH, "no-capacity")) as f:
+            listed += f.read().splitlines()
+    except OSError:
+        pass
+    return {line.split("#")[0].strip() for line in listed} - {""}
+
+
+def _check_capacity(backend, kwargs):
+    refused = _refused_types()
+    if not refused:
+        return
+    template = backend._get_template_from_args(kwargs["launch_template"]).data if kwargs.get("launch_template") else {}
+    instance_type = kwargs.get("instance_type", "m1.small")
+    if kwargs.get("is_instance_type_default") and template.get("InstanceType"):
+        instance_type = template["InstanceType"]
+    market = kwargs.get("instance_market_options") or (template.get("InstanceMarketOptions") or {}).get("MarketType")
+    spot = market == "spot"
+    if not (instance_type in refused or (spot and "spot" in refused)):
+        return
+    if spot:
+        # One-time spot through RunInstances: EC2 fails the call rather than
+        # leaving an open request, e.g. "InsufficientInstanceCapacity: There is
+        # no Spot capacity available that matches your request." (status 500).
+        raise InsufficientInstanceCapacity("There is no Spot capacity available that matches your request.")
+    if kwargs.get("subnet_id"):
+        zone = backend.get_subnet(kwargs["subnet_id"]).availability_zone
+    else:
+        zone = kwargs.get("placement") or (template.get("Placement") or {}).get("AvailabilityZone")
+        zone = zone or backend.region_name + "a"
+    # EC2's message; its last sentence ("You can currently get <type> capacity
+    # by ... choosing <zones>.") is left out: no zone has capacity here.
+    raise InsufficientInstanceCapacity(
+        f"We currently do not have sufficient {instance_type} capacity in the Availability Zone you requested "
+        f"({zone}). Our system will be working on provisioning additional capacity."
+    )
+
 
 _original_run_instances = EC2Backend.run_instances
 
@@ -81,13 +193,20 @@ _original_run_instances = EC2Backend.run_instances
 def _run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
     token = kwargs.get("client_token")
     if token and token != "ABCDE":  # moto's default when no token is sent
+        fingerprint = getattr(_in_run_instances, "fingerprint", None)
         tokens = self.__dict__.setdefault("_flotilla_client_tokens", {})
         with _lock:
             if token in tokens:
-                return tokens[token]
+                reservation, first = tokens[token]
+                if fingerprint is not None and first is not None and fingerprint != first:
+                    raise IdempotentParameterMismatch()
+                return reservation
+            _check_capacity(self, kwargs)
             reservation = _original_run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
-            tokens[token] = reservation
+            # Only a successful request binds its token.
+            tokens[token] = (reservation, fingerprint)
             return reservation
+    _check_capacity(self, kwargs)
     return _original_run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
 
 
@@ -103,7 +222,6 @@ EC2Backend.run_instances = _run_instances
 from moto.ec2.models.iam_instance_profile import IamInstanceProfileAssociationBackend  # noqa: E402
 from moto.ec2.responses.instances import InstanceResponse  # noqa: E402
 
-_in_run_instances = threading.local()
 _run_instances_with_token = EC2Backend.run_instances
 
 
@@ -151,10 +269,16 @@ _original_run_instances_response = InstanceResponse.run_instances
 
 def _run_instances_response(self):
     _in_run_instances.active = True
+    _in_run_instances.fingerprint = _request_fingerprint(self.querystring)
     try:
         return _original_run_instances_response(self)
+    except InsufficientInstanceCapacity as err:
+        status, headers, body = self.serialized(ActionResult(err))
+        headers["status"] = err.http_status
+        return body, headers
     finally:
         _in_run_instances.active = False
+        _in_run_instances.fingerprint = None
 
 
 InstanceResponse.run_instances = _run_instances_response
@@ -223,7 +347,7 @@ ElasticBlockStore.create_volume = _create_volume
 # Checked at the API, not in the backend: moto's own RunInstances attaches
 # root volumes through the backend.
 
-from moto.ec2.exceptions import EC2ClientError, VolumeInUseError  # noqa: E402
+from moto.ec2.exceptions import VolumeInUseError  # noqa: E402
 
 _attach_lock = threading.Lock()
 _original_attach_volume = ElasticBlockStore.attach_volume
@@ -246,6 +370,45 @@ def _attach_volume(self):
 ElasticBlockStore.attach_volume = _attach_volume
 
 
+# --- 1. The SSM agent registers only with an instance profile ----------------
+# "SSM Agent ... requires an IAM instance profile" / Default Host Management
+# Configuration (systems-manager/latest/userguide/setup-instance-permissions.html);
+# DHMC is not emulated, so an instance without a profile never registers.
+
+_GONE = ("shutting-down", "terminated")
+_registered = set()  # instance ids whose agent has registered at least once
+_started_at = {}  # instance id -> when StartInstances last started it
+
+
+def _as_utc(value):
+    if isinstance(value, str):
+        value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.timezone.utc)
+    return value
+
+
+def _agent(ec2, instance, now):
+    """The agent's PingStatus, or None if it never registered (then the
+    instance is neither listed nor a valid SendCommand target)."""
+    if instance.state in _GONE:
+        return None
+    booted = max([_as_utc(instance.launch_time)] + [t for t in [_started_at.get(instance.id)] if t])
+    has_profile = instance.id in ec2.iam_instance_profile_associations
+    if instance.state == "running" and has_profile and (now - booted).total_seconds() >= AGENT_SECONDS:
+        _registered.add(instance.id)
+        return "Online"
+    return "ConnectionLost" if instance.id in _registered else None
+
+
+def _agent_of(ec2, instance_id, now):
+    try:
+        instance = ec2.get_instance(instance_id)
+    except Exception:  # unknown instance
+        return None
+    return _agent(ec2, instance, now)
+
+
 # --- 3. SendCommand targets only what it names -----------------------------
 
 _original_targets = Command._get_instance_ids_from_targets
@@ -260,16 +423,27 @@ def _instance_ids_from_targets(self):
 Command._get_instance_ids_from_targets = _instance_ids_from_targets
 
 
-# --- 4. Commands really run ------------------------------------------------
+# --- 4. Commands really run; 10. they die with their instance --------------
+
+import time  # noqa: E402
+
+from moto.ssm.exceptions import SSMException  # noqa: E402
+
+# The states in which an instance's agent is gone mid-run.
+_LOST_STATES = ("stopping", "stopped", "shutting-down", "terminated")
+_by_instance = {}  # instance id -> its Executions, across backends
 
 
 class Execution:
     """One command on one instance."""
 
-    def __init__(self, command, instance_id):
+    def __init__(self, command, instance_id, deadline, delayed):
         self.command = command
         self.instance_id = instance_id
-        self.status = "InProgress"
+        # The command's expiry: the last moment SSM waits for the agent.
+        self.deadline = deadline
+        self.status = "Delayed" if delayed else "InProgress"
+        self.details = self.status
         self.response_code = -1
         self.stdout = ""
         self.stderr = ""
@@ -277,11 +451,18 @@ class Execution:
         self.ended = None
         self.process = None
         self.cancelled = False
+        self.lost = False  # the instance stopped or terminated under it
         self.stdout_url = ""
         self.stderr_url = ""
+        self.lock = threading.Lock()
 
     def finished(self):
-        return self.status not in ("Pending", "InProgress", "Cancelling")
+        return self.status not in ("Pending", "InProgress", "Delayed", "Cancelling")
+
+    def finish(self, status, details, code, ended=None):
+        """Caller holds self.lock."""
+        self.status, self.details, self.response_code = status, details, code
+        self.ended = ended or _now()
 
 
 def _script(command):
@@ -294,6 +475,68 @@ def _timeout(command):
         return int(values[0])
     except (TypeError, ValueError):
         return 3600
+
+
+def _kill(process):
+    if process is not None and process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _expire(execution):
+    # "If a command reaches the command expiration limit (total timeout), it
+    # changes status to DeliveryTimedOut for all invocations that are
+    # currently have status of InProgress, Pending or Delayed." and "If Run
+    # Command doesn't receive a document terminal response from SSM Agent, the
+    # command invocation is marked as deliveryTimeout."
+    # (systems-manager/latest/userguide/monitor-commands.html)
+    with execution.lock:
+        if execution.finished() or _now() < execution.deadline:
+            return
+        execution.stdout = execution.stderr = ""  # the agent never reported any
+        execution.finish("TimedOut", "DeliveryTimedOut", -1, ended=execution.deadline)
+        process = execution.process
+    _kill(process)
+
+
+def _lose(execution):
+    # The agent dies with its instance: "If the agent isn't running or
+    # available on the instance, the command status remains at In Progress
+    # until the agent is available again, or until the execution timeout
+    # limit is reached. The status then changes to a terminal state."
+    # (monitor-commands.html). The doc names no terminal state for an agent
+    # that comes back, so a lost invocation waits for the command's expiry
+    # (_expire: DeliveryTimedOut). It is never Success.
+    with execution.lock:
+        if execution.status != "InProgress" or execution.lost:
+            return
+        execution.lost = True
+        execution.stdout = execution.stderr = ""
+        process = execution.process
+    _kill(process)
+
+
+def _instance_gone(instance_id):
+    with _lock:
+        executions = list(_by_instance.get(instance_id, []))
+    for execution in executions:
+        _lose(execution)
+
+
+def _settle(execution):
+    """Bring an invocation up to date when it is read."""
+    if execution.finished():
+        return
+    command = execution.command
+    try:
+        state = ec2_backends[command.account_id][command.backend_region].get_instance(execution.instance_id).state
+    except Exception:
+        state = "terminated"
+    if state in _LOST_STATES:
+        _lose(execution)
+    _expire(execution)
 
 
 def _write_output(execution):
@@ -326,7 +569,50 @@ def _write_output(execution):
             execution.stderr_url = url
 
 
+def _deliver(execution):
+    """Wait until the agent is Online; False if the invocation will not run.
+    "Delayed: ... The managed node might not be available because of network
+    issues, because the node was stopped, or for similar reasons. The system
+    will try to send the command again." (GetCommandInvocation StatusDetails)"""
+    command = execution.command
+    ec2 = ec2_backends[command.account_id][command.backend_region]
+    while True:
+        with execution.lock:
+            if execution.finished():
+                return False
+            if execution.cancelled:
+                execution.finish("Cancelled", "Cancelled", -1)
+                return False
+            ping = _agent_of(ec2, execution.instance_id, _now())
+            if ping == "Online":
+                if execution.status == "Delayed":
+                    execution.started = _now()
+                execution.status = execution.details = "InProgress"
+                return True
+            execution.status = execution.details = "Delayed"
+            execution.lost = False  # not delivered yet: nothing was lost
+        if ping is None:
+            return False  # the instance is gone: Delayed until the command expires
+        if _now() >= execution.deadline:
+            _expire(execution)
+            return False
+        time.sleep(0.5)
+
+
 def _run(execution):
+    try:
+        if _deliver(execution):
+            _execute(execution)
+    except Exception as err:  # surface emulator trouble as a failed invocation
+        with execution.lock:
+            if execution.finished() or execution.lost:
+                return
+            execution.stderr += f"[{EMULATOR}] {err}"
+            execution.finish("Failed", "Failed", 1)
+        _write_output(execution)
+
+
+def _execute(execution):
     command = execution.command
     script = _script(command)
     if script.startswith(VOLUME_OP_MARKER):
@@ -339,9 +625,11 @@ def _run(execution):
             plan = f"would find {what} by NVMe id under /dev/disk/by-id, mkfs.ext4 if blank, mount at {where}"
         else:
             plan = f"would sync and umount {where}"
-        execution.stdout = f"[{EMULATOR}] {op} skipped: no EBS block devices on this machine; {plan}\n"
-        execution.status, execution.response_code = "Success", 0
-        execution.ended = _now()
+        with execution.lock:
+            if execution.finished() or execution.lost:
+                return
+            execution.stdout = f"[{EMULATOR}] {op} skipped: no EBS block devices on this machine; {plan}\n"
+            execution.finish("Success", "Success", 0)
         _write_output(execution)
         return
     home = os.path.join(SCRATCH, execution.instance_id)
@@ -355,10 +643,12 @@ def _run(execution):
         "AWS_SSM_REGION_NAME": command.backend_region,
         "FLOTILLA_EMULATOR": "1",
     }
-    if execution.cancelled:  # cancelled before it started
-        execution.status, execution.ended = "Cancelled", _now()
-        return
-    try:
+    with execution.lock:
+        if execution.finished() or execution.lost:
+            return
+        if execution.cancelled:  # cancelled before it started
+            execution.finish("Cancelled", "Cancelled", -1)
+            return
         execution.process = subprocess.Popen(
             ["bash", "-c", script],
             cwd=work,
@@ -367,29 +657,35 @@ def _run(execution):
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        if execution.cancelled:  # cancelled while it was starting
-            os.killpg(execution.process.pid, signal.SIGKILL)
-        try:
-            out, err = execution.process.communicate(timeout=_timeout(command))
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(execution.process.pid, signal.SIGKILL)
-            out, err = execution.process.communicate()
-            timed_out = True
+    process = execution.process
+    # The execution timeout, unless the command expires first.
+    limit = min(_timeout(command), max(0.0, (execution.deadline - _now()).total_seconds()))
+    try:
+        out, err = process.communicate(timeout=limit)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        _kill(process)
+        out, err = process.communicate()
+        timed_out = True
+    if timed_out and limit < _timeout(command):
+        _expire(execution)
+        return
+    with execution.lock:
+        if execution.finished() or execution.lost:
+            return  # lost: it stays InProgress, without output, until it expires
         execution.stdout = out.decode(errors="replace")
         execution.stderr = err.decode(errors="replace")
         if execution.cancelled:
-            execution.status, execution.response_code = "Cancelled", -1
+            execution.finish("Cancelled", "Cancelled", -1)
         elif timed_out:
-            execution.status, execution.response_code = "TimedOut", -1
+            # "Execution Timed Out: Command execution started on the instance,
+            # but the execution wasn't complete before the execution timeout
+            # expired." (monitor-commands.html)
+            execution.finish("TimedOut", "ExecutionTimedOut", -1)
         else:
-            code = execution.process.returncode
-            execution.response_code = code if code >= 0 else 128 - code
-            execution.status = "Success" if code == 0 else "Failed"
-    except Exception as err:  # surface emulator trouble as a failed invocation
-        execution.stderr += f"[{EMULATOR}] {err}"
-        execution.status, execution.response_code = "Failed", 1
-    execution.ended = _now()
+            code = process.returncode
+            code = code if code >= 0 else 128 - code
+            execution.finish("Success" if code == 0 else "Failed", "Success" if code == 0 else "Failed", code)
     _write_output(execution)
 
 
@@ -401,11 +697,34 @@ _original_send_command = SimpleSystemManagerBackend.send_command
 
 
 def _send_command(self, **kwargs):
+    ec2 = ec2_backends[self.account_id][self.region_name]
+    now = _now()
+    named = list(kwargs.get("instance_ids") or [])  # moto extends the list it is given
+    # InvalidInstanceId: "SSM Agent isn't registered with the SSM endpoint" or
+    # "The managed node isn't in a valid state. Valid states are: Running,
+    # Pending, Stopped, and Stopping. Invalid states are: Shutting-down and
+    # Terminated." (SSM API reference, SendCommand errors); a client error,
+    # HTTP 400. The message is SSM's.
+    invalid = [instance_id for instance_id in named if _agent_of(ec2, instance_id, now) is None]
+    if invalid:
+        raise SSMException(
+            "InvalidInstanceId", f"Instances [[{', '.join(invalid)}]] not in a valid state for account {self.account_id}"
+        )
     command = _original_send_command(self, **kwargs)
+    # "This means the command runs for 4,200 seconds (70 minutes) before the
+    # system returns a delivery timeout": Timeout (seconds) 600 plus the
+    # document's executionTimeout 3600 (monitor-commands.html, timeouts).
+    total = datetime.timedelta(seconds=int(command.timeout_seconds) + _timeout(command))
+    command.expires_after = command.requested_date_time + total
     executions = _executions(self)
     for instance_id in command.instance_ids:
-        execution = Execution(command, instance_id)
+        ping = _agent_of(ec2, instance_id, now)
+        if ping is None and instance_id not in named:
+            continue  # Targets match managed nodes only
+        execution = Execution(command, instance_id, now + total, delayed=ping != "Online")
         executions[(command.command_id, instance_id)] = execution
+        with _lock:
+            _by_instance.setdefault(instance_id, []).append(execution)
         threading.Thread(target=_run, args=(execution,), daemon=True).start()
     return command
 
@@ -417,26 +736,29 @@ def _invocation(backend, command, instance_id, details_limit=None):
     execution = _executions(backend).get((command.command_id, instance_id))
     if execution is None:
         return None
-    ended = execution.ended or _now()
-    elapsed = (ended - execution.started).total_seconds()
-    body = {
-        "CommandId": command.command_id,
-        "InstanceId": instance_id,
-        "Comment": command.comment,
-        "DocumentName": command.document_name,
-        "DocumentVersion": "$DEFAULT",
-        "PluginName": "aws:runShellScript",
-        "ResponseCode": execution.response_code,
-        "ExecutionStartDateTime": execution.started.isoformat(),
-        "ExecutionElapsedTime": f"PT{elapsed:.3f}S",
-        "ExecutionEndDateTime": execution.ended.isoformat() if execution.ended else "",
-        "Status": execution.status,
-        "StatusDetails": execution.status,
-        "StandardOutputContent": execution.stdout[:GET_OUTPUT_LIMIT],
-        "StandardOutputUrl": execution.stdout_url,
-        "StandardErrorContent": execution.stderr[:GET_OUTPUT_LIMIT],
-        "StandardErrorUrl": execution.stderr_url,
-    }
+    _settle(execution)
+    with execution.lock:
+        ended = execution.ended or _now()
+        elapsed = max(0.0, (ended - execution.started).total_seconds())
+        delayed = execution.status == "Delayed"
+        body = {
+            "CommandId": command.command_id,
+            "InstanceId": instance_id,
+            "Comment": command.comment,
+            "DocumentName": command.document_name,
+            "DocumentVersion": "$DEFAULT",
+            "PluginName": "aws:runShellScript",
+            "ResponseCode": execution.response_code,
+            "ExecutionStartDateTime": "" if delayed else execution.started.isoformat(),
+            "ExecutionElapsedTime": "" if delayed else f"PT{elapsed:.3f}S",
+            "ExecutionEndDateTime": execution.ended.isoformat() if execution.ended else "",
+            "Status": execution.status,
+            "StatusDetails": execution.details,
+            "StandardOutputContent": execution.stdout[:GET_OUTPUT_LIMIT],
+            "StandardOutputUrl": execution.stdout_url,
+            "StandardErrorContent": execution.stderr[:GET_OUTPUT_LIMIT],
+            "StandardErrorUrl": execution.stderr_url,
+        }
     return body
 
 
@@ -451,6 +773,49 @@ def _get_command_invocation(self, command_id, instance_id, plugin_name):
 
 
 SimpleSystemManagerBackend.get_command_invocation = _get_command_invocation
+
+
+# --- 10. StopInstances / TerminateInstances take the agent with them --------
+
+_original_stop_instances = EC2Backend.stop_instances
+_original_terminate_instances = EC2Backend.terminate_instances
+_original_start_instances = EC2Backend.start_instances
+
+
+def _note_registration(backend, instance_ids):
+    # An agent that was Online registered, even if nobody asked before now.
+    now = _now()
+    for instance_id in instance_ids or []:
+        _agent_of(backend, instance_id, now)
+
+
+def _stop_instances(self, instance_ids):
+    _note_registration(self, instance_ids)
+    stopped = _original_stop_instances(self, instance_ids)
+    for instance, _ in stopped:
+        _instance_gone(instance.id)
+    return stopped
+
+
+def _terminate_instances(self, instance_ids):
+    _note_registration(self, instance_ids)
+    terminated = _original_terminate_instances(self, instance_ids)
+    for instance, _ in terminated:
+        _instance_gone(instance.id)
+    return terminated
+
+
+def _start_instances(self, instance_ids):
+    started = _original_start_instances(self, instance_ids)
+    for instance, previous in started:
+        if previous.name != "running":
+            _started_at[instance.id] = _now()  # the agent comes Online after boot
+    return started
+
+
+EC2Backend.stop_instances = _stop_instances
+EC2Backend.terminate_instances = _terminate_instances
+EC2Backend.start_instances = _start_instances
 
 
 # --- 2. ListCommandInvocations, and CancelCommand --------------------------
@@ -503,14 +868,17 @@ def cancel_command(self):
     backend = self.ssm_backend
     backend.get_command_by_id(command_id)  # InvalidCommandId if unknown
     for (cid, _), execution in list(_executions(backend).items()):
-        if cid != command_id or execution.finished():
+        if cid != command_id:
             continue
-        execution.cancelled = True
-        if execution.process is not None and execution.process.poll() is None:
-            try:
-                os.killpg(execution.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        with execution.lock:
+            if execution.finished():
+                continue
+            execution.cancelled = True
+            if execution.status == "Delayed":  # never delivered: nothing to stop
+                execution.finish("Cancelled", "Cancelled", -1)
+            process = execution.process
+        if not execution.lost:  # a lost invocation's agent never hears of it
+            _kill(process)
     return ActionResult({})
 
 
@@ -536,21 +904,13 @@ def describe_instance_information(self):
         for instance in reservation.instances:
             if wanted and instance.id not in wanted:
                 continue
-            state = instance.state
-            if state == "terminated" or state == "shutting-down":
-                continue
-            launched = instance.launch_time
-            if isinstance(launched, str):
-                launched = datetime.datetime.fromisoformat(launched.replace("Z", "+00:00"))
-            if launched.tzinfo is None:
-                launched = launched.replace(tzinfo=datetime.timezone.utc)
-            booted = (now - launched).total_seconds() >= AGENT_SECONDS
-            if state == "running" and not booted:
-                continue  # the agent has not registered yet
+            ping = _agent(ec2, instance, now)
+            if ping is None:
+                continue  # never registered (no instance profile, or still booting), or gone
             items.append(
                 {
                     "InstanceId": instance.id,
-                    "PingStatus": "Online" if state == "running" else "ConnectionLost",
+                    "PingStatus": ping,
                     "LastPingDateTime": now,
                     "AgentVersion": f"3.3.0-{EMULATOR}",
                     "IsLatestVersion": True,

@@ -209,11 +209,11 @@ async fn tails(ledger: &S3Ledger, record: &JobRecord) -> report::Tails {
     let mut tails = report::Tails::new();
     for shard in record.shards.iter().take(report::MAX_SHARDS_SHOWN) {
         for attempt in &shard.attempts {
-            for run in &attempt.phases {
-                let key = format!("jobs/{}/{}", record.job_id, output_name(shard.index, attempt.number, run.phase));
+            for phase in attempt.phases_ran() {
+                let key = format!("jobs/{}/{}", record.job_id, output_name(shard.index, attempt.number, phase));
                 if let Ok(Some(body)) = ledger.get(&key).await {
                     let lines = String::from_utf8_lossy(&body).lines().map(str::to_string).collect();
-                    tails.insert((shard.index, attempt.number, run.phase.as_str().to_string()), lines);
+                    tails.insert((shard.index, attempt.number, phase.as_str().to_string()), lines);
                 }
             }
         }

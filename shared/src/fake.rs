@@ -222,6 +222,8 @@ pub struct FakeState {
     pub evidence: Evidence,
     /// Snapshot ids that do not exist: CreateVolume from one is refused.
     pub missing_snapshots: BTreeSet<String>,
+    /// The largest record written so far, in bytes.
+    pub max_record_bytes: usize,
     /// Operations refused with this (permanent) error code, as IAM would.
     pub refused: BTreeMap<&'static str, &'static str>,
 }
@@ -889,6 +891,7 @@ impl Ledger for FakeCloud {
         }
         let next = current.unwrap_or_default() + 1;
         let body = serde_json::to_vec(record).map_err(|e| CloudError::Invalid(e.to_string()))?;
+        state.max_record_bytes = state.max_record_bytes.max(body.len());
         state.objects.insert(key, (body, next));
         self.after(&mut state, "PutObject")?;
         Ok(WriteOutcome::Written { version: next.to_string() })

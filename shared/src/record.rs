@@ -4,6 +4,8 @@
 //! Only `reconcile::decide` changes shard and job state; every write is a
 //! conditional write (see `ports::Ledger`).
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -171,6 +173,7 @@ impl EndCause {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptEnd {
     pub cause: EndCause,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
@@ -213,15 +216,13 @@ fn is_zero(value: &u32) -> bool {
     *value == 0
 }
 
+/// One phase of one shard's attempt. The command itself is the batch's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhaseRun {
     pub phase: Phase,
-    /// SendCommand's Comment: the intent, so a retried pass finds the command
-    /// before it sends another.
-    pub comment: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command_id: Option<String>,
-    pub dispatched_at: DateTime<Utc>,
+    /// The command batch it is sent in; 0 until batched.
+    #[serde(default)]
+    pub batch: u64,
     /// SSM status once finished: Success, Failed, TimedOut, Cancelled...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
@@ -229,9 +230,22 @@ pub struct PhaseRun {
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<DateTime<Utc>>,
-    /// Where the full output is (the tail lives beside the record in S3).
+}
+
+/// One SendCommand for up to 50 shards in the same phase. Its comment is
+/// the intent: written before the call, so a retried pass finds the command
+/// before it sends another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandBatch {
+    pub phase: Phase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output_uri: Option<String>,
+    pub command_id: Option<String>,
+    pub dispatched_at: DateTime<Utc>,
+}
+
+/// SendCommand's Comment for a batch: unique per job and batch.
+pub fn command_comment(job_id: &str, phase: Phase, batch: u64) -> String {
+    format!("flotilla {job_id} {} c{batch}", phase.as_str())
 }
 
 impl PhaseRun {
@@ -266,6 +280,10 @@ pub struct Attempt {
     pub volumes: Vec<AttemptVolume>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseRun>,
+    /// Phases that succeeded keep only their names, so a 1,000-shard record
+    /// stays small; the phase in flight and failures keep their detail.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub completed_phases: Vec<Phase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end: Option<AttemptEnd>,
     /// Permanent errors terminating the instance; after a few it is left to
@@ -291,6 +309,7 @@ impl Attempt {
             interrupted: false,
             volumes: vec![],
             phases: vec![],
+            completed_phases: vec![],
             end: None,
             release_errors: 0,
             left_for_reaper: None,
@@ -299,6 +318,14 @@ impl Attempt {
 
     pub fn phase(&self, phase: Phase) -> Option<&PhaseRun> {
         self.phases.iter().find(|p| p.phase == phase)
+    }
+
+    /// The phases this attempt ran (or runs), in order, detailed or not.
+    pub fn phases_ran(&self) -> Vec<Phase> {
+        let mut all: Vec<Phase> = self.completed_phases.iter().copied().chain(self.phases.iter().map(|p| p.phase)).collect();
+        all.sort();
+        all.dedup();
+        all
     }
 }
 
@@ -312,6 +339,7 @@ pub struct Note {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardResult {
     pub succeeded: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
 }
 
@@ -396,6 +424,9 @@ pub struct JobRecord {
     /// Counter for tokens and comments, so each intent is unique.
     #[serde(default)]
     pub next_seq: u64,
+    /// Command batches by number.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub commands: BTreeMap<u64, CommandBatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -467,6 +498,7 @@ impl JobRecord {
             resolved_image: None,
             shards: vec![],
             next_seq: 0,
+            commands: BTreeMap::new(),
             lease: None,
             wake: None,
             passes: 0,

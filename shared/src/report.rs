@@ -89,18 +89,31 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
                 attempt.launch.instance_type,
                 attempt.availability_zone.as_deref().unwrap_or("")
             );
+            if !attempt.completed_phases.is_empty() {
+                let names: Vec<&str> = attempt.completed_phases.iter().map(|p| p.as_str()).collect();
+                let _ = writeln!(out, "    phases succeeded: {}", names.join(", "));
+                for phase in &attempt.completed_phases {
+                    if let Some(lines) = tails.get(&(shard.index, attempt.number, phase.as_str().to_string())) {
+                        let skip = lines.len().saturating_sub(tail);
+                        for line in &lines[skip..] {
+                            let _ = writeln!(out, "      {} | {line}", phase.as_str());
+                        }
+                    }
+                }
+            }
             for run in &attempt.phases {
-                let took = run
-                    .finished_at
-                    .map(|f| format!(" in {:.1}s", (f - run.dispatched_at).num_milliseconds() as f64 / 1000.0))
-                    .unwrap_or_default();
+                let batch = record.commands.get(&run.batch);
+                let took = match (run.finished_at, batch) {
+                    (Some(f), Some(b)) => format!(" in {:.1}s", (f - b.dispatched_at).num_milliseconds() as f64 / 1000.0),
+                    _ => String::new(),
+                };
                 let code = run.exit_code.map(|c| format!(" exit {c}")).unwrap_or_default();
                 let status = run.status.as_deref().unwrap_or("in progress");
                 let _ = writeln!(
                     out,
                     "    {} {status}{code}{took} [{}]",
                     run.phase.as_str(),
-                    run.command_id.as_deref().unwrap_or("-")
+                    batch.and_then(|b| b.command_id.as_deref()).unwrap_or("-")
                 );
                 if let Some(lines) = tails.get(&(shard.index, attempt.number, run.phase.as_str().to_string())) {
                     let skip = lines.len().saturating_sub(tail);

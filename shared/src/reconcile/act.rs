@@ -19,7 +19,7 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
         Action::Attach { volume_id, instance_id, device } => {
             cloud.volumes.attach(volume_id, instance_id, device).await.map(|_| Done::Ok)
         }
-        Action::Send { request } => {
+        Action::Send { request, .. } => {
             let first = request.instance_ids.first().ok_or_else(|| CloudError::Invalid("a command with no instance".into()))?;
             if let Some(existing) = cloud.commands.find_by_comment(first, &request.comment).await? {
                 return Ok(Done::Sent(existing));

@@ -42,7 +42,7 @@ pub enum Action {
     CreateVolume { request: NewVolume },
     Attach { volume_id: String, instance_id: String, device: String },
     /// The executor looks the comment up first and sends only if it finds nothing.
-    Send { request: CommandRequest },
+    Send { batch: u64, request: CommandRequest },
     /// SSM cancels only the named instances' invocations.
     Cancel { command_id: String, instance_ids: Vec<String> },
     Terminate { instance_ids: Vec<String> },
@@ -158,14 +158,14 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         aborting,
         tags: job_tags(record, &spec, ctx.settings.expiry_grace_minutes),
     };
+    let commands = record.commands.clone();
     for index in 0..record.shards.len() {
         if record.shards[index].result.is_some() {
             continue;
         }
-        let seq_before = record.next_seq;
-        let mut seq = seq_before;
+        let mut seq = record.next_seq;
         let shard = &mut record.shards[index];
-        step_shard(&job, shard, obs, ctx, &mut seq, &mut actions, &mut terminate, &mut wait);
+        step_shard(&job, shard, &commands, obs, ctx, &mut seq, &mut actions, &mut terminate, &mut wait);
         record.next_seq = seq;
     }
     // A shard that failed for good stops the job (fail fast), with its reason.
@@ -223,6 +223,7 @@ fn check_abort(record: &mut JobRecord, now: DateTime<Utc>) {
 fn step_shard(
     job: &JobFacts<'_>,
     shard: &mut Shard,
+    commands: &BTreeMap<u64, CommandBatch>,
     obs: &Observation,
     ctx: &Context<'_>,
     seq: &mut u64,
@@ -276,7 +277,6 @@ fn step_shard(
                     attempt.availability_zone = Some(view.availability_zone.clone());
                     if obs.online.contains(&view.instance_id) {
                         attempt.stage = Stage::Attaching;
-                        notes.push(format!("{} running, agent Online", view.instance_id));
                     } else if attempt
                         .launched_at
                         .is_some_and(|at| now - at > Duration::seconds(i64::from(ctx.settings.agent_timeout_seconds)))
@@ -311,7 +311,7 @@ fn step_shard(
     }
 
     if attempt.stage == Stage::Working {
-        work(job, index, attempt, obs, ctx, actions, &mut notes);
+        work(job, index, attempt, commands, obs, ctx, actions, &mut notes);
         if attempt.stage == Stage::Working {
             *wait = (*wait).min(ctx.settings.poll_delay_seconds);
         }
@@ -326,6 +326,13 @@ fn step_shard(
     }
 
     let done = attempt.stage == Stage::Done;
+    if done {
+        for volume in &mut attempt.volumes {
+            if let Some(snapshot) = volume.snapshot.as_mut() {
+                snapshot.requested_at = None;
+            }
+        }
+    }
     for note in notes {
         shard.note(now, note);
     }
@@ -350,7 +357,7 @@ fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) {
     let options = launch_options(job.spec);
     match ended.cause {
         EndCause::Succeeded => {
-            shard.result = Some(ShardResult { succeeded: true, reason: "succeeded".into() });
+            shard.result = Some(ShardResult { succeeded: true, reason: String::new() });
         }
         EndCause::Aborted | EndCause::Permanent => {
             shard.result = Some(ShardResult { succeeded: false, reason: ended.detail.clone() });
@@ -574,10 +581,12 @@ pub fn phase_timeout(spec: &JobSpec, phase: Phase) -> u32 {
 /// Collect the phase in flight, then pick the next one. Work phases stop at
 /// the first failure, cancel, deadline or interruption; cleanup phases run
 /// after those if the volumes were mounted.
+#[allow(clippy::too_many_arguments)]
 fn work(
     job: &JobFacts<'_>,
     shard: u32,
     attempt: &mut Attempt,
+    commands: &BTreeMap<u64, CommandBatch>,
     obs: &Observation,
     ctx: &Context<'_>,
     actions: &mut Vec<Action>,
@@ -587,9 +596,13 @@ fn work(
     let instance_id = attempt.instance_id.clone().unwrap_or_default();
     let stopping = job.aborting || attempt.interrupted;
     if let Some(run) = attempt.phases.iter_mut().find(|p| p.status.is_none()) {
-        let Some(command_id) = run.command_id.clone() else {
-            return; // its Send is re-planned by plan_dispatch from the comment
+        let Some(batch) = commands.get(&run.batch) else {
+            return; // opened this pass; plan_dispatch batches it
         };
+        let Some(command_id) = batch.command_id.clone() else {
+            return; // its Send is planned again by plan_dispatch, found by comment
+        };
+        let dispatched_at = batch.dispatched_at;
         let timeout = Duration::seconds(i64::from(phase_timeout(job.spec, run.phase)) + REPORT_GRACE_SECONDS);
         match obs.invocations.get(&(command_id.clone(), instance_id.clone())) {
             Some(view) if view.is_finished() => {
@@ -606,14 +619,13 @@ fn work(
                 run.status = Some(view.status.clone());
                 run.exit_code = view.exit_code;
                 run.finished_at = Some(now);
-                run.output_uri = view.output_uri.clone();
             }
             _ if stopping && !run.phase.runs_after_failure() => {
                 actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
                 run.status = Some("Cancelled".into());
                 run.finished_at = Some(now);
             }
-            _ if now > run.dispatched_at + timeout => {
+            _ if now > dispatched_at + timeout => {
                 // SSM never reported: treat as a timeout and stop the command.
                 actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
                 run.status = Some("TimedOut".into());
@@ -622,7 +634,11 @@ fn work(
             _ => return,
         }
         let run = run.clone();
-        if !run.succeeded() {
+        if run.succeeded() {
+            // Only failures and the phase in flight keep their detail.
+            attempt.phases.retain(|p| p.phase != run.phase);
+            attempt.completed_phases.push(run.phase);
+        } else {
             let what = match (run.status.as_deref(), run.exit_code) {
                 (Some("TimedOut"), _) => format!("timed out after {} s", phase_timeout(job.spec, run.phase)),
                 (_, Some(code)) if code >= 0 => format!("exited {code}"),
@@ -650,13 +666,13 @@ fn work(
         end(attempt, cause, "stopped while working", None);
     }
     let planned = planned_phases(job.spec, shard);
-    let ran = |p: Phase| attempt.phases.iter().any(|r| r.phase == p);
+    let ran = |p: Phase| attempt.completed_phases.contains(&p) || attempt.phases.iter().any(|r| r.phase == p);
     let next = if attempt.end.is_none() {
         planned.into_iter().find(|p| !ran(*p))
     } else {
         // Cleanup runs only where the volumes were mounted (or there are none).
-        let mounted = attempt.volumes.is_empty() || attempt.phase(Phase::Mount).is_some_and(PhaseRun::succeeded);
-        let started = attempt.phases.iter().any(|r| !r.phase.runs_after_failure());
+        let mounted = attempt.volumes.is_empty() || attempt.completed_phases.contains(&Phase::Mount);
+        let started = !attempt.completed_phases.is_empty() || attempt.phases.iter().any(|r| !r.phase.runs_after_failure());
         if mounted && started {
             planned.into_iter().filter(|p| p.runs_after_failure()).find(|p| !ran(*p))
         } else {
@@ -666,20 +682,11 @@ fn work(
     match next {
         Some(phase) => {
             // Opened here; plan_dispatch groups it into a SendCommand.
-            attempt.phases.push(PhaseRun {
-                phase,
-                comment: String::new(), // set by plan_dispatch
-                command_id: None,
-                dispatched_at: now,
-                status: None,
-                exit_code: None,
-                finished_at: None,
-                output_uri: None,
-            });
+            attempt.phases.push(PhaseRun { phase, batch: 0, status: None, exit_code: None, finished_at: None });
         }
         None => {
             if attempt.end.is_none() {
-                end(attempt, EndCause::Succeeded, "all phases succeeded", Some(0));
+                end(attempt, EndCause::Succeeded, "", Some(0));
             }
             attempt.stage = Stage::Releasing;
         }
@@ -1001,60 +1008,57 @@ fn launch_request(
     }
 }
 
-/// Phases that `work` opened this pass (no comment yet) or whose send never
-/// answered (a comment, no command id): one SendCommand per phase and 50
+/// Phases that `work` opened this pass (no batch yet) or whose send never
+/// answered (a batch, no command id): one SendCommand per phase and 50
 /// instances, with a comment that makes the send findable.
-fn plan_dispatch(
-    record: &mut JobRecord,
-    spec: &JobSpec,
-    ctx: &Context<'_>,
-    actions: &mut Vec<Action>,
-) {
+fn plan_dispatch(record: &mut JobRecord, spec: &JobSpec, ctx: &Context<'_>, actions: &mut Vec<Action>) {
     let mut fresh: BTreeMap<Phase, Vec<usize>> = BTreeMap::new();
     for (index, shard) in record.shards.iter().enumerate() {
         let Some(a) = shard.current() else { continue };
         if a.stage != Stage::Working {
             continue;
         }
-        if let Some(run) = a.phases.iter().find(|p| p.status.is_none() && p.comment.is_empty()) {
+        if let Some(run) = a.phases.iter().find(|p| p.status.is_none() && p.batch == 0) {
             fresh.entry(run.phase).or_default().push(index);
         }
     }
     for (phase, shards) in fresh {
         for chunk in shards.chunks(MAX_INSTANCES_PER_COMMAND) {
-            let seq = record.take_seq();
-            let comment = format!("flotilla {} {} c{seq}", record.job_id, phase.as_str());
+            let batch = record.take_seq();
+            record.commands.insert(batch, CommandBatch { phase, command_id: None, dispatched_at: ctx.now });
             for index in chunk {
                 if let Some(run) =
                     record.shards[*index].current_mut().and_then(|a| a.phases.iter_mut().find(|p| p.status.is_none()))
                 {
-                    run.comment = comment.clone();
+                    run.batch = batch;
                 }
             }
         }
     }
-    // Every comment without a command id gets its Send (the executor adopts
-    // a command already sent under that comment).
-    let mut unsent: BTreeMap<String, (Phase, Vec<(String, u32)>)> = BTreeMap::new();
+    // Every batch without a command id gets its Send (the executor adopts a
+    // command already sent under its comment).
+    let mut unsent: BTreeMap<u64, Vec<(String, u32)>> = BTreeMap::new();
     for shard in &record.shards {
         let Some(a) = shard.current() else { continue };
         if a.stage != Stage::Working {
             continue;
         }
-        if let Some(run) = a.phases.iter().find(|p| p.status.is_none() && p.command_id.is_none()) {
-            if let Some(instance_id) = &a.instance_id {
-                unsent.entry(run.comment.clone()).or_insert((run.phase, vec![])).1.push((instance_id.clone(), shard.index));
-            }
+        let Some(run) = a.phases.iter().find(|p| p.status.is_none()) else { continue };
+        let waiting = record.commands.get(&run.batch).is_some_and(|b| b.command_id.is_none());
+        if let (true, Some(instance_id)) = (waiting, &a.instance_id) {
+            unsent.entry(run.batch).or_default().push((instance_id.clone(), shard.index));
         }
     }
-    for (comment, (phase, instances)) in unsent {
+    for (batch, instances) in unsent {
+        let Some(phase) = record.commands.get(&batch).map(|b| b.phase) else { continue };
         let lines = phase_lines(record, spec, phase, &instances);
         actions.push(Action::Send {
+            batch,
             request: CommandRequest {
                 instance_ids: instances.iter().map(|(id, _)| id.clone()).collect(),
                 lines,
                 timeout_seconds: phase_timeout(spec, phase),
-                comment,
+                comment: command_comment(&record.job_id, phase, batch),
                 output_bucket: ctx.bucket.to_string(),
                 // Outside jobs/: the SSM agent writes output without an SSE header.
                 output_prefix: format!("outputs/{}/{}", record.job_id, phase.as_str()),
@@ -1289,16 +1293,11 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
                 now,
             );
         }
-        Action::Send { request } => {
-            let comment = request.comment.clone();
-            fail_attempt_where(
-                record,
-                |a| a.phases.iter().any(|p| p.comment == comment && p.status.is_none()),
-                &message,
-                now,
-            );
+        Action::Send { batch, .. } => {
+            let batch = *batch;
+            fail_attempt_where(record, |a| a.phases.iter().any(|p| p.batch == batch && p.status.is_none()), &message, now);
             for a in record.shards.iter_mut().filter_map(|s| s.current_mut()) {
-                for p in a.phases.iter_mut().filter(|p| p.comment == comment && p.status.is_none()) {
+                for p in a.phases.iter_mut().filter(|p| p.batch == batch && p.status.is_none()) {
                     p.status = Some("Failed".into());
                     p.finished_at = Some(now);
                 }
@@ -1426,8 +1425,6 @@ fn apply_done(record: &mut JobRecord, action: &Action, done: Done, now: DateTime
                         a.availability_zone = Some(view.availability_zone.clone());
                         a.launched_at = Some(now);
                         a.stage = Stage::Booting;
-                        let text = format!("launched {} ({})", view.instance_id, describe_option(&a.launch));
-                        shard.note(now, text);
                     }
                     None => {
                         // EC2 filled part of the batch: the rest launch next pass.
@@ -1448,11 +1445,9 @@ fn apply_done(record: &mut JobRecord, action: &Action, done: Done, now: DateTime
                 }
             }
         }
-        (Action::Send { request }, Done::Sent(command_id)) => {
-            for a in record.shards.iter_mut().filter_map(|s| s.current_mut()) {
-                for p in a.phases.iter_mut().filter(|p| p.comment == request.comment) {
-                    p.command_id = Some(command_id.clone());
-                }
+        (Action::Send { batch, .. }, Done::Sent(command_id)) => {
+            if let Some(batch) = record.commands.get_mut(batch) {
+                batch.command_id = Some(command_id);
             }
         }
         (Action::Snapshot { volume_id, .. }, Done::Snapshotted(snapshot_id)) => {

@@ -79,7 +79,8 @@ pub async fn observe(cloud: &Cloud, record: &JobRecord) -> CloudResult<Observati
             continue;
         }
         for run in attempt.phases.iter().filter(|p| p.status.is_none()) {
-            if let (Some(command_id), Some(instance_id)) = (&run.command_id, &attempt.instance_id) {
+            let command_id = record.commands.get(&run.batch).and_then(|b| b.command_id.as_ref());
+            if let (Some(command_id), Some(instance_id)) = (command_id, &attempt.instance_id) {
                 in_flight.entry(command_id.clone()).or_default().push(instance_id.clone());
             }
         }
