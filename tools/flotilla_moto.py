@@ -64,6 +64,9 @@ Gaps filled (measured against moto 5.2.5):
    request or its launch template) with InsufficientInstanceCapacity "There
    is no Spot capacity available that matches your request."
 
+12. RunInstances launches MinCount instances: it launches MaxCount, as EC2
+    does when capacity allows (capacity refusals are gap 11's).
+
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
 - EventBridge events are not emitted: `tools/local_stack.py interrupt <id>`
@@ -270,6 +273,16 @@ _original_run_instances_response = InstanceResponse.run_instances
 def _run_instances_response(self):
     _in_run_instances.active = True
     _in_run_instances.fingerprint = _request_fingerprint(self.querystring)
+    # Gap 12: moto launches MinCount instances. EC2 (RunInstances reference,
+    # MaxCount): "If MaxCount is set higher than what Amazon EC2 can launch in
+    # the target Availability Zone, Amazon EC2 launches the largest possible
+    # number of instances above MinCount." Capacity here is unlimited (unless
+    # refused outright), so EC2 would launch MaxCount.
+    if "MaxCount" in self.querystring:
+        self.querystring["MinCount"] = list(self.querystring["MaxCount"])
+    params = getattr(self, "params", None)
+    if self.automated_parameter_parsing and isinstance(params, dict) and "MaxCount" in params:
+        params["MinCount"] = params["MaxCount"]
     try:
         return _original_run_instances_response(self)
     except InsufficientInstanceCapacity as err:
@@ -371,9 +384,11 @@ ElasticBlockStore.attach_volume = _attach_volume
 
 
 # --- 1. The SSM agent registers only with an instance profile ----------------
-# "SSM Agent ... requires an IAM instance profile" / Default Host Management
-# Configuration (systems-manager/latest/userguide/setup-instance-permissions.html);
-# DHMC is not emulated, so an instance without a profile never registers.
+# "With DHMC enabled, you don't need to configure additional resources, such
+# as an instance profile, to use your Amazon EC2 instances as managed nodes"
+# (cli/latest/reference/ssm/register-default-host-management-configuration):
+# without DHMC, which is not emulated, an instance needs a profile. Any
+# profile counts here; its role's SSM permissions are not checked.
 
 _GONE = ("shutting-down", "terminated")
 _registered = set()  # instance ids whose agent has registered at least once
@@ -865,10 +880,14 @@ def list_command_invocations(self):
 
 def cancel_command(self):
     command_id = self._get_param("CommandId")
+    # CancelCommand reference: "InstanceIds: A list of instance IDs on which
+    # you want to cancel the command. If not provided, the command is canceled
+    # on every instance on which it was requested."
+    only = set(self._get_param("InstanceIds") or [])
     backend = self.ssm_backend
     backend.get_command_by_id(command_id)  # InvalidCommandId if unknown
-    for (cid, _), execution in list(_executions(backend).items()):
-        if cid != command_id:
+    for (cid, instance_id), execution in list(_executions(backend).items()):
+        if cid != command_id or (only and instance_id not in only):
             continue
         with execution.lock:
             if execution.finished():

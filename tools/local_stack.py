@@ -6,6 +6,9 @@ binaries, and an event pump between them.
   python tools/local_stack.py down      # stop what `up` started, by pid
   python tools/local_stack.py fire RULE # fire a schedule now (cron or rate)
   python tools/local_stack.py pump      # the pump itself (started by `up`)
+  python tools/local_stack.py interrupt INSTANCE  # spot interruption warning, then reclaim
+  python tools/local_stack.py kill INSTANCE       # EC2 TerminateInstances
+  python tools/local_stack.py stop INSTANCE       # EC2 StopInstances
 
 The pump delivers queue messages to the functions as real SQS event batches
 through cargo lambda's invoke endpoint. It honours partial batch failures
@@ -15,7 +18,10 @@ schedules (the safety tick) as real EventBridge "Scheduled Event" payloads,
 every FLOTILLA_LOCAL_TICK_SECONDS (default 20) at most, so a stranded job is
 picked up quickly; `cron(...)` schedules fire only through `fire`.
 AWS::Events::Rule resources (EC2 and SSM events to the reconcile queue) are
-not delivered locally yet.
+not delivered locally yet; `interrupt` puts one such event, an "EC2 Spot
+Instance Interruption Warning" shaped as EventBridge delivers it, on the
+reconcile queue and terminates the instance FLOTILLA_EMU_RECLAIM_SECONDS
+(default 120, EC2's two-minute warning) later.
 """
 
 import datetime
@@ -364,6 +370,81 @@ def fire(rule):
     return 0 if status == 200 else 1
 
 
+# --- EC2 events and instance actions, by hand -------------------------------
+
+
+def ec2_client():
+    import boto3
+
+    session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
+    return session.client("ec2", endpoint_url=ENDPOINT)
+
+
+def reconcile_queue_url(sqs):
+    """FLOTILLA_RECONCILE_QUEUE_URL from .flotilla/local.env, else the
+    ReconcileQueue that template.yaml names, as `up` created it."""
+    try:
+        with open(ENV_FILE) as f:
+            for line in f:
+                key, _, value = line.strip().removeprefix("export ").partition("=")
+                if key == "FLOTILLA_RECONCILE_QUEUE_URL" and value:
+                    return value
+    except OSError:
+        pass
+    queues, _, _, _ = wiring(load_template())
+    return sqs.get_queue_url(QueueName=queues["ReconcileQueue"]["name"])["QueueUrl"]
+
+
+def instance_zone(ec2, instance_id):
+    import botocore.exceptions
+
+    try:
+        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    except botocore.exceptions.ClientError as err:
+        raise SystemExit(f"local-stack: {instance_id}: {err}")
+    return reservations[0]["Instances"][0]["Placement"]["AvailabilityZone"]
+
+
+def spot_interruption_event(instance_id, zone):
+    """As EventBridge delivers it (AWSEC2/latest/UserGuide/spot-instance-termination-notices.html):
+    "The ARN format of the Spot Instance interruption event is
+    arn:aws:ec2:availability-zone:instance/instance-id"."""
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "EC2 Spot Instance Interruption Warning",
+        "source": "aws.ec2",
+        "account": ACCOUNT,
+        "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": REGION,
+        "resources": [f"arn:aws:ec2:{zone}:instance/{instance_id}"],
+        "detail": {"instance-id": instance_id, "instance-action": "terminate"},
+    }
+
+
+def interrupt(instance_id):
+    ec2 = ec2_client()
+    sqs, _ = clients()
+    event = spot_interruption_event(instance_id, instance_zone(ec2, instance_id))
+    url = reconcile_queue_url(sqs)
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps(event))
+    seconds = float(os.environ.get("FLOTILLA_EMU_RECLAIM_SECONDS", "120"))
+    log(f"sent an EC2 Spot Instance Interruption Warning for {instance_id} to {url}")
+    log(f"EC2 reclaims {instance_id} in {seconds:g} s (Ctrl-C to leave it running)")
+    time.sleep(seconds)
+    kill(instance_id)
+
+
+def kill(instance_id):
+    state = ec2_client().terminate_instances(InstanceIds=[instance_id])["TerminatingInstances"][0]["CurrentState"]["Name"]
+    log(f"TerminateInstances {instance_id}: {state}")
+
+
+def stop(instance_id):
+    state = ec2_client().stop_instances(InstanceIds=[instance_id])["StoppingInstances"][0]["CurrentState"]["Name"]
+    log(f"StopInstances {instance_id}: {state}")
+
+
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "help"
     if command == "up":
@@ -374,6 +455,12 @@ if __name__ == "__main__":
         pump()
     elif command == "fire" and len(sys.argv) == 3:
         sys.exit(fire(sys.argv[2]))
+    elif command == "interrupt" and len(sys.argv) == 3:
+        interrupt(sys.argv[2])
+    elif command == "kill" and len(sys.argv) == 3:
+        kill(sys.argv[2])
+    elif command == "stop" and len(sys.argv) == 3:
+        stop(sys.argv[2])
     else:
         print(__doc__)
         sys.exit(0 if command in ("help", "-h", "--help") else 2)

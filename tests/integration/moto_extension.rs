@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use aws_sdk_ec2::types::InstanceType;
+use aws_sdk_ec2::types::{IamInstanceProfileSpecification, InstanceType};
 use aws_sdk_ssm::types::{CommandInvocationStatus, InstanceInformationStringFilter};
 
-use crate::moto::MotoStack;
+use crate::moto::{MotoStack, WORKER_PROFILE};
 
 async fn launch(stack: &MotoStack, count: i32, token: Option<&str>) -> Vec<String> {
     let out = stack
@@ -16,6 +16,7 @@ async fn launch(stack: &MotoStack, count: i32, token: Option<&str>) -> Vec<Strin
         .instance_type(InstanceType::T3Micro)
         .min_count(count)
         .max_count(count)
+        .iam_instance_profile(IamInstanceProfileSpecification::builder().name(WORKER_PROFILE).build())
         .set_client_token(token.map(str::to_string))
         .send()
         .await
@@ -46,7 +47,33 @@ async fn finished(
     }
 }
 
+/// SSM refuses commands until the agent is Online (InvalidInstanceId).
+async fn wait_online(stack: &MotoStack, instances: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = stack
+            .ssm()
+            .describe_instance_information()
+            .filters(
+                InstanceInformationStringFilter::builder()
+                    .key("InstanceIds")
+                    .set_values(Some(instances.to_vec()))
+                    .build()
+                    .expect("filter"),
+            )
+            .send()
+            .await
+            .expect("describe");
+        if info.instance_information_list().len() == instances.len() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "agents never came Online");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn send(stack: &MotoStack, instances: &[String], script: &str, timeout: u32) -> String {
+    wait_online(stack, instances).await;
     stack
         .ssm()
         .send_command()
@@ -181,7 +208,7 @@ async fn launch_templates_give_every_instance_their_metadata_options_and_profile
         LaunchTemplateInstanceMetadataOptionsRequest, LaunchTemplateSpecification, RequestLaunchTemplateData,
     };
     let stack = MotoStack::start().await;
-    stack.create_instance_profile("flotilla-worker");
+    // MotoStack::start made the deployment's worker profile, flotilla-worker.
     let ec2 = stack.ec2();
     let data = RequestLaunchTemplateData::builder()
         .image_id("ami-12c6146b")
@@ -274,4 +301,127 @@ async fn attach_volume_refuses_a_volume_or_device_in_use() {
     assert_eq!(attachments[0].instance_id(), Some(instances[0].as_str()));
     ec2.detach_volume().volume_id(&first).instance_id(&instances[0]).send().await.expect("detach");
     attach(&second, &instances[0]).await.expect("the device is free again");
+}
+
+/// Gap 1: the SSM agent needs an instance profile; without one it never registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_without_a_profile_never_comes_online() {
+    let stack = MotoStack::start_with_agent_delay(1).await;
+    let out = stack
+        .ec2()
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .expect("run instances");
+    let id = out.instances()[0].instance_id().expect("id").to_string();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let info = stack
+        .ssm()
+        .describe_instance_information()
+        .filters(InstanceInformationStringFilter::builder().key("InstanceIds").values(&id).build().expect("filter"))
+        .send()
+        .await
+        .expect("describe");
+    assert!(info.instance_information_list().is_empty());
+    let sent = stack
+        .ssm()
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .instance_ids(&id)
+        .parameters("commands", vec!["true".to_string()])
+        .send()
+        .await;
+    let code = sent.err().and_then(|e| e.into_service_error().meta().code().map(str::to_string));
+    assert_eq!(code.as_deref(), Some("InvalidInstanceId"));
+}
+
+/// Gaps 5 and 12: a reused ClientToken with other parameters is refused;
+/// RunInstances launches MaxCount when capacity allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_token_with_other_parameters_is_refused_and_max_count_launches() {
+    let stack = MotoStack::start().await;
+    let launched = stack
+        .ec2()
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(3)
+        .client_token("job-z-l1")
+        .send()
+        .await
+        .expect("run");
+    assert_eq!(launched.instances().len(), 3, "MaxCount, as EC2 launches when capacity allows");
+    let mismatch = stack
+        .ec2()
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(InstanceType::T3Small)
+        .min_count(1)
+        .max_count(3)
+        .client_token("job-z-l1")
+        .send()
+        .await;
+    let code = mismatch.err().and_then(|e| e.into_service_error().meta().code().map(str::to_string));
+    assert_eq!(code.as_deref(), Some("IdempotentParameterMismatch"));
+}
+
+/// Gap 11: capacity refused for a named type, as EC2 reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_can_be_refused_for_a_named_type() {
+    let stack = MotoStack::start().await;
+    std::fs::create_dir_all(&stack.scratch).expect("scratch");
+    std::fs::write(stack.scratch.join("no-capacity"), "t3.micro\n").expect("write");
+    let refused = stack
+        .ec2()
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await;
+    let code = refused.err().and_then(|e| e.into_service_error().meta().code().map(str::to_string));
+    assert_eq!(code.as_deref(), Some("InsufficientInstanceCapacity"));
+    let other = stack
+        .ec2()
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(InstanceType::T3Small)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .expect("other types still launch");
+    assert_eq!(other.instances().len(), 1);
+}
+
+/// Gap 10: a command on an instance terminated mid-run never reports
+/// Success; CancelCommand with InstanceIds cancels only those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_instance_never_reports_success_and_cancel_is_per_instance() {
+    let stack = MotoStack::start_with_agent_delay(1).await;
+    let ids = launch(&stack, 3, None).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let command = send(&stack, &ids, "sleep 2; echo done", 30).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.ec2().terminate_instances().instance_ids(&ids[0]).send().await.expect("terminate");
+    stack.ssm().cancel_command().command_id(&command).instance_ids(&ids[1]).send().await.expect("cancel");
+    let survivor = finished(&stack, &command, &ids[2]).await;
+    assert_eq!(survivor.status(), Some(&CommandInvocationStatus::Success));
+    let cancelled = finished(&stack, &command, &ids[1]).await;
+    assert_eq!(cancelled.status(), Some(&CommandInvocationStatus::Cancelled));
+    let lost = stack
+        .ssm()
+        .get_command_invocation()
+        .command_id(&command)
+        .instance_id(&ids[0])
+        .send()
+        .await
+        .expect("get");
+    assert_ne!(lost.status(), Some(&CommandInvocationStatus::Success), "its work died with its instance");
 }

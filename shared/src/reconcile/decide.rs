@@ -516,10 +516,10 @@ fn attach_volumes(
             continue;
         };
         let Some(view) = obs.volumes.get(&volume_id) else {
-            if !entry.created {
+            if obs.gone_volumes.contains(&volume_id) {
                 return Err(format!("volume {volume_id} does not exist"));
             }
-            all = false; // just created: not visible yet
+            all = false; // just created, or not looked at yet
             continue;
         };
         if view.availability_zone != az {

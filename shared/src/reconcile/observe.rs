@@ -28,7 +28,9 @@ pub async fn observe(cloud: &Cloud, record: &JobRecord) -> CloudResult<Observati
     if !booting.is_empty() {
         observation.online = cloud.commands.online_agents(&booting).await?.into_iter().collect();
     }
-    let has_volumes = record.attempts().any(|a| !a.volumes.is_empty());
+    let attaching = record.shards.iter().filter_map(|s| s.current()).any(|a| a.stage == Stage::Attaching);
+    let has_volumes = record.attempts().any(|a| !a.volumes.is_empty())
+        || (attaching && record.spec.as_ref().is_some_and(|s| !s.volumes.is_empty()));
     if has_volumes {
         for view in cloud.volumes.find_volumes(&[(tags::JOB_ID, record.job_id.as_str())]).await? {
             observation.volumes.insert(view.volume_id.clone(), view);
