@@ -9,12 +9,13 @@ export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
 FUNCTIONS := intake reconcile tick
 
-.PHONY: help venv build build-functions test smoke lint local-up local-down demo clean
+.PHONY: help venv build build-functions test smoke chaos lint local-up local-down demo clean
 
 help:
 	@echo "make demo        run the demo job end to end on the local stack"
 	@echo "make test        unit, scenario and moto integration tests, cfn-lint, then make smoke"
 	@echo "make smoke       local stack end to end: jobs submitted with plain awscli reach their terminal states"
+	@echo "make chaos       2,000 seeded simulated jobs + five of 1,000 instances; SEED=n replays one"
 	@echo "make local-up    start moto + cargo lambda watch + event pump; writes .flotilla/local.env"
 	@echo "make local-down  stop everything local-up started"
 	@echo "make build       release build (LTO) of every binary"
@@ -40,6 +41,13 @@ lint: venv
 test: venv lint
 	FLOTILLA_PYTHON=$(CURDIR)/$(PY) cargo test --workspace
 	$(MAKE) smoke
+
+# The deterministic simulator at full size; `make test` runs a short variant.
+CHAOS_JOBS ?= 2000
+CHAOS_BIG ?= 5
+chaos:
+	$(if $(SEED),FLOTILLA_SIM_SEED=$(SEED)) FLOTILLA_SIM_JOBS=$(CHAOS_JOBS) FLOTILLA_SIM_BIG=$(CHAOS_BIG) \
+		cargo test -p flotilla-tests --test integration scenarios::seeded_simulation -- --nocapture
 
 smoke: venv build-functions
 	PATH="$(BIN):$$PATH" bash tools/local_smoke.sh

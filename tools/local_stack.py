@@ -52,6 +52,7 @@ ENDPOINT = f"http://127.0.0.1:{MOTO_PORT}"
 LOCAL_VISIBILITY = int(os.environ.get("FLOTILLA_LOCAL_VISIBILITY_SECONDS", "10"))
 # Locally, rate(...) schedules (the safety tick, rate(5 minutes) in the
 # template) fire at least this often.
+WORKER_PROFILE = "flotilla-worker"
 LOCAL_TICK = int(os.environ.get("FLOTILLA_LOCAL_TICK_SECONDS", "20"))
 POLL_DELAY = os.environ.get("FLOTILLA_POLL_DELAY_SECONDS", "2")
 VENV_BIN = os.path.dirname(sys.executable)
@@ -168,6 +169,12 @@ def wait_for(url, seconds, what):
     raise SystemExit(f"local-stack: {what} did not come up at {url} within {seconds} s (see {LOGS})")
 
 
+def iam():
+    import boto3
+
+    return boto3.client("iam", endpoint_url=ENDPOINT, region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
 def clients():
     import boto3
 
@@ -192,6 +199,9 @@ def up():
         Bucket=bucket,
         ServerSideEncryptionConfiguration={"Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]},
     )
+    # The deployment's worker profile (template.yaml's WorkerInstanceProfile):
+    # the SSM agent registers only on instances that have one.
+    iam().create_instance_profile(InstanceProfileName=WORKER_PROFILE)
     urls = {}
     for logical in sorted(queues, key=lambda q: queues[q]["dlq"] is not None):  # DLQs first
         queue = queues[logical]
@@ -212,6 +222,7 @@ def up():
         "FLOTILLA_JOBS_QUEUE_URL": urls["JobsQueue"],
         "FLOTILLA_RECONCILE_QUEUE_URL": urls["ReconcileQueue"],
         "FLOTILLA_POLL_DELAY_SECONDS": POLL_DELAY,
+        "FLOTILLA_WORKER_INSTANCE_PROFILE": WORKER_PROFILE,
         "FLOTILLA_INVOKE_URL": f"http://127.0.0.1:{INVOKE_PORT}",
         "RUST_LOG": "info",
     }

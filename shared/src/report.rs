@@ -80,7 +80,11 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
                 crate::spec::Market::OnDemand => "on-demand",
                 crate::spec::Market::Spot => "spot",
             };
-            let ended = attempt.end.as_ref().map(|e| format!(" -> {}: {}", e.cause.as_str(), e.detail)).unwrap_or_default();
+            let ended = match &attempt.end {
+                Some(e) if e.detail.is_empty() => format!(" -> {}", e.cause.as_str()),
+                Some(e) => format!(" -> {}: {}", e.cause.as_str(), e.detail),
+                None => String::new(),
+            };
             let _ = writeln!(
                 out,
                 "  attempt {} {} {} {market} {}{ended}",

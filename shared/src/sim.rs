@@ -512,6 +512,88 @@ fn shards_in(lines: &[String]) -> BTreeMap<String, u32> {
         .collect()
 }
 
+/// A campaign's figures: what `make chaos` prints.
+#[derive(Debug, Default)]
+pub struct Campaign {
+    pub jobs: usize,
+    pub seconds: f64,
+    pub violations: BTreeMap<String, usize>,
+    pub failed_seeds: Vec<String>,
+    pub states: BTreeMap<String, usize>,
+    /// By size bucket: (jobs, total calls, mutating EC2/SSM calls, floor, largest record).
+    pub by_size: BTreeMap<&'static str, (u64, u64, u64, u64, usize)>,
+    pub max_virtual_overrun_minutes: i64,
+}
+
+pub const INVARIANTS: [&str; 9] = [
+    "terminal",
+    "instances left",
+    "volumes left",
+    "required snapshot",
+    "deleted without snapshot",
+    "duplicate instances",
+    "concurrent command",
+    "recoverable job failed",
+    "call budget",
+];
+
+fn bucket(shards: u32) -> &'static str {
+    match shards {
+        1 => "1",
+        2..=10 => "2-10",
+        11..=50 => "11-50",
+        51..=999 => "51-999",
+        _ => "1000",
+    }
+}
+
+impl Campaign {
+    pub fn add(&mut self, scenario: &Scenario, result: &SimResult) {
+        self.jobs += 1;
+        for (invariant, _) in &result.violations {
+            *self.violations.entry(invariant.clone()).or_default() += 1;
+        }
+        if !result.violations.is_empty() {
+            self.failed_seeds.push(format!("seed {} ({} shards): {:?}", result.seed, result.shards, result.violations));
+        }
+        let state = result.state.map(|s| s.to_string()).unwrap_or_else(|| "none".into());
+        *self.states.entry(state).or_default() += 1;
+        let entry = self.by_size.entry(bucket(result.shards)).or_default();
+        entry.0 += 1;
+        entry.1 += result.calls;
+        entry.2 += result.mutating_calls;
+        entry.3 += result.call_floor;
+        entry.4 = entry.4.max(result.record_bytes);
+        let deadline = scenario.spec["deadline_minutes"].as_i64().unwrap_or(0);
+        self.max_virtual_overrun_minutes = self.max_virtual_overrun_minutes.max(result.virtual_minutes - deadline);
+    }
+
+    pub fn print(&self) {
+        println!("simulated jobs: {} in {:.1} s ({:.1} jobs/s)", self.jobs, self.seconds, self.jobs as f64 / self.seconds.max(0.001));
+        println!("outcomes: {:?}", self.states);
+        println!("violations per invariant:");
+        for invariant in INVARIANTS {
+            println!("  {invariant:<26} {}", self.violations.get(invariant).copied().unwrap_or(0));
+        }
+        println!(
+            "latest finish past a deadline: {} min (bound {FINISH_BOUND_MINUTES} min)",
+            self.max_virtual_overrun_minutes.max(0)
+        );
+        println!("calls per job by size (faults included):");
+        println!("  {:<7} {:>6} {:>12} {:>22} {:>16} {:>14}", "shards", "jobs", "calls/job", "EC2+SSM mutating/job", "floor/job", "max record");
+        for (size, (jobs, calls, mutating, floor, record)) in &self.by_size {
+            let n = (*jobs).max(1) as f64;
+            println!(
+                "  {size:<7} {jobs:>6} {:>12.1} {:>22.1} {:>16.1} {:>12} B",
+                *calls as f64 / n,
+                *mutating as f64 / n,
+                *floor as f64 / n,
+                record
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

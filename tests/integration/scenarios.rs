@@ -460,17 +460,36 @@ async fn a_thousand_instance_job_keeps_a_small_record() {
     println!("1,000-instance record: at most {bytes} bytes, {} at the end; calls: {calls:?}", cloud.record_bytes("big-1"));
 }
 
-/// The short seeded variant of `make chaos`: random sizes, faults and
-/// duplicates, every invariant checked after every job.
+/// The seeded simulation. `make test` runs 120 jobs; `make chaos` runs
+/// 2,000 plus five of 1,000 instances (FLOTILLA_SIM_JOBS, FLOTILLA_SIM_BIG)
+/// and prints the figures; FLOTILLA_SIM_SEED replays one seed with its report.
 #[tokio::test]
 async fn seeded_simulation_holds_every_invariant() {
-    let jobs: u64 = std::env::var("FLOTILLA_SIM_JOBS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
-    let mut failures = Vec::new();
-    for seed in 1..=jobs {
-        let result = sim::run(&sim::scenario(seed, None)).await;
-        if !result.violations.is_empty() {
-            failures.push(format!("seed {seed} ({} shards): {:?}", result.shards, result.violations));
-        }
+    let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    if let Ok(seed) = std::env::var("FLOTILLA_SIM_SEED") {
+        let seed: u64 = seed.parse().expect("FLOTILLA_SIM_SEED is a number");
+        let scenario = sim::scenario(seed, None);
+        let result = sim::run(&scenario).await;
+        println!("{scenario:#?}\n{:?}\n{}", result.violations, result.report);
+        assert!(result.violations.is_empty());
+        return;
     }
-    assert!(failures.is_empty(), "replay one with `make chaos SEED=<seed>`:\n{}", failures.join("\n"));
+    let (jobs, big) = (env("FLOTILLA_SIM_JOBS", 120), env("FLOTILLA_SIM_BIG", 0));
+    let started = std::time::Instant::now();
+    let mut campaign = sim::Campaign::default();
+    for seed in 1..=jobs {
+        let scenario = sim::scenario(seed, None);
+        campaign.add(&scenario, &sim::run(&scenario).await);
+    }
+    for index in 0..big {
+        let scenario = sim::scenario(1_000_000 + index, Some(1000));
+        campaign.add(&scenario, &sim::run(&scenario).await);
+    }
+    campaign.seconds = started.elapsed().as_secs_f64();
+    campaign.print();
+    assert!(
+        campaign.failed_seeds.is_empty(),
+        "replay one with `make chaos SEED=<seed>`:\n{}",
+        campaign.failed_seeds.join("\n")
+    );
 }
