@@ -593,25 +593,3 @@ impl Campaign {
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn seeded_jobs_hold_every_invariant() {
-        let count: u64 = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
-        let first: u64 = std::env::var("SIM_FIRST").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-        let mut failed = Vec::new();
-        for seed in first..first + count {
-            let result = run(&scenario(seed, None)).await;
-            if !result.violations.is_empty() {
-                if std::env::var("SIM_REPORT").is_ok() {
-                    eprintln!("seed {seed}: {:?}\n{:?}\n{}", scenario(seed, None), result.violations, result.report);
-                }
-                failed.push((seed, result.shards, result.state, result.violations));
-            }
-        }
-        assert!(failed.is_empty(), "{failed:#?}");
-    }
-}

@@ -1469,3 +1469,199 @@ fn apply_done(record: &mut JobRecord, action: &Action, done: Done, now: DateTime
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::plan;
+    use crate::spec::{parse, ExitRule, Market};
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("time")
+    }
+
+    fn record(extra: serde_json::Value) -> JobRecord {
+        let mut spec = serde_json::json!({
+            "id": "j", "fleet": {"count": 2}, "instance_types": ["t3.micro", "t3.small"], "image": "ami-0abc",
+            "volumes": [{"name": "data", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf", "mount_point": "/data"}],
+            "run": {"commands": [["true"]]}, "deadline_minutes": 60
+        });
+        for (key, value) in extra.as_object().expect("object") {
+            spec[key] = value.clone();
+        }
+        let spec = parse(&spec.to_string()).expect("spec");
+        let plan = plan(&spec).expect("plan");
+        JobRecord::new("j".into(), spec, plan, now())
+    }
+
+    fn settings() -> Settings {
+        Settings { worker_instance_profile: Some("worker".into()), ..Settings::default() }
+    }
+
+    fn run(record: &mut JobRecord, obs: &Observation, at: DateTime<Utc>) -> Vec<Action> {
+        let settings = settings();
+        decide(record, obs, &Context { now: at, settings: &settings, bucket: "b" }).0
+    }
+
+    fn instance(id: &str, state: &str, token: &str, index: u32) -> InstanceView {
+        InstanceView {
+            instance_id: id.into(),
+            state: state.into(),
+            availability_zone: "us-east-1a".into(),
+            launch_index: index,
+            job_id: Some("j".into()),
+            launch_token: Some(token.into()),
+        }
+    }
+
+    #[test]
+    fn the_launch_intent_is_recorded_and_repeated_with_the_same_token_and_count() {
+        let mut r = record(serde_json::json!({}));
+        let first = run(&mut r, &Observation::default(), now());
+        let Some(Action::Launch { request }) = first.first() else { panic!("{first:?}") };
+        assert_eq!((request.count, request.instance_profile.as_deref()), (2, Some("worker")));
+        assert!(r.shards.iter().all(|s| s.current().and_then(|a| a.launch_token.as_ref()) == Some(&request.client_token)));
+        // No reply recorded (a crash): the same call again, never a second fleet.
+        let again = run(&mut r, &Observation::default(), now());
+        assert_eq!(again.first(), first.first());
+    }
+
+    #[test]
+    fn a_partly_filled_launch_relaunches_only_the_rest() {
+        let mut r = record(serde_json::json!({}));
+        let actions = run(&mut r, &Observation::default(), now());
+        let token = match &actions[0] {
+            Action::Launch { request } => request.client_token.clone(),
+            other => panic!("{other:?}"),
+        };
+        apply(&mut r, &actions[0], Ok(Done::Launched(vec![instance("i-1", "pending", &token, 0)])), now());
+        assert_eq!(r.shards[0].current().map(|a| a.stage), Some(Stage::Booting));
+        let next = run(&mut r, &Observation::default(), now());
+        match &next[0] {
+            Action::Launch { request } => assert_eq!((request.count, request.client_token != token), (1, true)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn instances_of_a_lost_reply_are_adopted_by_their_launch_tag() {
+        let mut r = record(serde_json::json!({}));
+        run(&mut r, &Observation::default(), now());
+        let token = r.shards[0].current().and_then(|a| a.launch_token.clone()).expect("token");
+        let mut obs = Observation::default();
+        for (i, id) in ["i-b", "i-a"].iter().enumerate() {
+            obs.instances.insert(id.to_string(), instance(id, "pending", &token, 1 - i as u32));
+        }
+        let actions = run(&mut r, &obs, now());
+        assert!(!actions.iter().any(|a| matches!(a, Action::Launch { .. })), "{actions:?}");
+        assert_eq!(r.instance_ids(), vec!["i-a".to_string(), "i-b".to_string()], "in launch order");
+    }
+
+    #[test]
+    fn capacity_fails_over_in_order_and_then_fails_the_shard() {
+        let mut r = record(serde_json::json!({}));
+        for expected in ["t3.small"] {
+            let actions = run(&mut r, &Observation::default(), now());
+            let err = CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "none");
+            apply(&mut r, &actions[0], Err(err), now());
+            assert!(r.shards.iter().all(|s| s.current().is_some_and(|a| a.launch.instance_type == expected)));
+        }
+        let actions = run(&mut r, &Observation::default(), now());
+        apply(&mut r, &actions[0], Err(CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "none")), now());
+        assert!(r.shards.iter().all(|s| s.result.as_ref().is_some_and(|x| !x.succeeded && x.reason.contains("no capacity"))));
+    }
+
+    #[test]
+    fn throttling_changes_nothing_and_a_permanent_launch_error_fails_the_job() {
+        let mut r = record(serde_json::json!({}));
+        let actions = run(&mut r, &Observation::default(), now());
+        let before = r.clone();
+        apply(&mut r, &actions[0], Err(CloudError::api("ec2", "RunInstances", "RequestLimitExceeded", "slow")), now());
+        assert_eq!(r, before);
+        apply(&mut r, &actions[0], Err(CloudError::api("ec2", "RunInstances", "InvalidAMIID.Malformed", "bad")), now());
+        run(&mut r, &Observation::default(), now());
+        assert_eq!(r.outcome, Some(Outcome::Failed));
+        assert!(r.outcome_reason.as_deref().is_some_and(|x| x.contains("InvalidAMIID.Malformed")));
+    }
+
+    /// A volume whose snapshot the policy wants is deleted only once the
+    /// snapshot is completed, whatever the job's outcome became meanwhile.
+    #[test]
+    fn a_volume_goes_only_after_its_snapshot_completes_even_after_a_cancel() {
+        let mut r = record(serde_json::json!({"fleet": {"count": 1}}));
+        let attempt = r.shards[0].current_mut().expect("attempt");
+        attempt.stage = Stage::Releasing;
+        attempt.instance_id = Some("i-1".into());
+        attempt.end = Some(AttemptEnd { cause: EndCause::Succeeded, detail: String::new(), exit_code: Some(0) });
+        attempt.volumes.push(AttemptVolume {
+            name: "data".into(),
+            token: "j-v1".into(),
+            volume_id: Some("vol-1".into()),
+            created: true,
+            snapshot: None,
+            snapshot_failures: 0,
+            deleted: false,
+            kept: None,
+        });
+        r.cancel_requested = true;
+        let mut obs = Observation::default();
+        obs.instances.insert("i-1".into(), instance("i-1", "terminated", "t", 0));
+        obs.volumes.insert(
+            "vol-1".into(),
+            VolumeView {
+                volume_id: "vol-1".into(),
+                state: "available".into(),
+                availability_zone: "us-east-1a".into(),
+                attached_to: None,
+                tags: BTreeMap::new(),
+            },
+        );
+        let actions = run(&mut r, &obs, now());
+        assert!(matches!(actions.as_slice(), [Action::Snapshot { .. }]), "{actions:?}");
+        apply(&mut r, &actions[0], Ok(Done::Snapshotted("snap-1".into())), now());
+        let snapshot = |state: &str| SnapshotView {
+            snapshot_id: "snap-1".into(),
+            volume_id: "vol-1".into(),
+            state: state.into(),
+            started_at: now(),
+            tags: BTreeMap::new(),
+        };
+        obs.snapshots.insert("snap-1".into(), snapshot("pending"));
+        let actions = run(&mut r, &obs, now());
+        assert!(!actions.iter().any(|a| matches!(a, Action::DeleteVolume { .. })), "{actions:?}");
+        obs.snapshots.insert("snap-1".into(), snapshot("completed"));
+        let actions = run(&mut r, &obs, now());
+        assert!(actions.iter().any(|a| matches!(a, Action::DeleteVolume { volume_id } if volume_id == "vol-1")));
+    }
+
+    #[test]
+    fn retry_rules_match_like_aws_batch() {
+        let strategy = RetryStrategy {
+            attempts: 3,
+            evaluate_on_exit: vec![
+                ExitRule { on_exit_code: Some("13*".into()), on_reason: None, action: RetryAction::Retry },
+                ExitRule { on_exit_code: None, on_reason: Some("Spot*".into()), action: RetryAction::Exit },
+            ],
+        };
+        assert_eq!(retry_action(&strategy, EndCause::CommandFailed, Some(137)), RetryAction::Retry);
+        assert_eq!(retry_action(&strategy, EndCause::CommandFailed, Some(1)), RetryAction::Exit);
+        assert_eq!(retry_action(&strategy, EndCause::SpotInterruption, None), RetryAction::Exit);
+        assert_eq!(retry_action(&strategy, EndCause::InstanceLost, None), RetryAction::Retry);
+        let default = RetryStrategy::default();
+        assert_eq!(retry_action(&default, EndCause::TimedOut, None), RetryAction::Exit);
+        assert_eq!(retry_action(&default, EndCause::AgentNeverOnline, None), RetryAction::Retry);
+    }
+
+    #[test]
+    fn launch_options_put_spot_first_and_subnets_within_each_type() {
+        let r = record(serde_json::json!({"market": "spot", "on_demand_fallback": true, "subnet_ids": ["subnet-0a", "subnet-0b"]}));
+        let options = launch_options(r.spec.as_ref().expect("spec"));
+        let described: Vec<String> = options.iter().map(describe_option).collect();
+        assert_eq!(described[0], "t3.micro spot in subnet-0a");
+        assert_eq!(described[1], "t3.micro spot in subnet-0b");
+        assert_eq!(described[2], "t3.small spot in subnet-0a");
+        assert_eq!(options[4].market, Market::OnDemand);
+        assert_eq!(options.len(), 8);
+    }
+}
