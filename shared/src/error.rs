@@ -115,7 +115,8 @@ pub fn classify(code: &str) -> Option<RetryClass> {
         | "SpotMaxPriceTooLow"
         | "MaxSpotInstanceCountExceeded"
         | "InstanceLimitExceeded"
-        | "VcpuLimitExceeded" => RetryClass::Capacity,
+        | "VcpuLimitExceeded"
+        | "InsufficientVolumeCapacity" => RetryClass::Capacity,
         // EC2 "Eventual consistency" (AWSEC2/latest/devguide/eventual-consistency.html); SSM
         // answers InvalidInstanceId until the agent registers (SendCommand reference).
         "InvalidInstanceID.NotFound" | "InvalidInstanceId" | "InvalidInstanceInformationFilterValue" => {

@@ -71,6 +71,8 @@ pub struct Latencies {
     pub snapshot: (i64, i64),
     /// Milliseconds each API call takes.
     pub call_ms: (i64, i64),
+    /// Seconds before a new instance, volume or snapshot shows in describes.
+    pub visible: (i64, i64),
 }
 
 impl Latencies {
@@ -84,6 +86,7 @@ impl Latencies {
             attach: (1, 8),
             snapshot: (60, 600),
             call_ms: (20, 250),
+            visible: (0, 4),
         }
     }
 
@@ -97,6 +100,7 @@ impl Latencies {
             attach: (0, 0),
             snapshot: (0, 0),
             call_ms: (0, 0),
+            visible: (0, 0),
         }
     }
 }
@@ -108,6 +112,10 @@ pub struct Faults {
     pub transient: f64,
     /// A mutating call takes effect, then the process dies (the pass ends).
     pub crash_after: f64,
+    /// A mutating call takes effect, then its reply is lost (a timeout).
+    pub lost_reply: f64,
+    /// Per instance: its SSM agent stops answering at some point.
+    pub agent_dies: f64,
     /// Instance types EC2 has no capacity for (InsufficientInstanceCapacity).
     pub no_capacity: BTreeSet<String>,
     /// Spot has no capacity at all (spot capacity-not-available).
@@ -137,6 +145,10 @@ pub struct FakeInstance {
     pub online_at: Option<DateTime<Utc>>,
     pub terminated_at: Option<DateTime<Utc>>,
     pub launch_index: u32,
+    /// Describes list it from this moment (eventual consistency).
+    pub visible_at: DateTime<Utc>,
+    /// Its agent stops answering from this moment.
+    pub agent_lost_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +158,7 @@ pub struct FakeVolume {
     pub az: String,
     pub attached_to: Option<String>,
     pub available_at: DateTime<Utc>,
+    pub visible_at: DateTime<Utc>,
     pub tags: BTreeMap<String, String>,
 }
 
@@ -366,9 +379,14 @@ impl FakeCloud {
             state.crash_after.remove(index);
             return Err(CloudError::Crashed(operation));
         }
-        let p = state.faults.crash_after;
-        if state.rng.as_mut().expect("rng").chance(p) {
+        let (p, lost) = (state.faults.crash_after, state.faults.lost_reply);
+        let rng = state.rng.as_mut().expect("rng");
+        if rng.chance(p) {
             return Err(CloudError::Crashed(operation));
+        }
+        if rng.chance(lost) {
+            // Done on AWS's side; the caller only sees a timeout.
+            return Err(CloudError::api("ec2", operation, "timeout", "injected: reply lost"));
         }
         Ok(())
     }
@@ -467,7 +485,13 @@ impl Fleet for FakeCloud {
     async fn find_instances(&self, job_id: &str) -> CloudResult<Vec<InstanceView>> {
         self.call("DescribeInstances", false).await?;
         let state = self.lock();
-        Ok(state.instances.iter().filter(|i| has_tags(&i.tags, &[(tags::JOB_ID, job_id)])).map(view).collect())
+        let now = state.now.unwrap_or_default();
+        Ok(state
+            .instances
+            .iter()
+            .filter(|i| now >= i.visible_at && has_tags(&i.tags, &[(tags::JOB_ID, job_id)]))
+            .map(view)
+            .collect())
     }
 
     async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>> {
@@ -499,8 +523,12 @@ impl Fleet for FakeCloud {
             let rng = state.rng.as_mut().expect("rng");
             let running_at = now + Duration::seconds(rng.range(l.running.0, l.running.1));
             let online_at = running_at + Duration::seconds(rng.range(l.agent.0, l.agent.1));
+            let visible_at = now + Duration::seconds(rng.range(l.visible.0, l.visible.1));
             // The agent needs an instance profile (or Default Host Management).
             let online = request.instance_profile.is_some() && !rng.chance(agent_never);
+            let agent_dies = state.faults.agent_dies;
+            let rng = state.rng.as_mut().expect("rng");
+            let agent_lost_at = rng.chance(agent_dies).then(|| online_at + Duration::seconds(rng.range(30, 1800)));
             let az = ["us-east-1a", "us-east-1b"][usize::from(request.subnet_id.as_deref().is_some_and(|s| s.ends_with('b')))];
             let mut instance_tags = request.tags.clone();
             instance_tags.insert(tags::LAUNCH.to_string(), request.client_token.clone());
@@ -516,6 +544,8 @@ impl Fleet for FakeCloud {
                 online_at: online.then_some(online_at),
                 terminated_at: None,
                 launch_index: index,
+                visible_at,
+                agent_lost_at,
             });
             ids.push(id);
         }
@@ -574,13 +604,24 @@ impl Volumes for FakeCloud {
     async fn find_volumes(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<VolumeView>> {
         self.call("DescribeVolumes", false).await?;
         let state = self.lock();
-        Ok(state.volumes.iter().filter(|v| v.state != "deleted" && has_tags(&v.tags, tags)).map(volume_view).collect())
+        let now = state.now.unwrap_or_default();
+        Ok(state
+            .volumes
+            .iter()
+            .filter(|v| now >= v.visible_at && v.state != "deleted" && has_tags(&v.tags, tags))
+            .map(volume_view)
+            .collect())
     }
 
     async fn describe_volume(&self, volume_id: &str) -> CloudResult<Option<VolumeView>> {
         self.call("DescribeVolumes", false).await?;
         let state = self.lock();
-        Ok(state.volumes.iter().find(|v| v.id == volume_id && v.state != "deleted").map(volume_view))
+        let now = state.now.unwrap_or_default();
+        Ok(state
+            .volumes
+            .iter()
+            .find(|v| v.id == volume_id && v.state != "deleted" && now >= v.visible_at)
+            .map(volume_view))
     }
 
     async fn create_volume(&self, request: &NewVolume) -> CloudResult<VolumeView> {
@@ -599,6 +640,8 @@ impl Volumes for FakeCloud {
         let now = state.now.unwrap_or_default();
         let (lo, hi) = self.latencies.volume_create;
         let delay = state.rng.as_mut().expect("rng").range(lo, hi);
+        let (vlo, vhi) = self.latencies.visible;
+        let visible = state.rng.as_mut().expect("rng").range(vlo, vhi);
         let id = FakeCloud::next_id(&mut state, "vol");
         let mut volume_tags = request.tags.clone();
         volume_tags.insert(tags::MANAGED_BY.into(), tags::MANAGED_BY_VALUE.into());
@@ -608,6 +651,7 @@ impl Volumes for FakeCloud {
             az: request.availability_zone.clone(),
             attached_to: None,
             available_at: now + Duration::seconds(delay),
+            visible_at: now + Duration::seconds(visible),
             tags: volume_tags,
         };
         state.volumes.push(volume.clone());
@@ -738,7 +782,10 @@ impl Commands for FakeCloud {
             .instances
             .iter()
             .filter(|i| {
-                instance_ids.contains(&i.id) && i.state == "running" && i.online_at.is_some_and(|at| now >= at)
+                instance_ids.contains(&i.id)
+                    && i.state == "running"
+                    && i.online_at.is_some_and(|at| now >= at)
+                    && i.agent_lost_at.is_none_or(|at| now < at)
             })
             .map(|i| i.id.clone())
             .collect())
@@ -753,7 +800,12 @@ impl Commands for FakeCloud {
         let mut state = self.lock();
         let now = state.now.unwrap_or_default();
         for id in &request.instance_ids {
-            let ready = state.instances.iter().any(|i| &i.id == id && i.state == "running" && i.online_at.is_some_and(|at| now >= at));
+            let ready = state.instances.iter().any(|i| {
+                &i.id == id
+                    && i.state == "running"
+                    && i.online_at.is_some_and(|at| now >= at)
+                    && i.agent_lost_at.is_none_or(|at| now < at)
+            });
             if !ready {
                 let seen = state.instances.iter().find(|i| &i.id == id).map(|i| (i.state.clone(), i.online_at));
                 return Err(CloudError::api("ssm", "SendCommand", "InvalidInstanceId", &format!("{id} not Online: {seen:?}")));

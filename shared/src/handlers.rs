@@ -17,9 +17,21 @@ use crate::reconcile::{self, WakeMessage};
 use crate::sqs_batch::for_each_record;
 
 /// A batch from the reconcile queue: wakes, and EventBridge events that
-/// EC2 and SSM rules deliver to the same queue. `budget` bounds each pass.
-pub async fn reconcile_batch(ports: &Ports, event: SqsEvent, budget: chrono::Duration) -> SqsBatchResponse {
+/// EC2 and SSM rules deliver to the same queue. Each pass gets at most
+/// `most`, and never more than what is left before `deadline` (the Lambda's,
+/// minus a margin); a message with too little time left goes back to SQS.
+pub async fn reconcile_batch(
+    ports: &Ports,
+    event: SqsEvent,
+    most: chrono::Duration,
+    deadline: Option<chrono::DateTime<Utc>>,
+) -> SqsBatchResponse {
     for_each_record(event, |message| async move {
+        let left = deadline.map(|d| d - Utc::now()).unwrap_or(most);
+        if left < chrono::Duration::seconds(5) {
+            return Err(StepError::Contended("no time left in this invocation".into()));
+        }
+        let budget = most.min(left);
         let body = message.body.unwrap_or_default();
         let value: Value = serde_json::from_str(&body).map_err(|e| StepError::BadMessage(e.to_string()))?;
         if value.get("detail-type").is_some() {
@@ -58,8 +70,9 @@ async fn instance_event(ports: &Ports, value: Value) -> Result<(), StepError> {
         info!(%instance_id, %detail_type, "not a Flotilla instance; ignored");
         return Ok(());
     };
-    let interruption =
-        matches!(detail_type.as_str(), "EC2 Spot Instance Interruption Warning" | "EC2 Instance Rebalance Recommendation");
+    // A rebalance recommendation is only a hint: it wakes the job, it does not
+    // stop healthy work.
+    let interruption = detail_type == "EC2 Spot Instance Interruption Warning";
     if interruption {
         let id = instance_id.clone();
         reconcile::update_inbox(

@@ -200,6 +200,12 @@ pub struct AttemptVolume {
     pub volume_id: Option<String>,
     /// Flotilla deletes only what it created (`volume_id` sources are kept).
     pub created: bool,
+    /// When CreateVolume answered; DescribeVolumes may not list it at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
+    /// DescribeVolumes has listed it once: not finding it later means gone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seen: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotRef>,
     /// Snapshots that ended in `error`; after a few the volume is kept.
@@ -223,6 +229,9 @@ pub struct PhaseRun {
     /// The command batch it is sent in; 0 until batched.
     #[serde(default)]
     pub batch: u64,
+    /// When it became due: an agent that takes no command this long is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_at: Option<DateTime<Utc>>,
     /// SSM status once finished: Success, Failed, TimedOut, Cancelled...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
@@ -447,6 +456,10 @@ pub struct JobRecord {
     /// Permanent errors of the final sweep; past a few it leaves the rest to the reaper.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cleanup_failures: u32,
+    /// A batched TerminateInstances was refused: terminate one at a time, so
+    /// one protected instance does not hold the others.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminate_singly: bool,
     /// Things that went wrong without changing the outcome, for the report.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -507,6 +520,7 @@ impl JobRecord {
             report_written: false,
             observe_failures: 0,
             cleanup_failures: 0,
+            terminate_singly: false,
             warnings: vec![],
             rejected_input: None,
         }

@@ -15,7 +15,7 @@ use crate::fake::{FakeCloud, Faults, Latencies, Rng};
 use crate::intake;
 use crate::ports::{Ports, Settings};
 use crate::reconcile;
-use crate::record::{EndCause, JobRecord, JobState};
+use crate::record::{JobRecord, JobState};
 
 /// SQS hands a message to the DLQ after this many receives.
 const MAX_RECEIVES: u32 = 5;
@@ -97,6 +97,7 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
     let mut faults = Faults {
         transient: 0.02,
         crash_after: if rng.chance(0.6) { 0.01 } else { 0.0 },
+        lost_reply: if rng.chance(0.5) { 0.01 } else { 0.0 },
         yield_rate: 0.3,
         ..Default::default()
     };
@@ -140,6 +141,7 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
     }
     if !recoverable {
         scenario.faults.agent_never = if rng.chance(0.3) { 0.05 } else { 0.0 };
+        scenario.faults.agent_dies = if rng.chance(0.2) { 0.05 } else { 0.0 };
         scenario.faults.snapshot_error = if rng.chance(0.5) { 0.2 } else { 0.0 };
         scenario.faults.command_fail = if rng.chance(0.4) { 0.03 } else { 0.0 };
         scenario.faults.command_hang = if rng.chance(0.2) { 0.02 } else { 0.0 };
@@ -391,9 +393,9 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
             let policy = spec.volumes.iter().find(|v| v.name == volume.name).map(|v| v.snapshot);
             let required = match policy {
                 Some(crate::spec::SnapshotPolicy::Always) => true,
-                Some(crate::spec::SnapshotPolicy::OnSuccess) => {
-                    attempt.end.as_ref().is_some_and(|e| e.cause == EndCause::Succeeded)
-                }
+                // The shard's work (its run phase) succeeded on this attempt:
+                // judged from the phases, not from how the code ended it.
+                Some(crate::spec::SnapshotPolicy::OnSuccess) => attempt.completed_phases.contains(&crate::record::Phase::Run),
                 _ => false,
             };
             let Some(volume_id) = &volume.volume_id else { continue };

@@ -28,7 +28,7 @@ async fn feed(ports: &Ports, name: &str, edit: impl Fn(&mut Value)) -> Value {
     edit(&mut body);
     payload["Records"][0]["body"] = Value::String(body.to_string());
     let batch: SqsEvent = serde_json::from_value(payload).expect("SqsEvent");
-    let response = handlers::reconcile_batch(ports, batch, chrono::Duration::seconds(20)).await;
+    let response = handlers::reconcile_batch(ports, batch, chrono::Duration::seconds(20), None).await;
     assert!(response.batch_item_failures.is_empty(), "{name}: {:?}", response.batch_item_failures);
     body
 }

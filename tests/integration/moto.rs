@@ -262,14 +262,14 @@ impl MotoStack {
                 let budget = chrono::Duration::seconds(20);
                 if duplicate {
                     let (a, b) = tokio::join!(
-                        handlers::reconcile_batch(ports, batch.clone(), budget),
-                        handlers::reconcile_batch(ports, batch, budget)
+                        handlers::reconcile_batch(ports, batch.clone(), budget, None),
+                        handlers::reconcile_batch(ports, batch, budget, None)
                     );
                     let mut failed = failed_in(a);
                     failed.extend(failed_in(b));
                     failed
                 } else {
-                    failed_in(handlers::reconcile_batch(ports, batch, budget).await)
+                    failed_in(handlers::reconcile_batch(ports, batch, budget, None).await)
                 }
             };
             for message in messages {

@@ -17,9 +17,9 @@ async fn main() -> Result<(), Error> {
     let most_ms = i64::from(env.settings.pass_budget_seconds) * 1000;
     let ports = &ports;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        let left_ms = event.context.deadline as i64 - chrono::Utc::now().timestamp_millis() - SAFETY_MARGIN_MS;
-        let budget = chrono::Duration::milliseconds(left_ms.clamp(5_000, most_ms));
-        Ok::<_, Error>(handlers::reconcile_batch(ports, event.payload, budget).await)
+        let deadline = chrono::DateTime::from_timestamp_millis(event.context.deadline as i64 - SAFETY_MARGIN_MS);
+        let most = chrono::Duration::milliseconds(most_ms);
+        Ok::<_, Error>(handlers::reconcile_batch(ports, event.payload, most, deadline).await)
     }))
     .await
 }

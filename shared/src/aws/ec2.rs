@@ -385,6 +385,13 @@ impl Volumes for Ec2Volumes {
             .volume_id(volume_id)
             .description(description)
             .tag_specifications(tag_spec(ResourceType::Snapshot, tags))
+            // No ClientToken: no blind SDK retry; the next pass finds a
+            // snapshot made by a lost reply by its tags first.
+            .customize()
+            .config_override(
+                aws_sdk_ec2::config::Builder::default()
+                    .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled()),
+            )
             .send()
             .await
             .map_err(|e| cloud_error("ec2", "CreateSnapshot", e))?;

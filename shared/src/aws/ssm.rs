@@ -74,6 +74,14 @@ impl Commands for SsmCommands {
             .comment(comment)
             .output_s3_bucket_name(&request.output_bucket)
             .output_s3_key_prefix(&request.output_prefix)
+            // No ClientToken exists for SendCommand: a retry after a lost
+            // reply would run the work twice. The next pass looks the
+            // command up by its comment before it sends again.
+            .customize()
+            .config_override(
+                aws_sdk_ssm::config::Builder::default()
+                    .retry_config(aws_sdk_ssm::config::retry::RetryConfig::disabled()),
+            )
             .send()
             .await
             .map_err(|e| cloud_error("ssm", "SendCommand", e))?;

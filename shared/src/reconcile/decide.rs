@@ -34,6 +34,8 @@ pub struct Observation {
     pub invocations: BTreeMap<(String, String), InvocationView>,
     /// Recorded volumes that DescribeVolumes says no longer exist.
     pub gone_volumes: BTreeSet<String>,
+    /// Instances whose agent was asked about this pass (a command waits to be sent).
+    pub agents_checked: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,7 +174,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     check_abort(record, now);
 
     plan_launches(record, &spec, ctx, &mut actions, &mut wait);
-    plan_dispatch(record, &spec, ctx, &mut actions);
+    plan_dispatch(record, &spec, obs, ctx, &mut actions);
 
     let all_done = record.shards.iter().all(|s| s.result.is_some());
     if all_done {
@@ -181,7 +183,14 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     if !terminate.is_empty() {
         terminate.sort();
         terminate.dedup();
-        actions.push(Action::Terminate { instance_ids: terminate });
+        if record.terminate_singly {
+            actions.extend(terminate.into_iter().map(|id| Action::Terminate { instance_ids: vec![id] }));
+        } else {
+            // TerminateInstances takes at most 1,000 ids.
+            for chunk in terminate.chunks(1000) {
+                actions.push(Action::Terminate { instance_ids: chunk.to_vec() });
+            }
+        }
         wait = wait.min(5);
     }
     update_state(record, now);
@@ -247,9 +256,15 @@ fn step_shard(
             _ => None,
         };
         if let Some(detail) = lost {
-            // Whatever the attempt was doing (cleanup included) died with it.
-            let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::InstanceLost };
-            end(attempt, cause, &detail, None);
+            // Whatever the attempt was doing (cleanup included) died with it;
+            // work already done stays done (its snapshot is crash-consistent).
+            if attempt.completed_phases.contains(&Phase::Run) {
+                notes.push(format!("{detail} after its work succeeded; cleanup skipped"));
+                end(attempt, EndCause::Succeeded, "", Some(0));
+            } else {
+                let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::InstanceLost };
+                end(attempt, cause, &detail, None);
+            }
             notes.push(detail);
             attempt.stage = Stage::Releasing;
         } else if job.aborting && attempt.stage != Stage::Working {
@@ -297,7 +312,7 @@ fn step_shard(
     }
 
     if attempt.stage == Stage::Attaching {
-        match attach_volumes(job, index, attempt, obs, seq, actions) {
+        match attach_volumes(job, index, attempt, obs, now, seq, actions) {
             Ok(true) => {
                 attempt.stage = Stage::Working;
             }
@@ -464,6 +479,7 @@ fn attach_volumes(
     shard: u32,
     attempt: &mut Attempt,
     obs: &Observation,
+    now: DateTime<Utc>,
     seq: &mut u64,
     actions: &mut Vec<Action>,
 ) -> Result<bool, String> {
@@ -484,6 +500,8 @@ fn attach_volumes(
                 token: format!("{}-v{}", job.job_id, *seq),
                 volume_id,
                 created,
+                created_at: None,
+                seen: false,
                 snapshot: None,
                 snapshot_failures: 0,
                 deleted: false,
@@ -516,12 +534,15 @@ fn attach_volumes(
             continue;
         };
         let Some(view) = obs.volumes.get(&volume_id) else {
-            if obs.gone_volumes.contains(&volume_id) {
+            if obs.gone_volumes.contains(&volume_id) && is_gone(&entry, now) {
                 return Err(format!("volume {volume_id} does not exist"));
             }
             all = false; // just created, or not looked at yet
             continue;
         };
+        if let Some(v) = attempt.volumes.iter_mut().find(|v| v.name == volume.name) {
+            v.seen = true;
+        }
         if view.availability_zone != az {
             return Err(format!(
                 "volume {volume_id} is in {}, instance {instance_id} in {az}: EBS attaches only within one AZ",
@@ -596,15 +617,34 @@ fn work(
     let instance_id = attempt.instance_id.clone().unwrap_or_default();
     let stopping = job.aborting || attempt.interrupted;
     if let Some(run) = attempt.phases.iter_mut().find(|p| p.status.is_none()) {
-        let Some(batch) = commands.get(&run.batch) else {
-            return; // opened this pass; plan_dispatch batches it
-        };
-        let Some(command_id) = batch.command_id.clone() else {
-            return; // its Send is planned again by plan_dispatch, found by comment
-        };
-        let dispatched_at = batch.dispatched_at;
+        // No batch: held back while its agent is offline.
+        let batch = commands.get(&run.batch);
+        let dispatched_at = batch.map(|b| b.dispatched_at).or(run.opened_at).unwrap_or(now);
+        let command_id = batch.and_then(|b| b.command_id.clone()).unwrap_or_default();
+        let unsent = command_id.is_empty();
+        if unsent {
+            // Its Send is planned again (found by comment first).
+            if stopping && !run.phase.runs_after_failure() {
+                run.status = Some("Cancelled".into());
+                run.finished_at = Some(now);
+            } else if now > run.opened_at.unwrap_or(dispatched_at) + Duration::seconds(i64::from(ctx.settings.agent_timeout_seconds)) {
+                // SSM would not take the command this long: its agent is gone.
+                let detail = format!("SSM agent of {instance_id} stopped answering before {}", run.phase.as_str());
+                if attempt.completed_phases.contains(&Phase::Run) {
+                    end(attempt, EndCause::Succeeded, "", Some(0)); // the work is done
+                } else {
+                    end(attempt, EndCause::InstanceLost, &detail, None);
+                }
+                notes.push(detail);
+                attempt.stage = Stage::Releasing;
+                return;
+            } else {
+                return;
+            }
+        }
         let timeout = Duration::seconds(i64::from(phase_timeout(job.spec, run.phase)) + REPORT_GRACE_SECONDS);
         match obs.invocations.get(&(command_id.clone(), instance_id.clone())) {
+            _ if unsent => {}
             Some(view) if view.is_finished() => {
                 let mut lines: Vec<&str> = view.stdout.lines().collect();
                 let stderr: Vec<String> = view.stderr.lines().map(|l| format!("[stderr] {l}")).collect();
@@ -621,9 +661,10 @@ fn work(
                 run.finished_at = Some(now);
             }
             _ if stopping && !run.phase.runs_after_failure() => {
+                // Cancel until SSM reports the invocation ended: cleanup must
+                // not run beside work that is still writing.
                 actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
-                run.status = Some("Cancelled".into());
-                run.finished_at = Some(now);
+                return;
             }
             _ if now > dispatched_at + timeout => {
                 // SSM never reported: treat as a timeout and stop the command.
@@ -651,6 +692,9 @@ fn work(
             } else if stopping {
                 let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::Aborted };
                 end(attempt, cause, "stopped while working", None);
+            } else if matches!(run.status.as_deref(), Some("Undeliverable" | "DeliveryTimedOut" | "Terminated")) {
+                // SSM never reached the agent: the instance, not the work, failed.
+                end(attempt, EndCause::InstanceLost, &detail, None);
             } else {
                 let cause = if run.status.as_deref() == Some("TimedOut") {
                     EndCause::TimedOut
@@ -662,8 +706,13 @@ fn work(
         }
     }
     if stopping && attempt.end.is_none() {
-        let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::Aborted };
-        end(attempt, cause, "stopped while working", None);
+        if attempt.completed_phases.contains(&Phase::Run) {
+            // The work is done: its on-success snapshots are earned; cleanup still runs.
+            end(attempt, EndCause::Succeeded, "", Some(0));
+        } else {
+            let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::Aborted };
+            end(attempt, cause, "stopped while working", None);
+        }
     }
     let planned = planned_phases(job.spec, shard);
     let ran = |p: Phase| attempt.completed_phases.contains(&p) || attempt.phases.iter().any(|r| r.phase == p);
@@ -682,7 +731,14 @@ fn work(
     match next {
         Some(phase) => {
             // Opened here; plan_dispatch groups it into a SendCommand.
-            attempt.phases.push(PhaseRun { phase, batch: 0, status: None, exit_code: None, finished_at: None });
+            attempt.phases.push(PhaseRun {
+                phase,
+                batch: 0,
+                opened_at: Some(now),
+                status: None,
+                exit_code: None,
+                finished_at: None,
+            });
         }
         None => {
             if attempt.end.is_none() {
@@ -728,6 +784,8 @@ fn release(
         settled = false;
     }
     let work_succeeded = attempt.end.as_ref().is_some_and(|e| e.cause == EndCause::Succeeded);
+    let attempt_instance = attempt.instance_id.clone();
+    let left_for_reaper = attempt.left_for_reaper.is_some();
     let mut launched_volume_calls = 0;
     for volume in &mut attempt.volumes {
         if volume.deleted || volume.kept.is_some() {
@@ -747,7 +805,7 @@ fn release(
         }
         let volume_id = volume.volume_id.clone().unwrap_or_default();
         let Some(view) = obs.volumes.get(&volume_id) else {
-            if obs.gone_volumes.contains(&volume_id) {
+            if obs.gone_volumes.contains(&volume_id) && is_gone(volume, now) {
                 if volume.created {
                     volume.deleted = true;
                 } else {
@@ -764,6 +822,20 @@ fn release(
             Some(SnapshotPolicy::OnSuccess) => work_succeeded,
             _ => false,
         };
+        volume.seen = true;
+        let attached_elsewhere = view.attached_to.as_ref().is_some_and(|owner| Some(owner) != attempt_instance.as_ref());
+        if view.state == "error" {
+            volume.kept = Some("the volume is in state error: nothing to snapshot; left for the reaper".into());
+            continue;
+        }
+        if attached_elsewhere && !volume.created {
+            volume.kept = Some("a volume_id source attached to another instance: left alone".into());
+            continue;
+        }
+        if view.attached_to.is_some() && left_for_reaper {
+            volume.kept = Some("attached to an instance left for the reaper".into());
+            continue;
+        }
         let attached = view.attached_to.is_some() || view.state == "in-use";
         if attached || view.state == "creating" {
             settled = false;
@@ -829,6 +901,12 @@ fn release(
         }
     }
     settled && instance_gone && attempt.volumes.iter().all(|v| v.deleted || v.kept.is_some())
+}
+
+/// DescribeVolumes is eventually consistent right after a create: a created
+/// volume counts as gone only once it was listed before, or long after.
+fn is_gone(volume: &AttemptVolume, now: DateTime<Utc>) -> bool {
+    !volume.created || volume.seen || volume.created_at.is_none_or(|at| now - at > Duration::minutes(5))
 }
 
 fn snapshot_action(
@@ -1011,7 +1089,28 @@ fn launch_request(
 /// Phases that `work` opened this pass (no batch yet) or whose send never
 /// answered (a batch, no command id): one SendCommand per phase and 50
 /// instances, with a comment that makes the send findable.
-fn plan_dispatch(record: &mut JobRecord, spec: &JobSpec, ctx: &Context<'_>, actions: &mut Vec<Action>) {
+fn plan_dispatch(
+    record: &mut JobRecord,
+    spec: &JobSpec,
+    obs: &Observation,
+    ctx: &Context<'_>,
+    actions: &mut Vec<Action>,
+) {
+    // SendCommand fails for all if one agent is offline: hold those back.
+    let offline = |id: &Option<String>| {
+        id.as_ref().is_some_and(|id| obs.agents_checked.contains(id) && !obs.online.contains(id))
+    };
+    let unsent: BTreeSet<u64> =
+        record.commands.iter().filter(|(_, b)| b.command_id.is_none()).map(|(n, _)| *n).collect();
+    for shard in &mut record.shards {
+        let Some(a) = shard.current_mut() else { continue };
+        if a.stage != Stage::Working || !offline(&a.instance_id) {
+            continue;
+        }
+        if let Some(run) = a.phases.iter_mut().find(|p| p.status.is_none() && unsent.contains(&p.batch)) {
+            run.batch = 0;
+        }
+    }
     let mut fresh: BTreeMap<Phase, Vec<usize>> = BTreeMap::new();
     for (index, shard) in record.shards.iter().enumerate() {
         let Some(a) = shard.current() else { continue };
@@ -1019,7 +1118,9 @@ fn plan_dispatch(record: &mut JobRecord, spec: &JobSpec, ctx: &Context<'_>, acti
             continue;
         }
         if let Some(run) = a.phases.iter().find(|p| p.status.is_none() && p.batch == 0) {
-            fresh.entry(run.phase).or_default().push(index);
+            if !offline(&a.instance_id) {
+                fresh.entry(run.phase).or_default().push(index);
+            }
         }
     }
     for (phase, shards) in fresh {
@@ -1153,8 +1254,15 @@ fn finish(
             }
         }
     }
-    let known: BTreeSet<String> =
-        record.attempts().flat_map(|a| a.volumes.iter()).filter_map(|v| v.volume_id.clone()).collect();
+    // Volumes the record still counts as live (or kept on purpose); any other
+    // volume with a token tag was made by a lost reply, or marked deleted
+    // too early: never attached by us, so no data.
+    let known: BTreeSet<String> = record
+        .attempts()
+        .flat_map(|a| a.volumes.iter())
+        .filter(|v| !v.deleted || v.kept.is_some())
+        .filter_map(|v| v.volume_id.clone())
+        .collect();
     for view in obs.volumes.values() {
         // Created under a token whose reply was lost and never attached: no data.
         if !known.contains(&view.volume_id) && view.tags.contains_key(tags::ATTEMPT) {
@@ -1173,8 +1281,11 @@ fn finish(
     let name = job_name(record);
     let took_snapshots: BTreeSet<String> = record.snapshots().into_iter().map(|(volume, _)| volume).collect();
     let mut pruning = false;
+    // Only a succeeded run prunes: a failed one must not push out the
+    // snapshots of the last good run.
+    let succeeded = record.outcome == Some(Outcome::Succeeded);
     for volume in &spec.volumes {
-        if took_snapshots.contains(&volume.name) && !record.pruned.contains(&volume.name) {
+        if succeeded && took_snapshots.contains(&volume.name) && !record.pruned.contains(&volume.name) {
             actions.push(Action::Prune {
                 volume: volume.name.clone(),
                 job_name: name.clone(),
@@ -1278,11 +1389,12 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
             }
             settle_launch_failures(record, now);
         }
+        Action::CreateVolume { .. } if class == RetryClass::Capacity => {} // the next pass tries again
         Action::CreateVolume { request } => {
             fail_attempt_where(record, |a| a.volumes.iter().any(|v| v.token == request.client_token), &message, now);
         }
         Action::Attach { volume_id, .. } => {
-            if error.code() == Some("VolumeInUse") || error.code() == Some("IncorrectState") {
+            if matches!(error.code(), Some("VolumeInUse" | "IncorrectState" | "IncorrectInstanceState")) {
                 return; // a racing attach, or not available yet: the next pass looks again
             }
             let id = volume_id.clone();
@@ -1304,6 +1416,10 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
             }
         }
         Action::Cancel { .. } | Action::SaveOutput { .. } => {}
+        Action::Terminate { instance_ids } if instance_ids.len() > 1 => {
+            // One refused instance fails the whole call: find it one by one.
+            record.terminate_singly = true;
+        }
         Action::Terminate { instance_ids } => {
             record.warnings.push(format!("TerminateInstances {instance_ids:?}: {message}"));
             record.cleanup_failures += 1;
@@ -1440,14 +1556,17 @@ fn apply_done(record: &mut JobRecord, action: &Action, done: Done, now: DateTime
         }
         (Action::CreateVolume { request }, Done::Created(volume_id)) => {
             for v in record.shards.iter_mut().filter_map(|s| s.current_mut()).flat_map(|a| a.volumes.iter_mut()) {
-                if v.token == request.client_token {
+                if v.token == request.client_token && v.volume_id.is_none() {
                     v.volume_id = Some(volume_id.clone());
+                    v.created_at = Some(now);
                 }
             }
         }
         (Action::Send { batch, .. }, Done::Sent(command_id)) => {
             if let Some(batch) = record.commands.get_mut(batch) {
                 batch.command_id = Some(command_id);
+                // Timeouts count from the send, not from a throttled wait before it.
+                batch.dispatched_at = now;
             }
         }
         (Action::Snapshot { volume_id, .. }, Done::Snapshotted(snapshot_id)) => {
@@ -1599,6 +1718,8 @@ mod tests {
             token: "j-v1".into(),
             volume_id: Some("vol-1".into()),
             created: true,
+            created_at: None,
+            seen: true,
             snapshot: None,
             snapshot_failures: 0,
             deleted: false,

@@ -84,6 +84,10 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             let Some(loaded) = ports.ledger.load(&message.job_id).await? else { return Ok(Handled::Unknown) };
             let mut record = loaded.record;
             if record.state.is_terminal() {
+                // A marker left by a pass that died after its terminal save.
+                if message.trigger.as_deref() == Some("tick") {
+                    ports.ledger.set_active(&record.job_id, false).await?;
+                }
                 return Ok(Handled::Finished);
             }
             if let Some(lease) = record.lease.as_ref().filter(|l| l.until > started) {
@@ -114,11 +118,15 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
     };
     let cloud: &Cloud = match &assumed {
         Some(Ok(cloud)) => cloud,
-        Some(Err(err)) if err.is_transient() && record.deadline_at.is_none_or(|d| started <= d) => {
-            return finish_pass(ports, &mut record, &mut version, &owner, Next::After(TRANSIENT_BACKOFF_SECONDS)).await;
+        Some(Err(err)) if err.is_transient() || record.attempts().any(|a| a.launch_token.is_some()) => {
+            // Resources may exist there: never go terminal without releasing
+            // them; wait for the role (the reason says why).
+            warn!(job_id = %record.job_id, error = %err, "cannot assume the job's role yet");
+            record.reason = format!("waiting to act in the job's account: {err}");
+            return finish_pass(ports, &mut record, &mut version, &owner, Next::After(TRANSIENT_BACKOFF_SECONDS * 4)).await;
         }
         Some(Err(err)) => {
-            // Nothing can have been created in an account we never reached.
+            // Refused before anything was launched: nothing exists there.
             let reason = format!("cannot act in the job's account: {err}");
             give_up(&mut record, &reason, ports.clock.now());
             return finish_pass(ports, &mut record, &mut version, &owner, Next::Finished).await;

@@ -17,16 +17,25 @@ pub async fn observe(cloud: &Cloud, record: &JobRecord) -> CloudResult<Observati
             observation.instances.insert(view.instance_id.clone(), view);
         }
     }
-    let booting: Vec<String> = record
+    // Agents of booting instances, and of those whose next command waits to
+    // be sent (SendCommand refuses the whole call if one agent is offline).
+    let waiting_send = |a: &crate::record::Attempt| {
+        a.stage == Stage::Working
+            && a.phases.iter().any(|p| {
+                p.status.is_none() && (p.batch == 0 || record.commands.get(&p.batch).is_some_and(|b| b.command_id.is_none()))
+            })
+    };
+    let ask: Vec<String> = record
         .shards
         .iter()
         .filter_map(|s| s.current())
-        .filter(|a| a.stage == Stage::Booting)
+        .filter(|a| a.stage == Stage::Booting || waiting_send(a))
         .filter_map(|a| a.instance_id.clone())
         .filter(|id| observation.instances.get(id).is_some_and(|v| v.state == "running"))
         .collect();
-    if !booting.is_empty() {
-        observation.online = cloud.commands.online_agents(&booting).await?.into_iter().collect();
+    if !ask.is_empty() {
+        observation.online = cloud.commands.online_agents(&ask).await?.into_iter().collect();
+        observation.agents_checked = ask.into_iter().collect();
     }
     let attaching = record.shards.iter().filter_map(|s| s.current()).any(|a| a.stage == Stage::Attaching);
     let has_volumes = record.attempts().any(|a| !a.volumes.is_empty())
