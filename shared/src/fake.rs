@@ -235,8 +235,9 @@ pub struct FakeState {
     pub evidence: Evidence,
     /// Snapshot ids that do not exist: CreateVolume from one is refused.
     pub missing_snapshots: BTreeSet<String>,
-    /// The largest record written so far, in bytes.
+    /// The largest record written so far, in bytes, and the record itself.
     pub max_record_bytes: usize,
+    pub largest_record: Vec<u8>,
     /// Operations refused with this (permanent) error code, as IAM would.
     pub refused: BTreeMap<&'static str, &'static str>,
 }
@@ -411,7 +412,8 @@ impl Future for YieldOnce {
 /// Move every resource to the state its moment says.
 fn refresh(state: &mut FakeState) {
     let now = state.now.unwrap_or_default();
-    let mut ended: Vec<String> = Vec::new();
+    let mut ended: BTreeSet<String> = BTreeSet::new();
+    let mut terminated: BTreeSet<String> = BTreeSet::new();
     for instance in &mut state.instances {
         if instance.state == "pending" && now >= instance.running_at {
             instance.state = "running".to_string();
@@ -420,7 +422,10 @@ fn refresh(state: &mut FakeState) {
             instance.state = "terminated".to_string();
         }
         if matches!(instance.state.as_str(), "terminated" | "stopped" | "stopping" | "shutting-down") {
-            ended.push(instance.id.clone());
+            ended.insert(instance.id.clone());
+        }
+        if instance.state == "terminated" {
+            terminated.insert(instance.id.clone());
         }
     }
     for volume in &mut state.volumes {
@@ -429,14 +434,16 @@ fn refresh(state: &mut FakeState) {
         }
         // EC2 detaches a volume when its instance terminates.
         if let Some(owner) = &volume.attached_to {
-            let gone = state.instances.iter().any(|i| &i.id == owner && i.state == "terminated");
-            if gone {
+            if terminated.contains(owner) {
                 volume.attached_to = None;
                 volume.state = "available".to_string();
             } else if volume.state == "attaching" && now >= volume.available_at {
                 volume.state = "in-use".to_string();
             }
         }
+    }
+    if ended.is_empty() {
+        return;
     }
     for command in &mut state.commands {
         for (instance_id, run) in command.runs.iter_mut() {
@@ -943,7 +950,10 @@ impl Ledger for FakeCloud {
         }
         let next = current.unwrap_or_default() + 1;
         let body = serde_json::to_vec(record).map_err(|e| CloudError::Invalid(e.to_string()))?;
-        state.max_record_bytes = state.max_record_bytes.max(body.len());
+        if body.len() > state.max_record_bytes {
+            state.max_record_bytes = body.len();
+            state.largest_record = body.clone();
+        }
         state.objects.insert(key, (body, next));
         self.after(&mut state, "PutObject")?;
         Ok(WriteOutcome::Written { version: next.to_string() })

@@ -199,6 +199,7 @@ pub struct AttemptVolume {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_id: Option<String>,
     /// Flotilla deletes only what it created (`volume_id` sources are kept).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub created: bool,
     /// When CreateVolume answered; DescribeVolumes may not list it at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,6 +221,14 @@ pub struct AttemptVolume {
 
 fn is_zero(value: &u32) -> bool {
     *value == 0
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// One phase of one shard's attempt. The command itself is the batch's.
@@ -267,9 +276,8 @@ impl PhaseRun {
 pub struct Attempt {
     /// 1-based; capacity failover keeps the number, a retry adds one.
     pub number: u32,
-    /// Index into the job's launch options.
+    /// Index into the job's launch options (`JobRecord::launch_of`).
     pub option: u32,
-    pub launch: LaunchOption,
     /// RunInstances ClientToken of the batch this attempt launches in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch_token: Option<String>,
@@ -304,11 +312,10 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    pub fn new(number: u32, option: u32, launch: LaunchOption) -> Self {
+    pub fn new(number: u32, option: u32) -> Self {
         Attempt {
             number,
             option,
-            launch,
             launch_token: None,
             instance_id: None,
             availability_zone: None,
@@ -473,11 +480,10 @@ impl JobRecord {
         let reason = format!("accepted: {}", plan.sizing);
         let mut record = JobRecord::blank(job_id, JobState::Submitted, reason, now);
         record.deadline_at = Some(now + chrono::Duration::minutes(i64::from(spec.deadline_minutes)));
-        let options = launch_options(&spec);
         record.shards = (0..plan.instance_count)
             .map(|index| Shard {
                 index,
-                attempts: vec![Attempt::new(1, 0, options[0].clone())],
+                attempts: vec![Attempt::new(1, 0)],
                 result: None,
                 trail: vec![],
             })
@@ -544,6 +550,16 @@ impl JobRecord {
                 Some((v.name.clone(), id))
             })
             .collect()
+    }
+
+    /// Where an attempt runs: its option in the spec's list.
+    pub fn launch_of(&self, attempt: &Attempt) -> LaunchOption {
+        let options = self.spec.as_ref().map(launch_options).unwrap_or_default();
+        options.get(attempt.option as usize).cloned().unwrap_or(LaunchOption {
+            instance_type: "?".into(),
+            subnet_id: None,
+            market: Market::OnDemand,
+        })
     }
 
     pub fn take_seq(&mut self) -> u64 {

@@ -76,7 +76,8 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
         };
         let _ = writeln!(out, "shard {}: {result}", shard.index);
         for attempt in &shard.attempts {
-            let market = match attempt.launch.market {
+            let launch = record.launch_of(attempt);
+            let market = match launch.market {
                 crate::spec::Market::OnDemand => "on-demand",
                 crate::spec::Market::Spot => "spot",
             };
@@ -90,7 +91,7 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
                 "  attempt {} {} {} {market} {}{ended}",
                 attempt.number,
                 attempt.instance_id.as_deref().unwrap_or("(not launched)"),
-                attempt.launch.instance_type,
+                launch.instance_type,
                 attempt.availability_zone.as_deref().unwrap_or("")
             );
             if !attempt.completed_phases.is_empty() {

@@ -193,6 +193,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         }
         wait = wait.min(5);
     }
+    compact(record);
     update_state(record, now);
     if record.state.is_terminal() {
         return (actions, Next::Finished);
@@ -382,9 +383,12 @@ fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) {
             if job.aborting {
                 shard.result = Some(ShardResult { succeeded: false, reason: "job stopped".into() });
             } else if let Some(option) = options.get(next as usize) {
-                let number = attempt.number;
-                shard.note(now, format!("{}; failing over to {}", ended.detail, describe_option(option)));
-                shard.attempts.push(Attempt::new(number, next, option.clone()));
+                // Nothing was launched: the same attempt moves to the next
+                // option (the trail keeps why), so the record stays small.
+                shard.note(now, format!("{} -> failing over to {}", ended.detail, describe_option(option)));
+                if let Some(attempt) = shard.attempts.last_mut() {
+                    *attempt = Attempt::new(attempt.number, next);
+                }
             } else {
                 shard.result = Some(ShardResult {
                     succeeded: false,
@@ -408,7 +412,11 @@ fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) {
                 } else {
                     current.option
                 };
-                let launch = options.get(option as usize).cloned().unwrap_or(current.launch.clone());
+                let launch = options.get(option as usize).cloned().unwrap_or(LaunchOption {
+                    instance_type: "?".into(),
+                    subnet_id: None,
+                    market: crate::spec::Market::OnDemand,
+                });
                 shard.note(
                     now,
                     format!(
@@ -420,7 +428,7 @@ fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) {
                         describe_option(&launch)
                     ),
                 );
-                shard.attempts.push(Attempt::new(used + 1, option, launch));
+                shard.attempts.push(Attempt::new(used + 1, option));
             } else {
                 let why = if job.aborting {
                     "job stopping".to_string()
@@ -903,6 +911,14 @@ fn release(
     settled && instance_gone && attempt.volumes.iter().all(|v| v.deleted || v.kept.is_some())
 }
 
+fn launch_of(options: &[LaunchOption], attempt: &Attempt) -> LaunchOption {
+    options.get(attempt.option as usize).or(options.first()).cloned().unwrap_or(LaunchOption {
+        instance_type: "?".into(),
+        subnet_id: None,
+        market: crate::spec::Market::OnDemand,
+    })
+}
+
 /// DescribeVolumes is eventually consistent right after a create: a created
 /// volume counts as gone only once it was listed before, or long after.
 fn is_gone(volume: &AttemptVolume, now: DateTime<Utc>) -> bool {
@@ -983,6 +999,7 @@ fn plan_launches(
     if record.outcome.is_some() {
         return;
     }
+    let options = launch_options(spec);
     // Fresh attempts get a token per option group.
     let mut fresh: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (index, shard) in record.shards.iter().enumerate() {
@@ -1031,7 +1048,7 @@ fn plan_launches(
     let mut by_token: BTreeMap<String, (u32, LaunchOption)> = BTreeMap::new();
     for a in record.attempts() {
         if let Some(token) = a.launch_token.as_ref().filter(|t| waiting.contains(*t)) {
-            let entry = by_token.entry(token.clone()).or_insert((0, a.launch.clone()));
+            let entry = by_token.entry(token.clone()).or_insert((0, launch_of(&options, a)));
             entry.0 += 1;
         }
     }
@@ -1307,6 +1324,23 @@ fn finish(
     record.reason = record.outcome_reason.clone().unwrap_or_default();
 }
 
+/// Drop what finished resources no longer need, so a 1,000-shard record
+/// stays small.
+fn compact(record: &mut JobRecord) {
+    for attempt in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()) {
+        if attempt.stage == Stage::Done {
+            attempt.terminate_requested = false;
+        }
+        for volume in attempt.volumes.iter_mut().filter(|v| v.deleted) {
+            volume.created_at = None;
+            volume.seen = false;
+        }
+        for run in attempt.phases.iter_mut().filter(|p| p.status.is_some()) {
+            run.opened_at = None;
+        }
+    }
+}
+
 /// The job's state, derived from its shards, and a reason in words.
 fn update_state(record: &mut JobRecord, now: DateTime<Utc>) {
     if !record.state.is_terminal() {
@@ -1374,12 +1408,13 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
     match action {
         Action::Launch { request } => {
             let capacity = class == RetryClass::Capacity;
+            let options = record.spec.as_ref().map(launch_options).unwrap_or_default();
             for shard in &mut record.shards {
                 let Some(a) = shard.current_mut() else { continue };
                 if a.launch_token.as_deref() == Some(request.client_token.as_str()) && a.stage == Stage::Launching {
                     let cause = if capacity { EndCause::Capacity } else { EndCause::Permanent };
                     let detail = if capacity {
-                        format!("no capacity for {}: {}", describe_option(&a.launch), error.code().unwrap_or("?"))
+                        format!("{}: {}", error.code().unwrap_or("no capacity"), describe_option(&launch_of(&options, a)))
                     } else {
                         format!("launch failed: {message}")
                     };
@@ -1684,7 +1719,7 @@ mod tests {
             let actions = run(&mut r, &Observation::default(), now());
             let err = CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "none");
             apply(&mut r, &actions[0], Err(err), now());
-            assert!(r.shards.iter().all(|s| s.current().is_some_and(|a| a.launch.instance_type == expected)));
+            assert!(r.shards.iter().all(|s| s.current().is_some_and(|a| r.launch_of(a).instance_type == expected)));
         }
         let actions = run(&mut r, &Observation::default(), now());
         apply(&mut r, &actions[0], Err(CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "none")), now());

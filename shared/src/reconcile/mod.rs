@@ -21,7 +21,7 @@ pub mod act;
 pub mod decide;
 pub mod observe;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -170,7 +170,8 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             }
         };
         // 3. Decide, and save the intents.
-        let context = Context { now, settings: &ports.settings, bucket: ports.ledger.bucket() };
+        // Whole seconds: finer times only make the record bigger.
+        let context = Context { now: now.trunc_subsecs(0), settings: &ports.settings, bucket: ports.ledger.bucket() };
         let (actions, decided) = decide::decide(&mut record, &observation, &context);
         next = decided;
         save(ports, &mut record, &mut version, &owner).await?;
@@ -192,7 +193,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
                 info!(job_id = %record.job_id, action = action.name(), error = %err, "action failed");
                 if std::env::var("SIM_TRACE").is_ok() { eprintln!("{} {} failed: {err}", ports.clock.now(), action.name()); }
             }
-            decide::apply(&mut record, action, result, ports.clock.now());
+            decide::apply(&mut record, action, result, ports.clock.now().trunc_subsecs(0));
         }
         save(ports, &mut record, &mut version, &owner).await?;
         if transient {
