@@ -67,6 +67,10 @@ Gaps filled (measured against moto 5.2.5):
 12. RunInstances launches MinCount instances: it launches MaxCount, as EC2
     does when capacity allows (capacity refusals are gap 11's).
 
+13. moto does not evaluate IAM: for tests, EC2 actions listed in
+    $FLOTILLA_EMU_SCRATCH/refuse (DeleteVolume for now) fail with
+    UnauthorizedOperation (403), as an IAM denial does.
+
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
 - EventBridge events are not emitted: `tools/local_stack.py interrupt <id>`
@@ -950,3 +954,43 @@ SimpleSystemManagerResponse.describe_instance_information = describe_instance_in
 def reset_scratch():
     shutil.rmtree(SCRATCH, ignore_errors=True)
     os.makedirs(SCRATCH, exist_ok=True)
+
+
+# --- 13. An action refused by IAM, for tests ---------------------------------
+# moto does not evaluate IAM. A test lists "<Action>" lines in
+# $FLOTILLA_EMU_SCRATCH/refuse; those EC2 actions then fail as EC2 answers an
+# IAM denial: UnauthorizedOperation, HTTP 403 ("You are not authorized to
+# perform this operation.", EC2 API error codes).
+
+
+class UnauthorizedOperation(EC2ClientError):
+    http_status = 403
+
+    def __init__(self):
+        super().__init__("UnauthorizedOperation", "You are not authorized to perform this operation.")
+
+
+def _refused(action):
+    try:
+        with open(os.path.join(SCRATCH, "refuse")) as f:
+            return action in {line.strip() for line in f}
+    except OSError:
+        return False
+
+
+from moto.ec2.responses.elastic_block_store import ElasticBlockStore  # noqa: E402
+
+_original_delete_volume_response = ElasticBlockStore.delete_volume
+
+
+def _delete_volume_response(self):
+    # The API call only: moto's own backend start-up deletes volumes too.
+    if _refused("DeleteVolume"):
+        err = UnauthorizedOperation()
+        status, headers, body = self.serialized(ActionResult(err))
+        headers["status"] = err.http_status
+        return body, headers
+    return _original_delete_volume_response(self)
+
+
+ElasticBlockStore.delete_volume = _delete_volume_response

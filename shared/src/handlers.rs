@@ -26,12 +26,17 @@ pub async fn reconcile_batch(
     most: chrono::Duration,
     deadline: Option<chrono::DateTime<Utc>>,
 ) -> SqsBatchResponse {
+    let handled = std::sync::atomic::AtomicUsize::new(0);
+    let handled = &handled;
     for_each_record(event, |message| async move {
         let left = deadline.map(|d| d - Utc::now()).unwrap_or(most);
-        if left < chrono::Duration::seconds(5) {
+        let first = handled.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        if left < chrono::Duration::seconds(5) && !first {
             return Err(StepError::Contended("no time left in this invocation".into()));
         }
-        let budget = most.min(left);
+        // The first message always gets a short pass, even where a local
+        // emulator reports an odd deadline.
+        let budget = most.min(left).max(chrono::Duration::seconds(5));
         let body = message.body.unwrap_or_default();
         let value: Value = serde_json::from_str(&body).map_err(|e| StepError::BadMessage(e.to_string()))?;
         if value.get("detail-type").is_some() {

@@ -293,6 +293,9 @@ pub struct Attempt {
     /// A spot interruption or rebalance warning arrived for this instance.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub interrupted: bool,
+    /// It ran past the retry strategy's `attempt_timeout_seconds`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<AttemptVolume>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -323,6 +326,7 @@ impl Attempt {
             launched_at: None,
             terminate_requested: false,
             interrupted: false,
+            timed_out: false,
             volumes: vec![],
             phases: vec![],
             completed_phases: vec![],

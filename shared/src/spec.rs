@@ -98,6 +98,10 @@ pub struct RetryStrategy {
     /// retried, and a failed or timed-out command exits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evaluate_on_exit: Vec<ExitRule>,
+    /// An attempt not finished this long after its instance launched ends
+    /// TimedOut (AWS Batch's attemptDurationSeconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_timeout_seconds: Option<u32>,
 }
 
 fn default_attempts() -> u32 {
@@ -106,7 +110,7 @@ fn default_attempts() -> u32 {
 
 impl Default for RetryStrategy {
     fn default() -> Self {
-        RetryStrategy { attempts: default_attempts(), evaluate_on_exit: vec![] }
+        RetryStrategy { attempts: default_attempts(), evaluate_on_exit: vec![], attempt_timeout_seconds: None }
     }
 }
 
@@ -426,6 +430,12 @@ fn check_volumes(volumes: &[VolumeSpec]) -> Result<(), SpecError> {
 fn check_retry(retry: &RetryStrategy) -> Result<(), SpecError> {
     if retry.attempts == 0 || retry.attempts > 10 {
         return fail(format!("retry.attempts: must be 1..=10, got {}", retry.attempts));
+    }
+    if let Some(limit) = retry.attempt_timeout_seconds {
+        // AWS Batch's minimum attempt duration is 60 s.
+        if !(60..=MAX_STEP_TIMEOUT_SECONDS).contains(&limit) {
+            return fail(format!("retry.attempt_timeout_seconds: must be 60..={MAX_STEP_TIMEOUT_SECONDS}, got {limit}"));
+        }
     }
     if retry.evaluate_on_exit.len() > 5 {
         return fail("retry.evaluate_on_exit: at most 5 rules");

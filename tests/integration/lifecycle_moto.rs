@@ -391,6 +391,24 @@ async fn cancel_during_snapshotting_keeps_the_snapshots() {
     assert_eq!(stack.running_managed().await, 0);
 }
 
+/// A permanent AWS error while cleaning up (IAM refuses DeleteVolume): the
+/// job ends FAILED with the reason, the fleet is still terminated, the
+/// snapshots taken, and the kept volumes named in the report. It never loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_error_during_cleanup_fails_the_job_and_tears_down() {
+    let stack = MotoStack::start().await;
+    std::fs::create_dir_all(&stack.scratch).expect("scratch");
+    std::fs::write(stack.scratch.join("refuse"), "DeleteVolume\n").expect("refuse DeleteVolume");
+    let ports = stack.ports();
+    stack.submit(&job("refused-1").to_string()).await;
+    let record = stack.run_to_end(&ports, "refused-1", false, LIMIT).await;
+    assert_eq!(record.state, JobState::Failed);
+    assert!(record.reason.contains("cleanup did not finish") && record.reason.contains("UnauthorizedOperation"), "{}", record.reason);
+    assert_eq!(stack.running_managed().await, 0);
+    assert_eq!(stack.snapshots("refused-1").await.len(), 2, "snapshots first: no data lost");
+    assert!(flotilla_shared::report::render(&record).contains("kept: delete refused"));
+}
+
 /// The work fails and so does a cleanup phase: the job ends FAILED with the
 /// first reason, and everything is torn down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

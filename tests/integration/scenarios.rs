@@ -254,7 +254,8 @@ async fn a_permanent_error_in_cleanup_ends_the_job_and_tears_down() {
     let cloud = cloud();
     cloud.lock().refused.insert("DeleteVolume", "UnauthorizedOperation");
     let record = run_job(&cloud, job("cleanup-refused"), 1).await;
-    assert!(record.state.is_terminal(), "{}", record.reason);
+    assert_eq!(record.state, JobState::Failed, "{}", record.reason);
+    assert!(record.reason.contains("cleanup did not finish"), "{}", record.reason);
     assert!(record.warnings.iter().any(|w| w.contains("UnauthorizedOperation")), "{:?}", record.warnings);
     assert_eq!(cloud.running_instances(), 0);
     // Snapshots were taken before the refused deletes: no data lost.
@@ -382,6 +383,28 @@ async fn retry_strategy_retries_only_the_matching_exit() {
     // Cleanup still ran, and on-success snapshots were not taken.
     assert!(phases(&record, 0).contains(&Phase::Unmount));
     assert!(cloud.lock().snapshots.is_empty());
+}
+
+/// AWS Batch's attempt timeout: a run that outlasts it is cancelled, cleanup
+/// runs, and with the default strategy the shard exits.
+#[tokio::test]
+async fn an_attempt_past_its_timeout_is_stopped_and_cleaned_up() {
+    let cloud = cloud().with_behaviour(std::sync::Arc::new(|request, _| {
+        (0, "ok".into(), if request.comment.contains(" run ") { 3000 } else { 5 })
+    }));
+    let mut spec = job("attempt-timeout");
+    spec["fleet"] = json!({"count": 1});
+    spec["run"]["timeout_seconds"] = json!(3600);
+    spec["deadline_minutes"] = json!(120);
+    spec["retry"] = json!({"attempt_timeout_seconds": 600});
+    let record = run_job(&cloud, spec, 1).await;
+    assert_eq!(record.state, JobState::Failed);
+    assert!(record.reason.contains("attempt exceeded attempt_timeout_seconds 600"), "{}", record.reason);
+    let attempt = &record.shards[0].attempts[0];
+    assert_eq!(attempt.end.as_ref().map(|e| e.cause), Some(EndCause::TimedOut));
+    assert!(attempt.completed_phases.contains(&Phase::Unmount), "cleanup ran: {:?}", attempt.phases_ran());
+    assert!(record.timeline.last().expect("end").at - record.submitted_at < Duration::minutes(20));
+    assert_eq!(cloud.running_instances(), 0);
 }
 
 /// A role that is refused fails the job with the reason and launches nothing.

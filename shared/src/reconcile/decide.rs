@@ -247,6 +247,24 @@ fn step_shard(
     let instance = attempt.instance_id.as_ref().and_then(|id| obs.instances.get(id));
     let mut notes: Vec<String> = Vec::new();
 
+    // AWS Batch's attempt timeout: an attempt that has not finished its work
+    // this long after launch ends TimedOut (its work is cancelled, cleanup runs).
+    let attempt_timeout = job.spec.retry.as_ref().and_then(|r| r.attempt_timeout_seconds);
+    if let (Some(limit), Some(at), None) = (attempt_timeout, attempt.launched_at, attempt.end.as_ref()) {
+        if matches!(attempt.stage, Stage::Booting | Stage::Attaching | Stage::Working)
+            && !attempt.completed_phases.contains(&Phase::Run)
+            && now - at > Duration::seconds(i64::from(limit))
+        {
+            let detail = format!("attempt exceeded attempt_timeout_seconds {limit}");
+            notes.push(detail.clone());
+            end(attempt, EndCause::TimedOut, &detail, None);
+            attempt.timed_out = true;
+            if attempt.stage != Stage::Working {
+                attempt.stage = Stage::Releasing;
+            }
+        }
+    }
+
     // Loss and stop conditions, before the stage's own work.
     if matches!(attempt.stage, Stage::Booting | Stage::Attaching | Stage::Working) {
         let lost = match instance {
@@ -623,7 +641,7 @@ fn work(
 ) {
     let now = ctx.now;
     let instance_id = attempt.instance_id.clone().unwrap_or_default();
-    let stopping = job.aborting || attempt.interrupted;
+    let stopping = job.aborting || attempt.interrupted || attempt.timed_out;
     if let Some(run) = attempt.phases.iter_mut().find(|p| p.status.is_none()) {
         // No batch: held back while its agent is offline.
         let batch = commands.get(&run.batch);
@@ -1241,6 +1259,26 @@ fn finish(
     terminate: &mut Vec<String>,
     wait: &mut u32,
 ) {
+    // A run whose cleanup could not finish (a refused delete, a volume kept
+    // because its snapshots failed, an instance left for the reaper) is not a
+    // success: the user must look at what was left.
+    let left: Vec<String> = record
+        .attempts()
+        .flat_map(|a| {
+            let volumes = a
+                .volumes
+                .iter()
+                .filter(|v| v.created && v.kept.is_some())
+                .map(|v| format!("volume {} kept: {}", v.volume_id.as_deref().unwrap_or("?"), v.kept.as_deref().unwrap_or("")));
+            let instance =
+                a.left_for_reaper.as_ref().map(|why| format!("instance {} left: {why}", a.instance_id.as_deref().unwrap_or("?")));
+            volumes.chain(instance)
+        })
+        .collect();
+    if record.outcome.is_none() && !left.is_empty() && record.shards.iter().all(|s| s.result.as_ref().is_some_and(|r| r.succeeded)) {
+        record.outcome = Some(Outcome::Failed);
+        record.outcome_reason = Some(format!("the work succeeded but cleanup did not finish: {}", left[0]));
+    }
     if record.outcome.is_none() {
         let failed = record.shards.iter().find(|s| s.result.as_ref().is_some_and(|r| !r.succeeded));
         match failed {
