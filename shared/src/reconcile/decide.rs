@@ -1837,6 +1837,7 @@ mod tests {
                 ExitRule { on_exit_code: Some("13*".into()), on_reason: None, action: RetryAction::Retry },
                 ExitRule { on_exit_code: None, on_reason: Some("Spot*".into()), action: RetryAction::Exit },
             ],
+            attempt_timeout_seconds: None,
         };
         assert_eq!(retry_action(&strategy, EndCause::CommandFailed, Some(137)), RetryAction::Retry);
         assert_eq!(retry_action(&strategy, EndCause::CommandFailed, Some(1)), RetryAction::Exit);
