@@ -191,7 +191,6 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
                 }
                 transient |= err.is_transient();
                 info!(job_id = %record.job_id, action = action.name(), error = %err, "action failed");
-                if std::env::var("SIM_TRACE").is_ok() { eprintln!("{} {} failed: {err}", ports.clock.now(), action.name()); }
             }
             decide::apply(&mut record, action, result, ports.clock.now().trunc_subsecs(0));
         }
