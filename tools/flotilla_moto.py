@@ -71,6 +71,14 @@ Gaps filled (measured against moto 5.2.5):
     $FLOTILLA_EMU_SCRATCH/refuse (DeleteVolume for now) fail with
     UnauthorizedOperation (403), as an IAM denial does.
 
+14. Status checks always pass. For tests: instances listed in
+    $FLOTILLA_EMU_SCRATCH/impaired (one id per line, re-read on every call)
+    fail their instance status check, as EC2 reports one: DescribeInstanceStatus
+    gives InstanceStatus "impaired" with reachability "failed" and an
+    ImpairedSince time. Such an instance is unreachable, so its registered SSM
+    agent reports ConnectionLost and SendCommand cannot reach it.
+    `tools/local_stack.py impair <id>` adds one.
+
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
 - EventBridge events are not emitted: `tools/local_stack.py interrupt <id>`
@@ -412,6 +420,8 @@ def _agent(ec2, instance, now):
     instance is neither listed nor a valid SendCommand target)."""
     if instance.state in _GONE:
         return None
+    if instance.id in _impaired():
+        return "ConnectionLost" if instance.id in _registered else None
     booted = max([_as_utc(instance.launch_time)] + [t for t in [_started_at.get(instance.id)] if t])
     has_profile = instance.id in ec2.iam_instance_profile_associations
     if instance.state == "running" and has_profile and (now - booted).total_seconds() >= AGENT_SECONDS:
@@ -994,3 +1004,38 @@ def _delete_volume_response(self):
 
 
 ElasticBlockStore.delete_volume = _delete_volume_response
+
+
+# --- 14. Failed status checks, for tests ------------------------------------
+# moto's InstanceStatus and SystemStatus are always "ok". EC2 reports a failed
+# instance status check as Status "impaired" with a reachability detail
+# "failed" and ImpairedSince (DescribeInstanceStatus, InstanceStatusSummary).
+
+from moto.ec2.models.instances import Instance  # noqa: E402
+
+_impaired_since = {}
+
+
+def _impaired():
+    try:
+        with open(os.path.join(SCRATCH, "impaired")) as f:
+            return {line.strip() for line in f if line.strip()}
+    except OSError:
+        return set()
+
+
+_original_instance_status = Instance.instance_status
+
+
+def _instance_status(self):
+    status = _original_instance_status.fget(self)
+    if self.state_code != 16 or self.id not in _impaired():
+        return status
+    since = _impaired_since.setdefault(self.id, _now())
+    return {
+        "Details": [{"Name": "reachability", "Status": "failed", "ImpairedSince": since}],
+        "Status": "impaired",
+    }
+
+
+Instance.instance_status = property(_instance_status)

@@ -9,6 +9,7 @@ binaries, and an event pump between them.
   python tools/local_stack.py interrupt INSTANCE  # spot interruption warning, then reclaim
   python tools/local_stack.py kill INSTANCE       # EC2 TerminateInstances
   python tools/local_stack.py stop INSTANCE       # EC2 StopInstances
+  python tools/local_stack.py impair INSTANCE     # its status checks fail (moto extension gap 14)
 
 The pump delivers queue messages to the functions as real SQS event batches
 through cargo lambda's invoke endpoint. It honours partial batch failures
@@ -451,6 +452,14 @@ def kill(instance_id):
     log(f"TerminateInstances {instance_id}: {state}")
 
 
+def impair(instance_id):
+    scratch = os.environ.get("FLOTILLA_EMU_SCRATCH", os.path.join(STATE, "instances"))
+    os.makedirs(scratch, exist_ok=True)
+    with open(os.path.join(scratch, "impaired"), "a") as f:
+        f.write(instance_id + "\n")
+    log(f"{instance_id} now fails its instance status check")
+
+
 def stop(instance_id):
     state = ec2_client().stop_instances(InstanceIds=[instance_id])["StoppingInstances"][0]["CurrentState"]["Name"]
     log(f"StopInstances {instance_id}: {state}")
@@ -472,6 +481,8 @@ if __name__ == "__main__":
         kill(sys.argv[2])
     elif command == "stop" and len(sys.argv) == 3:
         stop(sys.argv[2])
+    elif command == "impair" and len(sys.argv) == 3:
+        impair(sys.argv[2])
     else:
         print(__doc__)
         sys.exit(0 if command in ("help", "-h", "--help") else 2)

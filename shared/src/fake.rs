@@ -129,6 +129,14 @@ pub struct Faults {
     pub command_hang: f64,
     /// The scheduler yields at an await point with this probability.
     pub yield_rate: f64,
+    /// Per RunInstances of more than one instance: EC2 launches only part
+    /// of MaxCount (MinCount is 1), as it does when capacity is short.
+    pub partial_fill: f64,
+    /// Per CreateVolume: the volume ends in `error` instead of `available`.
+    pub volume_error: f64,
+    /// SQS is not FIFO: each message is delivered up to this many seconds
+    /// late, so messages sent close together arrive out of order.
+    pub reorder_seconds: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +157,16 @@ pub struct FakeInstance {
     pub visible_at: DateTime<Utc>,
     /// Its agent stops answering from this moment.
     pub agent_lost_at: Option<DateTime<Utc>>,
+    /// Its status checks report `impaired` from this moment.
+    pub impaired_at: Option<DateTime<Utc>>,
+}
+
+impl FakeInstance {
+    fn agent_up(&self, now: DateTime<Utc>) -> bool {
+        self.state == "running"
+            && self.online_at.is_some_and(|at| now >= at)
+            && self.agent_lost_at.is_none_or(|at| now < at)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -160,6 +178,10 @@ pub struct FakeVolume {
     pub available_at: DateTime<Utc>,
     pub visible_at: DateTime<Utc>,
     pub tags: BTreeMap<String, String>,
+    /// The snapshot it was created from.
+    pub snapshot_id: Option<String>,
+    /// It ends in `error` instead of `available`.
+    pub fails: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +211,8 @@ pub struct FakeRun {
     pub finishes_at: DateTime<Utc>,
     /// Set when its instance stopped or terminated before it finished.
     pub died_at: Option<DateTime<Utc>>,
+    /// CancelCommand reached it: `Cancelling` until `cancelled_at`.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
     pub cancelled_at: Option<DateTime<Utc>>,
 }
 
@@ -240,6 +264,8 @@ pub struct FakeState {
     pub largest_record: Vec<u8>,
     /// Operations refused with this (permanent) error code, as IAM would.
     pub refused: BTreeMap<&'static str, &'static str>,
+    /// Snapshots deleted here: CreateVolume from one is refused, as EC2 does.
+    pub deleted_snapshots: BTreeSet<String>,
 }
 
 #[derive(Clone)]
@@ -339,6 +365,26 @@ impl FakeCloud {
         refresh(&mut state);
     }
 
+    /// The instance fails its status checks from now on, and its agent,
+    /// unreachable, stops answering.
+    pub fn impair(&self, instance_id: &str) {
+        let mut state = self.lock();
+        let now = state.now.unwrap_or_default();
+        if let Some(instance) = state.instances.iter_mut().find(|i| i.id == instance_id) {
+            instance.impaired_at = Some(now);
+            instance.agent_lost_at = Some(instance.agent_lost_at.map_or(now, |at| at.min(now)));
+        }
+    }
+
+    /// The instance's SSM agent stops answering from now on.
+    pub fn lose_agent(&self, instance_id: &str) {
+        let mut state = self.lock();
+        let now = state.now.unwrap_or_default();
+        if let Some(instance) = state.instances.iter_mut().find(|i| i.id == instance_id) {
+            instance.agent_lost_at = Some(instance.agent_lost_at.map_or(now, |at| at.min(now)));
+        }
+    }
+
     fn next_id(state: &mut FakeState, prefix: &str) -> String {
         state.next_id += 1;
         format!("{prefix}-{:017x}", state.next_id)
@@ -430,7 +476,7 @@ fn refresh(state: &mut FakeState) {
     }
     for volume in &mut state.volumes {
         if volume.state == "creating" && now >= volume.available_at {
-            volume.state = "available".to_string();
+            volume.state = if volume.fails { "error" } else { "available" }.to_string();
         }
         // EC2 detaches a volume when its instance terminates.
         if let Some(owner) = &volume.attached_to {
@@ -523,7 +569,14 @@ impl Fleet for FakeCloud {
             return Err(CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "spot capacity-not-available"));
         }
         let mut ids = Vec::new();
-        for index in 0..request.count {
+        let partial = state.faults.partial_fill;
+        let rng = state.rng.as_mut().expect("rng");
+        let count = if request.count > 1 && rng.chance(partial) {
+            rng.range(1, i64::from(request.count) - 1) as u32
+        } else {
+            request.count
+        };
+        for index in 0..count {
             let id = FakeCloud::next_id(&mut state, "i");
             let l = &self.latencies;
             let agent_never = state.faults.agent_never;
@@ -553,6 +606,7 @@ impl Fleet for FakeCloud {
                 launch_index: index,
                 visible_at,
                 agent_lost_at,
+                impaired_at: None,
             });
             ids.push(id);
         }
@@ -571,6 +625,19 @@ impl Fleet for FakeCloud {
         self.call("DescribeInstances", false).await?;
         let state = self.lock();
         Ok(state.instances.iter().find(|i| i.id == instance_id).and_then(|i| i.tags.get(tags::JOB_ID).cloned()))
+    }
+
+    async fn status_checks(&self, instance_ids: &[String]) -> CloudResult<Vec<(String, bool)>> {
+        self.call("DescribeInstanceStatus", false).await?;
+        let state = self.lock();
+        let now = state.now.unwrap_or_default();
+        // EC2 reports `initializing` for the first minutes after boot.
+        Ok(state
+            .instances
+            .iter()
+            .filter(|i| instance_ids.contains(&i.id) && i.state == "running" && now >= i.running_at + Duration::seconds(120))
+            .map(|i| (i.id.clone(), i.impaired_at.is_some_and(|at| now >= at)))
+            .collect())
     }
 
     async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()> {
@@ -640,7 +707,7 @@ impl Volumes for FakeCloud {
             }
         }
         if let Some(snapshot) = &request.snapshot_id {
-            if state.missing_snapshots.contains(snapshot) {
+            if state.missing_snapshots.contains(snapshot) || state.deleted_snapshots.contains(snapshot) {
                 return Err(CloudError::api("ec2", "CreateVolume", "InvalidSnapshot.NotFound", "no such snapshot"));
             }
         }
@@ -649,17 +716,25 @@ impl Volumes for FakeCloud {
         let delay = state.rng.as_mut().expect("rng").range(lo, hi);
         let (vlo, vhi) = self.latencies.visible;
         let visible = state.rng.as_mut().expect("rng").range(vlo, vhi);
+        let volume_error = state.faults.volume_error;
+        let fails = state.rng.as_mut().expect("rng").chance(volume_error);
         let id = FakeCloud::next_id(&mut state, "vol");
         let mut volume_tags = request.tags.clone();
         volume_tags.insert(tags::MANAGED_BY.into(), tags::MANAGED_BY_VALUE.into());
         let volume = FakeVolume {
             id: id.clone(),
-            state: if delay == 0 { "available".into() } else { "creating".into() },
+            state: match (delay, fails) {
+                (0, false) => "available".into(),
+                (0, true) => "error".into(),
+                _ => "creating".into(),
+            },
             az: request.availability_zone.clone(),
             attached_to: None,
             available_at: now + Duration::seconds(delay),
             visible_at: now + Duration::seconds(visible),
             tags: volume_tags,
+            snapshot_id: request.snapshot_id.clone(),
+            fails,
         };
         state.volumes.push(volume.clone());
         state.volume_tokens.insert(request.client_token.clone(), id);
@@ -775,6 +850,7 @@ impl Volumes for FakeCloud {
         self.call("DeleteSnapshot", true).await?;
         let mut state = self.lock();
         state.snapshots.retain(|s| s.id != snapshot_id);
+        state.deleted_snapshots.insert(snapshot_id.to_string());
         Ok(())
     }
 }
@@ -788,12 +864,7 @@ impl Commands for FakeCloud {
         Ok(state
             .instances
             .iter()
-            .filter(|i| {
-                instance_ids.contains(&i.id)
-                    && i.state == "running"
-                    && i.online_at.is_some_and(|at| now >= at)
-                    && i.agent_lost_at.is_none_or(|at| now < at)
-            })
+            .filter(|i| instance_ids.contains(&i.id) && i.agent_up(now))
             .map(|i| i.id.clone())
             .collect())
     }
@@ -807,12 +878,7 @@ impl Commands for FakeCloud {
         let mut state = self.lock();
         let now = state.now.unwrap_or_default();
         for id in &request.instance_ids {
-            let ready = state.instances.iter().any(|i| {
-                &i.id == id
-                    && i.state == "running"
-                    && i.online_at.is_some_and(|at| now >= at)
-                    && i.agent_lost_at.is_none_or(|at| now < at)
-            });
+            let ready = state.instances.iter().any(|i| &i.id == id && i.agent_up(now));
             if !ready {
                 let seen = state.instances.iter().find(|i| &i.id == id).map(|i| (i.state.clone(), i.online_at));
                 return Err(CloudError::api("ssm", "SendCommand", "InvalidInstanceId", &format!("{id} not Online: {seen:?}")));
@@ -837,6 +903,7 @@ impl Commands for FakeCloud {
                     stdout,
                     finishes_at: now + Duration::seconds(seconds),
                     died_at: None,
+                    cancel_requested_at: None,
                     cancelled_at: None,
                 },
             );
@@ -866,17 +933,29 @@ impl Commands for FakeCloud {
                 CloudError::api("ssm", "ListCommandInvocations", "InvalidCommandId", "no such command")
             })?;
         let deadline = command.sent_at + Duration::seconds(i64::from(command.request.timeout_seconds));
+        let agent_lost: BTreeMap<&String, DateTime<Utc>> =
+            state.instances.iter().filter_map(|i| Some((&i.id, i.agent_lost_at?))).collect();
         Ok(command
             .runs
             .iter()
             .filter(|(id, _)| instance_ids.contains(id))
             .map(|(id, run)| {
-                let (status, exit_code) = if run.cancelled_at.is_some() {
+                // An agent that stopped answering before the run ended never reports its result.
+                let unheard = agent_lost.get(id).is_some_and(|at| *at <= now && *at < run.finishes_at);
+                let cancelling = run.cancel_requested_at.is_some();
+                let (status, exit_code) = if run.cancelled_at.is_some_and(|at| now >= at && at <= run.finishes_at) {
                     ("Cancelled", None)
-                } else if run.died_at.is_some() {
-                    // The agent died with its instance: SSM never hears a result,
-                    // and the invocation times out (never Success).
-                    if now >= deadline { ("TimedOut", Some(-1)) } else { ("InProgress", None) }
+                } else if run.died_at.is_some() || unheard {
+                    // The agent died with its instance, or cannot be reached:
+                    // SSM never hears a result, and the invocation times out
+                    // (never Success; a cancel never completes).
+                    match (now >= deadline, cancelling) {
+                        (true, _) => ("TimedOut", Some(-1)),
+                        (false, true) => ("Cancelling", None),
+                        (false, false) => ("InProgress", None),
+                    }
+                } else if cancelling && now < run.finishes_at && now < deadline {
+                    ("Cancelling", None)
                 } else if run.finishes_at > deadline && now >= deadline {
                     ("TimedOut", Some(-1))
                 } else if now < run.finishes_at {
@@ -903,10 +982,22 @@ impl Commands for FakeCloud {
         self.call("CancelCommand", true).await?;
         let mut state = self.lock();
         let now = state.now.unwrap_or_default();
-        if let Some(command) = state.commands.iter_mut().find(|c| c.id == command_id) {
-            for (id, run) in command.runs.iter_mut() {
-                if instance_ids.contains(id) && run.cancelled_at.is_none() && now < run.finishes_at {
-                    run.cancelled_at = Some(now);
+        let delay = state.rng.as_mut().expect("rng").range(1, 8);
+        let agent_up: BTreeSet<String> =
+            state.instances.iter().filter(|i| i.agent_up(now)).map(|i| i.id.clone()).collect();
+        let command = state
+            .commands
+            .iter_mut()
+            .find(|c| c.id == command_id)
+            .ok_or_else(|| CloudError::api("ssm", "CancelCommand", "InvalidCommandId", "no such command"))?;
+        for (id, run) in command.runs.iter_mut() {
+            // SSM reports Cancelling until the agent has stopped the process;
+            // an agent that cannot be reached never does.
+            if instance_ids.contains(id) && run.cancel_requested_at.is_none() && run.died_at.is_none() && now < run.finishes_at
+            {
+                run.cancel_requested_at = Some(now);
+                if agent_up.contains(id) {
+                    run.cancelled_at = Some(now + Duration::seconds(delay));
                 }
             }
         }
@@ -1022,7 +1113,9 @@ impl WakeQueue for FakeCloud {
             return Err(CloudError::api("sqs", "SendMessage", "ServiceUnavailable", "injected fault"));
         }
         let now = state.now.unwrap_or_default();
-        state.queue.push_back((now + Duration::seconds(i64::from(delay_seconds)), message.clone()));
+        let late = state.faults.reorder_seconds;
+        let late = state.rng.as_mut().expect("rng").range(0, late);
+        state.queue.push_back((now + Duration::seconds(i64::from(delay_seconds) + late), message.clone()));
         Ok(())
     }
 }

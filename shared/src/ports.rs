@@ -85,6 +85,10 @@ pub trait Fleet: Send + Sync {
     async fn describe(&self, instance_ids: &[String]) -> CloudResult<Vec<InstanceView>>;
     /// The job an instance belongs to, from its tag; None if not ours.
     async fn job_of(&self, instance_id: &str) -> CloudResult<Option<String>>;
+    /// DescribeInstanceStatus of these running instances: each one whose
+    /// checks are conclusive, with true if its instance or system check is
+    /// `impaired` (false: both `ok`). Initializing or unknown ones are left out.
+    async fn status_checks(&self, instance_ids: &[String]) -> CloudResult<Vec<(String, bool)>>;
     /// Terminating an already terminated (or stopped) instance is fine.
     async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()>;
 }
@@ -285,8 +289,15 @@ pub struct Settings {
     pub worker_instance_profile: Option<String>,
     /// How long a pass may work before it saves and re-queues itself.
     pub pass_budget_seconds: u32,
-    /// An agent not Online this long after launch counts as a lost instance.
+    /// An agent not Online this long after launch, or silent this long while
+    /// its instance works, counts as a lost instance.
     pub agent_timeout_seconds: u32,
+    /// Working instances' agents and status checks are looked at this often,
+    /// not every pass: at 1,000 instances one check is 20 + 10 calls.
+    pub health_check_seconds: u32,
+    /// An instance whose status checks stay `impaired` this long is replaced
+    /// (EC2 checks every minute; a system check may recover on its own).
+    pub impaired_timeout_seconds: u32,
 }
 
 impl Default for Settings {
@@ -297,6 +308,8 @@ impl Default for Settings {
             worker_instance_profile: None,
             pass_budget_seconds: 50,
             agent_timeout_seconds: 900,
+            health_check_seconds: 60,
+            impaired_timeout_seconds: 300,
         }
     }
 }

@@ -296,6 +296,12 @@ pub struct Attempt {
     /// It ran past the retry strategy's `attempt_timeout_seconds`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub timed_out: bool,
+    /// First health check that found its SSM agent not Online while working.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_lost_since: Option<DateTime<Utc>>,
+    /// First health check that found a status check `impaired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impaired_since: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<AttemptVolume>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -327,6 +333,8 @@ impl Attempt {
             terminate_requested: false,
             interrupted: false,
             timed_out: false,
+            agent_lost_since: None,
+            impaired_since: None,
             volumes: vec![],
             phases: vec![],
             completed_phases: vec![],
@@ -454,6 +462,10 @@ pub struct JobRecord {
     /// Reconcile passes so far.
     #[serde(default)]
     pub passes: u64,
+    /// Last health check of working instances (agents and status checks):
+    /// once a minute, not every pass, so a big fleet costs few calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_checked_at: Option<DateTime<Utc>>,
     /// Volume names whose snapshot lineage was pruned at the end.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pruned: Vec<String>,
@@ -525,6 +537,7 @@ impl JobRecord {
             lease: None,
             wake: None,
             passes: 0,
+            health_checked_at: None,
             pruned: vec![],
             pruned_snapshots: vec![],
             report_written: false,

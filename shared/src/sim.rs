@@ -40,6 +40,9 @@ pub struct Scenario {
     pub kills: Vec<i64>,
     pub stops: Vec<i64>,
     pub spot_warnings: Vec<i64>,
+    /// Instances whose status checks turn `impaired`, and whose agents go silent.
+    pub impairs: Vec<i64>,
+    pub agent_losses: Vec<i64>,
     pub cancel_at: Option<i64>,
     /// Only faults a job must survive: it must SUCCEED.
     pub recoverable: bool,
@@ -59,6 +62,8 @@ pub struct SimResult {
     pub virtual_minutes: i64,
     /// The job's report, kept when an invariant failed.
     pub report: String,
+    /// What the job recovered from, by kind: shows the faults were met.
+    pub recoveries: BTreeMap<&'static str, u64>,
 }
 
 pub fn start_time() -> DateTime<Utc> {
@@ -72,6 +77,7 @@ pub fn settings() -> Settings {
         worker_instance_profile: Some("flotilla-worker".into()),
         pass_budget_seconds: 50,
         agent_timeout_seconds: 900,
+        ..Settings::default()
     }
 }
 
@@ -88,8 +94,13 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
     let policies = ["on-success", "always", "never"];
     let volumes: Vec<Value> = (0..rng.range(0, 2))
         .map(|i| {
-            json!({"name": format!("v{i}"), "source": {"new": {"size_gib": 1}}, "device": format!("/dev/sd{}", ["f", "g"][i as usize]),
-                   "mount_point": format!("/data{i}"), "snapshot": policies[rng.range(0, 2) as usize], "retention": {"keep_last": 2}})
+            let policy = policies[rng.range(0, 2) as usize];
+            let mut volume = json!({"name": format!("v{i}"), "source": {"new": {"size_gib": 1}}, "device": format!("/dev/sd{}", ["f", "g"][i as usize]),
+                   "mount_point": format!("/data{i}"), "snapshot": policy, "retention": {"keep_last": 2}});
+            if policy == "always" && rng.chance(0.5) {
+                volume["on_retry"] = json!("restore");
+            }
+            volume
         })
         .collect();
     let spot = rng.chance(0.3);
@@ -103,6 +114,8 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
         crash_after: if rng.chance(0.6) { 0.01 / scale } else { 0.0 },
         lost_reply: if rng.chance(0.5) { 0.01 / scale } else { 0.0 },
         yield_rate: 0.3,
+        partial_fill: if rng.chance(0.3) { 0.5 } else { 0.0 },
+        reorder_seconds: 3,
         ..Default::default()
     };
     if two_types && rng.chance(0.5) {
@@ -121,6 +134,8 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
         kills: vec![],
         stops: vec![],
         spot_warnings: vec![],
+        impairs: vec![],
+        agent_losses: vec![],
         cancel_at: None,
         recoverable,
     };
@@ -137,10 +152,12 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
     }
     let losses = if shards > 0 { rng.range(0, 2) } else { 0 };
     for _ in 0..losses {
-        match rng.range(0, 2) {
+        match rng.range(0, 4) {
             0 => scenario.kills.push(rng.range(30, 1500)),
             1 => scenario.stops.push(rng.range(30, 1500)),
-            _ => scenario.spot_warnings.push(rng.range(30, 1500)),
+            2 => scenario.spot_warnings.push(rng.range(30, 1500)),
+            3 => scenario.impairs.push(rng.range(30, 1500)),
+            _ => scenario.agent_losses.push(rng.range(30, 1500)),
         }
     }
     if !recoverable {
@@ -149,6 +166,7 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
         scenario.faults.snapshot_error = if rng.chance(0.5) { 0.2 } else { 0.0 };
         scenario.faults.command_fail = if rng.chance(0.4) { 0.03 } else { 0.0 };
         scenario.faults.command_hang = if rng.chance(0.2) { 0.02 } else { 0.0 };
+        scenario.faults.volume_error = if rng.chance(0.2) { 0.05 } else { 0.0 };
         if rng.chance(0.4) {
             scenario.cancel_at = Some(rng.range(10, 3000));
         }
@@ -174,6 +192,11 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
         spec["market"] = json!("spot");
         spec["on_demand_fallback"] = json!(true);
     }
+    // Acting in another account through an assumed role.
+    if rng.chance(0.1) {
+        spec["role_arn"] = json!("arn:aws:iam::210987654321:role/flotilla/sim-target");
+        spec["external_id"] = json!(format!("sim-{seed}"));
+    }
     scenario.spec = spec;
     scenario
 }
@@ -187,6 +210,8 @@ pub fn clean_scenario(seed: u64, size: u32) -> Scenario {
     scenario.kills.clear();
     scenario.stops.clear();
     scenario.spot_warnings.clear();
+    scenario.impairs.clear();
+    scenario.agent_losses.clear();
     scenario.cancel_at = None;
     scenario.recoverable = true;
     scenario.spec["volumes"] = json!([{"name": "data", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf",
@@ -241,6 +266,8 @@ pub async fn run(scenario: &Scenario) -> SimResult {
     timed.extend(scenario.kills.iter().map(|t| (*t, Fault::Kill)));
     timed.extend(scenario.stops.iter().map(|t| (*t, Fault::Stop)));
     timed.extend(scenario.spot_warnings.iter().map(|t| (*t, Fault::SpotWarning)));
+    timed.extend(scenario.impairs.iter().map(|t| (*t, Fault::Impair)));
+    timed.extend(scenario.agent_losses.iter().map(|t| (*t, Fault::AgentLoss)));
     timed.extend(scenario.cancel_at.iter().map(|t| (*t, Fault::Cancel)));
     timed.sort();
     let mut receives: BTreeMap<String, u32> = BTreeMap::new();
@@ -331,6 +358,8 @@ enum Fault {
     Kill,
     Stop,
     SpotWarning,
+    Impair,
+    AgentLoss,
     Cancel,
     /// EC2 reclaims a spot instance two minutes after its warning.
     Reclaim(String),
@@ -351,6 +380,8 @@ async fn inject(cloud: &FakeCloud, ports: &Ports, job_id: &str, fault: Fault, rn
         (_, None) => {}
         (Fault::Kill, Some(id)) => cloud.set_instance_state(&id, "terminated"),
         (Fault::Stop, Some(id)) => cloud.set_instance_state(&id, "stopped"),
+        (Fault::Impair, Some(id)) => cloud.impair(&id),
+        (Fault::AgentLoss, Some(id)) => cloud.lose_agent(&id),
         (Fault::SpotWarning, Some(id)) => {
             // The handler's path for the EventBridge warning: record it on the job.
             let noted = id.clone();
@@ -446,6 +477,59 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
                     if completed.is_empty() {
                         violation(result, "deleted without snapshot", volume_id.clone());
                     }
+                }
+            }
+        }
+    }
+    for attempt in record.attempts() {
+        let Some(end) = &attempt.end else { continue };
+        let kind = match end.cause {
+            crate::record::EndCause::SpotInterruption => "spot interruption",
+            crate::record::EndCause::InstanceLost if end.detail.contains("impaired") => "impaired instance",
+            crate::record::EndCause::InstanceLost if end.detail.contains("stopped reporting") => "silent agent",
+            crate::record::EndCause::InstanceLost => "instance lost",
+            crate::record::EndCause::AgentNeverOnline => "agent never online",
+            _ => continue,
+        };
+        *result.recoveries.entry(kind).or_default() += 1;
+    }
+    let restored = state.volumes.iter().filter(|v| v.snapshot_id.is_some()).count(); // sim sources are all `new`
+    *result.recoveries.entry("volume restored").or_default() += restored as u64;
+    let partial = state.launch_tokens.values().filter(|(print, ids)| {
+        print.rsplit('|').next().and_then(|n| n.parse::<usize>().ok()).is_some_and(|asked| ids.len() < asked)
+    });
+    *result.recoveries.entry("partial launch").or_default() += partial.count() as u64;
+    // A retried shard whose volume restores on retry gets the newest
+    // completed snapshot of the volume its latest earlier attempt had (as
+    // the cloud, not the record, saw it), or a fresh volume if there is none.
+    for shard in &record.shards {
+        for (i, attempt) in shard.attempts.iter().enumerate().skip(1) {
+            for volume in &attempt.volumes {
+                let restore = spec
+                    .volumes
+                    .iter()
+                    .any(|v| v.name == volume.name && v.on_retry == crate::spec::OnRetry::Restore);
+                let Some(volume_id) = volume.volume_id.as_ref().filter(|_| restore) else { continue };
+                let Some(previous) =
+                    shard.attempts[..i].iter().rev().find_map(|a| a.volumes.iter().find(|v| v.name == volume.name))
+                else {
+                    continue;
+                };
+                let created_at = state.volumes.iter().find(|v| &v.id == volume_id).map(|v| v.visible_at);
+                let expected = state
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.tags.get(crate::ports::tags::ATTEMPT) == Some(&previous.token) && !s.fails)
+                    .filter(|s| created_at.is_some_and(|at| s.completes_at <= at))
+                    .max_by_key(|s| s.started_at)
+                    .map(|s| s.id.clone());
+                let actual = state.volumes.iter().find(|v| &v.id == volume_id).and_then(|v| v.snapshot_id.clone());
+                if actual != expected {
+                    violation(
+                        result,
+                        "restore from snapshot",
+                        format!("shard {} attempt {}: {volume_id} from {actual:?}, expected {expected:?}", shard.index, attempt.number),
+                    );
                 }
             }
         }
@@ -558,9 +642,10 @@ pub struct Campaign {
     /// By size bucket: (jobs, total calls, mutating EC2/SSM calls, floor, largest record).
     pub by_size: BTreeMap<&'static str, (u64, u64, u64, u64, usize)>,
     pub max_virtual_overrun_minutes: i64,
+    pub recoveries: BTreeMap<&'static str, u64>,
 }
 
-pub const INVARIANTS: [&str; 9] = [
+pub const INVARIANTS: [&str; 10] = [
     "terminal",
     "instances left",
     "volumes left",
@@ -568,6 +653,7 @@ pub const INVARIANTS: [&str; 9] = [
     "deleted without snapshot",
     "duplicate instances",
     "concurrent command",
+    "restore from snapshot",
     "recoverable job failed",
     "call budget",
 ];
@@ -599,6 +685,9 @@ impl Campaign {
         entry.2 += result.mutating_calls;
         entry.3 += result.call_floor;
         entry.4 = entry.4.max(result.record_bytes);
+        for (kind, count) in &result.recoveries {
+            *self.recoveries.entry(kind).or_default() += count;
+        }
         let deadline = scenario.spec["deadline_minutes"].as_i64().unwrap_or(0);
         self.max_virtual_overrun_minutes = self.max_virtual_overrun_minutes.max(result.virtual_minutes - deadline);
     }
@@ -610,6 +699,7 @@ impl Campaign {
         for invariant in INVARIANTS {
             println!("  {invariant:<26} {}", self.violations.get(invariant).copied().unwrap_or(0));
         }
+        println!("recovered from (attempts ended, volumes restored, launches partly filled): {:?}", self.recoveries);
         println!(
             "latest finish past a deadline: {} min (bound {FINISH_BOUND_MINUTES} min)",
             self.max_virtual_overrun_minutes.max(0)

@@ -167,6 +167,29 @@ pub struct VolumeSpec {
     pub snapshot: SnapshotPolicy,
     #[serde(default)]
     pub retention: Retention,
+    /// What a retried shard's replacement instance gets: a fresh volume, or
+    /// one restored from the snapshot of the lost attempt's volume.
+    #[serde(default, skip_serializing_if = "OnRetry::is_fresh")]
+    pub on_retry: OnRetry,
+}
+
+/// A retried shard's volume: fresh (the default) or restored from the last
+/// snapshot of the attempt it replaces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRetry {
+    #[default]
+    Fresh,
+    /// The next attempt's volume is created from the snapshot of the last
+    /// attempt's volume (`snapshot: always` takes one at the end of every
+    /// attempt), so work resumes from where it stopped.
+    Restore,
+}
+
+impl OnRetry {
+    pub fn is_fresh(&self) -> bool {
+        *self == OnRetry::Fresh
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -416,6 +439,16 @@ fn check_volumes(volumes: &[VolumeSpec]) -> Result<(), SpecError> {
             }
             VolumeSource::SnapshotId(id) => check_resource_id(&format!("{at}.source.snapshot_id"), id, "snap-")?,
             VolumeSource::VolumeId(id) => check_resource_id(&format!("{at}.source.volume_id"), id, "vol-")?,
+        }
+        if v.on_retry == OnRetry::Restore {
+            if matches!(v.source, VolumeSource::VolumeId(_)) {
+                return fail(format!("{at}.on_retry: `restore` needs a volume Flotilla creates; a volume_id source is re-attached as it is"));
+            }
+            if v.snapshot != SnapshotPolicy::Always {
+                return fail(format!(
+                    "{at}.on_retry: `restore` resumes from the snapshot every ended attempt takes; set snapshot to `always`"
+                ));
+            }
         }
         if v.retention.keep_last == 0 && v.snapshot != SnapshotPolicy::Never {
             return fail(format!("{at}.retention.keep_last: must be at least 1 when snapshots are taken"));

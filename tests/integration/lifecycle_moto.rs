@@ -311,6 +311,32 @@ async fn an_instance_killed_mid_run_is_replaced_and_the_job_succeeds() {
     assert_eq!(stack.live_job_volumes("killed-1").await, 0);
 }
 
+/// An instance whose status check fails while it works (moto extension gap
+/// 14) is terminated and its shard re-run on a replacement; the job SUCCEEDS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impaired_instance_is_replaced_and_the_job_succeeds() {
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    let mut spec = job("impaired-1");
+    spec["run"] = serde_json::json!({"script": "sleep 15; echo done $FLOTILLA_SHARD_INDEX", "timeout_seconds": 60});
+    stack.submit(&spec.to_string()).await;
+    let record = pump_until(&stack, "impaired-1", all_running).await;
+    let victim = record.shards[1].current().and_then(|a| a.instance_id.clone()).expect("instance");
+    std::fs::create_dir_all(&stack.scratch).expect("scratch");
+    std::fs::write(stack.scratch.join("impaired"), format!("{victim}\n")).expect("impair");
+    let record = stack.run_to_end(&ports, "impaired-1", false, LIMIT).await;
+
+    assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
+    let shard = &record.shards[1];
+    assert_eq!(shard.attempts.len(), 2);
+    assert_eq!(shard.attempts[0].end.as_ref().map(|e| e.cause), Some(EndCause::InstanceLost));
+    assert!(shard.trail.iter().any(|n| n.text.contains("impaired")), "{:?}", shard.trail);
+    assert_eq!(record.shards[0].attempts.len(), 1, "the other shard kept its instance");
+    assert_eq!(output(&stack, "impaired-1", 1, 2, Phase::Run).await, vec!["done 1".to_string()]);
+    assert_eq!(stack.running_managed().await, 0);
+    assert_eq!(stack.live_job_volumes("impaired-1").await, 0);
+}
+
 /// A spot interruption warning arrives as an EventBridge event on the
 /// reconcile queue; the instance is reclaimed moments later. The shard runs
 /// its cleanup, is replaced on on-demand, and the job SUCCEEDS.

@@ -128,6 +128,8 @@ impl MotoStack {
                 worker_instance_profile: Some(WORKER_PROFILE.to_string()),
                 pass_budget_seconds: 20,
                 agent_timeout_seconds: 120,
+                health_check_seconds: 1,
+                impaired_timeout_seconds: 3,
             },
         };
         aws::ports(&self.config, &env)

@@ -425,3 +425,35 @@ async fn a_terminated_instance_never_reports_success_and_cancel_is_per_instance(
         .expect("get");
     assert_ne!(lost.status(), Some(&CommandInvocationStatus::Success), "its work died with its instance");
 }
+
+/// Gap 14: an instance listed as impaired fails its instance status check
+/// as DescribeInstanceStatus reports it, through the adapter the reconciler
+/// uses, and its agent (unreachable) reports ConnectionLost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_instance_fails_its_status_check_and_its_agent_is_lost() {
+    let stack = MotoStack::start().await;
+    let instances = launch(&stack, 2, None).await;
+    wait_online(&stack, &instances).await;
+    let ports = stack.ports();
+    let checks = ports.cloud.fleet.status_checks(&instances).await.expect("status");
+    assert_eq!(checks.len(), 2, "{checks:?}");
+    assert!(checks.iter().all(|(_, impaired)| !impaired), "moto's checks pass: {checks:?}");
+
+    std::fs::create_dir_all(&stack.scratch).expect("scratch");
+    std::fs::write(stack.scratch.join("impaired"), format!("{}\n", instances[0])).expect("impair");
+    let status = stack.ec2().describe_instance_status().instance_ids(&instances[0]).send().await.expect("status");
+    let summary = status.instance_statuses()[0].instance_status().expect("instance status");
+    assert_eq!(summary.status().map(|s| s.as_str()), Some("impaired"));
+    assert_eq!(summary.details()[0].status().map(|s| s.as_str()), Some("failed"));
+    assert!(summary.details()[0].impaired_since().is_some());
+    // An unknown id fails DescribeInstanceStatus as a whole; the others are still checked.
+    let mut asked = vec!["i-0123456789abcdef0".to_string()];
+    asked.extend(instances.iter().cloned());
+    let mut checks = ports.cloud.fleet.status_checks(&asked).await.expect("status");
+    checks.sort();
+    let mut expected = vec![(instances[0].clone(), true), (instances[1].clone(), false)];
+    expected.sort();
+    assert_eq!(checks, expected);
+    let online = ports.cloud.commands.online_agents(&instances).await.expect("agents");
+    assert_eq!(online, vec![instances[1].clone()], "the impaired instance's agent is not Online");
+}

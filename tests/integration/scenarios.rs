@@ -226,6 +226,188 @@ async fn a_stopped_instance_is_terminated_and_its_shard_replaced() {
     assert!(left_volumes(&cloud).is_empty());
 }
 
+/// Starts a two-shard job whose run takes 10 minutes and returns it once
+/// both shards are running their work, with the instance of shard 1.
+async fn start_long_job(cloud: &FakeCloud, ports: &Ports, spec: serde_json::Value) -> (String, String) {
+    let id = spec["id"].as_str().expect("id").to_string();
+    intake::submit(ports, &spec.to_string(), "m-1").await.expect("intake");
+    let running = |r: &JobRecord| r.shards.iter().all(|s| s.current().is_some_and(|a| a.phase(Phase::Run).is_some()));
+    drive(cloud, ports, 1, running, &id).await;
+    let record = cloud.record(&id).expect("record");
+    let victim = record.shards[1].current().and_then(|a| a.instance_id.clone()).expect("instance");
+    (id, victim)
+}
+
+fn long_cloud(seed: u64) -> FakeCloud {
+    let mut latencies = Latencies::quick();
+    latencies.shutting_down = (10, 10);
+    FakeCloud::seeded(sim::start_time(), seed, latencies, Faults::default()).with_behaviour(std::sync::Arc::new(
+        |request, _| {
+            let seconds = if request.comment.contains(" run ") { 600 } else { 5 };
+            (0, "ok".into(), seconds)
+        },
+    ))
+}
+
+fn long_job(id: &str) -> serde_json::Value {
+    let mut spec = job(id);
+    spec["run"]["timeout_seconds"] = json!(3600);
+    spec["deadline_minutes"] = json!(180);
+    spec
+}
+
+/// Asserts shard 1 was replaced once for `why`, shard 0 ran once, and nothing is left.
+fn assert_replaced(cloud: &FakeCloud, record: &JobRecord, victim: &str, why: &str) {
+    assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(record));
+    let shard = &record.shards[1];
+    assert_eq!(shard.attempts.len(), 2, "replaced once");
+    assert_eq!(shard.attempts[0].end.as_ref().map(|e| e.cause), Some(EndCause::InstanceLost));
+    assert!(!shard.attempts[0].completed_phases.contains(&Phase::Run), "the lost run never counts as done");
+    assert!(shard.trail.iter().any(|n| n.text.contains(why)), "{:?}", shard.trail);
+    assert_eq!(record.shards[0].attempts.len(), 1, "the healthy shard was not touched");
+    let state = cloud.lock();
+    let lost = state.instances.iter().find(|i| i.id == victim).expect("victim");
+    assert_eq!(lost.state, "terminated", "the unhealthy instance is terminated");
+    drop(state);
+    assert_eq!(cloud.running_instances(), 0);
+    assert!(left_volumes(cloud).is_empty());
+}
+
+/// An instance whose status checks stay impaired (still `running` to
+/// DescribeInstances) is terminated and its shard re-run on a replacement.
+#[tokio::test]
+async fn an_impaired_instance_is_replaced_and_its_shard_rerun() {
+    let cloud = long_cloud(11);
+    let ports = ports(&cloud);
+    let (id, victim) = start_long_job(&cloud, &ports, long_job("impaired-1")).await;
+    cloud.impair(&victim);
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), &id).await;
+    let record = cloud.record(&id).expect("record");
+    assert_replaced(&cloud, &record, &victim, "impaired");
+}
+
+/// An agent that stops reporting while its instance works: SSM would keep
+/// the invocation InProgress until it times out; the shard is moved to a
+/// replacement after `agent_timeout_seconds` instead.
+#[tokio::test]
+async fn an_agent_that_goes_silent_mid_run_is_replaced() {
+    let cloud = long_cloud(12);
+    let ports = ports(&cloud);
+    let (id, victim) = start_long_job(&cloud, &ports, long_job("silent-1")).await;
+    cloud.lose_agent(&victim);
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), &id).await;
+    let record = cloud.record(&id).expect("record");
+    assert_replaced(&cloud, &record, &victim, "stopped reporting");
+}
+
+/// `on_retry: restore`: the replacement's volume is created from the
+/// snapshot of the lost attempt's volume; without it, a fresh one.
+#[tokio::test]
+async fn a_retried_shard_restores_its_volume_from_the_lost_attempts_snapshot() {
+    for restore in [true, false] {
+        let cloud = long_cloud(13);
+        let ports = ports(&cloud);
+        let mut spec = long_job(&format!("restore-{restore}"));
+        if restore {
+            spec["volumes"][0]["on_retry"] = json!("restore");
+            spec["volumes"][0]["snapshot"] = json!("always");
+        }
+        let (id, victim) = start_long_job(&cloud, &ports, spec).await;
+        cloud.set_instance_state(&victim, "terminated");
+        drive(&cloud, &ports, 1, |r| r.state.is_terminal(), &id).await;
+        let record = cloud.record(&id).expect("record");
+        assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
+        let shard = &record.shards[1];
+        assert_eq!(shard.attempts.len(), 2);
+        let lost = &shard.attempts[0].volumes[0];
+        let replacement = shard.attempts[1].volumes[0].volume_id.clone().expect("volume");
+        let source = cloud.lock().volumes.iter().find(|v| v.id == replacement).and_then(|v| v.snapshot_id.clone());
+        if restore {
+            let checkpoint = lost.snapshot.as_ref().and_then(|s| s.snapshot_id.clone());
+            assert!(checkpoint.is_some(), "the lost attempt's volume was snapshotted");
+            assert_eq!(source, checkpoint, "the replacement resumes from it");
+            assert!(shard.trail.iter().any(|n| n.text.contains("restored from")), "{:?}", shard.trail);
+        } else {
+            assert_eq!(source, None, "a fresh volume");
+            assert!(lost.snapshot.is_none(), "on-success takes no snapshot of a failed attempt");
+        }
+        assert!(left_volumes(&cloud).is_empty());
+    }
+}
+
+/// An unhealthy instance that cannot be terminated (IAM refuses) may still
+/// be running the shard's work: the shard is failed, never retried beside it.
+#[tokio::test]
+async fn an_instance_that_cannot_be_terminated_is_never_retried_beside_itself() {
+    let cloud = long_cloud(15);
+    let ports = ports(&cloud);
+    let (id, victim) = start_long_job(&cloud, &ports, long_job("stuck-1")).await;
+    cloud.lock().refused.insert("TerminateInstances", "UnauthorizedOperation");
+    cloud.lose_agent(&victim);
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), &id).await;
+    let record = cloud.record(&id).expect("record");
+    assert_eq!(record.state, JobState::Failed, "{}", record.reason);
+    assert_eq!(record.shards[1].attempts.len(), 1, "{:?}", record.shards[1].trail);
+    assert!(record.reason.contains("could not be terminated"), "{}", record.reason);
+    assert_eq!(cloud.lock().instances.len(), 2, "no replacement was launched");
+}
+
+/// A job still running may restore from its snapshots: another run of the
+/// same name that succeeds meanwhile must not prune them by retention.
+#[tokio::test]
+async fn retention_never_prunes_the_snapshots_of_a_running_job() {
+    let mut latencies = Latencies::quick();
+    latencies.shutting_down = (10, 10);
+    let cloud = FakeCloud::seeded(sim::start_time(), 16, latencies, Faults::default()).with_behaviour(
+        std::sync::Arc::new(|request, _| {
+            let long = request.comment.starts_with("flotilla resumed ") && request.comment.contains(" run ");
+            (0, "ok".into(), if long { 3000 } else { 5 })
+        }),
+    );
+    let ports = ports(&cloud);
+    let mut spec = long_job("resumed");
+    spec["name"] = json!("nightly");
+    spec["volumes"][0]["on_retry"] = json!("restore");
+    spec["volumes"][0]["snapshot"] = json!("always");
+    let (id, victim) = start_long_job(&cloud, &ports, spec).await;
+    cloud.set_instance_state(&victim, "terminated");
+    let retried = |r: &JobRecord| r.shards[1].attempts.len() == 2;
+    drive(&cloud, &ports, 1, retried, &id).await;
+    let checkpoint = cloud.record(&id).expect("record").shards[1].attempts[0].volumes[0]
+        .snapshot
+        .as_ref()
+        .and_then(|s| s.snapshot_id.clone())
+        .expect("the lost attempt's snapshot");
+
+    // Meanwhile a newer run of the same name succeeds, keeping only 1.
+    let mut other = job("nightly-other");
+    other["name"] = json!("nightly");
+    other["volumes"][0]["retention"] = json!({"keep_last": 1});
+    intake::submit(&ports, &other.to_string(), "m-2").await.expect("intake");
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "nightly-other").await;
+    assert_eq!(cloud.record("nightly-other").expect("record").state, JobState::Succeeded);
+    assert!(cloud.lock().snapshots.iter().any(|s| s.id == checkpoint), "pruned while its job still needed it");
+
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), &id).await;
+    let record = cloud.record(&id).expect("record");
+    assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
+}
+
+/// EC2 fills part of each RunInstances (MinCount 1): the rest launch on
+/// later passes, and no slot ever gets two instances.
+#[tokio::test]
+async fn a_partly_filled_launch_completes_the_fleet_later() {
+    let cloud = FakeCloud::seeded(sim::start_time(), 14, Latencies::quick(), Faults { partial_fill: 1.0, ..Default::default() });
+    let mut spec = job("partial-1");
+    spec["fleet"] = json!({"count": 6});
+    let record = run_job(&cloud, spec, 1).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    let launches = cloud.lock().calls.get("RunInstances").copied().unwrap_or(0);
+    assert!(launches >= 2, "the first call filled only part: {launches}");
+    assert_eq!(cloud.lock().instances.len(), 6, "one instance per slot");
+    assert!(record.shards.iter().all(|s| s.attempts.len() == 1));
+}
+
 /// Bug 4: a snapshot that ends in `error` is retried; after three the volume
 /// is kept (never deleted without a snapshot) and the report says why.
 #[tokio::test]

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
     InstanceMarketOptionsRequest, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceType,
-    LaunchTemplateSpecification, MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions, Tag,
+    LaunchTemplateSpecification, MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions, SummaryStatus, Tag,
     TagSpecification, VolumeType,
 };
 use chrono::{DateTime, Utc};
@@ -22,6 +22,8 @@ use crate::spec::Market;
 const DESCRIBE_CHUNK: usize = 200;
 /// TerminateInstances accepts up to 1000 ids per call.
 const TERMINATE_CHUNK: usize = 1000;
+/// DescribeInstanceStatus accepts at most 100 explicit instance ids.
+const STATUS_CHUNK: usize = 100;
 
 pub struct Ec2Fleet {
     pub ec2: aws_sdk_ec2::Client,
@@ -217,6 +219,38 @@ impl Fleet for Ec2Fleet {
             Err(err) if matches!(err.class(), RetryClass::NotFound | RetryClass::NotYetVisible) => Ok(None),
             Err(err) => Err(err),
         }
+    }
+
+    async fn status_checks(&self, instance_ids: &[String]) -> CloudResult<Vec<(String, bool)>> {
+        let mut checks = Vec::new();
+        let mut pending: Vec<Vec<String>> = instance_ids.chunks(STATUS_CHUNK).map(<[String]>::to_vec).collect();
+        while let Some(chunk) = pending.pop() {
+            let response = match self.ec2.describe_instance_status().set_instance_ids(Some(chunk.clone())).send().await {
+                Ok(response) => response,
+                Err(e) => {
+                    let err = cloud_error("ec2", "DescribeInstanceStatus", e);
+                    if !matches!(err.class(), RetryClass::NotFound | RetryClass::NotYetVisible) {
+                        return Err(err);
+                    }
+                    // One unknown id fails the whole call: ask the others
+                    // one by one, so they are still checked.
+                    if chunk.len() > 1 {
+                        pending.extend(chunk.into_iter().map(|id| vec![id]));
+                    }
+                    continue;
+                }
+            };
+            for status in response.instance_statuses() {
+                let summary = |s: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| s.and_then(|s| s.status()).cloned();
+                let (instance, system) = (summary(status.instance_status()), summary(status.system_status()));
+                let impaired = instance == Some(SummaryStatus::Impaired) || system == Some(SummaryStatus::Impaired);
+                let ok = instance == Some(SummaryStatus::Ok) && system == Some(SummaryStatus::Ok);
+                if let (Some(id), true) = (status.instance_id(), impaired || ok) {
+                    checks.push((id.to_string(), impaired));
+                }
+            }
+        }
+        Ok(checks)
     }
 
     async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()> {

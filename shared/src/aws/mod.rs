@@ -110,6 +110,9 @@ impl Environment {
         };
         settings.poll_delay_seconds = number("FLOTILLA_POLL_DELAY_SECONDS", settings.poll_delay_seconds)?;
         settings.agent_timeout_seconds = number("FLOTILLA_AGENT_TIMEOUT_SECONDS", settings.agent_timeout_seconds)?;
+        settings.health_check_seconds = number("FLOTILLA_HEALTH_CHECK_SECONDS", settings.health_check_seconds)?;
+        settings.impaired_timeout_seconds =
+            number("FLOTILLA_IMPAIRED_TIMEOUT_SECONDS", settings.impaired_timeout_seconds)?;
         settings.worker_instance_profile =
             std::env::var("FLOTILLA_WORKER_INSTANCE_PROFILE").ok().filter(|p| !p.trim().is_empty());
         Ok(Environment {

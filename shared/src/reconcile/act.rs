@@ -58,8 +58,9 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
 }
 
 /// Keep the newest `keep_last` completed snapshots per job name, volume and
-/// shard; drop older ones and any past `max_age_days`. Snapshots of this job
-/// id are never pruned, nor any that is not `completed` yet.
+/// shard; drop older ones and any past `max_age_days`. Snapshots of this job,
+/// or of any job still active (a retry may restore from them), are never
+/// pruned, nor any that is not `completed` yet.
 async fn prune(
     ports: &Ports,
     cloud: &Cloud,
@@ -70,6 +71,8 @@ async fn prune(
     max_age_days: u32,
 ) -> Result<Vec<String>, CloudError> {
     let now = ports.clock.now();
+    // A job still running may restore from its snapshots: never prune those.
+    let active: std::collections::BTreeSet<String> = ports.ledger.list_active().await?.into_iter().collect();
     let mut lineage = cloud
         .volumes
         .find_snapshots(&[(tags::MANAGED_BY, tags::MANAGED_BY_VALUE), (tags::JOB_NAME, job_name), (tags::VOLUME, volume)])
@@ -78,7 +81,7 @@ async fn prune(
     let mut kept: BTreeMap<String, u32> = BTreeMap::new();
     let mut deleted = Vec::new();
     for snapshot in lineage {
-        let own = snapshot.tags.get(tags::JOB_ID) == Some(&record.job_id);
+        let own = snapshot.tags.get(tags::JOB_ID).is_some_and(|id| *id == record.job_id || active.contains(id));
         let shard = snapshot.tags.get(tags::SHARD).cloned().unwrap_or_default();
         let count = kept.entry(shard).or_default();
         let too_old = max_age_days > 0 && now - snapshot.started_at > Duration::days(i64::from(max_age_days));

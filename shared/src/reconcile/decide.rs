@@ -17,7 +17,9 @@ use crate::ports::{
 };
 use crate::record::*;
 use crate::shell::{self, MountTarget, Preamble};
-use crate::spec::{pattern_matches, CommandSpec, JobSpec, RetryAction, RetryStrategy, SnapshotPolicy, VolumeSource};
+use crate::spec::{
+    pattern_matches, CommandSpec, JobSpec, OnRetry, RetryAction, RetryStrategy, SnapshotPolicy, VolumeSource,
+};
 
 /// What one pass saw of the cloud: a few batched, paginated calls.
 #[derive(Debug, Clone, Default)]
@@ -34,8 +36,18 @@ pub struct Observation {
     pub invocations: BTreeMap<(String, String), InvocationView>,
     /// Recorded volumes that DescribeVolumes says no longer exist.
     pub gone_volumes: BTreeSet<String>,
-    /// Instances whose agent was asked about this pass (a command waits to be sent).
+    /// Instances whose agent was asked about this pass (a command waits to be
+    /// sent, or the health check ran).
     pub agents_checked: BTreeSet<String>,
+    /// The health check was due this pass (its clock moves on even if the
+    /// status checks could not be read).
+    pub health_due: bool,
+    /// Status checks were read this pass.
+    pub health_checked: bool,
+    /// Instances whose instance or system status check is `impaired`, and
+    /// those whose checks are both `ok`.
+    pub impaired: BTreeSet<String>,
+    pub healthy: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +132,7 @@ const RELEASE_ERRORS: u32 = 3;
 /// A requested snapshot not visible this long is treated as failed.
 const SNAPSHOT_LOST_SECONDS: i64 = 1800;
 
+
 pub struct Context<'a> {
     pub now: DateTime<Utc>,
     pub settings: &'a Settings,
@@ -151,6 +164,9 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     }
     check_abort(record, now);
     adopt_launched(record, obs, now);
+    if obs.health_due {
+        record.health_checked_at = Some(now);
+    }
 
     let mut terminate: Vec<String> = Vec::new();
     let aborting = record.outcome.is_some();
@@ -243,6 +259,7 @@ fn step_shard(
 ) {
     let now = ctx.now;
     let index = shard.index;
+    let restore_from = restore_snapshots(job.spec, shard);
     let Some(attempt) = shard.attempts.last_mut() else { return };
     let instance = attempt.instance_id.as_ref().and_then(|id| obs.instances.get(id));
     let mut notes: Vec<String> = Vec::new();
@@ -267,12 +284,14 @@ fn step_shard(
 
     // Loss and stop conditions, before the stage's own work.
     if matches!(attempt.stage, Stage::Booting | Stage::Attaching | Stage::Working) {
+        track_health(attempt, instance, obs, now);
         let lost = match instance {
             Some(view) if view.is_gone() => Some(format!("instance {} became {}", view.instance_id, view.state)),
             None if attempt.launched_at.is_some_and(|at| now - at > Duration::seconds(VANISHED_AFTER_SECONDS)) => {
                 Some(format!("instance {} vanished", attempt.instance_id.as_deref().unwrap_or("?")))
             }
-            _ => None,
+            Some(view) => unhealthy(attempt, &view.instance_id, now, ctx.settings),
+            None => None,
         };
         if let Some(detail) = lost {
             // Whatever the attempt was doing (cleanup included) died with it;
@@ -331,7 +350,15 @@ fn step_shard(
     }
 
     if attempt.stage == Stage::Attaching {
-        match attach_volumes(job, index, attempt, obs, now, seq, actions) {
+        if attempt.volumes.is_empty() {
+            for (name, snapshot_id) in &restore_from {
+                notes.push(match snapshot_id {
+                    Some(id) => format!("volume {name} restored from {id}, the last attempt's snapshot"),
+                    None => format!("volume {name} starts fresh: the last attempt's volume has no completed snapshot"),
+                });
+            }
+        }
+        match attach_volumes(job, index, attempt, &restore_from, obs, now, seq, actions) {
             Ok(true) => {
                 attempt.stage = Stage::Working;
             }
@@ -375,6 +402,63 @@ fn step_shard(
     }
 }
 
+/// Fold this pass's health check into the attempt: since when its status
+/// checks fail, and since when its agent (while working) has not been Online.
+fn track_health(attempt: &mut Attempt, instance: Option<&InstanceView>, obs: &Observation, now: DateTime<Utc>) {
+    let Some(view) = instance.filter(|v| v.state == "running") else { return };
+    let id = &view.instance_id;
+    // Only a conclusive `ok` clears it: initializing or unknown proves nothing.
+    if obs.impaired.contains(id) {
+        attempt.impaired_since.get_or_insert(now);
+    } else if obs.healthy.contains(id) {
+        attempt.impaired_since = None;
+    }
+    if attempt.stage == Stage::Working && obs.agents_checked.contains(id) {
+        if obs.online.contains(id) {
+            attempt.agent_lost_since = None;
+        } else {
+            attempt.agent_lost_since.get_or_insert(now);
+        }
+    }
+}
+
+/// A running instance the job can no longer use: status checks impaired
+/// for minutes, or an agent silent while it works. It is replaced like a
+/// terminated one (its work, if unfinished, is retried).
+fn unhealthy(attempt: &Attempt, instance_id: &str, now: DateTime<Utc>, settings: &Settings) -> Option<String> {
+    let impaired_limit = Duration::seconds(i64::from(settings.impaired_timeout_seconds));
+    if let Some(since) = attempt.impaired_since.filter(|at| now - *at >= impaired_limit) {
+        return Some(format!(
+            "instance {instance_id} failed its EC2 status checks (impaired) for {} s",
+            (now - since).num_seconds()
+        ));
+    }
+    let limit = Duration::seconds(i64::from(settings.agent_timeout_seconds));
+    if let Some(since) = attempt.agent_lost_since.filter(|at| now - *at >= limit) {
+        return Some(format!(
+            "SSM agent of {instance_id} stopped reporting for {} s while it worked",
+            (now - since).num_seconds()
+        ));
+    }
+    None
+}
+
+/// For volumes that restore on retry, by name: the completed snapshot of the
+/// volume the shard's latest earlier attempt had, or None when that volume
+/// has none (kept after failed snapshots): never an older attempt's data.
+fn restore_snapshots(spec: &JobSpec, shard: &Shard) -> BTreeMap<String, Option<String>> {
+    let mut found = BTreeMap::new();
+    let Some((_, earlier)) = shard.attempts.split_last() else { return found };
+    for volume in spec.volumes.iter().filter(|v| v.on_retry == OnRetry::Restore) {
+        let Some(last) = earlier.iter().rev().find_map(|a| a.volumes.iter().find(|v| v.name == volume.name)) else {
+            continue; // no attempt got as far as creating it: start fresh
+        };
+        let snapshot = last.snapshot.as_ref().filter(|s| s.state == "completed").and_then(|s| s.snapshot_id.clone());
+        found.insert(volume.name.clone(), snapshot);
+    }
+    found
+}
+
 fn end(attempt: &mut Attempt, cause: EndCause, detail: &str, exit_code: Option<i32>) {
     if attempt.end.is_none() {
         attempt.end = Some(AttemptEnd { cause, detail: detail.to_string(), exit_code });
@@ -413,6 +497,20 @@ fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) {
                     reason: format!("no capacity in any allowed option: {}", ended.detail),
                 });
             }
+        }
+        cause if attempt.left_for_reaper.is_some() && !attempt.completed_phases.contains(&Phase::Run) => {
+            // Its instance could not be terminated, so its work may still be
+            // running: a retry could run the shard twice at once.
+            let why = attempt.left_for_reaper.clone().unwrap_or_default();
+            shard.result = Some(ShardResult {
+                succeeded: false,
+                reason: format!(
+                    "{}: {}; not retried: instance {} could not be terminated ({why})",
+                    cause.as_str(),
+                    ended.detail,
+                    attempt.instance_id.as_deref().unwrap_or("?")
+                ),
+            });
         }
         cause => {
             let strategy = job.spec.retry.clone().unwrap_or_default();
@@ -500,10 +598,12 @@ fn volume_specs<'a>(spec: &'a JobSpec, shard: u32) -> impl Iterator<Item = &'a c
 
 /// Create (by token) and attach this attempt's volumes. True once all are
 /// attached; Err with a reason when retrying cannot help.
+#[allow(clippy::too_many_arguments)]
 fn attach_volumes(
     job: &JobFacts<'_>,
     shard: u32,
     attempt: &mut Attempt,
+    restore_from: &BTreeMap<String, Option<String>>,
     obs: &Observation,
     now: DateTime<Utc>,
     seq: &mut u64,
@@ -536,11 +636,16 @@ fn attach_volumes(
         }
         let entry = attempt.volumes.iter().find(|v| v.name == volume.name).cloned().expect("just added");
         let Some(volume_id) = entry.volume_id.clone() else {
-            let (size_gib, volume_type, snapshot_id) = match &volume.source {
+            let (size_gib, volume_type, mut snapshot_id) = match &volume.source {
                 VolumeSource::New { size_gib, volume_type } => (Some(*size_gib), volume_type.clone(), None),
                 VolumeSource::SnapshotId(id) => (None, "gp3".to_string(), Some(id.clone())),
                 VolumeSource::VolumeId(_) => unreachable!("volume_id sources have an id"),
             };
+            // A retry resumes from the lost attempt's data (same size: a
+            // volume is at least as large as its snapshot).
+            if let Some(Some(restored)) = restore_from.get(&volume.name) {
+                snapshot_id = Some(restored.clone());
+            }
             let mut volume_tags = job.tags.clone();
             volume_tags.insert(tags::VOLUME.to_string(), volume.name.clone());
             volume_tags.insert(tags::INSTANCE.to_string(), instance_id.clone());
@@ -642,6 +747,9 @@ fn work(
     let now = ctx.now;
     let instance_id = attempt.instance_id.clone().unwrap_or_default();
     let stopping = job.aborting || attempt.interrupted || attempt.timed_out;
+    // SSM reports TimedOut for a command whose agent went away too: that is
+    // the instance's failure, not the work's.
+    let agent_offline_now = obs.agents_checked.contains(&instance_id) && !obs.online.contains(&instance_id);
     if let Some(run) = attempt.phases.iter_mut().find(|p| p.status.is_none()) {
         // No batch: held back while its agent is offline.
         let batch = commands.get(&run.batch);
@@ -686,10 +794,14 @@ fn work(
                 run.exit_code = view.exit_code;
                 run.finished_at = Some(now);
             }
-            _ if stopping && !run.phase.runs_after_failure() => {
+            _ if stopping && !run.phase.runs_after_failure() && now <= dispatched_at + timeout => {
                 // Cancel until SSM reports the invocation ended: cleanup must
-                // not run beside work that is still writing.
-                actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
+                // not run beside work that is still writing. While SSM says
+                // Cancelling, the cancel is under way: asking again adds nothing.
+                let view = obs.invocations.get(&(command_id.clone(), instance_id.clone()));
+                if view.is_none_or(|v| v.status != "Cancelling") {
+                    actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
+                }
                 return;
             }
             _ if now > dispatched_at + timeout => {
@@ -718,7 +830,9 @@ fn work(
             } else if stopping {
                 let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::Aborted };
                 end(attempt, cause, "stopped while working", None);
-            } else if matches!(run.status.as_deref(), Some("Undeliverable" | "DeliveryTimedOut" | "Terminated")) {
+            } else if matches!(run.status.as_deref(), Some("Undeliverable" | "DeliveryTimedOut" | "Terminated"))
+                || (run.status.as_deref() == Some("TimedOut") && agent_offline_now)
+            {
                 // SSM never reached the agent: the instance, not the work, failed.
                 end(attempt, EndCause::InstanceLost, &detail, None);
             } else {
@@ -1827,6 +1941,62 @@ mod tests {
         obs.snapshots.insert("snap-1".into(), snapshot("completed"));
         let actions = run(&mut r, &obs, now());
         assert!(actions.iter().any(|a| matches!(a, Action::DeleteVolume { volume_id } if volume_id == "vol-1")));
+    }
+
+    /// An agent silent while its instance works is forgiven when it comes
+    /// back, and replaced only after `agent_timeout_seconds` of silence.
+    #[test]
+    fn a_silent_agent_is_replaced_after_the_agent_timeout_and_forgiven_if_it_returns() {
+        let mut r = record(serde_json::json!({"fleet": {"count": 1}, "volumes": []}));
+        let attempt = r.shards[0].current_mut().expect("attempt");
+        attempt.stage = Stage::Working;
+        attempt.instance_id = Some("i-1".into());
+        attempt.launch_token = Some("t".into());
+        attempt.launched_at = Some(now());
+        attempt.phases.push(PhaseRun {
+            phase: Phase::Run,
+            batch: 1,
+            opened_at: Some(now()),
+            status: None,
+            exit_code: None,
+            finished_at: None,
+        });
+        r.commands.insert(1, CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now() });
+        let mut obs = Observation::default();
+        obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));
+        obs.invocations.insert(
+            ("c-1".into(), "i-1".into()),
+            InvocationView {
+                instance_id: "i-1".into(),
+                status: "InProgress".into(),
+                exit_code: None,
+                stdout: String::new(),
+                stderr: String::new(),
+                output_uri: None,
+            },
+        );
+        obs.health_checked = true;
+        obs.agents_checked.insert("i-1".into());
+        let minutes = |m: i64| now() + Duration::minutes(m);
+        let stage = |r: &JobRecord| r.shards[0].current().map(|a| a.stage);
+        run(&mut r, &obs, minutes(1));
+        run(&mut r, &obs, minutes(14));
+        assert_eq!(stage(&r), Some(Stage::Working), "13 min of silence is not yet loss");
+        obs.online.insert("i-1".into());
+        run(&mut r, &obs, minutes(15));
+        assert_eq!(r.shards[0].current().and_then(|a| a.agent_lost_since), None, "back Online: forgiven");
+        obs.online.clear();
+        run(&mut r, &obs, minutes(16));
+        run(&mut r, &obs, minutes(30));
+        assert_eq!(stage(&r), Some(Stage::Working), "the clock restarted at minute 16");
+        let actions = run(&mut r, &obs, minutes(31));
+        let attempt = r.shards[0].attempts[0].clone();
+        assert_eq!(attempt.end.map(|e| e.cause), Some(EndCause::InstanceLost));
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Terminate { instance_ids } if instance_ids == &["i-1".to_string()])),
+            "{actions:?}"
+        );
+        assert!(r.shards[0].trail.iter().any(|n| n.text.contains("stopped reporting for 900 s")), "{:?}", r.shards[0].trail);
     }
 
     #[test]

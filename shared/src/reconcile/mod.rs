@@ -147,7 +147,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             record.outcome_reason.get_or_insert(format!("image: {err}"));
         }
         // 2. Observe.
-        let observation = match observe::observe(cloud, &record).await {
+        let observation = match observe::observe(cloud, &record, &ports.settings, now).await {
             Ok(observation) => {
                 record.observe_failures = 0;
                 observation

@@ -4,12 +4,22 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::ports::{tags, Cloud, CloudResult};
+use chrono::{DateTime, Duration, Utc};
+
+use tracing::warn;
+
+use crate::error::CloudError;
+use crate::ports::{tags, Cloud, CloudResult, Settings};
 use crate::record::{JobRecord, Stage};
 use crate::reconcile::Observation;
 use crate::spec::VolumeSource;
 
-pub async fn observe(cloud: &Cloud, record: &JobRecord) -> CloudResult<Observation> {
+pub async fn observe(
+    cloud: &Cloud,
+    record: &JobRecord,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) -> CloudResult<Observation> {
     let mut observation = Observation::default();
     let launched = record.attempts().any(|a| a.launch_token.is_some());
     if launched {
@@ -25,14 +35,49 @@ pub async fn observe(cloud: &Cloud, record: &JobRecord) -> CloudResult<Observati
                 p.status.is_none() && (p.batch == 0 || record.commands.get(&p.batch).is_some_and(|b| b.command_id.is_none()))
             })
     };
+    let running = |a: &&crate::record::Attempt| {
+        a.instance_id.as_ref().is_some_and(|id| observation.instances.get(id).is_some_and(|v| v.state == "running"))
+    };
+    let health_due = launched
+        && record.health_checked_at.is_none_or(|at| now - at >= Duration::seconds(i64::from(settings.health_check_seconds)));
     let ask: Vec<String> = record
         .shards
         .iter()
         .filter_map(|s| s.current())
-        .filter(|a| a.stage == Stage::Booting || waiting_send(a))
+        .filter(|a| a.stage == Stage::Booting || waiting_send(a) || (health_due && a.stage == Stage::Working))
+        .filter(running)
         .filter_map(|a| a.instance_id.clone())
-        .filter(|id| observation.instances.get(id).is_some_and(|v| v.state == "running"))
         .collect();
+    if health_due {
+        // Status checks of every instance the job still counts on.
+        let live: Vec<String> = record
+            .shards
+            .iter()
+            .filter_map(|s| s.current())
+            .filter(|a| matches!(a.stage, Stage::Booting | Stage::Attaching | Stage::Working))
+            .filter(running)
+            .filter_map(|a| a.instance_id.clone())
+            .collect();
+        observation.health_due = true;
+        // Best effort: a throttled or refused status check (a target role
+        // without ec2:DescribeInstanceStatus) must not stop the job; a silent
+        // agent still gives an impaired instance away.
+        match cloud.fleet.status_checks(&live).await {
+            _ if live.is_empty() => observation.health_checked = true,
+            Ok(checks) => {
+                for (id, impaired) in checks {
+                    if impaired {
+                        observation.impaired.insert(id);
+                    } else {
+                        observation.healthy.insert(id);
+                    }
+                }
+                observation.health_checked = true;
+            }
+            Err(err @ CloudError::Crashed(_)) => return Err(err),
+            Err(err) => warn!(job_id = %record.job_id, error = %err, "status checks unavailable"),
+        }
+    }
     if !ask.is_empty() {
         observation.online = cloud.commands.online_agents(&ask).await?.into_iter().collect();
         observation.agents_checked = ask.into_iter().collect();
@@ -100,6 +145,17 @@ pub async fn observe(cloud: &Cloud, record: &JobRecord) -> CloudResult<Observati
         for view in cloud.commands.invocations(&command_id, &instance_ids).await? {
             observation.invocations.insert((command_id.clone(), view.instance_id.clone()), view);
         }
+    }
+    // A command that timed out: was its agent there to time it out, or gone?
+    let timed_out: Vec<String> = observation
+        .invocations
+        .values()
+        .filter(|v| v.status == "TimedOut" && !observation.agents_checked.contains(&v.instance_id))
+        .map(|v| v.instance_id.clone())
+        .collect();
+    if !timed_out.is_empty() {
+        observation.online.extend(cloud.commands.online_agents(&timed_out).await?);
+        observation.agents_checked.extend(timed_out);
     }
     Ok(observation)
 }
