@@ -68,6 +68,8 @@ pub struct Latencies {
     pub shutting_down: (i64, i64),
     pub volume_create: (i64, i64),
     pub attach: (i64, i64),
+    /// Seconds a volume takes to detach after its instance terminated.
+    pub detach: (i64, i64),
     pub snapshot: (i64, i64),
     /// Milliseconds each API call takes.
     pub call_ms: (i64, i64),
@@ -84,6 +86,7 @@ impl Latencies {
             shutting_down: (5, 60),
             volume_create: (1, 10),
             attach: (1, 8),
+            detach: (1, 90),
             snapshot: (60, 600),
             call_ms: (20, 250),
             visible: (0, 4),
@@ -98,6 +101,7 @@ impl Latencies {
             shutting_down: (0, 0),
             volume_create: (0, 0),
             attach: (0, 0),
+            detach: (0, 0),
             snapshot: (0, 0),
             call_ms: (0, 0),
             visible: (0, 0),
@@ -134,6 +138,8 @@ pub struct Faults {
     pub partial_fill: f64,
     /// Per CreateVolume: the volume ends in `error` instead of `available`.
     pub volume_error: f64,
+    /// Per volume: its detach, once its instance terminated, takes 5-15 min.
+    pub stuck_detach: f64,
     /// SQS is not FIFO: each message is delivered up to this many seconds
     /// late, so messages sent close together arrive out of order.
     pub reorder_seconds: i64,
@@ -182,6 +188,8 @@ pub struct FakeVolume {
     pub snapshot_id: Option<String>,
     /// It ends in `error` instead of `available`.
     pub fails: bool,
+    /// Its instance terminated: `in-use` (attachment `detaching`) until then.
+    pub detached_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone)]
@@ -266,6 +274,8 @@ pub struct FakeState {
     pub refused: BTreeMap<&'static str, &'static str>,
     /// Snapshots deleted here: CreateVolume from one is refused, as EC2 does.
     pub deleted_snapshots: BTreeSet<String>,
+    /// Seconds a detach takes after its instance terminated (from `Latencies`).
+    pub detach: (i64, i64),
 }
 
 #[derive(Clone)]
@@ -293,6 +303,7 @@ impl FakeCloud {
             let mut state = cloud.lock();
             state.rng = Some(Rng::new(seed));
             state.faults = faults;
+            state.detach = latencies.detach;
         }
         FakeCloud { latencies, ..cloud }
     }
@@ -458,6 +469,7 @@ impl Future for YieldOnce {
 /// Move every resource to the state its moment says.
 fn refresh(state: &mut FakeState) {
     let now = state.now.unwrap_or_default();
+    let (detach, stuck) = (state.detach, state.faults.stuck_detach);
     let mut ended: BTreeSet<String> = BTreeSet::new();
     let mut terminated: BTreeSet<String> = BTreeSet::new();
     for instance in &mut state.instances {
@@ -474,18 +486,26 @@ fn refresh(state: &mut FakeState) {
             terminated.insert(instance.id.clone());
         }
     }
-    for volume in &mut state.volumes {
+    let FakeState { volumes, rng, .. } = state;
+    let rng = rng.as_mut().expect("rng");
+    for volume in volumes.iter_mut() {
         if volume.state == "creating" && now >= volume.available_at {
             volume.state = if volume.fails { "error" } else { "available" }.to_string();
         }
-        // EC2 detaches a volume when its instance terminates.
+        // EC2 detaches a volume when its instance terminates, in its own time:
+        // the volume stays `in-use` (attachment `detaching`) until then.
         if let Some(owner) = &volume.attached_to {
             if terminated.contains(owner) {
+                let seconds = if rng.chance(stuck) { rng.range(300, 900) } else { rng.range(detach.0, detach.1) };
                 volume.attached_to = None;
-                volume.state = "available".to_string();
+                volume.state = "in-use".to_string();
+                volume.detached_at = Some(now + Duration::seconds(seconds));
             } else if volume.state == "attaching" && now >= volume.available_at {
                 volume.state = "in-use".to_string();
             }
+        }
+        if volume.attached_to.is_none() && volume.state == "in-use" && volume.detached_at.is_some_and(|at| now >= at) {
+            volume.state = "available".to_string();
         }
     }
     if ended.is_empty() {
@@ -735,6 +755,7 @@ impl Volumes for FakeCloud {
             tags: volume_tags,
             snapshot_id: request.snapshot_id.clone(),
             fails,
+            detached_at: None,
         };
         state.volumes.push(volume.clone());
         state.volume_tokens.insert(request.client_token.clone(), id);
@@ -789,7 +810,7 @@ impl Volumes for FakeCloud {
         let Some(volume) = state.volumes.iter_mut().find(|v| v.id == volume_id && v.state != "deleted") else {
             return Err(not_found("DeleteVolume", "InvalidVolume.NotFound"));
         };
-        if volume.attached_to.is_some() {
+        if volume.attached_to.is_some() || volume.state == "in-use" {
             return Err(CloudError::api("ec2", "DeleteVolume", "VolumeInUse", "attached"));
         }
         volume.state = "deleted".into();

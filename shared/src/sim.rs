@@ -167,6 +167,7 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
         scenario.faults.command_fail = if rng.chance(0.4) { 0.03 } else { 0.0 };
         scenario.faults.command_hang = if rng.chance(0.2) { 0.02 } else { 0.0 };
         scenario.faults.volume_error = if rng.chance(0.2) { 0.05 } else { 0.0 };
+        scenario.faults.stuck_detach = if rng.chance(0.2) { 0.1 } else { 0.0 };
         if rng.chance(0.4) {
             scenario.cancel_at = Some(rng.range(10, 3000));
         }

@@ -358,12 +358,15 @@ fn step_shard(
                 });
             }
         }
+        let before = actions.len();
         match attach_volumes(job, index, attempt, &restore_from, obs, now, seq, actions) {
             Ok(true) => {
                 attempt.stage = Stage::Working;
             }
             Ok(false) => *wait = (*wait).min(5),
             Err(detail) => {
+                // The attempt ends here: create or attach nothing more for it.
+                actions.truncate(before);
                 end(attempt, EndCause::Permanent, &detail, None);
                 notes.push(detail);
                 attempt.stage = Stage::Releasing;
@@ -1997,6 +2000,51 @@ mod tests {
             "{actions:?}"
         );
         assert!(r.shards[0].trail.iter().any(|n| n.text.contains("stopped reporting for 900 s")), "{:?}", r.shards[0].trail);
+    }
+
+    /// Found by the simulator (seed 1186): an attempt that fails on one volume
+    /// in `error` must not create its other volumes in the same pass; a
+    /// volume created then was found by the final sweep and deleted without
+    /// the snapshot its `always` policy asks for.
+    #[test]
+    fn an_attempt_that_fails_on_a_volume_creates_no_other_volume() {
+        let mut r = record(serde_json::json!({"fleet": {"count": 1}, "volumes": [
+            {"name": "a", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf", "mount_point": "/a", "snapshot": "always"},
+            {"name": "b", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdg", "mount_point": "/b"}
+        ]}));
+        let attempt = r.shards[0].current_mut().expect("attempt");
+        attempt.stage = Stage::Attaching;
+        attempt.instance_id = Some("i-1".into());
+        attempt.availability_zone = Some("us-east-1a".into());
+        attempt.launch_token = Some("t".into());
+        attempt.launched_at = Some(now());
+        attempt.volumes.push(AttemptVolume {
+            name: "b".into(),
+            token: "j-v2".into(),
+            volume_id: Some("vol-b".into()),
+            created: true,
+            created_at: Some(now()),
+            seen: true,
+            snapshot: None,
+            snapshot_failures: 0,
+            deleted: false,
+            kept: None,
+        });
+        let mut obs = Observation::default();
+        obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));
+        obs.volumes.insert(
+            "vol-b".into(),
+            VolumeView {
+                volume_id: "vol-b".into(),
+                state: "error".into(),
+                availability_zone: "us-east-1a".into(),
+                attached_to: None,
+                tags: BTreeMap::new(),
+            },
+        );
+        let actions = run(&mut r, &obs, now());
+        assert!(!actions.iter().any(|a| matches!(a, Action::CreateVolume { .. })), "{actions:?}");
+        assert_eq!(r.shards[0].attempts[0].end.as_ref().map(|e| e.cause), Some(EndCause::Permanent));
     }
 
     #[test]
