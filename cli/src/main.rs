@@ -253,7 +253,10 @@ async fn watch(job_id: &str, timeout: u64) -> Result<i32> {
             }
             if record.state.is_terminal() {
                 println!();
-                print!("{}", report::render_with_tail(&record, &tails(&ledger, &record).await, report::REPORT_TAIL_LINES));
+                print!(
+                    "{}",
+                    report::render_with_tail(&record, &tails(&ledger, &record).await, report::REPORT_TAIL_LINES)
+                );
                 return Ok(if record.state == JobState::Succeeded { 0 } else { 1 });
             }
         } else if last.is_empty() {

@@ -544,7 +544,12 @@ fn view(instance: &FakeInstance) -> InstanceView {
 fn fingerprint(request: &LaunchRequest) -> String {
     format!(
         "{}|{:?}|{:?}|{:?}|{:?}|{}",
-        request.instance_type, request.image_id, request.subnet_id, request.market, request.instance_profile, request.count
+        request.instance_type,
+        request.image_id,
+        request.subnet_id,
+        request.market,
+        request.instance_profile,
+        request.count
     )
 }
 
@@ -586,7 +591,12 @@ impl Fleet for FakeCloud {
             return Err(CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "no capacity"));
         }
         if request.market == Market::Spot && state.faults.no_spot_capacity {
-            return Err(CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "spot capacity-not-available"));
+            return Err(CloudError::api(
+                "ec2",
+                "RunInstances",
+                "InsufficientInstanceCapacity",
+                "spot capacity-not-available",
+            ));
         }
         let mut ids = Vec::new();
         let partial = state.faults.partial_fill;
@@ -609,7 +619,8 @@ impl Fleet for FakeCloud {
             let agent_dies = state.faults.agent_dies;
             let rng = state.rng.as_mut().expect("rng");
             let agent_lost_at = rng.chance(agent_dies).then(|| online_at + Duration::seconds(rng.range(30, 1800)));
-            let az = ["us-east-1a", "us-east-1b"][usize::from(request.subnet_id.as_deref().is_some_and(|s| s.ends_with('b')))];
+            let az = ["us-east-1a", "us-east-1b"]
+                [usize::from(request.subnet_id.as_deref().is_some_and(|s| s.ends_with('b')))];
             let mut instance_tags = request.tags.clone();
             instance_tags.insert(tags::LAUNCH.to_string(), request.client_token.clone());
             state.instances.push(FakeInstance {
@@ -655,7 +666,9 @@ impl Fleet for FakeCloud {
         Ok(state
             .instances
             .iter()
-            .filter(|i| instance_ids.contains(&i.id) && i.state == "running" && now >= i.running_at + Duration::seconds(120))
+            .filter(|i| {
+                instance_ids.contains(&i.id) && i.state == "running" && now >= i.running_at + Duration::seconds(120)
+            })
             .map(|i| (i.id.clone(), i.impaired_at.is_some_and(|at| now >= at)))
             .collect())
     }
@@ -902,7 +915,12 @@ impl Commands for FakeCloud {
             let ready = state.instances.iter().any(|i| &i.id == id && i.agent_up(now));
             if !ready {
                 let seen = state.instances.iter().find(|i| &i.id == id).map(|i| (i.state.clone(), i.online_at));
-                return Err(CloudError::api("ssm", "SendCommand", "InvalidInstanceId", &format!("{id} not Online: {seen:?}")));
+                return Err(CloudError::api(
+                    "ssm",
+                    "SendCommand",
+                    "InvalidInstanceId",
+                    &format!("{id} not Online: {seen:?}"),
+                ));
             }
         }
         let mut runs = BTreeMap::new();
@@ -1014,7 +1032,10 @@ impl Commands for FakeCloud {
         for (id, run) in command.runs.iter_mut() {
             // SSM reports Cancelling until the agent has stopped the process;
             // an agent that cannot be reached never does.
-            if instance_ids.contains(id) && run.cancel_requested_at.is_none() && run.died_at.is_none() && now < run.finishes_at
+            if instance_ids.contains(id)
+                && run.cancel_requested_at.is_none()
+                && run.died_at.is_none()
+                && now < run.finishes_at
             {
                 run.cancel_requested_at = Some(now);
                 if agent_up.contains(id) {
@@ -1169,8 +1190,18 @@ impl FakeCloud {
     pub fn call_totals(&self) -> (u64, u64) {
         let state = self.lock();
         let total = state.calls.values().sum();
-        let reads = ["DescribeInstances", "DescribeVolumes", "DescribeSnapshots", "DescribeInstanceInformation",
-            "ListCommands", "ListCommandInvocations", "GetObject", "GetParameter", "AssumeRole", "ListObjectsV2"];
+        let reads = [
+            "DescribeInstances",
+            "DescribeVolumes",
+            "DescribeSnapshots",
+            "DescribeInstanceInformation",
+            "ListCommands",
+            "ListCommandInvocations",
+            "GetObject",
+            "GetParameter",
+            "AssumeRole",
+            "ListObjectsV2",
+        ];
         let mutating = state.calls.iter().filter(|(k, _)| !reads.contains(k)).map(|(_, v)| *v).sum();
         (total, mutating)
     }

@@ -134,7 +134,10 @@ async fn cancel(ports: &Ports, job_id: &str) -> Result<Intake, StepError> {
         return Ok(Intake::CancelIgnored { job_id: job_id.to_string(), reason: "no such job".into() });
     };
     if loaded.record.state.is_terminal() || loaded.record.cancel_requested {
-        return Ok(Intake::CancelIgnored { job_id: job_id.to_string(), reason: format!("job is {}", loaded.record.state) });
+        return Ok(Intake::CancelIgnored {
+            job_id: job_id.to_string(),
+            reason: format!("job is {}", loaded.record.state),
+        });
     }
     // Only the flag is written; the job's reconciler acts on it.
     let requested = reconcile::update_inbox(

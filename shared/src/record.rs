@@ -350,7 +350,8 @@ impl Attempt {
 
     /// The phases this attempt ran (or runs), in order, detailed or not.
     pub fn phases_ran(&self) -> Vec<Phase> {
-        let mut all: Vec<Phase> = self.completed_phases.iter().copied().chain(self.phases.iter().map(|p| p.phase)).collect();
+        let mut all: Vec<Phase> =
+            self.completed_phases.iter().copied().chain(self.phases.iter().map(|p| p.phase)).collect();
         all.sort();
         all.dedup();
         all
@@ -497,12 +498,7 @@ impl JobRecord {
         let mut record = JobRecord::blank(job_id, JobState::Submitted, reason, now);
         record.deadline_at = Some(now + chrono::Duration::minutes(i64::from(spec.deadline_minutes)));
         record.shards = (0..plan.instance_count)
-            .map(|index| Shard {
-                index,
-                attempts: vec![Attempt::new(1, 0)],
-                result: None,
-                trail: vec![],
-            })
+            .map(|index| Shard { index, attempts: vec![Attempt::new(1, 0)], result: None, trail: vec![] })
             .collect();
         record.spec = Some(spec);
         record.plan = Some(plan);
@@ -599,7 +595,11 @@ pub fn launch_options(spec: &JobSpec) -> Vec<LaunchOption> {
     for market in markets {
         for instance_type in &spec.instance_types {
             for subnet_id in &subnets {
-                options.push(LaunchOption { instance_type: instance_type.clone(), subnet_id: subnet_id.clone(), market });
+                options.push(LaunchOption {
+                    instance_type: instance_type.clone(),
+                    subnet_id: subnet_id.clone(),
+                    market,
+                });
             }
         }
     }

@@ -109,7 +109,9 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
             for run in &attempt.phases {
                 let batch = record.commands.get(&run.batch);
                 let took = match (run.finished_at, batch) {
-                    (Some(f), Some(b)) => format!(" in {:.1}s", (f - b.dispatched_at).num_milliseconds() as f64 / 1000.0),
+                    (Some(f), Some(b)) => {
+                        format!(" in {:.1}s", (f - b.dispatched_at).num_milliseconds() as f64 / 1000.0)
+                    }
                     _ => String::new(),
                 };
                 let code = run.exit_code.map(|c| format!(" exit {c}")).unwrap_or_default();
@@ -138,7 +140,8 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
                     .as_ref()
                     .and_then(|s| s.snapshot_id.as_ref().map(|id| format!(", snapshot {id} {}", s.state)))
                     .unwrap_or_default();
-                let _ = writeln!(out, "    volume {} {} ({fate}{snapshot})", v.name, v.volume_id.as_deref().unwrap_or("-"));
+                let _ =
+                    writeln!(out, "    volume {} {} ({fate}{snapshot})", v.name, v.volume_id.as_deref().unwrap_or("-"));
             }
         }
         for note in &shard.trail {

@@ -318,8 +318,10 @@ pub async fn run(scenario: &Scenario) -> SimResult {
         let copies = if rng.chance(scenario.duplicate) { 2 } else { 1 };
         let budget = Duration::seconds(i64::from(ports.settings.pass_budget_seconds));
         let outcomes = if copies == 2 {
-            let (a, b) =
-                tokio::join!(reconcile::reconcile(&ports, &message, budget), reconcile::reconcile(&ports, &message, budget));
+            let (a, b) = tokio::join!(
+                reconcile::reconcile(&ports, &message, budget),
+                reconcile::reconcile(&ports, &message, budget)
+            );
             vec![a, b]
         } else {
             vec![reconcile::reconcile(&ports, &message, budget).await]
@@ -370,9 +372,15 @@ enum Fault {
 async fn inject(cloud: &FakeCloud, ports: &Ports, job_id: &str, fault: Fault, rng: &mut Rng) -> Option<(i64, Fault)> {
     let candidates: Vec<String> = {
         let state = cloud.lock();
-        state.instances.iter().filter(|i| matches!(i.state.as_str(), "pending" | "running")).map(|i| i.id.clone()).collect()
+        state
+            .instances
+            .iter()
+            .filter(|i| matches!(i.state.as_str(), "pending" | "running"))
+            .map(|i| i.id.clone())
+            .collect()
     };
-    let victim = (!candidates.is_empty()).then(|| candidates[rng.range(0, candidates.len() as i64 - 1) as usize].clone());
+    let victim =
+        (!candidates.is_empty()).then(|| candidates[rng.range(0, candidates.len() as i64 - 1) as usize].clone());
     match (fault, victim) {
         (Fault::Cancel, _) => {
             let _ = intake::submit(ports, &json!({"cancel": job_id}).to_string(), "m-cancel").await;
@@ -459,7 +467,9 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
                 Some(crate::spec::SnapshotPolicy::Always) => true,
                 // The shard's work (its run phase) succeeded on this attempt:
                 // judged from the phases, not from how the code ended it.
-                Some(crate::spec::SnapshotPolicy::OnSuccess) => attempt.completed_phases.contains(&crate::record::Phase::Run),
+                Some(crate::spec::SnapshotPolicy::OnSuccess) => {
+                    attempt.completed_phases.contains(&crate::record::Phase::Run)
+                }
                 _ => false,
             };
             let Some(volume_id) = &volume.volume_id else { continue };
@@ -506,10 +516,8 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     for shard in &record.shards {
         for (i, attempt) in shard.attempts.iter().enumerate().skip(1) {
             for volume in &attempt.volumes {
-                let restore = spec
-                    .volumes
-                    .iter()
-                    .any(|v| v.name == volume.name && v.on_retry == crate::spec::OnRetry::Restore);
+                let restore =
+                    spec.volumes.iter().any(|v| v.name == volume.name && v.on_retry == crate::spec::OnRetry::Restore);
                 let Some(volume_id) = volume.volume_id.as_ref().filter(|_| restore) else { continue };
                 let Some(previous) =
                     shard.attempts[..i].iter().rev().find_map(|a| a.volumes.iter().find(|v| v.name == volume.name))
@@ -529,7 +537,10 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
                     violation(
                         result,
                         "restore from snapshot",
-                        format!("shard {} attempt {}: {volume_id} from {actual:?}, expected {expected:?}", shard.index, attempt.number),
+                        format!(
+                            "shard {} attempt {}: {volume_id} from {actual:?}, expected {expected:?}",
+                            shard.index, attempt.number
+                        ),
                     );
                 }
             }
@@ -552,7 +563,11 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     for (token, count) in &launched {
         let allowed = given.get(token).copied().unwrap_or(0);
         if *count > allowed {
-            violation(result, "duplicate instances", format!("token {token}: {count} instances for {allowed} attempts"));
+            violation(
+                result,
+                "duplicate instances",
+                format!("token {token}: {count} instances for {allowed} attempts"),
+            );
         }
     }
     let ids = record.instance_ids();
@@ -594,10 +609,18 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     // EC2 and SSM mutating calls within a factor of the floor for the work done.
     let floor = call_floor(&record);
     result.call_floor = floor;
-    let ec2_mutating: u64 = ["RunInstances", "CreateVolume", "AttachVolume", "CreateSnapshot", "DeleteVolume", "SendCommand", "TerminateInstances"]
-        .iter()
-        .map(|k| state.calls.get(k).copied().unwrap_or(0))
-        .sum();
+    let ec2_mutating: u64 = [
+        "RunInstances",
+        "CreateVolume",
+        "AttachVolume",
+        "CreateSnapshot",
+        "DeleteVolume",
+        "SendCommand",
+        "TerminateInstances",
+    ]
+    .iter()
+    .map(|k| state.calls.get(k).copied().unwrap_or(0))
+    .sum();
     result.mutating_calls = ec2_mutating;
     if ec2_mutating > floor * CALL_FACTOR + 10 {
         violation(result, "call budget", format!("{ec2_mutating} mutating EC2/SSM calls, floor {floor}"));
@@ -694,7 +717,12 @@ impl Campaign {
     }
 
     pub fn print(&self) {
-        println!("simulated jobs: {} in {:.1} s ({:.1} jobs/s)", self.jobs, self.seconds, self.jobs as f64 / self.seconds.max(0.001));
+        println!(
+            "simulated jobs: {} in {:.1} s ({:.1} jobs/s)",
+            self.jobs,
+            self.seconds,
+            self.jobs as f64 / self.seconds.max(0.001)
+        );
         println!("outcomes: {:?}", self.states);
         println!("violations per invariant:");
         for invariant in INVARIANTS {
@@ -706,7 +734,10 @@ impl Campaign {
             self.max_virtual_overrun_minutes.max(0)
         );
         println!("calls per job by size (faults included):");
-        println!("  {:<7} {:>6} {:>12} {:>22} {:>16} {:>14}", "shards", "jobs", "calls/job", "EC2+SSM mutating/job", "floor/job", "max record");
+        println!(
+            "  {:<7} {:>6} {:>12} {:>22} {:>16} {:>14}",
+            "shards", "jobs", "calls/job", "EC2+SSM mutating/job", "floor/job", "max record"
+        );
         for (size, (jobs, calls, mutating, floor, record)) in &self.by_size {
             let n = (*jobs).max(1) as f64;
             println!(

@@ -467,7 +467,9 @@ fn check_retry(retry: &RetryStrategy) -> Result<(), SpecError> {
     if let Some(limit) = retry.attempt_timeout_seconds {
         // AWS Batch's minimum attempt duration is 60 s.
         if !(60..=MAX_STEP_TIMEOUT_SECONDS).contains(&limit) {
-            return fail(format!("retry.attempt_timeout_seconds: must be 60..={MAX_STEP_TIMEOUT_SECONDS}, got {limit}"));
+            return fail(format!(
+                "retry.attempt_timeout_seconds: must be 60..={MAX_STEP_TIMEOUT_SECONDS}, got {limit}"
+            ));
         }
     }
     if retry.evaluate_on_exit.len() > 5 {
@@ -481,11 +483,16 @@ fn check_retry(retry: &RetryStrategy) -> Result<(), SpecError> {
         if let Some(code) = &rule.on_exit_code {
             let digits = code.strip_suffix('*').unwrap_or(code);
             if code.is_empty() || code.len() > 12 || !digits.chars().all(|c| c.is_ascii_digit()) {
-                return fail(format!("{at}.on_exit_code: expected digits optionally ending in *, got `{}`", printable(code)));
+                return fail(format!(
+                    "{at}.on_exit_code: expected digits optionally ending in *, got `{}`",
+                    printable(code)
+                ));
             }
         }
         if let Some(reason) = &rule.on_reason {
-            check_charset(&format!("{at}.on_reason"), reason, 512, |c| c.is_ascii_alphanumeric() || " .:_-*".contains(c))?;
+            check_charset(&format!("{at}.on_reason"), reason, 512, |c| {
+                c.is_ascii_alphanumeric() || " .:_-*".contains(c)
+            })?;
         }
     }
     Ok(())

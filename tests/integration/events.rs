@@ -136,7 +136,10 @@ async fn every_event_file_drives_its_function() {
         serde_json::from_value(event("tick.json")).expect("tick.json is a scheduled event");
     let ticked = handlers::tick(&ports).await.expect("tick");
     assert_eq!(ticked["woken"], 1);
-    assert_eq!(ports.ledger.list_active().await.expect("active"), vec!["flotilla-nightly-example-202611210300".to_string()]);
+    assert_eq!(
+        ports.ledger.list_active().await.expect("active"),
+        vec!["flotilla-nightly-example-202611210300".to_string()]
+    );
 
     // Cancelling a finished job changes nothing.
     intake(&ports, event("sqs-cancel-job.json")).await;

@@ -49,7 +49,10 @@ async fn pump_until(stack: &MotoStack, job_id: &str, ready: impl Fn(&JobRecord) 
 
 fn all_running(record: &JobRecord) -> bool {
     record.shards.iter().all(|s| {
-        s.current().and_then(|a| a.phase(Phase::Run)).and_then(|p| record.commands.get(&p.batch)).is_some_and(|b| b.command_id.is_some())
+        s.current()
+            .and_then(|a| a.phase(Phase::Run))
+            .and_then(|p| record.commands.get(&p.batch))
+            .is_some_and(|b| b.command_id.is_some())
     })
 }
 
@@ -64,7 +67,10 @@ async fn success_runs_every_phase_snapshots_and_cleans_up() {
     assert_eq!(record.shards.len(), 2);
     let mut seen = Vec::new();
     for shard in 0..2 {
-        assert_eq!(phases(&record, shard), vec![Phase::Mount, Phase::Setup, Phase::Run, Phase::BeforeUnmount, Phase::Unmount]);
+        assert_eq!(
+            phases(&record, shard),
+            vec![Phase::Mount, Phase::Setup, Phase::Run, Phase::BeforeUnmount, Phase::Unmount]
+        );
         assert_eq!(record.shards[shard].current().and_then(|a| a.end.as_ref()).and_then(|e| e.exit_code), Some(0));
         let tail = output(&stack, "ok-1", shard as u32, 1, Phase::Run).await;
         // The env value reached the script verbatim: quoted, not executed.
@@ -107,7 +113,11 @@ async fn failing_command_fails_the_job_still_unmounts_and_skips_on_success_snaps
         assert!(attempt.completed_phases.contains(&Phase::BeforeUnmount), "{:?}", attempt.phases_ran());
         assert!(attempt.completed_phases.contains(&Phase::Unmount));
     }
-    let failed = record.shards.iter().find(|s| s.attempts[0].end.as_ref().is_some_and(|e| e.cause == EndCause::CommandFailed)).expect("a failed shard");
+    let failed = record
+        .shards
+        .iter()
+        .find(|s| s.attempts[0].end.as_ref().is_some_and(|e| e.cause == EndCause::CommandFailed))
+        .expect("a failed shard");
     let tail = output(&stack, "fail-1", failed.index, 1, Phase::Run).await;
     assert!(tail.contains(&"about to fail".to_string()), "{tail:?}");
     assert_eq!(stack.running_managed().await, 0);
@@ -202,7 +212,8 @@ async fn every_message_survives_duplicate_concurrent_delivery() {
     let commands = stack.ssm().list_commands().send().await.expect("list");
     for phase in [Phase::Mount, Phase::Setup, Phase::Run, Phase::BeforeUnmount, Phase::Unmount] {
         let prefix = format!("flotilla dup-1 {} ", phase.as_str());
-        let sent: Vec<_> = commands.commands().iter().filter(|c| c.comment().is_some_and(|k| k.starts_with(&prefix))).collect();
+        let sent: Vec<_> =
+            commands.commands().iter().filter(|c| c.comment().is_some_and(|k| k.starts_with(&prefix))).collect();
         assert_eq!(sent.len(), 1, "{phase:?} sent exactly once");
         assert_eq!(sent[0].instance_ids().len(), 2, "{phase:?} for both shards in one call");
     }
@@ -270,8 +281,7 @@ async fn launch_template_spot_and_every_volume_source() {
         .collect();
     assert_eq!(images, vec!["ami-12c6146b".to_string(); 2], "launched from the template");
     // The user's volume went to shard 0 only, was detached, and is never deleted.
-    let kept: Vec<_> =
-        record.attempts().flat_map(|a| a.volumes.iter()).filter(|v| v.name == "keep").collect();
+    let kept: Vec<_> = record.attempts().flat_map(|a| a.volumes.iter()).filter(|v| v.name == "keep").collect();
     assert_eq!(kept.len(), 1);
     assert_eq!(record.shards[0].attempts[0].volumes.iter().filter(|v| v.name == "keep").count(), 1);
     let view = ec2.describe_volumes().volume_ids(&existing).send().await.expect("volume");
@@ -358,7 +368,14 @@ async fn a_spot_interruption_mid_run_moves_the_shard_and_the_job_succeeds() {
         "region": "us-east-1", "resources": [format!("arn:aws:ec2:us-east-1a:instance/{victim}")],
         "detail": {"instance-id": victim, "instance-action": "terminate"}
     });
-    stack.sqs().send_message().queue_url(&stack.reconcile_queue).message_body(event.to_string()).send().await.expect("event");
+    stack
+        .sqs()
+        .send_message()
+        .queue_url(&stack.reconcile_queue)
+        .message_body(event.to_string())
+        .send()
+        .await
+        .expect("event");
     // Deliver the warning, then EC2 reclaims the instance.
     for _ in 0..5 {
         stack.pump_once(&ports, false).await;
@@ -429,7 +446,11 @@ async fn a_permanent_error_during_cleanup_fails_the_job_and_tears_down() {
     stack.submit(&job("refused-1").to_string()).await;
     let record = stack.run_to_end(&ports, "refused-1", false, LIMIT).await;
     assert_eq!(record.state, JobState::Failed);
-    assert!(record.reason.contains("cleanup did not finish") && record.reason.contains("UnauthorizedOperation"), "{}", record.reason);
+    assert!(
+        record.reason.contains("cleanup did not finish") && record.reason.contains("UnauthorizedOperation"),
+        "{}",
+        record.reason
+    );
     assert_eq!(stack.running_managed().await, 0);
     assert_eq!(stack.snapshots("refused-1").await.len(), 2, "snapshots first: no data lost");
     assert!(flotilla_shared::report::render(&record).contains("kept: delete refused"));

@@ -415,14 +415,8 @@ async fn a_terminated_instance_never_reports_success_and_cancel_is_per_instance(
     assert_eq!(survivor.status(), Some(&CommandInvocationStatus::Success));
     let cancelled = finished(&stack, &command, &ids[1]).await;
     assert_eq!(cancelled.status(), Some(&CommandInvocationStatus::Cancelled));
-    let lost = stack
-        .ssm()
-        .get_command_invocation()
-        .command_id(&command)
-        .instance_id(&ids[0])
-        .send()
-        .await
-        .expect("get");
+    let lost =
+        stack.ssm().get_command_invocation().command_id(&command).instance_id(&ids[0]).send().await.expect("get");
     assert_ne!(lost.status(), Some(&CommandInvocationStatus::Success), "its work died with its instance");
 }
 

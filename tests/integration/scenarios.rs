@@ -80,7 +80,10 @@ async fn sized_fleet_runs_every_phase_per_shard_on_virtual_time() {
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     assert_eq!(record.shards.len(), 3);
     for shard in 0..3 {
-        assert_eq!(phases(&record, shard), vec![Phase::Mount, Phase::Setup, Phase::Run, Phase::BeforeUnmount, Phase::Unmount]);
+        assert_eq!(
+            phases(&record, shard),
+            vec![Phase::Mount, Phase::Setup, Phase::Run, Phase::BeforeUnmount, Phase::Unmount]
+        );
     }
     assert_eq!(record.snapshots().len(), 3);
     assert_eq!(cloud.running_instances(), 0);
@@ -99,7 +102,8 @@ async fn sized_fleet_runs_every_phase_per_shard_on_virtual_time() {
 /// command is ever sent twice.
 #[tokio::test]
 async fn interleaved_duplicate_deliveries_launch_once_and_send_each_phase_once() {
-    let cloud = FakeCloud::seeded(sim::start_time(), 7, Latencies::quick(), Faults { yield_rate: 0.5, ..Default::default() });
+    let cloud =
+        FakeCloud::seeded(sim::start_time(), 7, Latencies::quick(), Faults { yield_rate: 0.5, ..Default::default() });
     let record = run_job(&cloud, job("sim-dup"), 2).await;
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     let calls = cloud.lock().calls.clone();
@@ -113,7 +117,16 @@ async fn interleaved_duplicate_deliveries_launch_once_and_send_each_phase_once()
 /// what the crashed one started, without repeating it.
 #[tokio::test]
 async fn a_crash_after_any_call_is_finished_without_repeating_it() {
-    for operation in ["RunInstances", "CreateVolume", "AttachVolume", "SendCommand", "CreateSnapshot", "DeleteVolume", "TerminateInstances", "PutObject"] {
+    for operation in [
+        "RunInstances",
+        "CreateVolume",
+        "AttachVolume",
+        "SendCommand",
+        "CreateSnapshot",
+        "DeleteVolume",
+        "TerminateInstances",
+        "PutObject",
+    ] {
         let cloud = cloud();
         cloud.lock().crash_after.push(operation);
         let record = run_job(&cloud, job(&format!("crash-{}", operation.to_lowercase())), 1).await;
@@ -186,11 +199,12 @@ async fn cancel_while_volumes_are_created_leaks_nothing() {
 async fn a_stopped_instance_is_terminated_and_its_shard_replaced() {
     let mut latencies = Latencies::quick();
     latencies.shutting_down = (10, 10);
-    let cloud = FakeCloud::seeded(sim::start_time(), 9, latencies, Faults::default())
-        .with_behaviour(std::sync::Arc::new(|request, _| {
+    let cloud = FakeCloud::seeded(sim::start_time(), 9, latencies, Faults::default()).with_behaviour(
+        std::sync::Arc::new(|request, _| {
             let seconds = if request.comment.contains(" run ") { 600 } else { 5 };
             (0, "ok".into(), seconds)
-        }));
+        }),
+    );
     let ports = ports(&cloud);
     let mut spec = job("stopped-1");
     spec["run"]["timeout_seconds"] = json!(3600);
@@ -397,7 +411,12 @@ async fn retention_never_prunes_the_snapshots_of_a_running_job() {
 /// later passes, and no slot ever gets two instances.
 #[tokio::test]
 async fn a_partly_filled_launch_completes_the_fleet_later() {
-    let cloud = FakeCloud::seeded(sim::start_time(), 14, Latencies::quick(), Faults { partial_fill: 1.0, ..Default::default() });
+    let cloud = FakeCloud::seeded(
+        sim::start_time(),
+        14,
+        Latencies::quick(),
+        Faults { partial_fill: 1.0, ..Default::default() },
+    );
     let mut spec = job("partial-1");
     spec["fleet"] = json!({"count": 6});
     let record = run_job(&cloud, spec, 1).await;
@@ -509,12 +528,18 @@ async fn a_spot_interruption_moves_the_shard_to_on_demand() {
     intake::submit(&ports, &spec.to_string(), "m-1").await.expect("intake");
     let running = |r: &JobRecord| r.shards.iter().all(|s| s.current().is_some_and(|a| a.phase(Phase::Run).is_some()));
     drive(&cloud, &ports, 1, running, "spot-2").await;
-    let victim = cloud.record("spot-2").expect("r").shards[0].current().and_then(|a| a.instance_id.clone()).expect("id");
+    let victim =
+        cloud.record("spot-2").expect("r").shards[0].current().and_then(|a| a.instance_id.clone()).expect("id");
     let noted = victim.clone();
-    reconcile::update_inbox(&ports, "spot-2", move |r| {
-        r.interruptions.push(noted.clone());
-        true
-    }, "event")
+    reconcile::update_inbox(
+        &ports,
+        "spot-2",
+        move |r| {
+            r.interruptions.push(noted.clone());
+            true
+        },
+        "event",
+    )
     .await
     .expect("warning");
     drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "spot-2").await;
@@ -656,12 +681,19 @@ async fn a_thousand_instance_job_keeps_a_small_record() {
     let record = run_job(&cloud, spec, 1).await;
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     let bytes = cloud.lock().max_record_bytes;
-    assert!(bytes < 800_000, "record is {bytes} bytes; a shard: {}", serde_json::to_string(&record.shards[0]).expect("json"));
+    assert!(
+        bytes < 800_000,
+        "record is {bytes} bytes; a shard: {}",
+        serde_json::to_string(&record.shards[0]).expect("json")
+    );
     let calls = cloud.lock().calls.clone();
     assert_eq!(calls.get("RunInstances"), Some(&1));
     assert_eq!(calls.get("SendCommand"), Some(&(5 * 20)), "five phases, 20 batches of 50");
     assert!(record.shards.iter().all(|s| s.current().is_some_and(|a| a.stage == Stage::Done)));
-    println!("1,000-instance record: at most {bytes} bytes, {} at the end; calls: {calls:?}", cloud.record_bytes("big-1"));
+    println!(
+        "1,000-instance record: at most {bytes} bytes, {} at the end; calls: {calls:?}",
+        cloud.record_bytes("big-1")
+    );
 }
 
 /// The seeded simulation. `make test` runs 120 jobs; `make chaos` runs
@@ -702,7 +734,10 @@ async fn seeded_simulation_holds_every_invariant() {
     if big > 0 {
         // What a job costs when nothing goes wrong: five phases, one volume each.
         println!("fault-free jobs (one volume per instance, five phases):");
-        println!("  {:>9} {:>10} {:>16} {:>22} {:>12} {:>13}", "instances", "calls", "calls/instance", "EC2+SSM mutating", "passes", "max record");
+        println!(
+            "  {:>9} {:>10} {:>16} {:>22} {:>12} {:>13}",
+            "instances", "calls", "calls/instance", "EC2+SSM mutating", "passes", "max record"
+        );
         for size in [1u32, 10, 100, 1000] {
             let scenario = sim::clean_scenario(7_000 + u64::from(size), size);
             let result = sim::run(&scenario).await;

@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
     InstanceMarketOptionsRequest, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceType,
-    LaunchTemplateSpecification, MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions, SummaryStatus, Tag,
-    TagSpecification, VolumeType,
+    LaunchTemplateSpecification, MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions,
+    SummaryStatus, Tag, TagSpecification, VolumeType,
 };
 use chrono::{DateTime, Utc};
 
@@ -225,7 +225,8 @@ impl Fleet for Ec2Fleet {
         let mut checks = Vec::new();
         let mut pending: Vec<Vec<String>> = instance_ids.chunks(STATUS_CHUNK).map(<[String]>::to_vec).collect();
         while let Some(chunk) = pending.pop() {
-            let response = match self.ec2.describe_instance_status().set_instance_ids(Some(chunk.clone())).send().await {
+            let response = match self.ec2.describe_instance_status().set_instance_ids(Some(chunk.clone())).send().await
+            {
                 Ok(response) => response,
                 Err(e) => {
                     let err = cloud_error("ec2", "DescribeInstanceStatus", e);
@@ -241,7 +242,8 @@ impl Fleet for Ec2Fleet {
                 }
             };
             for status in response.instance_statuses() {
-                let summary = |s: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| s.and_then(|s| s.status()).cloned();
+                let summary =
+                    |s: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| s.and_then(|s| s.status()).cloned();
                 let (instance, system) = (summary(status.instance_status()), summary(status.system_status()));
                 let impaired = instance == Some(SummaryStatus::Impaired) || system == Some(SummaryStatus::Impaired);
                 let ok = instance == Some(SummaryStatus::Ok) && system == Some(SummaryStatus::Ok);

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, SdkConfig};
-use aws_sdk_ec2::config::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::config::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 use crate::error::{CloudError, RetryClass, SpecError};
@@ -149,7 +149,11 @@ pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
 /// Keep the AWS error code, and classify it the way the SDK's own retry
 /// classifiers do (transport errors, 5xx, its lists of throttling and
 /// transient codes) before the domain table decides the rest.
-pub(crate) fn cloud_error<E>(service: &'static str, operation: &'static str, err: SdkError<E, HttpResponse>) -> CloudError
+pub(crate) fn cloud_error<E>(
+    service: &'static str,
+    operation: &'static str,
+    err: SdkError<E, HttpResponse>,
+) -> CloudError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
@@ -182,4 +186,3 @@ where
     };
     CloudError::classified(service, operation, &code, &message, sdk_class)
 }
-

@@ -146,7 +146,9 @@ impl S3Ledger {
                     .body
                     .collect()
                     .await
-                    .map_err(|e| CloudError::classified("s3", "GetObject", "", &e.to_string(), Some(RetryClass::Transient)))?
+                    .map_err(|e| {
+                        CloudError::classified("s3", "GetObject", "", &e.to_string(), Some(RetryClass::Transient))
+                    })?
                     .into_bytes()
                     .to_vec();
                 Ok(Some((body, version)))

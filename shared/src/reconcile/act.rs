@@ -8,19 +8,22 @@ use chrono::Duration;
 
 use crate::error::CloudError;
 use crate::ports::{tags, Cloud, Ports};
-use crate::record::JobRecord;
 use crate::reconcile::decide::{Action, Done};
+use crate::record::JobRecord;
 use crate::report;
 
 pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &Action) -> Result<Done, CloudError> {
     match action {
         Action::Launch { request } => cloud.fleet.launch(request).await.map(Done::Launched),
-        Action::CreateVolume { request } => cloud.volumes.create_volume(request).await.map(|v| Done::Created(v.volume_id)),
+        Action::CreateVolume { request } => {
+            cloud.volumes.create_volume(request).await.map(|v| Done::Created(v.volume_id))
+        }
         Action::Attach { volume_id, instance_id, device } => {
             cloud.volumes.attach(volume_id, instance_id, device).await.map(|_| Done::Ok)
         }
         Action::Send { request, .. } => {
-            let first = request.instance_ids.first().ok_or_else(|| CloudError::Invalid("a command with no instance".into()))?;
+            let first =
+                request.instance_ids.first().ok_or_else(|| CloudError::Invalid("a command with no instance".into()))?;
             if let Some(existing) = cloud.commands.find_by_comment(first, &request.comment).await? {
                 return Ok(Done::Sent(existing));
             }
@@ -51,7 +54,10 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
         }
         Action::WriteReport => {
             let body = report::render(record);
-            ports.ledger.put_artifact(&record.job_id, "report.txt", body.as_bytes(), "text/plain; charset=utf-8").await?;
+            ports
+                .ledger
+                .put_artifact(&record.job_id, "report.txt", body.as_bytes(), "text/plain; charset=utf-8")
+                .await?;
             Ok(Done::Ok)
         }
     }
@@ -75,7 +81,11 @@ async fn prune(
     let active: std::collections::BTreeSet<String> = ports.ledger.list_active().await?.into_iter().collect();
     let mut lineage = cloud
         .volumes
-        .find_snapshots(&[(tags::MANAGED_BY, tags::MANAGED_BY_VALUE), (tags::JOB_NAME, job_name), (tags::VOLUME, volume)])
+        .find_snapshots(&[
+            (tags::MANAGED_BY, tags::MANAGED_BY_VALUE),
+            (tags::JOB_NAME, job_name),
+            (tags::VOLUME, volume),
+        ])
         .await?;
     lineage.sort_by(|a, b| b.started_at.cmp(&a.started_at).then_with(|| b.snapshot_id.cmp(&a.snapshot_id)));
     let mut kept: BTreeMap<String, u32> = BTreeMap::new();

@@ -52,21 +52,51 @@ pub struct Observation {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Launch { request: LaunchRequest },
-    CreateVolume { request: NewVolume },
-    Attach { volume_id: String, instance_id: String, device: String },
+    Launch {
+        request: LaunchRequest,
+    },
+    CreateVolume {
+        request: NewVolume,
+    },
+    Attach {
+        volume_id: String,
+        instance_id: String,
+        device: String,
+    },
     /// The executor looks the comment up first and sends only if it finds nothing.
-    Send { batch: u64, request: CommandRequest },
+    Send {
+        batch: u64,
+        request: CommandRequest,
+    },
     /// SSM cancels only the named instances' invocations.
-    Cancel { command_id: String, instance_ids: Vec<String> },
-    Terminate { instance_ids: Vec<String> },
+    Cancel {
+        command_id: String,
+        instance_ids: Vec<String>,
+    },
+    Terminate {
+        instance_ids: Vec<String>,
+    },
     /// The executor looks for a snapshot with these tags first.
-    Snapshot { volume_id: String, description: String, tags: BTreeMap<String, String> },
-    DeleteVolume { volume_id: String },
+    Snapshot {
+        volume_id: String,
+        description: String,
+        tags: BTreeMap<String, String>,
+    },
+    DeleteVolume {
+        volume_id: String,
+    },
     /// Keep the newest `keep_last` of this job name's lineage; never this job's own.
-    Prune { volume: String, job_name: String, keep_last: u32, max_age_days: u32 },
+    Prune {
+        volume: String,
+        job_name: String,
+        keep_last: u32,
+        max_age_days: u32,
+    },
     /// The tail of one shard's phase output, beside the record in S3.
-    SaveOutput { name: String, body: String },
+    SaveOutput {
+        name: String,
+        body: String,
+    },
     WriteReport,
 }
 
@@ -131,7 +161,6 @@ const SNAPSHOT_TRIES: u32 = 3;
 const RELEASE_ERRORS: u32 = 3;
 /// A requested snapshot not visible this long is treated as failed.
 const SNAPSHOT_LOST_SECONDS: i64 = 1800;
-
 
 pub struct Context<'a> {
     pub now: DateTime<Utc>,
@@ -764,7 +793,10 @@ fn work(
             if stopping && !run.phase.runs_after_failure() {
                 run.status = Some("Cancelled".into());
                 run.finished_at = Some(now);
-            } else if now > run.opened_at.unwrap_or(dispatched_at) + Duration::seconds(i64::from(ctx.settings.agent_timeout_seconds)) {
+            } else if now
+                > run.opened_at.unwrap_or(dispatched_at)
+                    + Duration::seconds(i64::from(ctx.settings.agent_timeout_seconds))
+            {
                 // SSM would not take the command this long: its agent is gone.
                 let detail = format!("SSM agent of {instance_id} stopped answering before {}", run.phase.as_str());
                 if attempt.completed_phases.contains(&Phase::Run) {
@@ -864,7 +896,8 @@ fn work(
     } else {
         // Cleanup runs only where the volumes were mounted (or there are none).
         let mounted = attempt.volumes.is_empty() || attempt.completed_phases.contains(&Phase::Mount);
-        let started = !attempt.completed_phases.is_empty() || attempt.phases.iter().any(|r| !r.phase.runs_after_failure());
+        let started =
+            !attempt.completed_phases.is_empty() || attempt.phases.iter().any(|r| !r.phase.runs_after_failure());
         if mounted && started {
             planned.into_iter().filter(|p| p.runs_after_failure()).find(|p| !ran(*p))
         } else {
@@ -966,7 +999,8 @@ fn release(
             _ => false,
         };
         volume.seen = true;
-        let attached_elsewhere = view.attached_to.as_ref().is_some_and(|owner| Some(owner) != attempt_instance.as_ref());
+        let attached_elsewhere =
+            view.attached_to.as_ref().is_some_and(|owner| Some(owner) != attempt_instance.as_ref());
         if view.state == "error" {
             volume.kept = Some("the volume is in state error: nothing to snapshot; left for the reaper".into());
             continue;
@@ -1124,13 +1158,7 @@ fn adopt_launched(record: &mut JobRecord, obs: &Observation, now: DateTime<Utc>)
 
 /// Group attempts waiting to launch into RunInstances calls: one ClientToken
 /// per batch, written before the call, MinCount 1 so EC2 fills what it can.
-fn plan_launches(
-    record: &mut JobRecord,
-    spec: &JobSpec,
-    ctx: &Context<'_>,
-    actions: &mut Vec<Action>,
-    wait: &mut u32,
-) {
+fn plan_launches(record: &mut JobRecord, spec: &JobSpec, ctx: &Context<'_>, actions: &mut Vec<Action>, wait: &mut u32) {
     if record.outcome.is_some() {
         return;
     }
@@ -1249,9 +1277,8 @@ fn plan_dispatch(
     actions: &mut Vec<Action>,
 ) {
     // SendCommand fails for all if one agent is offline: hold those back.
-    let offline = |id: &Option<String>| {
-        id.as_ref().is_some_and(|id| obs.agents_checked.contains(id) && !obs.online.contains(id))
-    };
+    let offline =
+        |id: &Option<String>| id.as_ref().is_some_and(|id| obs.agents_checked.contains(id) && !obs.online.contains(id));
     let unsent: BTreeSet<u64> =
         record.commands.iter().filter(|(_, b)| b.command_id.is_none()).map(|(n, _)| *n).collect();
     for shard in &mut record.shards {
@@ -1382,17 +1409,20 @@ fn finish(
     let left: Vec<String> = record
         .attempts()
         .flat_map(|a| {
-            let volumes = a
-                .volumes
-                .iter()
-                .filter(|v| v.created && v.kept.is_some())
-                .map(|v| format!("volume {} kept: {}", v.volume_id.as_deref().unwrap_or("?"), v.kept.as_deref().unwrap_or("")));
-            let instance =
-                a.left_for_reaper.as_ref().map(|why| format!("instance {} left: {why}", a.instance_id.as_deref().unwrap_or("?")));
+            let volumes = a.volumes.iter().filter(|v| v.created && v.kept.is_some()).map(|v| {
+                format!("volume {} kept: {}", v.volume_id.as_deref().unwrap_or("?"), v.kept.as_deref().unwrap_or(""))
+            });
+            let instance = a
+                .left_for_reaper
+                .as_ref()
+                .map(|why| format!("instance {} left: {why}", a.instance_id.as_deref().unwrap_or("?")));
             volumes.chain(instance)
         })
         .collect();
-    if record.outcome.is_none() && !left.is_empty() && record.shards.iter().all(|s| s.result.as_ref().is_some_and(|r| r.succeeded)) {
+    if record.outcome.is_none()
+        && !left.is_empty()
+        && record.shards.iter().all(|s| s.result.as_ref().is_some_and(|r| r.succeeded))
+    {
         record.outcome = Some(Outcome::Failed);
         record.outcome_reason = Some(format!("the work succeeded but cleanup did not finish: {}", left[0]));
     }
@@ -1569,7 +1599,11 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
                 if a.launch_token.as_deref() == Some(request.client_token.as_str()) && a.stage == Stage::Launching {
                     let cause = if capacity { EndCause::Capacity } else { EndCause::Permanent };
                     let detail = if capacity {
-                        format!("{}: {}", error.code().unwrap_or("no capacity"), describe_option(&launch_of(&options, a)))
+                        format!(
+                            "{}: {}",
+                            error.code().unwrap_or("no capacity"),
+                            describe_option(&launch_of(&options, a))
+                        )
                     } else {
                         format!("launch failed: {message}")
                     };
@@ -1590,14 +1624,21 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
             let id = volume_id.clone();
             fail_attempt_where(
                 record,
-                |a| a.stage == Stage::Attaching && a.volumes.iter().any(|v| v.volume_id.as_deref() == Some(id.as_str())),
+                |a| {
+                    a.stage == Stage::Attaching && a.volumes.iter().any(|v| v.volume_id.as_deref() == Some(id.as_str()))
+                },
                 &message,
                 now,
             );
         }
         Action::Send { batch, .. } => {
             let batch = *batch;
-            fail_attempt_where(record, |a| a.phases.iter().any(|p| p.batch == batch && p.status.is_none()), &message, now);
+            fail_attempt_where(
+                record,
+                |a| a.phases.iter().any(|p| p.batch == batch && p.status.is_none()),
+                &message,
+                now,
+            );
             for a in record.shards.iter_mut().filter_map(|s| s.current_mut()) {
                 for p in a.phases.iter_mut().filter(|p| p.batch == batch && p.status.is_none()) {
                     p.status = Some("Failed".into());
@@ -1677,12 +1718,7 @@ fn mark_deleted(record: &mut JobRecord, volume_id: &str) {
 }
 
 /// A permanent error ends the current attempt; release cleans up after it.
-fn fail_attempt_where(
-    record: &mut JobRecord,
-    matches: impl Fn(&Attempt) -> bool,
-    message: &str,
-    now: DateTime<Utc>,
-) {
+fn fail_attempt_where(record: &mut JobRecord, matches: impl Fn(&Attempt) -> bool, message: &str, now: DateTime<Utc>) {
     for shard in &mut record.shards {
         let Some(a) = shard.attempts.last_mut() else { continue };
         if matches(a) && a.end.is_none() {
@@ -1830,7 +1866,10 @@ mod tests {
         let first = run(&mut r, &Observation::default(), now());
         let Some(Action::Launch { request }) = first.first() else { panic!("{first:?}") };
         assert_eq!((request.count, request.instance_profile.as_deref()), (2, Some("worker")));
-        assert!(r.shards.iter().all(|s| s.current().and_then(|a| a.launch_token.as_ref()) == Some(&request.client_token)));
+        assert!(r
+            .shards
+            .iter()
+            .all(|s| s.current().and_then(|a| a.launch_token.as_ref()) == Some(&request.client_token)));
         // No reply recorded (a crash): the same call again, never a second fleet.
         let again = run(&mut r, &Observation::default(), now());
         assert_eq!(again.first(), first.first());
@@ -1877,8 +1916,16 @@ mod tests {
             assert!(r.shards.iter().all(|s| s.current().is_some_and(|a| r.launch_of(a).instance_type == expected)));
         }
         let actions = run(&mut r, &Observation::default(), now());
-        apply(&mut r, &actions[0], Err(CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "none")), now());
-        assert!(r.shards.iter().all(|s| s.result.as_ref().is_some_and(|x| !x.succeeded && x.reason.contains("no capacity"))));
+        apply(
+            &mut r,
+            &actions[0],
+            Err(CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "none")),
+            now(),
+        );
+        assert!(r
+            .shards
+            .iter()
+            .all(|s| s.result.as_ref().is_some_and(|x| !x.succeeded && x.reason.contains("no capacity"))));
     }
 
     #[test]
@@ -1996,10 +2043,16 @@ mod tests {
         let attempt = r.shards[0].attempts[0].clone();
         assert_eq!(attempt.end.map(|e| e.cause), Some(EndCause::InstanceLost));
         assert!(
-            actions.iter().any(|a| matches!(a, Action::Terminate { instance_ids } if instance_ids == &["i-1".to_string()])),
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Terminate { instance_ids } if instance_ids == &["i-1".to_string()])),
             "{actions:?}"
         );
-        assert!(r.shards[0].trail.iter().any(|n| n.text.contains("stopped reporting for 900 s")), "{:?}", r.shards[0].trail);
+        assert!(
+            r.shards[0].trail.iter().any(|n| n.text.contains("stopped reporting for 900 s")),
+            "{:?}",
+            r.shards[0].trail
+        );
     }
 
     /// Found by the simulator (seed 1186): an attempt that fails on one volume
@@ -2068,7 +2121,9 @@ mod tests {
 
     #[test]
     fn launch_options_put_spot_first_and_subnets_within_each_type() {
-        let r = record(serde_json::json!({"market": "spot", "on_demand_fallback": true, "subnet_ids": ["subnet-0a", "subnet-0b"]}));
+        let r = record(
+            serde_json::json!({"market": "spot", "on_demand_fallback": true, "subnet_ids": ["subnet-0a", "subnet-0b"]}),
+        );
         let options = launch_options(r.spec.as_ref().expect("spec"));
         let described: Vec<String> = options.iter().map(describe_option).collect();
         assert_eq!(described[0], "t3.micro spot in subnet-0a");

@@ -58,7 +58,9 @@ pub enum Handled {
     Busy,
     /// No record: a wake for a job that does not exist.
     Unknown,
-    Reconciled { state: String },
+    Reconciled {
+        state: String,
+    },
 }
 
 /// The lease outlives the pass budget by this much, so a pass that is still
@@ -123,7 +125,8 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             // them; wait for the role (the reason says why).
             warn!(job_id = %record.job_id, error = %err, "cannot assume the job's role yet");
             record.reason = format!("waiting to act in the job's account: {err}");
-            return finish_pass(ports, &mut record, &mut version, &owner, Next::After(TRANSIENT_BACKOFF_SECONDS * 4)).await;
+            return finish_pass(ports, &mut record, &mut version, &owner, Next::After(TRANSIENT_BACKOFF_SECONDS * 4))
+                .await;
         }
         Some(Err(err)) => {
             // Refused before anything was launched: nothing exists there.

@@ -10,8 +10,8 @@ use tracing::warn;
 
 use crate::error::CloudError;
 use crate::ports::{tags, Cloud, CloudResult, Settings};
-use crate::record::{JobRecord, Stage};
 use crate::reconcile::Observation;
+use crate::record::{JobRecord, Stage};
 use crate::spec::VolumeSource;
 
 pub async fn observe(
@@ -32,14 +32,17 @@ pub async fn observe(
     let waiting_send = |a: &crate::record::Attempt| {
         a.stage == Stage::Working
             && a.phases.iter().any(|p| {
-                p.status.is_none() && (p.batch == 0 || record.commands.get(&p.batch).is_some_and(|b| b.command_id.is_none()))
+                p.status.is_none()
+                    && (p.batch == 0 || record.commands.get(&p.batch).is_some_and(|b| b.command_id.is_none()))
             })
     };
     let running = |a: &&crate::record::Attempt| {
         a.instance_id.as_ref().is_some_and(|id| observation.instances.get(id).is_some_and(|v| v.state == "running"))
     };
     let health_due = launched
-        && record.health_checked_at.is_none_or(|at| now - at >= Duration::seconds(i64::from(settings.health_check_seconds)));
+        && record
+            .health_checked_at
+            .is_none_or(|at| now - at >= Duration::seconds(i64::from(settings.health_check_seconds)));
     let ask: Vec<String> = record
         .shards
         .iter()
