@@ -474,6 +474,10 @@ pub struct JobRecord {
     pub pruned_snapshots: Vec<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub report_written: bool,
+    /// Why the last pass stopped early (a throttle or outage that outlasted
+    /// the SDK's retries); cleared by the next pass that gets through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<String>,
     /// Passes in a row whose observation failed with a permanent error.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub observe_failures: u32,
@@ -537,6 +541,7 @@ impl JobRecord {
             pruned: vec![],
             pruned_snapshots: vec![],
             report_written: false,
+            stalled: None,
             observe_failures: 0,
             cleanup_failures: 0,
             terminate_singly: false,

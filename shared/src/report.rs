@@ -32,6 +32,9 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
         _ => record.reason.clone(),
     };
     let _ = writeln!(out, "reason: {reason}");
+    if let (Some(stalled), false) = (&record.stalled, state.is_terminal()) {
+        let _ = writeln!(out, "retrying after: {stalled}");
+    }
     for warning in &record.warnings {
         let _ = writeln!(out, "warning: {warning}");
     }

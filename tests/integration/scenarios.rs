@@ -407,6 +407,27 @@ async fn retention_never_prunes_the_snapshots_of_a_running_job() {
     assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
 }
 
+/// An outage that outlasts the SDK's retries never fails the job: the
+/// record and report say what it waits for, and it carries on after.
+#[tokio::test]
+async fn an_outage_is_shown_on_the_job_and_outlived() {
+    let cloud = cloud();
+    let ports = ports(&cloud);
+    intake::submit(&ports, &job("outage-1").to_string(), "m-1").await.expect("intake");
+    drive(&cloud, &ports, 1, |r| r.instance_ids().len() == 2, "outage-1").await;
+    cloud.lock().refused.insert("DescribeInstances", "ServiceUnavailable");
+    drive(&cloud, &ports, 1, |r| r.stalled.is_some(), "outage-1").await;
+    let record = cloud.record("outage-1").expect("record");
+    let report = flotilla_shared::report::render(&record);
+    assert!(report.contains("retrying after: observing:") && report.contains("ServiceUnavailable"), "{report}");
+    assert!(!record.state.is_terminal());
+    cloud.lock().refused.clear();
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "outage-1").await;
+    let record = cloud.record("outage-1").expect("record");
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    assert_eq!(record.stalled, None);
+}
+
 /// EC2 fills part of each RunInstances (MinCount 1): the rest launch on
 /// later passes, and no slot ever gets two instances.
 #[tokio::test]

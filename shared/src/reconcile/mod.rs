@@ -142,6 +142,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
         let now = ports.clock.now();
         if let Err(err) = resolve_image(cloud, &mut record).await {
             if err.is_transient() || matches!(err, CloudError::Crashed(_)) {
+                record.stalled = Some(format!("resolving the image: {err}"));
                 crash_or(err)?;
                 next = Next::After(TRANSIENT_BACKOFF_SECONDS);
                 break;
@@ -153,9 +154,11 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
         let observation = match observe::observe(cloud, &record, &ports.settings, now).await {
             Ok(observation) => {
                 record.observe_failures = 0;
+                record.stalled = None;
                 observation
             }
             Err(err) if err.is_retryable() => {
+                record.stalled = Some(format!("observing: {err}"));
                 crash_or(err)?;
                 next = Next::After(TRANSIENT_BACKOFF_SECONDS);
                 break;
@@ -192,7 +195,10 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
                 if matches!(err, CloudError::Crashed(_)) {
                     return Err(StepError::Cloud(CloudError::Crashed("action")));
                 }
-                transient |= err.is_transient();
+                if err.is_transient() {
+                    transient = true;
+                    record.stalled = Some(format!("{}: {err}", action.name()));
+                }
                 info!(job_id = %record.job_id, action = action.name(), error = %err, "action failed");
             }
             decide::apply(&mut record, action, result, ports.clock.now().trunc_subsecs(0));
