@@ -538,6 +538,7 @@ fn view(instance: &FakeInstance) -> InstanceView {
         launch_index: instance.launch_index,
         job_id: instance.tags.get(tags::JOB_ID).cloned(),
         launch_token: instance.tags.get(tags::LAUNCH).cloned(),
+        tags: instance.tags.clone(),
     }
 }
 
@@ -671,6 +672,31 @@ impl Fleet for FakeCloud {
             })
             .map(|i| (i.id.clone(), i.impaired_at.is_some_and(|at| now >= at)))
             .collect())
+    }
+
+    async fn find_managed(&self) -> CloudResult<Vec<InstanceView>> {
+        self.call("DescribeInstances", false).await?;
+        let state = self.lock();
+        let now = state.now.unwrap_or_default();
+        Ok(state
+            .instances
+            .iter()
+            .filter(|i| now >= i.visible_at && i.state != "terminated")
+            .filter(|i| has_tags(&i.tags, &[(tags::MANAGED_BY, tags::MANAGED_BY_VALUE)]))
+            .map(view)
+            .collect())
+    }
+
+    async fn tag(&self, resource_ids: &[String], key: &str, value: &str) -> CloudResult<()> {
+        self.call("CreateTags", true).await?;
+        let mut state = self.lock();
+        for instance in state.instances.iter_mut().filter(|i| resource_ids.contains(&i.id)) {
+            instance.tags.insert(key.to_string(), value.to_string());
+        }
+        for volume in state.volumes.iter_mut().filter(|v| resource_ids.contains(&v.id)) {
+            volume.tags.insert(key.to_string(), value.to_string());
+        }
+        Ok(())
     }
 
     async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()> {
@@ -1095,6 +1121,12 @@ impl Ledger for FakeCloud {
     async fn put_artifact(&self, job_id: &str, name: &str, body: &[u8], _content_type: &str) -> CloudResult<()> {
         self.call("PutObject", true).await?;
         self.lock().objects.insert(format!("jobs/{job_id}/{name}"), (body.to_vec(), 1));
+        Ok(())
+    }
+
+    async fn put(&self, key: &str, body: &[u8], _content_type: &str) -> CloudResult<()> {
+        self.call("PutObject", true).await?;
+        self.lock().objects.insert(key.to_string(), (body.to_vec(), 1));
         Ok(())
     }
 

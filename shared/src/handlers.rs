@@ -100,15 +100,24 @@ async fn instance_event(ports: &Ports, value: Value) -> Result<(), StepError> {
     Ok(())
 }
 
-/// The safety tick: wake every job that is not terminal, so a lost message
-/// only ever delays a job.
-pub async fn tick(ports: &Ports) -> Result<Value, StepError> {
+/// The scheduled tick: wake every job that is not terminal, so a lost
+/// message only ever delays a job, then run the reaper. `{"dry_run": true}`
+/// in the event (or FLOTILLA_REAPER_DRY_RUN) makes the reaper plan only.
+pub async fn tick(ports: &Ports, event: &Value) -> Result<Value, StepError> {
+    let woken = wake_active(ports).await?;
+    let dry_run = event.get("dry_run").and_then(Value::as_bool).unwrap_or(ports.settings.reaper_dry_run);
+    let reaped = crate::reaper::run(ports, &crate::reaper::ReaperSettings::from(&ports.settings), dry_run).await?;
+    Ok(json!({ "woken": woken, "reaper": reaped }))
+}
+
+/// The safety tick alone: wake every job that is not terminal.
+pub async fn wake_active(ports: &Ports) -> Result<usize, StepError> {
     let jobs = ports.ledger.list_active().await?;
     for job_id in &jobs {
         ports.queue.send(&WakeMessage::new(job_id, "tick"), 0).await?;
     }
     info!(jobs = jobs.len(), "safety tick");
-    Ok(json!({ "woken": jobs.len() }))
+    Ok(jobs.len())
 }
 
 /// Intake takes SQS job submissions and EventBridge scheduled events.

@@ -8,6 +8,7 @@ pub mod fake;
 pub mod handlers;
 pub mod intake;
 pub mod plan;
+pub mod reaper;
 pub mod ports;
 pub mod reconcile;
 pub mod record;

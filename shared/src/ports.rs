@@ -28,6 +28,17 @@ pub mod tags {
     /// The RunInstances ClientToken an instance was launched with.
     pub const LAUNCH: &str = "flotilla:launch";
     pub const ATTEMPT: &str = "flotilla:attempt";
+    /// The reaper's mark: when it first found the resource orphaned. It acts
+    /// only on a later pass, so a record written a moment late never loses
+    /// its fleet (mark-then-delete).
+    pub const ORPHANED_AT: &str = "flotilla:orphaned-at";
+    /// A volume whose policy takes no snapshot: the reaper may delete it
+    /// without one.
+    pub const SCRATCH: &str = "flotilla:scratch";
+    /// A snapshot lineage's retention, so the reaper can apply it when no
+    /// run of the job prunes any more.
+    pub const KEEP_LAST: &str = "flotilla:keep-last";
+    pub const MAX_AGE_DAYS: &str = "flotilla:max-age-days";
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +52,7 @@ pub struct InstanceView {
     pub job_id: Option<String>,
     /// Its `flotilla:launch` tag: the RunInstances ClientToken it came from.
     pub launch_token: Option<String>,
+    pub tags: BTreeMap<String, String>,
 }
 
 impl InstanceView {
@@ -89,6 +101,11 @@ pub trait Fleet: Send + Sync {
     /// checks are conclusive, with true if its instance or system check is
     /// `impaired` (false: both `ok`). Initializing or unknown ones are left out.
     async fn status_checks(&self, instance_ids: &[String]) -> CloudResult<Vec<(String, bool)>>;
+    /// Every instance Flotilla manages in this account and Region that is not
+    /// terminated yet, stopped ones included (one paginated call).
+    async fn find_managed(&self) -> CloudResult<Vec<InstanceView>>;
+    /// CreateTags on instances or volumes.
+    async fn tag(&self, resource_ids: &[String], key: &str, value: &str) -> CloudResult<()>;
     /// Terminating an already terminated (or stopped) instance is fine.
     async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()>;
 }
@@ -221,6 +238,8 @@ pub trait Ledger: Send + Sync {
     /// Replace only if unchanged since `version` (If-Match).
     async fn replace(&self, record: &JobRecord, version: &str) -> CloudResult<WriteOutcome>;
     async fn put_artifact(&self, job_id: &str, name: &str, body: &[u8], content_type: &str) -> CloudResult<()>;
+    /// Any object in the bucket, e.g. the reaper's `reaper/<time>.json`.
+    async fn put(&self, key: &str, body: &[u8], content_type: &str) -> CloudResult<()>;
     /// Any object in the bucket, e.g. a schedule's stored spec.
     async fn get(&self, key: &str) -> CloudResult<Option<Vec<u8>>>;
     /// `active/<job_id>` markers: the jobs the safety tick wakes.
@@ -298,6 +317,11 @@ pub struct Settings {
     /// An instance whose status checks stay `impaired` this long is replaced
     /// (EC2 checks every minute; a system check may recover on its own).
     pub impaired_timeout_seconds: u32,
+    /// The reaper acts on an orphan only once its mark is this old: less
+    /// than the reaper's period, so the next pass acts.
+    pub reaper_mark_grace_seconds: u32,
+    /// The reaper plans and reports, and changes nothing.
+    pub reaper_dry_run: bool,
 }
 
 impl Default for Settings {
@@ -310,6 +334,8 @@ impl Default for Settings {
             agent_timeout_seconds: 900,
             health_check_seconds: 60,
             impaired_timeout_seconds: 300,
+            reaper_mark_grace_seconds: 240,
+            reaper_dry_run: false,
         }
     }
 }

@@ -272,6 +272,7 @@ pub async fn run(scenario: &Scenario) -> SimResult {
     timed.extend(scenario.cancel_at.iter().map(|t| (*t, Fault::Cancel)));
     timed.sort();
     let mut receives: BTreeMap<String, u32> = BTreeMap::new();
+    let mut reaper_violations: Vec<String> = Vec::new();
     let mut next_tick = start + Duration::seconds(TICK_SECONDS);
     let mut steps = 0u64;
     loop {
@@ -311,7 +312,20 @@ pub async fn run(scenario: &Scenario) -> SimResult {
         if next == next_tick && due.is_none_or(|d| d > next_tick) {
             cloud.advance_to(next_tick);
             next_tick += Duration::seconds(TICK_SECONDS);
-            let _ = crate::handlers::tick(&ports).await;
+            let _ = crate::handlers::wake_active(&ports).await;
+            // The reaper's plan beside the running job: until the job's
+            // resources expire it must condemn nothing (it only plans here,
+            // so a leak is still the job's own and still counted).
+            let expires = start + Duration::minutes(deadline_minutes + i64::from(ports.settings.expiry_grace_minutes));
+            let active = cloud.lock().objects.contains_key(&crate::record::active_key(&job_id));
+            if let (true, true, Ok(inventory)) =
+                (active, cloud.now() < expires, crate::reaper::take_inventory(&ports).await)
+            {
+                let settings = crate::reaper::ReaperSettings::from(&ports.settings);
+                for action in crate::reaper::plan(&inventory, cloud.now(), &settings) {
+                    reaper_violations.push(format!("{action:?}"));
+                }
+            }
             continue;
         }
         let Some(message) = cloud.next_message() else { continue };
@@ -343,6 +357,9 @@ pub async fn run(scenario: &Scenario) -> SimResult {
     let end = cloud.now();
     cloud.advance_to(end + Duration::minutes(5));
     check(scenario, &cloud, &job_id, &mut result);
+    if let Some(first) = reaper_violations.first() {
+        violation(&mut result, "reaper touched a busy job", format!("{} actions, first: {first}", reaper_violations.len()));
+    }
     // For size work: the largest record this job wrote.
     if let Ok(path) = std::env::var("FLOTILLA_SIM_DUMP") {
         let _ = std::fs::write(path, &cloud.lock().largest_record);
@@ -669,7 +686,7 @@ pub struct Campaign {
     pub recoveries: BTreeMap<&'static str, u64>,
 }
 
-pub const INVARIANTS: [&str; 10] = [
+pub const INVARIANTS: [&str; 11] = [
     "terminal",
     "instances left",
     "volumes left",
@@ -678,6 +695,7 @@ pub const INVARIANTS: [&str; 10] = [
     "duplicate instances",
     "concurrent command",
     "restore from snapshot",
+    "reaper touched a busy job",
     "recoverable job failed",
     "call budget",
 ];

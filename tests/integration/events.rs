@@ -134,7 +134,7 @@ async fn every_event_file_drives_its_function() {
     // terminal: only the scheduled one, which nothing has run here.
     let _: aws_lambda_events::event::eventbridge::EventBridgeEvent =
         serde_json::from_value(event("tick.json")).expect("tick.json is a scheduled event");
-    let ticked = handlers::tick(&ports).await.expect("tick");
+    let ticked = handlers::tick(&ports, &event("tick.json")).await.expect("tick");
     assert_eq!(ticked["woken"], 1);
     assert_eq!(
         ports.ledger.list_active().await.expect("active"),

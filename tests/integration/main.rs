@@ -4,5 +4,6 @@ mod events;
 mod lifecycle_moto;
 mod moto;
 mod moto_extension;
+mod reaper;
 mod rejections;
 mod scenarios;

@@ -130,6 +130,8 @@ impl MotoStack {
                 agent_timeout_seconds: 120,
                 health_check_seconds: 1,
                 impaired_timeout_seconds: 3,
+                reaper_mark_grace_seconds: 0,
+                reaper_dry_run: false,
             },
         };
         aws::ports(&self.config, &env)

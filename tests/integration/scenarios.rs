@@ -674,7 +674,7 @@ async fn the_safety_tick_carries_a_job_whose_messages_died() {
     intake::submit(&ports, &spec.to_string(), "m-1").await.expect("intake");
     cloud.lock().queue.clear(); // every wake lost
     for _ in 0..200 {
-        flotilla_shared::handlers::tick(&ports).await.expect("tick");
+        flotilla_shared::handlers::wake_active(&ports).await.expect("tick");
         while let Some(message) = cloud.next_message() {
             // Only the tick's wakes are delivered; polls are dropped too.
             if message.trigger.as_deref() == Some("tick") {

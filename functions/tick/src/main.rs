@@ -1,5 +1,5 @@
-//! The safety tick: a schedule wakes every non-terminal job, so a lost
-//! message only ever delays a job. A thin composition root.
+//! The scheduled tick: wakes every non-terminal job, so a lost message only
+//! ever delays a job, then runs the reaper. A thin composition root.
 
 use flotilla_shared::{aws, handlers};
 use lambda_runtime::{service_fn, Error, LambdaEvent};
@@ -11,8 +11,8 @@ async fn main() -> Result<(), Error> {
     let env = aws::Environment::from_env()?;
     let config = aws::load_config().await;
     let ports = aws::ports(&config, &env);
-    lambda_runtime::run(service_fn(|_event: LambdaEvent<Value>| async {
-        handlers::tick(&ports).await.map_err(Error::from)
+    lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| async move {
+        handlers::tick(&ports, &event.payload).await.map_err(Error::from)
     }))
     .await
 }

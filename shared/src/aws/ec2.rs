@@ -58,6 +58,7 @@ fn instance_view(instance: &aws_sdk_ec2::types::Instance) -> Option<InstanceView
         launch_index: instance.ami_launch_index().unwrap_or_default().max(0) as u32,
         job_id: tag_value(instance.tags(), tags::JOB_ID),
         launch_token: tag_value(instance.tags(), tags::LAUNCH),
+        tags: tags_of(instance.tags()),
     })
 }
 
@@ -253,6 +254,31 @@ impl Fleet for Ec2Fleet {
             }
         }
         Ok(checks)
+    }
+
+    async fn find_managed(&self) -> CloudResult<Vec<InstanceView>> {
+        let mut filters = tag_filters(&[(tags::MANAGED_BY, tags::MANAGED_BY_VALUE)]);
+        filters.push(
+            Filter::builder()
+                .name("instance-state-name")
+                .set_values(Some(["pending", "running", "shutting-down", "stopping", "stopped"].map(String::from).to_vec()))
+                .build(),
+        );
+        self.describe_filtered(&[], filters).await
+    }
+
+    async fn tag(&self, resource_ids: &[String], key: &str, value: &str) -> CloudResult<()> {
+        // CreateTags takes up to 1,000 resource ids.
+        for chunk in resource_ids.chunks(1000) {
+            self.ec2
+                .create_tags()
+                .set_resources(Some(chunk.to_vec()))
+                .tags(Tag::builder().key(key).value(value).build())
+                .send()
+                .await
+                .map_err(|e| cloud_error("ec2", "CreateTags", e))?;
+        }
+        Ok(())
     }
 
     async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()> {

@@ -113,6 +113,9 @@ impl Environment {
         settings.health_check_seconds = number("FLOTILLA_HEALTH_CHECK_SECONDS", settings.health_check_seconds)?;
         settings.impaired_timeout_seconds =
             number("FLOTILLA_IMPAIRED_TIMEOUT_SECONDS", settings.impaired_timeout_seconds)?;
+        settings.reaper_mark_grace_seconds =
+            number("FLOTILLA_REAPER_MARK_GRACE_SECONDS", settings.reaper_mark_grace_seconds)?;
+        settings.reaper_dry_run = std::env::var("FLOTILLA_REAPER_DRY_RUN").is_ok_and(|v| v == "true");
         settings.worker_instance_profile =
             std::env::var("FLOTILLA_WORKER_INSTANCE_PROFILE").ok().filter(|p| !p.trim().is_empty());
         Ok(Environment {

@@ -90,6 +90,20 @@ impl Ledger for S3Ledger {
             .map_err(|e| cloud_error("s3", "PutObject", e))
     }
 
+    async fn put(&self, key: &str, body: &[u8], content_type: &str) -> CloudResult<()> {
+        self.s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .server_side_encryption(ServerSideEncryption::Aes256)
+            .body(ByteStream::from(body.to_vec()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| cloud_error("s3", "PutObject", e))
+    }
+
     async fn get(&self, key: &str) -> CloudResult<Option<Vec<u8>>> {
         Ok(self.get_with_etag(key).await?.map(|(body, _)| body))
     }

@@ -683,6 +683,10 @@ fn attach_volumes(
             volume_tags.insert(tags::INSTANCE.to_string(), instance_id.clone());
             volume_tags.insert(tags::SHARD.to_string(), shard.to_string());
             volume_tags.insert(tags::ATTEMPT.to_string(), entry.token.clone());
+            if volume.snapshot == SnapshotPolicy::Never {
+                // The reaper may delete it, if ever left behind, without a snapshot.
+                volume_tags.insert(tags::SCRATCH.to_string(), "true".to_string());
+            }
             actions.push(Action::CreateVolume {
                 request: NewVolume {
                     availability_zone: az.clone(),
@@ -1111,6 +1115,11 @@ fn snapshot_action(
     snapshot_tags.insert(tags::SHARD.to_string(), shard.to_string());
     snapshot_tags.insert(tags::ATTEMPT.to_string(), volume.token.clone());
     snapshot_tags.insert("Name".to_string(), format!("{name}-{}-{shard}", volume.name));
+    // The lineage's retention, for the reaper when no later run prunes.
+    if let Some(spec) = job.spec.volumes.iter().find(|v| v.name == volume.name) {
+        snapshot_tags.insert(tags::KEEP_LAST.to_string(), spec.retention.keep_last.to_string());
+        snapshot_tags.insert(tags::MAX_AGE_DAYS.to_string(), spec.retention.max_age_days.to_string());
+    }
     for (key, value) in &job.spec.tags {
         snapshot_tags.entry(key.clone()).or_insert_with(|| value.clone());
     }
@@ -1857,6 +1866,7 @@ mod tests {
             launch_index: index,
             job_id: Some("j".into()),
             launch_token: Some(token.into()),
+            tags: BTreeMap::new(),
         }
     }
 
