@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
 FUNCTIONS := intake reconcile tick
 
-.PHONY: help venv build build-functions test smoke chaos lint local-up local-down demo clean
+.PHONY: help venv build build-functions test smoke chaos lint local-up local-down demo clean dlq redrive
 
 help:
 	@echo "make demo        run the demo job end to end on the local stack"
@@ -18,6 +18,8 @@ help:
 	@echo "make chaos       2,000 seeded simulated jobs + five of 1,000 instances; SEED=n replays one"
 	@echo "make local-up    start moto + cargo lambda watch + event pump; writes .flotilla/local.env"
 	@echo "make local-down  stop everything local-up started"
+	@echo "make dlq         list what the local stack's dead-letter queues hold, with reasons"
+	@echo "make redrive     send the local reconcile DLQ's messages back (QUEUE=jobs for the jobs DLQ)"
 	@echo "make build       release build (LTO) of every binary"
 	@echo "make lint        cfn-lint template.yaml"
 
@@ -54,6 +56,13 @@ smoke: venv build-functions
 
 local-up: venv build-functions
 	PATH="$(BIN):$$PATH" $(PY) tools/local_stack.py up
+
+QUEUE ?= reconcile
+dlq: build-functions
+	$(BIN)/flotilla dlq
+
+redrive: build-functions
+	$(BIN)/flotilla redrive --queue $(QUEUE)
 
 local-down:
 	@if [ -x $(PY) ]; then $(PY) tools/local_stack.py down; fi

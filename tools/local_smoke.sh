@@ -114,6 +114,18 @@ for dlq in flotilla-jobs-dlq flotilla-reconcile-dlq; do
   if [ "$depth" != 0 ]; then echo "FAIL $dlq holds $depth message(s)"; failures=$((failures + 1)); fi
 done
 
+echo "== flotilla dlq and redrive"
+# A submission that died in an outage (here: put straight on the jobs DLQ).
+aws_local sqs send-message --queue-url "$FLOTILLA_JOBS_DLQ_URL" --message-body '{"cancel": "smoke-ok"}' >/dev/null
+listed=$(flotilla dlq)
+echo "$listed"
+if grep -q "job smoke-ok: tried" <<<"$listed" && grep -q "job is SUCCEEDED" <<<"$listed"; then echo "ok   flotilla dlq lists it with its job"; else echo "FAIL flotilla dlq"; failures=$((failures + 1)); fi
+redriven=$(flotilla redrive --queue jobs)
+echo "$redriven"
+depth=$(aws_local sqs get-queue-attributes --queue-url "$FLOTILLA_JOBS_DLQ_URL" --attribute-names ApproximateNumberOfMessages \
+  --query Attributes.ApproximateNumberOfMessages --output text)
+if [ "$redriven" = "1 message(s) sent back to the jobs queue" ] && [ "$depth" = 0 ]; then echo "ok   flotilla redrive"; else echo "FAIL flotilla redrive ($depth left)"; failures=$((failures + 1)); fi
+
 if [ "$failures" -ne 0 ]; then
   echo "local smoke: $failures check(s) failed; logs in .flotilla/logs/"
   exit 1

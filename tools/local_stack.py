@@ -222,6 +222,8 @@ def up():
         "FLOTILLA_BUCKET": bucket,
         "FLOTILLA_JOBS_QUEUE_URL": urls["JobsQueue"],
         "FLOTILLA_RECONCILE_QUEUE_URL": urls["ReconcileQueue"],
+        "FLOTILLA_JOBS_DLQ_URL": urls["JobsDLQ"],
+        "FLOTILLA_RECONCILE_DLQ_URL": urls["ReconcileDeadLetterQueue"],
         "FLOTILLA_POLL_DELAY_SECONDS": POLL_DELAY,
         "FLOTILLA_WORKER_INSTANCE_PROFILE": WORKER_PROFILE,
         "FLOTILLA_INVOKE_URL": f"http://127.0.0.1:{INVOKE_PORT}",

@@ -48,6 +48,15 @@ enum Command {
     /// Ask a job to stop: running commands are cancelled, volumes unmounted
     /// and snapshotted per policy, the fleet terminated.
     Cancel { job_id: String },
+    /// List the dead-letter queues: each message's job, how often it was
+    /// tried, and why its job's last pass stopped.
+    Dlq,
+    /// Send dead-lettered messages back to the queue they came from, after a fix.
+    Redrive {
+        /// jobs or reconcile
+        #[arg(long, default_value = "reconcile")]
+        queue: String,
+    },
 }
 
 #[tokio::main]
@@ -79,7 +88,70 @@ async fn run(cli: Cli) -> Result<i32> {
             println!("cancel requested for {job_id}");
             Ok(0)
         }
+        Command::Dlq => list_dead_letters().await,
+        Command::Redrive { queue } => redrive(&queue).await,
     }
+}
+
+/// The DLQ of `queue` (jobs or reconcile), from FLOTILLA_<QUEUE>_DLQ_URL.
+async fn dead_letter_queue(queue: &str) -> Result<aws::sqs::SqsDeadLetters> {
+    let prefix = match queue {
+        "jobs" => "FLOTILLA_JOBS",
+        "reconcile" => "FLOTILLA_RECONCILE",
+        other => bail!("unknown queue `{other}`: expected jobs or reconcile"),
+    };
+    let var = |name: String| std::env::var(&name).with_context(|| format!("{name} is not set (run `make local-up` or export it)"));
+    let config = aws::load_config().await;
+    Ok(aws::sqs::SqsDeadLetters {
+        sqs: aws_sdk_sqs::Client::new(&config),
+        dlq_url: var(format!("{prefix}_DLQ_URL"))?,
+        source_url: var(format!("{prefix}_QUEUE_URL"))?,
+    })
+}
+
+async fn list_dead_letters() -> Result<i32> {
+    use flotilla_shared::ports::DeadLetters;
+    let ledger = ledger().await?;
+    let mut total = 0;
+    for queue in ["jobs", "reconcile"] {
+        let dlq = dead_letter_queue(queue).await?;
+        let letters = dlq.receive(100).await.map_err(|e| anyhow::anyhow!("reading the {queue} DLQ: {e}"))?;
+        println!("{queue} DLQ: {} message(s)", letters.len());
+        for letter in &letters {
+            let body: serde_json::Value = serde_json::from_str(&letter.body).unwrap_or(serde_json::Value::Null);
+            let job_id = body.get("job_id").or_else(|| body.get("id")).or_else(|| body.get("cancel")).and_then(|v| v.as_str());
+            let sent = letter.sent_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "?".into());
+            let why = match job_id {
+                Some(id) => match ledger.load(id).await {
+                    Ok(Some(loaded)) => loaded
+                        .record
+                        .stalled
+                        .map(|s| format!("its last pass stopped on: {s}"))
+                        .unwrap_or_else(|| format!("job is {} ({})", loaded.record.state, loaded.record.reason)),
+                    Ok(None) => "no record for this job".to_string(),
+                    Err(err) => format!("record unreadable: {err}"),
+                },
+                None => "names no job".to_string(),
+            };
+            let start: String = letter.body.chars().take(120).collect();
+            dlq.release(letter).await.map_err(|e| anyhow::anyhow!("releasing a {queue} DLQ message: {e}"))?;
+            println!("  job {}: tried {} times, first sent {sent}; {why}\n    {start}", job_id.unwrap_or("?"), letter.receive_count);
+        }
+        total += letters.len();
+    }
+    let _ = total;
+    Ok(0)
+}
+
+async fn redrive(queue: &str) -> Result<i32> {
+    use flotilla_shared::ports::DeadLetters;
+    let dlq = dead_letter_queue(queue).await?;
+    let letters = dlq.receive(1000).await.map_err(|e| anyhow::anyhow!("reading the {queue} DLQ: {e}"))?;
+    for letter in &letters {
+        dlq.redrive(letter).await.map_err(|e| anyhow::anyhow!("redriving: {e}"))?;
+    }
+    println!("{} message(s) sent back to the {queue} queue", letters.len());
+    Ok(0)
 }
 
 /// KEY=VALUE lines (an optional `export ` prefix is allowed); variables already

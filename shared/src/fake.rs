@@ -339,6 +339,7 @@ impl FakeCloud {
             accounts: Box::new(self.clone()),
             ledger: Box::new(self.clone()),
             queue: Box::new(self.clone()),
+            dead_letters: None,
             clock: Box::new(self.clone()),
             settings,
         }

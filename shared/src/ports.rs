@@ -254,6 +254,29 @@ pub trait WakeQueue: Send + Sync {
     async fn send(&self, message: &WakeMessage, delay_seconds: u32) -> CloudResult<()>;
 }
 
+/// A message SQS moved to a dead-letter queue after its last receive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub body: String,
+    /// For DeleteMessage.
+    pub receipt: String,
+    /// SQS's ApproximateReceiveCount: how often it was tried.
+    pub receive_count: u32,
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// A dead-letter queue and the queue it serves.
+#[async_trait]
+pub trait DeadLetters: Send + Sync {
+    /// Up to `max` messages, hidden for a minute while they are handled.
+    async fn receive(&self, max: usize) -> CloudResult<Vec<DeadLetter>>;
+    async fn delete(&self, letter: &DeadLetter) -> CloudResult<()>;
+    /// Make it visible again at once (it was only looked at).
+    async fn release(&self, letter: &DeadLetter) -> CloudResult<()>;
+    /// Send it back to the queue it came from, then delete it here.
+    async fn redrive(&self, letter: &DeadLetter) -> CloudResult<()>;
+}
+
 /// Clock port, so the fake cloud can run on virtual time.
 pub trait Clock: Send + Sync {
     fn now(&self) -> DateTime<Utc>;
@@ -293,6 +316,8 @@ pub struct Ports {
     pub accounts: Box<dyn Accounts>,
     pub ledger: Box<dyn Ledger>,
     pub queue: Box<dyn WakeQueue>,
+    /// The reconcile queue's dead letters, when the deployment names its DLQ.
+    pub dead_letters: Option<Box<dyn DeadLetters>>,
     pub clock: Box<dyn Clock>,
     pub settings: Settings,
 }

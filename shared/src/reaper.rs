@@ -261,9 +261,72 @@ pub async fn take_inventory(ports: &Ports) -> Result<Inventory, CloudError> {
     Ok(inventory)
 }
 
-/// One reaper pass: inventory, plan, act (unless `dry_run`), report.
+/// A job whose reconcile messages died this often is ended: the reconciler
+/// tears it down per policy (or, if it cannot run at all, the stall rule and
+/// the reaper do).
+pub const DEAD_LETTER_LIMIT: u32 = 3;
+/// Dead letters handled per reaper pass.
+const DEAD_LETTERS_PER_PASS: usize = 100;
+
+/// The job a dead-lettered reconcile message was for: a wake message names
+/// it; an EC2 event names an instance whose tag names it.
+async fn job_of_letter(ports: &Ports, body: &str) -> Result<Option<String>, CloudError> {
+    let value: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    if let Some(job_id) = value.get("job_id").and_then(Value::as_str) {
+        return Ok(Some(job_id.to_string()));
+    }
+    match value.pointer("/detail/instance-id").and_then(Value::as_str) {
+        Some(instance_id) => ports.cloud.fleet.job_of(instance_id).await,
+        None => Ok(None),
+    }
+}
+
+/// Record each dead-lettered reconcile message on its job and wake it; the
+/// message is then deleted. One that names no job is left for `flotilla dlq`.
+async fn drain_dead_letters(ports: &Ports, dry_run: bool) -> Result<Vec<Value>, StepError> {
+    let Some(dlq) = &ports.dead_letters else { return Ok(vec![]) };
+    let mut seen = Vec::new();
+    for letter in dlq.receive(DEAD_LETTERS_PER_PASS).await? {
+        let Some(job_id) = job_of_letter(ports, &letter.body).await? else {
+            seen.push(json!({ "job_id": null, "receive_count": letter.receive_count, "left": "names no job" }));
+            dlq.release(&letter).await?;
+            continue;
+        };
+        seen.push(json!({ "job_id": job_id, "receive_count": letter.receive_count }));
+        if dry_run {
+            dlq.release(&letter).await?;
+            continue;
+        }
+        let count = letter.receive_count;
+        crate::reconcile::update_inbox(
+            ports,
+            &job_id,
+            |record| {
+                record.dead_letters += 1;
+                let last = record.stalled.clone().unwrap_or_else(|| "no error recorded".into());
+                record.warnings.push(format!(
+                    "dead-lettered: a reconcile message failed {count} receives (last pass: {last}); the job was woken"
+                ));
+                if record.dead_letters >= DEAD_LETTER_LIMIT && record.abort.is_none() {
+                    record.abort = Some(format!(
+                        "{} of its reconcile messages were dead-lettered (last pass: {last})",
+                        record.dead_letters
+                    ));
+                }
+                true
+            },
+            "dead-letter",
+        )
+        .await?;
+        dlq.delete(&letter).await?;
+    }
+    Ok(seen)
+}
+
+/// One reaper pass: dead letters, inventory, plan, act (unless `dry_run`), report.
 pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Result<Value, StepError> {
     let started = ports.clock.now();
+    let dead_letters = drain_dead_letters(ports, dry_run).await?;
     let inventory = take_inventory(ports).await?;
     let actions = plan(&inventory, started, settings);
     let mut done = Vec::new();
@@ -294,13 +357,21 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
         "planned": actions,
         "done": done.len(),
         "errors": errors,
+        "dead_letters": dead_letters,
     });
     let key = format!("reaper/{}.json", started.to_rfc3339_opts(SecondsFormat::Millis, true));
     let body = serde_json::to_vec_pretty(&report).map_err(|e| StepError::BadMessage(e.to_string()))?;
     ports.ledger.put(&key, &body, "application/json").await?;
     // The plan as JSON in the log too: a dry run is read there.
     info!(dry_run, planned = actions.len(), done = done.len(), errors = errors.len(), %key, plan = %json!(actions), "reaper");
-    Ok(json!({ "dry_run": dry_run, "planned": actions.len(), "done": done.len(), "errors": errors.len(), "report": key }))
+    Ok(json!({
+        "dry_run": dry_run,
+        "planned": actions.len(),
+        "done": done.len(),
+        "errors": errors.len(),
+        "dead_letters": dead_letters.len(),
+        "report": key,
+    }))
 }
 
 async fn execute(ports: &Ports, action: &ReapAction, stamp: &str) -> Result<(), StepError> {

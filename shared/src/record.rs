@@ -438,6 +438,14 @@ pub struct JobRecord {
     /// Written by intake: the only field another writer may change under a lease.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Reconcile messages of this job that SQS dead-lettered, counted by the
+    /// reaper. Written outside a pass, like `cancel_requested`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dead_letters: u32,
+    /// Set by the reaper when the job's messages keep dying: the reconciler
+    /// ends the job FAILED with this reason and tears it down per policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<String>,
     /// Instances a spot interruption or rebalance event named; the reconciler
     /// moves them onto their attempts. Written by the event path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -527,6 +535,8 @@ impl JobRecord {
             deadline_at: None,
             timeline: vec![PhaseStamp { state, at: now }],
             cancel_requested: false,
+            dead_letters: 0,
+            abort: None,
             interruptions: vec![],
             outcome: None,
             outcome_reason: None,

@@ -492,3 +492,56 @@ async fn a_hundred_instance_job_with_a_volume_each() {
     assert_eq!(stack.snapshots("hundred-1").await.len(), 100);
     assert_eq!(stack.live_job_volumes("hundred-1").await, 0);
 }
+
+/// The job's reconcile messages die for real (received and never deleted
+/// until SQS's redrive policy, maxReceiveCount 5, moves them to the DLQ).
+/// The reaper records each on its job and wakes it; after three the job is
+/// ended FAILED with the reason and torn down: nothing of it is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_messages_are_dead_lettered_ends_with_the_reason_and_leaves_nothing() {
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    let mut spec = job("dlq-1");
+    spec["run"] = serde_json::json!({"script": "sleep 30", "timeout_seconds": 60});
+    stack.submit(&spec.to_string()).await;
+    pump_until(&stack, "dlq-1", all_running).await;
+    let sqs = stack.sqs();
+    for _ in 0..3 {
+        let wake = serde_json::json!({"job_id": "dlq-1", "trigger": "poll"}).to_string();
+        sqs.send_message().queue_url(&stack.reconcile_queue).message_body(wake).send().await.expect("send");
+    }
+    // A consumer that fails every time: receive, never delete, until SQS moves them.
+    let dlq = format!("{}-dlq", stack.reconcile_queue);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        sqs.receive_message().queue_url(&stack.reconcile_queue).max_number_of_messages(10).visibility_timeout(0).send().await.expect("receive");
+        let attributes = sqs
+            .get_queue_attributes()
+            .queue_url(&dlq)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            .send()
+            .await
+            .expect("attributes");
+        let dead = attributes
+            .attributes()
+            .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages))
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0);
+        if dead >= 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "SQS never dead-lettered the messages");
+    }
+    let ticked = flotilla_shared::handlers::tick(&ports, &serde_json::json!({})).await.expect("tick");
+    assert!(ticked["reaper"]["dead_letters"].as_u64().is_some_and(|n| n >= 3), "{ticked}");
+    let record = stack.record(&ports, "dlq-1").await.expect("record");
+    assert!(record.dead_letters >= 3 && record.abort.is_some(), "{:?} {:?}", record.dead_letters, record.abort);
+
+    let record = stack.run_to_end(&ports, "dlq-1", false, LIMIT).await;
+    assert_eq!(record.state, JobState::Failed);
+    assert!(record.reason.contains("reconcile messages were dead-lettered"), "{}", record.reason);
+    let report = flotilla_shared::report::render(&record);
+    assert!(report.contains("warning: dead-lettered: a reconcile message failed"), "{report}");
+    assert_eq!(stack.running_managed().await, 0);
+    assert_eq!(stack.live_job_volumes("dlq-1").await, 0);
+}

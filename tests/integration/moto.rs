@@ -122,6 +122,7 @@ impl MotoStack {
         let env = Environment {
             bucket: self.bucket.clone(),
             reconcile_queue_url: self.reconcile_queue.clone(),
+            reconcile_dlq_url: Some(format!("{}-dlq", self.reconcile_queue)),
             settings: Settings {
                 poll_delay_seconds: 1,
                 expiry_grace_minutes: 30,

@@ -93,6 +93,8 @@ fn cloud(config: &SdkConfig) -> Cloud {
 pub struct Environment {
     pub bucket: String,
     pub reconcile_queue_url: String,
+    /// The reconcile queue's DLQ, which the reaper drains onto the jobs.
+    pub reconcile_dlq_url: Option<String>,
     pub settings: Settings,
 }
 
@@ -121,6 +123,7 @@ impl Environment {
         Ok(Environment {
             bucket: var("FLOTILLA_BUCKET")?,
             reconcile_queue_url: var("FLOTILLA_RECONCILE_QUEUE_URL")?,
+            reconcile_dlq_url: std::env::var("FLOTILLA_RECONCILE_DLQ_URL").ok().filter(|u| !u.trim().is_empty()),
             settings,
         })
     }
@@ -135,6 +138,13 @@ pub fn ports(config: &SdkConfig, env: &Environment) -> Ports {
         queue: Box::new(sqs::SqsWakeQueue {
             sqs: aws_sdk_sqs::Client::new(config),
             queue_url: env.reconcile_queue_url.clone(),
+        }),
+        dead_letters: env.reconcile_dlq_url.as_ref().map(|dlq_url| {
+            Box::new(sqs::SqsDeadLetters {
+                sqs: aws_sdk_sqs::Client::new(config),
+                dlq_url: dlq_url.clone(),
+                source_url: env.reconcile_queue_url.clone(),
+            }) as Box<dyn crate::ports::DeadLetters>
         }),
         clock: Box::new(SystemClock),
         settings: env.settings.clone(),

@@ -1,10 +1,12 @@
-//! SQS behind `WakeQueue`: one reconcile queue.
+//! SQS behind `WakeQueue` (the reconcile queue) and `DeadLetters` (a DLQ).
 
 use async_trait::async_trait;
+use aws_sdk_sqs::types::MessageSystemAttributeName;
+use chrono::{DateTime, Utc};
 
 use super::cloud_error;
 use crate::error::CloudError;
-use crate::ports::{CloudResult, WakeQueue};
+use crate::ports::{CloudResult, DeadLetter, DeadLetters, WakeQueue};
 use crate::reconcile::WakeMessage;
 
 pub struct SqsWakeQueue {
@@ -26,5 +28,83 @@ impl WakeQueue for SqsWakeQueue {
             .await
             .map(|_| ())
             .map_err(|e| cloud_error("sqs", "SendMessage", e))
+    }
+}
+
+pub struct SqsDeadLetters {
+    pub sqs: aws_sdk_sqs::Client,
+    pub dlq_url: String,
+    pub source_url: String,
+}
+
+#[async_trait]
+impl DeadLetters for SqsDeadLetters {
+    async fn receive(&self, max: usize) -> CloudResult<Vec<DeadLetter>> {
+        let mut letters = Vec::new();
+        while letters.len() < max {
+            // ReceiveMessage returns at most 10 messages.
+            let want = (max - letters.len()).min(10) as i32;
+            let response = self
+                .sqs
+                .receive_message()
+                .queue_url(&self.dlq_url)
+                .max_number_of_messages(want)
+                .visibility_timeout(60)
+                .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+                .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+                .send()
+                .await
+                .map_err(|e| cloud_error("sqs", "ReceiveMessage", e))?;
+            let messages = response.messages();
+            if messages.is_empty() {
+                break;
+            }
+            for message in messages {
+                let attribute = |name: MessageSystemAttributeName| {
+                    message.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse::<i64>().ok())
+                };
+                letters.push(DeadLetter {
+                    body: message.body().unwrap_or_default().to_string(),
+                    receipt: message.receipt_handle().unwrap_or_default().to_string(),
+                    receive_count: attribute(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(0).max(0) as u32,
+                    sent_at: attribute(MessageSystemAttributeName::SentTimestamp).and_then(DateTime::<Utc>::from_timestamp_millis),
+                });
+            }
+        }
+        Ok(letters)
+    }
+
+    async fn delete(&self, letter: &DeadLetter) -> CloudResult<()> {
+        self.sqs
+            .delete_message()
+            .queue_url(&self.dlq_url)
+            .receipt_handle(&letter.receipt)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| cloud_error("sqs", "DeleteMessage", e))
+    }
+
+    async fn release(&self, letter: &DeadLetter) -> CloudResult<()> {
+        self.sqs
+            .change_message_visibility()
+            .queue_url(&self.dlq_url)
+            .receipt_handle(&letter.receipt)
+            .visibility_timeout(0)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| cloud_error("sqs", "ChangeMessageVisibility", e))
+    }
+
+    async fn redrive(&self, letter: &DeadLetter) -> CloudResult<()> {
+        self.sqs
+            .send_message()
+            .queue_url(&self.source_url)
+            .message_body(&letter.body)
+            .send()
+            .await
+            .map_err(|e| cloud_error("sqs", "SendMessage", e))?;
+        self.delete(letter).await
     }
 }

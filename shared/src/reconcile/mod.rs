@@ -287,9 +287,10 @@ async fn finish_pass(
     Ok(Handled::Reconciled { state: record.state.to_string() })
 }
 
-/// Compare-and-swap under our lease. Intake may set `cancel_requested` and
-/// the event path may add `interruptions` meanwhile: those are merged; any
-/// other change means the lease was lost.
+/// Compare-and-swap under our lease. Intake may set `cancel_requested`, the
+/// event path may add `interruptions`, and the reaper may count
+/// `dead_letters` (with a warning) and set `abort` meanwhile: those are
+/// merged; any other change means the lease was lost.
 async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner: &str) -> Result<(), StepError> {
     for _ in 0..5 {
         record.updated_at = Some(ports.clock.now());
@@ -306,6 +307,15 @@ async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner
                     return Err(StepError::LeaseLost(record.job_id.clone()));
                 }
                 record.cancel_requested |= fresh.record.cancel_requested;
+                record.dead_letters = record.dead_letters.max(fresh.record.dead_letters);
+                if record.abort.is_none() {
+                    record.abort = fresh.record.abort.clone();
+                }
+                for warning in fresh.record.warnings.iter().filter(|w| w.starts_with("dead-lettered:")) {
+                    if !record.warnings.contains(warning) {
+                        record.warnings.push(warning.clone());
+                    }
+                }
                 for id in fresh.record.interruptions {
                     if !record.interruptions.contains(&id) {
                         record.interruptions.push(id);
