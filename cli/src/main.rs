@@ -100,7 +100,9 @@ async fn dead_letter_queue(queue: &str) -> Result<aws::sqs::SqsDeadLetters> {
         "reconcile" => "FLOTILLA_RECONCILE",
         other => bail!("unknown queue `{other}`: expected jobs or reconcile"),
     };
-    let var = |name: String| std::env::var(&name).with_context(|| format!("{name} is not set (run `make local-up` or export it)"));
+    let var = |name: String| {
+        std::env::var(&name).with_context(|| format!("{name} is not set (run `make local-up` or export it)"))
+    };
     let config = aws::load_config().await;
     Ok(aws::sqs::SqsDeadLetters {
         sqs: aws_sdk_sqs::Client::new(&config),
@@ -119,7 +121,8 @@ async fn list_dead_letters() -> Result<i32> {
         println!("{queue} DLQ: {} message(s)", letters.len());
         for letter in &letters {
             let body: serde_json::Value = serde_json::from_str(&letter.body).unwrap_or(serde_json::Value::Null);
-            let job_id = body.get("job_id").or_else(|| body.get("id")).or_else(|| body.get("cancel")).and_then(|v| v.as_str());
+            let job_id =
+                body.get("job_id").or_else(|| body.get("id")).or_else(|| body.get("cancel")).and_then(|v| v.as_str());
             let sent = letter.sent_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "?".into());
             let why = match job_id {
                 Some(id) => match ledger.load(id).await {
@@ -135,7 +138,11 @@ async fn list_dead_letters() -> Result<i32> {
             };
             let start: String = letter.body.chars().take(120).collect();
             dlq.release(letter).await.map_err(|e| anyhow::anyhow!("releasing a {queue} DLQ message: {e}"))?;
-            println!("  job {}: tried {} times, first sent {sent}; {why}\n    {start}", job_id.unwrap_or("?"), letter.receive_count);
+            println!(
+                "  job {}: tried {} times, first sent {sent}; {why}\n    {start}",
+                job_id.unwrap_or("?"),
+                letter.receive_count
+            );
         }
         total += letters.len();
     }

@@ -257,6 +257,8 @@ pub trait WakeQueue: Send + Sync {
 /// A message SQS moved to a dead-letter queue after its last receive.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
+    /// The original message's id (SQS keeps it when it dead-letters).
+    pub message_id: String,
     pub body: String,
     /// For DeleteMessage.
     pub receipt: String,

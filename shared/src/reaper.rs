@@ -1,24 +1,29 @@
 //! The reaper: the scheduled safety net behind every job's own teardown. It
-//! takes an inventory of what Flotilla manages in the account (instances in
-//! every state, available volumes, snapshots) and of the jobs they belong to,
-//! decides in one pure function (`plan`), then acts, and writes what it did
-//! to `reaper/<time>.json`.
+//! records dead-lettered reconcile messages on their jobs, takes an inventory
+//! of what Flotilla manages in the account (instances in every state,
+//! volumes, snapshots) and of the jobs they belong to, decides in one pure
+//! function (`plan`), acts, and writes what it did to `reaper/<time>.json`.
 //!
-//! - An instance or volume is an orphan when it is past its `expires-at`, or
-//!   its job ended or has no record. A job whose record cannot be read is not
-//!   evidence: only `expires-at` can condemn its resources then.
+//! - An instance or volume is an orphan when its job ended or has no record,
+//!   or when it is past its `expires-at` and its job makes no progress (no
+//!   live lease, no pass for `stall_grace`). A job whose record cannot be
+//!   read is no evidence: only `expires-at` condemns then.
 //! - Mark, then delete: an orphan is tagged `flotilla:orphaned-at` on one
 //!   pass and removed on a later one, so a record written a moment late never
-//!   loses its fleet. Instances of a running job are never touched before
-//!   they expire.
+//!   loses its fleet. A mark older than `MARK_STALE` is renewed, not acted on.
 //! - A volume is deleted only once a `completed` snapshot of it exists (the
-//!   reaper takes one if needed), unless it is tagged scratch; `volume_id`
-//!   sources are never tagged as managed, so never touched.
-//! - Snapshot lineages are pruned by the retention their tags carry; a
-//!   running job's snapshots are never pruned.
-//! - A job that made no progress past its deadline plus the grace is ended
-//!   FAILED with the reason, and the reaper removes what it left.
-//! - `dry_run` plans and reports, and changes nothing.
+//!   reaper takes one if needed), unless it is tagged scratch. Volumes that
+//!   are not `available` (in use, or in `error`) are reported, not touched;
+//!   `volume_id` sources are never tagged as managed, and never touched
+//!   while a running job names them.
+//! - Snapshot lineages are pruned by the retention their tags carry; only
+//!   snapshots of jobs that SUCCEEDED count toward `keep_last`, the newest
+//!   good one is always kept, and a running job's snapshots are never pruned.
+//! - A job past its deadline by twice the grace that no pass holds is ended
+//!   FAILED with the reason (written only if nothing wrote it since the
+//!   inventory), and the reaper removes what it left.
+//! - `dry_run` plans and reports, and changes nothing (it does not even read
+//!   the dead-letter queue).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -30,17 +35,37 @@ use tracing::{info, warn};
 use crate::error::{CloudError, StepError};
 use crate::ports::{tags, InstanceView, Ports, SnapshotView, VolumeView, WriteOutcome};
 use crate::record::{JobRecord, Outcome, PhaseStamp};
+use crate::spec::VolumeSource;
+
+/// A job that is not terminal, as the reaper saw it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ActiveJob {
+    pub deadline_at: Option<DateTime<Utc>>,
+    /// When a pass last wrote it.
+    pub updated_at: Option<DateTime<Utc>>,
+    /// A pass holds its lease right now.
+    pub leased: bool,
+    /// It acts in another account (`role_arn`): its resources are not here.
+    pub foreign: bool,
+    /// The record's version, so ending it never overwrites a newer write.
+    pub version: String,
+    /// `volume_id` sources its spec names: never the reaper's.
+    pub volume_sources: Vec<String>,
+}
 
 /// What the reaper knows of a job its resources name.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobView {
-    /// Not terminal; when its deadline was and when a pass last wrote it.
-    Active { deadline_at: Option<DateTime<Utc>>, updated_at: Option<DateTime<Utc>>, leased: bool },
-    Terminal { state: String },
+    Active(ActiveJob),
+    Terminal {
+        state: String,
+    },
     /// No record: never submitted here, or deleted.
     Missing,
     /// The lookup failed: no evidence either way.
-    Unknown { error: String },
+    Unknown {
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -55,13 +80,38 @@ pub struct Inventory {
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum ReapAction {
     /// Tag an orphan; a later pass removes it.
-    Mark { resource_id: String, why: String },
-    Terminate { instance_id: String, why: String },
-    Snapshot { volume_id: String, why: String, tags: BTreeMap<String, String> },
-    DeleteVolume { volume_id: String, why: String },
-    DeleteSnapshot { snapshot_id: String, why: String },
+    Mark {
+        resource_id: String,
+        why: String,
+    },
+    Terminate {
+        instance_id: String,
+        why: String,
+    },
+    Snapshot {
+        volume_id: String,
+        why: String,
+        tags: BTreeMap<String, String>,
+    },
+    DeleteVolume {
+        volume_id: String,
+        why: String,
+    },
+    DeleteSnapshot {
+        snapshot_id: String,
+        why: String,
+    },
     /// End a job that stopped making progress; its resources are reaped.
-    EndJob { job_id: String, why: String },
+    EndJob {
+        job_id: String,
+        why: String,
+        version: String,
+    },
+    /// Nothing the reaper may do: a person should look (reported only).
+    Leave {
+        resource_id: String,
+        why: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -69,31 +119,52 @@ pub struct ReaperSettings {
     /// How long a mark must stand before the reaper acts on it: less than the
     /// reaper's period, so the next pass acts.
     pub mark_grace: Duration,
-    /// How long past its deadline a job may go without progress.
+    /// How long without a pass makes a job past its expiry "not progressing".
     pub stall_grace: Duration,
 }
+
+/// A mark this old is stale (the resource was not an orphan for a while, or
+/// the reaper was off): renew it and wait again rather than act.
+const MARK_STALE_MINUTES: i64 = 60;
+/// Snapshots the reaper takes of one volume that may end in `error` before
+/// it gives up and reports the volume.
+const REAPER_SNAPSHOT_TRIES: usize = 3;
 
 fn parse_time(value: Option<&String>) -> Option<DateTime<Utc>> {
     value.and_then(|v| DateTime::parse_from_rfc3339(v).ok()).map(|t| t.with_timezone(&Utc))
 }
 
+/// No pass holds the job and none wrote it for `stall_grace`.
+fn stalled(job: &ActiveJob, now: DateTime<Utc>, settings: &ReaperSettings) -> bool {
+    !job.leased && job.updated_at.is_none_or(|at| now - at > settings.stall_grace)
+}
+
 /// Why a resource is an orphan, or None if something still needs it.
-fn orphaned(resource_tags: &BTreeMap<String, String>, jobs: &BTreeMap<String, JobView>, now: DateTime<Utc>) -> Option<String> {
-    if let Some(expires) = parse_time(resource_tags.get(tags::EXPIRES_AT)).filter(|at| *at < now) {
-        return Some(format!("past its expires-at {}", expires.to_rfc3339_opts(SecondsFormat::Secs, true)));
-    }
-    let Some(job_id) = resource_tags.get(tags::JOB_ID) else {
-        return Some("carries no flotilla:job-id".into());
-    };
-    match jobs.get(job_id) {
-        Some(JobView::Terminal { state }) => Some(format!("its job {job_id} ended {state}")),
-        Some(JobView::Missing) => Some(format!("its job {job_id} has no record")),
-        // Active, or the lookup failed: not evidence enough.
-        Some(JobView::Active { .. } | JobView::Unknown { .. }) | None => None,
+fn orphaned(
+    resource_tags: &BTreeMap<String, String>,
+    jobs: &BTreeMap<String, JobView>,
+    now: DateTime<Utc>,
+    settings: &ReaperSettings,
+) -> Option<String> {
+    let job = resource_tags.get(tags::JOB_ID).map(|id| (id, jobs.get(id)));
+    let expired = parse_time(resource_tags.get(tags::EXPIRES_AT)).filter(|at| *at < now);
+    let expired_why =
+        |at: DateTime<Utc>| format!("past its expires-at {}", at.to_rfc3339_opts(SecondsFormat::Secs, true));
+    match job {
+        None => Some("carries no flotilla:job-id".into()),
+        Some((id, Some(JobView::Terminal { state }))) => Some(format!("its job {id} ended {state}")),
+        Some((id, Some(JobView::Missing))) => Some(format!("its job {id} has no record")),
+        // A job still making progress keeps its resources, expired or not:
+        // its own teardown is under way.
+        Some((id, Some(JobView::Active(active)))) => expired
+            .filter(|_| stalled(active, now, settings))
+            .map(|at| format!("{}, and its job {id} makes no progress", expired_why(at))),
+        // The lookup failed, or was not made: only expiry is evidence.
+        Some((_, Some(JobView::Unknown { .. }) | None)) => expired.map(expired_why),
     }
 }
 
-/// Mark now, or act once the mark has stood for the grace.
+/// Mark now (or renew a stale mark), or act once the mark has stood for the grace.
 fn mark_or(
     id: &str,
     resource_tags: &BTreeMap<String, String>,
@@ -103,6 +174,9 @@ fn mark_or(
     act: impl FnOnce(String) -> Option<ReapAction>,
 ) -> Option<ReapAction> {
     match parse_time(resource_tags.get(tags::ORPHANED_AT)) {
+        Some(marked) if now - marked > Duration::minutes(MARK_STALE_MINUTES) => {
+            Some(ReapAction::Mark { resource_id: id.to_string(), why: format!("{why} (stale mark renewed)") })
+        }
         Some(marked) if now - marked >= settings.mark_grace => act(why),
         Some(_) => None,
         None => Some(ReapAction::Mark { resource_id: id.to_string(), why }),
@@ -113,37 +187,56 @@ fn mark_or(
 pub fn plan(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings) -> Vec<ReapAction> {
     let mut actions = Vec::new();
     for (job_id, job) in &inventory.jobs {
-        if let JobView::Active { deadline_at: Some(deadline), updated_at, leased: false } = job {
-            let stalled_since = updated_at.unwrap_or(*deadline);
-            if now > *deadline + settings.stall_grace && now - stalled_since > settings.stall_grace {
-                actions.push(ReapAction::EndJob {
-                    job_id: job_id.clone(),
-                    why: format!(
-                        "no progress for {} min past its deadline; the reaper removes what it left",
-                        (now - *deadline).num_minutes()
-                    ),
-                });
-            }
+        let JobView::Active(active) = job else { continue };
+        let Some(deadline) = active.deadline_at else { continue };
+        // Its resources live in another account: only its own teardown can
+        // release them, so it is never ended from here.
+        if active.foreign || now <= deadline + settings.stall_grace * 2 || !stalled(active, now, settings) {
+            continue;
         }
+        actions.push(ReapAction::EndJob {
+            job_id: job_id.clone(),
+            why: format!(
+                "no progress {} min past its deadline; the reaper removes what it left",
+                (now - deadline).num_minutes()
+            ),
+            version: active.version.clone(),
+        });
     }
     for instance in &inventory.instances {
         if matches!(instance.state.as_str(), "shutting-down" | "terminated") {
             continue;
         }
-        let Some(why) = orphaned(&instance.tags, &inventory.jobs, now) else { continue };
+        let Some(why) = orphaned(&instance.tags, &inventory.jobs, now, settings) else { continue };
         let id = instance.instance_id.clone();
         let why = format!("instance {id} ({}): {why}", instance.state);
         actions.extend(mark_or(&id, &instance.tags, why, now, settings, |why| {
             Some(ReapAction::Terminate { instance_id: id.clone(), why })
         }));
     }
+    let sources: BTreeSet<&String> = inventory
+        .jobs
+        .values()
+        .filter_map(|j| match j {
+            JobView::Active(active) => Some(active.volume_sources.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
     for volume in &inventory.volumes {
-        // Attached volumes wait for their instance to go.
-        if volume.state != "available" || volume.attached_to.is_some() {
+        if volume.attached_to.is_some() || sources.contains(&volume.volume_id) {
+            continue; // attached volumes wait for their instance to go
+        }
+        let Some(why) = orphaned(&volume.tags, &inventory.jobs, now, settings) else { continue };
+        let id = volume.volume_id.clone();
+        if volume.state != "available" {
+            if volume.state == "error" {
+                let why =
+                    format!("volume {id} is in state error: it cannot be snapshotted, so it is left for you ({why})");
+                actions.push(ReapAction::Leave { resource_id: id, why });
+            }
             continue;
         }
-        let Some(why) = orphaned(&volume.tags, &inventory.jobs, now) else { continue };
-        let id = volume.volume_id.clone();
         let why = format!("volume {id}: {why}");
         let snapshots: Vec<&SnapshotView> = inventory.snapshots.iter().filter(|s| s.volume_id == id).collect();
         let scratch = volume.tags.get(tags::SCRATCH).is_some_and(|v| v == "true");
@@ -158,6 +251,11 @@ pub fn plan(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings
             if snapshots.iter().any(|s| s.state == "pending") {
                 return None; // the next pass deletes it once the snapshot completes
             }
+            if snapshots.iter().filter(|s| s.state == "error").count() >= REAPER_SNAPSHOT_TRIES {
+                let why =
+                    format!("{why}; {REAPER_SNAPSHOT_TRIES} snapshots of it ended in error, so it is kept for you");
+                return Some(ReapAction::Leave { resource_id: id.clone(), why });
+            }
             Some(ReapAction::Snapshot { volume_id: id.clone(), why, tags: reaped_snapshot_tags(volume) })
         }));
     }
@@ -167,7 +265,8 @@ pub fn plan(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings
 
 /// The snapshot the reaper takes of an orphaned volume before deleting it:
 /// the volume's own tags (job, name, shard), marked as taken by the reaper,
-/// and with no retention tags, so no lineage pruning ever removes it.
+/// and with no retention tags, so no lineage pruning ever removes it: it is
+/// the only copy of what the volume held.
 fn reaped_snapshot_tags(volume: &VolumeView) -> BTreeMap<String, String> {
     let mut kept: BTreeMap<String, String> = volume
         .tags
@@ -182,8 +281,10 @@ fn reaped_snapshot_tags(volume: &VolumeView) -> BTreeMap<String, String> {
 }
 
 /// Snapshot lineages (job name, volume, shard) past the retention their
-/// newest snapshot carries. Snapshots of jobs that are not known to have
-/// ended are never pruned: a retry may restore from them.
+/// newest snapshot carries. Only snapshots of runs that SUCCEEDED count
+/// toward `keep_last`, and the newest of those is kept whatever its age; a
+/// failed run's snapshot goes once enough good ones are newer, or by age.
+/// Snapshots of jobs not known to have ended are never touched.
 fn prune(inventory: &Inventory, now: DateTime<Utc>) -> Vec<ReapAction> {
     let mut lineages: BTreeMap<(String, String, String), Vec<&SnapshotView>> = BTreeMap::new();
     for snapshot in &inventory.snapshots {
@@ -202,24 +303,28 @@ fn prune(inventory: &Inventory, now: DateTime<Utc>) -> Vec<ReapAction> {
         let newest = lineage[0];
         let keep_last: usize = newest.tags.get(tags::KEEP_LAST).and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
         let max_age: i64 = newest.tags.get(tags::MAX_AGE_DAYS).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let mut kept = 0;
+        let mut good = 0;
         for snapshot in lineage {
-            let job_ended = snapshot
-                .tags
-                .get(tags::JOB_ID)
-                .is_some_and(|id| matches!(inventory.jobs.get(id), Some(JobView::Terminal { .. } | JobView::Missing)));
-            if !job_ended {
-                continue; // a running job's: not known good yet, so neither kept nor counted
+            let job = snapshot.tags.get(tags::JOB_ID).and_then(|id| inventory.jobs.get(id));
+            let succeeded = matches!(job, Some(JobView::Terminal { state }) if state == "SUCCEEDED");
+            let ended = succeeded || matches!(job, Some(JobView::Terminal { .. } | JobView::Missing));
+            if !ended || snapshot.state != "completed" {
+                continue; // a running job's, or not finished: neither kept nor counted
             }
             let too_old = max_age > 0 && now - snapshot.started_at > Duration::days(max_age);
-            if snapshot.state != "completed" || (kept < keep_last && !too_old) {
-                kept += 1;
+            let keep = if succeeded {
+                good += 1;
+                good == 1 || (good <= keep_last && !too_old)
+            } else {
+                good < keep_last && !too_old
+            };
+            if keep {
                 continue;
             }
             let why = if too_old {
                 format!("{name}/{volume} shard {shard}: older than {max_age} days")
             } else {
-                format!("{name}/{volume} shard {shard}: beyond the newest {keep_last}")
+                format!("{name}/{volume} shard {shard}: {keep_last} newer successful snapshots kept")
             };
             actions.push(ReapAction::DeleteSnapshot { snapshot_id: snapshot.snapshot_id.clone(), why });
         }
@@ -242,16 +347,31 @@ pub async fn take_inventory(ports: &Ports) -> Result<Inventory, CloudError> {
     job_ids.extend(inventory.volumes.iter().filter_map(|v| v.tags.get(tags::JOB_ID).cloned()));
     job_ids.extend(inventory.snapshots.iter().filter_map(|s| s.tags.get(tags::JOB_ID).cloned()));
     job_ids.extend(ports.ledger.list_active().await?);
+    let now = ports.clock.now();
     for job_id in job_ids {
         let view = match ports.ledger.load(&job_id).await {
             Ok(Some(loaded)) if loaded.record.state.is_terminal() => {
                 JobView::Terminal { state: loaded.record.state.to_string() }
             }
-            Ok(Some(loaded)) => JobView::Active {
-                deadline_at: loaded.record.deadline_at,
-                updated_at: loaded.record.updated_at,
-                leased: loaded.record.lease.as_ref().is_some_and(|l| l.until > ports.clock.now()),
-            },
+            Ok(Some(loaded)) => {
+                let record = loaded.record;
+                let spec = record.spec.as_ref();
+                JobView::Active(ActiveJob {
+                    deadline_at: record.deadline_at,
+                    updated_at: record.updated_at,
+                    leased: record.lease.as_ref().is_some_and(|l| l.until > now),
+                    foreign: spec.is_some_and(|s| s.role_arn.is_some()),
+                    version: loaded.version,
+                    volume_sources: spec
+                        .iter()
+                        .flat_map(|s| s.volumes.iter())
+                        .filter_map(|v| match &v.source {
+                            VolumeSource::VolumeId(id) => Some(id.clone()),
+                            _ => None,
+                        })
+                        .collect(),
+                })
+            }
             Ok(None) => JobView::Missing,
             Err(err @ CloudError::Crashed(_)) => return Err(err),
             Err(err) => JobView::Unknown { error: err.to_string() },
@@ -261,12 +381,11 @@ pub async fn take_inventory(ports: &Ports) -> Result<Inventory, CloudError> {
     Ok(inventory)
 }
 
-/// A job whose reconcile messages died this often is ended: the reconciler
-/// tears it down per policy (or, if it cannot run at all, the stall rule and
-/// the reaper do).
-pub const DEAD_LETTER_LIMIT: u32 = 3;
 /// Dead letters handled per reaper pass.
 const DEAD_LETTERS_PER_PASS: usize = 100;
+/// Message ids of dead letters a record remembers, so a letter seen twice
+/// (a crash before its delete, two overlapping ticks) counts once.
+const DEAD_LETTER_IDS_KEPT: usize = 20;
 
 /// The job a dead-lettered reconcile message was for: a wake message names
 /// it; an EC2 event names an instance whose tag names it.
@@ -281,44 +400,59 @@ async fn job_of_letter(ports: &Ports, body: &str) -> Result<Option<String>, Clou
     }
 }
 
-/// Record each dead-lettered reconcile message on its job and wake it; the
-/// message is then deleted. One that names no job is left for `flotilla dlq`.
+/// Record each dead-lettered reconcile message on its job (a warning with
+/// the receive count and why the last pass stopped) and wake the job: a
+/// message that died only delays it. Then delete the letter; one that names
+/// no job (an event for an instance that is not Flotilla's) is deleted too,
+/// and listed in the report. One letter's error never stops the others.
 async fn drain_dead_letters(ports: &Ports, dry_run: bool) -> Result<Vec<Value>, StepError> {
     let Some(dlq) = &ports.dead_letters else { return Ok(vec![]) };
+    if dry_run {
+        return Ok(vec![json!({ "skipped": "a dry run does not read the dead-letter queue" })]);
+    }
     let mut seen = Vec::new();
     for letter in dlq.receive(DEAD_LETTERS_PER_PASS).await? {
-        let Some(job_id) = job_of_letter(ports, &letter.body).await? else {
-            seen.push(json!({ "job_id": null, "receive_count": letter.receive_count, "left": "names no job" }));
-            dlq.release(&letter).await?;
-            continue;
-        };
-        seen.push(json!({ "job_id": job_id, "receive_count": letter.receive_count }));
-        if dry_run {
-            dlq.release(&letter).await?;
-            continue;
-        }
-        let count = letter.receive_count;
-        crate::reconcile::update_inbox(
-            ports,
-            &job_id,
-            |record| {
-                record.dead_letters += 1;
-                let last = record.stalled.clone().unwrap_or_else(|| "no error recorded".into());
-                record.warnings.push(format!(
-                    "dead-lettered: a reconcile message failed {count} receives (last pass: {last}); the job was woken"
-                ));
-                if record.dead_letters >= DEAD_LETTER_LIMIT && record.abort.is_none() {
-                    record.abort = Some(format!(
-                        "{} of its reconcile messages were dead-lettered (last pass: {last})",
-                        record.dead_letters
+        let outcome = async {
+            let Some(job_id) = job_of_letter(ports, &letter.body).await? else {
+                return Ok::<Value, StepError>(json!({ "job_id": null, "receive_count": letter.receive_count }));
+            };
+            let (count, id) = (letter.receive_count, letter.message_id.clone());
+            let recorded = crate::reconcile::update_inbox(
+                ports,
+                &job_id,
+                |record| {
+                    if !id.is_empty() && record.dead_letter_ids.contains(&id) {
+                        return false; // counted already
+                    }
+                    record.dead_letters += 1;
+                    record.dead_letter_ids.push(id.clone());
+                    let excess = record.dead_letter_ids.len().saturating_sub(DEAD_LETTER_IDS_KEPT);
+                    record.dead_letter_ids.drain(..excess);
+                    let last = record.stalled.clone().unwrap_or_else(|| "no error recorded".into());
+                    record.warnings.push(format!(
+                        "dead-lettered: a reconcile message failed {count} receives (last pass: {last}); the job was woken"
                     ));
+                    true
+                },
+                "dead-letter",
+            )
+            .await?;
+            Ok(json!({ "job_id": job_id, "receive_count": count, "recorded": recorded }))
+        }
+        .await;
+        match outcome {
+            Ok(entry) => {
+                seen.push(entry);
+                if let Err(err) = dlq.delete(&letter).await {
+                    warn!(error = %err, "could not delete a dead letter; it is handled again next pass");
                 }
-                true
-            },
-            "dead-letter",
-        )
-        .await?;
-        dlq.delete(&letter).await?;
+            }
+            Err(err @ StepError::Cloud(CloudError::Crashed(_))) => return Err(err),
+            Err(err) => {
+                warn!(error = %err, "dead letter not recorded; kept for the next pass");
+                seen.push(json!({ "error": err.to_string(), "receive_count": letter.receive_count }));
+            }
+        }
     }
     Ok(seen)
 }
@@ -332,9 +466,8 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
     let mut done = Vec::new();
     let mut errors = Vec::new();
     if !dry_run {
-        let stamp = started.to_rfc3339_opts(SecondsFormat::Secs, true);
         for action in &actions {
-            match execute(ports, action, &stamp).await {
+            match execute(ports, action).await {
                 Ok(()) => done.push(action.clone()),
                 Err(err @ StepError::Cloud(CloudError::Crashed(_))) => return Err(err),
                 Err(err) => {
@@ -374,11 +507,13 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
     }))
 }
 
-async fn execute(ports: &Ports, action: &ReapAction, stamp: &str) -> Result<(), StepError> {
+async fn execute(ports: &Ports, action: &ReapAction) -> Result<(), StepError> {
     let cloud = &ports.cloud;
     match action {
         ReapAction::Mark { resource_id, .. } => {
-            cloud.fleet.tag(std::slice::from_ref(resource_id), tags::ORPHANED_AT, stamp).await?;
+            // Stamped when written, so the grace counts from the mark itself.
+            let stamp = ports.clock.now().to_rfc3339_opts(SecondsFormat::Secs, true);
+            cloud.fleet.tag(std::slice::from_ref(resource_id), tags::ORPHANED_AT, &stamp).await?;
         }
         ReapAction::Terminate { instance_id, .. } => cloud.fleet.terminate(std::slice::from_ref(instance_id)).await?,
         ReapAction::Snapshot { volume_id, why, tags: snapshot_tags } => {
@@ -387,19 +522,21 @@ async fn execute(ports: &Ports, action: &ReapAction, stamp: &str) -> Result<(), 
         }
         ReapAction::DeleteVolume { volume_id, .. } => cloud.volumes.delete_volume(volume_id).await?,
         ReapAction::DeleteSnapshot { snapshot_id, .. } => cloud.volumes.delete_snapshot(snapshot_id).await?,
-        ReapAction::EndJob { job_id, why } => end_job(ports, job_id, why).await?,
+        ReapAction::EndJob { job_id, why, version } => end_job(ports, job_id, why, version).await?,
+        ReapAction::Leave { .. } => {}
     }
     Ok(())
 }
 
-/// Write a stalled job's terminal state, only if no pass wrote it since
-/// (If-Match on the version read).
-async fn end_job(ports: &Ports, job_id: &str, why: &str) -> Result<(), StepError> {
+/// Write a stalled job's terminal state, only if nothing wrote the record
+/// since the inventory read it (If-Match on that version): a pass that took
+/// the lease meanwhile wins, and the job goes on.
+async fn end_job(ports: &Ports, job_id: &str, why: &str, version: &str) -> Result<(), StepError> {
     let Some(loaded) = ports.ledger.load(job_id).await? else { return Ok(()) };
-    let mut record: JobRecord = loaded.record;
-    if record.state.is_terminal() {
+    if loaded.version != version || loaded.record.state.is_terminal() {
         return Ok(());
     }
+    let mut record: JobRecord = loaded.record;
     let now = ports.clock.now();
     record.outcome.get_or_insert(Outcome::Failed);
     record.outcome_reason = Some(format!("reaped: {why}"));
@@ -407,8 +544,9 @@ async fn end_job(ports: &Ports, job_id: &str, why: &str) -> Result<(), StepError
     record.reason = record.outcome_reason.clone().unwrap_or_default();
     record.warnings.push(format!("reaped: {why}"));
     record.timeline.push(PhaseStamp { state: record.state, at: now });
+    record.lease = None;
     record.updated_at = Some(now);
-    if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &loaded.version).await? {
+    if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, version).await? {
         ports.ledger.set_active(job_id, false).await?;
     }
     Ok(())
@@ -460,8 +598,14 @@ mod tests {
         }
     }
 
-    fn active() -> JobView {
-        JobView::Active { deadline_at: Some(now() + Duration::minutes(30)), updated_at: Some(now()), leased: false }
+    fn active(deadline_in: i64, updated_ago: i64, leased: bool) -> JobView {
+        JobView::Active(ActiveJob {
+            deadline_at: Some(now() + Duration::minutes(deadline_in)),
+            updated_at: Some(now() - Duration::minutes(updated_ago)),
+            leased,
+            version: "7".into(),
+            ..Default::default()
+        })
     }
 
     /// terraform-aws-github-runner's scale-down bugs, as cases: a failed
@@ -470,15 +614,20 @@ mod tests {
     #[test]
     fn only_evidence_condemns_and_a_mark_waits_a_pass() {
         let mut inventory = Inventory::default();
-        inventory.jobs.insert("busy".into(), active());
+        inventory.jobs.insert("busy".into(), active(30, 0, false));
+        inventory.jobs.insert("tearing-down".into(), active(-40, 0, true));
+        inventory.jobs.insert("stuck".into(), active(-40, 35, false));
         inventory.jobs.insert("unknown".into(), JobView::Unknown { error: "S3 503".into() });
         inventory.jobs.insert("done".into(), JobView::Terminal { state: "SUCCEEDED".into() });
         inventory.instances = vec![
             instance("i-busy", "busy", 60, None),
+            instance("i-busy-expired-but-moving", "tearing-down", -10, Some(10)),
+            instance("i-stuck-expired", "stuck", -10, None),
             instance("i-unknown", "unknown", 60, None),
             instance("i-unknown-expired", "unknown", -1, None),
             instance("i-done-fresh-mark", "done", 60, Some(1)),
             instance("i-done-old-mark", "done", 60, Some(5)),
+            instance("i-done-stale-mark", "done", 60, Some(120)),
         ];
         let actions = plan(&inventory, now(), &settings());
         let named: Vec<(&str, &str)> = actions
@@ -489,19 +638,34 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(named, vec![("mark", "i-unknown-expired"), ("terminate", "i-done-old-mark")]);
+        assert_eq!(
+            named,
+            vec![
+                ("mark", "i-stuck-expired"),
+                ("mark", "i-unknown-expired"),
+                ("terminate", "i-done-old-mark"),
+                ("mark", "i-done-stale-mark"),
+            ]
+        );
     }
 
     #[test]
     fn a_job_stalled_past_its_deadline_is_ended_unless_a_pass_holds_it() {
         let mut inventory = Inventory::default();
-        let deadline = Some(now() - Duration::minutes(45));
-        let stale = Some(now() - Duration::minutes(40));
-        inventory.jobs.insert("stalled".into(), JobView::Active { deadline_at: deadline, updated_at: stale, leased: false });
-        inventory.jobs.insert("leased".into(), JobView::Active { deadline_at: deadline, updated_at: stale, leased: true });
-        inventory.jobs.insert("moving".into(), JobView::Active { deadline_at: deadline, updated_at: Some(now()), leased: false });
+        inventory.jobs.insert("stalled".into(), active(-65, 40, false));
+        inventory.jobs.insert("not-yet".into(), active(-55, 40, false));
+        inventory.jobs.insert("leased".into(), active(-65, 40, true));
+        inventory.jobs.insert("moving".into(), active(-65, 0, false));
+        let mut foreign = active(-65, 40, false);
+        if let JobView::Active(job) = &mut foreign {
+            job.foreign = true;
+        }
+        inventory.jobs.insert("foreign".into(), foreign);
         let actions = plan(&inventory, now(), &settings());
-        assert!(matches!(actions.as_slice(), [ReapAction::EndJob { job_id, .. }] if job_id == "stalled"), "{actions:?}");
+        assert!(
+            matches!(actions.as_slice(), [ReapAction::EndJob { job_id, version, .. }] if job_id == "stalled" && version == "7"),
+            "{actions:?}"
+        );
     }
 
     #[test]
@@ -532,7 +696,51 @@ mod tests {
         };
         assert!(matches!(volume(None).as_slice(), [ReapAction::Snapshot { .. }]));
         assert!(volume(Some("pending")).is_empty(), "waits for the snapshot");
-        assert!(matches!(volume(Some("error")).as_slice(), [ReapAction::Snapshot { .. }]), "a failed one does not count");
+        assert!(
+            matches!(volume(Some("error")).as_slice(), [ReapAction::Snapshot { .. }]),
+            "a failed one does not count"
+        );
         assert!(matches!(volume(Some("completed")).as_slice(), [ReapAction::DeleteVolume { .. }]));
+    }
+
+    /// A failed run's snapshots never push out the last good one, and the
+    /// newest good one stays whatever its age.
+    #[test]
+    fn retention_counts_only_successful_runs_and_keeps_the_newest_good_one() {
+        let mut inventory = Inventory::default();
+        inventory.jobs.insert("good-1".into(), JobView::Terminal { state: "SUCCEEDED".into() });
+        inventory.jobs.insert("good-2".into(), JobView::Terminal { state: "SUCCEEDED".into() });
+        inventory.jobs.insert("bad-3".into(), JobView::Terminal { state: "FAILED".into() });
+        inventory.jobs.insert("running-4".into(), active(30, 0, true));
+        let snapshot = |id: &str, job: &str, days_ago: i64| SnapshotView {
+            snapshot_id: id.into(),
+            volume_id: "vol-x".into(),
+            state: "completed".into(),
+            started_at: now() - Duration::days(days_ago),
+            tags: BTreeMap::from([
+                (tags::JOB_ID.to_string(), job.to_string()),
+                (tags::JOB_NAME.to_string(), "nightly".to_string()),
+                (tags::VOLUME.to_string(), "data".to_string()),
+                (tags::SHARD.to_string(), "0".to_string()),
+                (tags::KEEP_LAST.to_string(), "1".to_string()),
+                (tags::MAX_AGE_DAYS.to_string(), "30".to_string()),
+            ]),
+        };
+        inventory.snapshots = vec![
+            snapshot("snap-running", "running-4", 0),
+            snapshot("snap-bad", "bad-3", 40),
+            snapshot("snap-good-2", "good-2", 50),
+            snapshot("snap-good-1", "good-1", 60),
+        ];
+        let deleted: Vec<String> = plan(&inventory, now(), &settings())
+            .into_iter()
+            .filter_map(|a| match a {
+                ReapAction::DeleteSnapshot { snapshot_id, .. } => Some(snapshot_id),
+                _ => None,
+            })
+            .collect();
+        // The failed run's is past max age; good-2 is the newest good one and
+        // stays though older than 30 days; good-1 is beyond keep_last.
+        assert_eq!(deleted, vec!["snap-bad".to_string(), "snap-good-1".to_string()]);
     }
 }

@@ -442,10 +442,9 @@ pub struct JobRecord {
     /// reaper. Written outside a pass, like `cancel_requested`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dead_letters: u32,
-    /// Set by the reaper when the job's messages keep dying: the reconciler
-    /// ends the job FAILED with this reason and tears it down per policy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub abort: Option<String>,
+    /// Their SQS message ids (the last few), so a letter counts once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dead_letter_ids: Vec<String>,
     /// Instances a spot interruption or rebalance event named; the reconciler
     /// moves them onto their attempts. Written by the event path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -536,7 +535,7 @@ impl JobRecord {
             timeline: vec![PhaseStamp { state, at: now }],
             cancel_requested: false,
             dead_letters: 0,
-            abort: None,
+            dead_letter_ids: vec![],
             interruptions: vec![],
             outcome: None,
             outcome_reason: None,

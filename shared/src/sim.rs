@@ -313,14 +313,11 @@ pub async fn run(scenario: &Scenario) -> SimResult {
             cloud.advance_to(next_tick);
             next_tick += Duration::seconds(TICK_SECONDS);
             let _ = crate::handlers::wake_active(&ports).await;
-            // The reaper's plan beside the running job: until the job's
-            // resources expire it must condemn nothing (it only plans here,
-            // so a leak is still the job's own and still counted).
-            let expires = start + Duration::minutes(deadline_minutes + i64::from(ports.settings.expiry_grace_minutes));
+            // The reaper's plan beside the running job: while the job makes
+            // progress it must condemn nothing, expired or not (it only plans
+            // here, so a leak is still the job's own and still counted).
             let active = cloud.lock().objects.contains_key(&crate::record::active_key(&job_id));
-            if let (true, true, Ok(inventory)) =
-                (active, cloud.now() < expires, crate::reaper::take_inventory(&ports).await)
-            {
+            if let (true, Ok(inventory)) = (active, crate::reaper::take_inventory(&ports).await) {
                 let settings = crate::reaper::ReaperSettings::from(&ports.settings);
                 for action in crate::reaper::plan(&inventory, cloud.now(), &settings) {
                     reaper_violations.push(format!("{action:?}"));
@@ -358,7 +355,11 @@ pub async fn run(scenario: &Scenario) -> SimResult {
     cloud.advance_to(end + Duration::minutes(5));
     check(scenario, &cloud, &job_id, &mut result);
     if let Some(first) = reaper_violations.first() {
-        violation(&mut result, "reaper touched a busy job", format!("{} actions, first: {first}", reaper_violations.len()));
+        violation(
+            &mut result,
+            "reaper touched a busy job",
+            format!("{} actions, first: {first}", reaper_violations.len()),
+        );
     }
     // For size work: the largest record this job wrote.
     if let Ok(path) = std::env::var("FLOTILLA_SIM_DUMP") {

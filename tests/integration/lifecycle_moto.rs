@@ -495,8 +495,8 @@ async fn a_hundred_instance_job_with_a_volume_each() {
 
 /// The job's reconcile messages die for real (received and never deleted
 /// until SQS's redrive policy, maxReceiveCount 5, moves them to the DLQ).
-/// The reaper records each on its job and wakes it; after three the job is
-/// ended FAILED with the reason and torn down: nothing of it is left.
+/// The reaper records each on its job, once, and wakes it: the job ends with
+/// the reason on its record, and nothing of it is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_messages_are_dead_lettered_ends_with_the_reason_and_leaves_nothing() {
     let stack = MotoStack::start().await;
@@ -514,7 +514,13 @@ async fn a_job_whose_messages_are_dead_lettered_ends_with_the_reason_and_leaves_
     let dlq = format!("{}-dlq", stack.reconcile_queue);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        sqs.receive_message().queue_url(&stack.reconcile_queue).max_number_of_messages(10).visibility_timeout(0).send().await.expect("receive");
+        sqs.receive_message()
+            .queue_url(&stack.reconcile_queue)
+            .max_number_of_messages(10)
+            .visibility_timeout(0)
+            .send()
+            .await
+            .expect("receive");
         let attributes = sqs
             .get_queue_attributes()
             .queue_url(&dlq)
@@ -532,14 +538,18 @@ async fn a_job_whose_messages_are_dead_lettered_ends_with_the_reason_and_leaves_
         }
         assert!(std::time::Instant::now() < deadline, "SQS never dead-lettered the messages");
     }
+    // The job's own poll died with them: nothing wakes it but the tick.
     let ticked = flotilla_shared::handlers::tick(&ports, &serde_json::json!({})).await.expect("tick");
-    assert!(ticked["reaper"]["dead_letters"].as_u64().is_some_and(|n| n >= 3), "{ticked}");
+    let drained = ticked["reaper"]["dead_letters"].as_u64().unwrap_or(0);
+    assert!(drained >= 3, "{ticked}");
     let record = stack.record(&ports, "dlq-1").await.expect("record");
-    assert!(record.dead_letters >= 3 && record.abort.is_some(), "{:?} {:?}", record.dead_letters, record.abort);
+    assert_eq!(u64::from(record.dead_letters), drained, "each letter counted once");
+    // A second tick finds the DLQ empty and counts nothing twice.
+    let again = flotilla_shared::handlers::tick(&ports, &serde_json::json!({})).await.expect("tick");
+    assert_eq!(again["reaper"]["dead_letters"], 0, "{again}");
 
     let record = stack.run_to_end(&ports, "dlq-1", false, LIMIT).await;
-    assert_eq!(record.state, JobState::Failed);
-    assert!(record.reason.contains("reconcile messages were dead-lettered"), "{}", record.reason);
+    assert_eq!(record.state, JobState::Succeeded, "a message that died only delays the job");
     let report = flotilla_shared::report::render(&record);
     assert!(report.contains("warning: dead-lettered: a reconcile message failed"), "{report}");
     assert_eq!(stack.running_managed().await, 0);

@@ -70,7 +70,10 @@ async fn volume_exists(stack: &MotoStack, id: &str) -> bool {
 }
 
 async fn snapshot_ids(stack: &MotoStack) -> Vec<String> {
-    let managed = aws_sdk_ec2::types::Filter::builder().name(format!("tag:{}", tags::MANAGED_BY)).values(tags::MANAGED_BY_VALUE).build();
+    let managed = aws_sdk_ec2::types::Filter::builder()
+        .name(format!("tag:{}", tags::MANAGED_BY))
+        .values(tags::MANAGED_BY_VALUE)
+        .build();
     let out = stack.ec2().describe_snapshots().owner_ids("self").filters(managed).send().await.expect("snapshots");
     let mut ids: Vec<String> = out.snapshots().iter().filter_map(|s| s.snapshot_id().map(str::to_string)).collect();
     ids.sort();
@@ -88,6 +91,7 @@ fn targets(actions: &[ReapAction]) -> BTreeMap<&'static str, Vec<String>> {
             ReapAction::DeleteVolume { volume_id, .. } => ("delete volume", volume_id),
             ReapAction::DeleteSnapshot { snapshot_id, .. } => ("delete snapshot", snapshot_id),
             ReapAction::EndJob { job_id, .. } => ("end job", job_id),
+            ReapAction::Leave { resource_id, .. } => ("leave", resource_id),
         };
         by_kind.entry(kind).or_default().push(id.clone());
     }
@@ -111,30 +115,47 @@ async fn the_reaper_plans_marks_then_removes_every_orphan_and_nothing_a_job_need
     let future = (now + Duration::hours(2)).to_rfc3339_opts(SecondsFormat::Secs, true);
     let past = (now - Duration::minutes(5)).to_rfc3339_opts(SecondsFormat::Secs, true);
 
-    // A job that ended, and one still running (its deadline far ahead).
-    let ended = JobRecord::rejected("done-1".into(), "ended".into(), "{}", now);
-    ports.ledger.create(&ended).await.expect("record");
+    // A job that ended; one still running (its deadline far ahead, a pass
+    // just now); one past its deadline that no pass has touched for an hour.
     let spec = parse(&job("busy-1").to_string()).expect("spec");
+    let mut ended = JobRecord::new("done-1".into(), spec.clone(), plan(&spec).expect("plan"), now);
+    ended.state = flotilla_shared::record::JobState::Succeeded;
+    ports.ledger.create(&ended).await.expect("record");
     let busy = JobRecord::new("busy-1".into(), spec.clone(), plan(&spec).expect("plan"), now);
     ports.ledger.create(&busy).await.expect("record");
     ports.ledger.set_active("busy-1", true).await.expect("active");
+    let mut stuck =
+        JobRecord::new("stuck-1".into(), spec.clone(), plan(&spec).expect("plan"), now - Duration::minutes(75));
+    stuck.updated_at = Some(now - Duration::minutes(50));
+    ports.ledger.create(&stuck).await.expect("record");
+    ports.ledger.set_active("stuck-1", true).await.expect("active");
 
     let managed = (tags::MANAGED_BY, tags::MANAGED_BY_VALUE);
     let of_ended = instance(&stack, &[managed, (tags::JOB_ID, "done-1"), (tags::EXPIRES_AT, &future)]).await;
     let of_nobody = instance(&stack, &[managed, (tags::JOB_ID, "ghost-1"), (tags::EXPIRES_AT, &future)]).await;
     stack.ec2().stop_instances().instance_ids(&of_nobody).send().await.expect("stop");
-    let expired = instance(&stack, &[managed, (tags::JOB_ID, "busy-1"), (tags::EXPIRES_AT, &past)]).await;
+    let expired = instance(&stack, &[managed, (tags::JOB_ID, "stuck-1"), (tags::EXPIRES_AT, &past)]).await;
     let untagged = instance(&stack, &[managed]).await;
     let working = instance(&stack, &[managed, (tags::JOB_ID, "busy-1"), (tags::EXPIRES_AT, &future)]).await;
+    // Past expiry, but its job is still making passes (a long teardown): spared.
+    let tearing_down = instance(&stack, &[managed, (tags::JOB_ID, "busy-1"), (tags::EXPIRES_AT, &past)]).await;
 
-    let left_data = volume(&stack, &[managed, (tags::JOB_ID, "done-1"), (tags::VOLUME, "data"), (tags::SHARD, "0")]).await;
+    let left_data =
+        volume(&stack, &[managed, (tags::JOB_ID, "done-1"), (tags::VOLUME, "data"), (tags::SHARD, "0")]).await;
     let scratch = volume(&stack, &[managed, (tags::JOB_ID, "ghost-1"), (tags::SCRATCH, "true")]).await;
     let busy_volume = volume(&stack, &[managed, (tags::JOB_ID, "busy-1")]).await;
     let user_volume = volume(&stack, &[]).await; // a volume_id source: not ours
 
     // Lineages with retention 1: three of the ended job's, two of the running one's.
     let lineage = |job_id: &'static str| {
-        [managed, (tags::JOB_ID, job_id), (tags::JOB_NAME, "nightly"), (tags::VOLUME, "data"), (tags::SHARD, "0"), (tags::KEEP_LAST, "1")]
+        [
+            managed,
+            (tags::JOB_ID, job_id),
+            (tags::JOB_NAME, "nightly"),
+            (tags::VOLUME, "data"),
+            (tags::SHARD, "0"),
+            (tags::KEEP_LAST, "1"),
+        ]
     };
     let mut old = Vec::new();
     for _ in 0..3 {
@@ -150,12 +171,21 @@ async fn the_reaper_plans_marks_then_removes_every_orphan_and_nothing_a_job_need
     let report = reaper::run(&ports, &settings, true).await.expect("dry run");
     let planned = reaper::plan(&reaper::take_inventory(&ports).await.expect("inventory"), Utc::now(), &settings);
     let by_kind = targets(&planned);
-    let orphans = sorted(vec![of_ended.clone(), of_nobody.clone(), expired.clone(), untagged.clone(), left_data.clone(), scratch.clone()]);
+    let orphans = sorted(vec![
+        of_ended.clone(),
+        of_nobody.clone(),
+        expired.clone(),
+        untagged.clone(),
+        left_data.clone(),
+        scratch.clone(),
+    ]);
     assert_eq!(by_kind.get("mark"), Some(&orphans), "{planned:#?}");
     assert_eq!(by_kind.get("delete snapshot"), Some(&sorted(old[..2].to_vec())), "the two oldest of the ended lineage");
-    assert_eq!(by_kind.len(), 2, "{planned:#?}");
+    assert_eq!(by_kind.get("end job"), Some(&vec!["stuck-1".to_string()]), "no pass for 50 min, 65 past its deadline");
+    assert_eq!(by_kind.len(), 3, "{planned:#?}");
     let key = report["report"].as_str().expect("report key").to_string();
-    let written: Value = serde_json::from_slice(&ports.ledger.get(&key).await.expect("get").expect("report")).expect("json");
+    let written: Value =
+        serde_json::from_slice(&ports.ledger.get(&key).await.expect("get").expect("report")).expect("json");
     assert_eq!(written["dry_run"], true);
     assert_eq!(written["planned"].as_array().map(Vec::len), Some(planned.len()), "{written:#}");
     assert_eq!(instance_state(&stack, &of_ended).await, "running", "a dry run changes nothing");
@@ -193,6 +223,10 @@ async fn the_reaper_plans_marks_then_removes_every_orphan_and_nothing_a_job_need
     let last = reaper::run(&ports, &settings, false).await.expect("pass 4");
     assert_eq!(last["planned"], 0, "{last}");
     assert_eq!(instance_state(&stack, &working).await, "running");
+    assert_eq!(instance_state(&stack, &tearing_down).await, "running");
+    let stuck = ports.ledger.load("stuck-1").await.expect("load").expect("record").record;
+    assert_eq!(stuck.state, flotilla_shared::record::JobState::Failed);
+    assert!(stuck.reason.starts_with("reaped: no progress"), "{}", stuck.reason);
     assert!(volume_exists(&stack, &busy_volume).await);
     assert!(volume_exists(&stack, &user_volume).await);
     let remaining = snapshot_ids(&stack).await;

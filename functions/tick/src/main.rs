@@ -11,8 +11,9 @@ async fn main() -> Result<(), Error> {
     let env = aws::Environment::from_env()?;
     let config = aws::load_config().await;
     let ports = aws::ports(&config, &env);
-    lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| async move {
-        handlers::tick(&ports, &event.payload).await.map_err(Error::from)
+    let ports = &ports;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        handlers::tick(ports, &event.payload).await.map_err(Error::from)
     }))
     .await
 }

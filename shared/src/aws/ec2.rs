@@ -261,7 +261,9 @@ impl Fleet for Ec2Fleet {
         filters.push(
             Filter::builder()
                 .name("instance-state-name")
-                .set_values(Some(["pending", "running", "shutting-down", "stopping", "stopped"].map(String::from).to_vec()))
+                .set_values(Some(
+                    ["pending", "running", "shutting-down", "stopping", "stopped"].map(String::from).to_vec(),
+                ))
                 .build(),
         );
         self.describe_filtered(&[], filters).await

@@ -64,10 +64,13 @@ impl DeadLetters for SqsDeadLetters {
                     message.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse::<i64>().ok())
                 };
                 letters.push(DeadLetter {
+                    message_id: message.message_id().unwrap_or_default().to_string(),
                     body: message.body().unwrap_or_default().to_string(),
                     receipt: message.receipt_handle().unwrap_or_default().to_string(),
-                    receive_count: attribute(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(0).max(0) as u32,
-                    sent_at: attribute(MessageSystemAttributeName::SentTimestamp).and_then(DateTime::<Utc>::from_timestamp_millis),
+                    receive_count: attribute(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(0).max(0)
+                        as u32,
+                    sent_at: attribute(MessageSystemAttributeName::SentTimestamp)
+                        .and_then(DateTime::<Utc>::from_timestamp_millis),
                 });
             }
         }

@@ -261,8 +261,6 @@ fn check_abort(record: &mut JobRecord, now: DateTime<Utc>) {
     }
     let (outcome, reason) = if record.cancel_requested {
         (Outcome::Cancelled, format!("cancelled by request while {}", record.state))
-    } else if let Some(reason) = &record.abort {
-        (Outcome::Failed, format!("{reason} (while {})", record.state))
     } else if record.deadline_at.is_some_and(|d| now > d) {
         let minutes = record.spec.as_ref().map(|s| s.deadline_minutes).unwrap_or_default();
         (Outcome::Failed, format!("deadline of {minutes} min passed while {}", record.state))

@@ -289,7 +289,7 @@ async fn finish_pass(
 
 /// Compare-and-swap under our lease. Intake may set `cancel_requested`, the
 /// event path may add `interruptions`, and the reaper may count
-/// `dead_letters` (with a warning) and set `abort` meanwhile: those are
+/// `dead_letters` (with their ids and a warning) meanwhile: those are
 /// merged; any other change means the lease was lost.
 async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner: &str) -> Result<(), StepError> {
     for _ in 0..5 {
@@ -308,8 +308,10 @@ async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner
                 }
                 record.cancel_requested |= fresh.record.cancel_requested;
                 record.dead_letters = record.dead_letters.max(fresh.record.dead_letters);
-                if record.abort.is_none() {
-                    record.abort = fresh.record.abort.clone();
+                for id in fresh.record.dead_letter_ids {
+                    if !record.dead_letter_ids.contains(&id) {
+                        record.dead_letter_ids.push(id);
+                    }
                 }
                 for warning in fresh.record.warnings.iter().filter(|w| w.starts_with("dead-lettered:")) {
                     if !record.warnings.contains(warning) {
