@@ -316,7 +316,9 @@ pub async fn run(scenario: &Scenario) -> SimResult {
             // The reaper's plan beside the running job: while the job makes
             // progress it must condemn nothing, expired or not (it only plans
             // here, so a leak is still the job's own and still counted).
-            let active = cloud.lock().objects.contains_key(&crate::record::active_key(&job_id));
+            // (The record, not the active marker: a pass that died between
+            // its terminal save and clearing the marker leaves the marker.)
+            let active = cloud.record(&job_id).is_some_and(|r| !r.state.is_terminal());
             if let (true, Ok(inventory)) = (active, crate::reaper::take_inventory(&ports).await) {
                 let settings = crate::reaper::ReaperSettings::from(&ports.settings);
                 for action in crate::reaper::plan(&inventory, cloud.now(), &settings) {
