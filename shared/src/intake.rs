@@ -103,6 +103,17 @@ async fn submit_spec(ports: &Ports, body: &str, fallback_id: String) -> Result<I
             Ok(Intake::Accepted { job_id })
         }
         WriteOutcome::Conflict => {
+            // A rejection holds nothing: a bad body that claimed this id must
+            // not turn the valid submission that follows into a no-op.
+            if let Some(existing) = ports.ledger.load(&job_id).await? {
+                if existing.record.state == crate::record::JobState::Rejected {
+                    if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &existing.version).await? {
+                        ports.queue.send(&WakeMessage::new(&job_id, "submit"), 0).await?;
+                        info!(%job_id, "job accepted in place of an earlier rejection");
+                        return Ok(Intake::Accepted { job_id });
+                    }
+                }
+            }
             // A redelivery, perhaps after a crash before the wake was sent:
             // waking a job is always harmless.
             if let Some(existing) = ports.ledger.load(&job_id).await? {

@@ -366,6 +366,13 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         if key.starts_with("FLOTILLA_") || key.starts_with("AWS_SSM_") {
             return fail(format!("env.{key}: the FLOTILLA_ and AWS_SSM_ prefixes are reserved"));
         }
+        // Readonly in bash (assigning them fails every step, unmount
+        // included), or read by bash itself before any step runs.
+        if ["UID", "EUID", "PPID", "BASHOPTS", "SHELLOPTS", "BASH_VERSINFO", "BASH_ENV", "ENV", "IFS"]
+            .contains(&key.as_str())
+        {
+            return fail(format!("env.{key}: a name bash reserves; choose another"));
+        }
         check_no_control(&format!("env.{key}"), value)?;
     }
     if let Some(setup) = &spec.setup {
@@ -379,19 +386,42 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         return fail(format!("deadline_minutes: must be 1..={MAX_DEADLINE_MINUTES}, got {}", spec.deadline_minutes));
     }
     if let Some(role) = &spec.role_arn {
-        let ok = role.starts_with("arn:aws") && role.contains(":iam::") && role.contains(":role/");
-        if !ok {
-            return fail(format!("role_arn: `{}` is not an IAM role ARN", printable(role)));
-        }
         check_charset("role_arn", role, 2048, |c| c.is_ascii_alphanumeric() || "+=,.@-_:/".contains(c))?;
+        check_role_arn(role)?;
     }
     if let Some(external_id) = &spec.external_id {
         if spec.role_arn.is_none() {
             return fail("external_id: only meaningful with role_arn");
         }
+        // STS: 2-1224 characters.
+        if external_id.len() < 2 {
+            return fail("external_id: STS needs at least 2 characters");
+        }
         check_charset("external_id", external_id, 1224, |c| c.is_ascii_alphanumeric() || "+=,.@:/-".contains(c))?;
     }
     Ok(())
+}
+
+/// `arn:<partition>:iam::<12-digit account>:role/<path/name>`, in a
+/// partition AWS has.
+fn check_role_arn(role: &str) -> Result<(), SpecError> {
+    let parts: Vec<&str> = role.splitn(6, ':').collect();
+    let ok = parts.len() == 6
+        && parts[0] == "arn"
+        && ["aws", "aws-cn", "aws-us-gov"].contains(&parts[1])
+        && parts[2] == "iam"
+        && parts[3].is_empty()
+        && parts[4].len() == 12
+        && parts[4].chars().all(|c| c.is_ascii_digit())
+        && parts[5].strip_prefix("role/").is_some_and(|name| !name.is_empty() && !name.ends_with('/'));
+    if ok {
+        Ok(())
+    } else {
+        fail(format!(
+            "role_arn: `{}` is not arn:aws|aws-cn|aws-us-gov:iam::<12-digit account>:role/<name>",
+            printable(role)
+        ))
+    }
 }
 
 fn check_volumes(volumes: &[VolumeSpec]) -> Result<(), SpecError> {
@@ -421,13 +451,19 @@ fn check_volumes(volumes: &[VolumeSpec]) -> Result<(), SpecError> {
                 printable(&v.device)
             ));
         }
-        if !devices.insert(v.device.as_str()) {
-            return fail(format!("{at}.device: `{}` is used twice", v.device));
+        // /dev/sdf and /dev/xvdf name the same attachment point.
+        let letter = v.device.chars().last().unwrap_or('?');
+        if !devices.insert(letter) {
+            return fail(format!(
+                "{at}.device: `{}` is the same device as an earlier volume's (sd{letter} = xvd{letter})",
+                v.device
+            ));
         }
         check_mount_point(&format!("{at}.mount_point"), &v.mount_point)?;
-        if !mounts.insert(v.mount_point.as_str()) {
-            return fail(format!("{at}.mount_point: `{}` is used twice", v.mount_point));
+        if let Some(other) = mounts.iter().find(|m: &&&str| nested(m, &v.mount_point)) {
+            return fail(format!("{at}.mount_point: `{}` overlaps `{other}`, an earlier volume's", v.mount_point));
         }
+        mounts.insert(v.mount_point.as_str());
         match &v.source {
             VolumeSource::New { size_gib, volume_type } => {
                 if *size_gib == 0 || *size_gib > MAX_VOLUME_GIB {
@@ -572,15 +608,17 @@ fn check_image(image: &str) -> Result<(), SpecError> {
 /// rather than let quotes or newlines reach tooling that reads tags.
 fn check_tag(key: &str, value: &str) -> Result<(), SpecError> {
     let allowed = |c: char| c.is_alphanumeric() || c == ' ' || "_.:/=+-@".contains(c);
-    if key.is_empty() || key.chars().count() > 128 || key.starts_with("aws:") || key.starts_with("flotilla:") {
+    let lower = key.to_ascii_lowercase();
+    if key.is_empty() || key.chars().count() > 128 || lower.starts_with("aws:") || lower.starts_with("flotilla:") {
         return fail(format!(
             "tags: key `{}` must be 1-128 characters and not start with aws: or flotilla:",
             printable(key)
         ));
     }
-    if let Some(c) = key.chars().find(|c| !allowed(*c)) {
+    // Keys are ASCII: a Cyrillic `а` would make a second, look-alike key.
+    if let Some(c) = key.chars().find(|c| !(c.is_ascii() && allowed(*c))) {
         return fail(format!(
-            "tags: key `{}` contains `{}`; allowed are letters, digits, spaces and _.:/=+-@",
+            "tags: key `{}` contains `{}`; allowed are ASCII letters, digits, spaces and _.:/=+-@",
             printable(key),
             printable(&c.to_string())
         ));
@@ -597,22 +635,54 @@ fn check_tag(key: &str, value: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// One path is the other, or lies under it.
+fn nested(a: &str, b: &str) -> bool {
+    let under = |x: &str, y: &str| x == y || x.strip_prefix(y).is_some_and(|rest| rest.starts_with('/'));
+    under(a, b) || under(b, a)
+}
+
+/// Mounting over these (or anything under the first list) breaks the
+/// instance, the SSM agent (/var/lib/amazon/ssm) or Flotilla's own scripts.
+const SYSTEM_TREES: [&str; 17] = [
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib64",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var/lib",
+    "/var/log",
+    "/var/run",
+    "/var/cache",
+    "/snap",
+];
+const SYSTEM_DIRS: [&str; 9] = ["/", "/var", "/tmp", "/home", "/opt", "/mnt", "/srv", "/media", "/var/tmp"];
+
 fn check_mount_point(at: &str, path: &str) -> Result<(), SpecError> {
     check_charset(at, path, 200, |c| c.is_ascii_alphanumeric() || "/_.-".contains(c))?;
-    let reserved =
-        ["/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/sbin", "/sys", "/usr", "/var", "/tmp"];
-    if !path.starts_with('/') || path.split('/').any(|part| part == ".." || part == ".") || path.ends_with('/') {
-        return fail(format!("{at}: `{path}` must be an absolute path without . or .. and no trailing /"));
+    let parts: Vec<&str> = path.split('/').skip(1).collect();
+    if !path.starts_with('/') || parts.iter().any(|p| p.is_empty() || *p == ".." || *p == ".") {
+        return fail(format!(
+            "{at}: `{path}` must be an absolute path without . or .., empty parts (//) or a trailing /"
+        ));
     }
-    if reserved.contains(&path) {
+    if SYSTEM_DIRS.contains(&path) || SYSTEM_TREES.iter().any(|tree| nested(path, tree) && path.starts_with(tree)) {
         return fail(format!("{at}: `{path}` is a system directory"));
     }
     Ok(())
 }
 
 fn check_resource_id(at: &str, id: &str, prefix: &str) -> Result<(), SpecError> {
+    // EC2 ids are the prefix and 8 (older) or 17 lowercase hex digits.
     let rest = id.strip_prefix(prefix).unwrap_or("");
-    let ok = !rest.is_empty() && rest.len() <= 32 && rest.chars().all(|c| c.is_ascii_hexdigit());
+    let ok =
+        (rest.len() == 8 || rest.len() == 17) && rest.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
     if ok {
         Ok(())
     } else {
@@ -772,5 +842,51 @@ mod tests {
     fn sized_fleet_needs_all_fields() {
         let r = reason(with(&["fleet"], serde_json::json!({"items": 10})));
         assert!(r.starts_with("fleet: expected"), "{r}");
+    }
+
+    /// Input that used to slip through (issue 9's audit), each with the
+    /// reason the user sees.
+    #[test]
+    fn look_alikes_overlaps_and_malformed_ids_are_rejected_with_reasons() {
+        let volumes = |v: serde_json::Value| with(&["volumes"], v);
+        let vol = |device: &str, mount: &str| serde_json::json!({"name": format!("v{}", device.len() + mount.len()), "source": {"new": {"size_gib": 1}}, "device": device, "mount_point": mount});
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (with(&["tags"], serde_json::json!({"te\u{0430}m": "x"})), "allowed are ASCII letters"),
+            (with(&["tags"], serde_json::json!({"AWS:owner": "x"})), "not start with aws: or flotilla:"),
+            (with(&["tags"], serde_json::json!({"Flotilla:job-id": "x"})), "not start with aws: or flotilla:"),
+            (volumes(serde_json::json!([vol("/dev/sdf", "/a"), vol("/dev/xvdf", "/b")])), "same device"),
+            (volumes(serde_json::json!([vol("/dev/sdf", "/usr/bin")])), "system directory"),
+            (volumes(serde_json::json!([vol("/dev/sdf", "/var/lib/amazon/ssm")])), "system directory"),
+            (volumes(serde_json::json!([vol("/dev/sdf", "//data")])), "empty parts"),
+            (
+                volumes(serde_json::json!([vol("/dev/sdf", "/data"), vol("/dev/sdg", "/data/inner")])),
+                "overlaps `/data`",
+            ),
+            (with(&["image"], serde_json::json!("ami-0")), "not a valid ami-"),
+            (with(&["image"], serde_json::json!("ami-0ABCDEF1")), "not a valid ami-"),
+            (with(&["subnet_ids"], serde_json::json!(["subnet-123"])), "not a valid subnet-"),
+            (with(&["role_arn"], serde_json::json!("arn:aws:iam::12345:role/x")), "12-digit account"),
+            (with(&["role_arn"], serde_json::json!("arn:aws-xx:iam::123456789012:role/x")), "12-digit account"),
+            (with(&["role_arn"], serde_json::json!("arn:aws:iam::123456789012:user/x")), "12-digit account"),
+            (
+                {
+                    let mut spec = with(&["role_arn"], serde_json::json!("arn:aws:iam::123456789012:role/flotilla/x"));
+                    spec["external_id"] = serde_json::json!("a");
+                    spec
+                },
+                "at least 2 characters",
+            ),
+            (with(&["env"], serde_json::json!({"UID": "0"})), "a name bash reserves"),
+            (with(&["env"], serde_json::json!({"BASH_ENV": "/tmp/x"})), "a name bash reserves"),
+        ];
+        for (spec, expected) in cases {
+            let r = reason(spec.clone());
+            assert!(r.contains(expected), "{spec}: {r}");
+        }
+        // Still fine: an ARN in another partition, a lowercase 17-digit id, a mount under /var.
+        let ok = with(&["role_arn"], serde_json::json!("arn:aws-cn:iam::123456789012:role/flotilla/x"));
+        assert!(validate(&parse(&ok.to_string()).expect("parse")).is_ok());
+        let ok = volumes(serde_json::json!([vol("/dev/sdf", "/var/data"), vol("/dev/sdg", "/data")]));
+        assert!(validate(&parse(&ok.to_string()).expect("parse")).is_ok());
     }
 }

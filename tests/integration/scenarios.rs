@@ -779,3 +779,24 @@ async fn seeded_simulation_holds_every_invariant() {
         campaign.failed_seeds.join("\n")
     );
 }
+
+/// A malformed body that names an id gets a REJECTED record under it; the
+/// valid submission that follows with that id is accepted, not ignored.
+#[tokio::test]
+async fn a_rejection_never_blocks_a_later_valid_job_with_the_same_id() {
+    let cloud = cloud();
+    let ports = ports(&cloud);
+    let mut bad = job("claimed-1");
+    bad["fleet"] = json!({"count": 0});
+    let first = intake::submit(&ports, &bad.to_string(), "m-1").await.expect("intake");
+    assert!(matches!(first, intake::Intake::Rejected { .. }), "{first:?}");
+    assert_eq!(cloud.record("claimed-1").expect("record").state, JobState::Rejected);
+    let second = intake::submit(&ports, &job("claimed-1").to_string(), "m-2").await.expect("intake");
+    assert_eq!(second, intake::Intake::Accepted { job_id: "claimed-1".into() });
+    // And a bad body after a real job never overwrites it.
+    let third = intake::submit(&ports, &bad.to_string(), "m-3").await.expect("intake");
+    assert!(matches!(third, intake::Intake::AlreadyKnown { .. }), "{third:?}");
+    let ports2 = ports;
+    drive(&cloud, &ports2, 1, |r| r.state.is_terminal(), "claimed-1").await;
+    assert_eq!(cloud.record("claimed-1").expect("record").state, JobState::Succeeded);
+}

@@ -1837,7 +1837,7 @@ mod tests {
 
     fn record(extra: serde_json::Value) -> JobRecord {
         let mut spec = serde_json::json!({
-            "id": "j", "fleet": {"count": 2}, "instance_types": ["t3.micro", "t3.small"], "image": "ami-0abc",
+            "id": "j", "fleet": {"count": 2}, "instance_types": ["t3.micro", "t3.small"], "image": "ami-0abc1234",
             "volumes": [{"name": "data", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf", "mount_point": "/data"}],
             "run": {"commands": [["true"]]}, "deadline_minutes": 60
         });
@@ -2132,13 +2132,13 @@ mod tests {
     #[test]
     fn launch_options_put_spot_first_and_subnets_within_each_type() {
         let r = record(
-            serde_json::json!({"market": "spot", "on_demand_fallback": true, "subnet_ids": ["subnet-0a", "subnet-0b"]}),
+            serde_json::json!({"market": "spot", "on_demand_fallback": true, "subnet_ids": ["subnet-0aaa1111", "subnet-0bbb2222"]}),
         );
         let options = launch_options(r.spec.as_ref().expect("spec"));
         let described: Vec<String> = options.iter().map(describe_option).collect();
-        assert_eq!(described[0], "t3.micro spot in subnet-0a");
-        assert_eq!(described[1], "t3.micro spot in subnet-0b");
-        assert_eq!(described[2], "t3.small spot in subnet-0a");
+        assert_eq!(described[0], "t3.micro spot in subnet-0aaa1111");
+        assert_eq!(described[1], "t3.micro spot in subnet-0bbb2222");
+        assert_eq!(described[2], "t3.small spot in subnet-0aaa1111");
         assert_eq!(options[4].market, Market::OnDemand);
         assert_eq!(options.len(), 8);
     }
