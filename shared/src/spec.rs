@@ -20,6 +20,10 @@ pub const MAX_VOLUME_GIB: u32 = 16_384;
 pub const MAX_SCRIPT_BYTES: usize = 48 * 1024;
 /// EC2 allows 50 tags per resource; Flotilla uses up to 8 of its own.
 pub const MAX_USER_TAGS: usize = 40;
+/// Names and values of `env`, in all.
+pub const MAX_ENV_BYTES: usize = 16 * 1024;
+/// SQS carries at most 256 KiB; a larger body can only come another way.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -255,12 +259,23 @@ fn default_step_timeout() -> u32 {
 
 /// Parse a job body with a precise, path-qualified error.
 pub fn parse(body: &str) -> Result<JobSpec, SpecError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(SpecError::new(format!(
+            "the job spec is {} bytes, at most {MAX_BODY_BYTES} (SQS's limit)",
+            body.len()
+        )));
+    }
     let de = &mut serde_json::Deserializer::from_str(body);
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
-        let message = if inner.is_syntax() || inner.is_eof() {
+        // serde reports some shape errors (an enum object with two keys) as
+        // syntax: only JSON that does not parse at all is "malformed".
+        let well_formed = serde_json::from_str::<serde::de::IgnoredAny>(body).is_ok();
+        let message = if (inner.is_syntax() || inner.is_eof()) && !well_formed {
             format!("malformed JSON: {inner}")
+        } else if inner.is_syntax() && path != "." {
+            format!("{path}: expected exactly one key here ({inner})")
         } else if path == "." {
             inner.to_string()
         } else if path.starts_with("fleet") && inner.to_string().contains("untagged") {
@@ -340,7 +355,7 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         check_resource_id(&format!("security_group_ids[{i}]"), s, "sg-")?;
     }
     if let Some(profile) = &spec.instance_profile {
-        check_charset("instance_profile", profile, 2048, |c| c.is_ascii_alphanumeric() || "+=,.@-_:/".contains(c))?;
+        check_instance_profile(profile)?;
     }
     if spec.tags.len() > MAX_USER_TAGS {
         return fail(format!("tags: at most {MAX_USER_TAGS} tags, got {}", spec.tags.len()));
@@ -375,6 +390,11 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         }
         check_no_control(&format!("env.{key}"), value)?;
     }
+    // The environment travels in every SendCommand, whose parameters are capped.
+    let env_bytes: usize = spec.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if env_bytes > MAX_ENV_BYTES {
+        return fail(format!("env: {env_bytes} bytes in all, at most {MAX_ENV_BYTES}"));
+    }
     if let Some(setup) = &spec.setup {
         check_command("setup", setup)?;
     }
@@ -400,6 +420,39 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         check_charset("external_id", external_id, 1224, |c| c.is_ascii_alphanumeric() || "+=,.@:/-".contains(c))?;
     }
     Ok(())
+}
+
+/// A profile name (IAM: 1-128 of `[\w+=,.@-]`) or its ARN
+/// (`arn:<partition>:iam::<account>:instance-profile/<path/><name>`).
+fn check_instance_profile(profile: &str) -> Result<(), SpecError> {
+    let name_ok = |name: &str| {
+        !name.is_empty()
+            && name.len() <= 128
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
+    };
+    let parts: Vec<&str> = profile.splitn(6, ':').collect();
+    let ok = if parts.len() == 6 {
+        parts[0] == "arn"
+            && ["aws", "aws-cn", "aws-us-gov"].contains(&parts[1])
+            && parts[2] == "iam"
+            && parts[3].is_empty()
+            && parts[4].len() == 12
+            && parts[4].chars().all(|c| c.is_ascii_digit())
+            && parts[5].strip_prefix("instance-profile/").is_some_and(|path| {
+                let segments: Vec<&str> = path.split('/').collect();
+                segments.iter().all(|s| name_ok(s) && *s != "." && *s != "..")
+            })
+    } else {
+        name_ok(profile) && profile != "." && profile != ".."
+    };
+    if ok {
+        Ok(())
+    } else {
+        fail(format!(
+            "instance_profile: `{}` is not a profile name ([A-Za-z0-9+=,.@_-], 1-128) or an instance-profile ARN",
+            printable(profile)
+        ))
+    }
 }
 
 /// `arn:<partition>:iam::<12-digit account>:role/<path/name>`, in a
@@ -577,6 +630,7 @@ fn check_command(at: &str, command: &CommandSpec) -> Result<(), SpecError> {
         if let Some(c) = script.chars().find(|c| c.is_control() && *c != '\n' && *c != '\t') {
             return fail(format!("{at}.script: control character U+{:04X} not allowed", c as u32));
         }
+        check_no_invisible(&format!("{at}.script"), script)?;
     }
     Ok(())
 }
@@ -707,6 +761,16 @@ fn check_charset(at: &str, value: &str, max_len: usize, allowed: impl Fn(char) -
 fn check_no_control(at: &str, value: &str) -> Result<(), SpecError> {
     if let Some(c) = value.chars().find(|c| c.is_control()) {
         return fail(format!("{at}: control character U+{:04X} not allowed", c as u32));
+    }
+    check_no_invisible(at, value)
+}
+
+/// Bidi overrides and zero-width characters make text read differently from
+/// what runs ("Trojan Source"); free text may hold any visible character.
+fn check_no_invisible(at: &str, value: &str) -> Result<(), SpecError> {
+    let invisible = |c: char| matches!(c as u32, 0xAD | 0x061C | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064 | 0x2066..=0x206F | 0xFEFF | 0xFFF9..=0xFFFB);
+    if let Some(c) = value.chars().find(|c| invisible(*c)) {
+        return fail(format!("{at}: invisible or bidi-override character U+{:04X} not allowed", c as u32));
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Flotilla's integration tests: one binary, so the AWS SDK links once.
 
 mod events;
+mod hostile;
 mod lifecycle_moto;
 mod moto;
 mod moto_extension;
