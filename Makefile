@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
 FUNCTIONS := intake reconcile tick
 
-.PHONY: help venv build build-functions test smoke chaos lint local-up local-down demo clean dlq redrive
+.PHONY: help venv build build-functions test smoke chaos fuzz lint local-up local-down demo clean dlq redrive
 
 help:
 	@echo "make demo        run the demo job end to end on the local stack"
@@ -50,6 +50,12 @@ CHAOS_BIG ?= 5
 chaos:
 	$(if $(SEED),FLOTILLA_SIM_SEED=$(SEED)) FLOTILLA_SIM_JOBS=$(CHAOS_JOBS) FLOTILLA_SIM_BIG=$(CHAOS_BIG) \
 		cargo test -p flotilla-tests --test integration scenarios::seeded_simulation -- --nocapture
+
+# Long runs of the property tests `make test` runs briefly (nightly cargo fuzz
+# would rebuild the whole AWS SDK; these need nothing new).
+FUZZ_CASES ?= 200000
+fuzz:
+	FLOTILLA_FUZZ_CASES=$(FUZZ_CASES) cargo test -p flotilla-shared --lib -- decide_fuzz spec::tests::parsing spec::tests::validating
 
 smoke: venv build-functions
 	PATH="$(BIN):$$PATH" bash tools/local_smoke.sh

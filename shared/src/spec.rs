@@ -953,4 +953,45 @@ mod tests {
         let ok = volumes(serde_json::json!([vol("/dev/sdf", "/var/data"), vol("/dev/sdg", "/data")]));
         assert!(validate(&parse(&ok.to_string()).expect("parse")).is_ok());
     }
+
+    fn fuzz_cases() -> u32 {
+        std::env::var("FLOTILLA_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(fuzz_cases()))]
+        /// Any bytes at all: an error or a spec, never a panic.
+        #[test]
+        fn parsing_arbitrary_text_never_panics(body in ".{0,600}") {
+            if let Ok(spec) = parse(&body) {
+                let _ = validate(&spec);
+            }
+        }
+
+        /// A valid spec with one field replaced by arbitrary text: the
+        /// validator answers, never panics, and a rejection names a field.
+        #[test]
+        fn validating_arbitrary_field_values_never_panics(
+            field in 0usize..12,
+            value in proptest::prelude::any::<String>(),
+        ) {
+            let paths: [&[&str]; 12] = [
+                &["id"], &["name"], &["image"], &["instance_profile"], &["deadline_minutes"], &["market"],
+                &["role_arn"], &["external_id"], &["instance_types"], &["tags"], &["env"], &["volumes"],
+            ];
+            let json_value = match field {
+                8 => serde_json::json!([value]),
+                9 | 10 => serde_json::json!({ value.clone(): value }),
+                11 => serde_json::json!([{"name": value, "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf", "mount_point": value}]),
+                _ => serde_json::json!(value),
+            };
+            let mut spec = with(paths[field], json_value);
+            if field == 7 {
+                spec["role_arn"] = serde_json::json!("arn:aws:iam::123456789012:role/x");
+            }
+            if let Err(err) = parse(&spec.to_string()).and_then(|s| validate(&s)) {
+                proptest::prop_assert!(!err.to_string().is_empty());
+            }
+        }
+    }
 }

@@ -1474,9 +1474,16 @@ fn finish(
         .filter(|v| !v.deleted || v.kept.is_some())
         .filter_map(|v| v.volume_id.clone())
         .collect();
+    // Every id the record ever held: one it marked gone that shows up again
+    // may hold data, so it is the reaper's (which snapshots first), not ours.
+    let recorded: BTreeSet<String> =
+        record.attempts().flat_map(|a| a.volumes.iter()).filter_map(|v| v.volume_id.clone()).collect();
     for view in obs.volumes.values() {
         // Created under a token whose reply was lost and never attached: no data.
-        if !known.contains(&view.volume_id) && view.tags.contains_key(tags::ATTEMPT) {
+        if !known.contains(&view.volume_id)
+            && !recorded.contains(&view.volume_id)
+            && view.tags.contains_key(tags::ATTEMPT)
+        {
             match (view.state.as_str(), view.attached_to.is_some()) {
                 ("available", false) => actions.push(Action::DeleteVolume { volume_id: view.volume_id.clone() }),
                 ("deleting" | "deleted", _) => continue,
@@ -1791,7 +1798,9 @@ fn apply_done(record: &mut JobRecord, action: &Action, done: Done, now: DateTime
         }
         (Action::CreateVolume { request }, Done::Created(volume_id)) => {
             for v in record.shards.iter_mut().filter_map(|s| s.current_mut()).flat_map(|a| a.volumes.iter_mut()) {
-                if v.token == request.client_token && v.volume_id.is_none() {
+                // A volume already given up on (its attempt ended before the
+                // reply) stays unrecorded: the final sweep deletes it, unattached.
+                if v.token == request.client_token && v.volume_id.is_none() && !v.deleted {
                     v.volume_id = Some(volume_id.clone());
                     v.created_at = Some(now);
                 }

@@ -1,0 +1,265 @@
+//! The decision function fed arbitrary observations and action results, from
+//! a seed: it must never panic, and never choose to delete a volume that it
+//! attached (so may hold data) and whose policy wants a snapshot unless a
+//! `completed` snapshot of it was observed.
+//! `make fuzz` runs many more seeds than `make test` (FLOTILLA_FUZZ_CASES).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{Duration, TimeZone, Utc};
+use proptest::prelude::*;
+
+use super::decide::*;
+use crate::error::CloudError;
+use crate::fake::Rng;
+use crate::plan::plan;
+use crate::ports::{tags, InstanceView, InvocationView, Settings, SnapshotView, VolumeView};
+use crate::record::{JobRecord, Phase};
+use crate::spec::{parse, SnapshotPolicy};
+
+fn pick<'a>(rng: &mut Rng, from: &[&'a str]) -> &'a str {
+    from[rng.range(0, from.len() as i64 - 1) as usize]
+}
+
+fn spec(rng: &mut Rng) -> serde_json::Value {
+    let policy = pick(rng, &["always", "on-success", "never"]);
+    let mut volume = serde_json::json!({"name": "data", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf",
+        "mount_point": "/data", "snapshot": policy});
+    if policy == "always" && rng.chance(0.5) {
+        volume["on_retry"] = serde_json::json!("restore");
+    }
+    let mut volumes = vec![volume];
+    if rng.chance(0.5) {
+        volumes.push(serde_json::json!({"name": "logs", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdg",
+            "mount_point": "/logs", "snapshot": pick(rng, &["always", "on-success", "never"])}));
+    }
+    serde_json::json!({
+        "id": "fz", "fleet": {"count": rng.range(1, 3)}, "instance_types": ["t3.micro", "t3.small"],
+        "image": "ami-0abc1234", "volumes": volumes, "market": "spot", "on_demand_fallback": true,
+        "setup": {"commands": [["true"]]}, "before_unmount": {"commands": [["sync"]]},
+        "run": {"commands": [["true"]]}, "retry": {"attempts": 3}, "deadline_minutes": 60
+    })
+}
+
+/// What the cloud might show: any state for anything the record knows of.
+fn observe(record: &JobRecord, rng: &mut Rng, snapshot_of: &BTreeMap<String, String>) -> Observation {
+    let mut obs = Observation { health_due: rng.chance(0.3), health_checked: rng.chance(0.3), ..Default::default() };
+    for attempt in record.attempts() {
+        if let Some(id) = &attempt.instance_id {
+            if rng.chance(0.9) {
+                let state = pick(
+                    rng,
+                    &["pending", "running", "running", "running", "stopping", "stopped", "shutting-down", "terminated"],
+                );
+                obs.instances.insert(
+                    id.clone(),
+                    InstanceView {
+                        instance_id: id.clone(),
+                        state: state.into(),
+                        availability_zone: "us-east-1a".into(),
+                        launch_index: 0,
+                        job_id: Some(record.job_id.clone()),
+                        launch_token: attempt.launch_token.clone(),
+                        tags: BTreeMap::new(),
+                    },
+                );
+            }
+            if rng.chance(0.5) {
+                obs.agents_checked.insert(id.clone());
+                if rng.chance(0.7) {
+                    obs.online.insert(id.clone());
+                }
+            }
+            if obs.health_checked && rng.chance(0.1) {
+                obs.impaired.insert(id.clone());
+            } else if obs.health_checked {
+                obs.healthy.insert(id.clone());
+            }
+        }
+        for volume in &attempt.volumes {
+            let Some(id) = &volume.volume_id else { continue };
+            if rng.chance(0.1) {
+                obs.gone_volumes.insert(id.clone());
+                continue;
+            }
+            let owner = match rng.range(0, 2) {
+                0 => None,
+                1 => attempt.instance_id.clone(),
+                _ => Some("i-someone-else".to_string()),
+            };
+            obs.volumes.insert(
+                id.clone(),
+                VolumeView {
+                    volume_id: id.clone(),
+                    state: pick(rng, &["creating", "available", "available", "in-use", "error"]).into(),
+                    availability_zone: "us-east-1a".into(),
+                    attached_to: owner,
+                    tags: BTreeMap::from([(tags::ATTEMPT.to_string(), volume.token.clone())]),
+                },
+            );
+        }
+        for volume in &attempt.volumes {
+            let Some(snapshot_id) = volume.snapshot.as_ref().and_then(|s| s.snapshot_id.clone()) else { continue };
+            obs.snapshots.insert(
+                snapshot_id.clone(),
+                SnapshotView {
+                    snapshot_id: snapshot_id.clone(),
+                    volume_id: snapshot_of.get(&snapshot_id).cloned().unwrap_or_default(),
+                    state: pick(rng, &["pending", "completed", "error"]).into(),
+                    started_at: Utc::now(),
+                    tags: BTreeMap::new(),
+                },
+            );
+        }
+        for run in attempt.phases.iter().filter(|p| p.status.is_none()) {
+            let command = record.commands.get(&run.batch).and_then(|b| b.command_id.clone());
+            if let (Some(command_id), Some(instance_id)) = (command, &attempt.instance_id) {
+                let status = pick(
+                    rng,
+                    &[
+                        "InProgress",
+                        "Success",
+                        "Success",
+                        "Failed",
+                        "TimedOut",
+                        "Cancelled",
+                        "Cancelling",
+                        "Undeliverable",
+                    ],
+                );
+                obs.invocations.insert(
+                    (command_id, instance_id.clone()),
+                    InvocationView {
+                        instance_id: instance_id.clone(),
+                        status: status.into(),
+                        exit_code: match status {
+                            "Success" => Some(0),
+                            "Failed" => Some(rng.range(1, 137) as i32),
+                            _ => None,
+                        },
+                        stdout: "out".into(),
+                        stderr: String::new(),
+                        output_uri: None,
+                    },
+                );
+            }
+        }
+    }
+    obs
+}
+
+fn result(action: &Action, rng: &mut Rng, next: &mut u64) -> Result<Done, CloudError> {
+    let error = |code: &str| Err(CloudError::api("ec2", action.name(), code, "fuzz"));
+    match rng.range(0, 19) {
+        0 => return error("RequestLimitExceeded"),
+        1 => return error("InternalError"),
+        2 => return error("InsufficientInstanceCapacity"),
+        3 => return error("UnauthorizedOperation"),
+        4 => return error("InvalidVolume.NotFound"),
+        5 => return error("VolumeInUse"),
+        _ => {}
+    }
+    *next += 1;
+    Ok(match action {
+        Action::Launch { request } => Done::Launched(
+            (0..rng.range(0, i64::from(request.count)))
+                .map(|i| InstanceView {
+                    instance_id: format!("i-{next}-{i}"),
+                    state: "pending".into(),
+                    availability_zone: "us-east-1a".into(),
+                    launch_index: i as u32,
+                    job_id: Some(request.job_id.clone()),
+                    launch_token: Some(request.client_token.clone()),
+                    tags: BTreeMap::new(),
+                })
+                .collect(),
+        ),
+        Action::CreateVolume { .. } => Done::Created(format!("vol-{next}")),
+        Action::Send { .. } => Done::Sent(format!("cmd-{next}")),
+        Action::Snapshot { .. } => Done::Snapshotted(format!("snap-{next}")),
+        Action::Prune { .. } => Done::Pruned(vec![]),
+        _ => Done::Ok,
+    })
+}
+
+/// One seeded run of up to 80 decisions. Returns the first violation.
+pub fn run(seed: u64) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    let spec = parse(&spec(&mut rng).to_string()).map_err(|e| e.to_string())?;
+    let start = Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("time");
+    let mut record = JobRecord::new("fz".into(), spec.clone(), plan(&spec).map_err(|e| e.to_string())?, start);
+    let settings = Settings { worker_instance_profile: Some("w".into()), ..Settings::default() };
+    let mut now = start;
+    let mut next = 0u64;
+    let mut completed_seen: BTreeSet<String> = BTreeSet::new();
+    let mut snapshot_of: BTreeMap<String, String> = BTreeMap::new();
+    // Volumes the job attached: only those can hold data.
+    let mut attached: BTreeSet<String> = BTreeSet::new();
+    for step in 0..80 {
+        now += Duration::seconds(rng.range(1, 600));
+        if rng.chance(0.02) {
+            record.cancel_requested = true;
+        }
+        let obs = observe(&record, &mut rng, &snapshot_of);
+        completed_seen.extend(obs.snapshots.values().filter(|s| s.state == "completed").map(|s| s.snapshot_id.clone()));
+        let context = Context { now, settings: &settings, bucket: "b" };
+        let (actions, _) = decide(&mut record, &obs, &context);
+        for action in &actions {
+            if let Action::DeleteVolume { volume_id } = action {
+                for attempt in record.attempts() {
+                    let Some(volume) = attempt.volumes.iter().find(|v| v.volume_id.as_deref() == Some(volume_id))
+                    else {
+                        continue;
+                    };
+                    let policy = spec.volumes.iter().find(|v| v.name == volume.name).map(|v| v.snapshot);
+                    let required = match policy {
+                        Some(SnapshotPolicy::Always) => true,
+                        Some(SnapshotPolicy::OnSuccess) => attempt.completed_phases.contains(&Phase::Run),
+                        _ => false,
+                    };
+                    let snapshot = volume.snapshot.as_ref().and_then(|s| s.snapshot_id.clone());
+                    let safe = snapshot.as_ref().is_some_and(|id| completed_seen.contains(id));
+                    if required && !safe && attached.contains(volume_id) {
+                        if std::env::var("FLOTILLA_FUZZ_TRACE").is_ok() {
+                            println!("{:#?}", attempt);
+                        }
+                        return Err(format!(
+                            "step {step}: DeleteVolume {volume_id} with no completed snapshot ({snapshot:?})"
+                        ));
+                    }
+                }
+            }
+        }
+        for action in &actions {
+            let done = result(action, &mut rng, &mut next);
+            if std::env::var("FLOTILLA_FUZZ_TRACE").is_ok() {
+                println!(
+                    "step {step}: {} -> {:?}",
+                    action.name(),
+                    done.as_ref().map(|_| ()).map_err(|e| e.to_string())
+                );
+            }
+            if let (Action::Snapshot { volume_id, .. }, Ok(Done::Snapshotted(id))) = (action, &done) {
+                snapshot_of.insert(id.clone(), volume_id.clone());
+            }
+            if let (Action::Attach { volume_id, .. }, Ok(_)) = (action, &done) {
+                attached.insert(volume_id.clone());
+            }
+            apply(&mut record, action, done, now);
+        }
+        if record.state.is_terminal() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("FLOTILLA_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(300)
+    ))]
+    #[test]
+    fn decide_never_panics_nor_deletes_an_unsnapshotted_volume(seed in any::<u64>()) {
+        prop_assert_eq!(run(seed), Ok(()));
+    }
+}
