@@ -77,17 +77,7 @@ impl Ledger for S3Ledger {
     }
 
     async fn put_artifact(&self, job_id: &str, name: &str, body: &[u8], content_type: &str) -> CloudResult<()> {
-        self.s3
-            .put_object()
-            .bucket(&self.bucket)
-            .key(format!("jobs/{job_id}/{name}"))
-            .content_type(content_type)
-            .server_side_encryption(ServerSideEncryption::Aes256)
-            .body(ByteStream::from(body.to_vec()))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| cloud_error("s3", "PutObject", e))
+        self.put(&format!("jobs/{job_id}/{name}"), body, content_type).await
     }
 
     async fn put(&self, key: &str, body: &[u8], content_type: &str) -> CloudResult<()> {
