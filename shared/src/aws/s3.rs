@@ -20,7 +20,7 @@ impl S3Ledger {
         S3Ledger { s3, bucket }
     }
 
-    async fn put(&self, record: &JobRecord, if_match: Option<&str>) -> CloudResult<WriteOutcome> {
+    async fn put_record(&self, record: &JobRecord, if_match: Option<&str>) -> CloudResult<WriteOutcome> {
         let body = serde_json::to_vec(record).map_err(|e| CloudError::Invalid(e.to_string()))?;
         let mut call = self
             .s3
@@ -69,11 +69,11 @@ impl Ledger for S3Ledger {
     }
 
     async fn create(&self, record: &JobRecord) -> CloudResult<WriteOutcome> {
-        self.put(record, None).await
+        self.put_record(record, None).await
     }
 
     async fn replace(&self, record: &JobRecord, version: &str) -> CloudResult<WriteOutcome> {
-        self.put(record, Some(version)).await
+        self.put_record(record, Some(version)).await
     }
 
     async fn put_artifact(&self, job_id: &str, name: &str, body: &[u8], content_type: &str) -> CloudResult<()> {
