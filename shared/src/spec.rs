@@ -422,28 +422,38 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// The resource part of an IAM ARN (`arn:<partition>:iam::<12-digit
+/// account>:<kind><rest>`) in a partition AWS has, or None.
+fn iam_arn_resource<'a>(arn: &'a str, kind: &str) -> Option<&'a str> {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let ok = parts.len() == 6
+        && parts[0] == "arn"
+        && ["aws", "aws-cn", "aws-us-gov"].contains(&parts[1])
+        && parts[2] == "iam"
+        && parts[3].is_empty()
+        && parts[4].len() == 12
+        && parts[4].chars().all(|c| c.is_ascii_digit());
+    if ok {
+        parts[5].strip_prefix(kind)
+    } else {
+        None
+    }
+}
+
 /// A profile name (IAM: 1-128 of `[\w+=,.@-]`) or its ARN
 /// (`arn:<partition>:iam::<account>:instance-profile/<path/><name>`).
 fn check_instance_profile(profile: &str) -> Result<(), SpecError> {
     let name_ok = |name: &str| {
         !name.is_empty()
             && name.len() <= 128
+            && name != "."
+            && name != ".."
             && name.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
     };
-    let parts: Vec<&str> = profile.splitn(6, ':').collect();
-    let ok = if parts.len() == 6 {
-        parts[0] == "arn"
-            && ["aws", "aws-cn", "aws-us-gov"].contains(&parts[1])
-            && parts[2] == "iam"
-            && parts[3].is_empty()
-            && parts[4].len() == 12
-            && parts[4].chars().all(|c| c.is_ascii_digit())
-            && parts[5].strip_prefix("instance-profile/").is_some_and(|path| {
-                let segments: Vec<&str> = path.split('/').collect();
-                segments.iter().all(|s| name_ok(s) && *s != "." && *s != "..")
-            })
+    let ok = if profile.starts_with("arn:") {
+        iam_arn_resource(profile, "instance-profile/").is_some_and(|path| path.split('/').all(name_ok))
     } else {
-        name_ok(profile) && profile != "." && profile != ".."
+        name_ok(profile)
     };
     if ok {
         Ok(())
@@ -455,19 +465,9 @@ fn check_instance_profile(profile: &str) -> Result<(), SpecError> {
     }
 }
 
-/// `arn:<partition>:iam::<12-digit account>:role/<path/name>`, in a
-/// partition AWS has.
+/// `arn:<partition>:iam::<12-digit account>:role/<path/name>`.
 fn check_role_arn(role: &str) -> Result<(), SpecError> {
-    let parts: Vec<&str> = role.splitn(6, ':').collect();
-    let ok = parts.len() == 6
-        && parts[0] == "arn"
-        && ["aws", "aws-cn", "aws-us-gov"].contains(&parts[1])
-        && parts[2] == "iam"
-        && parts[3].is_empty()
-        && parts[4].len() == 12
-        && parts[4].chars().all(|c| c.is_ascii_digit())
-        && parts[5].strip_prefix("role/").is_some_and(|name| !name.is_empty() && !name.ends_with('/'));
-    if ok {
+    if iam_arn_resource(role, "role/").is_some_and(|name| !name.is_empty() && !name.ends_with('/')) {
         Ok(())
     } else {
         fail(format!(
