@@ -79,6 +79,13 @@ Gaps filled (measured against moto 5.2.5):
     agent reports ConnectionLost and SendCommand cannot reach it.
     `tools/local_stack.py impair <id>` adds one.
 
+15. Commands run on the host, with no instance profile behind them: they get
+    credentials for this server (AWS_ENDPOINT_URL and test keys) and the
+    venv's AWS CLI on PATH, as an instance reaches AWS with its profile's
+    credentials and Amazon Linux's CLI. Secrets jobs name by reference are
+    read this way. moto does not evaluate IAM, so the worker role's limits
+    (this stack's parameter path only) are not enforced here.
+
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
 - EventBridge events are not emitted: `tools/local_stack.py interrupt <id>`
@@ -96,6 +103,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 
 from moto.core.responses import ActionResult
@@ -665,13 +673,23 @@ def _execute(execution):
     work = os.path.join(home, "work")
     os.makedirs(work, exist_ok=True)
     env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        # The AWS CLI of the venv stands in for the one on Amazon Linux.
+        "PATH": os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": home,
         "LANG": "C.UTF-8",
         "AWS_SSM_INSTANCE_ID": execution.instance_id,
         "AWS_SSM_REGION_NAME": command.backend_region,
         "FLOTILLA_EMULATOR": "1",
     }
+    endpoint = os.environ.get("FLOTILLA_EMU_ENDPOINT")
+    if endpoint:
+        # Gap 15: the instance profile's credentials, pointed at this server.
+        env.update({
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": command.backend_region,
+        })
     with execution.lock:
         if execution.finished() or execution.lost:
             return

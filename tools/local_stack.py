@@ -220,6 +220,7 @@ def up():
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "FLOTILLA_BUCKET": bucket,
+        "FLOTILLA_STACK": STACK,
         "FLOTILLA_JOBS_QUEUE_URL": urls["JobsQueue"],
         "FLOTILLA_RECONCILE_QUEUE_URL": urls["ReconcileQueue"],
         "FLOTILLA_JOBS_DLQ_URL": urls["JobsDLQ"],

@@ -562,14 +562,15 @@ impl Fleet for FakeCloud {
         Ok(format!("ami-{:016x}", parameter.len()))
     }
 
-    async fn find_instances(&self, job_id: &str) -> CloudResult<Vec<InstanceView>> {
+    async fn find_instances(&self, stack: &str, job_id: &str) -> CloudResult<Vec<InstanceView>> {
         self.call("DescribeInstances", false).await?;
         let state = self.lock();
         let now = state.now.unwrap_or_default();
+        let [managed, of_stack] = tags::scope(stack);
         Ok(state
             .instances
             .iter()
-            .filter(|i| now >= i.visible_at && has_tags(&i.tags, &[(tags::JOB_ID, job_id)]))
+            .filter(|i| now >= i.visible_at && has_tags(&i.tags, &[(tags::JOB_ID, job_id), managed, of_stack]))
             .map(view)
             .collect())
     }
@@ -654,10 +655,14 @@ impl Fleet for FakeCloud {
         Ok(state.instances.iter().filter(|i| instance_ids.contains(&i.id)).map(view).collect())
     }
 
-    async fn job_of(&self, instance_id: &str) -> CloudResult<Option<String>> {
+    async fn job_of(&self, stack: &str, instance_id: &str) -> CloudResult<Option<String>> {
         self.call("DescribeInstances", false).await?;
         let state = self.lock();
-        Ok(state.instances.iter().find(|i| i.id == instance_id).and_then(|i| i.tags.get(tags::JOB_ID).cloned()))
+        Ok(state
+            .instances
+            .iter()
+            .find(|i| i.id == instance_id && has_tags(&i.tags, &tags::scope(stack)))
+            .and_then(|i| i.tags.get(tags::JOB_ID).cloned()))
     }
 
     async fn status_checks(&self, instance_ids: &[String]) -> CloudResult<Vec<(String, bool)>> {
@@ -675,7 +680,7 @@ impl Fleet for FakeCloud {
             .collect())
     }
 
-    async fn find_managed(&self) -> CloudResult<Vec<InstanceView>> {
+    async fn find_managed(&self, stack: &str) -> CloudResult<Vec<InstanceView>> {
         self.call("DescribeInstances", false).await?;
         let state = self.lock();
         let now = state.now.unwrap_or_default();
@@ -683,7 +688,7 @@ impl Fleet for FakeCloud {
             .instances
             .iter()
             .filter(|i| now >= i.visible_at && i.state != "terminated")
-            .filter(|i| has_tags(&i.tags, &[(tags::MANAGED_BY, tags::MANAGED_BY_VALUE)]))
+            .filter(|i| has_tags(&i.tags, &tags::scope(stack)))
             .map(view)
             .collect())
     }
@@ -726,6 +731,16 @@ fn volume_view(volume: &FakeVolume) -> VolumeView {
         availability_zone: volume.az.clone(),
         attached_to: volume.attached_to.clone(),
         tags: volume.tags.clone(),
+    }
+}
+
+fn snapshot_view(snapshot: &FakeSnapshot, now: DateTime<Utc>) -> SnapshotView {
+    SnapshotView {
+        snapshot_id: snapshot.id.clone(),
+        volume_id: snapshot.volume_id.clone(),
+        state: snapshot.state(now).into(),
+        started_at: snapshot.started_at,
+        tags: snapshot.tags.clone(),
     }
 }
 
@@ -863,18 +878,14 @@ impl Volumes for FakeCloud {
         self.call("DescribeSnapshots", false).await?;
         let state = self.lock();
         let now = state.now.unwrap_or_default();
-        Ok(state
-            .snapshots
-            .iter()
-            .filter(|s| has_tags(&s.tags, tags))
-            .map(|s| SnapshotView {
-                snapshot_id: s.id.clone(),
-                volume_id: s.volume_id.clone(),
-                state: s.state(now).into(),
-                started_at: s.started_at,
-                tags: s.tags.clone(),
-            })
-            .collect())
+        Ok(state.snapshots.iter().filter(|s| has_tags(&s.tags, tags)).map(|s| snapshot_view(s, now)).collect())
+    }
+
+    async fn describe_snapshot(&self, snapshot_id: &str) -> CloudResult<Option<SnapshotView>> {
+        self.call("DescribeSnapshots", false).await?;
+        let state = self.lock();
+        let now = state.now.unwrap_or_default();
+        Ok(state.snapshots.iter().find(|s| s.id == snapshot_id).map(|s| snapshot_view(s, now)))
     }
 
     async fn create_snapshot(

@@ -71,7 +71,7 @@ async fn instance_event(ports: &Ports, value: Value) -> Result<(), StepError> {
             .map(str::to_string)
             .ok_or_else(|| StepError::BadMessage(format!("{detail_type} without detail.instance-id")))?,
     };
-    let Some(job_id) = ports.cloud.fleet.job_of(&instance_id).await? else {
+    let Some(job_id) = ports.cloud.fleet.job_of(&ports.settings.stack, &instance_id).await? else {
         info!(%instance_id, %detail_type, "not a Flotilla instance; ignored");
         return Ok(());
     };
@@ -128,7 +128,9 @@ pub async fn intake_event(ports: &Ports, event: LambdaEvent<Value>) -> Result<Va
         let response = for_each_record(batch, |message| async move {
             let body = message.body.unwrap_or_default();
             let delivery_id = message.message_id.unwrap_or_default();
-            let outcome = intake::submit(ports, &body, &delivery_id).await?;
+            // SQS's SenderId: the IAM principal (user or role session) that sent it.
+            let sender = message.attributes.get("SenderId").map(String::as_str);
+            let outcome = intake::submit(ports, &body, &delivery_id, sender).await?;
             info!(?outcome, "intake");
             Ok(())
         })

@@ -7,10 +7,10 @@ use tracing::{info, warn};
 
 use crate::error::StepError;
 use crate::plan::plan;
-use crate::ports::{Ports, WriteOutcome};
+use crate::ports::{tags, Cloud, Ports, WriteOutcome};
 use crate::reconcile::{self, WakeMessage};
 use crate::record::JobRecord;
-use crate::spec::{self, check_job_id};
+use crate::spec::{self, check_job_id, JobSpec, VolumeSource};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Intake {
@@ -40,8 +40,9 @@ pub fn schedule_key(rule_name: &str) -> String {
 }
 
 /// Handle one submission body. `delivery_id` (the SQS message id) names jobs
-/// that carry no id of their own, so a redelivery maps to the same job.
-pub async fn submit(ports: &Ports, body: &str, delivery_id: &str) -> Result<Intake, StepError> {
+/// that carry no id of their own, so a redelivery maps to the same job;
+/// `sender` (the SQS SenderId) is who submitted it.
+pub async fn submit(ports: &Ports, body: &str, delivery_id: &str, sender: Option<&str>) -> Result<Intake, StepError> {
     if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(body) {
         if map.len() == 1 {
             if let Some(Value::String(job_id)) = map.get("cancel") {
@@ -50,7 +51,7 @@ pub async fn submit(ports: &Ports, body: &str, delivery_id: &str) -> Result<Inta
         }
     }
     let fallback_id = derived_id(delivery_id);
-    submit_spec(ports, body, fallback_id).await
+    submit_spec(ports, body, fallback_id, sender.filter(|s| !s.is_empty()).map(str::to_string)).await
 }
 
 /// A scheduled firing: the spec is read from the bucket, the job id is the rule
@@ -78,10 +79,15 @@ pub async fn scheduled(ports: &Ports, rule_name: &str, fired_at: DateTime<Utc>) 
         }
         _ => body,
     };
-    submit_spec(ports, &body, job_id).await
+    submit_spec(ports, &body, job_id, Some(format!("schedule:{rule_name}"))).await
 }
 
-async fn submit_spec(ports: &Ports, body: &str, fallback_id: String) -> Result<Intake, StepError> {
+async fn submit_spec(
+    ports: &Ports,
+    body: &str,
+    fallback_id: String,
+    submitted_by: Option<String>,
+) -> Result<Intake, StepError> {
     let now = ports.clock.now();
     let parsed = spec::parse(body).and_then(|spec| spec::validate(&spec).map(|_| spec));
     let spec = match parsed {
@@ -93,7 +99,17 @@ async fn submit_spec(ports: &Ports, body: &str, fallback_id: String) -> Result<I
         Ok(plan) => plan,
         Err(err) => return reject(ports, job_id, err.message, body).await,
     };
-    let record = JobRecord::new(job_id.clone(), spec, plan, now);
+    if let Err(err) = ports.settings.limits.check(&spec, plan.instance_count) {
+        return reject(ports, job_id, err.message, body).await;
+    }
+    if let Some(reason) = over_total(ports, &job_id, plan.instance_count).await? {
+        return reject(ports, job_id, reason, body).await;
+    }
+    if let Err(reason) = check_sources(ports, &spec, &job_id).await? {
+        return reject(ports, job_id, reason, body).await;
+    }
+    let mut record = JobRecord::new(job_id.clone(), spec, plan, now);
+    record.submitted_by = submitted_by;
     // The marker first: a job the tick cannot see could strand if its wake is lost.
     ports.ledger.set_active(&job_id, true).await?;
     match ports.ledger.create(&record).await? {
@@ -125,6 +141,82 @@ async fn submit_spec(ports: &Ports, body: &str, fallback_id: String) -> Result<I
             Ok(Intake::AlreadyKnown { job_id })
         }
     }
+}
+
+/// The deployment's cap on instances across running jobs. Two intakes at
+/// once may both pass; the cap bounds ordinary use, not a race.
+async fn over_total(ports: &Ports, job_id: &str, wanted: u32) -> Result<Option<String>, StepError> {
+    let Some(max) = ports.settings.limits.max_instances_total else { return Ok(None) };
+    let mut held: u64 = 0;
+    for other in ports.ledger.list_active().await? {
+        if other == job_id {
+            continue;
+        }
+        if let Some(loaded) = ports.ledger.load(&other).await? {
+            if !loaded.record.state.is_terminal() {
+                held += u64::from(loaded.record.plan.as_ref().map_or(0, |p| p.instance_count));
+            }
+        }
+    }
+    if held + u64::from(wanted) > u64::from(max) {
+        return Ok(Some(format!(
+            "fleet: {wanted} instances, but running jobs hold {held} of this deployment's {max}; submit again later"
+        )));
+    }
+    Ok(None)
+}
+
+/// A volume or snapshot a job names must carry the deployment's opt-in tag
+/// (`flotilla:allow=<stack>`), looked up where the job runs: otherwise any
+/// submitter could attach any volume in the account to a root shell. IAM
+/// refuses the same (see template.yaml); this gives the reason first.
+/// `Ok(Err(reason))` rejects; `Err` is a lookup to retry.
+async fn check_sources(ports: &Ports, spec: &JobSpec, job_id: &str) -> Result<Result<(), String>, StepError> {
+    let named = spec.volumes.iter().enumerate().filter(|(_, v)| !matches!(v.source, VolumeSource::New { .. }));
+    let named: Vec<_> = named.collect();
+    if named.is_empty() {
+        return Ok(Ok(()));
+    }
+    let assumed = match &spec.role_arn {
+        Some(role_arn) => match ports.accounts.assume(role_arn, spec.external_id.as_deref(), job_id).await {
+            Ok(cloud) => Some(cloud),
+            Err(err) if err.is_transient() => return Err(err.into()),
+            Err(err) => {
+                return Ok(Err(format!("role_arn: cannot act as {role_arn} to check the job's volumes: {err}")))
+            }
+        },
+        None => None,
+    };
+    let cloud: &Cloud = assumed.as_deref().unwrap_or(&ports.cloud);
+    let stack = &ports.settings.stack;
+    for (i, volume) in named {
+        let (at, id, found) = match &volume.source {
+            VolumeSource::VolumeId(id) => {
+                let found = cloud.volumes.describe_volume(id).await;
+                (format!("volumes[{i}].source.volume_id"), id, found.map(|v| v.map(|v| v.tags)))
+            }
+            VolumeSource::SnapshotId(id) => {
+                let found = cloud.volumes.describe_snapshot(id).await;
+                (format!("volumes[{i}].source.snapshot_id"), id, found.map(|s| s.map(|s| s.tags)))
+            }
+            VolumeSource::New { .. } => continue,
+        };
+        let found_tags = match found {
+            Ok(found) => found,
+            Err(err) if err.is_retryable() => return Err(err.into()),
+            Err(err) => return Ok(Err(format!("{at}: cannot look up {id}: {err}"))),
+        };
+        let Some(found_tags) = found_tags else {
+            return Ok(Err(format!("{at}: {id} does not exist in the account the job runs in")));
+        };
+        if found_tags.get(tags::ALLOW) != Some(stack) {
+            return Ok(Err(format!(
+                "{at}: {id} lacks the opt-in tag {}={stack}; its owner must add that tag before a job may use it",
+                tags::ALLOW
+            )));
+        }
+    }
+    Ok(Ok(()))
 }
 
 async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Result<Intake, StepError> {

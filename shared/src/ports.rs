@@ -18,6 +18,16 @@ pub type CloudResult<T> = Result<T, CloudError>;
 pub mod tags {
     pub const MANAGED_BY: &str = "flotilla:managed-by";
     pub const MANAGED_BY_VALUE: &str = "flotilla";
+    /// The deployment (CloudFormation stack) that created it: every search
+    /// and every IAM condition is scoped to it, so two stacks in one account
+    /// never adopt or reap each other's resources.
+    pub const STACK: &str = "flotilla:stack";
+    /// The opt-in a user puts on a volume or snapshot (value: the stack name)
+    /// before a job may name it as `volume_id` or `snapshot_id`.
+    pub const ALLOW: &str = "flotilla:allow";
+    /// Who submitted the job (the SQS SenderId): snapshot retention never
+    /// crosses principals.
+    pub const SUBMITTER: &str = "flotilla:submitter";
     pub const JOB_ID: &str = "flotilla:job-id";
     pub const JOB_NAME: &str = "flotilla:job-name";
     pub const EXPIRES_AT: &str = "flotilla:expires-at";
@@ -39,6 +49,11 @@ pub mod tags {
     /// run of the job prunes any more.
     pub const KEEP_LAST: &str = "flotilla:keep-last";
     pub const MAX_AGE_DAYS: &str = "flotilla:max-age-days";
+
+    /// The tags every search for this deployment's resources carries.
+    pub fn scope(stack: &str) -> [(&'static str, &str); 2] {
+        [(MANAGED_BY, MANAGED_BY_VALUE), (STACK, stack)]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,20 +105,21 @@ pub struct LaunchRequest {
 pub trait Fleet: Send + Sync {
     /// Resolve an SSM parameter such as `/aws/service/ami-amazon-linux-latest/...`.
     async fn resolve_image(&self, parameter: &str) -> CloudResult<String>;
-    /// This job's instances in every state, terminated ones included while
-    /// EC2 still lists them, found by tag (one paginated call).
-    async fn find_instances(&self, job_id: &str) -> CloudResult<Vec<InstanceView>>;
+    /// This deployment's instances of this job in every state, terminated
+    /// ones included while EC2 still lists them, found by tag (one paginated call).
+    async fn find_instances(&self, stack: &str, job_id: &str) -> CloudResult<Vec<InstanceView>>;
     async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>>;
     async fn describe(&self, instance_ids: &[String]) -> CloudResult<Vec<InstanceView>>;
-    /// The job an instance belongs to, from its tag; None if not ours.
-    async fn job_of(&self, instance_id: &str) -> CloudResult<Option<String>>;
+    /// The job an instance belongs to, from its tags; None if it is not this
+    /// deployment's.
+    async fn job_of(&self, stack: &str, instance_id: &str) -> CloudResult<Option<String>>;
     /// DescribeInstanceStatus of these running instances: each one whose
     /// checks are conclusive, with true if its instance or system check is
     /// `impaired` (false: both `ok`). Initializing or unknown ones are left out.
     async fn status_checks(&self, instance_ids: &[String]) -> CloudResult<Vec<(String, bool)>>;
-    /// Every instance Flotilla manages in this account and Region that is not
-    /// terminated yet, stopped ones included (one paginated call).
-    async fn find_managed(&self) -> CloudResult<Vec<InstanceView>>;
+    /// Every instance this deployment manages in this account and Region that
+    /// is not terminated yet, stopped ones included (one paginated call).
+    async fn find_managed(&self, stack: &str) -> CloudResult<Vec<InstanceView>>;
     /// CreateTags on instances or volumes.
     async fn tag(&self, resource_ids: &[String], key: &str, value: &str) -> CloudResult<()>;
     /// Terminating an already terminated (or stopped) instance is fine.
@@ -149,6 +165,7 @@ pub trait Volumes: Send + Sync {
     /// `force` is EC2's last resort for a detach that does not finish.
     async fn detach(&self, volume_id: &str, instance_id: &str, force: bool) -> CloudResult<()>;
     async fn delete_volume(&self, volume_id: &str) -> CloudResult<()>;
+    async fn describe_snapshot(&self, snapshot_id: &str) -> CloudResult<Option<SnapshotView>>;
     /// Snapshots carrying all of these tags.
     async fn find_snapshots(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<SnapshotView>>;
     async fn create_snapshot(
@@ -349,6 +366,10 @@ pub struct Settings {
     pub reaper_mark_grace_seconds: u32,
     /// The reaper plans and reports, and changes nothing.
     pub reaper_dry_run: bool,
+    /// The deployment's name (`flotilla:stack` on everything it creates).
+    pub stack: String,
+    /// Limits the deployment puts on every job (template parameters).
+    pub limits: crate::spec::Limits,
 }
 
 impl Default for Settings {
@@ -363,6 +384,8 @@ impl Default for Settings {
             impaired_timeout_seconds: 300,
             reaper_mark_grace_seconds: 240,
             reaper_dry_run: false,
+            stack: "flotilla".to_string(),
+            limits: crate::spec::Limits::default(),
         }
     }
 }

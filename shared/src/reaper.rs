@@ -280,13 +280,13 @@ fn reaped_snapshot_tags(volume: &VolumeView) -> BTreeMap<String, String> {
     kept
 }
 
-/// Snapshot lineages (job name, volume, shard) past the retention their
+/// Snapshot lineages (submitter, job name, volume, shard) past the retention their
 /// newest snapshot carries. Only snapshots of runs that SUCCEEDED count
 /// toward `keep_last`, and the newest of those is kept whatever its age; a
 /// failed run's snapshot goes once enough good ones are newer, or by age.
 /// Snapshots of jobs not known to have ended are never touched.
 fn prune(inventory: &Inventory, now: DateTime<Utc>) -> Vec<ReapAction> {
-    let mut lineages: BTreeMap<(String, String, String), Vec<&SnapshotView>> = BTreeMap::new();
+    let mut lineages: BTreeMap<(String, String, String, String), Vec<&SnapshotView>> = BTreeMap::new();
     for snapshot in &inventory.snapshots {
         let (Some(name), Some(volume)) = (snapshot.tags.get(tags::JOB_NAME), snapshot.tags.get(tags::VOLUME)) else {
             continue;
@@ -295,10 +295,12 @@ fn prune(inventory: &Inventory, now: DateTime<Utc>) -> Vec<ReapAction> {
             continue; // no retention recorded on it: never pruned here
         }
         let shard = snapshot.tags.get(tags::SHARD).cloned().unwrap_or_default();
-        lineages.entry((name.clone(), volume.clone(), shard)).or_default().push(snapshot);
+        // Another principal reusing the name is another lineage.
+        let submitter = snapshot.tags.get(tags::SUBMITTER).cloned().unwrap_or_default();
+        lineages.entry((submitter, name.clone(), volume.clone(), shard)).or_default().push(snapshot);
     }
     let mut actions = Vec::new();
-    for ((name, volume, shard), mut lineage) in lineages {
+    for ((_, name, volume, shard), mut lineage) in lineages {
         lineage.sort_by(|a, b| b.started_at.cmp(&a.started_at).then_with(|| b.snapshot_id.cmp(&a.snapshot_id)));
         let newest = lineage[0];
         let keep_last: usize = newest.tags.get(tags::KEEP_LAST).and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
@@ -335,9 +337,9 @@ fn prune(inventory: &Inventory, now: DateTime<Utc>) -> Vec<ReapAction> {
 /// Read what Flotilla manages, and the jobs it belongs to.
 pub async fn take_inventory(ports: &Ports) -> Result<Inventory, CloudError> {
     let cloud = &ports.cloud;
-    let managed = [(tags::MANAGED_BY, tags::MANAGED_BY_VALUE)];
+    let managed = tags::scope(&ports.settings.stack);
     let mut inventory = Inventory {
-        instances: cloud.fleet.find_managed().await?,
+        instances: cloud.fleet.find_managed(&ports.settings.stack).await?,
         volumes: cloud.volumes.find_volumes(&managed).await?,
         snapshots: cloud.volumes.find_snapshots(&managed).await?,
         jobs: BTreeMap::new(),
@@ -395,7 +397,7 @@ async fn job_of_letter(ports: &Ports, body: &str) -> Result<Option<String>, Clou
         return Ok(Some(job_id.to_string()));
     }
     match value.pointer("/detail/instance-id").and_then(Value::as_str) {
-        Some(instance_id) => ports.cloud.fleet.job_of(instance_id).await,
+        Some(instance_id) => ports.cloud.fleet.job_of(&ports.settings.stack, instance_id).await,
         None => Ok(None),
     }
 }

@@ -431,6 +431,10 @@ pub struct JobRecord {
     #[serde(default)]
     pub plan: Option<Plan>,
     pub submitted_at: DateTime<Utc>,
+    /// The IAM principal that sent the job (SQS SenderId), or `schedule:<rule>`.
+    /// Snapshot retention never prunes across submitters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
     #[serde(default)]
     pub deadline_at: Option<DateTime<Utc>>,
     #[serde(default)]
@@ -531,6 +535,7 @@ impl JobRecord {
             spec: None,
             plan: None,
             submitted_at: now,
+            submitted_by: None,
             deadline_at: None,
             timeline: vec![PhaseStamp { state, at: now }],
             cancel_requested: false,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::spec::CommandSpec;
+use crate::spec::{CommandSpec, EnvValue, SecretRef};
 
 /// Quote one word for POSIX sh/bash so it reaches the program verbatim.
 ///
@@ -40,7 +40,7 @@ pub struct Preamble<'a> {
     pub instances: &'a [(String, u32)],
     /// Shards in the whole job.
     pub shard_count: u32,
-    pub env: &'a BTreeMap<String, String>,
+    pub env: &'a BTreeMap<String, EnvValue>,
     /// Volume name to mount point.
     pub mounts: &'a [(String, String)],
     /// For fleets sized by items: each shard's `[start, end)` is exported.
@@ -73,9 +73,30 @@ impl Preamble<'_> {
             "  *) echo \"flotilla: instance $FLOTILLA_INSTANCE_ID is not in this job\" >&2; exit 97 ;;".to_string(),
         );
         lines.push("esac".to_string());
+        // Secrets are read on the instance with its own credentials: only
+        // their names travel in the command.
+        let region = "${AWS_SSM_REGION_NAME:+--region \"$AWS_SSM_REGION_NAME\"}";
         for (key, value) in self.env {
             // Keys are validated as [A-Za-z_][A-Za-z0-9_]*, values are quoted.
-            lines.push(format!("export {key}={}", quote(value)));
+            match value {
+                EnvValue::Plain(value) => lines.push(format!("export {key}={}", quote(value))),
+                // A bare assignment, so a failed read stops the step (set -e);
+                // `export K=$(...)` would hide the failure.
+                EnvValue::Secret(SecretRef::FromSsm(path)) => {
+                    lines.push(format!(
+                        "{key}=$(aws ssm get-parameter {region} --with-decryption --name {} --query Parameter.Value --output text)",
+                        quote(path)
+                    ));
+                    lines.push(format!("export {key}"));
+                }
+                EnvValue::Secret(SecretRef::FromSecretsManager(arn)) => {
+                    lines.push(format!(
+                        "{key}=$(aws secretsmanager get-secret-value {region} --secret-id {} --query SecretString --output text)",
+                        quote(arn)
+                    ));
+                    lines.push(format!("export {key}"));
+                }
+            }
         }
         for (name, mount_point) in self.mounts {
             let var = name.to_ascii_uppercase().replace('-', "_");
@@ -201,14 +222,14 @@ mod tests {
 
     #[test]
     fn user_script_cannot_escape_its_quoting() {
-        let env = BTreeMap::from([("GREETING".to_string(), "it's $(whoami)".to_string())]);
+        let env = BTreeMap::from([("GREETING".to_string(), EnvValue::from("it's $(whoami)"))]);
         let instances = vec![("i-0abc".to_string(), 0)];
         let preamble =
             Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None };
         let step = CommandSpec {
             commands: vec![],
             script: Some("echo \"$GREETING\"; echo 'x'\"'\"'y'".to_string()),
-            timeout_seconds: 5,
+            timeout_seconds: Some(5),
         };
         let script = step_script(&preamble, &step).join("\n");
         let out = std::process::Command::new("bash")
@@ -218,5 +239,52 @@ mod tests {
             .output()
             .expect("bash runs");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $(whoami)\nx'y\n");
+    }
+
+    /// A secret reaches the step as its value, read on the instance; the
+    /// script carries only its name, and a failed read stops the step.
+    #[test]
+    fn secrets_are_read_on_the_instance_and_a_failed_read_stops_the_step() {
+        let bin = std::env::temp_dir().join(format!("flotilla-fake-aws-{}", std::process::id()));
+        std::fs::create_dir_all(&bin).expect("dir");
+        // A stand-in for the AWS CLI: prints which call it got, fails for /missing.
+        let fake = "#!/bin/sh\ncase \"$*\" in *missing*) echo 'ParameterNotFound' >&2; exit 254;; esac\necho \"value-of $1 $2 $AWS_SSM_REGION_NAME\"\n";
+        std::fs::write(bin.join("aws"), fake).expect("write");
+        std::process::Command::new("chmod").arg("+x").arg(bin.join("aws")).status().expect("chmod");
+        let run = |env: BTreeMap<String, EnvValue>| {
+            let instances = vec![("i-0abc".to_string(), 0)];
+            let preamble =
+                Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None };
+            let step = CommandSpec {
+                commands: vec![],
+                script: Some("echo \"db=$DB api=$API\"".to_string()),
+                timeout_seconds: None,
+            };
+            let script = step_script(&preamble, &step).join("\n");
+            let out = std::process::Command::new("bash")
+                .arg("-c")
+                .arg(&script)
+                .env("AWS_SSM_INSTANCE_ID", "i-0abc")
+                .env("AWS_SSM_REGION_NAME", "eu-west-1")
+                .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+                .output()
+                .expect("bash runs");
+            (script, out)
+        };
+        let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:api-key";
+        let (script, out) = run(BTreeMap::from([
+            ("DB".to_string(), EnvValue::Secret(SecretRef::FromSsm("/team/db".into()))),
+            ("API".to_string(), EnvValue::Secret(SecretRef::FromSecretsManager(arn.into()))),
+        ]));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "db=value-of ssm get-parameter eu-west-1 api=value-of secretsmanager get-secret-value eu-west-1\n"
+        );
+        assert!(script.contains("--name /team/db") && script.contains(arn), "{script}");
+        let (_, out) =
+            run(BTreeMap::from([("DB".to_string(), EnvValue::Secret(SecretRef::FromSsm("/missing".into())))]));
+        assert!(!out.status.success(), "a failed read must stop the step");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "", "the step never ran");
     }
 }

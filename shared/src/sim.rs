@@ -255,7 +255,7 @@ pub async fn run(scenario: &Scenario) -> SimResult {
     // Intake, retried as SQS would until it lands.
     let body = scenario.spec.to_string();
     for _ in 0..20 {
-        if intake::submit(&ports, &body, "m-1").await.is_ok() {
+        if intake::submit(&ports, &body, "m-1", Some("AIDASIMULATED")).await.is_ok() {
             break;
         }
         let now = cloud.now();
@@ -403,7 +403,7 @@ async fn inject(cloud: &FakeCloud, ports: &Ports, job_id: &str, fault: Fault, rn
         (!candidates.is_empty()).then(|| candidates[rng.range(0, candidates.len() as i64 - 1) as usize].clone());
     match (fault, victim) {
         (Fault::Cancel, _) => {
-            let _ = intake::submit(ports, &json!({"cancel": job_id}).to_string(), "m-cancel").await;
+            let _ = intake::submit(ports, &json!({"cancel": job_id}).to_string(), "m-cancel", None).await;
         }
         (Fault::Reclaim(id), _) => cloud.set_instance_state(&id, "terminated"),
         (_, None) => {}

@@ -60,8 +60,11 @@ pub struct JobSpec {
     pub tags: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeSpec>,
+    /// Plain values, or secrets by reference (`{"from_ssm": "/path"}`,
+    /// `{"from_secrets_manager": "arn:..."}`) that the instance resolves:
+    /// a secret is never in the record or in a SendCommand.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup: Option<CommandSpec>,
     pub run: CommandSpec,
@@ -240,6 +243,30 @@ impl Default for Retention {
     }
 }
 
+/// An environment variable's value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EnvValue {
+    Plain(String),
+    Secret(SecretRef),
+}
+
+impl From<&str> for EnvValue {
+    fn from(value: &str) -> Self {
+        EnvValue::Plain(value.to_string())
+    }
+}
+
+/// Where the instance reads a secret from, with its own credentials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SecretRef {
+    /// An SSM parameter path (a SecureString is decrypted).
+    FromSsm(String),
+    /// A Secrets Manager secret ARN; its SecretString is used.
+    FromSecretsManager(String),
+}
+
 /// One step of work: either argv arrays (quoted by Flotilla) or a script
 /// (the user's own shell code, passed verbatim).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -249,12 +276,9 @@ pub struct CommandSpec {
     pub commands: Vec<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub script: Option<String>,
-    #[serde(default = "default_step_timeout")]
-    pub timeout_seconds: u32,
-}
-
-fn default_step_timeout() -> u32 {
-    3600
+    /// SSM's executionTimeout. Unset: whatever is left of the job's deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
 }
 
 /// Parse a job body with a precise, path-qualified error.
@@ -278,6 +302,8 @@ pub fn parse(body: &str) -> Result<JobSpec, SpecError> {
             format!("{path}: expected exactly one key here ({inner})")
         } else if path == "." {
             inner.to_string()
+        } else if path.starts_with("env.") && inner.to_string().contains("untagged") {
+            format!("{path}: expected a string, {{\"from_ssm\": \"/parameter/path\"}} or {{\"from_secrets_manager\": \"arn:...:secret:...\"}}")
         } else if path.starts_with("fleet") && inner.to_string().contains("untagged") {
             "fleet: expected {\"count\": N} or {\"items\", \"items_per_instance_minute\", \"within_minutes\", \"max_instances\"} with no other fields".to_string()
         } else {
@@ -388,22 +414,23 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         {
             return fail(format!("env.{key}: a name bash reserves; choose another"));
         }
-        check_no_control(&format!("env.{key}"), value)?;
+        check_env_value(key, value)?;
     }
     // The environment travels in every SendCommand, whose parameters are capped.
-    let env_bytes: usize = spec.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let env_bytes: usize = spec.env.iter().map(|(k, v)| k.len() + v.text().len()).sum();
     if env_bytes > MAX_ENV_BYTES {
         return fail(format!("env: {env_bytes} bytes in all, at most {MAX_ENV_BYTES}"));
     }
-    if let Some(setup) = &spec.setup {
-        check_command("setup", setup)?;
-    }
-    check_command("run", &spec.run)?;
-    if let Some(hook) = &spec.before_unmount {
-        check_command("before_unmount", hook)?;
-    }
     if spec.deadline_minutes == 0 || spec.deadline_minutes > MAX_DEADLINE_MINUTES {
         return fail(format!("deadline_minutes: must be 1..={MAX_DEADLINE_MINUTES}, got {}", spec.deadline_minutes));
+    }
+    let deadline_seconds = spec.deadline_minutes.saturating_mul(60);
+    if let Some(setup) = &spec.setup {
+        check_command("setup", setup, deadline_seconds)?;
+    }
+    check_command("run", &spec.run, deadline_seconds)?;
+    if let Some(hook) = &spec.before_unmount {
+        check_command("before_unmount", hook, deadline_seconds)?;
     }
     if let Some(role) = &spec.role_arn {
         check_charset("role_arn", role, 2048, |c| c.is_ascii_alphanumeric() || "+=,.@-_:/".contains(c))?;
@@ -595,17 +622,22 @@ pub fn pattern_matches(pattern: &str, value: &str) -> bool {
     }
 }
 
-fn check_command(at: &str, command: &CommandSpec) -> Result<(), SpecError> {
+fn check_command(at: &str, command: &CommandSpec, deadline_seconds: u32) -> Result<(), SpecError> {
     match (command.commands.is_empty(), &command.script) {
         (true, None) => return fail(format!("{at}: give `commands` (argv arrays) or `script`")),
         (false, Some(_)) => return fail(format!("{at}: give `commands` or `script`, not both")),
         _ => {}
     }
-    if command.timeout_seconds == 0 || command.timeout_seconds > MAX_STEP_TIMEOUT_SECONDS {
-        return fail(format!(
-            "{at}.timeout_seconds: must be 1..={MAX_STEP_TIMEOUT_SECONDS}, got {}",
-            command.timeout_seconds
-        ));
+    if let Some(timeout) = command.timeout_seconds {
+        if timeout == 0 || timeout > MAX_STEP_TIMEOUT_SECONDS {
+            return fail(format!("{at}.timeout_seconds: must be 1..={MAX_STEP_TIMEOUT_SECONDS}, got {timeout}"));
+        }
+        // before_unmount runs after the deadline too, but is bounded the same.
+        if timeout > deadline_seconds {
+            return fail(format!(
+                "{at}.timeout_seconds: {timeout} s is longer than the job's deadline ({deadline_seconds} s); leave it unset to use what is left of the deadline"
+            ));
+        }
     }
     for (i, argv) in command.commands.iter().enumerate() {
         let program = argv.first().ok_or_else(|| SpecError::new(format!("{at}.commands[{i}]: empty argv")))?;
@@ -633,6 +665,98 @@ fn check_command(at: &str, command: &CommandSpec) -> Result<(), SpecError> {
         check_no_invisible(&format!("{at}.script"), script)?;
     }
     Ok(())
+}
+
+impl EnvValue {
+    /// What travels in a SendCommand: the value, or the secret's reference.
+    pub fn text(&self) -> &str {
+        match self {
+            EnvValue::Plain(value) => value,
+            EnvValue::Secret(SecretRef::FromSsm(path) | SecretRef::FromSecretsManager(path)) => path,
+        }
+    }
+}
+
+fn check_env_value(key: &str, value: &EnvValue) -> Result<(), SpecError> {
+    let at = format!("env.{key}");
+    match value {
+        EnvValue::Plain(text) => check_no_control(&at, text),
+        // SSM parameter names: letters, digits and _.-/, up to 1011 with the path.
+        EnvValue::Secret(SecretRef::FromSsm(path)) => {
+            let at = format!("{at}.from_ssm");
+            check_charset(&at, path, 1011, |c| c.is_ascii_alphanumeric() || "/_.-".contains(c))?;
+            if !path.starts_with('/') || path.contains("//") || path.ends_with('/') {
+                return fail(format!("{at}: `{}` is not a parameter path like /team/db-password", printable(path)));
+            }
+            Ok(())
+        }
+        EnvValue::Secret(SecretRef::FromSecretsManager(arn)) => {
+            let at = format!("{at}.from_secrets_manager");
+            check_charset(&at, arn, 2048, |c| c.is_ascii_alphanumeric() || "/_+=.@:-".contains(c))?;
+            let parts: Vec<&str> = arn.splitn(7, ':').collect();
+            let ok = parts.len() == 7
+                && parts[0] == "arn"
+                && ["aws", "aws-cn", "aws-us-gov"].contains(&parts[1])
+                && parts[2] == "secretsmanager"
+                && !parts[3].is_empty()
+                && parts[4].len() == 12
+                && parts[4].chars().all(|c| c.is_ascii_digit())
+                && parts[5] == "secret"
+                && !parts[6].is_empty();
+            if ok {
+                Ok(())
+            } else {
+                fail(format!(
+                    "{at}: `{}` is not a secret ARN like arn:aws:secretsmanager:<region>:<account>:secret:<name>",
+                    printable(arn)
+                ))
+            }
+        }
+    }
+}
+
+/// What a deployment allows any job (template parameters). Checked at
+/// intake with a clear reason; IAM enforces what it can as well.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// Instances one job may ask for (None: [`MAX_INSTANCES`]).
+    pub max_instances_per_job: Option<u32>,
+    /// Instances all running jobs may hold together (None: no limit).
+    pub max_instances_total: Option<u32>,
+    /// The longest deadline a job may set (None: [`MAX_DEADLINE_MINUTES`]).
+    pub max_deadline_minutes: Option<u32>,
+    /// Instance types allowed, exact or a prefix ending in `*` (empty: any).
+    pub allowed_instance_types: Vec<String>,
+}
+
+impl Limits {
+    /// A job that is valid on its own, checked against the deployment.
+    pub fn check(&self, spec: &JobSpec, instances: u32) -> Result<(), SpecError> {
+        if let Some(max) = self.max_instances_per_job {
+            if instances > max {
+                return fail(format!("fleet: {instances} instances, but this deployment allows at most {max} per job"));
+            }
+        }
+        if let Some(max) = self.max_deadline_minutes {
+            if spec.deadline_minutes > max {
+                return fail(format!(
+                    "deadline_minutes: {}, but this deployment allows at most {max}",
+                    spec.deadline_minutes
+                ));
+            }
+        }
+        if !self.allowed_instance_types.is_empty() {
+            for (i, t) in spec.instance_types.iter().enumerate() {
+                if !self.allowed_instance_types.iter().any(|p| pattern_matches(p, t)) {
+                    return fail(format!(
+                        "instance_types[{i}]: `{t}` is not allowed here (allowed: {})",
+                        self.allowed_instance_types.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Job ids become S3 keys, tag values and ClientTokens, so they are kept plain.
@@ -838,7 +962,7 @@ mod tests {
         let spec = parse(&minimal().to_string()).expect("parses");
         validate(&spec).expect("valid");
         assert_eq!(spec.market, Market::OnDemand);
-        assert_eq!(spec.run.timeout_seconds, 3600);
+        assert_eq!(spec.run.timeout_seconds, None, "unset: what is left of the deadline");
     }
 
     #[test]

@@ -229,7 +229,7 @@ async fn two_hundred_hostile_specs_are_rejected_with_the_field_named_and_nothing
     let mut failures = Vec::new();
     for (id, body, expected) in &cases {
         let delivery = id.strip_prefix("job-").unwrap_or(id);
-        let outcome = intake::submit(&ports, body, delivery).await.expect("intake never fails on bad input");
+        let outcome = intake::submit(&ports, body, delivery, None).await.expect("intake never fails on bad input");
         let (job_id, reason) = match &outcome {
             Intake::Rejected { job_id, reason } => (job_id.clone(), reason.clone()),
             other => {

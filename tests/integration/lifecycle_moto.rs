@@ -60,7 +60,24 @@ fn all_running(record: &JobRecord) -> bool {
 async fn success_runs_every_phase_snapshots_and_cleans_up() {
     let stack = MotoStack::start().await;
     let ports = stack.ports();
-    stack.submit(&job("ok-1").to_string()).await;
+    // A secret by reference: read on the instance, never in the record or the command.
+    stack
+        .ssm()
+        .put_parameter()
+        .name("/flotilla/flotilla/token")
+        .value("s3cret-value")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .expect("parameter");
+    let mut spec = job("ok-1");
+    spec["env"]["TOKEN"] = serde_json::json!({"from_ssm": "/flotilla/flotilla/token"});
+    spec["run"]["script"] = serde_json::json!(format!(
+        // Compared by hash, so the spec itself never holds the value.
+        "{}; [ \"$(printf %s \"$TOKEN\" | sha256sum | cut -c1-16)\" = bf496b76b91b8282 ] && echo token-arrived",
+        spec["run"]["script"].as_str().expect("script")
+    ));
+    stack.submit(&spec.to_string()).await;
     let record = stack.run_to_end(&ports, "ok-1", false, LIMIT).await;
 
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
@@ -75,6 +92,7 @@ async fn success_runs_every_phase_snapshots_and_cleans_up() {
         let tail = output(&stack, "ok-1", shard as u32, 1, Phase::Run).await;
         // The env value reached the script verbatim: quoted, not executed.
         assert!(tail.iter().any(|l| l.ends_with("/2 it's me; $(not run)")), "{tail:?}");
+        assert!(tail.iter().any(|l| l == "token-arrived"), "{tail:?}");
         seen.extend(tail);
     }
     assert!(seen.iter().any(|l| l.starts_with("run 0/2")) && seen.iter().any(|l| l.starts_with("run 1/2")), "{seen:?}");
@@ -92,6 +110,13 @@ async fn success_runs_every_phase_snapshots_and_cleans_up() {
     let report = ports.ledger.get("jobs/ok-1/report.txt").await.expect("get").expect("report");
     assert!(String::from_utf8_lossy(&report).contains("job ok-1: SUCCEEDED"));
     assert!(ports.ledger.list_active().await.expect("list").is_empty(), "no longer active");
+    let stored = ports.ledger.get("jobs/ok-1/job.json").await.expect("get").expect("record");
+    assert!(!String::from_utf8_lossy(&stored).contains("s3cret"), "the secret is not in the record");
+    let commands = stack.ssm().list_commands().send().await.expect("list commands");
+    for command in commands.commands() {
+        let parameters = format!("{:?}", command.parameters());
+        assert!(!parameters.contains("s3cret"), "the secret is not in SendCommand: {parameters}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,6 +279,9 @@ async fn launch_template_spot_and_every_volume_source() {
     let seed = ec2.create_volume().availability_zone("us-east-1a").size(1).send().await.expect("seed");
     let seed_snapshot = ec2.create_snapshot().volume_id(seed.volume_id().expect("id")).send().await.expect("snapshot");
     let seed_snapshot = seed_snapshot.snapshot_id().expect("id").to_string();
+    // Their owner opts them in for this deployment (intake checks, IAM enforces).
+    let opt_in = aws_sdk_ec2::types::Tag::builder().key("flotilla:allow").value("flotilla").build();
+    ec2.create_tags().resources(&existing).resources(&seed_snapshot).tags(opt_in).send().await.expect("opt in");
 
     let mut spec = job("sources-1");
     spec.as_object_mut().expect("object").remove("image");

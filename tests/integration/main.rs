@@ -2,6 +2,7 @@
 
 mod events;
 mod hostile;
+mod isolation;
 mod lifecycle_moto;
 mod moto;
 mod moto_extension;

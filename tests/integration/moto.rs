@@ -133,6 +133,7 @@ impl MotoStack {
                 impaired_timeout_seconds: 3,
                 reaper_mark_grace_seconds: 0,
                 reaper_dry_run: false,
+                ..Settings::default()
             },
         };
         aws::ports(&self.config, &env)
@@ -231,8 +232,15 @@ impl MotoStack {
     pub async fn pump_once(&self, ports: &Ports, duplicate: bool) -> usize {
         let mut delivered = 0;
         for (intake, url) in [(true, self.jobs_queue.clone()), (false, self.reconcile_queue.clone())] {
-            let received =
-                self.sqs().receive_message().queue_url(&url).max_number_of_messages(10).send().await.expect("receive");
+            let received = self
+                .sqs()
+                .receive_message()
+                .queue_url(&url)
+                .max_number_of_messages(10)
+                .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+                .send()
+                .await
+                .expect("receive");
             let messages = received.messages().to_vec();
             if messages.is_empty() {
                 continue;
@@ -242,7 +250,8 @@ impl MotoStack {
                 "messageId": m.message_id(),
                 "receiptHandle": m.receipt_handle(),
                 "body": m.body(),
-                "attributes": {},
+                // As Lambda delivers them: SenderId, ApproximateReceiveCount, ...
+                "attributes": m.attributes().map(|a| a.iter().map(|(k, v)| (k.as_str().to_string(), json!(v))).collect::<serde_json::Map<_, _>>()).unwrap_or_default(),
                 "messageAttributes": {},
                 "eventSource": "aws:sqs",
                 "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:test",

@@ -131,25 +131,32 @@ async fn the_reaper_plans_marks_then_removes_every_orphan_and_nothing_a_job_need
     ports.ledger.set_active("stuck-1", true).await.expect("active");
 
     let managed = (tags::MANAGED_BY, tags::MANAGED_BY_VALUE);
-    let of_ended = instance(&stack, &[managed, (tags::JOB_ID, "done-1"), (tags::EXPIRES_AT, &future)]).await;
-    let of_nobody = instance(&stack, &[managed, (tags::JOB_ID, "ghost-1"), (tags::EXPIRES_AT, &future)]).await;
+    let stack_tag = (tags::STACK, ports.settings.stack.as_str());
+    let of_ended = instance(&stack, &[managed, stack_tag, (tags::JOB_ID, "done-1"), (tags::EXPIRES_AT, &future)]).await;
+    let of_nobody =
+        instance(&stack, &[managed, stack_tag, (tags::JOB_ID, "ghost-1"), (tags::EXPIRES_AT, &future)]).await;
     stack.ec2().stop_instances().instance_ids(&of_nobody).send().await.expect("stop");
-    let expired = instance(&stack, &[managed, (tags::JOB_ID, "stuck-1"), (tags::EXPIRES_AT, &past)]).await;
-    let untagged = instance(&stack, &[managed]).await;
-    let working = instance(&stack, &[managed, (tags::JOB_ID, "busy-1"), (tags::EXPIRES_AT, &future)]).await;
+    let expired = instance(&stack, &[managed, stack_tag, (tags::JOB_ID, "stuck-1"), (tags::EXPIRES_AT, &past)]).await;
+    let untagged = instance(&stack, &[managed, stack_tag]).await;
+    // Another deployment's orphan in the same account: never this reaper's.
+    let other_stack = instance(&stack, &[managed, (tags::STACK, "other"), (tags::JOB_ID, "ghost-1")]).await;
+    let working = instance(&stack, &[managed, stack_tag, (tags::JOB_ID, "busy-1"), (tags::EXPIRES_AT, &future)]).await;
     // Past expiry, but its job is still making passes (a long teardown): spared.
-    let tearing_down = instance(&stack, &[managed, (tags::JOB_ID, "busy-1"), (tags::EXPIRES_AT, &past)]).await;
+    let tearing_down =
+        instance(&stack, &[managed, stack_tag, (tags::JOB_ID, "busy-1"), (tags::EXPIRES_AT, &past)]).await;
 
     let left_data =
-        volume(&stack, &[managed, (tags::JOB_ID, "done-1"), (tags::VOLUME, "data"), (tags::SHARD, "0")]).await;
-    let scratch = volume(&stack, &[managed, (tags::JOB_ID, "ghost-1"), (tags::SCRATCH, "true")]).await;
-    let busy_volume = volume(&stack, &[managed, (tags::JOB_ID, "busy-1")]).await;
+        volume(&stack, &[managed, stack_tag, (tags::JOB_ID, "done-1"), (tags::VOLUME, "data"), (tags::SHARD, "0")])
+            .await;
+    let scratch = volume(&stack, &[managed, stack_tag, (tags::JOB_ID, "ghost-1"), (tags::SCRATCH, "true")]).await;
+    let busy_volume = volume(&stack, &[managed, stack_tag, (tags::JOB_ID, "busy-1")]).await;
     let user_volume = volume(&stack, &[]).await; // a volume_id source: not ours
 
     // Lineages with retention 1: three of the ended job's, two of the running one's.
     let lineage = |job_id: &'static str| {
         [
             managed,
+            stack_tag,
             (tags::JOB_ID, job_id),
             (tags::JOB_NAME, "nightly"),
             (tags::VOLUME, "data"),
@@ -224,6 +231,7 @@ async fn the_reaper_plans_marks_then_removes_every_orphan_and_nothing_a_job_need
     assert_eq!(last["planned"], 0, "{last}");
     assert_eq!(instance_state(&stack, &working).await, "running");
     assert_eq!(instance_state(&stack, &tearing_down).await, "running");
+    assert_eq!(instance_state(&stack, &other_stack).await, "running", "another stack's orphan");
     let stuck = ports.ledger.load("stuck-1").await.expect("load").expect("record").record;
     assert_eq!(stuck.state, flotilla_shared::record::JobState::Failed);
     assert!(stuck.reason.starts_with("reaped: no progress"), "{}", stuck.reason);

@@ -48,6 +48,23 @@ async fn hostile_and_malformed_specs_are_rejected_without_side_effects() {
         "too-big",
         "needs 1000000 instances, above max_instances 10",
     ));
+    // A volume and a snapshot in the account that their owner never opted in.
+    let ec2 = stack.ec2();
+    let volume = ec2.create_volume().availability_zone("us-east-1a").size(1).send().await.expect("volume");
+    let volume = volume.volume_id().expect("id").to_string();
+    let snapshot = ec2.create_snapshot().volume_id(&volume).send().await.expect("snapshot");
+    let snapshot = snapshot.snapshot_id().expect("id").to_string();
+    let with_source = |id: &str, source: serde_json::Value| {
+        let mut spec = job(id);
+        spec["volumes"][0]["source"] = source;
+        spec["volumes"][0]["snapshot"] = json!("never");
+        spec.to_string()
+    };
+    let volume_reason = format!("volumes[0].source.volume_id: {volume} lacks the opt-in tag flotilla:allow=flotilla");
+    let snapshot_reason =
+        format!("volumes[0].source.snapshot_id: {snapshot} lacks the opt-in tag flotilla:allow=flotilla");
+    cases.push((with_source("steal-volume", json!({"volume_id": volume})), "steal-volume", &volume_reason));
+    cases.push((with_source("steal-snapshot", json!({"snapshot_id": snapshot})), "steal-snapshot", &snapshot_reason));
     for (body, _, _) in &cases {
         stack.submit(body).await;
     }
@@ -77,6 +94,8 @@ async fn hostile_and_malformed_specs_are_rejected_without_side_effects() {
     // Nothing was launched, and nothing is left to retry.
     let instances = stack.ec2().describe_instances().send().await.expect("describe");
     assert!(instances.reservations().is_empty());
-    assert_eq!(stack.ec2().describe_volumes().send().await.expect("volumes").volumes().len(), 0);
+    let volumes = stack.ec2().describe_volumes().send().await.expect("volumes");
+    let ids: Vec<_> = volumes.volumes().iter().filter_map(|v| v.volume_id()).collect();
+    assert_eq!(ids, vec![volume.as_str()], "only the user's own volume");
     assert_eq!(stack.pump_once(&ports, false).await, 0, "no message came back for retry");
 }

@@ -58,7 +58,7 @@ async fn drive(cloud: &FakeCloud, ports: &Ports, copies: usize, stop: impl Fn(&J
 async fn run_job(cloud: &FakeCloud, spec: serde_json::Value, copies: usize) -> JobRecord {
     let ports = ports(cloud);
     let id = spec["id"].as_str().expect("id").to_string();
-    intake::submit(&ports, &spec.to_string(), "m-1").await.expect("intake");
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
     drive(cloud, &ports, copies, |r| r.state.is_terminal(), &id).await;
     cloud.record(&id).expect("record")
 }
@@ -156,9 +156,9 @@ async fn cancel_during_snapshotting_keeps_the_snapshots() {
     latencies.snapshot = (300, 300);
     let cloud = FakeCloud::seeded(sim::start_time(), 3, latencies, Faults::default());
     let ports = ports(&cloud);
-    intake::submit(&ports, &job("snap-cancel").to_string(), "m-1").await.expect("intake");
+    intake::submit(&ports, &job("snap-cancel").to_string(), "m-1", None).await.expect("intake");
     drive(&cloud, &ports, 1, |r| r.snapshots().len() == 2, "snap-cancel").await;
-    intake::submit(&ports, r#"{"cancel": "snap-cancel"}"#, "m-2").await.expect("cancel");
+    intake::submit(&ports, r#"{"cancel": "snap-cancel"}"#, "m-2", None).await.expect("cancel");
     // Deleting before the snapshot completes is what AWS allows and what loses data.
     assert!(cloud.lock().evidence.deleted_volumes.is_empty());
     drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "snap-cancel").await;
@@ -180,11 +180,11 @@ async fn cancel_while_volumes_are_created_leaks_nothing() {
     let cloud = FakeCloud::seeded(sim::start_time(), 5, latencies, Faults::default());
     cloud.lock().crash_after.push("CreateVolume");
     let ports = ports(&cloud);
-    intake::submit(&ports, &job("vol-cancel").to_string(), "m-1").await.expect("intake");
+    intake::submit(&ports, &job("vol-cancel").to_string(), "m-1", None).await.expect("intake");
     // Stop once a volume's intent is recorded; its create crashed before the reply.
     drive(&cloud, &ports, 1, |r| r.attempts().any(|a| !a.volumes.is_empty()), "vol-cancel").await;
     assert!(!left_volumes(&cloud).is_empty(), "a volume exists that the record has no id for");
-    intake::submit(&ports, r#"{"cancel": "vol-cancel"}"#, "m-2").await.expect("cancel");
+    intake::submit(&ports, r#"{"cancel": "vol-cancel"}"#, "m-2", None).await.expect("cancel");
     drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "vol-cancel").await;
     let record = cloud.record("vol-cancel").expect("record");
     assert_eq!(record.state, JobState::Cancelled, "{}", record.reason);
@@ -209,7 +209,7 @@ async fn a_stopped_instance_is_terminated_and_its_shard_replaced() {
     let mut spec = job("stopped-1");
     spec["run"]["timeout_seconds"] = json!(3600);
     spec["deadline_minutes"] = json!(120);
-    intake::submit(&ports, &spec.to_string(), "m-1").await.expect("intake");
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
     let running = |r: &JobRecord| r.shards.iter().all(|s| s.current().is_some_and(|a| a.phase(Phase::Run).is_some()));
     drive(&cloud, &ports, 1, running, "stopped-1").await;
     let record = cloud.record("stopped-1").expect("record");
@@ -244,7 +244,7 @@ async fn a_stopped_instance_is_terminated_and_its_shard_replaced() {
 /// both shards are running their work, with the instance of shard 1.
 async fn start_long_job(cloud: &FakeCloud, ports: &Ports, spec: serde_json::Value) -> (String, String) {
     let id = spec["id"].as_str().expect("id").to_string();
-    intake::submit(ports, &spec.to_string(), "m-1").await.expect("intake");
+    intake::submit(ports, &spec.to_string(), "m-1", None).await.expect("intake");
     let running = |r: &JobRecord| r.shards.iter().all(|s| s.current().is_some_and(|a| a.phase(Phase::Run).is_some()));
     drive(cloud, ports, 1, running, &id).await;
     let record = cloud.record(&id).expect("record");
@@ -397,7 +397,7 @@ async fn retention_never_prunes_the_snapshots_of_a_running_job() {
     let mut other = job("nightly-other");
     other["name"] = json!("nightly");
     other["volumes"][0]["retention"] = json!({"keep_last": 1});
-    intake::submit(&ports, &other.to_string(), "m-2").await.expect("intake");
+    intake::submit(&ports, &other.to_string(), "m-2", None).await.expect("intake");
     drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "nightly-other").await;
     assert_eq!(cloud.record("nightly-other").expect("record").state, JobState::Succeeded);
     assert!(cloud.lock().snapshots.iter().any(|s| s.id == checkpoint), "pruned while its job still needed it");
@@ -413,7 +413,7 @@ async fn retention_never_prunes_the_snapshots_of_a_running_job() {
 async fn an_outage_is_shown_on_the_job_and_outlived() {
     let cloud = cloud();
     let ports = ports(&cloud);
-    intake::submit(&ports, &job("outage-1").to_string(), "m-1").await.expect("intake");
+    intake::submit(&ports, &job("outage-1").to_string(), "m-1", None).await.expect("intake");
     drive(&cloud, &ports, 1, |r| r.instance_ids().len() == 2, "outage-1").await;
     cloud.lock().refused.insert("DescribeInstances", "ServiceUnavailable");
     drive(&cloud, &ports, 1, |r| r.stalled.is_some(), "outage-1").await;
@@ -491,10 +491,25 @@ async fn a_permanent_error_in_cleanup_ends_the_job_and_tears_down() {
 #[tokio::test]
 async fn a_missing_snapshot_fails_the_job_and_tears_down() {
     let cloud = cloud();
-    cloud.lock().missing_snapshots.insert("snap-0123456789abcdef0".into());
+    let ports = ports(&cloud);
+    // Opted in when intake looks, deleted before the volumes are created.
+    let at = sim::start_time();
+    cloud.lock().snapshots.push(flotilla_shared::fake::FakeSnapshot {
+        id: "snap-0123456789abcdef0".into(),
+        volume_id: "vol-00000000".into(),
+        started_at: at,
+        completes_at: at,
+        fails: false,
+        tags: BTreeMap::from([(flotilla_shared::ports::tags::ALLOW.to_string(), ports.settings.stack.clone())]),
+    });
     let mut spec = job("bad-snapshot");
     spec["volumes"][0]["source"] = json!({"snapshot_id": "snap-0123456789abcdef0"});
-    let record = run_job(&cloud, spec, 1).await;
+    let outcome = intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+    assert!(matches!(outcome, intake::Intake::Accepted { .. }), "{outcome:?}");
+    cloud.lock().snapshots.clear();
+    cloud.lock().missing_snapshots.insert("snap-0123456789abcdef0".into());
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "bad-snapshot").await;
+    let record = cloud.record("bad-snapshot").expect("record");
     assert_eq!(record.state, JobState::Failed);
     assert!(record.reason.contains("InvalidSnapshot.NotFound"), "{}", record.reason);
     assert!(record.timeline.last().expect("end").at - record.submitted_at < Duration::minutes(10));
@@ -546,7 +561,7 @@ async fn a_spot_interruption_moves_the_shard_to_on_demand() {
     spec["volumes"][0]["snapshot"] = json!("always");
     spec["run"]["timeout_seconds"] = json!(3600);
     spec["deadline_minutes"] = json!(120);
-    intake::submit(&ports, &spec.to_string(), "m-1").await.expect("intake");
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
     let running = |r: &JobRecord| r.shards.iter().all(|s| s.current().is_some_and(|a| a.phase(Phase::Run).is_some()));
     drive(&cloud, &ports, 1, running, "spot-2").await;
     let victim =
@@ -671,7 +686,7 @@ async fn the_safety_tick_carries_a_job_whose_messages_died() {
     let ports = ports(&cloud);
     let mut spec = job("orphaned");
     spec["deadline_minutes"] = json!(600);
-    intake::submit(&ports, &spec.to_string(), "m-1").await.expect("intake");
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
     cloud.lock().queue.clear(); // every wake lost
     for _ in 0..200 {
         flotilla_shared::handlers::wake_active(&ports).await.expect("tick");
@@ -788,13 +803,13 @@ async fn a_rejection_never_blocks_a_later_valid_job_with_the_same_id() {
     let ports = ports(&cloud);
     let mut bad = job("claimed-1");
     bad["fleet"] = json!({"count": 0});
-    let first = intake::submit(&ports, &bad.to_string(), "m-1").await.expect("intake");
+    let first = intake::submit(&ports, &bad.to_string(), "m-1", None).await.expect("intake");
     assert!(matches!(first, intake::Intake::Rejected { .. }), "{first:?}");
     assert_eq!(cloud.record("claimed-1").expect("record").state, JobState::Rejected);
-    let second = intake::submit(&ports, &job("claimed-1").to_string(), "m-2").await.expect("intake");
+    let second = intake::submit(&ports, &job("claimed-1").to_string(), "m-2", None).await.expect("intake");
     assert_eq!(second, intake::Intake::Accepted { job_id: "claimed-1".into() });
     // And a bad body after a real job never overwrites it.
-    let third = intake::submit(&ports, &bad.to_string(), "m-3").await.expect("intake");
+    let third = intake::submit(&ports, &bad.to_string(), "m-3", None).await.expect("intake");
     assert!(matches!(third, intake::Intake::AlreadyKnown { .. }), "{third:?}");
     let ports2 = ports;
     drive(&cloud, &ports2, 1, |r| r.state.is_terminal(), "claimed-1").await;

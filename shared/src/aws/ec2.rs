@@ -128,9 +128,10 @@ impl Fleet for Ec2Fleet {
             .ok_or_else(|| CloudError::Invalid(format!("SSM parameter {parameter} does not hold an AMI id")))
     }
 
-    async fn find_instances(&self, job_id: &str) -> CloudResult<Vec<InstanceView>> {
+    async fn find_instances(&self, stack: &str, job_id: &str) -> CloudResult<Vec<InstanceView>> {
         // Every state: a terminated instance tells the job it was lost.
-        let filters = tag_filters(&[(tags::JOB_ID, job_id), (tags::MANAGED_BY, tags::MANAGED_BY_VALUE)]);
+        let [managed, of_stack] = tags::scope(stack);
+        let filters = tag_filters(&[(tags::JOB_ID, job_id), managed, of_stack]);
         self.describe_filtered(&[], filters).await
     }
 
@@ -214,9 +215,12 @@ impl Fleet for Ec2Fleet {
         Ok(views)
     }
 
-    async fn job_of(&self, instance_id: &str) -> CloudResult<Option<String>> {
+    async fn job_of(&self, stack: &str, instance_id: &str) -> CloudResult<Option<String>> {
         match self.describe_filtered(&[instance_id.to_string()], vec![]).await {
-            Ok(views) => Ok(views.into_iter().next().and_then(|v| v.job_id)),
+            Ok(views) => Ok(views
+                .into_iter()
+                .find(|v| tags::scope(stack).iter().all(|(k, want)| v.tags.get(*k).is_some_and(|have| have == want)))
+                .and_then(|v| v.job_id)),
             Err(err) if matches!(err.class(), RetryClass::NotFound | RetryClass::NotYetVisible) => Ok(None),
             Err(err) => Err(err),
         }
@@ -256,8 +260,8 @@ impl Fleet for Ec2Fleet {
         Ok(checks)
     }
 
-    async fn find_managed(&self) -> CloudResult<Vec<InstanceView>> {
-        let mut filters = tag_filters(&[(tags::MANAGED_BY, tags::MANAGED_BY_VALUE)]);
+    async fn find_managed(&self, stack: &str) -> CloudResult<Vec<InstanceView>> {
+        let mut filters = tag_filters(&tags::scope(stack));
         filters.push(
             Filter::builder()
                 .name("instance-state-name")
@@ -419,22 +423,21 @@ impl Volumes for Ec2Volumes {
             .send()
             .await
             .map_err(|e| cloud_error("ec2", "DescribeSnapshots", e))?;
-        Ok(response
-            .snapshots()
-            .iter()
-            .filter_map(|s| {
-                Some(SnapshotView {
-                    snapshot_id: s.snapshot_id()?.to_string(),
-                    volume_id: s.volume_id().unwrap_or_default().to_string(),
-                    state: s.state().map(|st| st.as_str().to_string()).unwrap_or_default(),
-                    started_at: s
-                        .start_time()
-                        .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
-                        .unwrap_or_default(),
-                    tags: tags_of(s.tags()),
-                })
-            })
-            .collect())
+        Ok(response.snapshots().iter().filter_map(snapshot_view).collect())
+    }
+
+    async fn describe_snapshot(&self, snapshot_id: &str) -> CloudResult<Option<SnapshotView>> {
+        match self.ec2.describe_snapshots().snapshot_ids(snapshot_id).send().await {
+            Ok(response) => Ok(response.snapshots().iter().filter_map(snapshot_view).next()),
+            Err(e) => {
+                let err = cloud_error("ec2", "DescribeSnapshots", e);
+                if err.class() == RetryClass::NotFound {
+                    Ok(None)
+                } else {
+                    Err(err)
+                }
+            }
+        }
     }
 
     async fn create_snapshot(
@@ -473,4 +476,17 @@ impl Volumes for Ec2Volumes {
             .map_err(|e| cloud_error("ec2", "DeleteSnapshot", e));
         ignore_not_found(result)
     }
+}
+
+fn snapshot_view(s: &aws_sdk_ec2::types::Snapshot) -> Option<SnapshotView> {
+    Some(SnapshotView {
+        snapshot_id: s.snapshot_id()?.to_string(),
+        volume_id: s.volume_id().unwrap_or_default().to_string(),
+        state: s.state().map(|st| st.as_str().to_string()).unwrap_or_default(),
+        started_at: s
+            .start_time()
+            .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
+            .unwrap_or_default(),
+        tags: tags_of(s.tags()),
+    })
 }

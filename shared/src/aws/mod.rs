@@ -118,6 +118,26 @@ impl Environment {
         settings.reaper_mark_grace_seconds =
             number("FLOTILLA_REAPER_MARK_GRACE_SECONDS", settings.reaper_mark_grace_seconds)?;
         settings.reaper_dry_run = std::env::var("FLOTILLA_REAPER_DRY_RUN").is_ok_and(|v| v == "true");
+        if let Some(stack) = std::env::var("FLOTILLA_STACK").ok().filter(|s| !s.trim().is_empty()) {
+            settings.stack = stack;
+        }
+        let optional = |name: &str| match std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {
+            Some(value) => value
+                .parse::<u32>()
+                .map(Some)
+                .map_err(|_| SpecError::new(format!("{name} must be a whole number, got {value:?}"))),
+            None => Ok(None),
+        };
+        settings.limits.max_instances_per_job = optional("FLOTILLA_MAX_INSTANCES_PER_JOB")?;
+        settings.limits.max_deadline_minutes = optional("FLOTILLA_MAX_DEADLINE_MINUTES")?;
+        settings.limits.max_instances_total = optional("FLOTILLA_MAX_INSTANCES_TOTAL")?.filter(|n| *n > 0);
+        settings.limits.allowed_instance_types = std::env::var("FLOTILLA_ALLOWED_INSTANCE_TYPES")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .collect();
         settings.worker_instance_profile =
             std::env::var("FLOTILLA_WORKER_INSTANCE_PROFILE").ok().filter(|p| !p.trim().is_empty());
         Ok(Environment {

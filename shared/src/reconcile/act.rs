@@ -37,7 +37,11 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
             let token = snapshot_tags.get(tags::ATTEMPT).cloned().unwrap_or_default();
             let found = cloud
                 .volumes
-                .find_snapshots(&[(tags::ATTEMPT, token.as_str()), (tags::SOURCE_VOLUME, volume_id.as_str())])
+                .find_snapshots(&[
+                    (tags::ATTEMPT, token.as_str()),
+                    (tags::SOURCE_VOLUME, volume_id.as_str()),
+                    (tags::STACK, &ports.settings.stack),
+                ])
                 .await?;
             if let Some(existing) = found.into_iter().find(|s| s.state != "error") {
                 return Ok(Done::Snapshotted(existing.snapshot_id));
@@ -64,7 +68,9 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
 }
 
 /// Keep the newest `keep_last` completed snapshots per job name, volume and
-/// shard; drop older ones and any past `max_age_days`. Snapshots of this job,
+/// shard; drop older ones and any past `max_age_days`. A lineage is this
+/// deployment's and this submitter's only: another principal reusing the
+/// job name never reaches these snapshots. Snapshots of this job,
 /// or of any job still active (a retry may restore from them), are never
 /// pruned, nor any that is not `completed` yet.
 async fn prune(
@@ -79,10 +85,14 @@ async fn prune(
     let now = ports.clock.now();
     // A job still running may restore from its snapshots: never prune those.
     let active: std::collections::BTreeSet<String> = ports.ledger.list_active().await?.into_iter().collect();
+    let submitter = crate::reconcile::decide::submitter(record);
+    let [managed, stack] = tags::scope(&ports.settings.stack);
     let mut lineage = cloud
         .volumes
         .find_snapshots(&[
-            (tags::MANAGED_BY, tags::MANAGED_BY_VALUE),
+            managed,
+            stack,
+            (tags::SUBMITTER, &submitter),
             (tags::JOB_NAME, job_name),
             (tags::VOLUME, volume),
         ])

@@ -203,7 +203,8 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         spec: &spec,
         job_id: record.job_id.clone(),
         aborting,
-        tags: job_tags(record, &spec, ctx.settings.expiry_grace_minutes),
+        tags: job_tags(record, &spec, ctx.settings),
+        deadline_at: record.deadline_at,
     };
     let commands = record.commands.clone();
     for index in 0..record.shards.len() {
@@ -252,6 +253,7 @@ struct JobFacts<'a> {
     aborting: bool,
     /// The tags on everything the job creates.
     tags: BTreeMap<String, String>,
+    deadline_at: Option<DateTime<Utc>>,
 }
 
 /// Cancel, deadline, or a shard that failed for good: decide the outcome once.
@@ -762,8 +764,14 @@ fn phase_spec(spec: &JobSpec, phase: Phase) -> Option<&CommandSpec> {
     }
 }
 
-pub fn phase_timeout(spec: &JobSpec, phase: Phase) -> u32 {
-    phase_spec(spec, phase).map(|c| c.timeout_seconds).unwrap_or(VOLUME_OP_TIMEOUT_SECONDS)
+/// The step's own timeout, else what is left of the deadline (at least a
+/// minute: cleanup phases run after it), within SSM's 48 hours.
+pub fn phase_timeout(spec: &JobSpec, phase: Phase, deadline_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> u32 {
+    let Some(step) = phase_spec(spec, phase) else { return VOLUME_OP_TIMEOUT_SECONDS };
+    step.timeout_seconds.unwrap_or_else(|| {
+        let left = deadline_at.map_or(i64::from(spec.deadline_minutes) * 60, |at| (at - now).num_seconds());
+        left.clamp(60, i64::from(crate::spec::MAX_STEP_TIMEOUT_SECONDS)) as u32
+    })
 }
 
 /// Collect the phase in flight, then pick the next one. Work phases stop at
@@ -815,7 +823,8 @@ fn work(
                 return;
             }
         }
-        let timeout = Duration::seconds(i64::from(phase_timeout(job.spec, run.phase)) + REPORT_GRACE_SECONDS);
+        let sent_timeout = phase_timeout(job.spec, run.phase, job.deadline_at, dispatched_at);
+        let timeout = Duration::seconds(i64::from(sent_timeout) + REPORT_GRACE_SECONDS);
         match obs.invocations.get(&(command_id.clone(), instance_id.clone())) {
             _ if unsent => {}
             Some(view) if view.is_finished() => {
@@ -858,7 +867,7 @@ fn work(
             attempt.completed_phases.push(run.phase);
         } else {
             let what = match (run.status.as_deref(), run.exit_code) {
-                (Some("TimedOut"), _) => format!("timed out after {} s", phase_timeout(job.spec, run.phase)),
+                (Some("TimedOut"), _) => format!("timed out after {sent_timeout} s"),
                 (_, Some(code)) if code >= 0 => format!("exited {code}"),
                 (status, _) => status.unwrap_or("?").to_ascii_lowercase(),
             };
@@ -1108,6 +1117,11 @@ fn snapshot_action(
     let name = job.spec.name.clone().unwrap_or_else(|| job.job_id.clone());
     let mut snapshot_tags = BTreeMap::new();
     snapshot_tags.insert(tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string());
+    for key in [tags::STACK, tags::SUBMITTER] {
+        if let Some(value) = job.tags.get(key) {
+            snapshot_tags.insert(key.to_string(), value.clone());
+        }
+    }
     snapshot_tags.insert(tags::JOB_ID.to_string(), job.job_id.clone());
     snapshot_tags.insert(tags::JOB_NAME.to_string(), name.clone());
     snapshot_tags.insert(tags::VOLUME.to_string(), volume.name.clone());
@@ -1231,16 +1245,23 @@ fn plan_launches(record: &mut JobRecord, spec: &JobSpec, ctx: &Context<'_>, acti
 }
 
 /// The tags on everything a job creates.
-pub fn job_tags(record: &JobRecord, spec: &JobSpec, grace_minutes: u32) -> BTreeMap<String, String> {
+pub fn job_tags(record: &JobRecord, spec: &JobSpec, settings: &Settings) -> BTreeMap<String, String> {
     let mut all = spec.tags.clone();
-    let expires =
-        record.deadline_at.unwrap_or(record.submitted_at) + chrono::Duration::minutes(i64::from(grace_minutes));
+    let expires = record.deadline_at.unwrap_or(record.submitted_at)
+        + chrono::Duration::minutes(i64::from(settings.expiry_grace_minutes));
     all.insert(tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string());
+    all.insert(tags::STACK.to_string(), settings.stack.clone());
+    all.insert(tags::SUBMITTER.to_string(), submitter(record));
     all.insert(tags::JOB_ID.to_string(), record.job_id.clone());
     all.insert(tags::JOB_NAME.to_string(), job_name(record));
     all.insert(tags::EXPIRES_AT.to_string(), expires.to_rfc3339_opts(SecondsFormat::Secs, true));
     all.insert("Name".to_string(), format!("flotilla-{}", record.job_id));
     all
+}
+
+/// Who submitted the job, as its snapshots' lineage names it.
+pub fn submitter(record: &JobRecord) -> String {
+    record.submitted_by.clone().unwrap_or_else(|| "unknown".to_string())
 }
 
 pub fn job_name(record: &JobRecord) -> String {
@@ -1256,7 +1277,7 @@ fn launch_request(
     option: &LaunchOption,
 ) -> LaunchRequest {
     let template = spec.launch_template.as_ref();
-    let mut launch_tags = job_tags(record, spec, ctx.settings.expiry_grace_minutes);
+    let mut launch_tags = job_tags(record, spec, ctx.settings);
     launch_tags.insert(tags::LAUNCH.to_string(), token.to_string());
     LaunchRequest {
         job_id: record.job_id.clone(),
@@ -1339,14 +1360,17 @@ fn plan_dispatch(
         }
     }
     for (batch, instances) in unsent {
-        let Some(phase) = record.commands.get(&batch).map(|b| b.phase) else { continue };
+        let Some((phase, dispatched_at)) = record.commands.get(&batch).map(|b| (b.phase, b.dispatched_at)) else {
+            continue;
+        };
         let lines = phase_lines(record, spec, phase, &instances);
         actions.push(Action::Send {
             batch,
             request: CommandRequest {
                 instance_ids: instances.iter().map(|(id, _)| id.clone()).collect(),
                 lines,
-                timeout_seconds: phase_timeout(spec, phase),
+                // From the dispatch, so a resend asks for what was recorded.
+                timeout_seconds: phase_timeout(spec, phase, record.deadline_at, dispatched_at),
                 comment: command_comment(&record.job_id, phase, batch),
                 output_bucket: ctx.bucket.to_string(),
                 // Outside jobs/: the SSM agent writes output without an SSE header.
@@ -1753,6 +1777,7 @@ fn settle_launch_failures(record: &mut JobRecord, now: DateTime<Utc>) {
         job_id: record.job_id.clone(),
         aborting: record.outcome.is_some(),
         tags: BTreeMap::new(),
+        deadline_at: record.deadline_at,
     };
     for shard in &mut record.shards {
         if shard.result.is_none() && shard.current().is_some_and(|a| a.stage == Stage::Done) {

@@ -23,7 +23,7 @@ pub async fn observe(
     let mut observation = Observation::default();
     let launched = record.attempts().any(|a| a.launch_token.is_some());
     if launched {
-        for view in cloud.fleet.find_instances(&record.job_id).await? {
+        for view in cloud.fleet.find_instances(&settings.stack, &record.job_id).await? {
             observation.instances.insert(view.instance_id.clone(), view);
         }
     }
@@ -89,7 +89,11 @@ pub async fn observe(
     let has_volumes = record.attempts().any(|a| !a.volumes.is_empty())
         || (attaching && record.spec.as_ref().is_some_and(|s| !s.volumes.is_empty()));
     if has_volumes {
-        for view in cloud.volumes.find_volumes(&[(tags::JOB_ID, record.job_id.as_str())]).await? {
+        for view in cloud
+            .volumes
+            .find_volumes(&[(tags::JOB_ID, record.job_id.as_str()), (tags::STACK, &settings.stack)])
+            .await?
+        {
             observation.volumes.insert(view.volume_id.clone(), view);
         }
         // Sources the user named are not ours to tag: look at them by id.
@@ -128,7 +132,11 @@ pub async fn observe(
         .flat_map(|a| a.volumes.iter())
         .any(|v| v.snapshot.as_ref().is_some_and(|s| s.snapshot_id.is_some() && s.state != "completed"));
     if snapshot_pending {
-        for view in cloud.volumes.find_snapshots(&[(tags::JOB_ID, record.job_id.as_str())]).await? {
+        for view in cloud
+            .volumes
+            .find_snapshots(&[(tags::JOB_ID, record.job_id.as_str()), (tags::STACK, &settings.stack)])
+            .await?
+        {
             observation.snapshots.insert(view.snapshot_id.clone(), view);
         }
     }
