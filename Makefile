@@ -4,6 +4,8 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
+# checkov pins boto3 versions moto and awscli do not share: its own venv.
+CHECKOV_VENV := .venv-checkov
 CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
@@ -21,7 +23,7 @@ help:
 	@echo "make dlq         list what the local stack's dead-letter queues hold, with reasons"
 	@echo "make redrive     send the local reconcile DLQ's messages back (QUEUE=jobs for the jobs DLQ)"
 	@echo "make build       release build (LTO) of every binary"
-	@echo "make lint        cfn-lint template.yaml"
+	@echo "make lint        cfn-lint, then checkov and the IAM scope checks on the SAM-expanded template"
 
 venv: $(VENV)/.installed
 
@@ -36,8 +38,20 @@ build:
 build-functions:
 	cargo build $(foreach f,$(FUNCTIONS),-p $(f)) -p flotilla
 
-lint: venv
+$(CHECKOV_VENV)/.installed: tools/requirements-checkov.txt
+	python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-checkov.txt
+	touch $@
+
+# checkov reads the SAM-expanded template, so the functions' generated roles
+# and their inline policies are checked too; each skip is justified in
+# template.yaml. check_policies.py holds the IAM scoping this project needs.
+lint: venv $(CHECKOV_VENV)/.installed
 	$(VENV)/bin/cfn-lint template.yaml
+	mkdir -p .flotilla
+	$(CHECKOV_VENV)/bin/python tools/sam_transform.py template.yaml .flotilla/template.sam.json
+	$(CHECKOV_VENV)/bin/checkov -f .flotilla/template.sam.json --framework cloudformation --skip-download --compact --quiet
+	$(CHECKOV_VENV)/bin/python tools/check_policies.py .flotilla/template.sam.json
 
 # Tests start their own moto servers (FLOTILLA_PYTHON tells them which python).
 test: venv lint

@@ -1887,6 +1887,21 @@ mod tests {
         Settings { worker_instance_profile: Some("worker".into()), ..Settings::default() }
     }
 
+    /// An unset step timeout is what is left of the deadline (it used to be
+    /// a flat hour, which killed an 8-hour run after one); a set one is kept.
+    #[test]
+    fn an_unset_step_timeout_is_what_is_left_of_the_deadline() {
+        let long = record(serde_json::json!({"deadline_minutes": 480}));
+        let spec = long.spec.clone().expect("spec");
+        assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, now()), 480 * 60);
+        assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, now() + Duration::hours(7)), 3600);
+        // Cleanup after the deadline still gets a minute.
+        assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, now() + Duration::hours(9)), 60);
+        let set = record(serde_json::json!({"run": {"commands": [["true"]], "timeout_seconds": 90}}));
+        let spec = set.spec.clone().expect("spec");
+        assert_eq!(phase_timeout(&spec, Phase::Run, set.deadline_at, now()), 90);
+    }
+
     fn run(record: &mut JobRecord, obs: &Observation, at: DateTime<Utc>) -> Vec<Action> {
         let settings = settings();
         decide(record, obs, &Context { now: at, settings: &settings, bucket: "b" }).0
