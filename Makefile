@@ -18,6 +18,7 @@ help:
 	@echo "make test        unit, scenario and moto integration tests, cfn-lint, then make smoke"
 	@echo "make smoke       local stack end to end: jobs submitted with plain awscli reach their terminal states"
 	@echo "make chaos       2,000 seeded simulated jobs + five of 1,000 instances; SEED=n replays one"
+	@echo "make fuzz        long property runs, then each cargo-fuzz target (nightly) for FUZZ_SECONDS"
 	@echo "make local-up    start moto + cargo lambda watch + event pump; writes .flotilla/local.env"
 	@echo "make local-down  stop everything local-up started"
 	@echo "make dlq         list what the local stack's dead-letter queues hold, with reasons"
@@ -65,11 +66,26 @@ chaos:
 	$(if $(SEED),FLOTILLA_SIM_SEED=$(SEED)) FLOTILLA_SIM_JOBS=$(CHAOS_JOBS) FLOTILLA_SIM_BIG=$(CHAOS_BIG) \
 		cargo test -p flotilla-tests --test integration scenarios::seeded_simulation -- --nocapture
 
-# Long runs of the property tests `make test` runs briefly (nightly cargo fuzz
-# would rebuild the whole AWS SDK; these need nothing new).
+# Long runs of the property tests `make test` runs briefly, then each
+# cargo-fuzz target (libFuzzer, nightly) for FUZZ_SECONDS. The fuzz crate
+# builds the shared crate without its AWS feature, so no SDK is compiled;
+# cargo-fuzz is installed into .cargo-tools on first use.
 FUZZ_CASES ?= 200000
-fuzz:
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS := spec quote decide
+CARGO_FUZZ_VERSION := 0.13.1
+fuzz: .cargo-tools/bin/cargo-fuzz
 	FLOTILLA_FUZZ_CASES=$(FUZZ_CASES) cargo test -p flotilla-shared --lib -- decide_fuzz spec::tests::parsing spec::tests::validating
+	cd fuzz && for target in $(FUZZ_TARGETS); do \
+		echo "cargo fuzz: $$target for $(FUZZ_SECONDS) s"; \
+		PATH="$(CURDIR)/.cargo-tools/bin:$$PATH" CARGO_TARGET_DIR=$(CURDIR)/fuzz/target \
+			cargo +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 \
+			| grep -E "^(stat::number_of_executed_units|stat::peak_rss|Done|==|SUMMARY)|panicked" ; \
+		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
+
+.cargo-tools/bin/cargo-fuzz:
+	CARGO_TARGET_DIR=$(CURDIR)/.cargo-tools/target cargo install --locked --quiet cargo-fuzz --version $(CARGO_FUZZ_VERSION) --root $(CURDIR)/.cargo-tools
 
 smoke: venv build-functions
 	PATH="$(BIN):$$PATH" bash tools/local_smoke.sh

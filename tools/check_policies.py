@@ -1,8 +1,10 @@
 """The IAM guarantees template.yaml must keep, checked on the SAM-expanded
 template (moto evaluates no IAM, so this is where they are tested).
 
-Every statement that lets a function touch a volume, snapshot or instance
-names it by this stack's tag or by its owner's opt-in tag; nothing else.
+Every statement that lets a function create, attach, detach, snapshot,
+terminate, delete, tag or command a resource names it by this stack's tag,
+or by its owner's opt-in tag; a resource of `*` must satisfy the rule of
+every resource type. Optional statements (Fn::If) are checked in both forms.
 
 Usage: python tools/check_policies.py .flotilla/template.sam.json
 """
@@ -11,69 +13,93 @@ import json
 import sys
 
 STACK = {"Ref": "AWS::StackName"}
+TYPES = ["instance", "volume", "snapshot", "launch-template", "image", "subnet", "security-group",
+         "network-interface", "spot-instances-request", "document"]
+
+# (action, resource type) -> the conditions one of which must hold:
+# each a dict of condition key -> required value.
+OWN = {"aws:ResourceTag/flotilla:stack": STACK}
+OPTED_IN = {"aws:ResourceTag/flotilla:allow": STACK}
+RULES = {
+    ("ec2:RunInstances", "instance"): [{"aws:RequestTag/flotilla:stack": STACK, "ec2:MetadataHttpTokens": "required"}],
+    ("ec2:RunInstances", "volume"): [{"aws:RequestTag/flotilla:stack": STACK, "ec2:Encrypted": "true"}],
+    ("ec2:RunInstances", "launch-template"): [OPTED_IN],
+    ("ec2:CreateVolume", "volume"): [{"aws:RequestTag/flotilla:stack": STACK, "ec2:Encrypted": "true"}],
+    ("ec2:CreateVolume", "snapshot"): [OWN, OPTED_IN],
+    ("ec2:AttachVolume", "instance"): [OWN],
+    ("ec2:AttachVolume", "volume"): [OWN, OPTED_IN],
+    ("ec2:DetachVolume", "instance"): [OWN],
+    ("ec2:DetachVolume", "volume"): [OWN, OPTED_IN],
+    ("ec2:CreateSnapshot", "volume"): [OWN, OPTED_IN],
+    ("ec2:CreateSnapshot", "snapshot"): [{"aws:RequestTag/flotilla:stack": STACK}],
+    ("ssm:SendCommand", "instance"): [{"ssm:resourceTag/flotilla:stack": STACK}],
+}
+for action in ("ec2:TerminateInstances", "ec2:DeleteVolume", "ec2:DeleteSnapshot"):
+    for kind in ("instance", "volume", "snapshot"):
+        RULES[(action, kind)] = [OWN]
+for kind in ("instance", "volume", "snapshot"):
+    # Tags only as part of a create call, or only the reaper's mark on this stack's.
+    RULES[("ec2:CreateTags", kind)] = [{"ec2:CreateAction": None}, {**OWN, "aws:TagKeys": None}]
 
 
-def statements(template, role):
-    for policy in template["Resources"][role]["Properties"].get("Policies", []):
-        for statement in policy["PolicyDocument"]["Statement"]:
-            if isinstance(statement, dict) and "Fn::If" in statement:
-                continue  # optional statements (other accounts' output)
-            yield statement
+def expand(statement):
+    """A statement, or both forms of an optional one."""
+    if isinstance(statement, dict) and "Fn::If" in statement:
+        for branch in statement["Fn::If"][1:]:
+            if isinstance(branch, dict) and "Ref" not in branch:
+                yield from expand(branch)
+        return
+    yield statement
 
 
 def as_list(value):
     return value if isinstance(value, list) else [value]
 
 
-def resources(statement):
-    text = json.dumps(statement.get("Resource"))
-    return text
+def resource_types(statement):
+    kinds = set()
+    for resource in as_list(statement.get("Resource", [])):
+        text = json.dumps(resource)
+        if resource == "*" or text.endswith(':*"') or '"*"' == text:
+            return set(TYPES)
+        kinds |= {kind for kind in TYPES if f":{kind}/" in text or f"::{kind}/" in text}
+    return kinds
 
 
 def conditions(statement):
     found = {}
-    for operator, pairs in (statement.get("Condition") or {}).items():
+    for pairs in (statement.get("Condition") or {}).values():
         if isinstance(pairs, dict):
-            for key, value in pairs.items():
-                found[key] = value
+            found.update(pairs)
     return found
+
+
+def holds(required, present):
+    return all(key in present and (value is None or present[key] == value) for key, value in required.items())
 
 
 def check(template):
     problems = []
-    scoped = {"aws:ResourceTag/flotilla:stack", "aws:ResourceTag/flotilla:allow"}
-    for role in ("ReconcileFunctionRole", "TickFunctionRole", "IntakeFunctionRole"):
-        for statement in statements(template, role):
-            actions = as_list(statement["Action"])
-            where = f"{role} {statement.get('Sid', actions)}"
-            keys = conditions(statement)
-            on = resources(statement)
-            for action in actions:
-                if action in ("ec2:AttachVolume", "ec2:DetachVolume") and "volume/" in on:
-                    if not scoped & keys.keys() or any(keys[k] != STACK for k in scoped & keys.keys()):
-                        problems.append(f"{where}: {action} on volumes without the stack or opt-in tag")
-                if action == "ec2:CreateVolume" and "snapshot/" in on:
-                    if not scoped & keys.keys():
-                        problems.append(f"{where}: restore from snapshots without the stack or opt-in tag")
-                if action == "ec2:CreateVolume" and "volume/" in on:
-                    if keys.get("aws:RequestTag/flotilla:stack") != STACK or keys.get("ec2:Encrypted") != "true":
-                        problems.append(f"{where}: CreateVolume without the stack tag and encryption")
-                if action == "ec2:RunInstances" and "instance/" in on:
-                    if keys.get("aws:RequestTag/flotilla:stack") != STACK or keys.get("ec2:MetadataHttpTokens") != "required":
-                        problems.append(f"{where}: RunInstances without the stack tag and IMDSv2")
-                if action == "ec2:RunInstances" and "launch-template/" in on:
-                    if keys.get("aws:ResourceTag/flotilla:allow") != STACK:
-                        problems.append(f"{where}: launch templates without the opt-in tag")
-                if action in ("ec2:TerminateInstances", "ec2:DeleteVolume", "ec2:DeleteSnapshot", "ec2:CreateTags"):
-                    if action != "ec2:CreateTags" and keys.get("aws:ResourceTag/flotilla:stack") != STACK:
-                        problems.append(f"{where}: {action} beyond this stack's resources")
-                if action == "ssm:SendCommand" and "instance/" in on:
-                    if keys.get("ssm:resourceTag/flotilla:stack") != STACK:
-                        problems.append(f"{where}: SendCommand beyond this stack's instances")
-                if action == "iam:PassRole" and keys.get("iam:PassedToService") != "ec2.amazonaws.com":
-                    problems.append(f"{where}: PassRole not limited to EC2")
-                if action.startswith("s3:PutObject") and "schedules/" in on:
-                    problems.append(f"{where}: may write schedules/")
+    for role, resource in template["Resources"].items():
+        if resource.get("Type") != "AWS::IAM::Role":
+            continue
+        for policy in resource["Properties"].get("Policies", []):
+            for raw in policy["PolicyDocument"]["Statement"]:
+                for statement in expand(raw):
+                    if statement.get("Effect") != "Allow":
+                        continue
+                    where = f"{role} {statement.get('Sid', '')}".strip()
+                    present = conditions(statement)
+                    kinds = resource_types(statement)
+                    for action in as_list(statement.get("Action", [])):
+                        for kind in sorted(kinds):
+                            options = RULES.get((action, kind))
+                            if options and not any(holds(option, present) for option in options):
+                                problems.append(f"{where}: {action} on {kind} without {options}")
+                        if action == "iam:PassRole" and present.get("iam:PassedToService") != "ec2.amazonaws.com":
+                            problems.append(f"{where}: PassRole not limited to EC2")
+                        if action == "s3:PutObject" and "schedules/" in json.dumps(statement.get("Resource")):
+                            problems.append(f"{where}: may write schedules/")
     return problems
 
 
@@ -85,7 +111,7 @@ def main(path):
         print(f"policy: {problem}")
     if problems:
         sys.exit(1)
-    print("policy: every volume, snapshot and instance a function may touch is scoped to the stack or opted in")
+    print("policy: every resource a function may create, change or command is this stack's or opted in")
 
 
 if __name__ == "__main__":

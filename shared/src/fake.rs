@@ -577,6 +577,7 @@ impl Fleet for FakeCloud {
 
     async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>> {
         self.call("RunInstances", true).await?;
+        tag_limit("RunInstances", request.tags.len())?;
         let mut state = self.lock();
         let now = state.now.unwrap_or_default();
         if let Some((print, ids)) = state.launch_tokens.get(&request.client_token).cloned() {
@@ -696,6 +697,23 @@ impl Fleet for FakeCloud {
     async fn tag(&self, resource_ids: &[String], key: &str, value: &str) -> CloudResult<()> {
         self.call("CreateTags", true).await?;
         let mut state = self.lock();
+        let counts = state
+            .instances
+            .iter()
+            .filter(|i| resource_ids.contains(&i.id))
+            .map(|i| i.tags.len() + usize::from(!i.tags.contains_key(key)));
+        let counts: Vec<usize> = counts
+            .chain(
+                state
+                    .volumes
+                    .iter()
+                    .filter(|v| resource_ids.contains(&v.id))
+                    .map(|v| v.tags.len() + usize::from(!v.tags.contains_key(key))),
+            )
+            .collect();
+        for count in counts {
+            tag_limit("CreateTags", count)?;
+        }
         for instance in state.instances.iter_mut().filter(|i| resource_ids.contains(&i.id)) {
             instance.tags.insert(key.to_string(), value.to_string());
         }
@@ -744,6 +762,19 @@ fn snapshot_view(snapshot: &FakeSnapshot, now: DateTime<Utc>) -> SnapshotView {
     }
 }
 
+/// EC2 refuses a 51st tag on a resource.
+fn tag_limit(operation: &'static str, count: usize) -> CloudResult<()> {
+    if count > 50 {
+        return Err(CloudError::api(
+            "ec2",
+            operation,
+            "TagLimitExceeded",
+            "The maximum number of Tags for a resource has been reached.",
+        ));
+    }
+    Ok(())
+}
+
 fn not_found(operation: &'static str, code: &str) -> CloudError {
     CloudError::api("ec2", operation, code, "not found")
 }
@@ -775,6 +806,7 @@ impl Volumes for FakeCloud {
 
     async fn create_volume(&self, request: &NewVolume) -> CloudResult<VolumeView> {
         self.call("CreateVolume", true).await?;
+        tag_limit("CreateVolume", request.tags.len() + usize::from(!request.tags.contains_key(tags::MANAGED_BY)))?;
         let mut state = self.lock();
         if let Some(id) = state.volume_tokens.get(&request.client_token).cloned() {
             if let Some(volume) = state.volumes.iter().find(|v| v.id == id) {
@@ -895,6 +927,7 @@ impl Volumes for FakeCloud {
         tags: &BTreeMap<String, String>,
     ) -> CloudResult<String> {
         self.call("CreateSnapshot", true).await?;
+        tag_limit("CreateSnapshot", tags.len())?;
         let mut state = self.lock();
         if !state.volumes.iter().any(|v| v.id == volume_id && v.state != "deleted") {
             return Err(not_found("CreateSnapshot", "InvalidVolume.NotFound"));

@@ -10,7 +10,7 @@ use crate::plan::plan;
 use crate::ports::{tags, Cloud, Ports, WriteOutcome};
 use crate::reconcile::{self, WakeMessage};
 use crate::record::JobRecord;
-use crate::spec::{self, check_job_id, JobSpec, VolumeSource};
+use crate::spec::{self, check_job_id, EnvValue, JobSpec, SecretRef, VolumeSource};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Intake {
@@ -102,6 +102,9 @@ async fn submit_spec(
     if let Err(err) = ports.settings.limits.check(&spec, plan.instance_count) {
         return reject(ports, job_id, err.message, body).await;
     }
+    if let Err(reason) = check_secret_scope(&spec, &ports.settings.stack) {
+        return reject(ports, job_id, reason, body).await;
+    }
     if let Some(reason) = over_total(ports, &job_id, plan.instance_count).await? {
         return reject(ports, job_id, reason, body).await;
     }
@@ -141,6 +144,35 @@ async fn submit_spec(
             Ok(Intake::AlreadyKnown { job_id })
         }
     }
+}
+
+/// On the deployment's own worker role a secret outside this stack's
+/// namespace can never be read: say so now rather than as a failed step. A
+/// job that names its own instance profile, or runs in another account,
+/// answers to that role's policy instead.
+fn check_secret_scope(spec: &JobSpec, stack: &str) -> Result<(), String> {
+    if spec.instance_profile.is_some() || spec.role_arn.is_some() {
+        return Ok(());
+    }
+    for (key, value) in &spec.env {
+        let (at, inside) = match value {
+            EnvValue::Secret(SecretRef::FromSsm(path)) => {
+                (format!("env.{key}.from_ssm"), path.starts_with(&format!("/flotilla/{stack}/")))
+            }
+            EnvValue::Secret(SecretRef::FromSecretsManager(arn)) => (
+                format!("env.{key}.from_secrets_manager"),
+                arn.splitn(7, ':').nth(6).is_some_and(|name| name.starts_with(&format!("flotilla/{stack}/"))),
+            ),
+            EnvValue::Plain(_) => continue,
+        };
+        if !inside {
+            return Err(format!(
+                "{at}: the worker role reads only parameters under /flotilla/{stack}/ and secrets named flotilla/{stack}/...; \
+                 keep it there, or name an instance_profile whose role may read it"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The deployment's cap on instances across running jobs. Two intakes at

@@ -2,9 +2,11 @@
 //! function and the loop around it), ports, AWS adapters and the simulated
 //! cloud.
 
+#[cfg(feature = "aws")]
 pub mod aws;
 pub mod error;
 pub mod fake;
+#[cfg(feature = "aws")]
 pub mod handlers;
 pub mod intake;
 pub mod plan;
@@ -14,6 +16,8 @@ pub mod reconcile;
 pub mod record;
 pub mod report;
 pub mod shell;
+#[cfg(feature = "aws")]
 pub mod sim;
 pub mod spec;
+#[cfg(feature = "aws")]
 pub mod sqs_batch;

@@ -745,4 +745,42 @@ mod tests {
         // stays though older than 30 days; good-1 is beyond keep_last.
         assert_eq!(deleted, vec!["snap-bad".to_string(), "snap-good-1".to_string()]);
     }
+
+    /// A lineage is one submitter's: another principal's newer snapshots
+    /// under the same job name never push out yours.
+    #[test]
+    fn retention_never_crosses_submitters() {
+        let mut inventory = Inventory::default();
+        let snapshot = |id: &str, job: &str, submitter: &str, days_ago: i64| SnapshotView {
+            snapshot_id: id.into(),
+            volume_id: "vol-x".into(),
+            state: "completed".into(),
+            started_at: now() - Duration::days(days_ago),
+            tags: BTreeMap::from([
+                (tags::JOB_ID.to_string(), job.to_string()),
+                (tags::SUBMITTER.to_string(), submitter.to_string()),
+                (tags::JOB_NAME.to_string(), "nightly".to_string()),
+                (tags::VOLUME.to_string(), "data".to_string()),
+                (tags::SHARD.to_string(), "0".to_string()),
+                (tags::KEEP_LAST.to_string(), "1".to_string()),
+                (tags::MAX_AGE_DAYS.to_string(), "0".to_string()),
+            ]),
+        };
+        for job in ["alice-1", "mallory-1", "mallory-2"] {
+            inventory.jobs.insert(job.into(), JobView::Terminal { state: "SUCCEEDED".into() });
+        }
+        inventory.snapshots = vec![
+            snapshot("snap-alice", "alice-1", "AROAALICE", 9),
+            snapshot("snap-mallory-1", "mallory-1", "AROAMALLORY", 2),
+            snapshot("snap-mallory-2", "mallory-2", "AROAMALLORY", 1),
+        ];
+        let deleted: Vec<String> = plan(&inventory, now(), &settings())
+            .into_iter()
+            .filter_map(|a| match a {
+                ReapAction::DeleteSnapshot { snapshot_id, .. } => Some(snapshot_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deleted, vec!["snap-mallory-1".to_string()], "only mallory's own older one");
+    }
 }

@@ -48,7 +48,9 @@ pub struct Preamble<'a> {
 }
 
 impl Preamble<'_> {
-    fn lines(&self) -> Vec<String> {
+    /// `with_env`: the job's environment, secrets included, is for its own
+    /// steps only; mount and unmount must not fail on a secret.
+    fn lines(&self, with_env: bool) -> Vec<String> {
         let mut lines = vec![
             "set -euo pipefail".to_string(),
             // The SSM agent sets AWS_SSM_INSTANCE_ID; IMDSv2 is the fallback.
@@ -76,7 +78,8 @@ impl Preamble<'_> {
         // Secrets are read on the instance with its own credentials: only
         // their names travel in the command.
         let region = "${AWS_SSM_REGION_NAME:+--region \"$AWS_SSM_REGION_NAME\"}";
-        for (key, value) in self.env {
+        let env = if with_env { Some(self.env) } else { None };
+        for (key, value) in env.into_iter().flatten() {
             // Keys are validated as [A-Za-z_][A-Za-z0-9_]*, values are quoted.
             match value {
                 EnvValue::Plain(value) => lines.push(format!("export {key}={}", quote(value))),
@@ -90,8 +93,11 @@ impl Preamble<'_> {
                     lines.push(format!("export {key}"));
                 }
                 EnvValue::Secret(SecretRef::FromSecretsManager(arn)) => {
+                    // The secret's own Region, from its ARN.
+                    let secret_region = arn.split(':').nth(3).unwrap_or_default();
                     lines.push(format!(
-                        "{key}=$(aws secretsmanager get-secret-value {region} --secret-id {} --query SecretString --output text)",
+                        "{key}=$(aws secretsmanager get-secret-value --region {} --secret-id {} --query SecretString --output text)",
+                        quote(secret_region),
                         quote(arn)
                     ));
                     lines.push(format!("export {key}"));
@@ -109,7 +115,7 @@ impl Preamble<'_> {
 /// The lines of a user step: argv commands quoted, or the user's script run
 /// by its own bash so it cannot break the preamble.
 pub fn step_script(preamble: &Preamble<'_>, step: &CommandSpec) -> Vec<String> {
-    let mut lines = preamble.lines();
+    let mut lines = preamble.lines(true);
     if let Some(script) = &step.script {
         lines.push(format!("exec bash -c {} flotilla-step", quote(script)));
     } else {
@@ -136,7 +142,7 @@ pub const VOLUME_OP_MARKER: &str = "# flotilla:volume-op";
 /// Find each volume's device (NVMe-aware), format it if new and blank, mount it.
 pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<String> {
     let mut lines = vec![format!("{VOLUME_OP_MARKER} mount")];
-    lines.extend(preamble.lines());
+    lines.extend(preamble.lines(false));
     lines.push("find_device() {".to_string());
     // Nitro exposes EBS as NVMe; the by-id link carries the volume id without its dash.
     lines.push("  local vol=\"${1//-/}\" requested=\"$2\" alt=\"/dev/xvd${2#/dev/sd}\"".to_string());
@@ -172,7 +178,7 @@ pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<Str
 /// Flush and unmount, so the snapshot that follows is consistent.
 pub fn unmount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<String> {
     let mut lines = vec![format!("{VOLUME_OP_MARKER} unmount")];
-    lines.extend(preamble.lines());
+    lines.extend(preamble.lines(false));
     lines.push("sync".to_string());
     for target in targets {
         let mp = quote(&target.mount_point);
@@ -248,7 +254,7 @@ mod tests {
         let bin = std::env::temp_dir().join(format!("flotilla-fake-aws-{}", std::process::id()));
         std::fs::create_dir_all(&bin).expect("dir");
         // A stand-in for the AWS CLI: prints which call it got, fails for /missing.
-        let fake = "#!/bin/sh\ncase \"$*\" in *missing*) echo 'ParameterNotFound' >&2; exit 254;; esac\necho \"value-of $1 $2 $AWS_SSM_REGION_NAME\"\n";
+        let fake = "#!/bin/sh\ncase \"$*\" in *missing*) echo 'ParameterNotFound' >&2; exit 254;; esac\necho \"value-of $1 $2 $4\"\n";
         std::fs::write(bin.join("aws"), fake).expect("write");
         std::process::Command::new("chmod").arg("+x").arg(bin.join("aws")).status().expect("chmod");
         let run = |env: BTreeMap<String, EnvValue>| {
@@ -271,7 +277,7 @@ mod tests {
                 .expect("bash runs");
             (script, out)
         };
-        let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:api-key";
+        let arn = "arn:aws:secretsmanager:us-west-2:123456789012:secret:api-key";
         let (script, out) = run(BTreeMap::from([
             ("DB".to_string(), EnvValue::Secret(SecretRef::FromSsm("/team/db".into()))),
             ("API".to_string(), EnvValue::Secret(SecretRef::FromSecretsManager(arn.into()))),
@@ -279,9 +285,17 @@ mod tests {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
-            "db=value-of ssm get-parameter eu-west-1 api=value-of secretsmanager get-secret-value eu-west-1\n"
+            "db=value-of ssm get-parameter eu-west-1 api=value-of secretsmanager get-secret-value us-west-2\n",
+            "the secret's Region comes from its ARN"
         );
         assert!(script.contains("--name /team/db") && script.contains(arn), "{script}");
+        // Mount and unmount never read secrets: a refused one must not strand a volume.
+        let env = BTreeMap::from([("DB".to_string(), EnvValue::Secret(SecretRef::FromSsm("/team/db".into())))]);
+        let instances = vec![("i-0abc".to_string(), 0)];
+        let preamble =
+            Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None };
+        assert!(!mount_script(&preamble, &[]).join("\n").contains("/team/db"));
+        assert!(!unmount_script(&preamble, &[]).join("\n").contains("/team/db"));
         let (_, out) =
             run(BTreeMap::from([("DB".to_string(), EnvValue::Secret(SecretRef::FromSsm("/missing".into())))]));
         assert!(!out.status.success(), "a failed read must stop the step");

@@ -18,8 +18,9 @@ pub const MAX_DEADLINE_MINUTES: u32 = 7 * 24 * 60;
 pub const MAX_VOLUME_GIB: u32 = 16_384;
 /// SSM SendCommand's whole request is limited; keep each script well inside it.
 pub const MAX_SCRIPT_BYTES: usize = 48 * 1024;
-/// EC2 allows 50 tags per resource; Flotilla uses up to 8 of its own.
-pub const MAX_USER_TAGS: usize = 40;
+/// EC2 allows 50 tags per resource; Flotilla puts up to 13 of its own on one
+/// (a job volume with the reaper's mark), so user tags stop at 35.
+pub const MAX_USER_TAGS: usize = 35;
 /// Names and values of `env`, in all.
 pub const MAX_ENV_BYTES: usize = 16 * 1024;
 /// SQS carries at most 256 KiB; a larger body can only come another way.

@@ -192,6 +192,7 @@ fn structural() -> Vec<(String, &'static str)> {
         (with(&["tags"], json!({"AWS:owner": "x"})), "tags: key"),
         (with(&["tags"], json!({"flotilla:job-id": "x"})), "tags: key"),
         (with(&["tags"], json!((0..41).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>())), "tags: at most"),
+        (with(&["tags"], json!((0..36).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>())), "tags: at most 35 tags, got 36"),
         (with(&["tags"], json!({"team": "x".repeat(300)})), "tags.team: value longer"),
         (with(&["env"], json!({"UID": "0"})), "env.UID"),
         (with(&["env"], json!({"FLOTILLA_JOB_ID": "x"})), "env.FLOTILLA_JOB_ID"),

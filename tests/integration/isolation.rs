@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use chrono::Duration;
 use flotilla_shared::fake::{FakeCloud, FakeInstance, FakeSnapshot, FakeVolume};
 use flotilla_shared::intake::{self, Intake};
-use flotilla_shared::ports::{tags, Ports, Settings};
+use flotilla_shared::ports::{tags, LaunchRequest, Ports, Settings};
 use flotilla_shared::reaper::{self, ReaperSettings};
-use flotilla_shared::reconcile;
+use flotilla_shared::reconcile::{self, decide::client_token};
 use flotilla_shared::record::{JobRecord, JobState};
 use flotilla_shared::sim;
 use flotilla_shared::spec::Market;
@@ -141,8 +141,6 @@ fn foreign_instance(cloud: &FakeCloud, id: &str, stack: &str, job_id: &str) {
             (tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string()),
             (tags::STACK.to_string(), stack.to_string()),
             (tags::JOB_ID.to_string(), job_id.to_string()),
-            // Launched under the same token a job of this id would use.
-            (tags::LAUNCH.to_string(), format!("{job_id}-l1")),
             (tags::EXPIRES_AT.to_string(), (now + Duration::days(1)).to_rfc3339()),
         ]),
         launched_at: now,
@@ -156,33 +154,60 @@ fn foreign_instance(cloud: &FakeCloud, id: &str, stack: &str, job_id: &str) {
     });
 }
 
-/// Two deployments in one account and Region, and a job id both use: the
-/// job of stack `a` never adopts stack `b`'s instance (same job id, same
-/// launch token), and `a`'s reaper, for which that job has ended, never
-/// marks or terminates it. Its own orphan it does reap.
+/// Two deployments in one account and Region, and a job id both use. Stack
+/// `b` launched first, exactly as `a`'s job will (EC2 scopes ClientTokens to
+/// the account, so a token without the stack in it would hand `a` `b`'s
+/// instance). `a`'s job never adopts it, and `a`'s reaper, for which that job
+/// has ended, never marks or terminates it. `a`'s own orphan it does reap.
 #[tokio::test]
 async fn two_stacks_never_adopt_or_reap_each_others_instances() {
     let cloud = FakeCloud::new(sim::start_time());
     let ports = cloud.ports(settings("a"));
-    foreign_instance(&cloud, "i-0b0000000000000001", "b", "nightly");
+    let b = cloud.ports(settings("b"));
+    let image = b.cloud.fleet.resolve_image(job("nightly")["image"].as_str().expect("image")).await.expect("image");
+    let b_tags = BTreeMap::from([
+        (tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string()),
+        (tags::STACK.to_string(), "b".to_string()),
+        (tags::JOB_ID.to_string(), "nightly".to_string()),
+        (tags::EXPIRES_AT.to_string(), (sim::start_time() + Duration::days(1)).to_rfc3339()),
+    ]);
+    let launched = b
+        .cloud
+        .fleet
+        .launch(&LaunchRequest {
+            job_id: "nightly".into(),
+            count: 1,
+            instance_type: "t3.micro".into(),
+            image_id: Some(image),
+            launch_template_id: None,
+            launch_template_name: None,
+            launch_template_version: None,
+            subnet_id: None,
+            security_group_ids: vec![],
+            instance_profile: b.settings.worker_instance_profile.clone(),
+            market: Market::OnDemand,
+            tags: b_tags,
+            client_token: client_token("b", "nightly", 'l', 1),
+        })
+        .await
+        .expect("b launches");
+    let b_instance = launched[0].instance_id.clone();
     foreign_instance(&cloud, "i-0a0000000000000002", "a", "gone-job");
     let mut spec = job("nightly");
     spec["fleet"] = json!({"count": 1});
     intake::submit(&ports, &spec.to_string(), "m", None).await.expect("intake");
     let record = drive(&cloud, &ports, "nightly").await;
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
-    let token = record.shards[0].attempts[0].launch_token.clone();
-    assert_eq!(token.as_deref(), Some("nightly-l1"), "b's instance carries the token a's launch used");
-    assert!(!record.instance_ids().contains(&"i-0b0000000000000001".to_string()), "adopted b's instance");
+    assert!(!record.instance_ids().contains(&b_instance), "a adopted b's instance");
 
     let reaper_settings = ReaperSettings { mark_grace: Duration::zero(), stall_grace: Duration::minutes(30) };
     for _ in 0..2 {
         reaper::run(&ports, &reaper_settings, false).await.expect("reaper");
     }
     let state = cloud.lock();
-    let b = state.instances.iter().find(|i| i.id == "i-0b0000000000000001").expect("b's instance");
-    assert_eq!(b.state, "running", "a's reaper terminated b's instance");
-    assert!(!b.tags.contains_key(tags::ORPHANED_AT), "a's reaper marked b's instance");
+    let theirs = state.instances.iter().find(|i| i.id == b_instance).expect("b's instance");
+    assert_eq!(theirs.state, "running", "stack a terminated b's instance");
+    assert!(!theirs.tags.contains_key(tags::ORPHANED_AT), "a's reaper marked b's instance");
     let own = state.instances.iter().find(|i| i.id == "i-0a0000000000000002").expect("a's orphan");
     assert_ne!(own.state, "running", "a's own orphan is reaped");
 }
@@ -222,19 +247,20 @@ async fn retention_never_prunes_another_submitters_snapshots() {
             record
         }
     };
-    run("alice-1", "AIDAALICE").await;
+    // A role submits under a new session name each run: still one submitter.
+    run("alice-1", "AROAALICE:run-1").await;
     let alices = snapshots_of(&cloud, "alice-1");
     assert_eq!(alices.len(), 1);
     assert_eq!(
         cloud.lock().snapshots[0].tags.get(tags::SUBMITTER).map(String::as_str),
-        Some("AIDAALICE"),
-        "the lineage names its submitter"
+        Some("AROAALICE"),
+        "the lineage names its submitter, not the session"
     );
-    let mallory = run("mallory-1", "AIDAMALLORY").await;
+    let mallory = run("mallory-1", "AROAMALLORY:run-1").await;
     assert!(mallory.pruned_snapshots.is_empty(), "{:?}", mallory.pruned_snapshots);
     assert_eq!(snapshots_of(&cloud, "alice-1"), alices, "another submitter's run pruned alice's snapshot");
     // Alice's own next run prunes her older snapshot, as retention says.
-    let alice = run("alice-2", "AIDAALICE").await;
+    let alice = run("alice-2", "AROAALICE:run-2").await;
     assert_eq!(alice.pruned_snapshots, alices);
     assert!(snapshots_of(&cloud, "alice-1").is_empty());
     assert_eq!(snapshots_of(&cloud, "mallory-1").len(), 1);
@@ -296,19 +322,68 @@ async fn secrets_travel_by_reference_only() {
     let mut spec = job("with-secret");
     spec["fleet"] = json!({"count": 1});
     spec["env"] = json!({
-        "DB_PASSWORD": {"from_ssm": "/prod/db-password"},
-        "API_KEY": {"from_secrets_manager": "arn:aws:secretsmanager:us-east-1:123456789012:secret:api-key-AbCdEf"},
+        "DB_PASSWORD": {"from_ssm": "/flotilla/prod/db-password"},
+        "API_KEY": {"from_secrets_manager": "arn:aws:secretsmanager:us-east-1:123456789012:secret:flotilla/prod/api-key-AbCdEf"},
         "PLAIN": "visible"
     });
     intake::submit(&ports, &spec.to_string(), "m", None).await.expect("intake");
     let record = drive(&cloud, &ports, "with-secret").await;
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     let stored = serde_json::to_string(&record).expect("json");
-    assert!(stored.contains(r#""DB_PASSWORD":{"from_ssm":"/prod/db-password"}"#), "{stored}");
+    assert!(stored.contains(r#""DB_PASSWORD":{"from_ssm":"/flotilla/prod/db-password"}"#), "{stored}");
     let state = cloud.lock();
     let run = state.commands.iter().find(|c| c.request.comment.contains(" run ")).expect("the run command");
     let script = run.request.lines.join("\n");
     assert!(script.contains("DB_PASSWORD=$(aws ssm get-parameter"), "{script}");
-    assert!(script.contains("--secret-id arn:aws:secretsmanager:us-east-1:123456789012:secret:api-key-AbCdEf"));
+    assert!(script
+        .contains("--secret-id arn:aws:secretsmanager:us-east-1:123456789012:secret:flotilla/prod/api-key-AbCdEf"));
     assert!(script.contains("export PLAIN=visible"));
+    drop(state);
+
+    // Outside the stack's namespace the worker role could never read it.
+    let mut outside = job("outside-secret");
+    outside["env"] = json!({"DB": {"from_ssm": "/prod/db-password"}});
+    let outcome = intake::submit(&ports, &outside.to_string(), "m", None).await.expect("intake");
+    assert!(
+        matches!(&outcome, Intake::Rejected { reason, .. } if reason.starts_with("env.DB.from_ssm: the worker role reads only parameters under /flotilla/prod/")),
+        "{outcome:?}"
+    );
+    // With its own instance profile, that role's policy decides.
+    outside["id"] = json!("own-profile-secret");
+    outside["instance_profile"] = json!("analytics-workers");
+    let outcome = intake::submit(&ports, &outside.to_string(), "m", None).await.expect("intake");
+    assert!(matches!(outcome, Intake::Accepted { .. }), "{outcome:?}");
+}
+
+/// The most tags Flotilla puts on any resource, with the most user tags a
+/// spec may give (35), stays within EC2's 50 with room for the reaper's mark
+/// (the fake refuses a 51st tag, as EC2 does).
+#[tokio::test]
+async fn the_largest_tag_set_fits_ec2s_limit() {
+    let cloud = FakeCloud::new(sim::start_time());
+    let ports = cloud.ports(settings("prod"));
+    let mut spec = job("many-tags");
+    spec["fleet"] = json!({"count": 1});
+    let most_user_tags = flotilla_shared::spec::MAX_USER_TAGS;
+    spec["tags"] =
+        json!((0..most_user_tags).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>());
+    spec["volumes"] = json!([
+        {"name": "data", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf", "mount_point": "/data", "snapshot": "always"},
+        {"name": "tmp", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdg", "mount_point": "/tmp-data", "snapshot": "never"}
+    ]);
+    intake::submit(&ports, &spec.to_string(), "m", Some("AROAEXAMPLE:session")).await.expect("intake");
+    let record = drive(&cloud, &ports, "many-tags").await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    let state = cloud.lock();
+    let most = state
+        .instances
+        .iter()
+        .map(|i| i.tags.len())
+        .chain(state.volumes.iter().map(|v| v.tags.len()))
+        .chain(state.snapshots.iter().map(|s| s.tags.len()))
+        .max()
+        .expect("resources");
+    // The reaper adds its mark to an orphan; its snapshot of one keeps the
+    // volume's tags less two and adds two.
+    assert!(most < 50, "{most} tags on one resource leave no room for the reaper's mark");
 }

@@ -138,8 +138,23 @@ async fn the_reaper_plans_marks_then_removes_every_orphan_and_nothing_a_job_need
     stack.ec2().stop_instances().instance_ids(&of_nobody).send().await.expect("stop");
     let expired = instance(&stack, &[managed, stack_tag, (tags::JOB_ID, "stuck-1"), (tags::EXPIRES_AT, &past)]).await;
     let untagged = instance(&stack, &[managed, stack_tag]).await;
-    // Another deployment's orphan in the same account: never this reaper's.
-    let other_stack = instance(&stack, &[managed, (tags::STACK, "other"), (tags::JOB_ID, "ghost-1")]).await;
+    // Another deployment's orphans in the same account: never this reaper's.
+    let other = (tags::STACK, "other");
+    let other_stack = instance(&stack, &[managed, other, (tags::JOB_ID, "ghost-1")]).await;
+    let other_volume = volume(&stack, &[managed, other, (tags::JOB_ID, "ghost-1")]).await;
+    let other_snapshot = snapshot(
+        &stack,
+        &other_volume,
+        &[
+            managed,
+            other,
+            (tags::JOB_ID, "ghost-1"),
+            (tags::JOB_NAME, "nightly"),
+            (tags::VOLUME, "data"),
+            (tags::KEEP_LAST, "1"),
+        ],
+    )
+    .await;
     let working = instance(&stack, &[managed, stack_tag, (tags::JOB_ID, "busy-1"), (tags::EXPIRES_AT, &future)]).await;
     // Past expiry, but its job is still making passes (a long teardown): spared.
     let tearing_down =
@@ -232,6 +247,8 @@ async fn the_reaper_plans_marks_then_removes_every_orphan_and_nothing_a_job_need
     assert_eq!(instance_state(&stack, &working).await, "running");
     assert_eq!(instance_state(&stack, &tearing_down).await, "running");
     assert_eq!(instance_state(&stack, &other_stack).await, "running", "another stack's orphan");
+    assert!(volume_exists(&stack, &other_volume).await, "another stack's volume");
+    assert!(snapshot_ids(&stack).await.contains(&other_snapshot), "another stack's snapshot");
     let stuck = ports.ledger.load("stuck-1").await.expect("load").expect("record").record;
     assert_eq!(stuck.state, flotilla_shared::record::JobState::Failed);
     assert!(stuck.reason.starts_with("reaped: no progress"), "{}", stuck.reason);
@@ -239,5 +256,9 @@ async fn the_reaper_plans_marks_then_removes_every_orphan_and_nothing_a_job_need
     assert!(volume_exists(&stack, &user_volume).await);
     let remaining = snapshot_ids(&stack).await;
     assert!(!remaining.contains(&old[0]) && !remaining.contains(&old[1]) && remaining.contains(&old[2]));
-    assert_eq!(remaining.len(), 1 + 2 + 1, "newest of the ended lineage, both of the running one, the reaper's own");
+    assert_eq!(
+        remaining.len(),
+        1 + 2 + 1 + 1,
+        "newest of the ended lineage, both of the running one, the reaper's own, the other stack's"
+    );
 }

@@ -118,9 +118,8 @@ impl Environment {
         settings.reaper_mark_grace_seconds =
             number("FLOTILLA_REAPER_MARK_GRACE_SECONDS", settings.reaper_mark_grace_seconds)?;
         settings.reaper_dry_run = std::env::var("FLOTILLA_REAPER_DRY_RUN").is_ok_and(|v| v == "true");
-        if let Some(stack) = std::env::var("FLOTILLA_STACK").ok().filter(|s| !s.trim().is_empty()) {
-            settings.stack = stack;
-        }
+        // Required: a default would let two deployments share one scope.
+        settings.stack = var("FLOTILLA_STACK")?;
         let optional = |name: &str| match std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {
             Some(value) => value
                 .parse::<u32>()

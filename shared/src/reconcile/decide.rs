@@ -205,6 +205,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         aborting,
         tags: job_tags(record, &spec, ctx.settings),
         deadline_at: record.deadline_at,
+        stack: ctx.settings.stack.clone(),
     };
     let commands = record.commands.clone();
     for index in 0..record.shards.len() {
@@ -254,6 +255,7 @@ struct JobFacts<'a> {
     /// The tags on everything the job creates.
     tags: BTreeMap<String, String>,
     deadline_at: Option<DateTime<Utc>>,
+    stack: String,
 }
 
 /// Cancel, deadline, or a shard that failed for good: decide the outcome once.
@@ -657,7 +659,7 @@ fn attach_volumes(
             attempt.volumes.push(AttemptVolume {
                 name: volume.name.clone(),
                 // ClientToken: at most 64 ASCII characters; job ids are at most 48.
-                token: format!("{}-v{}", job.job_id, *seq),
+                token: client_token(&job.stack, &job.job_id, 'v', *seq),
                 volume_id,
                 created,
                 created_at: None,
@@ -764,13 +766,19 @@ fn phase_spec(spec: &JobSpec, phase: Phase) -> Option<&CommandSpec> {
     }
 }
 
-/// The step's own timeout, else what is left of the deadline (at least a
-/// minute: cleanup phases run after it), within SSM's 48 hours.
+/// The step's own timeout, else what is left of the deadline: a work step
+/// gets all of it (at least a minute), within SSM's 48 hours; a cleanup step,
+/// which also runs after a cancel or the deadline, 10 minutes to an hour.
 pub fn phase_timeout(spec: &JobSpec, phase: Phase, deadline_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> u32 {
     let Some(step) = phase_spec(spec, phase) else { return VOLUME_OP_TIMEOUT_SECONDS };
     step.timeout_seconds.unwrap_or_else(|| {
         let left = deadline_at.map_or(i64::from(spec.deadline_minutes) * 60, |at| (at - now).num_seconds());
-        left.clamp(60, i64::from(crate::spec::MAX_STEP_TIMEOUT_SECONDS)) as u32
+        let (least, most) = if phase.runs_after_failure() {
+            (600, 3600)
+        } else {
+            (60, i64::from(crate::spec::MAX_STEP_TIMEOUT_SECONDS))
+        };
+        left.clamp(least, most) as u32
     })
 }
 
@@ -1213,7 +1221,7 @@ fn plan_launches(record: &mut JobRecord, spec: &JobSpec, ctx: &Context<'_>, acti
             }
             calls += 1;
             let seq = record.take_seq();
-            let token = format!("{}-l{seq}", record.job_id);
+            let token = client_token(&ctx.settings.stack, &record.job_id, 'l', seq);
             for index in chunk {
                 if let Some(a) = record.shards[*index].current_mut() {
                     a.launch_token = Some(token.clone());
@@ -1244,6 +1252,16 @@ fn plan_launches(record: &mut JobRecord, spec: &JobSpec, ctx: &Context<'_>, acti
     }
 }
 
+/// An EC2 ClientToken: EC2 scopes tokens to the account and Region, so the
+/// stack is in it too, or two stacks with a job id in common would be
+/// handed each other's instances and volumes. At most 64 characters: a
+/// 6-hex stack hash, the job id (48 at most), the kind and the sequence.
+pub fn client_token(stack: &str, job_id: &str, kind: char, seq: u64) -> String {
+    // FNV-1a: stable across builds, unlike the std hasher.
+    let hash = stack.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    format!("{:06x}-{job_id}-{kind}{seq}", hash & 0x00ff_ffff)
+}
+
 /// The tags on everything a job creates.
 pub fn job_tags(record: &JobRecord, spec: &JobSpec, settings: &Settings) -> BTreeMap<String, String> {
     let mut all = spec.tags.clone();
@@ -1259,9 +1277,15 @@ pub fn job_tags(record: &JobRecord, spec: &JobSpec, settings: &Settings) -> BTre
     all
 }
 
-/// Who submitted the job, as its snapshots' lineage names it.
+/// Who submitted the job, as its snapshots' lineage names it: the SQS
+/// SenderId, without the session name of a role (`AROA...:<session>`), which
+/// changes on every run of an ECS task or Lambda that submits.
 pub fn submitter(record: &JobRecord) -> String {
-    record.submitted_by.clone().unwrap_or_else(|| "unknown".to_string())
+    match record.submitted_by.as_deref() {
+        Some(id) if id.starts_with("AROA") => id.split(':').next().unwrap_or(id).to_string(),
+        Some(id) => id.to_string(),
+        None => "unknown".to_string(),
+    }
 }
 
 pub fn job_name(record: &JobRecord) -> String {
@@ -1778,6 +1802,7 @@ fn settle_launch_failures(record: &mut JobRecord, now: DateTime<Utc>) {
         aborting: record.outcome.is_some(),
         tags: BTreeMap::new(),
         deadline_at: record.deadline_at,
+        stack: String::new(),
     };
     for shard in &mut record.shards {
         if shard.result.is_none() && shard.current().is_some_and(|a| a.stage == Stage::Done) {
@@ -1895,8 +1920,13 @@ mod tests {
         let spec = long.spec.clone().expect("spec");
         assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, now()), 480 * 60);
         assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, now() + Duration::hours(7)), 3600);
-        // Cleanup after the deadline still gets a minute.
+        // A work step sent after the deadline (it is cancelled anyway) gets a minute.
         assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, now() + Duration::hours(9)), 60);
+        // A cleanup step: 10 minutes to an hour, whatever is left.
+        let hook = record(serde_json::json!({"deadline_minutes": 480, "before_unmount": {"commands": [["sync"]]}}));
+        let spec = hook.spec.clone().expect("spec");
+        assert_eq!(phase_timeout(&spec, Phase::BeforeUnmount, hook.deadline_at, now()), 3600);
+        assert_eq!(phase_timeout(&spec, Phase::BeforeUnmount, hook.deadline_at, now() + Duration::hours(9)), 600);
         let set = record(serde_json::json!({"run": {"commands": [["true"]], "timeout_seconds": 90}}));
         let spec = set.spec.clone().expect("spec");
         assert_eq!(phase_timeout(&spec, Phase::Run, set.deadline_at, now()), 90);

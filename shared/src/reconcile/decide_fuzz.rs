@@ -2,11 +2,13 @@
 //! a seed: it must never panic, and never choose to delete a volume that it
 //! attached (so may hold data) and whose policy wants a snapshot unless a
 //! `completed` snapshot of it was observed.
-//! `make fuzz` runs many more seeds than `make test` (FLOTILLA_FUZZ_CASES).
+//! `make fuzz` runs many more seeds than `make test` (FLOTILLA_FUZZ_CASES),
+//! and `fuzz/` drives the same checker from libFuzzer's bytes ([`run_bytes`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{Duration, TimeZone, Utc};
+#[cfg(test)]
 use proptest::prelude::*;
 
 use super::decide::*;
@@ -17,11 +19,51 @@ use crate::ports::{tags, InstanceView, InvocationView, Settings, SnapshotView, V
 use crate::record::{JobRecord, Phase};
 use crate::spec::{parse, SnapshotPolicy};
 
-fn pick<'a>(rng: &mut Rng, from: &[&'a str]) -> &'a str {
+/// Where the checker's choices come from: a seeded generator, or the bytes
+/// a coverage-guided fuzzer mutates (so it can steer every choice).
+pub trait Choices {
+    /// A number in `lo..=hi`.
+    fn range(&mut self, lo: i64, hi: i64) -> i64;
+    fn chance(&mut self, p: f64) -> bool;
+}
+
+impl Choices for Rng {
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        Rng::range(self, lo, hi)
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        Rng::chance(self, p)
+    }
+}
+
+/// Choices read from fuzzer input; zeros once it runs out.
+pub struct Bytes<'a> {
+    data: &'a [u8],
+}
+
+impl Bytes<'_> {
+    fn take(&mut self, n: usize) -> u64 {
+        let (head, rest) = self.data.split_at(n.min(self.data.len()));
+        self.data = rest;
+        head.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+    }
+}
+
+impl Choices for Bytes<'_> {
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        let span = (hi - lo).max(0) as u64 + 1;
+        lo + (self.take(2) % span) as i64
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.take(1) as f64) < p * 256.0
+    }
+}
+
+fn pick<'a>(rng: &mut impl Choices, from: &[&'a str]) -> &'a str {
     from[rng.range(0, from.len() as i64 - 1) as usize]
 }
 
-fn spec(rng: &mut Rng) -> serde_json::Value {
+fn spec(rng: &mut impl Choices) -> serde_json::Value {
     let policy = pick(rng, &["always", "on-success", "never"]);
     let mut volume = serde_json::json!({"name": "data", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf",
         "mount_point": "/data", "snapshot": policy});
@@ -42,7 +84,7 @@ fn spec(rng: &mut Rng) -> serde_json::Value {
 }
 
 /// What the cloud might show: any state for anything the record knows of.
-fn observe(record: &JobRecord, rng: &mut Rng, snapshot_of: &BTreeMap<String, String>) -> Observation {
+fn observe(record: &JobRecord, rng: &mut impl Choices, snapshot_of: &BTreeMap<String, String>) -> Observation {
     let mut obs = Observation { health_due: rng.chance(0.3), health_checked: rng.chance(0.3), ..Default::default() };
     for attempt in record.attempts() {
         if let Some(id) = &attempt.instance_id {
@@ -148,7 +190,7 @@ fn observe(record: &JobRecord, rng: &mut Rng, snapshot_of: &BTreeMap<String, Str
     obs
 }
 
-fn result(action: &Action, rng: &mut Rng, next: &mut u64) -> Result<Done, CloudError> {
+fn result(action: &Action, rng: &mut impl Choices, next: &mut u64) -> Result<Done, CloudError> {
     let error = |code: &str| Err(CloudError::api("ec2", action.name(), code, "fuzz"));
     match rng.range(0, 19) {
         0 => return error("RequestLimitExceeded"),
@@ -184,8 +226,16 @@ fn result(action: &Action, rng: &mut Rng, next: &mut u64) -> Result<Done, CloudE
 
 /// One seeded run of up to 80 decisions. Returns the first violation.
 pub fn run(seed: u64) -> Result<(), String> {
-    let mut rng = Rng::new(seed);
-    let spec = parse(&spec(&mut rng).to_string()).map_err(|e| e.to_string())?;
+    check(&mut Rng::new(seed))
+}
+
+/// The same checker, every choice taken from `data` (libFuzzer's input).
+pub fn run_bytes(data: &[u8]) -> Result<(), String> {
+    check(&mut Bytes { data })
+}
+
+fn check(rng: &mut impl Choices) -> Result<(), String> {
+    let spec = parse(&spec(rng).to_string()).map_err(|e| e.to_string())?;
     let start = Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("time");
     let mut record = JobRecord::new("fz".into(), spec.clone(), plan(&spec).map_err(|e| e.to_string())?, start);
     let settings = Settings { worker_instance_profile: Some("w".into()), ..Settings::default() };
@@ -200,7 +250,7 @@ pub fn run(seed: u64) -> Result<(), String> {
         if rng.chance(0.02) {
             record.cancel_requested = true;
         }
-        let obs = observe(&record, &mut rng, &snapshot_of);
+        let obs = observe(&record, rng, &snapshot_of);
         completed_seen.extend(obs.snapshots.values().filter(|s| s.state == "completed").map(|s| s.snapshot_id.clone()));
         let context = Context { now, settings: &settings, bucket: "b" };
         let (actions, _) = decide(&mut record, &obs, &context);
@@ -231,7 +281,7 @@ pub fn run(seed: u64) -> Result<(), String> {
             }
         }
         for action in &actions {
-            let done = result(action, &mut rng, &mut next);
+            let done = result(action, rng, &mut next);
             if std::env::var("FLOTILLA_FUZZ_TRACE").is_ok() {
                 println!(
                     "step {step}: {} -> {:?}",
@@ -254,6 +304,7 @@ pub fn run(seed: u64) -> Result<(), String> {
     Ok(())
 }
 
+#[cfg(test)]
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(
         std::env::var("FLOTILLA_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(300)

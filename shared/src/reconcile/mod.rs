@@ -19,8 +19,7 @@
 
 pub mod act;
 pub mod decide;
-#[cfg(test)]
-mod decide_fuzz;
+pub mod decide_fuzz;
 pub mod observe;
 
 use chrono::{DateTime, Duration, SubsecRound, Utc};
