@@ -76,10 +76,12 @@ FUZZ_TARGETS := spec quote decide
 CARGO_FUZZ_VERSION := 0.13.1
 fuzz: .cargo-tools/bin/cargo-fuzz
 	FLOTILLA_FUZZ_CASES=$(FUZZ_CASES) cargo test -p flotilla-shared --lib -- decide_fuzz spec::tests::parsing spec::tests::validating
-	cd fuzz && for target in $(FUZZ_TARGETS); do \
+	mkdir -p $(foreach t,$(FUZZ_TARGETS),fuzz/corpus/$(t))
+	for target in $(FUZZ_TARGETS); do \
 		echo "cargo fuzz: $$target for $(FUZZ_SECONDS) s"; \
 		PATH="$(CURDIR)/.cargo-tools/bin:$$PATH" CARGO_TARGET_DIR=$(CURDIR)/fuzz/target \
-			cargo +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 \
+			cargo +nightly fuzz run --fuzz-dir fuzz $$target fuzz/corpus/$$target $$(ls -d fuzz/seeds/$$target 2>/dev/null) \
+			-- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 \
 			| grep -E "^(stat::number_of_executed_units|stat::peak_rss|Done|==|SUMMARY)|panicked" ; \
 		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	done

@@ -368,6 +368,9 @@ pub struct Settings {
     pub reaper_dry_run: bool,
     /// The deployment's name (`flotilla:stack` on everything it creates).
     pub stack: String,
+    /// Roles in the accounts `role_arn` jobs use, which the reaper assumes
+    /// to reap orphans there too.
+    pub reaper_roles: Vec<String>,
     /// Limits the deployment puts on every job (template parameters).
     pub limits: crate::spec::Limits,
 }
@@ -385,6 +388,7 @@ impl Default for Settings {
             reaper_mark_grace_seconds: 240,
             reaper_dry_run: false,
             stack: "flotilla".to_string(),
+            reaper_roles: vec![],
             limits: crate::spec::Limits::default(),
         }
     }

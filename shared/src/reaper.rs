@@ -33,7 +33,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::error::{CloudError, StepError};
-use crate::ports::{tags, InstanceView, Ports, SnapshotView, VolumeView, WriteOutcome};
+use crate::ports::{tags, Cloud, InstanceView, Ports, SnapshotView, VolumeView, WriteOutcome};
 use crate::record::{JobRecord, Outcome, PhaseStamp};
 use crate::spec::VolumeSource;
 
@@ -334,9 +334,14 @@ fn prune(inventory: &Inventory, now: DateTime<Utc>) -> Vec<ReapAction> {
     actions
 }
 
-/// Read what Flotilla manages, and the jobs it belongs to.
+/// Read what Flotilla manages in this account, and the jobs it belongs to.
 pub async fn take_inventory(ports: &Ports) -> Result<Inventory, CloudError> {
-    let cloud = &ports.cloud;
+    take_inventory_in(ports, &ports.cloud).await
+}
+
+/// The same in the account `cloud` acts in (a `role_arn` target's); the jobs
+/// are always read from this deployment's ledger.
+pub async fn take_inventory_in(ports: &Ports, cloud: &Cloud) -> Result<Inventory, CloudError> {
     let managed = tags::scope(&ports.settings.stack);
     let mut inventory = Inventory {
         instances: cloud.fleet.find_managed(&ports.settings.stack).await?,
@@ -459,32 +464,49 @@ async fn drain_dead_letters(ports: &Ports, dry_run: bool) -> Result<Vec<Value>, 
     Ok(seen)
 }
 
-/// One reaper pass: dead letters, inventory, plan, act (unless `dry_run`), report.
+/// One reaper pass: dead letters, then in this account and in each target
+/// account it is given (`FLOTILLA_REAPER_ROLE_ARNS`): inventory, plan, act
+/// (unless `dry_run`); then the report.
 pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Result<Value, StepError> {
     let started = ports.clock.now();
     let dead_letters = drain_dead_letters(ports, dry_run).await?;
     let inventory = take_inventory(ports).await?;
-    let actions = plan(&inventory, started, settings);
-    let mut done = Vec::new();
-    let mut errors = Vec::new();
-    if !dry_run {
-        for action in &actions {
-            match execute(ports, action).await {
-                Ok(()) => done.push(action.clone()),
-                Err(err @ StepError::Cloud(CloudError::Crashed(_))) => return Err(err),
-                Err(err) => {
-                    warn!(?action, error = %err, "reaper action failed");
-                    errors.push(json!({ "action": action, "error": err.to_string() }));
-                }
+    let mut actions = plan(&inventory, started, settings);
+    let (mut done, mut errors) = act(ports, &ports.cloud, &actions, dry_run).await?;
+    let mut found = vec![found_in("this account", &inventory)];
+    for role in &ports.settings.reaper_roles {
+        // A role that cannot be assumed, or an account that cannot be read,
+        // is reported; the other accounts are still reaped.
+        let cloud = match ports.accounts.assume(role, None, "reaper").await {
+            Ok(cloud) => cloud,
+            Err(err) => {
+                warn!(%role, error = %err, "reaper cannot act in this account");
+                errors.push(json!({ "account": role, "error": err.to_string() }));
+                continue;
             }
-        }
+        };
+        let inventory = match take_inventory_in(ports, &cloud).await {
+            Ok(inventory) => inventory,
+            Err(err @ CloudError::Crashed(_)) => return Err(err.into()),
+            Err(err) => {
+                errors.push(json!({ "account": role, "error": err.to_string() }));
+                continue;
+            }
+        };
+        // Ending a stalled job is this account's pass's to do, once.
+        let there: Vec<ReapAction> = plan(&inventory, started, settings)
+            .into_iter()
+            .filter(|a| !matches!(a, ReapAction::EndJob { .. }))
+            .collect();
+        let (done_there, errors_there) = act(ports, &cloud, &there, dry_run).await?;
+        done.extend(done_there);
+        errors.extend(errors_there.into_iter().map(|mut e| {
+            e["account"] = json!(role);
+            e
+        }));
+        found.push(found_in(role, &inventory));
+        actions.extend(there);
     }
-    let found = json!({
-        "instances": inventory.instances.len(),
-        "volumes": inventory.volumes.len(),
-        "snapshots": inventory.snapshots.len(),
-        "jobs": inventory.jobs.len(),
-    });
     let report = json!({
         "at": started.to_rfc3339_opts(SecondsFormat::Millis, true),
         "dry_run": dry_run,
@@ -509,8 +531,42 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
     }))
 }
 
-async fn execute(ports: &Ports, action: &ReapAction) -> Result<(), StepError> {
-    let cloud = &ports.cloud;
+fn found_in(account: &str, inventory: &Inventory) -> Value {
+    json!({
+        "account": account,
+        "instances": inventory.instances.len(),
+        "volumes": inventory.volumes.len(),
+        "snapshots": inventory.snapshots.len(),
+        "jobs": inventory.jobs.len(),
+    })
+}
+
+/// Run the planned actions in one account; one failure never stops the rest.
+async fn act(
+    ports: &Ports,
+    cloud: &Cloud,
+    actions: &[ReapAction],
+    dry_run: bool,
+) -> Result<(Vec<ReapAction>, Vec<Value>), StepError> {
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    if dry_run {
+        return Ok((done, errors));
+    }
+    for action in actions {
+        match execute(ports, cloud, action).await {
+            Ok(()) => done.push(action.clone()),
+            Err(err @ StepError::Cloud(CloudError::Crashed(_))) => return Err(err),
+            Err(err) => {
+                warn!(?action, error = %err, "reaper action failed");
+                errors.push(json!({ "action": action, "error": err.to_string() }));
+            }
+        }
+    }
+    Ok((done, errors))
+}
+
+async fn execute(ports: &Ports, cloud: &Cloud, action: &ReapAction) -> Result<(), StepError> {
     match action {
         ReapAction::Mark { resource_id, .. } => {
             // Stamped when written, so the grace counts from the mark itself.

@@ -365,8 +365,7 @@ async fn the_largest_tag_set_fits_ec2s_limit() {
     let mut spec = job("many-tags");
     spec["fleet"] = json!({"count": 1});
     let most_user_tags = flotilla_shared::spec::MAX_USER_TAGS;
-    spec["tags"] =
-        json!((0..most_user_tags).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>());
+    spec["tags"] = json!((0..most_user_tags).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>());
     spec["volumes"] = json!([
         {"name": "data", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf", "mount_point": "/data", "snapshot": "always"},
         {"name": "tmp", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdg", "mount_point": "/tmp-data", "snapshot": "never"}
@@ -386,4 +385,49 @@ async fn the_largest_tag_set_fits_ec2s_limit() {
     // The reaper adds its mark to an orphan; its snapshot of one keeps the
     // volume's tags less two and adds two.
     assert!(most < 50, "{most} tags on one resource leave no room for the reaper's mark");
+}
+
+/// The account a `role_arn` job runs in, as the reaper reaches it.
+struct TargetAccount {
+    cloud: std::sync::Arc<flotilla_shared::ports::Cloud>,
+}
+
+#[async_trait::async_trait]
+impl flotilla_shared::ports::Accounts for TargetAccount {
+    async fn assume(
+        &self,
+        _role_arn: &str,
+        _external_id: Option<&str>,
+        _job_id: &str,
+    ) -> flotilla_shared::ports::CloudResult<std::sync::Arc<flotilla_shared::ports::Cloud>> {
+        Ok(self.cloud.clone())
+    }
+}
+
+/// Orphans in a `role_arn` target account (here an instance of a job with no
+/// record) are reaped there when the deployment names that account's role
+/// (`ReaperTargetRoleArns`), marked first as here; without it, left alone.
+#[tokio::test]
+async fn the_reaper_reaps_orphans_in_target_accounts_it_is_given() {
+    let here = FakeCloud::new(sim::start_time());
+    let there = FakeCloud::new(sim::start_time());
+    foreign_instance(&there, "i-0c0000000000000003", "prod", "ghost-job");
+    foreign_instance(&there, "i-0c0000000000000004", "staging", "ghost-job");
+    let mut ports = here.ports(settings("prod"));
+    ports.accounts = Box::new(TargetAccount { cloud: std::sync::Arc::new(there.ports(settings("prod")).cloud) });
+    let reaper_settings = ReaperSettings { mark_grace: Duration::zero(), stall_grace: Duration::minutes(30) };
+    let state_of = |id: &str| there.lock().instances.iter().find(|i| i.id == id).map(|i| i.state.clone());
+
+    for _ in 0..2 {
+        reaper::run(&ports, &reaper_settings, false).await.expect("reaper");
+    }
+    assert_eq!(state_of("i-0c0000000000000003").as_deref(), Some("running"), "not given that account");
+
+    ports.settings.reaper_roles = vec!["arn:aws:iam::222222222222:role/flotilla-target-prod".into()];
+    let first = reaper::run(&ports, &reaper_settings, false).await.expect("reaper");
+    assert_eq!(state_of("i-0c0000000000000003").as_deref(), Some("running"), "marked first: {first}");
+    assert!(there.lock().instances.iter().any(|i| i.tags.contains_key(tags::ORPHANED_AT)));
+    reaper::run(&ports, &reaper_settings, false).await.expect("reaper");
+    assert_ne!(state_of("i-0c0000000000000003").as_deref(), Some("running"), "reaped in the target account");
+    assert_eq!(state_of("i-0c0000000000000004").as_deref(), Some("running"), "another stack's, there too");
 }

@@ -137,6 +137,13 @@ impl Environment {
             .filter(|t| !t.is_empty())
             .map(str::to_string)
             .collect();
+        settings.reaper_roles = std::env::var("FLOTILLA_REAPER_ROLE_ARNS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_string)
+            .collect();
         settings.worker_instance_profile =
             std::env::var("FLOTILLA_WORKER_INSTANCE_PROFILE").ok().filter(|p| !p.trim().is_empty());
         Ok(Environment {
