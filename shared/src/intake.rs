@@ -102,7 +102,7 @@ async fn submit_spec(
     if let Err(err) = ports.settings.limits.check(&spec, plan.instance_count) {
         return reject(ports, job_id, err.message, body).await;
     }
-    if let Err(reason) = check_secret_scope(&spec, &ports.settings.stack) {
+    if let Err(reason) = check_secret_scope(&spec, &ports.settings) {
         return reject(ports, job_id, reason, body).await;
     }
     if let Some(reason) = over_total(ports, &job_id, plan.instance_count).await? {
@@ -150,25 +150,30 @@ async fn submit_spec(
 /// namespace can never be read: say so now rather than as a failed step. A
 /// job that names its own instance profile, or runs in another account,
 /// answers to that role's policy instead.
-fn check_secret_scope(spec: &JobSpec, stack: &str) -> Result<(), String> {
+fn check_secret_scope(spec: &JobSpec, settings: &crate::ports::Settings) -> Result<(), String> {
     if spec.instance_profile.is_some() || spec.role_arn.is_some() {
         return Ok(());
     }
+    let stack = &settings.stack;
     for (key, value) in &spec.env {
         let (at, inside) = match value {
             EnvValue::Secret(SecretRef::FromSsm(path)) => {
                 (format!("env.{key}.from_ssm"), path.starts_with(&format!("/flotilla/{stack}/")))
             }
-            EnvValue::Secret(SecretRef::FromSecretsManager(arn)) => (
-                format!("env.{key}.from_secrets_manager"),
-                arn.splitn(7, ':').nth(6).is_some_and(|name| name.starts_with(&format!("flotilla/{stack}/"))),
-            ),
+            EnvValue::Secret(SecretRef::FromSecretsManager(arn)) => {
+                let parts: Vec<&str> = arn.splitn(7, ':').collect();
+                let same = |have: &str, want: &Option<String>| want.as_deref().is_none_or(|w| w == have);
+                let inside = parts.get(6).is_some_and(|name| name.starts_with(&format!("flotilla/{stack}/")))
+                    && same(parts.get(3).copied().unwrap_or_default(), &settings.region)
+                    && same(parts.get(4).copied().unwrap_or_default(), &settings.account_id);
+                (format!("env.{key}.from_secrets_manager"), inside)
+            }
             EnvValue::Plain(_) => continue,
         };
         if !inside {
             return Err(format!(
-                "{at}: the worker role reads only parameters under /flotilla/{stack}/ and secrets named flotilla/{stack}/...; \
-                 keep it there, or name an instance_profile whose role may read it"
+                "{at}: the worker role reads only parameters under /flotilla/{stack}/ and secrets named flotilla/{stack}/... \
+                 in this deployment's account and Region; keep it there, or name an instance_profile whose role may read it"
             ));
         }
     }

@@ -371,6 +371,9 @@ pub struct Settings {
     /// Roles in the accounts `role_arn` jobs use, which the reaper assumes
     /// to reap orphans there too.
     pub reaper_roles: Vec<String>,
+    /// This deployment's account and Region, when known (in Lambda).
+    pub account_id: Option<String>,
+    pub region: Option<String>,
     /// Limits the deployment puts on every job (template parameters).
     pub limits: crate::spec::Limits,
 }
@@ -389,6 +392,8 @@ impl Default for Settings {
             reaper_dry_run: false,
             stack: "flotilla".to_string(),
             reaper_roles: vec![],
+            account_id: None,
+            region: None,
             limits: crate::spec::Limits::default(),
         }
     }

@@ -473,12 +473,24 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
     let inventory = take_inventory(ports).await?;
     let mut actions = plan(&inventory, started, settings);
     let (mut done, mut errors) = act(ports, &ports.cloud, &actions, dry_run).await?;
+    let mut planned: Vec<Value> = actions.iter().map(|a| json!(a)).collect();
     let mut found = vec![found_in("this account", &inventory)];
+    let mut reaped_accounts: BTreeSet<String> = ports.settings.account_id.iter().cloned().collect();
     for role in &ports.settings.reaper_roles {
+        // One pass per account: a second in the same pass would act on
+        // what the first just changed (EC2's describes lag).
+        let account = role.split(':').nth(4).unwrap_or_default().to_string();
+        if !reaped_accounts.insert(account.clone()) {
+            errors.push(
+                json!({ "account": role, "error": format!("account {account} is reaped once per pass already") }),
+            );
+            continue;
+        }
         // A role that cannot be assumed, or an account that cannot be read,
         // is reported; the other accounts are still reaped.
         let cloud = match ports.accounts.assume(role, None, "reaper").await {
             Ok(cloud) => cloud,
+            Err(err @ CloudError::Crashed(_)) => return Err(err.into()),
             Err(err) => {
                 warn!(%role, error = %err, "reaper cannot act in this account");
                 errors.push(json!({ "account": role, "error": err.to_string() }));
@@ -486,7 +498,7 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
             }
         };
         let inventory = match take_inventory_in(ports, &cloud).await {
-            Ok(inventory) => inventory,
+            Ok(inventory) => known_jobs_only(inventory),
             Err(err @ CloudError::Crashed(_)) => return Err(err.into()),
             Err(err) => {
                 errors.push(json!({ "account": role, "error": err.to_string() }));
@@ -505,13 +517,18 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
             e
         }));
         found.push(found_in(role, &inventory));
+        planned.extend(there.iter().map(|a| {
+            let mut entry = json!(a);
+            entry["account"] = json!(role);
+            entry
+        }));
         actions.extend(there);
     }
     let report = json!({
         "at": started.to_rfc3339_opts(SecondsFormat::Millis, true),
         "dry_run": dry_run,
         "found": found,
-        "planned": actions,
+        "planned": planned,
         "done": done.len(),
         "errors": errors,
         "dead_letters": dead_letters,
@@ -529,6 +546,23 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
         "dead_letters": dead_letters.len(),
         "report": key,
     }))
+}
+
+/// In another account, only what this deployment's records name: a
+/// deployment there with the same stack name has jobs this ledger has never
+/// seen, and "no record" must not condemn them. (An orphan there whose
+/// record is gone is left to expire by hand.)
+fn known_jobs_only(mut inventory: Inventory) -> Inventory {
+    let known = |tags: &BTreeMap<String, String>, jobs: &BTreeMap<String, JobView>| {
+        tags.get(tags::JOB_ID)
+            .and_then(|id| jobs.get(id))
+            .is_some_and(|view| matches!(view, JobView::Active(_) | JobView::Terminal { .. }))
+    };
+    let jobs = inventory.jobs.clone();
+    inventory.instances.retain(|i| known(&i.tags, &jobs));
+    inventory.volumes.retain(|v| known(&v.tags, &jobs));
+    inventory.snapshots.retain(|s| known(&s.tags, &jobs));
+    inventory
 }
 
 fn found_in(account: &str, inventory: &Inventory) -> Value {

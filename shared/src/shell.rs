@@ -100,6 +100,13 @@ impl Preamble<'_> {
                         quote(secret_region),
                         quote(arn)
                     ));
+                    // A binary secret has no SecretString: the CLI prints None.
+                    lines.push(format!(
+                        "[ \"${key}\" != None ] || {{ echo {} >&2; exit 1; }}",
+                        quote(&format!(
+                            "flotilla: secret {arn} has no SecretString (binary secrets are not supported)"
+                        ))
+                    ));
                     lines.push(format!("export {key}"));
                 }
             }
@@ -254,7 +261,7 @@ mod tests {
         let bin = std::env::temp_dir().join(format!("flotilla-fake-aws-{}", std::process::id()));
         std::fs::create_dir_all(&bin).expect("dir");
         // A stand-in for the AWS CLI: prints which call it got, fails for /missing.
-        let fake = "#!/bin/sh\ncase \"$*\" in *missing*) echo 'ParameterNotFound' >&2; exit 254;; esac\necho \"value-of $1 $2 $4\"\n";
+        let fake = "#!/bin/sh\ncase \"$*\" in *missing*) echo 'ParameterNotFound' >&2; exit 254;; *binary*) echo None; exit 0;; esac\necho \"value-of $1 $2 $4\"\n";
         std::fs::write(bin.join("aws"), fake).expect("write");
         std::process::Command::new("chmod").arg("+x").arg(bin.join("aws")).status().expect("chmod");
         let run = |env: BTreeMap<String, EnvValue>| {
@@ -300,5 +307,11 @@ mod tests {
             run(BTreeMap::from([("DB".to_string(), EnvValue::Secret(SecretRef::FromSsm("/missing".into())))]));
         assert!(!out.status.success(), "a failed read must stop the step");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "", "the step never ran");
+        // A binary secret (no SecretString) stops the step too, not an env of "None".
+        let binary = "arn:aws:secretsmanager:us-west-2:123456789012:secret:binary";
+        let (_, out) =
+            run(BTreeMap::from([("DB".to_string(), EnvValue::Secret(SecretRef::FromSecretsManager(binary.into())))]));
+        assert!(!out.status.success(), "a binary secret must stop the step");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("has no SecretString"));
     }
 }

@@ -348,6 +348,18 @@ async fn secrets_travel_by_reference_only() {
         matches!(&outcome, Intake::Rejected { reason, .. } if reason.starts_with("env.DB.from_ssm: the worker role reads only parameters under /flotilla/prod/")),
         "{outcome:?}"
     );
+    // A secret in another account or Region than the deployment's: refused too.
+    let mut placed = settings("prod");
+    placed.account_id = Some("123456789012".into());
+    placed.region = Some("us-east-1".into());
+    let placed_ports = cloud.ports(placed);
+    let mut elsewhere = job("secret-elsewhere");
+    elsewhere["env"] = json!({"API": {"from_secrets_manager": "arn:aws:secretsmanager:eu-west-1:999999999999:secret:flotilla/prod/x"}});
+    let outcome = intake::submit(&placed_ports, &elsewhere.to_string(), "m", None).await.expect("intake");
+    assert!(
+        matches!(&outcome, Intake::Rejected { reason, .. } if reason.contains("in this deployment's account and Region")),
+        "{outcome:?}"
+    );
     // With its own instance profile, that role's policy decides.
     outside["id"] = json!("own-profile-secret");
     outside["instance_profile"] = json!("analytics-workers");
@@ -404,16 +416,25 @@ impl flotilla_shared::ports::Accounts for TargetAccount {
     }
 }
 
-/// Orphans in a `role_arn` target account (here an instance of a job with no
-/// record) are reaped there when the deployment names that account's role
+/// Orphans in a `role_arn` target account (here an instance of a job that
+/// ended) are reaped there when the deployment names that account's role
 /// (`ReaperTargetRoleArns`), marked first as here; without it, left alone.
+/// What this ledger never heard of is left too: it may be a deployment of
+/// the same name that lives in that account. Each account is reaped once
+/// per pass, and the home account never twice.
 #[tokio::test]
 async fn the_reaper_reaps_orphans_in_target_accounts_it_is_given() {
     let here = FakeCloud::new(sim::start_time());
     let there = FakeCloud::new(sim::start_time());
-    foreign_instance(&there, "i-0c0000000000000003", "prod", "ghost-job");
-    foreign_instance(&there, "i-0c0000000000000004", "staging", "ghost-job");
     let mut ports = here.ports(settings("prod"));
+    let spec = flotilla_shared::spec::parse(&job("ended-job").to_string()).expect("spec");
+    let plan = flotilla_shared::plan::plan(&spec).expect("plan");
+    let mut ended = JobRecord::new("ended-job".into(), spec, plan, sim::start_time());
+    ended.state = JobState::Failed;
+    ports.ledger.create(&ended).await.expect("record");
+    foreign_instance(&there, "i-0c0000000000000003", "prod", "ended-job");
+    foreign_instance(&there, "i-0c0000000000000004", "staging", "ended-job");
+    foreign_instance(&there, "i-0c0000000000000005", "prod", "their-own-job");
     ports.accounts = Box::new(TargetAccount { cloud: std::sync::Arc::new(there.ports(settings("prod")).cloud) });
     let reaper_settings = ReaperSettings { mark_grace: Duration::zero(), stall_grace: Duration::minutes(30) };
     let state_of = |id: &str| there.lock().instances.iter().find(|i| i.id == id).map(|i| i.state.clone());
@@ -423,11 +444,25 @@ async fn the_reaper_reaps_orphans_in_target_accounts_it_is_given() {
     }
     assert_eq!(state_of("i-0c0000000000000003").as_deref(), Some("running"), "not given that account");
 
-    ports.settings.reaper_roles = vec!["arn:aws:iam::222222222222:role/flotilla-target-prod".into()];
+    ports.settings.account_id = Some("111111111111".into());
+    ports.settings.reaper_roles = vec![
+        "arn:aws:iam::222222222222:role/flotilla-target-prod".into(),
+        "arn:aws:iam::222222222222:role/flotilla-target-other".into(),
+        "arn:aws:iam::111111111111:role/flotilla-target-home".into(),
+    ];
     let first = reaper::run(&ports, &reaper_settings, false).await.expect("reaper");
     assert_eq!(state_of("i-0c0000000000000003").as_deref(), Some("running"), "marked first: {first}");
     assert!(there.lock().instances.iter().any(|i| i.tags.contains_key(tags::ORPHANED_AT)));
+    assert_eq!(first["planned"], 1, "one mark, planned once though two roles name that account: {first}");
+    let report: serde_json::Value = serde_json::from_slice(
+        &ports.ledger.get(first["report"].as_str().expect("key")).await.expect("get").expect("report"),
+    )
+    .expect("json");
+    assert_eq!(report["planned"][0]["account"], "arn:aws:iam::222222222222:role/flotilla-target-prod", "{report:#}");
+    let skipped = report["errors"].as_array().expect("errors").len();
+    assert_eq!(skipped, 2, "the second role of 222222222222 and the home account are skipped: {report:#}");
     reaper::run(&ports, &reaper_settings, false).await.expect("reaper");
     assert_ne!(state_of("i-0c0000000000000003").as_deref(), Some("running"), "reaped in the target account");
     assert_eq!(state_of("i-0c0000000000000004").as_deref(), Some("running"), "another stack's, there too");
+    assert_eq!(state_of("i-0c0000000000000005").as_deref(), Some("running"), "a job this ledger never knew");
 }

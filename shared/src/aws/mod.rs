@@ -137,6 +137,9 @@ impl Environment {
             .filter(|t| !t.is_empty())
             .map(str::to_string)
             .collect();
+        settings.account_id = std::env::var("FLOTILLA_ACCOUNT_ID").ok().filter(|a| !a.trim().is_empty());
+        // Lambda sets AWS_REGION.
+        settings.region = std::env::var("AWS_REGION").ok().filter(|r| !r.trim().is_empty());
         settings.reaper_roles = std::env::var("FLOTILLA_REAPER_ROLE_ARNS")
             .unwrap_or_default()
             .split(',')
