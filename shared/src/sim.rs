@@ -173,6 +173,13 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
         }
     }
     let run_seconds = rng.range(30, 900);
+    let deadline_minutes = if recoverable { deadline } else { [20, 60, deadline][rng.range(0, 2) as usize] };
+    // Half the jobs leave the run's timeout to the deadline.
+    let run = if rng.chance(0.5) {
+        json!({"script": format!("sleep {run_seconds}")})
+    } else {
+        json!({"script": format!("sleep {run_seconds}"), "timeout_seconds": (deadline_minutes * 60).min(1800)})
+    };
     let mut spec = json!({
         "id": format!("sim-{seed}"),
         "name": format!("sim-{}", seed % 7),
@@ -180,8 +187,8 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
         "instance_types": types,
         "image": "ami-0abc1234",
         "volumes": volumes,
-        "run": {"script": format!("sleep {run_seconds}"), "timeout_seconds": 1800},
-        "deadline_minutes": if recoverable { deadline } else { [20, 60, deadline][rng.range(0, 2) as usize] },
+        "run": run,
+        "deadline_minutes": deadline_minutes,
     });
     if rng.chance(0.5) {
         spec["setup"] = json!({"commands": [["true"]], "timeout_seconds": 300});
@@ -448,6 +455,10 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     result.calls = calls;
     if !record.state.is_terminal() {
         violation(result, "terminal", format!("still {} ({})", record.state, record.reason));
+    }
+    // The simulator writes only valid specs: a rejection is a job never run.
+    if record.state == crate::record::JobState::Rejected {
+        violation(result, "terminal", format!("rejected: {}", record.reason));
     }
     let state = cloud.lock();
     let now = state.now.unwrap_or_default();
