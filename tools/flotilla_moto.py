@@ -86,6 +86,11 @@ Gaps filled (measured against moto 5.2.5):
     read this way. moto does not evaluate IAM, so the worker role's limits
     (this stack's parameter path only) are not enforced here.
 
+16. DescribeVolumes and DescribeSnapshots ignore MaxResults and never page.
+    Here they page as EC2 does: MaxResults 5-500 (volumes) or 5-1000
+    (snapshots), refused beside explicit ids or out of range, with a
+    NextToken while more remain.
+
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
 - EventBridge events are not emitted: `tools/local_stack.py interrupt <id>`
@@ -349,6 +354,43 @@ def _describe_instances(self):
 
 
 InstanceResponse.describe_instances = _describe_instances
+
+
+# --- 16. DescribeVolumes and DescribeSnapshots page ------------------------
+# EC2 honours MaxResults (volumes 5-500, snapshots 5-1000; refused beside
+# explicit ids or out of range) and answers a NextToken while more remain;
+# moto returns everything at once and never a token.
+
+from moto.ec2.responses.elastic_block_store import ElasticBlockStore as _Ebs  # noqa: E402
+
+
+def _paged(name, key, ids_param, most, original):
+    def describe(self):
+        if "MaxResults" not in self.data:
+            return original(self)
+        max_results = int(self._get_param("MaxResults"))
+        if self._get_param(ids_param, []):
+            raise EC2ClientError("InvalidParameterCombination", f"The parameter {ids_param} cannot be used with MaxResults")
+        if not 5 <= max_results <= most:
+            raise EC2ClientError("InvalidParameterValue", f"Value ( {max_results} ) for parameter maxResults is invalid. Expecting a value between 5 and {most}.")
+        self.error_on_dryrun()
+        filters = self._filters_from_querystring()
+        if name == "volumes":
+            items = list(self.ec2_backend.describe_volumes(volume_ids=[], filters=filters))
+        else:
+            items = list(self.ec2_backend.describe_snapshots(snapshot_ids=[], filters=filters))
+        items.sort(key=lambda item: item.id)  # a stable order across pages
+        token = self._get_param("NextToken") or ""
+        start = int(token[len(_TOKEN_PREFIX):]) if token.startswith(_TOKEN_PREFIX) else 0
+        end = start + max_results
+        next_token = f"{_TOKEN_PREFIX}{end}" if end < len(items) else None
+        return ActionResult({key: items[start:end], "NextToken": next_token})
+
+    return describe
+
+
+_Ebs.describe_volumes = _paged("volumes", "Volumes", "VolumeIds", 500, _Ebs.describe_volumes)
+_Ebs.describe_snapshots = _paged("snapshots", "Snapshots", "SnapshotIds", 1000, _Ebs.describe_snapshots)
 
 
 # --- 6. CreateVolume ClientToken -------------------------------------------

@@ -329,14 +329,15 @@ fn ignore_not_found(result: Result<(), CloudError>) -> CloudResult<()> {
 #[async_trait]
 impl Volumes for Ec2Volumes {
     async fn find_volumes(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<VolumeView>> {
-        let response = self
-            .ec2
-            .describe_volumes()
-            .set_filters(Some(tag_filters(tags)))
-            .send()
-            .await
-            .map_err(|e| cloud_error("ec2", "DescribeVolumes", e))?;
-        Ok(response.volumes().iter().filter_map(volume_view).collect())
+        // The SDK's paginator, 500 a page (EC2's most for DescribeVolumes).
+        let mut pages =
+            self.ec2.describe_volumes().set_filters(Some(tag_filters(tags))).max_results(500).into_paginator().send();
+        let mut views = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| cloud_error("ec2", "DescribeVolumes", e))?;
+            views.extend(page.volumes().iter().filter_map(volume_view));
+        }
+        Ok(views)
     }
 
     async fn describe_volume(&self, volume_id: &str) -> CloudResult<Option<VolumeView>> {
@@ -415,15 +416,21 @@ impl Volumes for Ec2Volumes {
     }
 
     async fn find_snapshots(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<SnapshotView>> {
-        let response = self
+        // The SDK's paginator, 1,000 a page (EC2's most for DescribeSnapshots).
+        let mut pages = self
             .ec2
             .describe_snapshots()
             .owner_ids("self")
             .set_filters(Some(tag_filters(tags)))
-            .send()
-            .await
-            .map_err(|e| cloud_error("ec2", "DescribeSnapshots", e))?;
-        Ok(response.snapshots().iter().filter_map(snapshot_view).collect())
+            .max_results(1000)
+            .into_paginator()
+            .send();
+        let mut views = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| cloud_error("ec2", "DescribeSnapshots", e))?;
+            views.extend(page.snapshots().iter().filter_map(snapshot_view));
+        }
+        Ok(views)
     }
 
     async fn describe_snapshot(&self, snapshot_id: &str) -> CloudResult<Option<SnapshotView>> {
