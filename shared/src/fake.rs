@@ -697,22 +697,11 @@ impl Fleet for FakeCloud {
     async fn tag(&self, resource_ids: &[String], key: &str, value: &str) -> CloudResult<()> {
         self.call("CreateTags", true).await?;
         let mut state = self.lock();
-        let counts = state
-            .instances
-            .iter()
-            .filter(|i| resource_ids.contains(&i.id))
-            .map(|i| i.tags.len() + usize::from(!i.tags.contains_key(key)));
-        let counts: Vec<usize> = counts
-            .chain(
-                state
-                    .volumes
-                    .iter()
-                    .filter(|v| resource_ids.contains(&v.id))
-                    .map(|v| v.tags.len() + usize::from(!v.tags.contains_key(key))),
-            )
-            .collect();
-        for count in counts {
-            tag_limit("CreateTags", count)?;
+        // EC2 refuses the call if any resource would pass 50 tags.
+        let instance_tags = state.instances.iter().filter(|i| resource_ids.contains(&i.id)).map(|i| &i.tags);
+        let volume_tags = state.volumes.iter().filter(|v| resource_ids.contains(&v.id)).map(|v| &v.tags);
+        for tags in instance_tags.chain(volume_tags) {
+            tag_limit("CreateTags", tags.len() + usize::from(!tags.contains_key(key)))?;
         }
         for instance in state.instances.iter_mut().filter(|i| resource_ids.contains(&i.id)) {
             instance.tags.insert(key.to_string(), value.to_string());

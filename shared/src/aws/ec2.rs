@@ -319,6 +319,14 @@ fn volume_view(volume: &aws_sdk_ec2::types::Volume) -> Option<VolumeView> {
     })
 }
 
+/// A describe by id of something that does not exist: None, not an error.
+fn none_if_not_found<T>(result: CloudResult<Option<T>>) -> CloudResult<Option<T>> {
+    match result {
+        Err(err) if err.class() == RetryClass::NotFound => Ok(None),
+        other => other,
+    }
+}
+
 fn ignore_not_found(result: Result<(), CloudError>) -> CloudResult<()> {
     match result {
         Err(err) if err.class() == RetryClass::NotFound => Ok(()),
@@ -341,17 +349,14 @@ impl Volumes for Ec2Volumes {
     }
 
     async fn describe_volume(&self, volume_id: &str) -> CloudResult<Option<VolumeView>> {
-        match self.ec2.describe_volumes().volume_ids(volume_id).send().await {
-            Ok(response) => Ok(response.volumes().iter().filter_map(volume_view).next()),
-            Err(e) => {
-                let err = cloud_error("ec2", "DescribeVolumes", e);
-                if err.class() == RetryClass::NotFound {
-                    Ok(None)
-                } else {
-                    Err(err)
-                }
-            }
-        }
+        let found = self
+            .ec2
+            .describe_volumes()
+            .volume_ids(volume_id)
+            .send()
+            .await
+            .map_err(|e| cloud_error("ec2", "DescribeVolumes", e));
+        none_if_not_found(found.map(|response| response.volumes().iter().filter_map(volume_view).next()))
     }
 
     async fn create_volume(&self, request: &NewVolume) -> CloudResult<VolumeView> {
@@ -434,17 +439,14 @@ impl Volumes for Ec2Volumes {
     }
 
     async fn describe_snapshot(&self, snapshot_id: &str) -> CloudResult<Option<SnapshotView>> {
-        match self.ec2.describe_snapshots().snapshot_ids(snapshot_id).send().await {
-            Ok(response) => Ok(response.snapshots().iter().filter_map(snapshot_view).next()),
-            Err(e) => {
-                let err = cloud_error("ec2", "DescribeSnapshots", e);
-                if err.class() == RetryClass::NotFound {
-                    Ok(None)
-                } else {
-                    Err(err)
-                }
-            }
-        }
+        let found = self
+            .ec2
+            .describe_snapshots()
+            .snapshot_ids(snapshot_id)
+            .send()
+            .await
+            .map_err(|e| cloud_error("ec2", "DescribeSnapshots", e));
+        none_if_not_found(found.map(|response| response.snapshots().iter().filter_map(snapshot_view).next()))
     }
 
     async fn create_snapshot(
