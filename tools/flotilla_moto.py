@@ -18,7 +18,9 @@ Gaps filled (measured against moto 5.2.5):
    terminated, fails with InvalidInstanceId (HTTP 400); a registered instance
    that is stopped or stopping is a valid target, and its invocation stays
    Delayed until the instance runs again or the command expires.
-2. SSM ListCommandInvocations is unimplemented: implemented, with Details.
+2. SSM ListCommandInvocations is unimplemented: implemented, with Details
+   (plugin Output: stdout, SSM's error separator, stderr; 2,500 characters)
+   and paging as SSM pages it (MaxResults 1-50, default 50, NextToken).
 3. SendCommand with only InstanceIds targets every instance in the region:
    now only the given instances (plus registered ones matched by Targets).
 4. GetCommandInvocation always returns Success with empty output: commands
@@ -910,10 +912,28 @@ EC2Backend.start_instances = _start_instances
 # --- 2. ListCommandInvocations, and CancelCommand --------------------------
 
 
+def _plugin_output(body):
+    # aws:runShellScript's plugin Output: stdout, then stderr after SSM's
+    # separator, cut to ListCommandInvocations' 2,500 characters.
+    output = body["StandardOutputContent"]
+    if body["StandardErrorContent"]:
+        output += "\n----------ERROR-------\n" + body["StandardErrorContent"]
+    return output[:LIST_OUTPUT_LIMIT]
+
+
 def list_command_invocations(self):
+    from moto.ssm.exceptions import ValidationException
+
     command_id = self._get_param("CommandId")
     instance_id = self._get_param("InstanceId")
     details = self._get_param("Details", False)
+    # ListCommandInvocations pages at most 50 invocations (MaxResults 1-50, default 50).
+    max_results = int(self._get_param("MaxResults", 50))
+    if not 1 <= max_results <= 50:
+        raise ValidationException(
+            f"1 validation error detected: Value '{max_results}' at 'maxResults' failed to satisfy constraint: "
+            "Member must have value less than or equal to 50 and greater than or equal to 1"
+        )
     backend = self.ssm_backend
     commands = [backend.get_command_by_id(command_id)] if command_id else list(backend._commands)
     invocations = []
@@ -943,13 +963,19 @@ def list_command_invocations(self):
                         "Status": body["Status"],
                         "StatusDetails": body["StatusDetails"],
                         "ResponseCode": body["ResponseCode"],
-                        "Output": (body["StandardOutputContent"] + body["StandardErrorContent"])[-LIST_OUTPUT_LIMIT:],
+                        "Output": _plugin_output(body),
                         "StandardOutputUrl": body["StandardOutputUrl"],
                         "StandardErrorUrl": body["StandardErrorUrl"],
                     }
                 ]
             invocations.append(item)
-    return ActionResult({"CommandInvocations": invocations})
+    token = self._get_param("NextToken") or ""
+    start = int(token[len(_TOKEN_PREFIX):]) if token.startswith(_TOKEN_PREFIX) else 0
+    end = start + max_results
+    page = {"CommandInvocations": invocations[start:end]}
+    if end < len(invocations):
+        page["NextToken"] = f"{_TOKEN_PREFIX}{end}"
+    return ActionResult(page)
 
 
 def cancel_command(self):

@@ -30,7 +30,12 @@ enum Command {
     /// Validate a job spec and send it to the jobs queue; prints the job id.
     Submit { spec: PathBuf },
     /// Show sizing, cost and what would be launched. Creates nothing.
-    Plan { spec: PathBuf },
+    Plan {
+        spec: PathBuf,
+        /// A price table (JSON, shaped like shared/prices.json) whose entries replace the built-in ones.
+        #[arg(long)]
+        prices: Option<PathBuf>,
+    },
     /// Show a job's phase timeline, reason and last output lines.
     Status {
         job_id: String,
@@ -74,7 +79,7 @@ async fn main() {
 async fn run(cli: Cli) -> Result<i32> {
     load_env_file(&cli.env_file)?;
     match cli.command {
-        Command::Plan { spec } => plan_command(&spec),
+        Command::Plan { spec, prices } => plan_command(&spec, prices.as_ref()).await,
         Command::Submit { spec } => submit(&spec).await,
         Command::Status { job_id, lines } => {
             let record = load(&job_id).await?;
@@ -197,19 +202,75 @@ fn market(market: spec::Market) -> &'static str {
     }
 }
 
-fn plan_command(path: &PathBuf) -> Result<i32> {
+async fn plan_command(path: &PathBuf, prices_path: Option<&PathBuf>) -> Result<i32> {
     let (_, job) = read_spec(path)?;
-    let plan = plan::plan(&job).map_err(|e| anyhow::anyhow!("rejected: {e}"))?;
+    let (prices, prices_from) = match prices_path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let prices = plan::Prices::with_override(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            (prices, format!("{} over the built-in table", p.display()))
+        }
+        None => (plan::Prices::builtin(), "the built-in table (shared/prices.json; override with --prices)".to_string()),
+    };
+    // An S3 prefix is listed now, as intake will list it.
+    let items = match &job.work {
+        Some(spec::WorkSpec::S3Prefix(uri)) => {
+            let config = aws::load_config().await;
+            let lister = aws::s3::S3Ledger::new(aws::s3_client(&config), String::new());
+            let bucket_and_prefix = spec::split_s3_uri(uri).context("work.s3_prefix")?;
+            match lister.list_keys(bucket_and_prefix.0, bucket_and_prefix.1, spec::MAX_WORK_ITEMS as usize).await {
+                Ok(Some(keys)) => Some(keys.iter().filter(|k| !k.ends_with('/')).count() as u64),
+                Ok(None) => {
+                    println!("rejected: work.s3_prefix: {uri} holds more than {} objects", spec::MAX_WORK_ITEMS);
+                    return Ok(1);
+                }
+                Err(e) => bail!("listing {uri}: {e}"),
+            }
+        }
+        _ => plan::given_items(&job),
+    };
+    let plan = match plan::plan_for(&job, items, &prices) {
+        Ok(plan) => plan,
+        Err(err) => {
+            println!("rejected: {err}");
+            return Ok(1);
+        }
+    };
     println!("fleet:     {} x {} ({})", plan.instance_count, plan.instance_type, market(plan.market));
     println!("sizing:    {}", plan.sizing);
-    println!("image:     {}", job.image.as_deref().unwrap_or("from launch template"));
-    match plan.max_cost_usd {
-        Some(cost) => println!(
-            "cost:      at most ${cost:.2} (every instance for the whole {} min deadline)",
-            job.deadline_minutes
-        ),
-        None => println!("cost:      unknown price for {}", plan.instance_type),
+    if let Some(items) = plan.items {
+        let (most, least) = (items.div_ceil(u64::from(plan.instance_count)), items / u64::from(plan.instance_count));
+        let source = match &job.work {
+            Some(spec::WorkSpec::S3Prefix(uri)) => format!(", the objects under {uri}"),
+            Some(spec::WorkSpec::List(_)) => ", from work.list".to_string(),
+            None => String::new(),
+        };
+        println!("items:     {items}{source}; {least}-{most} per shard, one manifest each");
     }
+    println!("image:     {}", job.image.as_deref().unwrap_or("from launch template"));
+    match &plan.estimate {
+        Some(e) => {
+            println!(
+                "estimate:  ${:.2} for {:.2} instance-hours ({} x {:.1} min): instances ${:.2}, volumes ${:.2}, snapshots ${:.2} (one month)",
+                e.total_usd,
+                e.instance_hours,
+                plan.instance_count,
+                e.hours_per_instance * 60.0,
+                e.instances_usd,
+                e.volumes_usd,
+                e.snapshots_usd
+            );
+            println!(
+                "at most:   ${:.2} (every instance and volume for the whole {} min deadline)",
+                e.max_usd, job.deadline_minutes
+            );
+        }
+        None => println!("estimate:  no price for {} in the price table", plan.instance_type),
+    }
+    if let Some(budget) = job.budget_usd {
+        println!("budget:    ${budget:.2}: the estimate fits");
+    }
+    println!("prices:    {prices_from}");
     for volume in &job.volumes {
         let source = match &volume.source {
             spec::VolumeSource::New { size_gib, volume_type } => {
@@ -238,7 +299,11 @@ fn plan_command(path: &PathBuf) -> Result<i32> {
 
 async fn submit(path: &PathBuf) -> Result<i32> {
     let (body, job) = read_spec(path)?;
-    plan::plan(&job).map_err(|e| anyhow::anyhow!("rejected: {e}"))?;
+    // Intake decides with the deployment's prices and the listed items; this
+    // catches what the spec alone gets wrong before anything is sent.
+    if !matches!(job.work, Some(spec::WorkSpec::S3Prefix(_))) {
+        plan::plan(&job, &plan::Prices::builtin()).map_err(|e| anyhow::anyhow!("rejected: {e}"))?;
+    }
     // Give the job an id here so the user can follow it.
     let (job_id, body) = match &job.id {
         Some(id) => (id.clone(), body),

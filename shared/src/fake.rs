@@ -248,6 +248,8 @@ pub struct FakeState {
     pub snapshots: Vec<FakeSnapshot>,
     pub commands: Vec<FakeCommand>,
     pub objects: BTreeMap<String, (Vec<u8>, u64)>,
+    /// Keys of buckets other than the ledger's (a job's work items).
+    pub buckets: BTreeMap<String, BTreeSet<String>>,
     pub queue: VecDeque<(DateTime<Utc>, WakeMessage)>,
     /// ClientToken -> (request fingerprint, instance ids).
     pub launch_tokens: BTreeMap<String, (String, Vec<String>)>,
@@ -1184,6 +1186,20 @@ impl Ledger for FakeCloud {
         self.call("ListObjectsV2", false).await?;
         let state = self.lock();
         Ok(state.objects.keys().filter_map(|k| k.strip_prefix("active/")).map(str::to_string).collect())
+    }
+
+    async fn list_keys(&self, bucket: &str, prefix: &str, most: usize) -> CloudResult<Option<Vec<String>>> {
+        self.call("ListObjectsV2", false).await?;
+        let state = self.lock();
+        let keys: Vec<String> = if bucket == self.bucket {
+            state.objects.keys().filter(|k| k.starts_with(prefix)).cloned().collect()
+        } else {
+            let Some(keys) = state.buckets.get(bucket) else {
+                return Err(CloudError::api("s3", "ListObjectsV2", "NoSuchBucket", "The specified bucket does not exist"));
+            };
+            keys.iter().filter(|k| k.starts_with(prefix)).cloned().collect()
+        };
+        Ok((keys.len() <= most).then_some(keys))
     }
 
     fn bucket(&self) -> &str {

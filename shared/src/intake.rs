@@ -6,11 +6,12 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::error::StepError;
-use crate::plan::plan;
+use crate::plan::{given_items, plan_for, Prices};
 use crate::ports::{tags, Cloud, Ports, WriteOutcome};
 use crate::reconcile::{self, WakeMessage};
 use crate::record::JobRecord;
-use crate::spec::{self, check_job_id, EnvValue, JobSpec, SecretRef, VolumeSource};
+use crate::spec::{self, check_job_id, EnvValue, JobSpec, SecretRef, VolumeSource, WorkSpec};
+use crate::work;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Intake {
@@ -94,8 +95,18 @@ async fn submit_spec(
         Ok(spec) => spec,
         Err(err) => return reject(ports, claimed_id(body).unwrap_or(fallback_id), err.message, body).await,
     };
+    let mut spec = spec;
     let job_id = spec.id.clone().unwrap_or(fallback_id);
-    let plan = match plan(&spec) {
+    let prices = match prices(ports).await? {
+        Ok(prices) => prices,
+        Err(reason) => return reject(ports, job_id, reason, body).await,
+    };
+    let items = match work::resolve(ports.ledger.as_ref(), &spec).await? {
+        Ok(items) => items,
+        Err(reason) => return reject(ports, job_id, reason, body).await,
+    };
+    let count = items.as_ref().map(|i| i.len() as u64).or_else(|| given_items(&spec));
+    let mut plan = match plan_for(&spec, count, &prices) {
         Ok(plan) => plan,
         Err(err) => return reject(ports, job_id, err.message, body).await,
     };
@@ -110,6 +121,15 @@ async fn submit_spec(
     }
     if let Err(reason) = check_sources(ports, &spec, &job_id).await? {
         return reject(ports, job_id, reason, body).await;
+    }
+    if let Some(items) = &items {
+        // Before the record: a job is never visible without its manifests.
+        plan.manifests =
+            Some(work::write_manifests(ports.ledger.as_ref(), &job_id, items, plan.instance_count).await?);
+    }
+    // The list lives in the manifests, not in the record every pass reads.
+    if let Some(WorkSpec::List(list)) = &mut spec.work {
+        list.clear();
     }
     let mut record = JobRecord::new(job_id.clone(), spec, plan, now);
     record.submitted_by = submitted_by;
@@ -144,6 +164,20 @@ async fn submit_spec(
             Ok(Intake::AlreadyKnown { job_id })
         }
     }
+}
+
+/// Where an operator overrides the built-in price table.
+pub const PRICES_KEY: &str = "config/prices.json";
+
+/// The built-in price table, with `config/prices.json` from the bucket on
+/// top when there is one. A broken override rejects jobs with its reason
+/// rather than estimating from prices the operator meant to replace.
+async fn prices(ports: &Ports) -> Result<Result<Prices, String>, StepError> {
+    Ok(match ports.ledger.get(PRICES_KEY).await? {
+        None => Ok(Prices::builtin()),
+        Some(body) => Prices::with_override(&String::from_utf8_lossy(&body))
+            .map_err(|e| format!("s3://{}/{PRICES_KEY}: {e}", ports.ledger.bucket())),
+    })
 }
 
 /// On the deployment's own worker role a secret outside this stack's

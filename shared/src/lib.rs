@@ -21,3 +21,4 @@ pub mod sim;
 pub mod spec;
 #[cfg(feature = "aws")]
 pub mod sqs_batch;
+pub mod work;

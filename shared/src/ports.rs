@@ -262,6 +262,9 @@ pub trait Ledger: Send + Sync {
     /// `active/<job_id>` markers: the jobs the safety tick wakes.
     async fn set_active(&self, job_id: &str, active: bool) -> CloudResult<()>;
     async fn list_active(&self) -> CloudResult<Vec<String>>;
+    /// Keys under `prefix` in any bucket, in S3's order; None if there are
+    /// more than `most`. Intake lists a job's work items with it.
+    async fn list_keys(&self, bucket: &str, prefix: &str, most: usize) -> CloudResult<Option<Vec<String>>>;
     fn bucket(&self) -> &str;
 }
 

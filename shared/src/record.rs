@@ -288,6 +288,10 @@ pub struct Attempt {
     pub stage: Stage,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launched_at: Option<DateTime<Utc>>,
+    /// Seconds from launch until a pass first saw the instance stopped,
+    /// terminated or released: what the report prices as realized cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billed_seconds: Option<u32>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub terminate_requested: bool,
     /// A spot interruption or rebalance warning arrived for this instance.
@@ -330,6 +334,7 @@ impl Attempt {
             availability_zone: None,
             stage: Stage::Launching,
             launched_at: None,
+            billed_seconds: None,
             terminate_requested: false,
             interrupted: false,
             timed_out: false,

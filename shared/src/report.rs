@@ -39,15 +39,34 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
         let _ = writeln!(out, "warning: {warning}");
     }
     if let Some(plan) = &record.plan {
-        let cost = plan.max_cost_usd.map(|c| format!("${c:.2} at most")).unwrap_or_else(|| "unknown price".to_string());
+        let cost = match &plan.estimate {
+            Some(e) => format!(
+                "estimated ${:.2} for {:.2} instance-hours (instances ${:.2}, volumes ${:.2}, snapshots ${:.2}; at most ${:.2})",
+                e.total_usd, e.instance_hours, e.instances_usd, e.volumes_usd, e.snapshots_usd, e.max_usd
+            ),
+            None => format!("no price for {} in the price table", plan.instance_type),
+        };
         let market = match plan.market {
             crate::spec::Market::OnDemand => "on-demand",
             crate::spec::Market::Spot => "spot",
         };
         let _ = writeln!(
             out,
-            "plan: {} x {} ({market}); {}; cost {cost}",
+            "plan: {} x {} ({market}); {}",
             plan.instance_count, plan.instance_type, plan.sizing
+        );
+        if let Some(items) = plan.items {
+            let manifests = plan.manifests.as_deref().map(|m| format!(", manifests {m}<shard>.txt")).unwrap_or_default();
+            let _ = writeln!(out, "items: {items} over {} shards{manifests}", plan.instance_count);
+        }
+        let _ = writeln!(out, "cost: {cost}");
+        let realized = crate::plan::realized(record);
+        let usd = realized.usd.map(|u| format!("${u:.2}")).unwrap_or_else(|| "unpriced".to_string());
+        let _ = writeln!(
+            out,
+            "realized: {} instance-seconds ({:.2} instance-hours), {usd} from launch and terminate times",
+            realized.instance_seconds,
+            realized.instance_seconds as f64 / 3600.0
         );
     }
     let _ = writeln!(out, "timeline:");

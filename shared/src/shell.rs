@@ -43,8 +43,10 @@ pub struct Preamble<'a> {
     pub env: &'a BTreeMap<String, EnvValue>,
     /// Volume name to mount point.
     pub mounts: &'a [(String, String)],
-    /// For fleets sized by items: each shard's `[start, end)` is exported.
+    /// For jobs with items: each shard's `[start, end)` is exported.
     pub items: Option<u64>,
+    /// The `s3://` folder of the job's manifests: shard i reads `<i>.txt`.
+    pub manifests: Option<&'a str>,
 }
 
 impl Preamble<'_> {
@@ -62,14 +64,16 @@ impl Preamble<'_> {
         ];
         let count = self.shard_count;
         for (id, index) in self.instances {
-            let items = self
-                .items
-                .map(|items| {
-                    let range = crate::plan::shard_range(items, *index, count);
-                    format!(" FLOTILLA_ITEM_START={} FLOTILLA_ITEM_END={}", range.start, range.end)
-                })
-                .unwrap_or_default();
-            lines.push(format!("  {}) export FLOTILLA_SHARD_INDEX={index}{items} ;;", quote(id)));
+            let mut exports = format!("FLOTILLA_SHARD_INDEX={index}");
+            if let Some(items) = self.items {
+                let range = crate::plan::shard_range(items, *index, count);
+                exports.push_str(&format!(" FLOTILLA_ITEM_START={} FLOTILLA_ITEM_END={}", range.start, range.end));
+            }
+            if let Some(folder) = self.manifests {
+                let manifest = crate::work::manifest_key(folder, *index);
+                exports.push_str(&format!(" FLOTILLA_MANIFEST={}", quote(&manifest)));
+            }
+            lines.push(format!("  {}) export {exports} ;;", quote(id)));
         }
         lines.push(
             "  *) echo \"flotilla: instance $FLOTILLA_INSTANCE_ID is not in this job\" >&2; exit 97 ;;".to_string(),
@@ -78,6 +82,15 @@ impl Preamble<'_> {
         // Secrets are read on the instance with its own credentials: only
         // their names travel in the command.
         let region = "${AWS_SSM_REGION_NAME:+--region \"$AWS_SSM_REGION_NAME\"}";
+        if with_env && self.manifests.is_some() {
+            // The shard's items, fetched with the instance's own credentials;
+            // item names never travel inside a script. A failed read stops the step.
+            lines.push("FLOTILLA_MANIFEST_FILE=$(mktemp -t flotilla-manifest.XXXXXX)".to_string());
+            lines.push(format!(
+                "aws s3 cp --only-show-errors {region} \"$FLOTILLA_MANIFEST\" \"$FLOTILLA_MANIFEST_FILE\""
+            ));
+            lines.push("export FLOTILLA_MANIFEST_FILE".to_string());
+        }
         let env = if with_env { Some(self.env) } else { None };
         for (key, value) in env.into_iter().flatten() {
             // Keys are validated as [A-Za-z_][A-Za-z0-9_]*, values are quoted.
@@ -238,7 +251,7 @@ mod tests {
         let env = BTreeMap::from([("GREETING".to_string(), EnvValue::from("it's $(whoami)"))]);
         let instances = vec![("i-0abc".to_string(), 0)];
         let preamble =
-            Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None };
+            Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None, manifests: None };
         let step = CommandSpec {
             commands: vec![],
             script: Some("echo \"$GREETING\"; echo 'x'\"'\"'y'".to_string()),
@@ -267,7 +280,7 @@ mod tests {
         let run = |env: BTreeMap<String, EnvValue>| {
             let instances = vec![("i-0abc".to_string(), 0)];
             let preamble =
-                Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None };
+                Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None, manifests: None };
             let step = CommandSpec {
                 commands: vec![],
                 script: Some("echo \"db=$DB api=$API\"".to_string()),
@@ -300,7 +313,7 @@ mod tests {
         let env = BTreeMap::from([("DB".to_string(), EnvValue::Secret(SecretRef::FromSsm("/team/db".into())))]);
         let instances = vec![("i-0abc".to_string(), 0)];
         let preamble =
-            Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None };
+            Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None, manifests: None };
         assert!(!mount_script(&preamble, &[]).join("\n").contains("/team/db"));
         assert!(!unmount_script(&preamble, &[]).join("\n").contains("/team/db"));
         let (_, out) =
@@ -313,5 +326,54 @@ mod tests {
             run(BTreeMap::from([("DB".to_string(), EnvValue::Secret(SecretRef::FromSecretsManager(binary.into())))]));
         assert!(!out.status.success(), "a binary secret must stop the step");
         assert!(String::from_utf8_lossy(&out.stderr).contains("has no SecretString"));
+    }
+
+    /// Each shard learns its own manifest's URI from the case line, and its
+    /// user steps find the items in a local file; a failed read stops the step.
+    #[test]
+    fn each_shard_reads_its_own_manifest_and_a_failed_read_stops_the_step() {
+        let bin = std::env::temp_dir().join(format!("flotilla-fake-s3-{}", std::process::id()));
+        std::fs::create_dir_all(&bin).expect("dir");
+        // A stand-in for `aws s3 cp SRC DST`: writes SRC's name into DST, fails for shard 2.
+        let fake = "#!/bin/sh\nfor last; do :; done\ncase \"$*\" in *2.txt*) echo 'NoSuchKey' >&2; exit 1;; esac\nfor a; do case \"$a\" in s3://*) echo \"items of $a\" > \"$last\";; esac; done\n";
+        std::fs::write(bin.join("aws"), fake).expect("write");
+        std::process::Command::new("chmod").arg("+x").arg(bin.join("aws")).status().expect("chmod");
+        let env = BTreeMap::new();
+        let instances = vec![("i-0a".to_string(), 0), ("i-0b".to_string(), 1), ("i-0c".to_string(), 2)];
+        let preamble = Preamble {
+            job_id: "j1",
+            instances: &instances,
+            shard_count: 3,
+            env: &env,
+            mounts: &[],
+            items: Some(10),
+            manifests: Some("s3://bucket/work/j1/abc/"),
+        };
+        let step = CommandSpec {
+            commands: vec![],
+            script: Some("echo \"$FLOTILLA_ITEM_START-$FLOTILLA_ITEM_END $FLOTILLA_MANIFEST: $(cat \"$FLOTILLA_MANIFEST_FILE\")\"".into()),
+            timeout_seconds: None,
+        };
+        let script = step_script(&preamble, &step).join("\n");
+        let run = |instance: &str| {
+            std::process::Command::new("bash")
+                .arg("-c")
+                .arg(&script)
+                .env("AWS_SSM_INSTANCE_ID", instance)
+                .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+                .output()
+                .expect("bash runs")
+        };
+        let out = run("i-0b");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "4-7 s3://bucket/work/j1/abc/1.txt: items of s3://bucket/work/j1/abc/1.txt\n"
+        );
+        let out = run("i-0c");
+        assert!(!out.status.success(), "a manifest that cannot be read must stop the step");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+        // Mount and unmount do not fetch it.
+        assert!(!mount_script(&preamble, &[]).join("\n").contains("s3 cp"));
     }
 }

@@ -25,6 +25,10 @@ pub const MAX_USER_TAGS: usize = 35;
 pub const MAX_ENV_BYTES: usize = 16 * 1024;
 /// SQS carries at most 256 KiB; a larger body can only come another way.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Work items in one job: a manifest line each, listed at intake.
+pub const MAX_WORK_ITEMS: u64 = 100_000;
+/// S3's key length, and so the longest item.
+pub const MAX_ITEM_BYTES: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +40,13 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub fleet: FleetSpec,
+    /// The work items, split into one manifest per shard in S3. Without it,
+    /// `fleet.items` (a count) gives each shard a range of item numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<WorkSpec>,
+    /// Reject the job if its cost estimate is above this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_usd: Option<f64>,
     pub instance_types: Vec<String>,
     /// An AMI id (`ami-...`) or an SSM parameter path (`/aws/service/...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,12 +98,26 @@ pub enum FleetSpec {
         count: u32,
     },
     /// Sized from a benchmark: `ceil(items / (items_per_instance_minute * within_minutes))`.
+    /// `items` is omitted when `work` gives the items.
     Sized {
-        items: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        items: Option<u64>,
         items_per_instance_minute: f64,
         within_minutes: u32,
         max_instances: u32,
     },
+}
+
+/// Where a job's work items come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorkSpec {
+    /// Every object under `s3://bucket/prefix`, listed once at intake; a
+    /// manifest line is the object's `s3://` URI.
+    S3Prefix(String),
+    /// The items themselves, one manifest line each. The record keeps only
+    /// their count: the list lives in the manifests.
+    List(Vec<String>),
 }
 
 /// AWS Batch's retry strategy, per shard: `attempts` counts the first run.
@@ -306,7 +331,7 @@ pub fn parse(body: &str) -> Result<JobSpec, SpecError> {
         } else if path.starts_with("env.") && inner.to_string().contains("untagged") {
             format!("{path}: expected a string, {{\"from_ssm\": \"/parameter/path\"}} or {{\"from_secrets_manager\": \"arn:...:secret:...\"}}")
         } else if path.starts_with("fleet") && inner.to_string().contains("untagged") {
-            "fleet: expected {\"count\": N} or {\"items\", \"items_per_instance_minute\", \"within_minutes\", \"max_instances\"} with no other fields".to_string()
+            "fleet: expected {\"count\": N} or {\"items\", \"items_per_instance_minute\", \"within_minutes\", \"max_instances\"} (items omitted when `work` gives them) with no other fields".to_string()
         } else {
             format!("{path}: {inner}")
         };
@@ -329,8 +354,11 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
             }
         }
         FleetSpec::Sized { items, items_per_instance_minute, within_minutes, max_instances } => {
-            if *items == 0 {
-                return fail("fleet.items: must be at least 1");
+            match (items, &spec.work) {
+                (Some(0), _) => return fail("fleet.items: must be at least 1"),
+                (Some(_), Some(_)) => return fail("fleet.items: omit it when `work` gives the items"),
+                (None, None) => return fail("fleet.items: required unless `work` gives the items"),
+                _ => {}
             }
             if !items_per_instance_minute.is_finite() || *items_per_instance_minute <= 0.0 {
                 return fail(format!(
@@ -343,6 +371,14 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
             if *max_instances == 0 || *max_instances > MAX_INSTANCES {
                 return fail(format!("fleet.max_instances: must be 1..={MAX_INSTANCES}, got {max_instances}"));
             }
+        }
+    }
+    if let Some(work) = &spec.work {
+        check_work(work)?;
+    }
+    if let Some(budget) = spec.budget_usd {
+        if !budget.is_finite() || budget <= 0.0 {
+            return fail(format!("budget_usd: must be a positive number, got {budget}"));
         }
     }
     if spec.instance_types.is_empty() {
@@ -869,6 +905,50 @@ fn check_resource_id(at: &str, id: &str, prefix: &str) -> Result<(), SpecError> 
     }
 }
 
+fn check_work(work: &WorkSpec) -> Result<(), SpecError> {
+    match work {
+        WorkSpec::List(items) => {
+            if items.is_empty() || items.len() as u64 > MAX_WORK_ITEMS {
+                return fail(format!("work.list: must hold 1..={MAX_WORK_ITEMS} items, got {}", items.len()));
+            }
+            for (i, item) in items.iter().enumerate() {
+                let at = format!("work.list[{i}]");
+                if item.is_empty() || item.len() > MAX_ITEM_BYTES {
+                    return fail(format!("{at}: must be 1-{MAX_ITEM_BYTES} bytes"));
+                }
+                // A manifest holds one item per line.
+                check_no_control(&at, item)?;
+            }
+            Ok(())
+        }
+        WorkSpec::S3Prefix(uri) => {
+            let Some((bucket, prefix)) = split_s3_uri(uri) else {
+                return fail(format!("work.s3_prefix: expected s3://bucket/prefix, got `{}`", printable(uri)));
+            };
+            let label_ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+            let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            if bucket.len() < 3
+                || bucket.len() > 63
+                || !bucket.chars().all(label_ok)
+                || !edge_ok(bucket.chars().next())
+                || !edge_ok(bucket.chars().last())
+            {
+                return fail(format!("work.s3_prefix: `{}` is not an S3 bucket name", printable(bucket)));
+            }
+            if prefix.len() > MAX_ITEM_BYTES {
+                return fail(format!("work.s3_prefix: the prefix is longer than {MAX_ITEM_BYTES} bytes"));
+            }
+            check_no_control("work.s3_prefix", prefix)
+        }
+    }
+}
+
+/// `s3://bucket/prefix` as (bucket, prefix); the prefix may be empty.
+pub fn split_s3_uri(uri: &str) -> Option<(&str, &str)> {
+    let rest = uri.strip_prefix("s3://")?;
+    Some(rest.split_once('/').unwrap_or((rest, "")))
+}
+
 fn check_charset(at: &str, value: &str, max_len: usize, allowed: impl Fn(char) -> bool) -> Result<(), SpecError> {
     if value.is_empty() || value.len() > max_len {
         return fail(format!("{at}: must be 1-{max_len} characters"));
@@ -1025,6 +1105,32 @@ mod tests {
         assert!(r.starts_with("id: `../../x` must be"), "{r}");
         let r = reason(with(&["image"], serde_json::json!("ami-zz; reboot")));
         assert!(r.starts_with("image: `ami-zz; reboot` is not a valid"), "{r}");
+    }
+
+    #[test]
+    fn work_items_are_checked_where_they_are_given() {
+        let cases = [
+            (serde_json::json!({"list": []}), "work.list: must hold 1..=100000 items, got 0"),
+            (serde_json::json!({"list": ["ok", "two\nlines"]}), "work.list[1]: control character U+000A not allowed"),
+            (serde_json::json!({"list": ["a\u{202e}b"]}), "work.list[0]: invisible or bidi-override character U+202E not allowed"),
+            (serde_json::json!({"list": [""]}), "work.list[0]: must be 1-1024 bytes"),
+            (serde_json::json!({"s3_prefix": "bucket/x"}), "work.s3_prefix: expected s3://bucket/prefix, got `bucket/x`"),
+            (serde_json::json!({"s3_prefix": "s3://Bad_Bucket/x"}), "work.s3_prefix: `Bad_Bucket` is not an S3 bucket name"),
+            (serde_json::json!({"s3_prefix": "s3://ok-bucket/x\ty"}), "work.s3_prefix: control character U+0009 not allowed"),
+        ];
+        for (work, expected) in cases {
+            let r = reason(with(&["work"], work.clone()));
+            assert_eq!(r, expected, "{work}");
+        }
+        let sized = serde_json::json!({"items_per_instance_minute": 1, "within_minutes": 10, "max_instances": 5});
+        let mut both = with(&["fleet"], serde_json::json!({"items": 3, "items_per_instance_minute": 1, "within_minutes": 10, "max_instances": 5}));
+        both["work"] = serde_json::json!({"list": ["a"]});
+        assert_eq!(reason(both), "fleet.items: omit it when `work` gives the items");
+        assert_eq!(reason(with(&["fleet"], sized.clone())), "fleet.items: required unless `work` gives the items");
+        let mut ok = with(&["fleet"], sized);
+        ok["work"] = serde_json::json!({"s3_prefix": "s3://my-inputs/frames/"});
+        validate(&parse(&ok.to_string()).expect("parses")).expect("a prefix sizes the fleet");
+        assert_eq!(reason(with(&["budget_usd"], serde_json::json!(-1))), "budget_usd: must be a positive number, got -1");
     }
 
     #[test]

@@ -64,7 +64,7 @@ fn demo_job_is_valid_and_plans_three_instances() {
     let body = std::fs::read_to_string(workspace_root().join("events/demo-job.json")).expect("demo job");
     let spec = flotilla_shared::spec::parse(&body).expect("parses");
     flotilla_shared::spec::validate(&spec).expect("valid");
-    let plan = flotilla_shared::plan::plan(&spec).expect("plan");
+    let plan = flotilla_shared::plan::plan(&spec, &flotilla_shared::plan::Prices::builtin()).expect("plan");
     assert_eq!(plan.instance_count, 3, "ceil(202 / (10 x 10))");
 }
 

@@ -428,7 +428,7 @@ async fn the_reaper_reaps_orphans_in_target_accounts_it_is_given() {
     let there = FakeCloud::new(sim::start_time());
     let mut ports = here.ports(settings("prod"));
     let spec = flotilla_shared::spec::parse(&job("ended-job").to_string()).expect("spec");
-    let plan = flotilla_shared::plan::plan(&spec).expect("plan");
+    let plan = flotilla_shared::plan::plan(&spec, &flotilla_shared::plan::Prices::builtin()).expect("plan");
     let mut ended = JobRecord::new("ended-job".into(), spec, plan, sim::start_time());
     ended.state = JobState::Failed;
     ports.ledger.create(&ended).await.expect("record");

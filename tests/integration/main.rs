@@ -9,3 +9,4 @@ mod moto_extension;
 mod reaper;
 mod rejections;
 mod scenarios;
+mod sharding;

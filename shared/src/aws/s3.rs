@@ -136,6 +136,19 @@ impl Ledger for S3Ledger {
         Ok(jobs)
     }
 
+    async fn list_keys(&self, bucket: &str, prefix: &str, most: usize) -> CloudResult<Option<Vec<String>>> {
+        let mut pages = self.s3.list_objects_v2().bucket(bucket).prefix(prefix).into_paginator().send();
+        let mut keys = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| cloud_error("s3", "ListObjectsV2", e))?;
+            keys.extend(page.contents().iter().filter_map(|o| o.key()).map(str::to_string));
+            if keys.len() > most {
+                return Ok(None);
+            }
+        }
+        Ok(Some(keys))
+    }
+
     fn bucket(&self) -> &str {
         &self.bucket
     }

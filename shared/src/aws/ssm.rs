@@ -11,6 +11,9 @@ pub struct SsmCommands {
     pub ssm: aws_sdk_ssm::Client,
 }
 
+/// What aws:runShellScript puts between stdout and stderr in a plugin's Output.
+const ERROR_SEPARATOR: &str = "\n----------ERROR-------\n";
+
 /// SSM's Comment field holds at most 100 characters.
 const MAX_COMMENT: usize = 100;
 
@@ -111,68 +114,60 @@ impl Commands for SsmCommands {
     }
 
     async fn invocations(&self, command_id: &str, instance_ids: &[String]) -> CloudResult<Vec<InvocationView>> {
-        // One paginated list for all statuses; per-instance Get only for finished
-        // ones, because only it returns up to 24,000 characters of output.
-        let mut statuses = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let response = self
-                .ssm
-                .list_command_invocations()
-                .command_id(command_id)
-                .set_next_token(token.clone())
-                .send()
-                .await
-                .map_err(|e| cloud_error("ssm", "ListCommandInvocations", e))?;
-            for invocation in response.command_invocations() {
-                if let (Some(id), Some(status)) = (invocation.instance_id(), invocation.status()) {
-                    statuses.push((id.to_string(), status.clone()));
+        // One paginated list with Details: status, exit code and the first
+        // 2,500 characters of output for 50 invocations a call. Only a failed
+        // or timed-out one is read again with Get: its 24,000 characters hold
+        // the error.
+        let mut pages = self
+            .ssm
+            .list_command_invocations()
+            .command_id(command_id)
+            .details(true)
+            .max_results(50)
+            .into_paginator()
+            .send();
+        let mut views = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| cloud_error("ssm", "ListCommandInvocations", e))?;
+            for invocation in page.command_invocations() {
+                let (Some(instance_id), Some(status)) = (invocation.instance_id(), invocation.status()) else {
+                    continue;
+                };
+                if !instance_ids.iter().any(|id| id == instance_id) {
+                    continue;
                 }
-            }
-            token = response.next_token().map(str::to_string);
-            if token.is_none() {
-                break;
+                let finished = !matches!(
+                    status,
+                    CommandInvocationStatus::Pending
+                        | CommandInvocationStatus::InProgress
+                        | CommandInvocationStatus::Delayed
+                        | CommandInvocationStatus::Cancelling
+                );
+                let plugin = invocation.command_plugins().first();
+                let output = plugin.and_then(|p| p.output()).unwrap_or_default();
+                let (stdout, stderr) = output.split_once(ERROR_SEPARATOR).unwrap_or((output, ""));
+                views.push(InvocationView {
+                    instance_id: instance_id.to_string(),
+                    status: status.as_str().to_string(),
+                    exit_code: finished.then(|| plugin.map_or(-1, |p| p.response_code())),
+                    stdout: if finished { stdout.to_string() } else { String::new() },
+                    stderr: if finished { stderr.to_string() } else { String::new() },
+                    output_uri: invocation.standard_output_url().filter(|u| !u.is_empty()).map(str::to_string),
+                });
             }
         }
-        let mut views = Vec::new();
-        for (instance_id, status) in statuses {
-            if !instance_ids.contains(&instance_id) {
-                continue;
-            }
-            let finished = !matches!(
-                status,
-                CommandInvocationStatus::Pending
-                    | CommandInvocationStatus::InProgress
-                    | CommandInvocationStatus::Delayed
-                    | CommandInvocationStatus::Cancelling
-            );
-            if !finished {
-                views.push(InvocationView {
-                    instance_id,
-                    status: status.as_str().to_string(),
-                    exit_code: None,
-                    stdout: String::new(),
-                    stderr: String::new(),
-                    output_uri: None,
-                });
-                continue;
-            }
+        for view in views.iter_mut().filter(|v| matches!(v.status.as_str(), "Failed" | "TimedOut")) {
             let detail = self
                 .ssm
                 .get_command_invocation()
                 .command_id(command_id)
-                .instance_id(&instance_id)
+                .instance_id(&view.instance_id)
                 .send()
                 .await
                 .map_err(|e| cloud_error("ssm", "GetCommandInvocation", e))?;
-            views.push(InvocationView {
-                instance_id,
-                status: detail.status().map(|s| s.as_str().to_string()).unwrap_or_else(|| status.as_str().to_string()),
-                exit_code: Some(detail.response_code()),
-                stdout: detail.standard_output_content().unwrap_or_default().to_string(),
-                stderr: detail.standard_error_content().unwrap_or_default().to_string(),
-                output_uri: detail.standard_output_url().filter(|u| !u.is_empty()).map(str::to_string),
-            });
+            view.exit_code = Some(detail.response_code());
+            view.stdout = detail.standard_output_content().unwrap_or_default().to_string();
+            view.stderr = detail.standard_error_content().unwrap_or_default().to_string();
         }
         Ok(views)
     }

@@ -221,7 +221,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     check_abort(record, now);
 
     plan_launches(record, &spec, ctx, &mut actions, &mut wait);
-    plan_dispatch(record, &spec, obs, ctx, &mut actions);
+    plan_dispatch(record, &spec, obs, ctx, &mut actions, &mut wait);
 
     let all_done = record.shards.iter().all(|s| s.result.is_some());
     if all_done {
@@ -240,12 +240,26 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         }
         wait = wait.min(5);
     }
+    stamp_billed(record, obs, now);
     compact(record);
     update_state(record, now);
     if record.state.is_terminal() {
         return (actions, Next::Finished);
     }
     (actions, Next::After(wait.max(1)))
+}
+
+/// How long each attempt's instance was billed: from its launch to the first
+/// pass that saw it stopped or terminated, or finished releasing it.
+fn stamp_billed(record: &mut JobRecord, obs: &Observation, now: DateTime<Utc>) {
+    for attempt in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()) {
+        let Some(launched_at) = attempt.launched_at.filter(|_| attempt.billed_seconds.is_none()) else { continue };
+        let seen_gone =
+            attempt.instance_id.as_ref().and_then(|id| obs.instances.get(id)).is_some_and(|view| view.is_gone());
+        if seen_gone || attempt.stage == Stage::Done {
+            attempt.billed_seconds = Some((now - launched_at).num_seconds().clamp(0, i64::from(u32::MAX)) as u32);
+        }
+    }
 }
 
 struct JobFacts<'a> {
@@ -1320,6 +1334,21 @@ fn launch_request(
     }
 }
 
+/// Shards that reach a phase within this long of each other share its
+/// SendCommand: N shards cost ceil(N / 50) sends, and as many
+/// ListCommandInvocations per pass, not one per straggler.
+pub const COALESCE_SECONDS: i64 = 3;
+
+/// Will this attempt reach `phase` soon: still starting, or in flight in an
+/// earlier phase?
+fn catching_up(attempt: &Attempt, phase: Phase) -> bool {
+    match attempt.stage {
+        Stage::Launching | Stage::Booting | Stage::Attaching => true,
+        Stage::Working => attempt.phases.iter().any(|p| p.status.is_none() && p.phase < phase && p.batch != 0),
+        Stage::Releasing | Stage::Done => false,
+    }
+}
+
 /// Phases that `work` opened this pass (no batch yet) or whose send never
 /// answered (a batch, no command id): one SendCommand per phase and 50
 /// instances, with a comment that makes the send findable.
@@ -1329,6 +1358,7 @@ fn plan_dispatch(
     obs: &Observation,
     ctx: &Context<'_>,
     actions: &mut Vec<Action>,
+    wait: &mut u32,
 ) {
     // SendCommand fails for all if one agent is offline: hold those back.
     let offline =
@@ -1356,7 +1386,29 @@ fn plan_dispatch(
             }
         }
     }
-    for (phase, shards) in fresh {
+    let aborting = record.outcome.is_some();
+    for (phase, mut shards) in fresh {
+        // Full sends go now; a remainder waits a moment for shards close behind.
+        let remainder = shards.len() % MAX_INSTANCES_PER_COMMAND;
+        if remainder > 0 && !aborting {
+            let first_open = shards
+                .iter()
+                .filter_map(|i| record.shards[*i].current())
+                .filter_map(|a| a.phases.iter().find(|p| p.status.is_none() && p.batch == 0)?.opened_at)
+                .min()
+                .unwrap_or(ctx.now);
+            let held = (ctx.now - first_open).num_seconds();
+            let behind = record
+                .shards
+                .iter()
+                .filter(|s| s.result.is_none())
+                .filter_map(|s| s.current())
+                .any(|a| catching_up(a, phase));
+            if behind && held < COALESCE_SECONDS {
+                shards.truncate(shards.len() - remainder);
+                *wait = (*wait).min((COALESCE_SECONDS - held).max(1) as u32);
+            }
+        }
         for chunk in shards.chunks(MAX_INSTANCES_PER_COMMAND) {
             let batch = record.take_seq();
             record.commands.insert(batch, CommandBatch { phase, command_id: None, dispatched_at: ctx.now });
@@ -1406,17 +1458,15 @@ fn plan_dispatch(
 
 fn phase_lines(record: &JobRecord, spec: &JobSpec, phase: Phase, instances: &[(String, u32)]) -> Vec<String> {
     let mounts: Vec<(String, String)> = spec.volumes.iter().map(|v| (v.name.clone(), v.mount_point.clone())).collect();
-    let items = match spec.fleet {
-        crate::spec::FleetSpec::Sized { items, .. } => Some(items),
-        crate::spec::FleetSpec::Count { .. } => None,
-    };
+    let plan = record.plan.as_ref();
     let preamble = Preamble {
         job_id: &record.job_id,
         instances,
         shard_count: record.shards.len() as u32,
         env: &spec.env,
         mounts: &mounts,
-        items,
+        items: plan.and_then(|p| p.items),
+        manifests: plan.and_then(|p| p.manifests.as_deref()),
     };
     let wanted: BTreeSet<&String> = instances.iter().map(|(id, _)| id).collect();
     let targets: Vec<MountTarget> = spec
@@ -1904,7 +1954,7 @@ mod tests {
             spec[key] = value.clone();
         }
         let spec = parse(&spec.to_string()).expect("spec");
-        let plan = plan(&spec).expect("plan");
+        let plan = plan(&spec, &crate::plan::Prices::builtin()).expect("plan");
         JobRecord::new("j".into(), spec, plan, now())
     }
 
@@ -2080,6 +2130,75 @@ mod tests {
         obs.snapshots.insert("snap-1".into(), snapshot("completed"));
         let actions = run(&mut r, &obs, now());
         assert!(actions.iter().any(|a| matches!(a, Action::DeleteVolume { volume_id } if volume_id == "vol-1")));
+    }
+
+    /// Shards reaching a phase a few at a time share sends: stragglers wait
+    /// at most COALESCE_SECONDS for peers still in an earlier phase, and
+    /// never once nobody is behind.
+    #[test]
+    fn shards_reaching_a_phase_one_by_one_share_a_few_sends() {
+        let mut r = record(serde_json::json!({
+            "fleet": {"count": 50}, "volumes": [], "before_unmount": {"commands": [["sync"]]}
+        }));
+        let mut obs = Observation::default();
+        let batch = r.take_seq();
+        for (index, shard) in r.shards.iter_mut().enumerate() {
+            let id = format!("i-{index}");
+            let attempt = shard.current_mut().expect("attempt");
+            attempt.stage = Stage::Working;
+            attempt.instance_id = Some(id.clone());
+            attempt.launch_token = Some("t".into());
+            attempt.launched_at = Some(now());
+            attempt.phases.push(PhaseRun {
+                phase: Phase::Run,
+                batch,
+                opened_at: Some(now()),
+                status: None,
+                exit_code: None,
+                finished_at: None,
+            });
+            obs.instances.insert(id.clone(), instance(&id, "running", "t", index as u32));
+        }
+        r.commands.insert(batch, CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now() });
+        let view = |index: usize, status: &str| InvocationView {
+            instance_id: format!("i-{index}"),
+            status: status.into(),
+            exit_code: (status == "Success").then_some(0),
+            stdout: String::new(),
+            stderr: String::new(),
+            output_uri: None,
+        };
+        for index in 0..50 {
+            obs.invocations.insert(("c-1".into(), format!("i-{index}")), view(index, "InProgress"));
+        }
+        // Five shards finish their run every second for ten seconds.
+        let mut sends: Vec<(i64, usize)> = Vec::new();
+        for second in 1..=12 {
+            if second <= 10 {
+                for index in (second - 1) * 5..second * 5 {
+                    obs.invocations.insert(("c-1".into(), format!("i-{index}")), view(index as usize, "Success"));
+                }
+            }
+            let at = now() + Duration::seconds(second as i64);
+            let settings = settings();
+            let (actions, next) = decide(&mut r, &obs, &Context { now: at, settings: &settings, bucket: "b" });
+            for action in &actions {
+                if let Action::Send { request, .. } = action {
+                    sends.push((second as i64, request.instance_ids.len()));
+                    let id = format!("c-{}", sends.len() + 1);
+                    apply(&mut r, action, Ok(Done::Sent(id)), at);
+                }
+            }
+            let held = r.shards.iter().filter_map(|s| s.current()).any(|a| a.phases.iter().any(|p| p.batch == 0));
+            if let (true, Next::After(wait)) = (held, next) {
+                assert!(wait as i64 <= COALESCE_SECONDS, "a held phase is looked at again within the window");
+            }
+        }
+        let sent: usize = sends.iter().map(|(_, n)| n).sum();
+        assert_eq!(sent, 50, "every shard's before_unmount was sent: {sends:?}");
+        assert!(sends.len() <= 4, "ten arrivals, a few sends: {sends:?}");
+        // The last ones go the moment nobody is behind them.
+        assert_eq!(sends.last().map(|(second, _)| *second), Some(10), "{sends:?}");
     }
 
     /// An agent silent while its instance works is forgiven when it comes

@@ -1,0 +1,116 @@
+//! A job's work items: resolved once at intake (an explicit list, or an S3
+//! prefix listed then) and written as one manifest per shard. A retried or
+//! replaced shard reads the same manifest, so it redoes exactly its own items.
+
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+
+use crate::error::StepError;
+use crate::plan::shard_range;
+use crate::ports::Ledger;
+use crate::spec::{split_s3_uri, JobSpec, WorkSpec, MAX_WORK_ITEMS};
+
+/// Manifests are written this many at a time: 1,000 shards in a few seconds.
+const PARALLEL_WRITES: usize = 32;
+
+/// The items `work` names, in order: None when the job has no `work`. An
+/// `Err` is the reason to reject the job (a missing bucket, too many keys).
+pub async fn resolve(ledger: &dyn Ledger, spec: &JobSpec) -> Result<Result<Option<Vec<String>>, String>, StepError> {
+    match &spec.work {
+        None => Ok(Ok(None)),
+        Some(WorkSpec::List(items)) => Ok(Ok(Some(items.clone()))),
+        Some(WorkSpec::S3Prefix(uri)) => {
+            let Some((bucket, prefix)) = split_s3_uri(uri) else {
+                return Ok(Err(format!("work.s3_prefix: expected s3://bucket/prefix, got {uri}")));
+            };
+            let keys = match ledger.list_keys(bucket, prefix, MAX_WORK_ITEMS as usize).await {
+                Ok(Some(keys)) => keys,
+                Ok(None) => return Ok(Err(format!("work.s3_prefix: {uri} holds more than {MAX_WORK_ITEMS} objects"))),
+                Err(err) if err.is_transient() => return Err(err.into()),
+                Err(err) => return Ok(Err(format!("work.s3_prefix: cannot list {uri}: {err}"))),
+            };
+            // "Folders" the console creates are not work.
+            let items: Vec<String> =
+                keys.into_iter().filter(|k| !k.ends_with('/')).map(|k| format!("s3://{bucket}/{k}")).collect();
+            if items.is_empty() {
+                return Ok(Err(format!("work.s3_prefix: {uri} holds no objects")));
+            }
+            if let Some(bad) = items.iter().find(|k| k.chars().any(char::is_control)) {
+                return Ok(Err(format!(
+                    "work.s3_prefix: the key {} holds a control character; a manifest holds one item per line",
+                    bad.escape_debug()
+                )));
+            }
+            Ok(Ok(Some(items)))
+        }
+    }
+}
+
+/// FNV-1a over the items: the manifests' folder, so two intakes of one job
+/// that listed different objects never mix their shards.
+pub fn digest(items: &[String]) -> String {
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    for item in items {
+        for b in item.bytes().chain(std::iter::once(b'\n')) {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
+}
+
+/// Shard `index`'s manifest key under `folder`.
+pub fn manifest_key(folder: &str, index: u32) -> String {
+    format!("{folder}{index}.txt")
+}
+
+/// Write one manifest per shard (items balanced to within one) and return
+/// their folder as an `s3://` URI. Safe to repeat: the same items give the
+/// same folder and the same bodies.
+pub async fn write_manifests(
+    ledger: &dyn Ledger,
+    job_id: &str,
+    items: &[String],
+    shards: u32,
+) -> Result<String, StepError> {
+    let folder = format!("work/{job_id}/{}/", digest(items));
+    let total = items.len() as u64;
+    stream::iter(0..shards)
+        .map(|index| {
+            let range = shard_range(total, index, shards);
+            let mut body = String::new();
+            for item in &items[range.start as usize..range.end as usize] {
+                body.push_str(item);
+                body.push('\n');
+            }
+            let key = manifest_key(&folder, index);
+            async move { ledger.put(&key, body.as_bytes(), "text/plain; charset=utf-8").await }
+        })
+        .buffer_unordered(PARALLEL_WRITES)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(format!("s3://{}/{folder}", ledger.bucket()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeCloud;
+
+    #[tokio::test]
+    async fn manifests_balance_within_one_and_hold_every_item_once() {
+        let cloud = FakeCloud::new(chrono::Utc::now());
+        let items: Vec<String> = (0..1003).map(|i| format!("s3://in/frame-{i:05}.exr")).collect();
+        let folder = write_manifests(&cloud, "j1", &items, 10).await.expect("written");
+        assert_eq!(folder, format!("s3://{}/work/j1/{}/", cloud.bucket(), digest(&items)));
+        let key_folder = folder.split_once(&format!("{}/", cloud.bucket())).expect("bucket").1.to_string();
+        let mut seen = Vec::new();
+        for index in 0..10 {
+            let body = cloud.get(&manifest_key(&key_folder, index)).await.expect("get").expect("exists");
+            let lines: Vec<String> = String::from_utf8(body).expect("utf8").lines().map(str::to_string).collect();
+            assert!(lines.len() == 100 || lines.len() == 101, "shard {index}: {}", lines.len());
+            seen.extend(lines);
+        }
+        assert_eq!(seen, items, "every item once, in order");
+        // Another listing of the same job never overwrites these shards.
+        assert_ne!(digest(&items[1..]), digest(&items));
+    }
+}
