@@ -92,11 +92,16 @@ Gaps filled (measured against moto 5.2.5):
     Here they page as EC2 does: MaxResults 5-500 (volumes) or 5-1000
     (snapshots), refused beside explicit ids or out of range, with a
     NextToken while more remain.
+17. No service events reach EventBridge. Here EC2 emits "EC2 Instance
+    State-change Notification" (pending, running; stopping, stopped;
+    shutting-down, terminated) and SSM "EC2 Command Invocation Status-change
+    Notification" when an invocation ends, onto the default bus, where rules
+    route them (moto's EventBridge delivers to SQS targets).
 
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
-- EventBridge events are not emitted: `tools/local_stack.py interrupt <id>`
-  puts an "EC2 Spot Instance Interruption Warning" on the reconcile queue and
+- Other EventBridge events (spot warnings, rebalance) are not emitted:
+  `tools/local_stack.py interrupt <id>` puts an "EC2 Spot Instance Interruption Warning" on the reconcile queue and
   terminates the instance after FLOTILLA_EMU_RECLAIM_SECONDS (default 120).
 - template.yaml's bucket policy: its aws:SecureTransport=false statement
   blocks plain HTTP, and moto evaluates the Null condition of its
@@ -278,6 +283,21 @@ def _run_instances_with_template(self, image_id, count, user_data, security_grou
 
 
 EC2Backend.run_instances = _run_instances_with_template
+
+_run_instances_quietly = EC2Backend.run_instances
+_announced = set()  # instances whose launch was announced (a repeated token returns them again)
+
+
+def _run_instances_announced(self, image_id, count, user_data, security_group_names, **kwargs):
+    reservation = _run_instances_quietly(self, image_id, count, user_data, security_group_names, **kwargs)
+    for instance in reservation.instances:
+        if instance.id not in _announced:
+            _announced.add(instance.id)
+            _state_change(self, instance.id, "pending", "running")
+    return reservation
+
+
+EC2Backend.run_instances = _run_instances_announced
 
 _original_associate = IamInstanceProfileAssociationBackend.associate_iam_instance_profile
 
@@ -504,6 +524,51 @@ def _instance_ids_from_targets(self):
 Command._get_instance_ids_from_targets = _instance_ids_from_targets
 
 
+# --- 17. EventBridge events: EC2 state changes and Run Command status -------
+# moto emits no service events. EC2 sends an "EC2 Instance State-change
+# Notification" for each instance's transitions, and SSM an "EC2 Command
+# Invocation Status-change Notification" when an invocation changes status,
+# to the default event bus; rules route them (tools/local_stack.py creates
+# template.yaml's, with their SQS targets, and moto's EventBridge delivers).
+# Without rules they go nowhere, as on AWS.
+
+import json  # noqa: E402
+
+from moto.events.models import events_backends  # noqa: E402
+
+
+def _emit(account_id, region, source, detail_type, detail, resources):
+    try:
+        events_backends[account_id][region].put_events(
+            [{"Source": source, "DetailType": detail_type, "Detail": json.dumps(detail), "Resources": resources}]
+        )
+    except Exception as error:  # noqa: BLE001 - a lost event only slows a job, as on AWS
+        print(f"flotilla_moto: event not delivered: {error}", file=sys.stderr)
+
+
+def _instance_arn(account_id, region, instance_id):
+    return f"arn:aws:ec2:{region}:{account_id}:instance/{instance_id}"
+
+
+def _state_change(backend, instance_id, *states):
+    for state in states:
+        _emit(backend.account_id, backend.region_name, "aws.ec2", "EC2 Instance State-change Notification",
+              {"instance-id": instance_id, "state": state},
+              [_instance_arn(backend.account_id, backend.region_name, instance_id)])
+
+
+def _invocation_status_change(execution):
+    command = execution.command
+    account_id, region = command.account_id, command.backend_region
+    _emit(account_id, region, "aws.ssm", "EC2 Command Invocation Status-change Notification", {
+        "command-id": command.command_id,
+        "document-name": command.document_name,
+        "instance-id": execution.instance_id,
+        "requested-date-time": command.requested_date_time.isoformat(),
+        "status": execution.status,
+    }, [_instance_arn(account_id, region, execution.instance_id)])
+
+
 # --- 4. Commands really run; 10. they die with their instance --------------
 
 import time  # noqa: E402
@@ -544,6 +609,7 @@ class Execution:
         """Caller holds self.lock."""
         self.status, self.details, self.response_code = status, details, code
         self.ended = ended or _now()
+        _invocation_status_change(self)
 
 
 def _script(command):
@@ -883,16 +949,20 @@ def _note_registration(backend, instance_ids):
 def _stop_instances(self, instance_ids):
     _note_registration(self, instance_ids)
     stopped = _original_stop_instances(self, instance_ids)
-    for instance, _ in stopped:
+    for instance, previous in stopped:
         _instance_gone(instance.id)
+        if previous.name not in ("stopping", "stopped"):
+            _state_change(self, instance.id, "stopping", "stopped")
     return stopped
 
 
 def _terminate_instances(self, instance_ids):
     _note_registration(self, instance_ids)
     terminated = _original_terminate_instances(self, instance_ids)
-    for instance, _ in terminated:
+    for instance, previous in terminated:
         _instance_gone(instance.id)
+        if previous.name not in ("shutting-down", "terminated"):
+            _state_change(self, instance.id, "shutting-down", "terminated")
     return terminated
 
 
@@ -901,6 +971,7 @@ def _start_instances(self, instance_ids):
     for instance, previous in started:
         if previous.name != "running":
             _started_at[instance.id] = _now()  # the agent comes Online after boot
+            _state_change(self, instance.id, "pending", "running")
     return started
 
 

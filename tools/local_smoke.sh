@@ -15,6 +15,7 @@ if ! $PY -c 'import sys; sys.exit(sys.argv[1].strip() not in open("README.md").r
   exit 1
 fi
 
+failures=0
 trap '$PY tools/local_stack.py down' EXIT
 $PY tools/local_stack.py up
 source .flotilla/local.env
@@ -41,6 +42,12 @@ wait_terminal() { # job id, seconds -> prints the terminal state
   echo "TIMEOUT(${state:-no record})"
 }
 
+fast_spec() { # id: no volumes and no setup, so `run` is the first command
+  $PY -c 'import json, sys; print(json.dumps({"id": sys.argv[1], "fleet": {"count": 3}, "instance_types": ["t3.micro"],
+    "image": "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+    "run": {"script": "echo ready", "timeout_seconds": 60}, "deadline_minutes": 10}))' "$1"
+}
+
 spec() { # id, run script, [snapshot policy]
   $PY - "$@" <<'EOF'
 import json, sys
@@ -59,7 +66,6 @@ print(json.dumps({
 EOF
 }
 
-failures=0
 expect() { # job id, wanted state, seconds
   local got
   got=$(wait_terminal "$1" "$3")
@@ -71,7 +77,15 @@ expect() { # job id, wanted state, seconds
   fi
 }
 
+echo "== flotilla plan: the worked example, and a budget it does not fit"
+planned=$(flotilla plan events/demo-job.json)
+echo "$planned"
+if grep -q "^fleet:     3 x t3.micro" <<<"$planned" && grep -q "^estimate:  \\$" <<<"$planned"; then echo "ok   202 items at 10/instance-minute within 10 min: 3 instances, priced"; else echo "FAIL flotilla plan events/demo-job.json"; failures=$((failures + 1)); fi
+if over=$(flotilla plan events/over-budget-job.json); then echo "FAIL a job over its budget planned: $over"; failures=$((failures + 1)); else echo "$over"; fi
+if grep -q "^rejected: budget_usd: the estimate is" <<<"${over:-}"; then echo "ok   over budget: rejected with the estimate"; else echo "FAIL no budget rejection"; failures=$((failures + 1)); fi
+
 echo "== submitting with awscli"
+submit "$(fast_spec smoke-fast)" >/dev/null
 submit "$(spec smoke-ok 'echo "shard $FLOTILLA_SHARD_INDEX done"')" >/dev/null
 submit "$(spec smoke-fail 'echo failing on purpose; exit 3' always)" >/dev/null
 submit "$(spec smoke-cancel 'sleep 240')" >/dev/null
@@ -84,7 +98,18 @@ until [ "$(record_field smoke-cancel state)" = RUNNING ] || [ "$(date +%s)" -ge 
 submit '{"cancel": "smoke-cancel"}' >/dev/null
 
 echo "== waiting for terminal states"
+expect smoke-fast SUCCEEDED 120
+# The event fast path: EC2 and SSM events through EventBridge rules, and
+# agents looked for again within a second, not at the next poll.
+if ! $PY tools/fast_path.py smoke-fast --most 2; then
+  echo "FAIL the run phase started late"
+  failures=$((failures + 1))
+fi
 expect smoke-ok SUCCEEDED 180
+if ! $PY tools/fast_path.py smoke-ok --most 2 --phases-only; then
+  echo "FAIL a phase waited for a poll"
+  failures=$((failures + 1))
+fi
 expect smoke-fail FAILED 180
 expect smoke-cancel CANCELLED 180
 expect "job-$malformed_id" REJECTED 60

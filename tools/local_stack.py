@@ -55,7 +55,8 @@ LOCAL_VISIBILITY = int(os.environ.get("FLOTILLA_LOCAL_VISIBILITY_SECONDS", "10")
 # template) fire at least this often.
 WORKER_PROFILE = "flotilla-worker"
 LOCAL_TICK = int(os.environ.get("FLOTILLA_LOCAL_TICK_SECONDS", "20"))
-POLL_DELAY = os.environ.get("FLOTILLA_POLL_DELAY_SECONDS", "2")
+# As deployed (template.yaml's PollDelaySeconds): EC2 and SSM events, not polls, move jobs on.
+POLL_DELAY = os.environ.get("FLOTILLA_POLL_DELAY_SECONDS", "20")
 VENV_BIN = os.path.dirname(sys.executable)
 
 
@@ -139,9 +140,29 @@ def wiring(template):
     return queues, routes, schedules, bucket
 
 
-def event_rules(template):
-    """AWS::Events::Rule resources (not delivered locally yet)."""
-    return sorted(logical for logical, resource in template["Resources"].items() if resource["Type"] == "AWS::Events::Rule")
+def create_event_rules(template, queues):
+    """template.yaml's EventBridge rules, with their SQS targets, on moto's
+    default bus: the moto extension emits EC2 state changes and Run Command
+    status changes there, and moto routes them as EventBridge does."""
+    import boto3
+
+    events = boto3.client("events", endpoint_url=ENDPOINT, region_name=REGION,
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    names = []
+    for logical, resource in sorted(template["Resources"].items()):
+        if resource["Type"] != "AWS::Events::Rule":
+            continue
+        props = resource["Properties"]
+        name = sub(props["Name"])
+        events.put_rule(Name=name, EventPattern=json.dumps(props["EventPattern"]),
+                        State=props.get("State", "ENABLED"), Description=props.get("Description", ""))
+        targets = []
+        for target in props["Targets"]:
+            queue = queues[target["Arn"]["Fn::GetAtt"].split(".")[0]]
+            targets.append({"Id": target["Id"], "Arn": f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queue['name']}"})
+        events.put_targets(Rule=name, Targets=targets)
+        names.append(name)
+    return names
 
 
 # --- process management ---------------------------------------------------
@@ -212,6 +233,8 @@ def up():
             attributes["RedrivePolicy"] = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": queue["max_receives"]})
         urls[logical] = sqs.create_queue(QueueName=queue["name"], Attributes=attributes)["QueueUrl"]
     log(f"bucket {bucket} (SSE) and {len(urls)} queues from template.yaml")
+    rules = create_event_rules(template, queues)
+    log(f"EventBridge rules {', '.join(rules)} deliver EC2 and SSM events to the reconcile queue")
 
     lines = {
         "AWS_ENDPOINT_URL": ENDPOINT,
@@ -252,9 +275,6 @@ def up():
     start("pump", [sys.executable, os.path.abspath(__file__), "pump"])
     ticks = [f"{s['name']} every {local_interval(s['expression'])} s" for s in schedules if s["enabled"] and local_interval(s["expression"])]
     log(f"event pump started ({', '.join(ticks) or 'no rate schedules'}); logs in .flotilla/logs/")
-    rules = event_rules(template)
-    if rules:
-        log(f"not delivered locally: EventBridge rules {', '.join(rules)}")
 
 
 def down(quiet=False):

@@ -241,17 +241,17 @@ async fn plan_command(path: &PathBuf, prices_path: Option<&PathBuf>) -> Result<i
     if let Some(items) = plan.items {
         let (most, least) = (items.div_ceil(u64::from(plan.instance_count)), items / u64::from(plan.instance_count));
         let source = match &job.work {
-            Some(spec::WorkSpec::S3Prefix(uri)) => format!(", the objects under {uri}"),
-            Some(spec::WorkSpec::List(_)) => ", from work.list".to_string(),
-            None => String::new(),
+            Some(spec::WorkSpec::S3Prefix(uri)) => format!(" (the objects under {uri}); {least}-{most} per shard, one manifest each"),
+            Some(spec::WorkSpec::List(_)) => format!(" (work.list); {least}-{most} per shard, one manifest each"),
+            None => format!("; {least}-{most} per shard, as FLOTILLA_ITEM_START..FLOTILLA_ITEM_END"),
         };
-        println!("items:     {items}{source}; {least}-{most} per shard, one manifest each");
+        println!("items:     {items}{source}");
     }
     println!("image:     {}", job.image.as_deref().unwrap_or("from launch template"));
     match &plan.estimate {
         Some(e) => {
             println!(
-                "estimate:  ${:.2} for {:.2} instance-hours ({} x {:.1} min): instances ${:.2}, volumes ${:.2}, snapshots ${:.2} (one month)",
+                "estimate:  ${:.2} for {:.2} instance-hours ({} x {:.1} min): instances ${:.2}, volumes ${:.2}, snapshots ${:.2} (a month, at full size)",
                 e.total_usd,
                 e.instance_hours,
                 plan.instance_count,

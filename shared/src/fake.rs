@@ -658,14 +658,15 @@ impl Fleet for FakeCloud {
         Ok(state.instances.iter().filter(|i| instance_ids.contains(&i.id)).map(view).collect())
     }
 
-    async fn job_of(&self, stack: &str, instance_id: &str) -> CloudResult<Option<String>> {
+    async fn jobs_of(&self, stack: &str, instance_ids: &[String]) -> CloudResult<BTreeMap<String, String>> {
         self.call("DescribeInstances", false).await?;
         let state = self.lock();
         Ok(state
             .instances
             .iter()
-            .find(|i| i.id == instance_id && has_tags(&i.tags, &tags::scope(stack)))
-            .and_then(|i| i.tags.get(tags::JOB_ID).cloned()))
+            .filter(|i| instance_ids.contains(&i.id) && has_tags(&i.tags, &tags::scope(stack)))
+            .filter_map(|i| Some((i.id.clone(), i.tags.get(tags::JOB_ID)?.clone())))
+            .collect())
     }
 
     async fn status_checks(&self, instance_ids: &[String]) -> CloudResult<Vec<(String, bool)>> {

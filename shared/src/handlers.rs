@@ -1,11 +1,13 @@
 //! Lambda event handlers, shared by the function binaries so each `main`
 //! only wires config, clients and the runtime.
 
-use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use std::collections::{BTreeMap, BTreeSet};
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use chrono::Utc;
 use lambda_runtime::LambdaEvent;
 use serde_json::{json, Value};
-use tracing::info;
+use tracing::{info, warn};
 
 use aws_lambda_events::event::cloudwatch_events::ec2::InstanceStateChange;
 use aws_lambda_events::event::cloudwatch_events::CloudWatchEvent;
@@ -26,9 +28,16 @@ pub async fn reconcile_batch(
     most: chrono::Duration,
     deadline: Option<chrono::DateTime<Utc>>,
 ) -> SqsBatchResponse {
+    // Events are routed together: one DescribeInstances for every instance
+    // the batch names, and one wake per job however many events name it.
+    let (events, wakes): (Vec<SqsMessage>, Vec<SqsMessage>) =
+        event.records.into_iter().partition(|m| m.body.as_deref().is_some_and(is_event));
+    let mut response = route_events(ports, events).await;
     let handled = std::sync::atomic::AtomicUsize::new(0);
     let handled = &handled;
-    for_each_record(event, |message| async move {
+    let mut batch = SqsEvent::default();
+    batch.records = wakes;
+    let passes = for_each_record(batch, |message| async move {
         let left = deadline.map(|d| d - Utc::now()).unwrap_or(most);
         let first = handled.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
         if left < chrono::Duration::seconds(5) && !first {
@@ -38,23 +47,108 @@ pub async fn reconcile_batch(
         // emulator reports an odd deadline.
         let budget = most.min(left).max(chrono::Duration::seconds(5));
         let body = message.body.unwrap_or_default();
-        let value: Value = serde_json::from_str(&body).map_err(|e| StepError::BadMessage(e.to_string()))?;
-        if value.get("detail-type").is_some() {
-            return instance_event(ports, value).await;
-        }
-        let wake: WakeMessage = serde_json::from_value(value).map_err(|e| StepError::BadMessage(e.to_string()))?;
+        let wake: WakeMessage = serde_json::from_str(&body).map_err(|e| StepError::BadMessage(e.to_string()))?;
         let handled = reconcile::reconcile(ports, &wake, budget).await?;
         info!(job_id = %wake.job_id, ?handled, "handled");
         Ok(())
     })
-    .await
+    .await;
+    response.batch_item_failures.extend(passes.batch_item_failures);
+    response
 }
 
-/// An EC2 event about one instance: record a spot warning on its job, and
-/// wake the job so its next step starts now rather than at the next poll.
-async fn instance_event(ports: &Ports, value: Value) -> Result<(), StepError> {
+fn is_event(body: &str) -> bool {
+    serde_json::from_str::<Value>(body).is_ok_and(|v| v.get("detail-type").is_some())
+}
+
+/// EC2 and SSM events about instances: a spot warning is recorded on its
+/// job, and every job an event names is woken once, so its next step starts
+/// now rather than at the next poll. Events for instances that are not this
+/// deployment's are dropped.
+async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchResponse {
+    let mut response = SqsBatchResponse::default();
+    // (message id, detail-type, instance id) of each event that parses.
+    let mut named: Vec<(String, String, String)> = Vec::new();
+    for message in messages {
+        let message_id = message.message_id.clone().unwrap_or_default();
+        match instance_of(message.body.as_deref().unwrap_or_default()) {
+            Ok((detail_type, instance_id)) => named.push((message_id, detail_type, instance_id)),
+            Err(err) => warn!(%message_id, error = %err, "dropped: retrying cannot help"),
+        }
+    }
+    let fail = |response: &mut SqsBatchResponse, ids: &mut dyn Iterator<Item = &String>| {
+        for id in ids {
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = id.clone();
+            response.batch_item_failures.push(failure);
+        }
+    };
+    if named.is_empty() {
+        return response;
+    }
+    let instance_ids: Vec<String> =
+        named.iter().map(|(_, _, id)| id.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    let jobs = match ports.cloud.fleet.jobs_of(&ports.settings.stack, &instance_ids).await {
+        Ok(jobs) => jobs,
+        Err(err) if err.is_retryable() => {
+            warn!(error = %err, "events will retry");
+            fail(&mut response, &mut named.iter().map(|(m, _, _)| m));
+            return response;
+        }
+        Err(err) => {
+            warn!(error = %err, "events dropped: retrying cannot help");
+            return response;
+        }
+    };
+    // Per job: its messages, and the instances a spot warning named.
+    let mut by_job: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+    for (message_id, detail_type, instance_id) in &named {
+        let Some(job_id) = jobs.get(instance_id) else {
+            info!(%instance_id, %detail_type, "not a Flotilla instance of this stack; ignored");
+            continue;
+        };
+        let entry = by_job.entry(job_id.clone()).or_default();
+        entry.0.push(message_id.clone());
+        // A rebalance recommendation is only a hint: it wakes the job, it
+        // does not stop healthy work.
+        if detail_type == "EC2 Spot Instance Interruption Warning" {
+            entry.1.push(instance_id.clone());
+        }
+    }
+    for (job_id, (message_ids, interrupted)) in by_job {
+        let routed = if interrupted.is_empty() {
+            ports.queue.send(&WakeMessage::new(&job_id, "event"), 0).await.map_err(StepError::from)
+        } else {
+            reconcile::update_inbox(
+                ports,
+                &job_id,
+                move |record| {
+                    let fresh: Vec<String> =
+                        interrupted.iter().filter(|id| !record.interruptions.contains(id)).cloned().collect();
+                    record.interruptions.extend(fresh.iter().cloned());
+                    !fresh.is_empty()
+                },
+                "event",
+            )
+            .await
+            .map(|_| ())
+        };
+        match routed {
+            Ok(()) => info!(%job_id, events = message_ids.len(), "events routed to their job"),
+            Err(err) if err.is_retryable() => {
+                warn!(%job_id, error = %err, "events will retry");
+                fail(&mut response, &mut message_ids.iter());
+            }
+            Err(err) => warn!(%job_id, error = %err, "events dropped: retrying cannot help"),
+        }
+    }
+    response
+}
+
+/// The event's detail-type and the instance it is about.
+fn instance_of(body: &str) -> Result<(String, String), StepError> {
     let event: CloudWatchEvent<Value> =
-        serde_json::from_value(value).map_err(|e| StepError::BadMessage(e.to_string()))?;
+        serde_json::from_str(body).map_err(|e| StepError::BadMessage(e.to_string()))?;
     let detail_type = event.detail_type.clone().unwrap_or_default();
     let instance_id = match detail_type.as_str() {
         "EC2 Instance State-change Notification" => {
@@ -62,7 +156,7 @@ async fn instance_event(ports: &Ports, value: Value) -> Result<(), StepError> {
                 .map_err(|e| StepError::BadMessage(e.to_string()))?;
             detail.instance_id
         }
-        // SSM's detail names the instance as `instance-id` too.
+        // The spot warning's, rebalance's and SSM's details name it `instance-id` too.
         _ => event
             .detail
             .as_ref()
@@ -71,33 +165,7 @@ async fn instance_event(ports: &Ports, value: Value) -> Result<(), StepError> {
             .map(str::to_string)
             .ok_or_else(|| StepError::BadMessage(format!("{detail_type} without detail.instance-id")))?,
     };
-    let Some(job_id) = ports.cloud.fleet.job_of(&ports.settings.stack, &instance_id).await? else {
-        info!(%instance_id, %detail_type, "not a Flotilla instance; ignored");
-        return Ok(());
-    };
-    // A rebalance recommendation is only a hint: it wakes the job, it does not
-    // stop healthy work.
-    let interruption = detail_type == "EC2 Spot Instance Interruption Warning";
-    if interruption {
-        let id = instance_id.clone();
-        reconcile::update_inbox(
-            ports,
-            &job_id,
-            move |record| {
-                if record.interruptions.contains(&id) {
-                    return false;
-                }
-                record.interruptions.push(id.clone());
-                true
-            },
-            "event",
-        )
-        .await?;
-    } else {
-        ports.queue.send(&WakeMessage::new(&job_id, "event"), 0).await?;
-    }
-    info!(%instance_id, %job_id, %detail_type, "event routed to its job");
-    Ok(())
+    Ok((detail_type, instance_id))
 }
 
 /// The scheduled tick: wake every job that is not terminal, so a lost

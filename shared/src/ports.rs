@@ -110,9 +110,10 @@ pub trait Fleet: Send + Sync {
     async fn find_instances(&self, stack: &str, job_id: &str) -> CloudResult<Vec<InstanceView>>;
     async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>>;
     async fn describe(&self, instance_ids: &[String]) -> CloudResult<Vec<InstanceView>>;
-    /// The job an instance belongs to, from its tags; None if it is not this
-    /// deployment's.
-    async fn job_of(&self, stack: &str, instance_id: &str) -> CloudResult<Option<String>>;
+    /// The job each of these instances belongs to, from its tags, in one
+    /// filtered call; instances that are not this deployment's (or not
+    /// visible yet) are left out.
+    async fn jobs_of(&self, stack: &str, instance_ids: &[String]) -> CloudResult<BTreeMap<String, String>>;
     /// DescribeInstanceStatus of these running instances: each one whose
     /// checks are conclusive, with true if its instance or system check is
     /// `impaired` (false: both `ok`). Initializing or unknown ones are left out.

@@ -402,7 +402,10 @@ async fn job_of_letter(ports: &Ports, body: &str) -> Result<Option<String>, Clou
         return Ok(Some(job_id.to_string()));
     }
     match value.pointer("/detail/instance-id").and_then(Value::as_str) {
-        Some(instance_id) => ports.cloud.fleet.job_of(&ports.settings.stack, instance_id).await,
+        Some(instance_id) => {
+            let mut jobs = ports.cloud.fleet.jobs_of(&ports.settings.stack, &[instance_id.to_string()]).await?;
+            Ok(jobs.remove(instance_id))
+        }
         None => Ok(None),
     }
 }

@@ -150,6 +150,21 @@ impl MotoStack {
         assert!(status.success(), "create instance profile {name}");
     }
 
+    /// An EventBridge rule on moto's default bus that sends `pattern`'s
+    /// events to `queue_url` (boto3 again: no EventBridge SDK crate here).
+    pub fn route_events(&self, rule: &str, pattern: &serde_json::Value, queue_url: &str) {
+        let queue_name = queue_url.rsplit('/').next().expect("queue name");
+        let script = "import boto3, sys; e = boto3.client('events', endpoint_url=sys.argv[1], region_name='us-east-1', \
+                      aws_access_key_id='testing', aws_secret_access_key='testing'); \
+                      e.put_rule(Name=sys.argv[2], EventPattern=sys.argv[3], State='ENABLED'); \
+                      e.put_targets(Rule=sys.argv[2], Targets=[{'Id': 'q', 'Arn': 'arn:aws:sqs:us-east-1:123456789012:' + sys.argv[4]}])";
+        let status = Command::new(&self.python)
+            .args(["-c", script, &self.endpoint, rule, &pattern.to_string(), queue_name])
+            .status()
+            .expect("run python");
+        assert!(status.success(), "create rule {rule}");
+    }
+
     pub fn ec2(&self) -> aws_sdk_ec2::Client {
         aws_sdk_ec2::Client::new(&self.config)
     }

@@ -511,3 +511,52 @@ async fn volumes_and_snapshots_page_by_max_results() {
     assert_eq!(ports.cloud.volumes.find_volumes(&tags::scope("paged")).await.expect("find").len(), 7);
     assert_eq!(ports.cloud.volumes.find_snapshots(&tags::scope("paged")).await.expect("find").len(), 6);
 }
+
+/// Gap 17: EC2 state changes and Run Command status changes reach
+/// EventBridge, and a rule routes them to its SQS target as on AWS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_state_and_command_status_events_reach_eventbridge_rules() {
+    let stack = MotoStack::start().await;
+    let queue = stack.sqs().create_queue().queue_name("events").send().await.expect("queue");
+    let queue_url = queue.queue_url().expect("url").to_string();
+    stack.route_events(
+        "states",
+        &serde_json::json!({"source": ["aws.ec2"], "detail-type": ["EC2 Instance State-change Notification"],
+                            "detail": {"state": ["running", "terminated"]}}),
+        &queue_url,
+    );
+    stack.route_events(
+        "commands",
+        &serde_json::json!({"source": ["aws.ssm"], "detail-type": ["EC2 Command Invocation Status-change Notification"],
+                            "detail": {"status": ["Success", "Failed"]}}),
+        &queue_url,
+    );
+    let ids = launch(&stack, 1, None).await;
+    let command_id = send(&stack, &ids, "exit 3", 30).await;
+    finished(&stack, &command_id, &ids[0]).await;
+    stack.ec2().terminate_instances().instance_ids(&ids[0]).send().await.expect("terminate");
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < 3 && Instant::now() < deadline {
+        let received =
+            stack.sqs().receive_message().queue_url(&queue_url).max_number_of_messages(10).send().await.expect("receive");
+        for message in received.messages() {
+            let event: serde_json::Value = serde_json::from_str(message.body().unwrap_or_default()).expect("json");
+            assert_eq!(event["detail"]["instance-id"], ids[0].as_str(), "{event}");
+            let what = event["detail"]["state"].as_str().or(event["detail"]["status"].as_str()).unwrap_or_default();
+            seen.push(format!("{} {what}", event["detail-type"].as_str().unwrap_or_default()));
+            if let Some(id) = event["detail"]["command-id"].as_str() {
+                assert_eq!(id, command_id);
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            "EC2 Instance State-change Notification running",
+            "EC2 Command Invocation Status-change Notification Failed",
+            "EC2 Instance State-change Notification terminated",
+        ],
+        "pending and shutting-down are not routed: the rule's pattern leaves them out"
+    );
+}

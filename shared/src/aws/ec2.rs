@@ -42,6 +42,9 @@ fn tag_spec(resource: ResourceType, tags: &BTreeMap<String, String>) -> TagSpeci
     spec.build()
 }
 
+/// EC2 takes at most 200 values in one filter.
+const FILTER_VALUES: usize = 200;
+
 fn tag_filters(tags: &[(&str, &str)]) -> Vec<Filter> {
     tags.iter().map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(*v).build()).collect()
 }
@@ -215,15 +218,20 @@ impl Fleet for Ec2Fleet {
         Ok(views)
     }
 
-    async fn job_of(&self, stack: &str, instance_id: &str) -> CloudResult<Option<String>> {
-        match self.describe_filtered(&[instance_id.to_string()], vec![]).await {
-            Ok(views) => Ok(views
-                .into_iter()
-                .find(|v| tags::scope(stack).iter().all(|(k, want)| v.tags.get(*k).is_some_and(|have| have == want)))
-                .and_then(|v| v.job_id)),
-            Err(err) if matches!(err.class(), RetryClass::NotFound | RetryClass::NotYetVisible) => Ok(None),
-            Err(err) => Err(err),
+    async fn jobs_of(&self, stack: &str, instance_ids: &[String]) -> CloudResult<BTreeMap<String, String>> {
+        // A filter, not InstanceIds: an unknown id then matches nothing
+        // instead of failing the whole call.
+        let mut jobs = BTreeMap::new();
+        for chunk in instance_ids.chunks(FILTER_VALUES) {
+            let mut filters = tag_filters(&tags::scope(stack));
+            filters.push(Filter::builder().name("instance-id").set_values(Some(chunk.to_vec())).build());
+            for view in self.describe_filtered(&[], filters).await? {
+                if let Some(job_id) = view.job_id {
+                    jobs.insert(view.instance_id, job_id);
+                }
+            }
         }
+        Ok(jobs)
     }
 
     async fn status_checks(&self, instance_ids: &[String]) -> CloudResult<Vec<(String, bool)>> {

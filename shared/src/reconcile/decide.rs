@@ -388,6 +388,11 @@ fn step_shard(
                         end(attempt, EndCause::AgentNeverOnline, &detail, None);
                         notes.push(detail);
                         attempt.stage = Stage::Releasing;
+                    } else {
+                        // No event says an agent came Online: look again soon,
+                        // then less often, so the wait adds at most a tenth.
+                        let waited = attempt.launched_at.map_or(0, |at| (now - at).num_seconds().max(0));
+                        *wait = (*wait).min((waited / 10).clamp(AGENT_POLL_MIN_SECONDS, i64::from(u32::MAX)) as u32);
                     }
                 }
                 _ => *wait = (*wait).min(10),
@@ -1333,6 +1338,9 @@ fn launch_request(
         client_token: token.to_string(),
     }
 }
+
+/// The quickest re-look at an agent that is not Online yet.
+pub const AGENT_POLL_MIN_SECONDS: i64 = 1;
 
 /// Shards that reach a phase within this long of each other share its
 /// SendCommand: N shards cost ceil(N / 50) sends, and as many
