@@ -11,7 +11,7 @@ export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
 FUNCTIONS := intake reconcile tick
 
-.PHONY: help venv build build-functions test smoke chaos fuzz lint local-up local-down demo clean dlq redrive
+.PHONY: help venv build build-functions test smoke chaos fuzz bench lint local-up local-down demo clean dlq redrive
 
 help:
 	@echo "make demo        run the demo job end to end on the local stack"
@@ -19,6 +19,7 @@ help:
 	@echo "make smoke       local stack end to end: jobs submitted with plain awscli reach their terminal states"
 	@echo "make chaos       2,000 seeded simulated jobs + five of 1,000 instances; SEED=n replays one"
 	@echo "make fuzz        long property runs, then each cargo-fuzz target (nightly) for FUZZ_SECONDS"
+	@echo "make bench       release build and Lambda zips, then start-up, API-call, overhead and CPU figures beside their baselines"
 	@echo "make local-up    start moto + cargo lambda watch + event pump; writes .flotilla/local.env"
 	@echo "make local-down  stop everything local-up started"
 	@echo "make dlq         list what the local stack's dead-letter queues hold, with reasons"
@@ -85,6 +86,26 @@ fuzz: .cargo-tools/bin/cargo-fuzz
 			| grep -E "^(stat::number_of_executed_units|stat::peak_rss|Done|==|SUMMARY)|panicked" ; \
 		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	done
+
+# Figures, not timed tests: start-up (init, peak RSS) against a hello-world
+# lambda_runtime binary and a boto3 baseline, zip sizes, then the simulator's
+# API calls, throttles, fifty concurrent jobs and overhead, then callgrind's
+# instructions per reconcile pass; bench/table.py prints them beside the goals.
+# x86_64 here (the aarch64 target cannot be installed on this machine).
+BENCH_RUNS ?= 20
+RELEASE := $(CARGO_TARGET_DIR)/x86_64-unknown-linux-gnu/release
+bench: venv
+	mkdir -p .flotilla
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/cargo-lambda lambda build --release --output-format zip \
+		--compiler cargo --x86-64 --lambda-dir $(CARGO_TARGET_DIR)/lambda \
+		$(foreach f,$(FUNCTIONS),-p $(f)) -p flotilla-bench-floor
+	cargo build --release --target x86_64-unknown-linux-gnu -p flotilla-bench-sim
+	$(PY) bench/startup.py --bin-dir $(RELEASE) --zip-dir $(CARGO_TARGET_DIR)/lambda --runs $(BENCH_RUNS) \
+		--json .flotilla/bench-startup.json
+	$(RELEASE)/flotilla-bench-sim --json .flotilla/bench-sim.json
+	$(PY) bench/callgrind.py $(RELEASE)/flotilla-bench-sim --json .flotilla/bench-cpu.json 10 1000
+	@echo
+	$(PY) bench/table.py .flotilla/bench-startup.json .flotilla/bench-sim.json .flotilla/bench-cpu.json
 
 .cargo-tools/bin/cargo-fuzz:
 	CARGO_TARGET_DIR=$(CURDIR)/.cargo-tools/target cargo install --locked --quiet cargo-fuzz --version $(CARGO_FUZZ_VERSION) --root $(CURDIR)/.cargo-tools

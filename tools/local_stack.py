@@ -57,6 +57,7 @@ WORKER_PROFILE = "flotilla-worker"
 LOCAL_TICK = int(os.environ.get("FLOTILLA_LOCAL_TICK_SECONDS", "20"))
 # As deployed (template.yaml's PollDelaySeconds): EC2 and SSM events, not polls, move jobs on.
 POLL_DELAY = os.environ.get("FLOTILLA_POLL_DELAY_SECONDS", "20")
+SAFETY_POLL = os.environ.get("FLOTILLA_SAFETY_POLL_SECONDS", "120")
 VENV_BIN = os.path.dirname(sys.executable)
 
 
@@ -249,6 +250,8 @@ def up():
         "FLOTILLA_JOBS_DLQ_URL": urls["JobsDLQ"],
         "FLOTILLA_RECONCILE_DLQ_URL": urls["ReconcileDeadLetterQueue"],
         "FLOTILLA_POLL_DELAY_SECONDS": POLL_DELAY,
+        "FLOTILLA_SAFETY_POLL_SECONDS": SAFETY_POLL,
+        "FLOTILLA_LAUNCH_ADMISSION": "true",
         "FLOTILLA_WORKER_INSTANCE_PROFILE": WORKER_PROFILE,
         "FLOTILLA_INVOKE_URL": f"http://127.0.0.1:{INVOKE_PORT}",
         "RUST_LOG": "info",

@@ -109,6 +109,101 @@ impl Latencies {
     }
 }
 
+/// An EventBridge event reaches its SQS target about this long after it happened.
+const EVENT_DELIVERY_SECONDS: i64 = 1;
+
+/// An event about one of `job_id`'s instances at `at` wakes the job a second
+/// later; events within a second of each other share one wake, as the
+/// router turns a batch of events into one wake per job.
+fn queue_event(state: &mut FakeState, job_id: &str, instance_id: &str, at: DateTime<Utc>) {
+    let deliver = at + Duration::seconds(EVENT_DELIVERY_SECONDS);
+    let shared = state.queue.iter_mut().find(|(when, m)| {
+        m.job_id == job_id && m.trigger.as_deref() == Some("event") && (*when - deliver).num_seconds().abs() < 1
+    });
+    match shared {
+        Some((_, wake)) => wake.instances.push(instance_id.to_string()),
+        None => {
+            let mut wake = WakeMessage::new(job_id, "event");
+            wake.instances.push(instance_id.to_string());
+            state.queue.push_back((deliver, wake));
+        }
+    }
+}
+
+/// One token bucket: `capacity` tokens, refilled at `per_second`.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    pub capacity: f64,
+    pub per_second: f64,
+    tokens: f64,
+    at: Option<DateTime<Utc>>,
+}
+
+impl TokenBucket {
+    pub fn new(capacity: f64, per_second: f64) -> Self {
+        TokenBucket { capacity, per_second, tokens: capacity, at: None }
+    }
+
+    /// Take `n` tokens at `now` if there are that many.
+    pub fn take(&mut self, now: DateTime<Utc>, n: f64) -> bool {
+        let elapsed = self.at.map_or(0.0, |at| (now - at).num_milliseconds().max(0) as f64 / 1000.0);
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+        self.at = Some(now);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// EC2's request throttling per account and Region, as AWS documents it
+/// ("Request throttling for the Amazon EC2 API"): RunInstances requests 5
+/// burst refilling 2/s, and instances 1,000 refilling 2/s; other mutating
+/// actions 50 refilling 5/s; describes 100 refilling 20/s. SSM, S3 and SQS
+/// are not limited here.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    pub buckets: BTreeMap<&'static str, TokenBucket>,
+    /// Calls refused, by operation.
+    pub throttled: BTreeMap<&'static str, u64>,
+}
+
+impl ApiLimits {
+    pub fn ec2() -> Self {
+        let buckets = BTreeMap::from([
+            ("RunInstances", TokenBucket::new(5.0, 2.0)),
+            ("RunInstances:instances", TokenBucket::new(1000.0, 2.0)),
+            ("mutating", TokenBucket::new(50.0, 5.0)),
+            ("describe", TokenBucket::new(100.0, 20.0)),
+        ]);
+        ApiLimits { buckets, throttled: BTreeMap::new() }
+    }
+
+    /// Which bucket an operation draws on, if it is EC2's.
+    pub fn bucket_of(operation: &'static str) -> Option<&'static str> {
+        Some(match operation {
+            "RunInstances" | "RunInstances:instances" => operation,
+            "DescribeInstances" | "DescribeInstanceStatus" | "DescribeVolumes" | "DescribeSnapshots" => "describe",
+            "CreateVolume" | "AttachVolume" | "DetachVolume" | "DeleteVolume" | "CreateSnapshot" | "DeleteSnapshot"
+            | "TerminateInstances" | "CreateTags" => "mutating",
+            _ => return None,
+        })
+    }
+
+    /// Take `n` tokens for `operation`; false (and counted) if throttled.
+    pub fn take(&mut self, operation: &'static str, now: DateTime<Utc>, n: f64) -> bool {
+        let Some(name) = Self::bucket_of(operation) else { return true };
+        let Some(bucket) = self.buckets.get_mut(name) else { return true };
+        if bucket.take(now, n) {
+            return true;
+        }
+        *self.throttled.entry(operation).or_default() += 1;
+        false
+    }
+}
+
 /// Seeded faults. Probabilities are per call (or per resource where noted).
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
@@ -158,6 +253,8 @@ pub struct FakeInstance {
     /// None: its agent never comes Online (no profile, or a fault).
     pub online_at: Option<DateTime<Utc>>,
     pub terminated_at: Option<DateTime<Utc>>,
+    /// When TerminateInstances reached it: billing stops here.
+    pub shutting_down_at: Option<DateTime<Utc>>,
     pub launch_index: u32,
     /// Describes list it from this moment (eventual consistency).
     pub visible_at: DateTime<Utc>,
@@ -250,6 +347,13 @@ pub struct FakeState {
     pub objects: BTreeMap<String, (Vec<u8>, u64)>,
     /// Keys of buckets other than the ledger's (a job's work items).
     pub buckets: BTreeMap<String, BTreeSet<String>>,
+    /// EC2's request throttling, when a bench turns it on.
+    pub limits: Option<ApiLimits>,
+    /// Every call with its virtual time, when a bench asks for it.
+    pub call_log: Option<Vec<(DateTime<Utc>, &'static str)>>,
+    /// EventBridge on: an instance's `running` and each command's end wake
+    /// its job a second later, as the template's rules deliver them.
+    pub events: bool,
     pub queue: VecDeque<(DateTime<Utc>, WakeMessage)>,
     /// ClientToken -> (request fingerprint, instance ids).
     pub launch_tokens: BTreeMap<String, (String, Vec<String>)>,
@@ -419,6 +523,14 @@ impl FakeCloud {
             let now = state.now.unwrap_or_default() + Duration::milliseconds(ms);
             state.now = Some(now);
             refresh(&mut state);
+            if let Some(log) = state.call_log.as_mut() {
+                log.push((now, operation));
+            }
+            if let Some(limits) = state.limits.as_mut() {
+                if !limits.take(operation, now, 1.0) {
+                    return Err(CloudError::api("ec2", operation, "RequestLimitExceeded", "Request limit exceeded."));
+                }
+            }
             if transient {
                 let code = if mutating { "RequestLimitExceeded" } else { "ServiceUnavailable" };
                 return Err(CloudError::api("ec2", operation, code, "injected"));
@@ -432,6 +544,19 @@ impl FakeCloud {
             YieldOnce(false).await;
         }
         Ok(())
+    }
+
+    /// A listing's pages beyond the first, counted as the calls the SDK's
+    /// paginator makes (EC2 and SSM return at most `per_page` a call).
+    fn more_pages(&self, state: &mut FakeState, operation: &'static str, items: usize, per_page: usize) {
+        let extra = items.div_ceil(per_page).saturating_sub(1) as u64;
+        if extra > 0 {
+            *state.calls.entry(operation).or_default() += extra;
+            let now = state.now.unwrap_or_default();
+            if let Some(log) = state.call_log.as_mut() {
+                log.extend(std::iter::repeat_n((now, operation), extra as usize));
+            }
+        }
     }
 
     /// After a call took effect: maybe the process dies before the reply.
@@ -566,15 +691,17 @@ impl Fleet for FakeCloud {
 
     async fn find_instances(&self, stack: &str, job_id: &str) -> CloudResult<Vec<InstanceView>> {
         self.call("DescribeInstances", false).await?;
-        let state = self.lock();
+        let mut state = self.lock();
         let now = state.now.unwrap_or_default();
         let [managed, of_stack] = tags::scope(stack);
-        Ok(state
+        let found: Vec<InstanceView> = state
             .instances
             .iter()
             .filter(|i| now >= i.visible_at && has_tags(&i.tags, &[(tags::JOB_ID, job_id), managed, of_stack]))
             .map(view)
-            .collect())
+            .collect();
+        self.more_pages(&mut state, "DescribeInstances", found.len(), 1000);
+        Ok(found)
     }
 
     async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>> {
@@ -603,6 +730,11 @@ impl Fleet for FakeCloud {
                 "InsufficientInstanceCapacity",
                 "spot capacity-not-available",
             ));
+        }
+        if let Some(limits) = state.limits.as_mut() {
+            if !limits.take("RunInstances:instances", now, f64::from(request.count)) {
+                return Err(CloudError::api("ec2", "RunInstances", "RequestLimitExceeded", "Request limit exceeded."));
+            }
         }
         let mut ids = Vec::new();
         let partial = state.faults.partial_fill;
@@ -640,11 +772,15 @@ impl Fleet for FakeCloud {
                 running_at,
                 online_at: online.then_some(online_at),
                 terminated_at: None,
+                shutting_down_at: None,
                 launch_index: index,
                 visible_at,
                 agent_lost_at,
                 impaired_at: None,
             });
+            if state.events {
+                queue_event(&mut state, &request.job_id, &id, running_at);
+            }
             ids.push(id);
         }
         state.launch_tokens.insert(request.client_token.clone(), (fingerprint(request), ids.clone()));
@@ -725,6 +861,7 @@ impl Fleet for FakeCloud {
             if let Some(instance) = state.instances.iter_mut().find(|i| &i.id == id) {
                 if !matches!(instance.state.as_str(), "terminated" | "shutting-down") {
                     instance.state = "shutting-down".into();
+                    instance.shutting_down_at = Some(now);
                     instance.terminated_at = Some(now + Duration::seconds(delay));
                 }
             }
@@ -775,14 +912,16 @@ fn not_found(operation: &'static str, code: &str) -> CloudError {
 impl Volumes for FakeCloud {
     async fn find_volumes(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<VolumeView>> {
         self.call("DescribeVolumes", false).await?;
-        let state = self.lock();
+        let mut state = self.lock();
         let now = state.now.unwrap_or_default();
-        Ok(state
+        let found: Vec<VolumeView> = state
             .volumes
             .iter()
             .filter(|v| now >= v.visible_at && v.state != "deleted" && has_tags(&v.tags, tags))
             .map(volume_view)
-            .collect())
+            .collect();
+        self.more_pages(&mut state, "DescribeVolumes", found.len(), 500);
+        Ok(found)
     }
 
     async fn describe_volume(&self, volume_id: &str) -> CloudResult<Option<VolumeView>> {
@@ -956,14 +1095,17 @@ impl Volumes for FakeCloud {
 impl Commands for FakeCloud {
     async fn online_agents(&self, instance_ids: &[String]) -> CloudResult<Vec<String>> {
         self.call("DescribeInstanceInformation", false).await?;
-        let state = self.lock();
+        let mut state = self.lock();
         let now = state.now.unwrap_or_default();
-        Ok(state
+        let online: Vec<String> = state
             .instances
             .iter()
             .filter(|i| instance_ids.contains(&i.id) && i.agent_up(now))
             .map(|i| i.id.clone())
-            .collect())
+            .collect();
+        // The InstanceIds filter takes 50 values: one call per 50.
+        self.more_pages(&mut state, "DescribeInstanceInformation", instance_ids.len(), MAX_INSTANCES_PER_COMMAND);
+        Ok(online)
     }
 
     async fn send(&self, request: &CommandRequest) -> CloudResult<String> {
@@ -1009,6 +1151,14 @@ impl Commands for FakeCloud {
                     cancelled_at: None,
                 },
             );
+        }
+        if state.events {
+            // The comment is `flotilla <job> <phase> c<batch>`.
+            if let Some(job_id) = request.comment.split(' ').nth(1) {
+                for (instance_id, run) in &runs {
+                    queue_event(&mut state, job_id, instance_id, run.finishes_at);
+                }
+            }
         }
         let id = FakeCloud::next_id(&mut state, "cmd");
         state.commands.push(FakeCommand { id: id.clone(), request: request.clone(), sent_at: now, runs });
@@ -1187,6 +1337,23 @@ impl Ledger for FakeCloud {
         self.call("ListObjectsV2", false).await?;
         let state = self.lock();
         Ok(state.objects.keys().filter_map(|k| k.strip_prefix("active/")).map(str::to_string).collect())
+    }
+
+    async fn get_versioned(&self, key: &str) -> CloudResult<Option<(Vec<u8>, String)>> {
+        self.call("GetObject", false).await?;
+        Ok(self.lock().objects.get(key).map(|(body, version)| (body.clone(), version.to_string())))
+    }
+
+    async fn put_if(&self, key: &str, body: &[u8], version: Option<&str>) -> CloudResult<WriteOutcome> {
+        self.call("PutObject", true).await?;
+        let mut state = self.lock();
+        let current = state.objects.get(key).map(|(_, v)| *v);
+        if current.map(|v| v.to_string()).as_deref() != version {
+            return Ok(WriteOutcome::Conflict);
+        }
+        let next = current.unwrap_or_default() + 1;
+        state.objects.insert(key.to_string(), (body.to_vec(), next));
+        Ok(WriteOutcome::Written { version: next.to_string() })
     }
 
     async fn list_keys(&self, bucket: &str, prefix: &str, most: usize) -> CloudResult<Option<Vec<String>>> {

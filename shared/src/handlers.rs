@@ -100,8 +100,8 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
             return response;
         }
     };
-    // Per job: its messages, and the instances a spot warning named.
-    let mut by_job: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+    // Per job: its messages, the instances events named, and those a spot warning named.
+    let mut by_job: BTreeMap<String, (Vec<String>, BTreeSet<String>, Vec<String>)> = BTreeMap::new();
     for (message_id, detail_type, instance_id) in &named {
         let Some(job_id) = jobs.get(instance_id) else {
             info!(%instance_id, %detail_type, "not a Flotilla instance of this stack; ignored");
@@ -109,15 +109,19 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
         };
         let entry = by_job.entry(job_id.clone()).or_default();
         entry.0.push(message_id.clone());
+        entry.1.insert(instance_id.clone());
         // A rebalance recommendation is only a hint: it wakes the job, it
         // does not stop healthy work.
         if detail_type == "EC2 Spot Instance Interruption Warning" {
-            entry.1.push(instance_id.clone());
+            entry.2.push(instance_id.clone());
         }
     }
-    for (job_id, (message_ids, interrupted)) in by_job {
+    for (job_id, (message_ids, named, interrupted)) in by_job {
         let routed = if interrupted.is_empty() {
-            ports.queue.send(&WakeMessage::new(&job_id, "event"), 0).await.map_err(StepError::from)
+            // The pass lists only the named instances' commands.
+            let mut wake = WakeMessage::new(&job_id, "event");
+            wake.instances = named.into_iter().collect();
+            ports.queue.send(&wake, 0).await.map_err(StepError::from)
         } else {
             reconcile::update_inbox(
                 ports,

@@ -2,6 +2,7 @@
 //! function and the loop around it), ports, AWS adapters and the simulated
 //! cloud.
 
+pub mod admission;
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod error;

@@ -263,6 +263,10 @@ pub trait Ledger: Send + Sync {
     /// `active/<job_id>` markers: the jobs the safety tick wakes.
     async fn set_active(&self, job_id: &str, active: bool) -> CloudResult<()>;
     async fn list_active(&self) -> CloudResult<Vec<String>>;
+    /// Any object and its version, for small shared state (the launch budget).
+    async fn get_versioned(&self, key: &str) -> CloudResult<Option<(Vec<u8>, String)>>;
+    /// Write only if the object is still at `version` (None: only if absent).
+    async fn put_if(&self, key: &str, body: &[u8], version: Option<&str>) -> CloudResult<WriteOutcome>;
     /// Keys under `prefix` in any bucket, in S3's order; None if there are
     /// more than `most`. Intake lists a job's work items with it.
     async fn list_keys(&self, bucket: &str, prefix: &str, most: usize) -> CloudResult<Option<Vec<String>>>;
@@ -370,6 +374,13 @@ pub struct Settings {
     pub reaper_mark_grace_seconds: u32,
     /// The reaper plans and reports, and changes nothing.
     pub reaper_dry_run: bool,
+    /// While shards work, a job is polled this often: EC2 and SSM events
+    /// move it on, so this is the safety net (default: the poll delay;
+    /// template.yaml's SafetyPollSeconds, where the rules deliver events).
+    pub safety_poll_seconds: Option<u32>,
+    /// Launches take turns through one token bucket in the jobs bucket
+    /// (`admission.rs`), so jobs launching at once do not throttle each other.
+    pub launch_admission: bool,
     /// The deployment's name (`flotilla:stack` on everything it creates).
     pub stack: String,
     /// Roles in the accounts `role_arn` jobs use, which the reaper assumes
@@ -380,6 +391,13 @@ pub struct Settings {
     pub region: Option<String>,
     /// Limits the deployment puts on every job (template parameters).
     pub limits: crate::spec::Limits,
+}
+
+impl Settings {
+    /// The safety-net poll while shards work: the poll delay unless set.
+    pub fn safety_poll(&self) -> u32 {
+        self.safety_poll_seconds.unwrap_or(self.poll_delay_seconds)
+    }
 }
 
 impl Default for Settings {
@@ -394,6 +412,8 @@ impl Default for Settings {
             impaired_timeout_seconds: 300,
             reaper_mark_grace_seconds: 240,
             reaper_dry_run: false,
+            safety_poll_seconds: None,
+            launch_admission: false,
             stack: "flotilla".to_string(),
             reaper_roles: vec![],
             account_id: None,

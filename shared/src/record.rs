@@ -259,6 +259,10 @@ pub struct CommandBatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_id: Option<String>,
     pub dispatched_at: DateTime<Utc>,
+    /// When its invocations were last listed: a command is listed again when
+    /// an event names one of its instances, or when this is a safety poll old.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listed_at: Option<DateTime<Utc>>,
 }
 
 /// SendCommand's Comment for a batch: unique per job and batch.

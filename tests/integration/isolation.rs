@@ -147,6 +147,7 @@ fn foreign_instance(cloud: &FakeCloud, id: &str, stack: &str, job_id: &str) {
         running_at: now,
         online_at: Some(now),
         terminated_at: None,
+        shutting_down_at: None,
         launch_index: 0,
         visible_at: now,
         agent_lost_at: None,

@@ -111,6 +111,7 @@ impl Environment {
             Err(_) => Ok(default),
         };
         settings.poll_delay_seconds = number("FLOTILLA_POLL_DELAY_SECONDS", settings.poll_delay_seconds)?;
+        settings.safety_poll_seconds = Some(number("FLOTILLA_SAFETY_POLL_SECONDS", settings.poll_delay_seconds)?);
         settings.agent_timeout_seconds = number("FLOTILLA_AGENT_TIMEOUT_SECONDS", settings.agent_timeout_seconds)?;
         settings.health_check_seconds = number("FLOTILLA_HEALTH_CHECK_SECONDS", settings.health_check_seconds)?;
         settings.impaired_timeout_seconds =
@@ -118,6 +119,7 @@ impl Environment {
         settings.reaper_mark_grace_seconds =
             number("FLOTILLA_REAPER_MARK_GRACE_SECONDS", settings.reaper_mark_grace_seconds)?;
         settings.reaper_dry_run = std::env::var("FLOTILLA_REAPER_DRY_RUN").is_ok_and(|v| v == "true");
+        settings.launch_admission = std::env::var("FLOTILLA_LAUNCH_ADMISSION").is_ok_and(|v| v == "true");
         // Required: a default would let two deployments share one scope.
         settings.stack = var("FLOTILLA_STACK")?;
         let optional = |name: &str| match std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {

@@ -22,11 +22,16 @@ impl S3Ledger {
 
     async fn put_record(&self, record: &JobRecord, if_match: Option<&str>) -> CloudResult<WriteOutcome> {
         let body = serde_json::to_vec(record).map_err(|e| CloudError::Invalid(e.to_string()))?;
+        self.put_conditional(&record_key(&record.job_id), body, if_match).await
+    }
+
+    /// If-Match `version`, or If-None-Match `*` without one.
+    async fn put_conditional(&self, key: &str, body: Vec<u8>, if_match: Option<&str>) -> CloudResult<WriteOutcome> {
         let mut call = self
             .s3
             .put_object()
             .bucket(&self.bucket)
-            .key(record_key(&record.job_id))
+            .key(key)
             .content_type("application/json")
             // The bucket policy denies unencrypted writes.
             .server_side_encryption(ServerSideEncryption::Aes256)
@@ -134,6 +139,14 @@ impl Ledger for S3Ledger {
             }
         }
         Ok(jobs)
+    }
+
+    async fn get_versioned(&self, key: &str) -> CloudResult<Option<(Vec<u8>, String)>> {
+        self.get_with_etag(key).await
+    }
+
+    async fn put_if(&self, key: &str, body: &[u8], version: Option<&str>) -> CloudResult<WriteOutcome> {
+        self.put_conditional(key, body.to_vec(), version).await
     }
 
     async fn list_keys(&self, bucket: &str, prefix: &str, most: usize) -> CloudResult<Option<Vec<String>>> {

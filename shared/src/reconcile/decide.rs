@@ -48,6 +48,8 @@ pub struct Observation {
     /// those whose checks are both `ok`.
     pub impaired: BTreeSet<String>,
     pub healthy: BTreeSet<String>,
+    /// Commands whose invocations were listed this pass.
+    pub listed_commands: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -166,6 +168,9 @@ pub struct Context<'a> {
     pub now: DateTime<Utc>,
     pub settings: &'a Settings,
     pub bucket: &'a str,
+    /// What the deployment's shared launch budget granted this pass (None:
+    /// no admission control; launch everything waiting).
+    pub launch_grant: Option<crate::admission::Grant>,
 }
 
 /// Decide the next actions for a job, updating shard and job state.
@@ -179,7 +184,9 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         return (vec![], Next::Finished);
     };
     let now = ctx.now;
-    let mut wait = ctx.settings.poll_delay_seconds;
+    // Each stage that waits on something lowers this; a job whose shards
+    // all work is polled only as the safety net.
+    let mut wait = ctx.settings.poll_delay_seconds.max(ctx.settings.safety_poll());
     let mut actions = Vec::new();
 
     for instance_id in std::mem::take(&mut record.interruptions) {
@@ -193,6 +200,11 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     }
     check_abort(record, now);
     adopt_launched(record, obs, now);
+    for batch in record.commands.values_mut() {
+        if batch.command_id.as_ref().is_some_and(|id| obs.listed_commands.contains(id)) {
+            batch.listed_at = Some(now);
+        }
+    }
     if obs.health_due {
         record.health_checked_at = Some(now);
     }
@@ -363,6 +375,7 @@ fn step_shard(
 
     match attempt.stage {
         Stage::Launching => {
+            *wait = (*wait).min(ctx.settings.poll_delay_seconds);
             if job.aborting {
                 // A launch may have happened under its token: the final sweep
                 // terminates whatever carries this job's tag.
@@ -429,7 +442,8 @@ fn step_shard(
     if attempt.stage == Stage::Working {
         work(job, index, attempt, commands, obs, ctx, actions, &mut notes);
         if attempt.stage == Stage::Working {
-            *wait = (*wait).min(ctx.settings.poll_delay_seconds);
+            // Events say when a command ends; this poll is the safety net.
+            *wait = (*wait).min(ctx.settings.safety_poll());
         }
     }
 
@@ -437,7 +451,7 @@ fn step_shard(
         if release(job, index, attempt, obs, now, actions, terminate, &mut notes) {
             attempt.stage = Stage::Done;
         } else {
-            *wait = (*wait).min(5);
+            *wait = (*wait).min(snapshot_wait(attempt, now).unwrap_or(5));
         }
     }
 
@@ -1208,6 +1222,21 @@ fn adopt_launched(record: &mut JobRecord, obs: &Observation, now: DateTime<Utc>)
 
 /// Group attempts waiting to launch into RunInstances calls: one ClientToken
 /// per batch, written before the call, MinCount 1 so EC2 fills what it can.
+/// Attempts waiting for a first launch (or a relaunch): what a pass asks
+/// the shared launch budget for.
+pub fn launches_wanted(record: &JobRecord) -> u32 {
+    if record.outcome.is_some() {
+        return 0;
+    }
+    record
+        .shards
+        .iter()
+        .filter(|s| s.result.is_none())
+        .filter_map(|s| s.current())
+        .filter(|a| a.stage == Stage::Launching && a.launch_token.is_none() && a.end.is_none())
+        .count() as u32
+}
+
 fn plan_launches(record: &mut JobRecord, spec: &JobSpec, ctx: &Context<'_>, actions: &mut Vec<Action>, wait: &mut u32) {
     if record.outcome.is_some() {
         return;
@@ -1233,7 +1262,14 @@ fn plan_launches(record: &mut JobRecord, spec: &JobSpec, ctx: &Context<'_>, acti
         .filter_map(|a| a.launch_token.clone())
         .collect();
     let mut calls = pending_tokens.len();
-    for (_, shards) in fresh {
+    let mut allowance = ctx.launch_grant.map_or(u32::MAX, |g| g.instances) as usize;
+    if let Some(grant) = ctx.launch_grant.filter(|g| g.instances == 0 && !fresh.is_empty()) {
+        *wait = (*wait).min(grant.retry_after_seconds.max(1));
+    }
+    for (_, mut shards) in fresh {
+        // The shared budget decides how many launch now; the rest wait their turn.
+        shards.truncate(allowance);
+        allowance -= shards.len();
         for chunk in shards.chunks(1000) {
             if calls >= MAX_LAUNCH_CALLS {
                 break;
@@ -1339,6 +1375,20 @@ fn launch_request(
     }
 }
 
+/// While an attempt waits only for its snapshots (minutes each), look again
+/// after a fifth of the time waited so far, 5-60 s: a 10-minute snapshot
+/// costs a dozen looks, not a hundred.
+fn snapshot_wait(attempt: &Attempt, now: DateTime<Utc>) -> Option<u32> {
+    let mut oldest: Option<DateTime<Utc>> = None;
+    for volume in attempt.volumes.iter().filter(|v| !v.deleted && v.kept.is_none()) {
+        let snapshot = volume.snapshot.as_ref().filter(|s| s.snapshot_id.is_some() && s.state == "pending")?;
+        let at = snapshot.requested_at?;
+        oldest = Some(oldest.map_or(at, |o| o.min(at)));
+    }
+    let waited = (now - oldest?).num_seconds().max(0);
+    Some((waited / 5).clamp(5, 60) as u32)
+}
+
 /// The quickest re-look at an agent that is not Online yet.
 pub const AGENT_POLL_MIN_SECONDS: i64 = 1;
 
@@ -1419,7 +1469,7 @@ fn plan_dispatch(
         }
         for chunk in shards.chunks(MAX_INSTANCES_PER_COMMAND) {
             let batch = record.take_seq();
-            record.commands.insert(batch, CommandBatch { phase, command_id: None, dispatched_at: ctx.now });
+            record.commands.insert(batch, CommandBatch { phase, command_id: None, dispatched_at: ctx.now, listed_at: None });
             for index in chunk {
                 if let Some(run) =
                     record.shards[*index].current_mut().and_then(|a| a.phases.iter_mut().find(|p| p.status.is_none()))
@@ -1919,6 +1969,8 @@ fn apply_done(record: &mut JobRecord, action: &Action, done: Done, now: DateTime
                 batch.command_id = Some(command_id);
                 // Timeouts count from the send, not from a throttled wait before it.
                 batch.dispatched_at = now;
+                // Nothing to list yet: its end comes as an event, or a safety poll finds it.
+                batch.listed_at = Some(now);
             }
         }
         (Action::Snapshot { volume_id, .. }, Done::Snapshotted(snapshot_id)) => {
@@ -1992,7 +2044,7 @@ mod tests {
 
     fn run(record: &mut JobRecord, obs: &Observation, at: DateTime<Utc>) -> Vec<Action> {
         let settings = settings();
-        decide(record, obs, &Context { now: at, settings: &settings, bucket: "b" }).0
+        decide(record, obs, &Context { now: at, settings: &settings, bucket: "b", launch_grant: None }).0
     }
 
     fn instance(id: &str, state: &str, token: &str, index: u32) -> InstanceView {
@@ -2167,7 +2219,10 @@ mod tests {
             });
             obs.instances.insert(id.clone(), instance(&id, "running", "t", index as u32));
         }
-        r.commands.insert(batch, CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now() });
+        r.commands.insert(
+            batch,
+            CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None },
+        );
         let view = |index: usize, status: &str| InvocationView {
             instance_id: format!("i-{index}"),
             status: status.into(),
@@ -2189,7 +2244,7 @@ mod tests {
             }
             let at = now() + Duration::seconds(second as i64);
             let settings = settings();
-            let (actions, next) = decide(&mut r, &obs, &Context { now: at, settings: &settings, bucket: "b" });
+            let (actions, next) = decide(&mut r, &obs, &Context { now: at, settings: &settings, bucket: "b", launch_grant: None });
             for action in &actions {
                 if let Action::Send { request, .. } = action {
                     sends.push((second as i64, request.instance_ids.len()));
@@ -2227,7 +2282,10 @@ mod tests {
             exit_code: None,
             finished_at: None,
         });
-        r.commands.insert(1, CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now() });
+        r.commands.insert(
+            1,
+            CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None },
+        );
         let mut obs = Observation::default();
         obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));
         obs.invocations.insert(

@@ -252,7 +252,7 @@ fn check(rng: &mut impl Choices) -> Result<(), String> {
         }
         let obs = observe(&record, rng, &snapshot_of);
         completed_seen.extend(obs.snapshots.values().filter(|s| s.state == "completed").map(|s| s.snapshot_id.clone()));
-        let context = Context { now, settings: &settings, bucket: "b" };
+        let context = Context { now, settings: &settings, bucket: "b", launch_grant: None };
         let (actions, _) = decide(&mut record, &obs, &context);
         for action in &actions {
             if let Action::DeleteVolume { volume_id } = action {

@@ -22,6 +22,8 @@ pub mod decide;
 pub mod decide_fuzz;
 pub mod observe;
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -43,11 +45,15 @@ pub struct WakeMessage {
     /// What sent it, for logs only: submit, cancel, poll, tick, event, busy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
+    /// Instances EC2 or SSM events named: only their commands need listing
+    /// this pass (empty: look at everything).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<String>,
 }
 
 impl WakeMessage {
     pub fn new(job_id: &str, trigger: &str) -> Self {
-        WakeMessage { job_id: job_id.to_string(), wake_id: None, trigger: Some(trigger.to_string()) }
+        WakeMessage { job_id: job_id.to_string(), wake_id: None, trigger: Some(trigger.to_string()), instances: vec![] }
     }
 }
 
@@ -152,7 +158,8 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             record.outcome_reason.get_or_insert(format!("image: {err}"));
         }
         // 2. Observe.
-        let observation = match observe::observe(cloud, &record, &ports.settings, now).await {
+        let focus: BTreeSet<String> = message.instances.iter().cloned().collect();
+        let observation = match observe::observe(cloud, &record, &ports.settings, now, &focus).await {
             Ok(observation) => {
                 record.observe_failures = 0;
                 record.stalled = None;
@@ -178,7 +185,24 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
         };
         // 3. Decide, and save the intents.
         // Whole seconds: finer times only make the record bigger.
-        let context = Context { now: now.trunc_subsecs(0), settings: &ports.settings, bucket: ports.ledger.bucket() };
+        // The shared launch budget, asked only when something waits to launch.
+        let wanted = decide::launches_wanted(&record);
+        let launch_grant = match (ports.settings.launch_admission && wanted > 0).then_some(()) {
+            None => None,
+            Some(()) => match crate::admission::take(ports.ledger.as_ref(), wanted, now).await {
+                Ok(grant) => Some(grant),
+                Err(err) => {
+                    crash_or(err)?;
+                    Some(crate::admission::Grant { instances: 0, retry_after_seconds: TRANSIENT_BACKOFF_SECONDS })
+                }
+            },
+        };
+        let context = Context {
+            now: now.trunc_subsecs(0),
+            settings: &ports.settings,
+            bucket: ports.ledger.bucket(),
+            launch_grant,
+        };
         let (actions, decided) = decide::decide(&mut record, &observation, &context);
         next = decided;
         save(ports, &mut record, &mut version, &owner).await?;
@@ -267,7 +291,12 @@ async fn finish_pass(
             let id = uuid::Uuid::new_v4().simple().to_string();
             record.wake = Some(Wake { id: id.clone(), at: due });
             send = Some((
-                WakeMessage { job_id: record.job_id.clone(), wake_id: Some(id), trigger: Some("poll".into()) },
+                WakeMessage {
+                    job_id: record.job_id.clone(),
+                    wake_id: Some(id),
+                    trigger: Some("poll".into()),
+                    instances: vec![],
+                },
                 seconds,
             ));
         }

@@ -10,15 +10,20 @@ use tracing::warn;
 
 use crate::error::CloudError;
 use crate::ports::{tags, Cloud, CloudResult, Settings};
-use crate::reconcile::Observation;
+use crate::reconcile::{decide, Observation};
 use crate::record::{JobRecord, Stage};
 use crate::spec::VolumeSource;
 
+/// A command in flight is listed when an event named one of its instances
+/// (`focus`), when it was not listed for a safety poll, when it is past its
+/// timeout, or while the job or its attempt is being stopped: not on every
+/// pass.
 pub async fn observe(
     cloud: &Cloud,
     record: &JobRecord,
     settings: &Settings,
     now: DateTime<Utc>,
+    focus: &BTreeSet<String>,
 ) -> CloudResult<Observation> {
     let mut observation = Observation::default();
     let launched = record.attempts().any(|a| a.launch_token.is_some());
@@ -152,10 +157,34 @@ pub async fn observe(
             }
         }
     }
+    let spec = record.spec.as_ref();
+    let stopping = record.outcome.is_some() || record.cancel_requested;
+    // Attempts being stopped or judged: their commands are always looked at.
+    let urgent: BTreeSet<&String> = record
+        .shards
+        .iter()
+        .filter_map(|s| s.current())
+        .filter(|a| a.interrupted || a.timed_out || a.agent_lost_since.is_some() || a.impaired_since.is_some())
+        .filter_map(|a| a.instance_id.as_ref())
+        .collect();
+    let due = |command_id: &str, instance_ids: &[String]| {
+        let Some(batch) = record.commands.values().find(|b| b.command_id.as_deref() == Some(command_id)) else {
+            return true;
+        };
+        let timeout = spec.map_or(0, |s| decide::phase_timeout(s, batch.phase, record.deadline_at, batch.dispatched_at));
+        stopping
+            || instance_ids.iter().any(|id| focus.contains(id) || urgent.contains(id))
+            || batch.listed_at.is_none_or(|at| now - at >= Duration::seconds(i64::from(settings.safety_poll())))
+            || now >= batch.dispatched_at + Duration::seconds(i64::from(timeout))
+    };
     for (command_id, instance_ids) in in_flight {
+        if !due(&command_id, &instance_ids) {
+            continue;
+        }
         for view in cloud.commands.invocations(&command_id, &instance_ids).await? {
             observation.invocations.insert((command_id.clone(), view.instance_id.clone()), view);
         }
+        observation.listed_commands.insert(command_id);
     }
     // A command that timed out: was its agent there to time it out, or gone?
     let timed_out: Vec<String> = observation

@@ -1,0 +1,109 @@
+//! One launch budget for every job of a deployment: EC2 limits RunInstances
+//! per account and Region (5 requests burst refilling 2 a second, and 1,000
+//! instances burst refilling 2 a second), whichever job asks. The budget is
+//! a token bucket of both, kept in S3 (`admission/launch.json`) and changed
+//! only by conditional writes, so jobs launching at once take turns instead
+//! of throttling each other; a grant can be partial (RunInstances then asks
+//! for that many), and a job granted nothing looks again when enough
+//! tokens will have refilled.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::CloudError;
+use crate::ports::{CloudResult, Ledger, WriteOutcome};
+
+pub const KEY: &str = "admission/launch.json";
+/// EC2's RunInstances buckets ("Request throttling for the Amazon EC2 API").
+pub const INSTANCES_BURST: f64 = 1000.0;
+pub const INSTANCES_PER_SECOND: f64 = 2.0;
+pub const REQUESTS_BURST: f64 = 5.0;
+pub const REQUESTS_PER_SECOND: f64 = 2.0;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Budget {
+    instances: f64,
+    requests: f64,
+    at: DateTime<Utc>,
+}
+
+impl Budget {
+    fn full(now: DateTime<Utc>) -> Self {
+        Budget { instances: INSTANCES_BURST, requests: REQUESTS_BURST, at: now }
+    }
+
+    fn refilled(&self, now: DateTime<Utc>) -> Self {
+        let seconds = (now - self.at).num_milliseconds().max(0) as f64 / 1000.0;
+        Budget {
+            instances: (self.instances + seconds * INSTANCES_PER_SECOND).min(INSTANCES_BURST),
+            requests: (self.requests + seconds * REQUESTS_PER_SECOND).min(REQUESTS_BURST),
+            at: now.max(self.at),
+        }
+    }
+}
+
+/// What a job may launch now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub instances: u32,
+    /// With nothing granted: when to ask again.
+    pub retry_after_seconds: u32,
+}
+
+/// Take up to `wanted` instances (and one request) from the shared budget.
+pub async fn take(ledger: &dyn Ledger, wanted: u32, now: DateTime<Utc>) -> CloudResult<Grant> {
+    for _ in 0..8 {
+        let loaded = ledger.get_versioned(KEY).await?;
+        let (budget, version) = match &loaded {
+            Some((body, version)) => {
+                let budget: Budget = serde_json::from_slice(body).unwrap_or_else(|_| Budget::full(now));
+                (budget.refilled(now), Some(version.as_str()))
+            }
+            None => (Budget::full(now), None),
+        };
+        if budget.requests < 1.0 || budget.instances < 1.0 {
+            // Until one request and a fair share of instances have refilled.
+            let need = (1.0 - budget.requests).max(0.0) / REQUESTS_PER_SECOND;
+            let need = need.max((f64::from(wanted.min(50)) - budget.instances).max(0.0) / INSTANCES_PER_SECOND);
+            return Ok(Grant { instances: 0, retry_after_seconds: need.ceil().clamp(1.0, 60.0) as u32 });
+        }
+        let granted = (budget.instances.floor() as u32).min(wanted);
+        let left = Budget { instances: budget.instances - f64::from(granted), requests: budget.requests - 1.0, ..budget };
+        let body = serde_json::to_vec(&left).map_err(|e| CloudError::Invalid(e.to_string()))?;
+        if let WriteOutcome::Written { .. } = ledger.put_if(KEY, &body, version).await? {
+            return Ok(Grant { instances: granted, retry_after_seconds: 0 });
+        }
+    }
+    // Many jobs at once: let this one wait a moment rather than spin.
+    Ok(Grant { instances: 0, retry_after_seconds: 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeCloud;
+    use chrono::Duration;
+
+    #[tokio::test]
+    async fn jobs_share_the_burst_then_the_refill() {
+        let cloud = FakeCloud::new(crate::sim::start_time());
+        let t0 = crate::sim::start_time();
+        // Ten jobs of 100 take the 1,000-instance burst between them...
+        for _ in 0..5 {
+            assert_eq!(take(&cloud, 100, t0).await.expect("take").instances, 100);
+        }
+        // ... but only five requests burst: the sixth waits half a second's refill.
+        let sixth = take(&cloud, 100, t0).await.expect("take");
+        assert_eq!((sixth.instances, sixth.retry_after_seconds), (0, 1));
+        let later = t0 + Duration::seconds(3);
+        for _ in 0..5 {
+            assert_eq!(take(&cloud, 100, later).await.expect("take").instances, 100);
+        }
+        // Burst spent: 10 s later, 20 instances have refilled.
+        let partial = take(&cloud, 100, later + Duration::seconds(10)).await.expect("take");
+        assert_eq!(partial.instances, 26, "3 s + 10 s at 2/s");
+        let none = take(&cloud, 100, later + Duration::seconds(10)).await.expect("take");
+        assert_eq!(none.instances, 0);
+        assert!(none.retry_after_seconds >= 1);
+    }
+}
