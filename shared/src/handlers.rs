@@ -117,26 +117,29 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
         }
     }
     for (job_id, (message_ids, named, interrupted)) in by_job {
-        let routed = if interrupted.is_empty() {
-            // The pass lists only the named instances' commands.
-            let mut wake = WakeMessage::new(&job_id, "event");
-            wake.instances = named.into_iter().collect();
-            ports.queue.send(&wake, 0).await.map_err(StepError::from)
-        } else {
-            reconcile::update_inbox(
-                ports,
-                &job_id,
-                move |record| {
-                    let fresh: Vec<String> =
-                        interrupted.iter().filter(|id| !record.interruptions.contains(id)).cloned().collect();
-                    record.interruptions.extend(fresh.iter().cloned());
-                    !fresh.is_empty()
-                },
-                "event",
-            )
-            .await
-            .map(|_| ())
-        };
+        // The pass lists the named instances' commands at once.
+        let mut wake = WakeMessage::new(&job_id, "event");
+        wake.instances = named.into_iter().collect();
+        let routed = async {
+            if !interrupted.is_empty() {
+                reconcile::update_inbox(
+                    ports,
+                    &job_id,
+                    move |record| {
+                        let fresh: Vec<String> =
+                            interrupted.iter().filter(|id| !record.interruptions.contains(id)).cloned().collect();
+                        record.interruptions.extend(fresh.iter().cloned());
+                        !fresh.is_empty()
+                    },
+                    "event",
+                )
+                .await?;
+            }
+            // Also after a repeated warning, which changes nothing and wakes nobody.
+            ports.queue.send(&wake, 0).await?;
+            Ok::<(), StepError>(())
+        }
+        .await;
         match routed {
             Ok(()) => info!(%job_id, events = message_ids.len(), "events routed to their job"),
             Err(err) if err.is_retryable() => {

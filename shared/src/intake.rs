@@ -101,6 +101,19 @@ async fn submit_spec(
         Ok(prices) => prices,
         Err(reason) => return reject(ports, job_id, reason, body).await,
     };
+    // A job that exists (a redelivery, a resubmission) is not listed or
+    // planned again: its manifests are never rewritten under a running job.
+    if spec.work.is_some() {
+        if let Some(existing) = ports.ledger.load(&job_id).await? {
+            if existing.record.state != crate::record::JobState::Rejected {
+                if !existing.record.state.is_terminal() {
+                    ports.queue.send(&WakeMessage::new(&job_id, "submit"), 0).await?;
+                }
+                info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
+                return Ok(Intake::AlreadyKnown { job_id });
+            }
+        }
+    }
     let items = match work::resolve(ports.ledger.as_ref(), &spec).await? {
         Ok(items) => items,
         Err(reason) => return reject(ports, job_id, reason, body).await,

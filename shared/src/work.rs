@@ -45,10 +45,14 @@ pub async fn resolve(ledger: &dyn Ledger, spec: &JobSpec) -> Result<Result<Optio
     }
 }
 
-/// FNV-1a over the items: the manifests' folder, so two intakes of one job
-/// that listed different objects never mix their shards.
-pub fn digest(items: &[String]) -> String {
+/// FNV-1a over the items and the shard count: the manifests' folder, so two
+/// intakes of one job that listed different objects, or split them into a
+/// different number of shards, never overwrite each other's manifests.
+pub fn digest(items: &[String], shards: u32) -> String {
     let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    for b in shards.to_le_bytes() {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
     for item in items {
         for b in item.bytes().chain(std::iter::once(b'\n')) {
             hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
@@ -71,7 +75,7 @@ pub async fn write_manifests(
     items: &[String],
     shards: u32,
 ) -> Result<String, StepError> {
-    let folder = format!("work/{job_id}/{}/", digest(items));
+    let folder = format!("work/{job_id}/{}/", digest(items, shards));
     let total = items.len() as u64;
     stream::iter(0..shards)
         .map(|index| {
@@ -100,7 +104,7 @@ mod tests {
         let cloud = FakeCloud::new(chrono::Utc::now());
         let items: Vec<String> = (0..1003).map(|i| format!("s3://in/frame-{i:05}.exr")).collect();
         let folder = write_manifests(&cloud, "j1", &items, 10).await.expect("written");
-        assert_eq!(folder, format!("s3://{}/work/j1/{}/", cloud.bucket(), digest(&items)));
+        assert_eq!(folder, format!("s3://{}/work/j1/{}/", cloud.bucket(), digest(&items, 10)));
         let key_folder = folder.split_once(&format!("{}/", cloud.bucket())).expect("bucket").1.to_string();
         let mut seen = Vec::new();
         for index in 0..10 {
@@ -110,7 +114,8 @@ mod tests {
             seen.extend(lines);
         }
         assert_eq!(seen, items, "every item once, in order");
-        // Another listing of the same job never overwrites these shards.
-        assert_ne!(digest(&items[1..]), digest(&items));
+        // Another listing, or another shard count, never overwrites these manifests.
+        assert_ne!(digest(&items[1..], 10), digest(&items, 10));
+        assert_ne!(digest(&items, 5), digest(&items, 10));
     }
 }

@@ -129,3 +129,36 @@ echo "shard $FLOTILLA_SHARD_INDEX: $(wc -l < "$FLOTILLA_MANIFEST_FILE") items fr
     assert!(report.contains("realized: "), "{report}");
     assert_eq!(stack.running_managed().await, 0);
 }
+
+/// A resubmission of a running job, even with another shard count, is not
+/// listed or planned again: the running job's manifests stay as they were.
+#[tokio::test]
+async fn resubmitting_a_running_job_never_rewrites_its_manifests() {
+    use flotilla_shared::fake::FakeCloud;
+    use flotilla_shared::intake::{self, Intake};
+    let cloud = FakeCloud::new(flotilla_shared::sim::start_time());
+    let ports = cloud.ports(flotilla_shared::sim::settings());
+    let mut spec = job("resubmit-1");
+    spec["work"] = serde_json::json!({"list": (0..20).map(|i| format!("item-{i}")).collect::<Vec<_>>()});
+    spec["fleet"] = serde_json::json!({"count": 10});
+    let first = intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+    assert_eq!(first, Intake::Accepted { job_id: "resubmit-1".into() });
+    let manifests = |cloud: &FakeCloud| -> BTreeMap<String, Vec<u8>> {
+        cloud
+            .lock()
+            .objects
+            .iter()
+            .filter(|(k, _)| k.starts_with("work/resubmit-1/"))
+            .map(|(k, (body, _))| (k.clone(), body.clone()))
+            .collect()
+    };
+    let before = manifests(&cloud);
+    assert_eq!(before.len(), 10);
+    spec["fleet"] = serde_json::json!({"count": 5});
+    let again = intake::submit(&ports, &spec.to_string(), "m-2", None).await.expect("intake");
+    assert_eq!(again, Intake::AlreadyKnown { job_id: "resubmit-1".into() });
+    assert_eq!(manifests(&cloud), before, "no manifest written or changed");
+    let record = cloud.record("resubmit-1").expect("record");
+    assert_eq!(record.plan.and_then(|p| p.items), Some(20));
+    assert_eq!(record.spec.and_then(|s| s.work), Some(flotilla_shared::spec::WorkSpec::List(vec![])), "the list lives in the manifests");
+}

@@ -186,7 +186,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     let now = ctx.now;
     // Each stage that waits on something lowers this; a job whose shards
     // all work is polled only as the safety net.
-    let mut wait = ctx.settings.poll_delay_seconds.max(ctx.settings.safety_poll());
+    let mut wait = ctx.settings.poll_delay_seconds.max(working_poll(&spec, ctx.settings));
     let mut actions = Vec::new();
 
     for instance_id in std::mem::take(&mut record.interruptions) {
@@ -405,7 +405,8 @@ fn step_shard(
                         // No event says an agent came Online: look again soon,
                         // then less often, so the wait adds at most a tenth.
                         let waited = attempt.launched_at.map_or(0, |at| (now - at).num_seconds().max(0));
-                        *wait = (*wait).min((waited / 10).clamp(AGENT_POLL_MIN_SECONDS, i64::from(u32::MAX)) as u32);
+                        let most = i64::from(ctx.settings.poll_delay_seconds).max(AGENT_POLL_MIN_SECONDS);
+                        *wait = (*wait).min((waited / 10).clamp(AGENT_POLL_MIN_SECONDS, most) as u32);
                     }
                 }
                 _ => *wait = (*wait).min(10),
@@ -443,7 +444,7 @@ fn step_shard(
         work(job, index, attempt, commands, obs, ctx, actions, &mut notes);
         if attempt.stage == Stage::Working {
             // Events say when a command ends; this poll is the safety net.
-            *wait = (*wait).min(ctx.settings.safety_poll());
+            *wait = (*wait).min(working_poll(job.spec, ctx.settings));
         }
     }
 
@@ -1228,13 +1229,16 @@ pub fn launches_wanted(record: &JobRecord) -> u32 {
     if record.outcome.is_some() {
         return 0;
     }
-    record
-        .shards
-        .iter()
-        .filter(|s| s.result.is_none())
-        .filter_map(|s| s.current())
-        .filter(|a| a.stage == Stage::Launching && a.launch_token.is_none() && a.end.is_none())
-        .count() as u32
+    let current = || record.shards.iter().filter(|s| s.result.is_none()).filter_map(|s| s.current());
+    let pending: BTreeSet<&String> = current()
+        .filter(|a| a.stage == Stage::Launching && a.end.is_none())
+        .filter_map(|a| a.launch_token.as_ref())
+        .collect();
+    // plan_launches mints no new token while this many calls are pending:
+    // tokens granted now would launch nothing.
+    let room = MAX_LAUNCH_CALLS.saturating_sub(pending.len()) * 1000;
+    let fresh = current().filter(|a| a.stage == Stage::Launching && a.launch_token.is_none() && a.end.is_none()).count();
+    fresh.min(room) as u32
 }
 
 fn plan_launches(record: &mut JobRecord, spec: &JobSpec, ctx: &Context<'_>, actions: &mut Vec<Action>, wait: &mut u32) {
@@ -1375,6 +1379,17 @@ fn launch_request(
     }
 }
 
+/// How often a job whose shards work is polled: the safety poll, or the
+/// poll delay for a job in another account, whose events stay on that
+/// account's bus.
+pub fn working_poll(spec: &JobSpec, settings: &Settings) -> u32 {
+    if spec.role_arn.is_some() {
+        settings.poll_delay_seconds
+    } else {
+        settings.safety_poll()
+    }
+}
+
 /// While an attempt waits only for its snapshots (minutes each), look again
 /// after a fifth of the time waited so far, 5-60 s: a 10-minute snapshot
 /// costs a dozen looks, not a hundred.
@@ -1431,6 +1446,13 @@ fn plan_dispatch(
         if let Some(run) = a.phases.iter_mut().find(|p| p.status.is_none() && unsent.contains(&p.batch)) {
             run.batch = 0;
         }
+    }
+    // No event says an agent is back: look again at the poll delay.
+    let held_offline = record.shards.iter().filter_map(|s| s.current()).any(|a| {
+        a.stage == Stage::Working && offline(&a.instance_id) && a.phases.iter().any(|p| p.status.is_none() && p.batch == 0)
+    });
+    if held_offline {
+        *wait = (*wait).min(ctx.settings.poll_delay_seconds);
     }
     let mut fresh: BTreeMap<Phase, Vec<usize>> = BTreeMap::new();
     for (index, shard) in record.shards.iter().enumerate() {
@@ -2190,6 +2212,41 @@ mod tests {
         obs.snapshots.insert("snap-1".into(), snapshot("completed"));
         let actions = run(&mut r, &obs, now());
         assert!(actions.iter().any(|a| matches!(a, Action::DeleteVolume { volume_id } if volume_id == "vol-1")));
+    }
+
+    /// The shared launch budget's grant bounds what launches; nothing is
+    /// asked for while launch calls are pending at their limit.
+    #[test]
+    fn launches_follow_the_grant_and_ask_nothing_while_calls_are_pending() {
+        let mut r = record(serde_json::json!({"fleet": {"count": 5}, "volumes": []}));
+        assert_eq!(launches_wanted(&r), 5);
+        let settings = settings();
+        let grant = crate::admission::Grant { instances: 2, retry_after_seconds: 0 };
+        let ctx = Context { now: now(), settings: &settings, bucket: "b", launch_grant: Some(grant) };
+        let (actions, _) = decide(&mut r, &Observation::default(), &ctx);
+        let counts: Vec<u32> = actions
+            .iter()
+            .filter_map(|a| if let Action::Launch { request } = a { Some(request.count) } else { None })
+            .collect();
+        assert_eq!(counts, vec![2], "two granted, two launched");
+        assert_eq!(launches_wanted(&r), 3, "the other three wait their turn");
+        // Nothing granted: nothing new launches, and the job looks again when tokens refill.
+        let none = crate::admission::Grant { instances: 0, retry_after_seconds: 7 };
+        let ctx = Context { now: now(), settings: &settings, bucket: "b", launch_grant: Some(none) };
+        let (actions, next) = decide(&mut r, &Observation::default(), &ctx);
+        let fresh: Vec<u32> = actions
+            .iter()
+            .filter_map(|a| if let Action::Launch { request } = a { Some(request.count) } else { None })
+            .collect();
+        assert_eq!(fresh, vec![2], "only the pending call is repeated");
+        assert!(matches!(next, Next::After(w) if w <= 7), "{next:?}");
+        // Four calls pending: tokens granted now could launch nothing, so none are asked for.
+        for index in 0..4 {
+            if let Some(a) = r.shards[index].current_mut() {
+                a.launch_token = Some(format!("t{index}"));
+            }
+        }
+        assert_eq!(launches_wanted(&r), 0);
     }
 
     /// Shards reaching a phase a few at a time share sends: stragglers wait

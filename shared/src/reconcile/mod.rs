@@ -45,8 +45,8 @@ pub struct WakeMessage {
     /// What sent it, for logs only: submit, cancel, poll, tick, event, busy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
-    /// Instances EC2 or SSM events named: only their commands need listing
-    /// this pass (empty: look at everything).
+    /// Instances EC2 or SSM events named: their commands are listed this
+    /// pass; others only once their last listing is a safety poll old.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<String>,
 }
@@ -101,7 +101,10 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             }
             if let Some(lease) = record.lease.as_ref().filter(|l| l.until > started) {
                 let delay = (lease.until - started).num_seconds().clamp(1, 900) as u32;
-                ports.queue.send(&WakeMessage::new(&record.job_id, "busy"), delay).await?;
+                // The events' hints travel on: the pass that takes them lists those commands.
+                let mut busy = WakeMessage::new(&record.job_id, "busy");
+                busy.instances = message.instances.clone();
+                ports.queue.send(&busy, delay).await?;
                 return Ok(Handled::Busy);
             }
             record.lease = Some(Lease { owner: owner.clone(), until: lease_until });
@@ -186,13 +189,16 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
         // 3. Decide, and save the intents.
         // Whole seconds: finer times only make the record bigger.
         // The shared launch budget, asked only when something waits to launch.
+        // (Jobs in other accounts launch against those accounts' limits.)
         let wanted = decide::launches_wanted(&record);
-        let launch_grant = match (ports.settings.launch_admission && wanted > 0).then_some(()) {
+        let own_account = record.spec.as_ref().is_some_and(|s| s.role_arn.is_none());
+        let launch_grant = match (ports.settings.launch_admission && own_account && wanted > 0).then_some(()) {
             None => None,
             Some(()) => match crate::admission::take(ports.ledger.as_ref(), wanted, now).await {
                 Ok(grant) => Some(grant),
+                Err(CloudError::Crashed(at)) => return Err(StepError::Cloud(CloudError::Crashed(at))),
                 Err(err) => {
-                    crash_or(err)?;
+                    record.stalled = Some(format!("taking from the launch budget ({}): {err}", crate::admission::KEY));
                     Some(crate::admission::Grant { instances: 0, retry_after_seconds: TRANSIENT_BACKOFF_SECONDS })
                 }
             },
