@@ -1391,8 +1391,8 @@ pub fn working_poll(spec: &JobSpec, settings: &Settings) -> u32 {
 }
 
 /// While an attempt waits only for its snapshots (minutes each), look again
-/// after a fifth of the time waited so far, 5-60 s: a 10-minute snapshot
-/// costs a dozen looks, not a hundred.
+/// after a tenth of the time waited so far, 5-30 s: a 10-minute snapshot
+/// costs about 30 looks, not 120.
 fn snapshot_wait(attempt: &Attempt, now: DateTime<Utc>) -> Option<u32> {
     let mut oldest: Option<DateTime<Utc>> = None;
     for volume in attempt.volumes.iter().filter(|v| !v.deleted && v.kept.is_none()) {
@@ -1401,7 +1401,7 @@ fn snapshot_wait(attempt: &Attempt, now: DateTime<Utc>) -> Option<u32> {
         oldest = Some(oldest.map_or(at, |o| o.min(at)));
     }
     let waited = (now - oldest?).num_seconds().max(0);
-    Some((waited / 5).clamp(5, 60) as u32)
+    Some((waited / 10).clamp(5, 30) as u32)
 }
 
 /// The quickest re-look at an agent that is not Online yet.
