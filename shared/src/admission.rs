@@ -19,6 +19,9 @@ pub const INSTANCES_BURST: f64 = 1000.0;
 pub const INSTANCES_PER_SECOND: f64 = 2.0;
 pub const REQUESTS_BURST: f64 = 5.0;
 pub const REQUESTS_PER_SECOND: f64 = 2.0;
+/// A grant is at least this many instances (or all a job wants): fewer,
+/// larger RunInstances calls, and the request bucket never binds first.
+pub const MIN_GRANT: u32 = 10;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Budget {
@@ -61,11 +64,12 @@ pub async fn take(ledger: &dyn Ledger, wanted: u32, now: DateTime<Utc>) -> Cloud
             }
             None => (Budget::full(now), None),
         };
-        if budget.requests < 1.0 || budget.instances < 1.0 {
-            // Until one request and a fair share of instances have refilled.
+        let least = f64::from(wanted.min(MIN_GRANT));
+        if budget.requests < 1.0 || budget.instances < least {
+            // Until a request and the least grant have refilled.
             let need = (1.0 - budget.requests).max(0.0) / REQUESTS_PER_SECOND;
-            let need = need.max((f64::from(wanted.min(50)) - budget.instances).max(0.0) / INSTANCES_PER_SECOND);
-            return Ok(Grant { instances: 0, retry_after_seconds: need.ceil().clamp(1.0, 60.0) as u32 });
+            let need = need.max((least - budget.instances).max(0.0) / INSTANCES_PER_SECOND);
+            return Ok(Grant { instances: 0, retry_after_seconds: need.ceil().clamp(1.0, 30.0) as u32 });
         }
         let granted = (budget.instances.floor() as u32).min(wanted);
         let left = Budget { instances: budget.instances - f64::from(granted), requests: budget.requests - 1.0, ..budget };

@@ -196,6 +196,10 @@ async fn fifty_jobs() -> Fleetwide {
         .iter()
         .all(|j| cloud.record(j).is_some_and(|r| r.state == flotilla_shared::record::JobState::Succeeded));
     let state = cloud.lock();
+    let still_up = state.instances.iter().filter(|i| i.terminated_at.is_none()).count();
+    if std::env::var("FLOTILLA_BENCH_BY_OP").is_ok() {
+        eprintln!("fifty jobs: {} instances, {still_up} never terminated, calls {:?}", state.instances.len(), state.calls);
+    }
     let mut launches: Vec<DateTime<Utc>> = state.instances.iter().map(|i| i.launched_at).collect();
     launches.sort();
     let (first, last) = (launches[0], launches[launches.len() - 1]);
