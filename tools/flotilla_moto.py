@@ -96,7 +96,9 @@ Gaps filled (measured against moto 5.2.5):
     State-change Notification" (pending, running; stopping, stopped;
     shutting-down, terminated) and SSM "EC2 Command Invocation Status-change
     Notification" when an invocation ends, onto the default bus, where rules
-    route them (moto's EventBridge delivers to SQS targets).
+    route them (moto's EventBridge delivers to SQS targets). EBS sends an
+    "EBS Snapshot Notification" (createSnapshot, succeeded) when a snapshot
+    completes, which in moto is at once.
 
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
@@ -567,6 +569,29 @@ def _invocation_status_change(execution):
         "requested-date-time": command.requested_date_time.isoformat(),
         "status": execution.status,
     }, [_instance_arn(account_id, region, execution.instance_id)])
+
+
+_create_snapshot_quietly = EC2Backend.create_snapshot
+
+
+def _create_snapshot_announced(self, volume_id, description, owner_id=None, from_ami=None):
+    # "The createSnapshot event is sent to your AWS account when an action to
+    # create a snapshot completes" (EventBridge for Amazon EBS); moto's
+    # snapshots are completed as soon as they exist. An AMI's are not ours.
+    snapshot = _create_snapshot_quietly(self, volume_id, description, owner_id, from_ami)
+    if from_ami is None:
+        region, account = self.region_name, self.account_id
+        arn = f"arn:aws:ec2:{region}::snapshot/{snapshot.id}"
+        now = _now().strftime("%a %b %d %H:%M:%S UTC %Y")
+        _emit(account, region, "aws.ec2", "EBS Snapshot Notification", {
+            "event": "createSnapshot", "result": "succeeded", "cause": "", "request-id": "",
+            "snapshot_id": arn, "source": f"arn:aws:ec2:{region}::volume/{volume_id}",
+            "startTime": now, "endTime": now,
+        }, [arn])
+    return snapshot
+
+
+EC2Backend.create_snapshot = _create_snapshot_announced
 
 
 # --- 4. Commands really run; 10. they die with their instance --------------

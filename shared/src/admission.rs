@@ -1,11 +1,15 @@
-//! One launch budget for every job of a deployment: EC2 limits RunInstances
-//! per account and Region (5 requests burst refilling 2 a second, and 1,000
-//! instances burst refilling 2 a second), whichever job asks. The budget is
-//! a token bucket of both, kept in S3 (`admission/launch.json`) and changed
-//! only by conditional writes, so jobs launching at once take turns instead
-//! of throttling each other; a grant can be partial (RunInstances then asks
-//! for that many), and a job granted nothing looks again when enough
-//! tokens will have refilled.
+//! Budgets shared by every job of a deployment, because EC2 limits calls per
+//! account and Region, whichever job makes them:
+//!
+//! - launches: RunInstances, 5 requests burst refilling 2 a second, and
+//!   1,000 instances burst refilling 2 a second (`admission/launch.json`);
+//! - mutating calls: 50 burst refilling 5 a second (`admission/mutating.json`).
+//!
+//! Each is a token bucket in S3 changed only by conditional writes, so jobs
+//! acting at once take turns instead of throttling each other. A grant can
+//! be partial (RunInstances then asks for that many; the calls not granted
+//! wait for the next pass), and a job granted nothing looks again when
+//! enough tokens will have refilled.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -82,6 +86,49 @@ pub async fn take(ledger: &dyn Ledger, wanted: u32, now: DateTime<Utc>) -> Cloud
     Ok(Grant { instances: 0, retry_after_seconds: 1 })
 }
 
+/// EC2's mutating actions (CreateVolume, AttachVolume, CreateSnapshot,
+/// DeleteVolume, TerminateInstances...) share one bucket per account and
+/// Region: 50 burst, refilling 5 a second.
+pub const CALLS_KEY: &str = "admission/mutating.json";
+pub const CALLS_BURST: f64 = 50.0;
+pub const CALLS_PER_SECOND: f64 = 5.0;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Calls {
+    tokens: f64,
+    at: DateTime<Utc>,
+}
+
+/// Take up to `wanted` mutating calls from the shared budget: the grant's
+/// `instances` is the number of calls this pass may make.
+pub async fn take_calls(ledger: &dyn Ledger, wanted: u32, now: DateTime<Utc>) -> CloudResult<Grant> {
+    for _ in 0..8 {
+        let loaded = ledger.get_versioned(CALLS_KEY).await?;
+        let (tokens, version) = match &loaded {
+            Some((body, version)) => {
+                let calls: Calls =
+                    serde_json::from_slice(body).unwrap_or(Calls { tokens: CALLS_BURST, at: now });
+                let seconds = (now - calls.at).num_milliseconds().max(0) as f64 / 1000.0;
+                ((calls.tokens + seconds * CALLS_PER_SECOND).min(CALLS_BURST), Some(version.as_str()))
+            }
+            None => (CALLS_BURST, None),
+        };
+        if tokens < 1.0 {
+            let need = (1.0 - tokens) / CALLS_PER_SECOND;
+            return Ok(Grant { instances: 0, retry_after_seconds: need.ceil().clamp(1.0, 30.0) as u32 });
+        }
+        let granted = (tokens.floor() as u32).min(wanted);
+        let left = Calls { tokens: tokens - f64::from(granted), at: now };
+        let body = serde_json::to_vec(&left).map_err(|e| CloudError::Invalid(e.to_string()))?;
+        if let WriteOutcome::Written { .. } = ledger.put_if(CALLS_KEY, &body, version).await? {
+            // What is left over refills at 5 a second: when to come back.
+            let short = f64::from(wanted - granted) / CALLS_PER_SECOND;
+            return Ok(Grant { instances: granted, retry_after_seconds: short.ceil().clamp(1.0, 30.0) as u32 });
+        }
+    }
+    Ok(Grant { instances: 0, retry_after_seconds: 1 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +156,18 @@ mod tests {
         let none = take(&cloud, 100, later + Duration::seconds(10)).await.expect("take");
         assert_eq!(none.instances, 0);
         assert!(none.retry_after_seconds >= 1);
+    }
+
+    #[tokio::test]
+    async fn mutating_calls_share_fifty_then_five_a_second() {
+        let cloud = FakeCloud::new(crate::sim::start_time());
+        let t0 = crate::sim::start_time();
+        assert_eq!(take_calls(&cloud, 30, t0).await.expect("take").instances, 30);
+        let second = take_calls(&cloud, 30, t0).await.expect("take");
+        assert_eq!(second.instances, 20, "the rest of the burst");
+        assert_eq!(second.retry_after_seconds, 2, "10 calls short refill in 2 s");
+        let empty = take_calls(&cloud, 5, t0).await.expect("take");
+        assert_eq!((empty.instances, empty.retry_after_seconds), (0, 1));
+        assert_eq!(take_calls(&cloud, 100, t0 + Duration::seconds(3)).await.expect("take").instances, 15);
     }
 }

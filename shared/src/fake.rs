@@ -115,16 +115,16 @@ const EVENT_DELIVERY_SECONDS: i64 = 1;
 /// An event about one of `job_id`'s instances at `at` wakes the job a second
 /// later; events within a second of each other share one wake, as the
 /// router turns a batch of events into one wake per job.
-fn queue_event(state: &mut FakeState, job_id: &str, instance_id: &str, at: DateTime<Utc>) {
+fn queue_event(state: &mut FakeState, job_id: &str, instance_id: Option<&str>, at: DateTime<Utc>) {
     let deliver = at + Duration::seconds(EVENT_DELIVERY_SECONDS);
     let shared = state.queue.iter_mut().find(|(when, m)| {
         m.job_id == job_id && m.trigger.as_deref() == Some("event") && (*when - deliver).num_seconds().abs() < 1
     });
     match shared {
-        Some((_, wake)) => wake.instances.push(instance_id.to_string()),
+        Some((_, wake)) => wake.instances.extend(instance_id.map(str::to_string)),
         None => {
             let mut wake = WakeMessage::new(job_id, "event");
-            wake.instances.push(instance_id.to_string());
+            wake.instances.extend(instance_id.map(str::to_string));
             state.queue.push_back((deliver, wake));
         }
     }
@@ -779,7 +779,7 @@ impl Fleet for FakeCloud {
                 impaired_at: None,
             });
             if state.events {
-                queue_event(&mut state, &request.job_id, &id, running_at);
+                queue_event(&mut state, &request.job_id, Some(&id), running_at);
             }
             ids.push(id);
         }
@@ -856,6 +856,7 @@ impl Fleet for FakeCloud {
         let mut state = self.lock();
         let now = state.now.unwrap_or_default();
         let (lo, hi) = self.latencies.shutting_down;
+        let mut terminated = Vec::new();
         for id in instance_ids {
             let delay = state.rng.as_mut().expect("rng").range(lo, hi);
             if let Some(instance) = state.instances.iter_mut().find(|i| &i.id == id) {
@@ -863,7 +864,16 @@ impl Fleet for FakeCloud {
                     instance.state = "shutting-down".into();
                     instance.shutting_down_at = Some(now);
                     instance.terminated_at = Some(now + Duration::seconds(delay));
+                    if let Some(job_id) = instance.tags.get(tags::JOB_ID) {
+                        terminated.push((job_id.clone(), id.clone(), now + Duration::seconds(delay)));
+                    }
                 }
+            }
+        }
+        // EC2's state-change event when each is terminated.
+        if state.events {
+            for (job_id, id, at) in terminated {
+                queue_event(&mut state, &job_id, Some(&id), at);
             }
         }
         refresh(&mut state);
@@ -1044,6 +1054,17 @@ impl Volumes for FakeCloud {
         Ok(state.snapshots.iter().filter(|s| has_tags(&s.tags, tags)).map(|s| snapshot_view(s, now)).collect())
     }
 
+    async fn snapshot_jobs(&self, stack: &str, snapshot_ids: &[String]) -> CloudResult<BTreeMap<String, String>> {
+        self.call("DescribeSnapshots", false).await?;
+        let state = self.lock();
+        Ok(state
+            .snapshots
+            .iter()
+            .filter(|s| snapshot_ids.contains(&s.id) && has_tags(&s.tags, &tags::scope(stack)))
+            .filter_map(|s| Some((s.id.clone(), s.tags.get(tags::JOB_ID)?.clone())))
+            .collect())
+    }
+
     async fn describe_snapshot(&self, snapshot_id: &str) -> CloudResult<Option<SnapshotView>> {
         self.call("DescribeSnapshots", false).await?;
         let state = self.lock();
@@ -1078,6 +1099,10 @@ impl Volumes for FakeCloud {
             fails,
             tags: tags.clone(),
         });
+        // EBS's "EBS Snapshot Notification" when it completes or fails.
+        if let (true, Some(job_id)) = (state.events, tags.get(tags::JOB_ID)) {
+            queue_event(&mut state, &job_id.clone(), None, now + Duration::seconds(took));
+        }
         self.after(&mut state, "CreateSnapshot")?;
         Ok(id)
     }
@@ -1156,7 +1181,7 @@ impl Commands for FakeCloud {
             // The comment is `flotilla <job> <phase> c<batch>`.
             if let Some(job_id) = request.comment.split(' ').nth(1) {
                 for (instance_id, run) in &runs {
-                    queue_event(&mut state, job_id, instance_id, run.finishes_at);
+                    queue_event(&mut state, job_id, Some(instance_id), run.finishes_at);
                 }
             }
         }

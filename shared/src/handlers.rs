@@ -19,7 +19,7 @@ use crate::reconcile::{self, WakeMessage};
 use crate::sqs_batch::for_each_record;
 
 /// A batch from the reconcile queue: wakes, and EventBridge events that
-/// EC2 and SSM rules deliver to the same queue. Each pass gets at most
+/// EC2, SSM and EBS rules deliver to the same queue. Each pass gets at most
 /// `most`, and never more than what is left before `deadline` (the Lambda's,
 /// minus a margin); a message with too little time left goes back to SQS.
 pub async fn reconcile_batch(
@@ -61,18 +61,25 @@ fn is_event(body: &str) -> bool {
     serde_json::from_str::<Value>(body).is_ok_and(|v| v.get("detail-type").is_some())
 }
 
-/// EC2 and SSM events about instances: a spot warning is recorded on its
-/// job, and every job an event names is woken once, so its next step starts
-/// now rather than at the next poll. Events for instances that are not this
-/// deployment's are dropped.
+/// What an event is about.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Subject {
+    Instance(String),
+    Snapshot(String),
+}
+
+/// EC2, SSM and EBS events about instances and snapshots: a spot warning is
+/// recorded on its job, and every job an event names is woken once, so its
+/// next step starts now rather than at the next poll. Events about what is
+/// not this deployment's are dropped.
 async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchResponse {
     let mut response = SqsBatchResponse::default();
-    // (message id, detail-type, instance id) of each event that parses.
-    let mut named: Vec<(String, String, String)> = Vec::new();
+    // (message id, detail-type, subject) of each event that parses.
+    let mut named: Vec<(String, String, Subject)> = Vec::new();
     for message in messages {
         let message_id = message.message_id.clone().unwrap_or_default();
-        match instance_of(message.body.as_deref().unwrap_or_default()) {
-            Ok((detail_type, instance_id)) => named.push((message_id, detail_type, instance_id)),
+        match subject_of(message.body.as_deref().unwrap_or_default()) {
+            Ok((detail_type, subject)) => named.push((message_id, detail_type, subject)),
             Err(err) => warn!(%message_id, error = %err, "dropped: retrying cannot help"),
         }
     }
@@ -86,9 +93,26 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
     if named.is_empty() {
         return response;
     }
-    let instance_ids: Vec<String> =
-        named.iter().map(|(_, _, id)| id.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-    let jobs = match ports.cloud.fleet.jobs_of(&ports.settings.stack, &instance_ids).await {
+    let ids = |pick: fn(&Subject) -> Option<&String>| -> Vec<String> {
+        named.iter().filter_map(|(_, _, s)| pick(s).cloned()).collect::<BTreeSet<_>>().into_iter().collect()
+    };
+    let instance_ids = ids(|s| if let Subject::Instance(id) = s { Some(id) } else { None });
+    let snapshot_ids = ids(|s| if let Subject::Snapshot(id) = s { Some(id) } else { None });
+    // One DescribeInstances and one DescribeSnapshots for the whole batch.
+    let stack = &ports.settings.stack;
+    let looked_up = async {
+        let mut jobs: BTreeMap<Subject, String> = BTreeMap::new();
+        if !instance_ids.is_empty() {
+            let found = ports.cloud.fleet.jobs_of(stack, &instance_ids).await?;
+            jobs.extend(found.into_iter().map(|(id, job)| (Subject::Instance(id), job)));
+        }
+        if !snapshot_ids.is_empty() {
+            let found = ports.cloud.volumes.snapshot_jobs(stack, &snapshot_ids).await?;
+            jobs.extend(found.into_iter().map(|(id, job)| (Subject::Snapshot(id), job)));
+        }
+        Ok::<_, crate::error::CloudError>(jobs)
+    };
+    let jobs = match looked_up.await {
         Ok(jobs) => jobs,
         Err(err) if err.is_retryable() => {
             warn!(error = %err, "events will retry");
@@ -102,18 +126,20 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
     };
     // Per job: its messages, the instances events named, and those a spot warning named.
     let mut by_job: BTreeMap<String, (Vec<String>, BTreeSet<String>, Vec<String>)> = BTreeMap::new();
-    for (message_id, detail_type, instance_id) in &named {
-        let Some(job_id) = jobs.get(instance_id) else {
-            info!(%instance_id, %detail_type, "not a Flotilla instance of this stack; ignored");
+    for (message_id, detail_type, subject) in &named {
+        let Some(job_id) = jobs.get(subject) else {
+            info!(?subject, %detail_type, "not a Flotilla resource of this stack; ignored");
             continue;
         };
         let entry = by_job.entry(job_id.clone()).or_default();
         entry.0.push(message_id.clone());
-        entry.1.insert(instance_id.clone());
-        // A rebalance recommendation is only a hint: it wakes the job, it
-        // does not stop healthy work.
-        if detail_type == "EC2 Spot Instance Interruption Warning" {
-            entry.2.push(instance_id.clone());
+        if let Subject::Instance(instance_id) = subject {
+            entry.1.insert(instance_id.clone());
+            // A rebalance recommendation is only a hint: it wakes the job, it
+            // does not stop healthy work.
+            if detail_type == "EC2 Spot Instance Interruption Warning" {
+                entry.2.push(instance_id.clone());
+            }
         }
     }
     for (job_id, (message_ids, named, interrupted)) in by_job {
@@ -152,27 +178,35 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
     response
 }
 
-/// The event's detail-type and the instance it is about.
-fn instance_of(body: &str) -> Result<(String, String), StepError> {
+/// The event's detail-type and what it is about.
+fn subject_of(body: &str) -> Result<(String, Subject), StepError> {
     let event: CloudWatchEvent<Value> =
         serde_json::from_str(body).map_err(|e| StepError::BadMessage(e.to_string()))?;
     let detail_type = event.detail_type.clone().unwrap_or_default();
-    let instance_id = match detail_type.as_str() {
+    let subject = match detail_type.as_str() {
         "EC2 Instance State-change Notification" => {
             let detail: InstanceStateChange = serde_json::from_value(event.detail.clone().unwrap_or_default())
                 .map_err(|e| StepError::BadMessage(e.to_string()))?;
-            detail.instance_id
+            Subject::Instance(detail.instance_id)
         }
+        // The snapshot's ARN is the event's resource: arn:aws:ec2:<region>::snapshot/<id>.
+        "EBS Snapshot Notification" => event
+            .resources
+            .iter()
+            .find_map(|arn| arn.split_once(":snapshot/").map(|(_, id)| id.to_string()))
+            .filter(|id| id.starts_with("snap-"))
+            .map(Subject::Snapshot)
+            .ok_or_else(|| StepError::BadMessage(format!("{detail_type} without a snapshot ARN in resources")))?,
         // The spot warning's, rebalance's and SSM's details name it `instance-id` too.
         _ => event
             .detail
             .as_ref()
             .and_then(|d| d.get("instance-id"))
             .and_then(Value::as_str)
-            .map(str::to_string)
+            .map(|id| Subject::Instance(id.to_string()))
             .ok_or_else(|| StepError::BadMessage(format!("{detail_type} without detail.instance-id")))?,
     };
-    Ok((detail_type, instance_id))
+    Ok((detail_type, subject))
 }
 
 /// The scheduled tick: wake every job that is not terminal, so a lost

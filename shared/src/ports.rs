@@ -169,6 +169,9 @@ pub trait Volumes: Send + Sync {
     async fn describe_snapshot(&self, snapshot_id: &str) -> CloudResult<Option<SnapshotView>>;
     /// Snapshots carrying all of these tags.
     async fn find_snapshots(&self, tags: &[(&str, &str)]) -> CloudResult<Vec<SnapshotView>>;
+    /// The job of each of these snapshots that is this stack's, by id (an
+    /// unknown id matches nothing rather than failing the call).
+    async fn snapshot_jobs(&self, stack: &str, snapshot_ids: &[String]) -> CloudResult<BTreeMap<String, String>>;
     async fn create_snapshot(
         &self,
         volume_id: &str,

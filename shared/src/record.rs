@@ -462,6 +462,10 @@ pub struct JobRecord {
     /// moves them onto their attempts. Written by the event path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interruptions: Vec<String>,
+    /// Instances that events named while the job's last pass was too recent
+    /// to run another: the next pass lists their commands.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hinted: Vec<String>,
     #[serde(default)]
     pub outcome: Option<Outcome>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -551,6 +555,7 @@ impl JobRecord {
             dead_letters: 0,
             dead_letter_ids: vec![],
             interruptions: vec![],
+            hinted: vec![],
             outcome: None,
             outcome_reason: None,
             resolved_image: None,

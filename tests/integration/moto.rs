@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_config::{Region, SdkConfig};
 use aws_lambda_events::event::sqs::SqsEvent;
 use aws_sdk_s3::config::Credentials;
 use flotilla_shared::aws::{self, Environment};
@@ -82,7 +82,8 @@ impl MotoStack {
             assert!(Instant::now() < deadline, "moto server did not start on {endpoint}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let config = aws_config::defaults(BehaviorVersion::latest())
+        // The functions' own loader: their HTTPS client, trust store and retries.
+        let config = aws::config_loader()
             .endpoint_url(&endpoint)
             .region(Region::new("us-east-1"))
             .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))

@@ -166,6 +166,14 @@ async fn calls_per_job(n: u32) -> JobFigures {
     if std::env::var("FLOTILLA_BENCH_BY_OP").is_ok() {
         eprintln!("calls-{n} by operation: {:?}", state.calls);
     }
+    if std::env::var("FLOTILLA_BENCH_TIMELINE").is_ok() {
+        let start = record.submitted_at;
+        for (at, op) in state.call_log.iter().flatten() {
+            if EC2_SSM.contains(op) || *op == "SendMessage" {
+                eprintln!("{:>8.1} {op}", (*at - start).num_milliseconds() as f64 / 1000.0);
+            }
+        }
+    }
     let end = record.updated_at.unwrap_or(record.submitted_at);
     JobFigures {
         calls: state.calls.values().sum(),

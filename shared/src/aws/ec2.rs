@@ -446,6 +446,31 @@ impl Volumes for Ec2Volumes {
         Ok(views)
     }
 
+    async fn snapshot_jobs(&self, stack: &str, snapshot_ids: &[String]) -> CloudResult<BTreeMap<String, String>> {
+        let mut jobs = BTreeMap::new();
+        for chunk in snapshot_ids.chunks(FILTER_VALUES) {
+            let mut filters = tag_filters(&tags::scope(stack));
+            filters.push(Filter::builder().name("snapshot-id").set_values(Some(chunk.to_vec())).build());
+            let mut pages = self
+                .ec2
+                .describe_snapshots()
+                .owner_ids("self")
+                .set_filters(Some(filters))
+                .max_results(1000)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| cloud_error("ec2", "DescribeSnapshots", e))?;
+                for view in page.snapshots().iter().filter_map(snapshot_view) {
+                    if let Some(job_id) = view.tags.get(tags::JOB_ID) {
+                        jobs.insert(view.snapshot_id.clone(), job_id.clone());
+                    }
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
     async fn describe_snapshot(&self, snapshot_id: &str) -> CloudResult<Option<SnapshotView>> {
         let found = self
             .ec2

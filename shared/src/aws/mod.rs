@@ -23,10 +23,43 @@ use crate::ports::{Accounts, Cloud, CloudResult, Ports, Settings, SystemClock};
 /// throttling with a client-side rate limiter shared by every call of the
 /// process, before an error ever reaches the reconciler.
 pub async fn load_config() -> SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5))
-        .load()
-        .await
+    config_loader().load().await
+}
+
+/// The loader behind `load_config`, for callers that add to it (tests give
+/// moto's endpoint and credentials).
+pub fn config_loader() -> aws_config::ConfigLoader {
+    let loader =
+        aws_config::defaults(BehaviorVersion::latest()).retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5));
+    match amazon_roots_client() {
+        Some(client) => loader.http_client(client),
+        None => loader,
+    }
+}
+
+/// The roots of Amazon Trust Services (Amazon Root CA 1-4, and Starfield
+/// Services Root G2, which cross-signs them), copied from Debian's
+/// ca-certificates. Every endpoint Flotilla calls (EC2, SSM, S3, SQS, STS)
+/// presents a certificate that chains to them.
+const AMAZON_TRUST_ROOTS: &str = include_str!("amazon_trust_roots.pem");
+
+/// The SDK's own HTTPS client (hyper, rustls with aws-lc), trusting only
+/// Amazon's roots: reading and parsing the platform's ~140 roots was most
+/// of a cold start (9 of 16 ms of CPU). `FLOTILLA_TLS_ROOTS=native` keeps
+/// the platform's store, for a proxy or endpoint with another CA.
+fn amazon_roots_client() -> Option<aws_sdk_ec2::config::SharedHttpClient> {
+    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode, TlsContext, TrustStore};
+    if std::env::var("FLOTILLA_TLS_ROOTS").is_ok_and(|v| v == "native") {
+        return None;
+    }
+    let store = TrustStore::empty().with_pem_certificate(AMAZON_TRUST_ROOTS.as_bytes());
+    let context = TlsContext::builder().with_trust_store(store).build().ok()?;
+    Some(
+        aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
+            .tls_context(context)
+            .build_https(),
+    )
 }
 
 /// Jobs with a `role_arn` act in the target account through STS AssumeRole.

@@ -1,6 +1,7 @@
 //! Run one decided action against the ports. Creates that have no
-//! ClientToken look for their earlier result first: a command by its
-//! comment, a snapshot by its tags.
+//! ClientToken, decided in an earlier pass (whose reply may have been
+//! lost), look for their earlier result first: a command by its comment, a
+//! snapshot by its tags.
 
 use std::collections::BTreeMap;
 
@@ -21,11 +22,13 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
         Action::Attach { volume_id, instance_id, device } => {
             cloud.volumes.attach(volume_id, instance_id, device).await.map(|_| Done::Ok)
         }
-        Action::Send { request, .. } => {
+        Action::Send { request, look_first, .. } => {
             let first =
                 request.instance_ids.first().ok_or_else(|| CloudError::Invalid("a command with no instance".into()))?;
-            if let Some(existing) = cloud.commands.find_by_comment(first, &request.comment).await? {
-                return Ok(Done::Sent(existing));
+            if *look_first {
+                if let Some(existing) = cloud.commands.find_by_comment(first, &request.comment).await? {
+                    return Ok(Done::Sent(existing));
+                }
             }
             cloud.commands.send(request).await.map(Done::Sent)
         }
@@ -33,18 +36,20 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
             cloud.commands.cancel(command_id, instance_ids).await.map(|_| Done::Ok)
         }
         Action::Terminate { instance_ids } => cloud.fleet.terminate(instance_ids).await.map(|_| Done::Ok),
-        Action::Snapshot { volume_id, description, tags: snapshot_tags } => {
-            let token = snapshot_tags.get(tags::ATTEMPT).cloned().unwrap_or_default();
-            let found = cloud
-                .volumes
-                .find_snapshots(&[
-                    (tags::ATTEMPT, token.as_str()),
-                    (tags::SOURCE_VOLUME, volume_id.as_str()),
-                    (tags::STACK, &ports.settings.stack),
-                ])
-                .await?;
-            if let Some(existing) = found.into_iter().find(|s| s.state != "error") {
-                return Ok(Done::Snapshotted(existing.snapshot_id));
+        Action::Snapshot { volume_id, description, tags: snapshot_tags, look_first } => {
+            if *look_first {
+                let token = snapshot_tags.get(tags::ATTEMPT).cloned().unwrap_or_default();
+                let found = cloud
+                    .volumes
+                    .find_snapshots(&[
+                        (tags::ATTEMPT, token.as_str()),
+                        (tags::SOURCE_VOLUME, volume_id.as_str()),
+                        (tags::STACK, &ports.settings.stack),
+                    ])
+                    .await?;
+                if let Some(existing) = found.into_iter().find(|s| s.state != "error") {
+                    return Ok(Done::Snapshotted(existing.snapshot_id));
+                }
             }
             cloud.volumes.create_snapshot(volume_id, description, snapshot_tags).await.map(Done::Snapshotted)
         }

@@ -65,10 +65,13 @@ pub enum Action {
         instance_id: String,
         device: String,
     },
-    /// The executor looks the comment up first and sends only if it finds nothing.
+    /// With `look_first` (a send decided before this pass, whose reply may
+    /// have been lost) the executor looks the comment up first and sends
+    /// only if it finds nothing.
     Send {
         batch: u64,
         request: CommandRequest,
+        look_first: bool,
     },
     /// SSM cancels only the named instances' invocations.
     Cancel {
@@ -78,11 +81,13 @@ pub enum Action {
     Terminate {
         instance_ids: Vec<String>,
     },
-    /// The executor looks for a snapshot with these tags first.
+    /// With `look_first` (requested before this pass) the executor looks
+    /// for a snapshot with these tags first.
     Snapshot {
         volume_id: String,
         description: String,
         tags: BTreeMap<String, String>,
+        look_first: bool,
     },
     DeleteVolume {
         volume_id: String,
@@ -124,6 +129,34 @@ impl Action {
             Action::Prune { .. } => "PruneSnapshots",
             Action::SaveOutput { .. } => "SaveOutput",
             Action::WriteReport => "WriteReport",
+        }
+    }
+}
+
+impl Action {
+    /// Draws on EC2's bucket of mutating actions (RunInstances has its own).
+    pub fn is_mutating(&self) -> bool {
+        matches!(
+            self,
+            Action::CreateVolume { .. }
+                | Action::Attach { .. }
+                | Action::Terminate { .. }
+                | Action::Snapshot { .. }
+                | Action::DeleteVolume { .. }
+        )
+    }
+}
+
+/// An action the pass did not run (the shared budget of calls had none
+/// left): undo the intent that would make the next pass look for its result.
+pub fn withdraw(record: &mut JobRecord, action: &Action) {
+    if let Action::Snapshot { volume_id, look_first: false, .. } = action {
+        for volume in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()).flat_map(|a| a.volumes.iter_mut()) {
+            if volume.volume_id.as_deref() == Some(volume_id.as_str())
+                && volume.snapshot.as_ref().is_some_and(|s| s.snapshot_id.is_none())
+            {
+                volume.snapshot = None;
+            }
         }
     }
 }
@@ -185,8 +218,11 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     };
     let now = ctx.now;
     // Each stage that waits on something lowers this; a job whose shards
-    // all work is polled only as the safety net.
-    let mut wait = ctx.settings.poll_delay_seconds.max(working_poll(&spec, ctx.settings));
+    // all work is polled only as the safety net, which grows with the
+    // commands' age.
+    let working = record.shards.iter().filter_map(|s| s.current()).any(|a| a.stage == Stage::Working);
+    let ceiling = if working { working_poll(&spec, ctx.settings, now - Duration::days(1), now) } else { 0 };
+    let mut wait = ctx.settings.poll_delay_seconds.max(ctx.settings.safety_poll()).max(ceiling);
     let mut actions = Vec::new();
 
     for instance_id in std::mem::take(&mut record.interruptions) {
@@ -258,7 +294,15 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     if record.state.is_terminal() {
         return (actions, Next::Finished);
     }
-    (actions, Next::After(wait.max(1)))
+    (actions, Next::After(wait.max(pass_gap(record.shards.len()))))
+}
+
+/// The shortest wait between a job's passes: a second for small jobs, up
+/// to 10 s for a thousand shards, whose shards reach their steps at
+/// scattered moments: each pass then serves many of them, in the same
+/// batched calls.
+pub fn pass_gap(shards: usize) -> u32 {
+    (shards / 20).clamp(1, 10) as u32
 }
 
 /// How long each attempt's instance was billed: from its launch to the first
@@ -403,10 +447,10 @@ fn step_shard(
                         attempt.stage = Stage::Releasing;
                     } else {
                         // No event says an agent came Online: look again soon,
-                        // then less often, so the wait adds at most a tenth.
+                        // then less often, so the wait adds at most a fifth.
                         let waited = attempt.launched_at.map_or(0, |at| (now - at).num_seconds().max(0));
                         let most = i64::from(ctx.settings.poll_delay_seconds).max(AGENT_POLL_MIN_SECONDS);
-                        *wait = (*wait).min((waited / 10).clamp(AGENT_POLL_MIN_SECONDS, most) as u32);
+                        *wait = (*wait).min((waited / 5).clamp(AGENT_POLL_MIN_SECONDS, most) as u32);
                     }
                 }
                 _ => *wait = (*wait).min(10),
@@ -444,7 +488,8 @@ fn step_shard(
         work(job, index, attempt, commands, obs, ctx, actions, &mut notes);
         if attempt.stage == Stage::Working {
             // Events say when a command ends; this poll is the safety net.
-            *wait = (*wait).min(working_poll(job.spec, ctx.settings));
+            let since = in_flight_since(attempt, commands, now);
+            *wait = (*wait).min(working_poll(job.spec, ctx.settings, since, now));
         }
     }
 
@@ -452,7 +497,9 @@ fn step_shard(
         if release(job, index, attempt, obs, now, actions, terminate, &mut notes) {
             attempt.stage = Stage::Done;
         } else {
-            *wait = (*wait).min(snapshot_wait(attempt, now).unwrap_or(5));
+            let events = ctx.settings.safety_poll_seconds.is_some() && job.spec.role_arn.is_none();
+            let waited = snapshot_wait(attempt, events, now);
+            *wait = (*wait).min(waited.unwrap_or_else(|| release_wait(attempt, instance_gone_at(attempt), events, now)));
         }
     }
 
@@ -1083,11 +1130,11 @@ fn release(
                 None => {
                     volume.snapshot =
                         Some(SnapshotRef { snapshot_id: None, state: "requested".into(), requested_at: Some(now) });
-                    actions.push(snapshot_action(job, shard, volume, &volume_id, now));
+                    actions.push(snapshot_action(job, shard, volume, &volume_id, now, false));
                     settled = false;
                 }
                 Some(SnapshotRef { snapshot_id: None, .. }) => {
-                    actions.push(snapshot_action(job, shard, volume, &volume_id, now));
+                    actions.push(snapshot_action(job, shard, volume, &volume_id, now, true));
                     settled = false;
                 }
                 Some(SnapshotRef { snapshot_id: Some(id), state, requested_at }) => {
@@ -1155,6 +1202,7 @@ fn snapshot_action(
     volume: &AttemptVolume,
     volume_id: &str,
     now: DateTime<Utc>,
+    look_first: bool,
 ) -> Action {
     let name = job.spec.name.clone().unwrap_or_else(|| job.job_id.clone());
     let mut snapshot_tags = BTreeMap::new();
@@ -1185,7 +1233,7 @@ fn snapshot_action(
         volume.name,
         now.to_rfc3339_opts(SecondsFormat::Secs, true)
     );
-    Action::Snapshot { volume_id: volume_id.to_string(), description, tags: snapshot_tags }
+    Action::Snapshot { volume_id: volume_id.to_string(), description, tags: snapshot_tags, look_first }
 }
 
 /// Instances a RunInstances made whose reply was lost (a crash) carry the
@@ -1379,21 +1427,40 @@ fn launch_request(
     }
 }
 
-/// How often a job whose shards work is polled: the safety poll, or the
-/// poll delay for a job in another account, whose events stay on that
-/// account's bus.
-pub fn working_poll(spec: &JobSpec, settings: &Settings) -> u32 {
-    if spec.role_arn.is_some() {
-        settings.poll_delay_seconds
-    } else {
-        settings.safety_poll()
+/// The longest a command in flight goes without a look when events are on.
+pub const SAFETY_POLL_MAX_SECONDS: i64 = 600;
+
+/// How often a command in flight is looked at without an event. Without
+/// events (a job in another account, whose events stay on that account's
+/// bus, or a deployment without them): the poll delay. With them: the
+/// safety poll, growing to a quarter of the command's age (at most 10
+/// minutes), so a lost event delays the job by at most a quarter.
+pub fn working_poll(spec: &JobSpec, settings: &Settings, since: DateTime<Utc>, now: DateTime<Utc>) -> u32 {
+    match settings.safety_poll_seconds.filter(|_| spec.role_arn.is_none()) {
+        None => settings.poll_delay_seconds,
+        Some(safety) => {
+            let safety = i64::from(safety);
+            ((now - since).num_seconds() / 4).clamp(safety, SAFETY_POLL_MAX_SECONDS.max(safety)) as u32
+        }
     }
 }
 
-/// While an attempt waits only for its snapshots (minutes each), look again
-/// after a tenth of the time waited so far, 5-30 s: a 10-minute snapshot
-/// costs about 30 looks, not 120.
-fn snapshot_wait(attempt: &Attempt, now: DateTime<Utc>) -> Option<u32> {
+/// When the attempt's oldest command in flight was sent (now if none is).
+fn in_flight_since(attempt: &Attempt, commands: &BTreeMap<u64, CommandBatch>, now: DateTime<Utc>) -> DateTime<Utc> {
+    attempt
+        .phases
+        .iter()
+        .filter(|p| p.status.is_none())
+        .filter_map(|p| commands.get(&p.batch).filter(|b| b.command_id.is_some()).map(|b| b.dispatched_at))
+        .min()
+        .unwrap_or(now)
+}
+
+/// While an attempt waits only for its snapshots (minutes each): with
+/// events (EBS says when a snapshot completes or fails), a safety look after
+/// half the time waited, 30-120 s; without, after a tenth, 5-30 s, so a
+/// 10-minute snapshot costs about 30 looks, not 120.
+fn snapshot_wait(attempt: &Attempt, events: bool, now: DateTime<Utc>) -> Option<u32> {
     let mut oldest: Option<DateTime<Utc>> = None;
     for volume in attempt.volumes.iter().filter(|v| !v.deleted && v.kept.is_none()) {
         let snapshot = volume.snapshot.as_ref().filter(|s| s.snapshot_id.is_some() && s.state == "pending")?;
@@ -1401,7 +1468,23 @@ fn snapshot_wait(attempt: &Attempt, now: DateTime<Utc>) -> Option<u32> {
         oldest = Some(oldest.map_or(at, |o| o.min(at)));
     }
     let waited = (now - oldest?).num_seconds().max(0);
-    Some((waited / 10).clamp(5, 30) as u32)
+    Some(if events { (waited / 2).clamp(30, 120) } else { (waited / 10).clamp(5, 30) } as u32)
+}
+
+/// When a pass first saw the attempt's instance gone (its billing ended).
+fn instance_gone_at(attempt: &Attempt) -> Option<DateTime<Utc>> {
+    Some(attempt.launched_at? + Duration::seconds(i64::from(attempt.billed_seconds?)))
+}
+
+/// While an attempt is released and no snapshot is pending: its instance's
+/// termination is an event (a safety look every 30 s), and its volumes'
+/// detachment is looked at after a fifth of the time since, 5-30 s.
+fn release_wait(attempt: &Attempt, gone_at: Option<DateTime<Utc>>, events: bool, now: DateTime<Utc>) -> u32 {
+    match gone_at {
+        Some(at) if !attempt.volumes.is_empty() => ((now - at).num_seconds() / 5).clamp(5, 30) as u32,
+        None if events && attempt.terminate_requested => 30,
+        _ => 5,
+    }
 }
 
 /// The quickest re-look at an agent that is not Online yet.
@@ -1467,6 +1550,8 @@ fn plan_dispatch(
         }
     }
     let aborting = record.outcome.is_some();
+    // Batches made by this decision were never sent: no need to look first.
+    let mut made_now: BTreeSet<u64> = BTreeSet::new();
     for (phase, mut shards) in fresh {
         // Full sends go now; a remainder waits a moment for shards close behind.
         let remainder = shards.len() % MAX_INSTANCES_PER_COMMAND;
@@ -1491,6 +1576,7 @@ fn plan_dispatch(
         }
         for chunk in shards.chunks(MAX_INSTANCES_PER_COMMAND) {
             let batch = record.take_seq();
+            made_now.insert(batch);
             record.commands.insert(batch, CommandBatch { phase, command_id: None, dispatched_at: ctx.now, listed_at: None });
             for index in chunk {
                 if let Some(run) =
@@ -1522,6 +1608,7 @@ fn plan_dispatch(
         let lines = phase_lines(record, spec, phase, &instances);
         actions.push(Action::Send {
             batch,
+            look_first: !made_now.contains(&batch),
             request: CommandRequest {
                 instance_ids: instances.iter().map(|(id, _)| id.clone()).collect(),
                 lines,

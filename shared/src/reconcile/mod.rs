@@ -42,7 +42,8 @@ pub struct WakeMessage {
     /// Set on the job's scheduled poll, so a pass knows that poll arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_id: Option<String>,
-    /// What sent it, for logs only: submit, cancel, poll, tick, event, busy.
+    /// What sent it: submit, cancel, poll, tick, event, busy. Only a tick
+    /// is treated apart: it skips a job whose poll is on its way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
     /// Instances EC2 or SSM events named: their commands are listed this
@@ -65,6 +66,10 @@ pub enum Handled {
     Busy,
     /// No record: a wake for a job that does not exist.
     Unknown,
+    /// A safety tick for a job whose poll is on its way: nothing to do.
+    Scheduled,
+    /// An event right after a pass: kept in the record for the next.
+    Deferred,
     Reconciled {
         state: String,
     },
@@ -77,6 +82,10 @@ const LEASE_MARGIN_SECONDS: i64 = 30;
 const MAX_ROUNDS: usize = 4;
 /// Passes in a row whose observation fails permanently before the job gives up.
 const OBSERVE_FAILURES: u32 = 5;
+/// A tick leaves a job alone while its scheduled poll is due within this
+/// long: a poll that never came (lost to the dead-letter queue, or never
+/// sent by a pass that crashed) is overdue, and the tick runs the pass.
+const TICK_GRACE_SECONDS: i64 = 120;
 /// Back-off after a transient error that outlasted the SDK's own retries.
 const TRANSIENT_BACKOFF_SECONDS: u32 = 15;
 
@@ -87,7 +96,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
     let lease_until = started + budget + Duration::seconds(LEASE_MARGIN_SECONDS);
 
     // 1. The lease.
-    let (mut record, mut version) = {
+    let (mut record, mut version, hinted) = {
         let mut taken = None;
         for _ in 0..4 {
             let Some(loaded) = ports.ledger.load(&message.job_id).await? else { return Ok(Handled::Unknown) };
@@ -98,6 +107,38 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
                     ports.ledger.set_active(&record.job_id, false).await?;
                 }
                 return Ok(Handled::Finished);
+            }
+            let poll_coming = record.wake.as_ref().is_some_and(|w| started < w.at + Duration::seconds(TICK_GRACE_SECONDS));
+            if message.trigger.as_deref() == Some("tick") && poll_coming && record.lease.is_none() {
+                return Ok(Handled::Scheduled);
+            }
+            // An event (or a stale poll) right after a pass: its hints wait in
+            // the record for the pass a gap later, so a big job's scattered
+            // events share passes.
+            let gap = Duration::seconds(i64::from(decide::pass_gap(record.shards.len())));
+            let scheduled = message.wake_id.is_some() && record.wake.as_ref().map(|w| &w.id) == message.wake_id.as_ref();
+            let early = matches!(message.trigger.as_deref(), Some("event" | "busy" | "poll"))
+                && !scheduled
+                && record.lease.is_none()
+                && record.updated_at.is_some_and(|at| started < at + gap);
+            if early {
+                let due = record.updated_at.unwrap_or(started) + gap;
+                for id in &message.instances {
+                    if !record.hinted.contains(id) {
+                        record.hinted.push(id.clone());
+                    }
+                }
+                let send = record.wake.as_ref().is_none_or(|w| w.at > due + Duration::seconds(1));
+                if send {
+                    let id = uuid::Uuid::new_v4().simple().to_string();
+                    record.wake = Some(Wake { id: id.clone(), at: due });
+                    let wake = WakeMessage { wake_id: Some(id), ..WakeMessage::new(&record.job_id, "poll") };
+                    ports.queue.send(&wake, (due - started).num_seconds().clamp(1, 900) as u32).await?;
+                }
+                if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &loaded.version).await? {
+                    return Ok(Handled::Deferred);
+                }
+                continue;
             }
             if let Some(lease) = record.lease.as_ref().filter(|l| l.until > started) {
                 let delay = (lease.until - started).num_seconds().clamp(1, 900) as u32;
@@ -113,8 +154,9 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             }
             record.passes += 1;
             record.updated_at = Some(started);
+            let hinted = std::mem::take(&mut record.hinted);
             if let WriteOutcome::Written { version } = ports.ledger.replace(&record, &loaded.version).await? {
-                taken = Some((record, version));
+                taken = Some((record, version, hinted));
                 break;
             }
         }
@@ -161,7 +203,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             record.outcome_reason.get_or_insert(format!("image: {err}"));
         }
         // 2. Observe.
-        let focus: BTreeSet<String> = message.instances.iter().cloned().collect();
+        let focus: BTreeSet<String> = message.instances.iter().chain(&hinted).cloned().collect();
         let observation = match observe::observe(cloud, &record, &ports.settings, now, &focus).await {
             Ok(observation) => {
                 record.observe_failures = 0;
@@ -215,11 +257,21 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
         if actions.is_empty() {
             break;
         }
-        // 4. Act.
+        // 4. Act, within the shared budget of mutating calls.
+        let mut calls = calls_granted(ports, &mut record, own_account, &actions, now).await?;
+        let mut deferred = false;
         let mut transient = false;
         for action in &actions {
             if ports.clock.now() >= started + budget {
                 break; // the rest is decided again next pass
+            }
+            if action.is_mutating() {
+                if calls.instances == 0 {
+                    decide::withdraw(&mut record, action);
+                    deferred = true;
+                    continue;
+                }
+                calls.instances -= 1;
             }
             let result = act::execute(ports, cloud, &record, action).await;
             if let Err(err) = &result {
@@ -239,12 +291,41 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             next = Next::After(TRANSIENT_BACKOFF_SECONDS);
             break;
         }
+        if deferred {
+            if let Next::After(seconds) = next {
+                next = Next::After(seconds.min(calls.retry_after_seconds.max(1)));
+            }
+            break;
+        }
         if ports.clock.now() >= started + budget {
             next = Next::After(1);
             break;
         }
     }
     finish_pass(ports, &mut record, &mut version, &owner, next).await
+}
+
+/// How many of this round's mutating calls may run: all of them unless
+/// admission control is on and the job acts in the deployment's account.
+async fn calls_granted(
+    ports: &Ports,
+    record: &mut JobRecord,
+    own_account: bool,
+    actions: &[decide::Action],
+    now: DateTime<Utc>,
+) -> Result<crate::admission::Grant, StepError> {
+    let wanted = actions.iter().filter(|a| a.is_mutating()).count() as u32;
+    if !(ports.settings.launch_admission && own_account) || wanted == 0 {
+        return Ok(crate::admission::Grant { instances: wanted, retry_after_seconds: 0 });
+    }
+    match crate::admission::take_calls(ports.ledger.as_ref(), wanted, now).await {
+        Ok(grant) => Ok(grant),
+        Err(CloudError::Crashed(at)) => Err(StepError::Cloud(CloudError::Crashed(at))),
+        Err(err) => {
+            record.stalled = Some(format!("taking from the budget of calls ({}): {err}", crate::admission::CALLS_KEY));
+            Ok(crate::admission::Grant { instances: 0, retry_after_seconds: TRANSIENT_BACKOFF_SECONDS })
+        }
+    }
 }
 
 /// A crash is not an error to handle: the process is gone.

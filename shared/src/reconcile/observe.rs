@@ -1,6 +1,7 @@
-//! One pass's view of the cloud, in a few batched calls: instances and
-//! volumes by the job's tag (paginated), agents of booting instances,
-//! snapshots only while one is pending, invocations per command in flight.
+//! One pass's view of the cloud, in a few batched calls: instances by the
+//! job's tag (paginated), volumes while any are made, attached or released,
+//! agents of booting instances, snapshots only while one is pending,
+//! invocations of the commands in flight that are due a look.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -90,10 +91,16 @@ pub async fn observe(
         observation.online = cloud.commands.online_agents(&ask).await?.into_iter().collect();
         observation.agents_checked = ask.into_iter().collect();
     }
+    // Volumes matter while they are made and attached, released, or swept at
+    // the end; a working or booting attempt never looks at its volumes.
     let attaching = record.shards.iter().filter_map(|s| s.current()).any(|a| a.stage == Stage::Attaching);
     let has_volumes = record.attempts().any(|a| !a.volumes.is_empty())
         || (attaching && record.spec.as_ref().is_some_and(|s| !s.volumes.is_empty()));
-    if has_volumes {
+    let volumes_moving = attaching
+        || record.attempts().any(|a| a.stage == Stage::Releasing)
+        || record.outcome.is_some()
+        || record.shards.iter().all(|s| s.result.is_some());
+    if has_volumes && volumes_moving {
         for view in cloud
             .volumes
             .find_volumes(&[(tags::JOB_ID, record.job_id.as_str()), (tags::STACK, &settings.stack)])
@@ -174,7 +181,10 @@ pub async fn observe(
         let timeout = spec.map_or(0, |s| decide::phase_timeout(s, batch.phase, record.deadline_at, batch.dispatched_at));
         stopping
             || instance_ids.iter().any(|id| focus.contains(id) || urgent.contains(id))
-            || batch.listed_at.is_none_or(|at| now - at >= Duration::seconds(i64::from(spec.map_or(settings.poll_delay_seconds, |s| decide::working_poll(s, settings)))))
+            || batch.listed_at.is_none_or(|at| {
+                let poll = spec.map_or(settings.poll_delay_seconds, |s| decide::working_poll(s, settings, batch.dispatched_at, now));
+                now - at >= Duration::seconds(i64::from(poll))
+            })
             || now >= batch.dispatched_at + Duration::seconds(i64::from(timeout))
     };
     for (command_id, instance_ids) in in_flight {
