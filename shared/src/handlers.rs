@@ -229,7 +229,8 @@ pub async fn wake_active(ports: &Ports) -> Result<usize, StepError> {
     Ok(jobs.len())
 }
 
-/// Intake takes SQS job submissions and EventBridge scheduled events.
+/// Intake takes SQS job submissions, EventBridge scheduled events, and
+/// `{"dry_run": <spec>}` invoked directly (the plan is the reply).
 pub async fn intake_event(ports: &Ports, event: LambdaEvent<Value>) -> Result<Value, StepError> {
     let payload = event.payload;
     if payload.get("Records").is_some() {
@@ -241,10 +242,26 @@ pub async fn intake_event(ports: &Ports, event: LambdaEvent<Value>) -> Result<Va
             let sender = message.attributes.get("SenderId").map(String::as_str);
             let outcome = intake::submit(ports, &body, &delivery_id, sender).await?;
             info!(?outcome, "intake");
+            // A dry run sent through the queue: its answer is kept beside
+            // where the job's record would be.
+            if let intake::Intake::Planned { job_id, plan } = &outcome {
+                let body = serde_json::to_vec_pretty(plan).map_err(|e| StepError::BadMessage(e.to_string()))?;
+                ports.ledger.put_artifact(job_id, "dry-run.json", &body, "application/json").await?;
+            }
             Ok(())
         })
         .await;
         return serde_json::to_value(response).map_err(|e| StepError::BadMessage(e.to_string()));
+    }
+    // `cargo lambda invoke` / `aws lambda invoke` with {"dry_run": <spec>}:
+    // the plan (or the rejection) is the reply; nothing is written.
+    if payload.get("dry_run").is_some() {
+        let outcome = intake::submit(ports, &payload.to_string(), "dry-run", None).await?;
+        return Ok(match outcome {
+            intake::Intake::Planned { job_id, plan } => json!({ "outcome": "planned", "job_id": job_id, "plan": plan }),
+            intake::Intake::Rejected { job_id, reason } => json!({ "outcome": "rejected", "job_id": job_id, "reason": reason }),
+            other => json!({ "outcome": format!("{other:?}") }),
+        });
     }
     if payload.get("detail-type").and_then(Value::as_str) == Some("Scheduled Event") {
         let scheduled: aws_lambda_events::event::eventbridge::EventBridgeEvent =
@@ -262,5 +279,5 @@ pub async fn intake_event(ports: &Ports, event: LambdaEvent<Value>) -> Result<Va
         info!(?outcome, "scheduled intake");
         return Ok(json!({ "outcome": format!("{outcome:?}") }));
     }
-    Err(StepError::BadMessage("expected an SQS batch or an EventBridge Scheduled Event".into()))
+    Err(StepError::BadMessage("expected an SQS batch, an EventBridge Scheduled Event or {\"dry_run\": <job spec>}".into()))
 }

@@ -13,7 +13,7 @@ use crate::record::JobRecord;
 use crate::spec::{self, check_job_id, EnvValue, JobSpec, SecretRef, VolumeSource, WorkSpec};
 use crate::work;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Intake {
     Accepted {
         job_id: String,
@@ -28,6 +28,12 @@ pub enum Intake {
     },
     CancelRequested {
         job_id: String,
+    },
+    /// `{"dry_run": <spec>}`: every check intake makes, and the plan, with
+    /// nothing written and nothing launched.
+    Planned {
+        job_id: String,
+        plan: crate::plan::Plan,
     },
     CancelIgnored {
         job_id: String,
@@ -49,10 +55,21 @@ pub async fn submit(ports: &Ports, body: &str, delivery_id: &str, sender: Option
             if let Some(Value::String(job_id)) = map.get("cancel") {
                 return cancel(ports, job_id).await;
             }
+            if let Some(spec @ Value::Object(_)) = map.get("dry_run") {
+                let fallback_id = derived_id(delivery_id);
+                return submit_spec(ports, &spec.to_string(), fallback_id, None, Mode::DryRun).await;
+            }
         }
     }
     let fallback_id = derived_id(delivery_id);
-    submit_spec(ports, body, fallback_id, sender.filter(|s| !s.is_empty()).map(str::to_string)).await
+    submit_spec(ports, body, fallback_id, sender.filter(|s| !s.is_empty()).map(str::to_string), Mode::Submit).await
+}
+
+/// A submission, or a dry run that stops before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Submit,
+    DryRun,
 }
 
 /// A scheduled firing: the spec is read from the bucket, the job id is the rule
@@ -80,7 +97,7 @@ pub async fn scheduled(ports: &Ports, rule_name: &str, fired_at: DateTime<Utc>) 
         }
         _ => body,
     };
-    submit_spec(ports, &body, job_id, Some(format!("schedule:{rule_name}"))).await
+    submit_spec(ports, &body, job_id, Some(format!("schedule:{rule_name}")), Mode::Submit).await
 }
 
 async fn submit_spec(
@@ -88,22 +105,33 @@ async fn submit_spec(
     body: &str,
     fallback_id: String,
     submitted_by: Option<String>,
+    mode: Mode,
 ) -> Result<Intake, StepError> {
     let now = ports.clock.now();
+    // A dry run records no rejection either: its answer is the reply.
+    let refuse = |job_id: String, reason: String, body: &str| {
+        let body = body.to_string();
+        async move {
+            match mode {
+                Mode::Submit => reject(ports, job_id, reason, &body).await,
+                Mode::DryRun => Ok(Intake::Rejected { job_id, reason }),
+            }
+        }
+    };
     let parsed = spec::parse(body).and_then(|spec| spec::validate(&spec).map(|_| spec));
     let spec = match parsed {
         Ok(spec) => spec,
-        Err(err) => return reject(ports, claimed_id(body).unwrap_or(fallback_id), err.message, body).await,
+        Err(err) => return refuse(claimed_id(body).unwrap_or(fallback_id), err.message, body).await,
     };
     let mut spec = spec;
     let job_id = spec.id.clone().unwrap_or(fallback_id);
     let prices = match prices(ports).await? {
         Ok(prices) => prices,
-        Err(reason) => return reject(ports, job_id, reason, body).await,
+        Err(reason) => return refuse(job_id, reason, body).await,
     };
     // A job that exists (a redelivery, a resubmission) is not listed or
     // planned again: its manifests are never rewritten under a running job.
-    if spec.work.is_some() {
+    if spec.work.is_some() && mode == Mode::Submit {
         if let Some(existing) = ports.ledger.load(&job_id).await? {
             if existing.record.state != crate::record::JobState::Rejected {
                 if !existing.record.state.is_terminal() {
@@ -116,24 +144,28 @@ async fn submit_spec(
     }
     let items = match work::resolve(ports.ledger.as_ref(), &spec).await? {
         Ok(items) => items,
-        Err(reason) => return reject(ports, job_id, reason, body).await,
+        Err(reason) => return refuse(job_id, reason, body).await,
     };
     let count = items.as_ref().map(|i| i.len() as u64).or_else(|| given_items(&spec));
     let mut plan = match plan_for(&spec, count, &prices) {
         Ok(plan) => plan,
-        Err(err) => return reject(ports, job_id, err.message, body).await,
+        Err(err) => return refuse(job_id, err.message, body).await,
     };
     if let Err(err) = ports.settings.limits.check(&spec, plan.instance_count) {
-        return reject(ports, job_id, err.message, body).await;
+        return refuse(job_id, err.message, body).await;
     }
     if let Err(reason) = check_secret_scope(&spec, &ports.settings) {
-        return reject(ports, job_id, reason, body).await;
+        return refuse(job_id, reason, body).await;
     }
     if let Some(reason) = over_total(ports, &job_id, plan.instance_count).await? {
-        return reject(ports, job_id, reason, body).await;
+        return refuse(job_id, reason, body).await;
     }
     if let Err(reason) = check_sources(ports, &spec, &job_id).await? {
-        return reject(ports, job_id, reason, body).await;
+        return refuse(job_id, reason, body).await;
+    }
+    if mode == Mode::DryRun {
+        info!(%job_id, instances = plan.instance_count, "dry run planned");
+        return Ok(Intake::Planned { job_id, plan });
     }
     if let Some(items) = &items {
         // Before the record: a job is never visible without its manifests.

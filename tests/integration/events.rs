@@ -141,6 +141,21 @@ async fn every_event_file_drives_its_function() {
         vec!["flotilla-nightly-example-202611210300".to_string()]
     );
 
+    // A dry run answers with the plan, and writes and launches nothing.
+    let planned = intake(&ports, event("dry-run-job.json")).await;
+    assert_eq!(planned["outcome"], "planned", "{planned}");
+    assert_eq!(planned["plan"]["instance_count"], 3, "the worked example: ceil(202 / (10 x 10))");
+    assert!(planned["plan"]["estimate"]["total_usd"].as_f64().is_some_and(|usd| usd > 0.0), "{planned}");
+    let demo_id = planned["job_id"].as_str().expect("job id").to_string();
+    assert!(ports.ledger.load(&demo_id).await.expect("load").is_none(), "no record for a dry run");
+    let mut over_budget = event("dry-run-job.json");
+    over_budget["dry_run"]["budget_usd"] = serde_json::json!(0.01);
+    let refused = intake(&ports, over_budget).await;
+    assert_eq!(refused["outcome"], "rejected");
+    assert!(refused["reason"].as_str().is_some_and(|r| r.starts_with("budget_usd: the estimate is")), "{refused}");
+    assert!(ports.ledger.load(&demo_id).await.expect("load").is_none(), "nor for its rejection");
+    assert_eq!(stack.running_managed().await, 0);
+
     // Cancelling a finished job changes nothing.
     intake(&ports, event("sqs-cancel-job.json")).await;
     let after = ports.ledger.load("events-submit").await.expect("load").expect("job").record;

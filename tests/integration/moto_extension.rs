@@ -560,3 +560,84 @@ async fn instance_state_and_command_status_events_reach_eventbridge_rules() {
         "pending and shutting-down are not routed: the rule's pattern leaves them out"
     );
 }
+
+/// EBS's "EBS Snapshot Notification" (gap 17): a completed snapshot's event
+/// reaches the rule, and the reconciler's router, through the real SDK's
+/// DescribeSnapshots, wakes the job whose tags the snapshot carries; another
+/// tool's snapshot wakes nobody.
+#[tokio::test]
+async fn a_completed_snapshot_wakes_its_job_and_no_other() {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+    use flotilla_shared::ports::tags;
+
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    let queue = stack.sqs().create_queue().queue_name("snapshot-events").send().await.expect("queue");
+    let queue_url = queue.queue_url().expect("url").to_string();
+    // template.yaml's SnapshotCompletedRule pattern.
+    stack.route_events(
+        "snapshots",
+        &serde_json::json!({"source": ["aws.ec2"], "detail-type": ["EBS Snapshot Notification"],
+                            "detail": {"event": ["createSnapshot"]}}),
+        &queue_url,
+    );
+    let ec2 = stack.ec2();
+    let snapshot = |job: Option<&'static str>| {
+        let ec2 = ec2.clone();
+        let stack_name = ports.settings.stack.clone();
+        async move {
+            let volume = ec2.create_volume().availability_zone("us-east-1a").size(1).send().await.expect("volume");
+            // Another tool's snapshot carries its own tags, none of ours.
+            let mut spec = TagSpecification::builder()
+                .resource_type(ResourceType::Snapshot)
+                .tags(Tag::builder().key("team").value("other-tool").build());
+            if let Some(job) = job {
+                for (key, value) in [(tags::MANAGED_BY, tags::MANAGED_BY_VALUE), (tags::STACK, &stack_name), (tags::JOB_ID, job)] {
+                    spec = spec.tags(Tag::builder().key(key).value(value).build());
+                }
+            }
+            let created = ec2
+                .create_snapshot()
+                .volume_id(volume.volume_id().expect("id"))
+                .tag_specifications(spec.build())
+                .send()
+                .await
+                .expect("snapshot");
+            created.snapshot_id().expect("id").to_string()
+        }
+    };
+    let ours = snapshot(Some("snap-owner")).await;
+    let theirs = snapshot(None).await;
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while events.len() < 2 && Instant::now() < deadline {
+        let received =
+            stack.sqs().receive_message().queue_url(&queue_url).max_number_of_messages(10).send().await.expect("receive");
+        events.extend(received.messages().iter().map(|m| m.body().unwrap_or_default().to_string()));
+    }
+    assert_eq!(events.len(), 2, "one event per completed snapshot: {events:?}");
+    for (body, id) in events.iter().zip([&ours, &theirs]) {
+        let event: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(event["detail"]["result"], "succeeded");
+        assert!(event["resources"][0].as_str().unwrap_or_default().ends_with(&format!(":snapshot/{id}")), "{event}");
+    }
+    let batch: aws_lambda_events::event::sqs::SqsEvent = serde_json::from_value(serde_json::json!({"Records":
+        events.iter().enumerate().map(|(i, body)| serde_json::json!({"messageId": format!("m-{i}"), "body": body}))
+            .collect::<Vec<_>>()}))
+    .expect("sqs event");
+    let response = flotilla_shared::handlers::reconcile_batch(&ports, batch, chrono::Duration::seconds(20), None).await;
+    assert!(response.batch_item_failures.is_empty());
+    let woken = stack
+        .sqs()
+        .receive_message()
+        .queue_url(&stack.reconcile_queue)
+        .max_number_of_messages(10)
+        .send()
+        .await
+        .expect("receive");
+    let wakes: Vec<serde_json::Value> =
+        woken.messages().iter().map(|m| serde_json::from_str(m.body().unwrap_or_default()).expect("json")).collect();
+    assert_eq!(wakes.len(), 1, "{wakes:?}");
+    assert_eq!(wakes[0]["job_id"], "snap-owner");
+    assert_eq!(wakes[0]["trigger"], "event");
+}

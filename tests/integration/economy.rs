@@ -1,0 +1,181 @@
+//! API economy on the simulated cloud: what a pass leaves out, and what
+//! waits for a later one, must never lose a job or a step.
+
+use chrono::Duration;
+use flotilla_shared::fake::{ApiLimits, FakeCloud};
+use flotilla_shared::intake;
+use flotilla_shared::ports::{Ports, Settings};
+use flotilla_shared::reconcile::{self, Handled, WakeMessage};
+use flotilla_shared::record::{JobState, Phase, Stage};
+use flotilla_shared::sim;
+use serde_json::json;
+
+use crate::moto::job;
+
+const BUDGET: i64 = 50;
+
+fn ec2_calls(cloud: &FakeCloud) -> u64 {
+    let state = cloud.lock();
+    ["DescribeInstances", "DescribeVolumes", "DescribeInstanceInformation", "ListCommandInvocations", "SendCommand"]
+        .iter()
+        .map(|op| state.calls.get(op).copied().unwrap_or(0))
+        .sum()
+}
+
+/// Deliver queued messages in time order until `stop` holds.
+async fn drive_until(cloud: &FakeCloud, ports: &Ports, job_id: &str, stop: impl Fn(&FakeCloud) -> bool) {
+    for _ in 0..5_000 {
+        if stop(cloud) {
+            return;
+        }
+        let Some(message) = cloud.next_message() else { break };
+        let _ = reconcile::reconcile(ports, &message, Duration::seconds(BUDGET)).await;
+    }
+    assert!(stop(cloud), "{job_id} never got there: {:?}", cloud.record(job_id).map(|r| r.reason));
+}
+
+fn running(cloud: &FakeCloud, job_id: &str) -> bool {
+    cloud.record(job_id).is_some_and(|r| {
+        r.shards.iter().all(|s| {
+            s.current().is_some_and(|a| {
+                a.stage == Stage::Working && a.phases.iter().any(|p| p.phase == Phase::Run && p.status.is_none() && p.batch != 0)
+            })
+        })
+    })
+}
+
+fn long_job(id: &str) -> serde_json::Value {
+    let mut spec = job(id);
+    spec["run"] = json!({"script": "sleep 3600", "timeout_seconds": 7200});
+    spec["deadline_minutes"] = json!(240);
+    spec
+}
+
+/// A tick for a job whose poll is on its way costs nothing; once that poll
+/// is overdue (lost), the tick runs the pass that carries the job on.
+#[tokio::test]
+async fn a_tick_skips_a_job_whose_poll_is_coming_and_carries_one_whose_poll_was_lost() {
+    let cloud = FakeCloud::new(sim::start_time()).with_behaviour(std::sync::Arc::new(|request, _| {
+        if request.comment.contains(" run ") { (0, "done".into(), 3600) } else { (0, String::new(), 1) }
+    }));
+    let ports = cloud.ports(sim::settings());
+    intake::submit(&ports, &long_job("ticked").to_string(), "m-1", None).await.expect("intake");
+    drive_until(&cloud, &ports, "ticked", |c| running(c, "ticked")).await;
+    let record = cloud.record("ticked").expect("record");
+    let wake = record.wake.clone().expect("a poll is scheduled");
+    let before = ec2_calls(&cloud);
+    let tick = WakeMessage::new("ticked", "tick");
+    assert_eq!(reconcile::reconcile(&ports, &tick, Duration::seconds(BUDGET)).await.expect("tick"), Handled::Scheduled);
+    assert_eq!(ec2_calls(&cloud), before, "a skipped tick makes no AWS call");
+    assert_eq!(cloud.record("ticked").expect("record").passes, record.passes);
+
+    // The poll is lost; two minutes past its moment, the tick takes over.
+    cloud.lock().queue.clear();
+    cloud.advance_to(wake.at + Duration::seconds(121));
+    let handled = reconcile::reconcile(&ports, &tick, Duration::seconds(BUDGET)).await.expect("tick");
+    assert!(matches!(handled, Handled::Reconciled { .. }), "{handled:?}");
+    let after = cloud.record("ticked").expect("record");
+    assert_eq!(after.passes, record.passes + 1);
+    assert!(after.wake.is_some_and(|w| w.id != wake.id), "the pass scheduled a new poll");
+}
+
+/// An event right after a pass waits in the record; the pass a gap later
+/// lists the command of the instance it named, although that command's
+/// safety poll is not due.
+#[tokio::test]
+async fn an_event_right_after_a_pass_is_kept_for_the_next_and_its_instance_is_looked_at() {
+    let cloud = FakeCloud::new(sim::start_time()).with_behaviour(std::sync::Arc::new(|request, _| {
+        if request.comment.contains(" run ") { (0, "done".into(), 3600) } else { (0, String::new(), 1) }
+    }));
+    let settings = Settings { safety_poll_seconds: Some(120), ..sim::settings() };
+    let ports = cloud.ports(settings);
+    intake::submit(&ports, &long_job("hinted").to_string(), "m-1", None).await.expect("intake");
+    drive_until(&cloud, &ports, "hinted", |c| running(c, "hinted")).await;
+    let record = cloud.record("hinted").expect("record");
+    let instance = record.shards[0].current().and_then(|a| a.instance_id.clone()).expect("instance");
+    let last_pass = record.updated_at.expect("a pass ran");
+    let run_batch = |r: &flotilla_shared::record::JobRecord| {
+        r.commands.values().find(|b| b.phase == Phase::Run).cloned().expect("run batch")
+    };
+    let listed_before = run_batch(&record).listed_at;
+    cloud.lock().queue.clear();
+
+    cloud.advance_to(last_pass);
+    let mut event = WakeMessage::new("hinted", "event");
+    event.instances = vec![instance.clone()];
+    let handled = reconcile::reconcile(&ports, &event, Duration::seconds(BUDGET)).await.expect("event");
+    assert_eq!(handled, Handled::Deferred);
+    let kept = cloud.record("hinted").expect("record");
+    assert_eq!(kept.hinted, vec![instance.clone()]);
+    assert_eq!(kept.passes, record.passes, "no pass ran");
+    let poll = cloud.next_message().expect("a poll for the gap's end");
+    let wake = kept.wake.clone().expect("scheduled");
+    assert_eq!(poll.wake_id, Some(wake.id));
+    assert_eq!(wake.at, last_pass + Duration::seconds(1), "due one gap after the pass");
+
+    let handled = reconcile::reconcile(&ports, &poll, Duration::seconds(BUDGET)).await.expect("poll");
+    assert!(matches!(handled, Handled::Reconciled { .. }), "{handled:?}");
+    let after = cloud.record("hinted").expect("record");
+    assert!(after.hinted.is_empty());
+    assert_ne!(run_batch(&after).listed_at, listed_before, "the named instance's command was listed");
+}
+
+/// Two hundred shards reach their volumes at once: with admission control
+/// their mutating calls (CreateVolume, AttachVolume, CreateSnapshot,
+/// DeleteVolume, TerminateInstances) stay within EC2's bucket of 50 and
+/// 5 a second, and the job still succeeds; without it, EC2 throttles.
+#[tokio::test]
+async fn mutating_calls_stay_within_ec2s_bucket() {
+    async fn run(admission: bool) -> (JobState, u64) {
+        let cloud = FakeCloud::new(sim::start_time());
+        {
+            let mut state = cloud.lock();
+            state.limits = Some(ApiLimits::ec2());
+        }
+        let ports = cloud.ports(Settings { launch_admission: admission, ..sim::settings() });
+        let mut spec = job("volumes-200");
+        spec["fleet"] = json!({"count": 200});
+        spec["deadline_minutes"] = json!(120);
+        intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+        for _ in 0..50_000 {
+            if cloud.record("volumes-200").is_some_and(|r| r.state.is_terminal()) {
+                break;
+            }
+            let Some(message) = cloud.next_message() else { break };
+            if reconcile::reconcile(&ports, &message, Duration::seconds(BUDGET)).await.is_err() {
+                cloud.redeliver_later(message, 30);
+            }
+        }
+        let state = cloud.record("volumes-200").map(|r| r.state).expect("record");
+        let throttled = cloud.lock().limits.as_ref().map(|l| {
+            ["CreateVolume", "AttachVolume", "CreateSnapshot", "DeleteVolume", "TerminateInstances"]
+                .iter()
+                .map(|op| l.throttled.get(op).copied().unwrap_or(0))
+                .sum()
+        });
+        (state, throttled.unwrap_or(0))
+    }
+    let (state, throttled) = run(true).await;
+    assert_eq!((state, throttled), (JobState::Succeeded, 0));
+    let (_, unmanaged) = run(false).await;
+    assert!(unmanaged > 0, "without admission the same job is throttled: the bucket binds");
+}
+
+/// A command or snapshot decided in this pass was never sent: the executor
+/// sends it without looking for an earlier one (ListCommands, or
+/// DescribeSnapshots by tag), which only a crash or a lost reply needs.
+#[tokio::test]
+async fn a_fault_free_job_never_looks_up_what_it_just_decided() {
+    let cloud = FakeCloud::new(sim::start_time());
+    let ports = cloud.ports(sim::settings());
+    let mut spec = job("no-lookups");
+    spec["fleet"] = json!({"count": 3});
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+    drive_until(&cloud, &ports, "no-lookups", |c| c.record("no-lookups").is_some_and(|r| r.state.is_terminal())).await;
+    let record = cloud.record("no-lookups").expect("record");
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    let calls = cloud.lock().calls.clone();
+    assert_eq!(calls.get("ListCommands"), None, "{calls:?}");
+    assert!(calls.get("SendCommand").is_some_and(|n| *n >= 5));
+    assert!(calls.get("CreateSnapshot").is_some_and(|n| *n >= 3));
+}
