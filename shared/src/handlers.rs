@@ -98,32 +98,36 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
     };
     let instance_ids = ids(|s| if let Subject::Instance(id) = s { Some(id) } else { None });
     let snapshot_ids = ids(|s| if let Subject::Snapshot(id) = s { Some(id) } else { None });
-    // One DescribeInstances and one DescribeSnapshots for the whole batch.
+    // One DescribeInstances and one DescribeSnapshots for the whole batch;
+    // a lookup that fails costs only the events it was for.
     let stack = &ports.settings.stack;
-    let looked_up = async {
-        let mut jobs: BTreeMap<Subject, String> = BTreeMap::new();
-        if !instance_ids.is_empty() {
-            let found = ports.cloud.fleet.jobs_of(stack, &instance_ids).await?;
-            jobs.extend(found.into_iter().map(|(id, job)| (Subject::Instance(id), job)));
+    let mut jobs: BTreeMap<Subject, String> = BTreeMap::new();
+    let instance_jobs = async {
+        if instance_ids.is_empty() {
+            return Ok(BTreeMap::new());
         }
-        if !snapshot_ids.is_empty() {
-            let found = ports.cloud.volumes.snapshot_jobs(stack, &snapshot_ids).await?;
-            jobs.extend(found.into_iter().map(|(id, job)| (Subject::Snapshot(id), job)));
-        }
-        Ok::<_, crate::error::CloudError>(jobs)
+        ports.cloud.fleet.jobs_of(stack, &instance_ids).await
     };
-    let jobs = match looked_up.await {
-        Ok(jobs) => jobs,
-        Err(err) if err.is_retryable() => {
-            warn!(error = %err, "events will retry");
-            fail(&mut response, &mut named.iter().map(|(m, _, _)| m));
-            return response;
+    let snapshot_jobs = async {
+        if snapshot_ids.is_empty() {
+            return Ok(BTreeMap::new());
         }
-        Err(err) => {
-            warn!(error = %err, "events dropped: retrying cannot help");
-            return response;
-        }
+        ports.cloud.volumes.snapshot_jobs(stack, &snapshot_ids).await
     };
+    let lookups: [(fn(&Subject) -> bool, fn(String) -> Subject, _); 2] = [
+        (|s| matches!(s, Subject::Instance(_)), Subject::Instance, instance_jobs.await),
+        (|s| matches!(s, Subject::Snapshot(_)), Subject::Snapshot, snapshot_jobs.await),
+    ];
+    for (covers, subject, found) in lookups {
+        match found {
+            Ok(found) => jobs.extend(found.into_iter().map(|(id, job)| (subject(id), job))),
+            Err(err) if err.is_retryable() => {
+                warn!(error = %err, "events will retry");
+                fail(&mut response, &mut named.iter().filter(|(_, _, s)| covers(s)).map(|(m, _, _)| m));
+            }
+            Err(err) => warn!(error = %err, "events dropped: retrying cannot help"),
+        }
+    }
     // Per job: its messages, the instances events named, and those a spot warning named.
     let mut by_job: BTreeMap<String, (Vec<String>, BTreeSet<String>, Vec<String>)> = BTreeMap::new();
     for (message_id, detail_type, subject) in &named {

@@ -23,7 +23,7 @@ use flotilla_shared::{handlers, intake, plan, reconcile, sim};
 /// As deployed: with events, a working job is polled every 2 minutes as a
 /// safety net; without them, every 20 s.
 fn settings(events: bool) -> Settings {
-    Settings { safety_poll_seconds: Some(if events { 120 } else { 20 }), launch_admission: true, ..sim::settings() }
+    Settings { safety_poll_seconds: events.then_some(120), launch_admission: true, ..sim::settings() }
 }
 use serde_json::{json, Value};
 

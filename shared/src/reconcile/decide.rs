@@ -134,15 +134,19 @@ impl Action {
 }
 
 impl Action {
-    /// Draws on EC2's bucket of mutating actions (RunInstances has its own).
+    /// Draws on EC2's shared bucket of mutating actions (RunInstances has
+    /// its own).
     pub fn is_mutating(&self) -> bool {
+        self.waits_for_call_budget() || matches!(self, Action::Terminate { .. })
+    }
+
+    /// A mutating call that waits when the bucket is empty. TerminateInstances
+    /// takes its token but never waits: it stops the billing, and takes up to
+    /// 1,000 instances a call.
+    pub fn waits_for_call_budget(&self) -> bool {
         matches!(
             self,
-            Action::CreateVolume { .. }
-                | Action::Attach { .. }
-                | Action::Terminate { .. }
-                | Action::Snapshot { .. }
-                | Action::DeleteVolume { .. }
+            Action::CreateVolume { .. } | Action::Attach { .. } | Action::Snapshot { .. } | Action::DeleteVolume { .. }
         )
     }
 }
@@ -221,8 +225,9 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     // all work is polled only as the safety net, which grows with the
     // commands' age.
     let working = record.shards.iter().filter_map(|s| s.current()).any(|a| a.stage == Stage::Working);
+    let base = if spec.role_arn.is_some() { ctx.settings.poll_delay_seconds } else { ctx.settings.safety_poll() };
     let ceiling = if working { working_poll(&spec, ctx.settings, now - Duration::days(1), now) } else { 0 };
-    let mut wait = ctx.settings.poll_delay_seconds.max(ctx.settings.safety_poll()).max(ceiling);
+    let mut wait = ctx.settings.poll_delay_seconds.max(base).max(ceiling);
     let mut actions = Vec::new();
 
     for instance_id in std::mem::take(&mut record.interruptions) {
@@ -278,14 +283,14 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     if !terminate.is_empty() {
         terminate.sort();
         terminate.dedup();
-        if record.terminate_singly {
-            actions.extend(terminate.into_iter().map(|id| Action::Terminate { instance_ids: vec![id] }));
+        // First: nothing a pass runs before them keeps an instance billing.
+        let terminations: Vec<Action> = if record.terminate_singly {
+            terminate.into_iter().map(|id| Action::Terminate { instance_ids: vec![id] }).collect()
         } else {
             // TerminateInstances takes at most 1,000 ids.
-            for chunk in terminate.chunks(1000) {
-                actions.push(Action::Terminate { instance_ids: chunk.to_vec() });
-            }
-        }
+            terminate.chunks(1000).map(|chunk| Action::Terminate { instance_ids: chunk.to_vec() }).collect()
+        };
+        actions.splice(0..0, terminations);
         wait = wait.min(5);
     }
     stamp_billed(record, obs, now);
@@ -488,8 +493,10 @@ fn step_shard(
         work(job, index, attempt, commands, obs, ctx, actions, &mut notes);
         if attempt.stage == Stage::Working {
             // Events say when a command ends; this poll is the safety net.
-            let since = in_flight_since(attempt, commands, now);
-            *wait = (*wait).min(working_poll(job.spec, ctx.settings, since, now));
+            // What no event announces (a timeout, a failing health check
+            // coming to its limit, the deadline) is looked at when it is due.
+            let next = next_working_look(job, attempt, commands, ctx.settings, now);
+            *wait = (*wait).min((next - now).num_seconds().clamp(1, i64::from(u32::MAX)) as u32);
         }
     }
 
@@ -1445,15 +1452,57 @@ pub fn working_poll(spec: &JobSpec, settings: &Settings, since: DateTime<Utc>, n
     }
 }
 
-/// When the attempt's oldest command in flight was sent (now if none is).
-fn in_flight_since(attempt: &Attempt, commands: &BTreeMap<u64, CommandBatch>, now: DateTime<Utc>) -> DateTime<Utc> {
-    attempt
-        .phases
-        .iter()
-        .filter(|p| p.status.is_none())
-        .filter_map(|p| commands.get(&p.batch).filter(|b| b.command_id.is_some()).map(|b| b.dispatched_at))
-        .min()
-        .unwrap_or(now)
+/// When a command in flight is next due a look without an event: its
+/// safety interval after its last listing (or its send). Observe lists it
+/// from then on, and the pass that schedules the look waits until then.
+pub fn next_look(spec: &JobSpec, settings: &Settings, batch: &CommandBatch) -> DateTime<Utc> {
+    let last = batch.listed_at.unwrap_or(batch.dispatched_at);
+    last + Duration::seconds(i64::from(working_poll(spec, settings, batch.dispatched_at, last)))
+}
+
+/// Is a command in flight due a look this pass? From half-way to its next
+/// look on: a pass that one command's look brings lists every command
+/// that is half-way there, so the looks of shards that started apart fall
+/// into the same passes.
+pub fn look_due(spec: &JobSpec, settings: &Settings, batch: &CommandBatch, now: DateTime<Utc>) -> bool {
+    let last = batch.listed_at.unwrap_or(batch.dispatched_at);
+    let next = next_look(spec, settings, batch);
+    now >= next - (next - last) / 2
+}
+
+/// The next moment a working attempt needs a pass with no event to bring
+/// it: its commands' safety looks and timeouts (and the grace after them),
+/// the limits of a failing health check, its attempt timeout, the deadline.
+fn next_working_look(
+    job: &JobFacts<'_>,
+    attempt: &Attempt,
+    commands: &BTreeMap<u64, CommandBatch>,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let seconds = |s: u32| Duration::seconds(i64::from(s));
+    let mut moments: Vec<DateTime<Utc>> = Vec::new();
+    let mut in_flight = false;
+    for run in attempt.phases.iter().filter(|p| p.status.is_none()) {
+        let Some(batch) = commands.get(&run.batch).filter(|b| b.command_id.is_some()) else { continue };
+        in_flight = true;
+        moments.push(next_look(job.spec, settings, batch));
+        let timeout = batch.dispatched_at + seconds(phase_timeout(job.spec, batch.phase, job.deadline_at, batch.dispatched_at));
+        moments.push(timeout + Duration::seconds(1));
+        moments.push(timeout + Duration::seconds(REPORT_GRACE_SECONDS + 1));
+    }
+    if !in_flight {
+        moments.push(now + seconds(working_poll(job.spec, settings, now, now)));
+    }
+    moments.extend(attempt.impaired_since.map(|at| at + seconds(settings.impaired_timeout_seconds)));
+    moments.extend(attempt.agent_lost_since.map(|at| at + seconds(settings.agent_timeout_seconds)));
+    if let (Some(limit), Some(at)) =
+        (job.spec.retry.as_ref().and_then(|r| r.attempt_timeout_seconds), attempt.launched_at)
+    {
+        moments.push(at + seconds(limit) + Duration::seconds(1));
+    }
+    moments.extend(job.deadline_at.map(|d| d + Duration::seconds(1)));
+    moments.into_iter().filter(|m| *m > now).min().unwrap_or(now + seconds(settings.poll_delay_seconds))
 }
 
 /// While an attempt waits only for its snapshots (minutes each): with
@@ -1482,7 +1531,7 @@ fn instance_gone_at(attempt: &Attempt) -> Option<DateTime<Utc>> {
 fn release_wait(attempt: &Attempt, gone_at: Option<DateTime<Utc>>, events: bool, now: DateTime<Utc>) -> u32 {
     match gone_at {
         Some(at) if !attempt.volumes.is_empty() => ((now - at).num_seconds() / 5).clamp(5, 30) as u32,
-        None if events && attempt.terminate_requested => 30,
+        _ if events && attempt.terminate_requested => 30,
         _ => 5,
     }
 }

@@ -258,20 +258,20 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             break;
         }
         // 4. Act, within the shared budget of mutating calls.
-        let mut calls = calls_granted(ports, &mut record, own_account, &actions, now).await?;
+        let mut calls = calls_granted(ports, &record, own_account, &actions, now).await?;
         let mut deferred = false;
         let mut transient = false;
         for action in &actions {
             if ports.clock.now() >= started + budget {
                 break; // the rest is decided again next pass
             }
+            if action.waits_for_call_budget() && calls.instances == 0 {
+                decide::withdraw(&mut record, action);
+                deferred = true;
+                continue;
+            }
             if action.is_mutating() {
-                if calls.instances == 0 {
-                    decide::withdraw(&mut record, action);
-                    deferred = true;
-                    continue;
-                }
-                calls.instances -= 1;
+                calls.instances = calls.instances.saturating_sub(1);
             }
             let result = act::execute(ports, cloud, &record, action).await;
             if let Err(err) = &result {
@@ -306,10 +306,11 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
 }
 
 /// How many of this round's mutating calls may run: all of them unless
-/// admission control is on and the job acts in the deployment's account.
+/// admission control is on and the job acts in the deployment's account
+/// (or the budget cannot be read).
 async fn calls_granted(
     ports: &Ports,
-    record: &mut JobRecord,
+    record: &JobRecord,
     own_account: bool,
     actions: &[decide::Action],
     now: DateTime<Utc>,
@@ -321,9 +322,11 @@ async fn calls_granted(
     match crate::admission::take_calls(ports.ledger.as_ref(), wanted, now).await {
         Ok(grant) => Ok(grant),
         Err(CloudError::Crashed(at)) => Err(StepError::Cloud(CloudError::Crashed(at))),
+        // Open, not shut: an unreadable budget must never hold a teardown
+        // back; EC2's throttling and the SDK's adaptive retry remain.
         Err(err) => {
-            record.stalled = Some(format!("taking from the budget of calls ({}): {err}", crate::admission::CALLS_KEY));
-            Ok(crate::admission::Grant { instances: 0, retry_after_seconds: TRANSIENT_BACKOFF_SECONDS })
+            warn!(job_id = %record.job_id, error = %err, "budget of calls unavailable; calling without it");
+            Ok(crate::admission::Grant { instances: wanted, retry_after_seconds: 0 })
         }
     }
 }

@@ -181,10 +181,8 @@ pub async fn observe(
         let timeout = spec.map_or(0, |s| decide::phase_timeout(s, batch.phase, record.deadline_at, batch.dispatched_at));
         stopping
             || instance_ids.iter().any(|id| focus.contains(id) || urgent.contains(id))
-            || batch.listed_at.is_none_or(|at| {
-                let poll = spec.map_or(settings.poll_delay_seconds, |s| decide::working_poll(s, settings, batch.dispatched_at, now));
-                now - at >= Duration::seconds(i64::from(poll))
-            })
+            || batch.listed_at.is_none()
+            || spec.is_none_or(|s| decide::look_due(s, settings, batch, now))
             || now >= batch.dispatched_at + Duration::seconds(i64::from(timeout))
     };
     for (command_id, instance_ids) in in_flight {
