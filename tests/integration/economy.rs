@@ -89,7 +89,10 @@ async fn an_event_right_after_a_pass_is_kept_for_the_next_and_its_instance_is_lo
     }));
     let settings = Settings { safety_poll_seconds: Some(120), ..sim::settings() };
     let ports = cloud.ports(settings);
-    intake::submit(&ports, &long_job("hinted").to_string(), "m-1", None).await.expect("intake");
+    // 40 shards: passes at least 2 s apart (none below 20 shards).
+    let mut spec = long_job("hinted");
+    spec["fleet"] = json!({"count": 40});
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
     drive_until(&cloud, &ports, "hinted", |c| running(c, "hinted")).await;
     let record = cloud.record("hinted").expect("record");
     let instance = record.shards[0].current().and_then(|a| a.instance_id.clone()).expect("instance");
@@ -111,7 +114,7 @@ async fn an_event_right_after_a_pass_is_kept_for_the_next_and_its_instance_is_lo
     let poll = cloud.next_message().expect("a poll for the gap's end");
     let wake = kept.wake.clone().expect("scheduled");
     assert_eq!(poll.wake_id, Some(wake.id));
-    assert_eq!(wake.at, last_pass + Duration::seconds(1), "due one gap after the pass");
+    assert_eq!(wake.at, last_pass + Duration::seconds(2), "due one gap after the pass");
 
     let handled = reconcile::reconcile(&ports, &poll, Duration::seconds(BUDGET)).await.expect("poll");
     assert!(matches!(handled, Handled::Reconciled { .. }), "{handled:?}");
@@ -178,4 +181,55 @@ async fn a_fault_free_job_never_looks_up_what_it_just_decided() {
     assert_eq!(calls.get("ListCommands"), None, "{calls:?}");
     assert!(calls.get("SendCommand").is_some_and(|n| *n >= 5));
     assert!(calls.get("CreateSnapshot").is_some_and(|n| *n >= 3));
+}
+
+/// A send whose reply was lost (the pass died after SendCommand took
+/// effect), to an instance whose agent then drops off for a minute: the
+/// command that did reach SSM is found by its comment and adopted, never
+/// sent again under a new batch once the agent is back.
+#[tokio::test]
+async fn a_send_whose_reply_was_lost_is_adopted_though_its_agent_dropped_off() {
+    let cloud = FakeCloud::new(sim::start_time());
+    let ports = cloud.ports(sim::settings());
+    cloud.lock().crash_after.push("SendCommand");
+    let mut spec = job("lost-reply");
+    spec["deadline_minutes"] = json!(60);
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+    let deliver = |message: WakeMessage| {
+        let (cloud, ports) = (&cloud, &ports);
+        async move {
+            if reconcile::reconcile(ports, &message, Duration::seconds(BUDGET)).await.is_err() {
+                cloud.redeliver_later(message, 150);
+            }
+        }
+    };
+    while cloud.lock().commands.is_empty() {
+        deliver(cloud.next_message().expect("a message")).await;
+    }
+    let record = cloud.record("lost-reply").expect("record");
+    assert!(record.commands.values().any(|b| b.command_id.is_none()), "the send's reply was lost");
+    let instance = cloud.lock().commands[0].request.instance_ids[0].clone();
+    cloud.lose_agent(&instance);
+    // Offline across the passes that follow the crash (the lost pass's
+    // message comes back after 150 s).
+    let back_at = cloud.now() + Duration::seconds(400);
+    let passes = cloud.record("lost-reply").map(|r| r.passes).unwrap_or_default();
+    while cloud.next_due().is_some_and(|due| due <= back_at) {
+        deliver(cloud.next_message().expect("a message")).await;
+    }
+    assert!(cloud.record("lost-reply").is_some_and(|r| r.passes > passes + 1), "passes ran while it was offline");
+    for lost in cloud.lock().instances.iter_mut().filter(|i| i.id == instance) {
+        lost.agent_lost_at = None;
+    }
+    drive_until(&cloud, &ports, "lost-reply", |c| c.record("lost-reply").is_some_and(|r| r.state.is_terminal())).await;
+    let record = cloud.record("lost-reply").expect("record");
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    let mut sends: std::collections::BTreeMap<(String, String), u32> = Default::default();
+    for command in &cloud.lock().commands {
+        let phase = command.request.comment.split_whitespace().nth(2).unwrap_or_default().to_string();
+        for id in &command.request.instance_ids {
+            *sends.entry((id.clone(), phase.clone())).or_default() += 1;
+        }
+    }
+    assert!(sends.values().all(|n| *n == 1), "each phase sent once per instance: {sends:?}");
 }

@@ -50,6 +50,9 @@ pub struct Observation {
     pub healthy: BTreeSet<String>,
     /// Commands whose invocations were listed this pass.
     pub listed_commands: BTreeSet<String>,
+    /// Batches with no command id whose send is found to have reached SSM
+    /// (by its comment), with the command id.
+    pub sent: BTreeMap<u64, String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -241,6 +244,13 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     }
     check_abort(record, now);
     adopt_launched(record, obs, now);
+    // Sends whose reply was lost but that reached SSM: theirs now.
+    for (number, command_id) in &obs.sent {
+        if let Some(batch) = record.commands.get_mut(number).filter(|b| b.command_id.is_none()) {
+            batch.command_id = Some(command_id.clone());
+            batch.listed_at = None;
+        }
+    }
     for batch in record.commands.values_mut() {
         if batch.command_id.as_ref().is_some_and(|id| obs.listed_commands.contains(id)) {
             batch.listed_at = Some(now);
@@ -299,15 +309,15 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     if record.state.is_terminal() {
         return (actions, Next::Finished);
     }
-    (actions, Next::After(wait.max(pass_gap(record.shards.len()))))
+    (actions, Next::After(wait.max(pass_gap(record.shards.len())).max(1)))
 }
 
-/// The shortest wait between a job's passes: a second for small jobs, up
-/// to 10 s for a thousand shards, whose shards reach their steps at
-/// scattered moments: each pass then serves many of them, in the same
-/// batched calls.
+/// The shortest wait between a job's passes: none below 20 shards (each
+/// event is acted on at once), then a second per 20 shards, at most 10 s:
+/// a big job's shards reach their steps at scattered moments, and each
+/// pass then serves many of them in the same batched calls.
 pub fn pass_gap(shards: usize) -> u32 {
-    (shards / 20).clamp(1, 10) as u32
+    (shards / 20).min(10) as u32
 }
 
 /// How long each attempt's instance was billed: from its launch to the first

@@ -117,7 +117,8 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             // events share passes.
             let gap = Duration::seconds(i64::from(decide::pass_gap(record.shards.len())));
             let scheduled = message.wake_id.is_some() && record.wake.as_ref().map(|w| &w.id) == message.wake_id.as_ref();
-            let early = matches!(message.trigger.as_deref(), Some("event" | "busy" | "poll"))
+            let early = gap > Duration::zero()
+                && matches!(message.trigger.as_deref(), Some("event" | "busy" | "poll"))
                 && !scheduled
                 && record.lease.is_none()
                 && record.updated_at.is_some_and(|at| started < at + gap);

@@ -152,6 +152,22 @@ pub async fn observe(
             observation.snapshots.insert(view.snapshot_id.clone(), view);
         }
     }
+    // A send decided in an earlier pass whose reply never came (a crash, a
+    // lost reply): did it reach SSM? Looked up by its comment before the
+    // batch can be re-planned, so a command that did is never sent twice.
+    for (number, batch) in record.commands.iter().filter(|(_, b)| b.command_id.is_none() && b.dispatched_at < now) {
+        let first = record
+            .shards
+            .iter()
+            .filter_map(|s| s.current())
+            .filter(|a| a.stage == Stage::Working && a.phases.iter().any(|p| p.status.is_none() && p.batch == *number))
+            .find_map(|a| a.instance_id.clone());
+        let Some(instance_id) = first else { continue };
+        let comment = crate::record::command_comment(&record.job_id, batch.phase, *number);
+        if let Some(command_id) = cloud.commands.find_by_comment(&instance_id, &comment).await? {
+            observation.sent.insert(*number, command_id);
+        }
+    }
     let mut in_flight: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for attempt in record.shards.iter().filter_map(|s| s.current()) {
         if attempt.stage != Stage::Working {
