@@ -10,6 +10,8 @@
 //! - `pass N`: one reconcile decision over an N-shard record (for callgrind).
 //!
 //! Prints plain tables; `--json PATH` writes the figures too.
+//! FLOTILLA_BENCH_BY_OP=1 adds calls by operation and deliveries by trigger;
+//! FLOTILLA_BENCH_TIMELINE=1 every call of a `calls` job with its time.
 
 use std::collections::BTreeMap;
 
@@ -166,6 +168,8 @@ async fn calls_per_job(n: u32) -> JobFigures {
     if std::env::var("FLOTILLA_BENCH_BY_OP").is_ok() {
         eprintln!("calls-{n} by operation: {:?}", state.calls);
     }
+    // Every EC2, SSM and SQS call with its second since submission: where
+    // a job's calls go, for the next cut.
     if std::env::var("FLOTILLA_BENCH_TIMELINE").is_ok() {
         let start = record.submitted_at;
         for (at, op) in state.call_log.iter().flatten() {
