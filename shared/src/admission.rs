@@ -12,6 +12,7 @@
 //! enough tokens will have refilled.
 
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CloudError;
@@ -57,33 +58,48 @@ pub struct Grant {
     pub retry_after_seconds: u32,
 }
 
+/// One budget's read-modify-write: `step` turns the stored state (None when
+/// there is none, or it does not parse) into a grant and, when it grants
+/// anything, the state to write back, which only a conditional write
+/// (If-Match, or If-None-Match for the first) stores; a lost race reads again.
+async fn update<S: Serialize + DeserializeOwned>(
+    ledger: &dyn Ledger,
+    key: &str,
+    step: impl Fn(Option<S>) -> (Grant, Option<S>),
+) -> CloudResult<Grant> {
+    for _ in 0..8 {
+        let loaded = ledger.get_versioned(key).await?;
+        let (state, version) = match &loaded {
+            Some((body, version)) => (serde_json::from_slice(body).ok(), Some(version.as_str())),
+            None => (None, None),
+        };
+        let (grant, left) = step(state);
+        let Some(left) = left else { return Ok(grant) };
+        let body = serde_json::to_vec(&left).map_err(|e| CloudError::Invalid(e.to_string()))?;
+        if let WriteOutcome::Written { .. } = ledger.put_if(key, &body, version).await? {
+            return Ok(grant);
+        }
+    }
+    // Many jobs at once: let this one wait a moment rather than spin.
+    Ok(Grant { instances: 0, retry_after_seconds: 1 })
+}
+
 /// Take up to `wanted` instances (and one request) from the shared budget.
 pub async fn take(ledger: &dyn Ledger, wanted: u32, now: DateTime<Utc>) -> CloudResult<Grant> {
-    for _ in 0..8 {
-        let loaded = ledger.get_versioned(KEY).await?;
-        let (budget, version) = match &loaded {
-            Some((body, version)) => {
-                let budget: Budget = serde_json::from_slice(body).unwrap_or_else(|_| Budget::full(now));
-                (budget.refilled(now), Some(version.as_str()))
-            }
-            None => (Budget::full(now), None),
-        };
+    update(ledger, KEY, |state: Option<Budget>| {
+        let budget = state.map_or_else(|| Budget::full(now), |b| b.refilled(now));
         let least = f64::from(wanted.min(MIN_GRANT));
         if budget.requests < 1.0 || budget.instances < least {
             // Until a request and the least grant have refilled.
             let need = (1.0 - budget.requests).max(0.0) / REQUESTS_PER_SECOND;
             let need = need.max((least - budget.instances).max(0.0) / INSTANCES_PER_SECOND);
-            return Ok(Grant { instances: 0, retry_after_seconds: need.ceil().clamp(1.0, 30.0) as u32 });
+            return (Grant { instances: 0, retry_after_seconds: need.ceil().clamp(1.0, 30.0) as u32 }, None);
         }
         let granted = (budget.instances.floor() as u32).min(wanted);
         let left = Budget { instances: budget.instances - f64::from(granted), requests: budget.requests - 1.0, ..budget };
-        let body = serde_json::to_vec(&left).map_err(|e| CloudError::Invalid(e.to_string()))?;
-        if let WriteOutcome::Written { .. } = ledger.put_if(KEY, &body, version).await? {
-            return Ok(Grant { instances: granted, retry_after_seconds: 0 });
-        }
-    }
-    // Many jobs at once: let this one wait a moment rather than spin.
-    Ok(Grant { instances: 0, retry_after_seconds: 1 })
+        (Grant { instances: granted, retry_after_seconds: 0 }, Some(left))
+    })
+    .await
 }
 
 /// EC2's mutating actions (CreateVolume, AttachVolume, CreateSnapshot,
@@ -102,31 +118,22 @@ struct Calls {
 /// Take up to `wanted` mutating calls from the shared budget: the grant's
 /// `instances` is the number of calls this pass may make.
 pub async fn take_calls(ledger: &dyn Ledger, wanted: u32, now: DateTime<Utc>) -> CloudResult<Grant> {
-    for _ in 0..8 {
-        let loaded = ledger.get_versioned(CALLS_KEY).await?;
-        let (tokens, version) = match &loaded {
-            Some((body, version)) => {
-                let calls: Calls =
-                    serde_json::from_slice(body).unwrap_or(Calls { tokens: CALLS_BURST, at: now });
-                let seconds = (now - calls.at).num_milliseconds().max(0) as f64 / 1000.0;
-                ((calls.tokens + seconds * CALLS_PER_SECOND).min(CALLS_BURST), Some(version.as_str()))
-            }
-            None => (CALLS_BURST, None),
-        };
+    update(ledger, CALLS_KEY, |state: Option<Calls>| {
+        let tokens = state.map_or(CALLS_BURST, |calls| {
+            let seconds = (now - calls.at).num_milliseconds().max(0) as f64 / 1000.0;
+            (calls.tokens + seconds * CALLS_PER_SECOND).min(CALLS_BURST)
+        });
         if tokens < 1.0 {
             let need = (1.0 - tokens) / CALLS_PER_SECOND;
-            return Ok(Grant { instances: 0, retry_after_seconds: need.ceil().clamp(1.0, 30.0) as u32 });
+            return (Grant { instances: 0, retry_after_seconds: need.ceil().clamp(1.0, 30.0) as u32 }, None);
         }
         let granted = (tokens.floor() as u32).min(wanted);
-        let left = Calls { tokens: tokens - f64::from(granted), at: now };
-        let body = serde_json::to_vec(&left).map_err(|e| CloudError::Invalid(e.to_string()))?;
-        if let WriteOutcome::Written { .. } = ledger.put_if(CALLS_KEY, &body, version).await? {
-            // What is left over refills at 5 a second: when to come back.
-            let short = f64::from(wanted - granted) / CALLS_PER_SECOND;
-            return Ok(Grant { instances: granted, retry_after_seconds: short.ceil().clamp(1.0, 30.0) as u32 });
-        }
-    }
-    Ok(Grant { instances: 0, retry_after_seconds: 1 })
+        // What is left over refills at 5 a second: when to come back.
+        let short = f64::from(wanted - granted) / CALLS_PER_SECOND;
+        let grant = Grant { instances: granted, retry_after_seconds: short.ceil().clamp(1.0, 30.0) as u32 };
+        (grant, Some(Calls { tokens: tokens - f64::from(granted), at: now }))
+    })
+    .await
 }
 
 #[cfg(test)]

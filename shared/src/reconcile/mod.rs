@@ -42,8 +42,9 @@ pub struct WakeMessage {
     /// Set on the job's scheduled poll, so a pass knows that poll arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_id: Option<String>,
-    /// What sent it: submit, cancel, poll, tick, event, busy. Only a tick
-    /// is treated apart: it skips a job whose poll is on its way.
+    /// What sent it: submit, cancel, poll, tick, event, busy. A tick skips a
+    /// job whose poll is on its way; an event, busy or stale poll right
+    /// after a pass leaves its instances for the next one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
     /// Instances EC2 or SSM events named: their commands are listed this
