@@ -119,7 +119,9 @@ echo "shard $FLOTILLA_SHARD_INDEX: $(wc -l < "$FLOTILLA_MANIFEST_FILE") items fr
         // finished their run, and the retry (the lost attempt never got there).
         let expected = if phase == Phase::Run { SHARDS + 1 } else { SHARDS };
         assert_eq!((ids.len(), sizes.iter().sum::<usize>()), (expected, expected), "{phase:?}: each once");
-        let first_wave = calls.iter().filter(|ids| !ids.contains(&retry)).count();
+        // The first attempts go out in ⌈100/50⌉ calls. The retry may catch up
+        // and share one of them, or take a call of its own.
+        let first_wave = calls.iter().filter(|ids| ids.iter().any(|id| *id != retry)).count();
         assert_eq!(first_wave, SHARDS.div_ceil(50), "{phase:?}: {sizes:?}");
         assert!(calls.len() <= SHARDS.div_ceil(50) + 1, "{phase:?}: {sizes:?}, the retry's own at most");
     }
