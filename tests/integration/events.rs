@@ -35,7 +35,7 @@ async fn feed(ports: &Ports, name: &str, edit: impl Fn(&mut Value)) -> Value {
 
 /// Wake the job with the wake file until `done`, as its polls would.
 async fn drive_until(ports: &Ports, job_id: &str, done: impl Fn(JobState) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let state = ports.ledger.load(job_id).await.expect("load").expect("record").record.state;
         if done(state) {

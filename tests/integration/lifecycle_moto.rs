@@ -47,6 +47,21 @@ async fn pump_until(stack: &MotoStack, job_id: &str, ready: impl Fn(&JobRecord) 
     }
 }
 
+/// Make the job's run wait for the test's `go` file before `then`, so what
+/// the test does mid-run lands mid-run however slow the machine is.
+fn gate_run(stack: &MotoStack, spec: &mut serde_json::Value, then: &str) -> std::path::PathBuf {
+    let go = stack.scratch.join("go");
+    spec["env"]["GO"] = serde_json::json!(go.display().to_string());
+    spec["run"] =
+        serde_json::json!({"script": format!("until [ -e \"$GO\" ]; do sleep 0.2; done; {then}"), "timeout_seconds": 120});
+    go
+}
+
+fn open_gate(stack: &MotoStack, go: &std::path::Path) {
+    std::fs::create_dir_all(&stack.scratch).expect("scratch");
+    std::fs::write(go, "").expect("go");
+}
+
 fn all_running(record: &JobRecord) -> bool {
     record.shards.iter().all(|s| {
         s.current()
@@ -239,8 +254,14 @@ async fn every_message_survives_duplicate_concurrent_delivery() {
         let prefix = format!("flotilla dup-1 {} ", phase.as_str());
         let sent: Vec<_> =
             commands.commands().iter().filter(|c| c.comment().is_some_and(|k| k.starts_with(&prefix))).collect();
-        assert_eq!(sent.len(), 1, "{phase:?} sent exactly once");
-        assert_eq!(sent[0].instance_ids().len(), 2, "{phase:?} for both shards in one call");
+        // Each instance once. Both shards usually share one call; a loaded
+        // machine may see them a coalescing window apart (decide's unit tests
+        // hold the coalescing itself).
+        let mut ids: Vec<&String> = sent.iter().flat_map(|c| c.instance_ids()).collect();
+        let calls = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!((ids.len(), calls), (2, 2), "{phase:?} sent exactly once per shard: {sent:?}");
     }
     assert_eq!(stack.snapshots("dup-1").await.len(), 2, "one snapshot per volume");
     assert_eq!(stack.running_managed().await, 0);
@@ -330,11 +351,12 @@ async fn an_instance_killed_mid_run_is_replaced_and_the_job_succeeds() {
     let stack = MotoStack::start().await;
     let ports = stack.ports();
     let mut spec = job("killed-1");
-    spec["run"] = serde_json::json!({"script": "sleep 4; echo done $FLOTILLA_SHARD_INDEX", "timeout_seconds": 60});
+    let go = gate_run(&stack, &mut spec, "echo done $FLOTILLA_SHARD_INDEX");
     stack.submit(&spec.to_string()).await;
     let record = pump_until(&stack, "killed-1", all_running).await;
     let victim = record.shards[1].current().and_then(|a| a.instance_id.clone()).expect("instance");
     stack.ec2().terminate_instances().instance_ids(&victim).send().await.expect("terminate");
+    open_gate(&stack, &go);
     let record = stack.run_to_end(&ports, "killed-1", false, LIMIT).await;
 
     assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
@@ -356,12 +378,15 @@ async fn an_impaired_instance_is_replaced_and_the_job_succeeds() {
     let stack = MotoStack::start().await;
     let ports = stack.ports();
     let mut spec = job("impaired-1");
-    spec["run"] = serde_json::json!({"script": "sleep 15; echo done $FLOTILLA_SHARD_INDEX", "timeout_seconds": 60});
+    let go = gate_run(&stack, &mut spec, "echo done $FLOTILLA_SHARD_INDEX");
     stack.submit(&spec.to_string()).await;
     let record = pump_until(&stack, "impaired-1", all_running).await;
     let victim = record.shards[1].current().and_then(|a| a.instance_id.clone()).expect("instance");
     std::fs::create_dir_all(&stack.scratch).expect("scratch");
     std::fs::write(stack.scratch.join("impaired"), format!("{victim}\n")).expect("impair");
+    // The run holds until the impaired instance has been replaced.
+    pump_until(&stack, "impaired-1", |r| r.shards[1].attempts.len() == 2).await;
+    open_gate(&stack, &go);
     let record = stack.run_to_end(&ports, "impaired-1", false, LIMIT).await;
 
     assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
@@ -385,7 +410,7 @@ async fn a_spot_interruption_mid_run_moves_the_shard_and_the_job_succeeds() {
     let mut spec = job("spot-1");
     spec["market"] = serde_json::json!("spot");
     spec["on_demand_fallback"] = serde_json::json!(true);
-    spec["run"] = serde_json::json!({"script": "sleep 6", "timeout_seconds": 60});
+    let go = gate_run(&stack, &mut spec, "echo done");
     stack.submit(&spec.to_string()).await;
     let record = pump_until(&stack, "spot-1", all_running).await;
     let victim = record.shards[0].current().and_then(|a| a.instance_id.clone()).expect("instance");
@@ -409,6 +434,7 @@ async fn a_spot_interruption_mid_run_moves_the_shard_and_the_job_succeeds() {
         stack.pump_once(&ports, false).await;
     }
     stack.ec2().terminate_instances().instance_ids(&victim).send().await.expect("reclaim");
+    open_gate(&stack, &go);
     let record = stack.run_to_end(&ports, "spot-1", false, LIMIT).await;
 
     assert_eq!(record.state, JobState::Succeeded, "{}", flotilla_shared::report::render(&record));
@@ -505,6 +531,7 @@ async fn a_failing_cleanup_phase_still_ends_the_job_and_tears_down() {
 /// 100 instances with a volume each, through the real SDK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_instance_job_with_a_volume_each() {
+    let _turn = crate::moto::HEAVY.lock().await;
     let stack = MotoStack::start().await;
     let ports = stack.ports();
     let mut spec = job("hundred-1");
@@ -513,7 +540,7 @@ async fn a_hundred_instance_job_with_a_volume_each() {
     spec.as_object_mut().expect("object").remove("before_unmount");
     spec["run"] = serde_json::json!({"commands": [["true"]], "timeout_seconds": 60});
     stack.submit(&spec.to_string()).await;
-    let record = stack.run_to_end(&ports, "hundred-1", false, Duration::from_secs(420)).await;
+    let record = stack.run_to_end(&ports, "hundred-1", false, Duration::from_secs(600)).await;
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     assert_eq!(record.shards.len(), 100);
     assert_eq!(stack.running_managed().await, 0);

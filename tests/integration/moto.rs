@@ -24,6 +24,10 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(manifest_dir).parent().expect("workspace root").to_path_buf()
 }
 
+/// The 100-instance tests take turns: together they starve each other (and
+/// the 2-core machine) of time their deadlines assume.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The instance profile tests' launches get by default, as a deployment's would.
 pub const WORKER_PROFILE: &str = "flotilla-worker";
 

@@ -407,10 +407,15 @@ async fn a_terminated_instance_never_reports_success_and_cancel_is_per_instance(
     let stack = MotoStack::start_with_agent_delay(1).await;
     let ids = launch(&stack, 3, None).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let command = send(&stack, &ids, "sleep 2; echo done", 30).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every invocation waits for `go`, so the terminate and the cancel land
+    // mid-run however slowly they reach moto.
+    let go = stack.scratch.join("go");
+    let script = format!("until [ -e '{}' ]; do sleep 0.1; done; echo done", go.display());
+    let command = send(&stack, &ids, &script, 30).await;
     stack.ec2().terminate_instances().instance_ids(&ids[0]).send().await.expect("terminate");
     stack.ssm().cancel_command().command_id(&command).instance_ids(&ids[1]).send().await.expect("cancel");
+    std::fs::create_dir_all(&stack.scratch).expect("scratch");
+    std::fs::write(&go, "").expect("go");
     let survivor = finished(&stack, &command, &ids[2]).await;
     assert_eq!(survivor.status(), Some(&CommandInvocationStatus::Success));
     let cancelled = finished(&stack, &command, &ids[1]).await;
