@@ -57,6 +57,8 @@ fn fields() -> Vec<(&'static str, Setter)> {
         }),
         ("on_reason", |s, p| s["retry"]["evaluate_on_exit"][0]["on_reason"] = json!(p)),
         ("on_exit_code", |s, p| s["retry"]["evaluate_on_exit"][0]["on_exit_code"] = json!(p)),
+        ("work.list[0]", |s, p| s["work"] = json!({"list": [p, "item-2"]})),
+        ("work.s3_prefix", |s, p| s["work"] = json!({"s3_prefix": format!("s3://render-inputs/{p}")})),
     ]
 }
 
@@ -96,6 +98,15 @@ fn allowed(field: &str, payload: &str) -> bool {
         "empty",
     ];
     if free_text.contains(&field) && shell_syntax.contains(&payload) {
+        return true;
+    }
+    // Work items are data: written to manifests, read with `read -r`, never
+    // put in a script; an S3 key may hold any of these, and an item must
+    // have at least one byte.
+    if field == "work.s3_prefix" && shell_syntax.contains(&payload) {
+        return true;
+    }
+    if field == "work.list[0]" && shell_syntax.contains(&payload) && payload != "empty" {
         return true;
     }
     // A script may hold newlines.
@@ -205,6 +216,21 @@ fn structural() -> Vec<(String, &'static str)> {
         (with(&["market"], json!("free")), "market"),
         (with(&["launch_template"], json!({"id": "lt-0123abcd", "name": "both"})), "launch_template"),
         (with(&["launch_template"], json!({"id": "lt-0123abcd", "version": "latest; rm"})), "launch_template.version"),
+        // Work items and the budget.
+        (with(&["work"], json!({"list": []})), "work.list: must hold 1..=100000 items, got 0"),
+        (with(&["work"], json!({"list": ["x".repeat(1025)]})), "work.list[0]: must be 1-1024 bytes"),
+        (with(&["work"], json!({"list": [7]})), "work"),
+        (with(&["work"], json!({"list": ["a"], "s3_prefix": "s3://render-inputs/x/"})), "work"),
+        (with(&["work"], json!({"s3_prefix": "render-inputs/x/"})), "work.s3_prefix: expected s3://bucket/prefix"),
+        (with(&["work"], json!({"s3_prefix": "s3://Render_Inputs/x/"})), "work.s3_prefix: `Render_Inputs` is not an S3 bucket name"),
+        (with(&["work"], json!({"s3_prefix": format!("s3://render-inputs/{}", "x".repeat(1025))})), "work.s3_prefix: the prefix is longer"),
+        (with(&["work"], json!("s3://render-inputs/x/")), "work"),
+        (with(&["fleet"], json!({"items": 10, "items_per_instance_minute": 1, "within_minutes": 10, "max_instances": 2})).replacen('{', r#"{"work": {"list": ["a"]},"#, 1), "fleet.items: omit it when `work` gives the items"),
+        (with(&["fleet"], json!({"items_per_instance_minute": 1, "within_minutes": 10, "max_instances": 2})), "fleet.items: required unless `work` gives the items"),
+        (with(&["budget_usd"], json!(0)), "budget_usd: must be a positive number"),
+        (with(&["budget_usd"], json!(-3.5)), "budget_usd: must be a positive number"),
+        (with(&["budget_usd"], json!("ten dollars")), "budget_usd: invalid type"),
+        (with(&["budget_usd"], json!(0.0001)), "budget_usd: the estimate is $"),
     ];
     // Bodies over SQS's 256 KiB (only `cargo lambda invoke` could carry them),
     // and one just under whose fields are each too big.
@@ -222,25 +248,7 @@ fn structural() -> Vec<(String, &'static str)> {
 async fn two_hundred_hostile_specs_are_rejected_with_the_field_named_and_nothing_created() {
     let cloud = FakeCloud::new(sim::start_time());
     let ports = cloud.ports(sim::settings());
-    let mut cases: Vec<(String, String, String)> = Vec::new(); // (id, body, expected in reason)
-    for (f, (field, set)) in fields().into_iter().enumerate() {
-        for (p, (kind, payload)) in PAYLOADS.iter().enumerate() {
-            if allowed(field, kind) {
-                continue;
-            }
-            let id = format!("h-{f}-{p}");
-            let mut spec = base(&id);
-            set(&mut spec, payload);
-            cases.push((id, spec.to_string(), field.to_string()));
-        }
-    }
-    for (i, (body, expected)) in structural().into_iter().enumerate() {
-        // Each its own id (a rejection claims the id it names).
-        let body = body.replacen("\"id\":\"structural\"", &format!("\"id\":\"s-{i}\""), 1);
-        cases.push((format!("job-s{i}"), body, expected.to_string()));
-    }
-    assert!(cases.len() >= 200, "the corpus has {} specs", cases.len());
-
+    let cases = corpus();
     let mut failures = Vec::new();
     for (id, body, expected) in &cases {
         let delivery = id.strip_prefix("job-").unwrap_or(id);
@@ -266,4 +274,54 @@ async fn two_hundred_hostile_specs_are_rejected_with_the_field_named_and_nothing
     let calls: Vec<&&str> = state.calls.keys().filter(|k| !["GetObject", "PutObject"].contains(k)).collect();
     assert!(calls.is_empty(), "only the record was written: {calls:?}");
     println!("hostile corpus: {} specs, all REJECTED with the field named", cases.len());
+}
+
+/// (id, body, what the reason must name)
+fn corpus() -> Vec<(String, String, String)> {
+    let mut cases: Vec<(String, String, String)> = Vec::new();
+    for (f, (field, set)) in fields().into_iter().enumerate() {
+        for (p, (kind, payload)) in PAYLOADS.iter().enumerate() {
+            if allowed(field, kind) {
+                continue;
+            }
+            let id = format!("h-{f}-{p}");
+            let mut spec = base(&id);
+            set(&mut spec, payload);
+            cases.push((id, spec.to_string(), field.to_string()));
+        }
+    }
+    for (i, (body, expected)) in structural().into_iter().enumerate() {
+        // Each its own id (a rejection claims the id it names).
+        let body = body.replacen("\"id\":\"structural\"", &format!("\"id\":\"s-{i}\""), 1);
+        cases.push((format!("job-s{i}"), body, expected.to_string()));
+    }
+    assert!(cases.len() >= 200, "the corpus has {} specs", cases.len());
+    cases
+}
+
+/// The same corpus as dry runs: the reply names the field as a submission's
+/// reason would, and a dry run writes nothing at all, not even a record.
+#[tokio::test]
+async fn hostile_dry_runs_are_rejected_with_the_field_named_and_write_nothing() {
+    let cloud = FakeCloud::new(sim::start_time());
+    let ports = cloud.ports(sim::settings());
+    let mut failures = Vec::new();
+    let mut tried = 0;
+    for (id, body, expected) in corpus() {
+        // Only a JSON object is a dry run's spec.
+        let Ok(spec @ Value::Object(_)) = serde_json::from_str::<Value>(&body) else { continue };
+        tried += 1;
+        let outcome = intake::submit(&ports, &json!({"dry_run": spec}).to_string(), &id, None)
+            .await
+            .expect("intake never fails on bad input");
+        match outcome {
+            Intake::Rejected { reason, .. } if reason.contains(expected.as_str()) => {}
+            other => failures.push(format!("{id}: {other:?}, expected a rejection naming `{expected}`")),
+        }
+    }
+    assert!(failures.is_empty(), "{} of {tried} cases:\n{}", failures.len(), failures.join("\n"));
+    let state = cloud.lock();
+    assert!(state.objects.is_empty(), "a dry run writes nothing: {:?}", state.objects.keys().collect::<Vec<_>>());
+    assert!(state.instances.is_empty() && state.volumes.is_empty() && state.queue.is_empty());
+    println!("hostile dry runs: {tried} specs, all rejected with the field named, nothing written");
 }

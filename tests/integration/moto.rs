@@ -50,8 +50,16 @@ impl Drop for MotoStack {
     }
 }
 
+/// A free port below Linux's ephemeral range (32768-60999), so no client
+/// socket of a test running beside this one can take it before moto binds
+/// it; random, so two servers starting at once do not pick the same one.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl MotoStack {
@@ -69,23 +77,35 @@ impl MotoStack {
             "{} not found: run the tests with `make test`, which installs moto into .venv",
             python.display()
         );
-        let port = free_port();
-        let scratch = std::env::temp_dir().join(format!("flotilla-test-{port}"));
-        let child = Command::new(&python)
-            .arg(root.join("tools/moto_server.py"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("FLOTILLA_EMU_SCRATCH", &scratch)
-            .env("FLOTILLA_EMU_AGENT_SECONDS", agent_seconds.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto server");
+        // A server that lost its port to another exits: start it on another.
+        let (child, port, scratch) = 'started: {
+            for _ in 0..5 {
+                let port = free_port();
+                let scratch = std::env::temp_dir().join(format!("flotilla-test-{port}"));
+                let mut child = Command::new(&python)
+                    .arg(root.join("tools/moto_server.py"))
+                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                    .env("FLOTILLA_EMU_SCRATCH", &scratch)
+                    .env("FLOTILLA_EMU_AGENT_SECONDS", agent_seconds.to_string())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start moto server");
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    if child.try_wait().expect("moto server status").is_some() {
+                        break;
+                    }
+                    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                        break 'started (child, port, scratch);
+                    }
+                    assert!(Instant::now() < deadline, "moto server did not start on port {port}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            panic!("moto server exited five times before it listened");
+        };
         let endpoint = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto server did not start on {endpoint}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         // The functions' own loader: their HTTPS client, trust store and retries.
         let config = aws::config_loader()
             .endpoint_url(&endpoint)

@@ -94,7 +94,8 @@ async fn send(stack: &MotoStack, instances: &[String], script: &str, timeout: u3
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_come_online_after_boot_and_only_named_instances_are_listed() {
-    let stack = MotoStack::start_with_agent_delay(4).await;
+    let stack = MotoStack::start_with_agent_delay(8).await;
+    let launched = std::time::Instant::now();
     let ids = launch(&stack, 2, None).await;
     let ask = || {
         stack
@@ -107,8 +108,16 @@ async fn agents_come_online_after_boot_and_only_named_instances_are_listed() {
     };
     let early = ask().await.expect("describe");
     assert!(early.instance_information_list().is_empty(), "agent not registered right after launch");
-    tokio::time::sleep(Duration::from_millis(4300)).await;
-    let later = ask().await.expect("describe");
+    // Polled, not slept: a slow machine may answer late, never early.
+    let later = loop {
+        let later = ask().await.expect("describe");
+        if !later.instance_information_list().is_empty() {
+            break later;
+        }
+        assert!(launched.elapsed() < Duration::from_secs(60), "agent never came Online");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(launched.elapsed() >= Duration::from_millis(7500), "Online after {:?}, not 8 s", launched.elapsed());
     let list = later.instance_information_list();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].instance_id(), Some(ids[0].as_str()));

@@ -29,8 +29,19 @@ pub async fn load_config() -> SdkConfig {
 /// The loader behind `load_config`, for callers that add to it (tests give
 /// moto's endpoint and credentials).
 pub fn config_loader() -> aws_config::ConfigLoader {
-    let loader =
+    let mut loader =
         aws_config::defaults(BehaviorVersion::latest()).retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5));
+    // Lambda puts the function's credentials and Region in the environment,
+    // where the default chains would find them first anyway. Naming them
+    // skips building the rest of those chains (web identity with its own STS
+    // client, ECS, IMDS), which was a large part of the SDK's start-up.
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if set("AWS_ACCESS_KEY_ID").is_some() && set("AWS_SECRET_ACCESS_KEY").is_some() {
+        loader = loader.credentials_provider(aws_config::environment::EnvironmentVariableCredentialsProvider::new());
+    }
+    if let Some(region) = set("AWS_REGION").or_else(|| set("AWS_DEFAULT_REGION")) {
+        loader = loader.region(aws_config::Region::new(region));
+    }
     match amazon_roots_client() {
         Some(client) => loader.http_client(client),
         None => loader,
@@ -195,17 +206,19 @@ impl Environment {
 
 /// The real ports, wired from one config.
 pub fn ports(config: &SdkConfig, env: &Environment) -> Ports {
+    // One client per service: each builds its endpoint resolver and connector.
+    let sqs = aws_sdk_sqs::Client::new(config);
     Ports {
         cloud: cloud(config),
         accounts: Box::new(StsAccounts::new(config.clone())),
         ledger: Box::new(s3::S3Ledger::new(s3_client(config), env.bucket.clone())),
         queue: Box::new(sqs::SqsWakeQueue {
-            sqs: aws_sdk_sqs::Client::new(config),
+            sqs: sqs.clone(),
             queue_url: env.reconcile_queue_url.clone(),
         }),
         dead_letters: env.reconcile_dlq_url.as_ref().map(|dlq_url| {
             Box::new(sqs::SqsDeadLetters {
-                sqs: aws_sdk_sqs::Client::new(config),
+                sqs: sqs.clone(),
                 dlq_url: dlq_url.clone(),
                 source_url: env.reconcile_queue_url.clone(),
             }) as Box<dyn crate::ports::DeadLetters>
