@@ -6,7 +6,9 @@ ran report "flotilla-emulator" in their StatusDetails-adjacent fields, and
 the tests in tests/integration/moto_extension.rs pin each one.
 
 Gaps filled (measured against moto 5.2.5):
-1. SSM DescribeInstanceInformation is unimplemented, and SendCommand accepts
+1. SSM DescribeInstanceInformation is unimplemented (implemented, paged as
+   the API model says: MaxResults 5-50, default 10, NextToken; at most 100
+   filter values), and SendCommand accepts
    any instance id. The SSM agent registers only on an instance with an IAM
    instance profile (AWS: the agent needs an instance profile with SSM
    permissions, or Default Host Management Configuration, which is not
@@ -1105,8 +1107,23 @@ SimpleSystemManagerResponse.cancel_command = cancel_command
 
 
 def describe_instance_information(self):
+    from moto.ssm.exceptions import ValidationException
+
+    # The API model: MaxResults 5-50 (default 10), and at most 100 values in
+    # a filter; SSM pages the rest behind a NextToken.
+    max_results = int(self._get_param("MaxResults", 10))
+    if not 5 <= max_results <= 50:
+        raise ValidationException(
+            f"1 validation error detected: Value '{max_results}' at 'maxResults' failed to satisfy constraint: "
+            "Member must have value less than or equal to 50 and greater than or equal to 5"
+        )
     wanted = set()
     for f in self._get_param("Filters", []) or []:
+        if len(f.get("Values", [])) > 100:
+            raise ValidationException(
+                "1 validation error detected: Value at 'filters.1.member.values' failed to satisfy constraint: "
+                "Member must have length less than or equal to 100"
+            )
         if f.get("Key") == "InstanceIds":
             wanted.update(f.get("Values", []))
     for f in self._get_param("InstanceInformationFilterList", []) or []:
@@ -1137,7 +1154,13 @@ def describe_instance_information(self):
                     "ComputerName": f"{instance.id}.{EMULATOR}",
                 }
             )
-    return ActionResult({"InstanceInformationList": items})
+    token = self._get_param("NextToken") or ""
+    start = int(token[len(_TOKEN_PREFIX):]) if token.startswith(_TOKEN_PREFIX) else 0
+    end = start + max_results
+    page = {"InstanceInformationList": items[start:end]}
+    if end < len(items):
+        page["NextToken"] = f"{_TOKEN_PREFIX}{end}"
+    return ActionResult(page)
 
 
 SimpleSystemManagerResponse.describe_instance_information = describe_instance_information

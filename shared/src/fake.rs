@@ -1128,8 +1128,13 @@ impl Commands for FakeCloud {
             .filter(|i| instance_ids.contains(&i.id) && i.agent_up(now))
             .map(|i| i.id.clone())
             .collect();
-        // The InstanceIds filter takes 50 values: one call per 50.
-        self.more_pages(&mut state, "DescribeInstanceInformation", instance_ids.len(), MAX_INSTANCES_PER_COMMAND);
+        // 100 ids a lookup, 50 agents a page: a lookup of agents not yet
+        // registered is one page, one of 100 Online agents two.
+        let pages: usize = instance_ids
+            .chunks(MAX_AGENT_IDS_PER_LOOKUP)
+            .map(|chunk| chunk.iter().filter(|id| online.contains(id)).count().div_ceil(MAX_AGENTS_PER_PAGE).max(1))
+            .sum();
+        self.more_pages(&mut state, "DescribeInstanceInformation", pages, 1);
         Ok(online)
     }
 

@@ -222,6 +222,11 @@ impl InvocationView {
 /// SendCommand's instance limit.
 pub const MAX_INSTANCES_PER_COMMAND: usize = 50;
 
+/// DescribeInstanceInformation: at most 100 values in its InstanceIds
+/// filter, and at most 50 agents on a page (10 unless asked).
+pub const MAX_AGENT_IDS_PER_LOOKUP: usize = 100;
+pub const MAX_AGENTS_PER_PAGE: usize = 50;
+
 #[async_trait]
 pub trait Commands: Send + Sync {
     /// Instance ids whose SSM agent reports PingStatus Online.

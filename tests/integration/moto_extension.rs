@@ -61,6 +61,7 @@ async fn wait_online(stack: &MotoStack, instances: &[String]) {
                     .build()
                     .expect("filter"),
             )
+            .max_results(50)
             .send()
             .await
             .expect("describe");
@@ -123,6 +124,39 @@ async fn agents_come_online_after_boot_and_only_named_instances_are_listed() {
     assert_eq!(list[0].instance_id(), Some(ids[0].as_str()));
     assert_eq!(list[0].ping_status().map(|p| p.as_str()), Some("Online"));
     assert!(list[0].agent_version().unwrap_or_default().contains("flotilla-emulator"));
+}
+
+/// Gap 1's paging: 10 agents a page unless asked (5-50), at most 100 ids in
+/// a filter; the reconciler's adapter asks for 50 and follows the pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_lookups_page_as_ssm_does() {
+    use flotilla_shared::ports::Commands;
+    let stack = MotoStack::start().await;
+    let ids = launch(&stack, 12, None).await;
+    wait_online(&stack, &ids).await;
+    let filter = |values: Vec<String>| {
+        InstanceInformationStringFilter::builder().key("InstanceIds").set_values(Some(values)).build().expect("filter")
+    };
+    let first = stack.ssm().describe_instance_information().filters(filter(ids.clone())).send().await.expect("page");
+    assert_eq!(first.instance_information_list().len(), 10, "10 a page by default");
+    assert!(first.next_token().is_some());
+    let too_small = stack.ssm().describe_instance_information().filters(filter(ids.clone())).max_results(4).send().await;
+    let code = too_small.err().and_then(|e| e.into_service_error().meta().code().map(str::to_string));
+    assert_eq!(code.as_deref(), Some("ValidationException"));
+    let mut many = ids.clone();
+    many.extend((0..89).map(|i| format!("i-{i:017x}")));
+    let too_many = stack.ssm().describe_instance_information().filters(filter(many)).max_results(50).send().await;
+    let code = too_many.err().and_then(|e| e.into_service_error().meta().code().map(str::to_string));
+    assert_eq!(code.as_deref(), Some("ValidationException"), "101 filter values");
+    // The adapter: 100 ids a lookup, every page followed.
+    let commands = flotilla_shared::aws::ssm::SsmCommands { ssm: stack.ssm() };
+    let mut asked = ids.clone();
+    asked.extend((0..100).map(|i| format!("i-{i:017x}")));
+    let mut online = commands.online_agents(&asked).await.expect("online agents");
+    online.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(online, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

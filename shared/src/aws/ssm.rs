@@ -5,7 +5,7 @@ use aws_sdk_ssm::types::{CommandInvocationStatus, InstanceInformationStringFilte
 
 use super::cloud_error;
 use crate::error::RetryClass;
-use crate::ports::{CloudResult, CommandRequest, Commands, InvocationView, MAX_INSTANCES_PER_COMMAND};
+use crate::ports::{CloudResult, CommandRequest, Commands, InvocationView, MAX_AGENTS_PER_PAGE, MAX_AGENT_IDS_PER_LOOKUP};
 
 pub struct SsmCommands {
     pub ssm: aws_sdk_ssm::Client,
@@ -21,44 +21,36 @@ const MAX_COMMENT: usize = 100;
 impl Commands for SsmCommands {
     async fn online_agents(&self, instance_ids: &[String]) -> CloudResult<Vec<String>> {
         let mut online = Vec::new();
-        // The InstanceIds filter takes at most 50 values.
-        for chunk in instance_ids.chunks(MAX_INSTANCES_PER_COMMAND) {
-            let mut token: Option<String> = None;
-            loop {
-                let response = self
-                    .ssm
-                    .describe_instance_information()
-                    .filters(
-                        InstanceInformationStringFilter::builder()
-                            .key("InstanceIds")
-                            .set_values(Some(chunk.to_vec()))
-                            .build()
-                            .map_err(|e| crate::error::CloudError::Invalid(e.to_string()))?,
-                    )
-                    .set_next_token(token.clone())
-                    .send()
-                    .await;
-                let response = match response {
-                    Ok(response) => response,
-                    // Instances SSM has never heard of are simply not Online yet.
+        for chunk in instance_ids.chunks(MAX_AGENT_IDS_PER_LOOKUP) {
+            let filter = InstanceInformationStringFilter::builder()
+                .key("InstanceIds")
+                .set_values(Some(chunk.to_vec()))
+                .build()
+                .map_err(|e| crate::error::CloudError::Invalid(e.to_string()))?;
+            let mut agents = self
+                .ssm
+                .describe_instance_information()
+                .filters(filter)
+                .max_results(MAX_AGENTS_PER_PAGE as i32)
+                .into_paginator()
+                .items()
+                .send();
+            while let Some(agent) = agents.next().await {
+                let agent = match agent {
+                    Ok(agent) => agent,
                     Err(e) => {
                         let err = cloud_error("ssm", "DescribeInstanceInformation", e);
+                        // Instances SSM has never heard of are simply not Online yet.
                         if err.class() == RetryClass::NotYetVisible {
                             break;
                         }
                         return Err(err);
                     }
                 };
-                for info in response.instance_information_list() {
-                    if info.ping_status() == Some(&PingStatus::Online) {
-                        if let Some(id) = info.instance_id() {
-                            online.push(id.to_string());
-                        }
+                if agent.ping_status() == Some(&PingStatus::Online) {
+                    if let Some(id) = agent.instance_id() {
+                        online.push(id.to_string());
                     }
-                }
-                token = response.next_token().map(str::to_string);
-                if token.is_none() {
-                    break;
                 }
             }
         }
