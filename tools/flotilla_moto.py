@@ -8,7 +8,8 @@ the tests in tests/integration/moto_extension.rs pin each one.
 Gaps filled (measured against moto 5.2.5):
 1. SSM DescribeInstanceInformation is unimplemented (implemented, paged as
    the API model says: MaxResults 5-50, default 10, NextToken; at most 100
-   filter values), and SendCommand accepts
+   filter values; an id that is no instance of the account is refused with
+   InvalidInstanceId), and SendCommand accepts
    any instance id. The SSM agent registers only on an instance with an IAM
    instance profile (AWS: the agent needs an instance profile with SSM
    permissions, or Default Host Management Configuration, which is not
@@ -1130,6 +1131,12 @@ def describe_instance_information(self):
         if f.get("key") == "InstanceIds":
             wanted.update(f.get("valueSet", []))
     ec2 = ec2_backends[self.current_account][self.region]
+    # "If you specify an instance ID that is not valid or an instance that
+    # you do not own, you receive an error" (API reference). An instance of
+    # this account whose agent has not registered is only not listed.
+    known = {instance.id for reservation in ec2.all_reservations() for instance in reservation.instances}
+    if wanted - known:
+        raise SSMException("InvalidInstanceId", "Instance id(s) not valid for this account")
     now = _now()
     items = []
     for reservation in ec2.all_reservations():

@@ -127,7 +127,8 @@ async fn agents_come_online_after_boot_and_only_named_instances_are_listed() {
 }
 
 /// Gap 1's paging: 10 agents a page unless asked (5-50), at most 100 ids in
-/// a filter; the reconciler's adapter asks for 50 and follows the pages.
+/// a filter, an unknown id refused; the reconciler's adapter asks for 50,
+/// follows the pages and halves a refused lookup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_lookups_page_as_ssm_does() {
     use flotilla_shared::ports::Commands;
@@ -148,7 +149,16 @@ async fn agent_lookups_page_as_ssm_does() {
     let too_many = stack.ssm().describe_instance_information().filters(filter(many)).max_results(50).send().await;
     let code = too_many.err().and_then(|e| e.into_service_error().meta().code().map(str::to_string));
     assert_eq!(code.as_deref(), Some("ValidationException"), "101 filter values");
-    // The adapter: 100 ids a lookup, every page followed.
+    let unknown = stack
+        .ssm()
+        .describe_instance_information()
+        .filters(filter(vec![ids[0].clone(), "i-0000000000000dead".into()]))
+        .send()
+        .await;
+    let code = unknown.err().and_then(|e| e.into_service_error().meta().code().map(str::to_string));
+    assert_eq!(code.as_deref(), Some("InvalidInstanceId"), "an id that is no instance of the account");
+    // The adapter: 100 ids a lookup, every page followed, and a lookup an
+    // unknown id refuses halved until the rest are seen.
     let commands = flotilla_shared::aws::ssm::SsmCommands { ssm: stack.ssm() };
     let mut asked = ids.clone();
     asked.extend((0..100).map(|i| format!("i-{i:017x}")));

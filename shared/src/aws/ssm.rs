@@ -17,41 +17,54 @@ const ERROR_SEPARATOR: &str = "\n----------ERROR-------\n";
 /// SSM's Comment field holds at most 100 characters.
 const MAX_COMMENT: usize = 100;
 
+impl SsmCommands {
+    /// The Online agents among at most 100 ids, every page followed.
+    async fn agents(&self, ids: &[String]) -> CloudResult<Vec<String>> {
+        let filter = InstanceInformationStringFilter::builder()
+            .key("InstanceIds")
+            .set_values(Some(ids.to_vec()))
+            .build()
+            .map_err(|e| crate::error::CloudError::Invalid(e.to_string()))?;
+        let mut agents = self
+            .ssm
+            .describe_instance_information()
+            .filters(filter)
+            .max_results(MAX_AGENTS_PER_PAGE as i32)
+            .into_paginator()
+            .items()
+            .send();
+        let mut online = Vec::new();
+        while let Some(agent) = agents.next().await {
+            let agent = agent.map_err(|e| cloud_error("ssm", "DescribeInstanceInformation", e))?;
+            if agent.ping_status() == Some(&PingStatus::Online) {
+                if let Some(id) = agent.instance_id() {
+                    online.push(id.to_string());
+                }
+            }
+        }
+        Ok(online)
+    }
+}
+
 #[async_trait]
 impl Commands for SsmCommands {
     async fn online_agents(&self, instance_ids: &[String]) -> CloudResult<Vec<String>> {
         let mut online = Vec::new();
-        for chunk in instance_ids.chunks(MAX_AGENT_IDS_PER_LOOKUP) {
-            let filter = InstanceInformationStringFilter::builder()
-                .key("InstanceIds")
-                .set_values(Some(chunk.to_vec()))
-                .build()
-                .map_err(|e| crate::error::CloudError::Invalid(e.to_string()))?;
-            let mut agents = self
-                .ssm
-                .describe_instance_information()
-                .filters(filter)
-                .max_results(MAX_AGENTS_PER_PAGE as i32)
-                .into_paginator()
-                .items()
-                .send();
-            while let Some(agent) = agents.next().await {
-                let agent = match agent {
-                    Ok(agent) => agent,
-                    Err(e) => {
-                        let err = cloud_error("ssm", "DescribeInstanceInformation", e);
-                        // Instances SSM has never heard of are simply not Online yet.
-                        if err.class() == RetryClass::NotYetVisible {
-                            break;
-                        }
-                        return Err(err);
-                    }
-                };
-                if agent.ping_status() == Some(&PingStatus::Online) {
-                    if let Some(id) = agent.instance_id() {
-                        online.push(id.to_string());
+        let mut lookups: Vec<&[String]> = instance_ids.chunks(MAX_AGENT_IDS_PER_LOOKUP).collect();
+        while let Some(ids) = lookups.pop() {
+            match self.agents(ids).await {
+                Ok(found) => online.extend(found),
+                // One id SSM does not know (AWS: "an instance ID that is not
+                // valid ... you receive an error") refuses the whole lookup:
+                // halve it, so the rest are still seen, and that one is not
+                // Online yet.
+                Err(err) if err.class() == RetryClass::NotYetVisible => {
+                    if ids.len() > 1 {
+                        let (left, right) = ids.split_at(ids.len() / 2);
+                        lookups.extend([left, right]);
                     }
                 }
+                Err(err) => return Err(err),
             }
         }
         Ok(online)
