@@ -1119,12 +1119,20 @@ def describe_instance_information(self):
             "Member must have value less than or equal to 50 and greater than or equal to 5"
         )
     wanted = set()
-    for f in self._get_param("Filters", []) or []:
-        if len(f.get("Values", [])) > 100:
+    lists = [f.get("Values", []) for f in self._get_param("Filters", []) or []]
+    lists += [f.get("valueSet", []) for f in self._get_param("InstanceInformationFilterList", []) or []]
+    if any(not values for values in lists):
+        raise ValidationException(
+            "1 validation error detected: Value at 'filters.1.member.values' failed to satisfy constraint: "
+            "Member must have length greater than or equal to 1"
+        )
+    for values in lists:
+        if len(values) > 100:
             raise ValidationException(
                 "1 validation error detected: Value at 'filters.1.member.values' failed to satisfy constraint: "
                 "Member must have length less than or equal to 100"
             )
+    for f in self._get_param("Filters", []) or []:
         if f.get("Key") == "InstanceIds":
             wanted.update(f.get("Values", []))
     for f in self._get_param("InstanceInformationFilterList", []) or []:
@@ -1132,9 +1140,17 @@ def describe_instance_information(self):
             wanted.update(f.get("valueSet", []))
     ec2 = ec2_backends[self.current_account][self.region]
     # "If you specify an instance ID that is not valid or an instance that
-    # you do not own, you receive an error" (API reference). An instance of
-    # this account whose agent has not registered is only not listed.
-    known = {instance.id for reservation in ec2.all_reservations() for instance in reservation.instances}
+    # you do not own, you receive an error" (API reference), and
+    # InvalidInstanceId names shutting-down and terminated as invalid states.
+    # A running instance whose agent has not registered is read as not
+    # listed (the reference's error list also names an unregistered agent;
+    # the adapter halves a refused lookup either way).
+    known = {
+        instance.id
+        for reservation in ec2.all_reservations()
+        for instance in reservation.instances
+        if instance.state not in _GONE
+    }
     if wanted - known:
         raise SSMException("InvalidInstanceId", "Instance id(s) not valid for this account")
     now = _now()
@@ -1162,14 +1178,17 @@ def describe_instance_information(self):
                 }
             )
     token = self._get_param("NextToken") or ""
-    start = int(token[len(_TOKEN_PREFIX):]) if token.startswith(_TOKEN_PREFIX) else 0
+    if token and not token.startswith(_AGENT_TOKEN_PREFIX):
+        raise SSMException("InvalidNextToken", "The specified token isn't valid.")
+    start = int(token[len(_AGENT_TOKEN_PREFIX):]) if token else 0
     end = start + max_results
     page = {"InstanceInformationList": items[start:end]}
     if end < len(items):
-        page["NextToken"] = f"{_TOKEN_PREFIX}{end}"
+        page["NextToken"] = f"{_AGENT_TOKEN_PREFIX}{end}"
     return ActionResult(page)
 
 
+_AGENT_TOKEN_PREFIX = "flotilla-agents-"
 SimpleSystemManagerResponse.describe_instance_information = describe_instance_information
 
 

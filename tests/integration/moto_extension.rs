@@ -49,23 +49,23 @@ async fn finished(
 
 /// SSM refuses commands until the agent is Online (InvalidInstanceId).
 async fn wait_online(stack: &MotoStack, instances: &[String]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let info = stack
-            .ssm()
-            .describe_instance_information()
-            .filters(
-                InstanceInformationStringFilter::builder()
-                    .key("InstanceIds")
-                    .set_values(Some(instances.to_vec()))
-                    .build()
-                    .expect("filter"),
-            )
-            .max_results(50)
-            .send()
-            .await
-            .expect("describe");
-        if info.instance_information_list().len() == instances.len() {
+        let mut online = 0;
+        for ids in instances.chunks(100) {
+            let filter = InstanceInformationStringFilter::builder()
+                .key("InstanceIds")
+                .set_values(Some(ids.to_vec()))
+                .build()
+                .expect("filter");
+            let mut pages =
+                stack.ssm().describe_instance_information().filters(filter).max_results(50).into_paginator().items().send();
+            while let Some(agent) = pages.next().await {
+                agent.expect("describe");
+                online += 1;
+            }
+        }
+        if online == instances.len() {
             return;
         }
         assert!(Instant::now() < deadline, "agents never came Online");
@@ -133,7 +133,8 @@ async fn agents_come_online_after_boot_and_only_named_instances_are_listed() {
 async fn agent_lookups_page_as_ssm_does() {
     use flotilla_shared::ports::Commands;
     let stack = MotoStack::start().await;
-    let ids = launch(&stack, 12, None).await;
+    // More than one of the adapter's 50-agent pages.
+    let ids = launch(&stack, 60, None).await;
     wait_online(&stack, &ids).await;
     let filter = |values: Vec<String>| {
         InstanceInformationStringFilter::builder().key("InstanceIds").set_values(Some(values)).build().expect("filter")
@@ -145,7 +146,7 @@ async fn agent_lookups_page_as_ssm_does() {
     let code = too_small.err().and_then(|e| e.into_service_error().meta().code().map(str::to_string));
     assert_eq!(code.as_deref(), Some("ValidationException"));
     let mut many = ids.clone();
-    many.extend((0..89).map(|i| format!("i-{i:017x}")));
+    many.extend((0..41).map(|i| format!("i-{i:017x}")));
     let too_many = stack.ssm().describe_instance_information().filters(filter(many)).max_results(50).send().await;
     let code = too_many.err().and_then(|e| e.into_service_error().meta().code().map(str::to_string));
     assert_eq!(code.as_deref(), Some("ValidationException"), "101 filter values");
@@ -160,8 +161,10 @@ async fn agent_lookups_page_as_ssm_does() {
     // The adapter: 100 ids a lookup, every page followed, and a lookup an
     // unknown id refuses halved until the rest are seen.
     let commands = flotilla_shared::aws::ssm::SsmCommands { ssm: stack.ssm() };
+    let all = commands.online_agents(&ids).await.expect("online agents");
+    assert_eq!(all.len(), ids.len(), "one lookup of 60: both pages read");
     let mut asked = ids.clone();
-    asked.extend((0..100).map(|i| format!("i-{i:017x}")));
+    asked.insert(17, "i-0000000000000dead".into());
     let mut online = commands.online_agents(&asked).await.expect("online agents");
     online.sort();
     let mut expected = ids.clone();
