@@ -233,3 +233,69 @@ async fn a_send_whose_reply_was_lost_is_adopted_though_its_agent_dropped_off() {
     }
     assert!(sends.values().all(|n| *n == 1), "each phase sent once per instance: {sends:?}");
 }
+
+/// A round's cloud calls show their effect seconds later or as an event, so
+/// a pass that made them ends instead of observing again at once: one look
+/// a pass. Pruning and the report are the record's own steps, so the pass
+/// that writes the report also ends the job; and the job ends within
+/// seconds of its last volume's delete (no event says a shard settled).
+#[tokio::test]
+async fn a_pass_looks_once_unless_what_it_did_unlocks_the_next_step() {
+    let cloud = FakeCloud::new(sim::start_time());
+    let ports = cloud.ports(sim::settings());
+    let mut spec = job("one-look");
+    spec["fleet"] = json!({"count": 3});
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+    let mut last_deleted_at = None;
+    for _ in 0..5_000 {
+        let Some(message) = cloud.next_message() else { break };
+        let _ = reconcile::reconcile(&ports, &message, Duration::seconds(BUDGET)).await;
+        let record = cloud.record("one-look").expect("record");
+        assert!(
+            !record.report_written || record.state.is_terminal(),
+            "the pass that wrote the report left the job {}",
+            record.state
+        );
+        let volumes: Vec<_> = record.attempts().flat_map(|a| a.volumes.iter()).collect();
+        if !volumes.is_empty() && volumes.iter().all(|v| v.deleted) {
+            let deleted_at = *last_deleted_at.get_or_insert(cloud.now());
+            let since = (cloud.now() - deleted_at).num_seconds();
+            assert!(!record.state.is_terminal() || since <= 2, "ended {since} s after the last volume's delete");
+        }
+        if record.state.is_terminal() {
+            break;
+        }
+    }
+    let record = cloud.record("one-look").expect("record");
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    let looks = cloud.lock().calls.get("DescribeInstances").copied().unwrap_or(0);
+    // Launching, the passes, and the two record-only rounds at the end.
+    assert!(looks <= u64::from(record.passes) + 2, "{looks} looks in {} passes", record.passes);
+}
+
+/// A SendCommand refused after the look (an agent that dropped off in
+/// between) leaves no command, so no event will follow: the pass tries
+/// again at once, and when its rounds run out it comes back within the poll
+/// delay, not a safety poll (10 minutes here) later.
+#[tokio::test]
+async fn a_refused_send_is_tried_again_within_the_poll_delay() {
+    let cloud = FakeCloud::new(sim::start_time());
+    let settings = Settings { safety_poll_seconds: Some(600), ..sim::settings() };
+    let poll = i64::from(settings.poll_delay_seconds);
+    let ports = cloud.ports(settings);
+    let mut spec = job("refused-send");
+    spec["fleet"] = json!({"count": 2});
+    cloud.lock().refused.insert("SendCommand", "InvalidInstanceId");
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+    while !cloud.lock().calls.contains_key("SendCommand") {
+        let message = cloud.next_message().expect("a message");
+        let _ = reconcile::reconcile(&ports, &message, Duration::seconds(BUDGET)).await;
+    }
+    let refused_at = cloud.now();
+    let tries = cloud.lock().calls["SendCommand"];
+    assert!(tries > 1, "tried again in the same pass: {tries}");
+    cloud.lock().refused.remove("SendCommand");
+    drive_until(&cloud, &ports, "refused-send", |c| !c.lock().commands.is_empty()).await;
+    let waited = (cloud.now() - refused_at).num_seconds();
+    assert!(waited <= poll + 5, "sent {waited} s after the refusal (poll delay {poll} s)");
+}

@@ -11,7 +11,8 @@
 //!
 //! Prints plain tables; `--json PATH` writes the figures too.
 //! FLOTILLA_BENCH_BY_OP=1 adds calls by operation and deliveries by trigger;
-//! FLOTILLA_BENCH_TIMELINE=1 every call of a `calls` job with its time.
+//! FLOTILLA_BENCH_TIMELINE=1 every call of a `calls` job with its time;
+//! FLOTILLA_BENCH_LAUNCHES=1 the fifty-job launches per 100 s.
 
 use std::collections::BTreeMap;
 
@@ -215,6 +216,11 @@ async fn fifty_jobs() -> Fleetwide {
     let mut launches: Vec<DateTime<Utc>> = state.instances.iter().map(|i| i.launched_at).collect();
     launches.sort();
     let (first, last) = (launches[0], launches[launches.len() - 1]);
+    if std::env::var("FLOTILLA_BENCH_LAUNCHES").is_ok() {
+        let mut hist = std::collections::BTreeMap::new();
+        for l in &launches { *hist.entry((*l - first).num_seconds() / 100).or_insert(0) += 1; }
+        eprintln!("launches per 100 s: {hist:?}");
+    }
     let launch_seconds = (last - first).num_milliseconds() as f64 / 1000.0;
     // Beyond the 1,000-instance burst, the bucket refills 2 a second.
     let rate = (launches.len().saturating_sub(1000)) as f64 / launch_seconds.max(1.0);

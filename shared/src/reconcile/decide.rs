@@ -143,6 +143,18 @@ impl Action {
         self.waits_for_call_budget() || matches!(self, Action::Terminate { .. })
     }
 
+    /// Whether the next round of the same pass can build on this action at
+    /// once, with no change in the cloud to wait for. A failed action always
+    /// can: `apply` holds back an offline agent, releases a failed batch,
+    /// keeps a volume or retries a launch elsewhere. So can a launch (the
+    /// shared budget is asked again for the shards still waiting, and says
+    /// when to come back), pruning and the report (the record's last steps).
+    /// Any other call's effect shows in seconds (volumes) or comes as an
+    /// event (instances, commands, snapshots), which the pass's wait covers.
+    pub fn unlocks_at_once(&self, failed: bool) -> bool {
+        failed || matches!(self, Action::Launch { .. } | Action::Prune { .. } | Action::WriteReport)
+    }
+
     /// A mutating call that waits when the bucket is empty. TerminateInstances
     /// takes its token but never waits: it stops the billing, and takes up to
     /// 1,000 instances a call.
@@ -511,12 +523,18 @@ fn step_shard(
     }
 
     if attempt.stage == Stage::Releasing {
+        let before = actions.len();
         if release(job, index, attempt, obs, now, actions, terminate, &mut notes) {
             attempt.stage = Stage::Done;
         } else {
             let events = ctx.settings.safety_poll_seconds.is_some() && job.spec.role_arn.is_none();
             let waited = snapshot_wait(attempt, events, now);
             *wait = (*wait).min(waited.unwrap_or_else(|| release_wait(attempt, instance_gone_at(attempt), events, now)));
+            // A deleted volume settles its shard on the next look, and no
+            // event says so: look again soon (a big job's gap still batches).
+            if actions[before..].iter().any(|a| matches!(a, Action::DeleteVolume { .. })) {
+                *wait = (*wait).min(1);
+            }
         }
     }
 

@@ -8,8 +8,10 @@
 //! 3. `decide` (pure) updates shard state and returns actions; the record,
 //!    with every action's intent, is saved before any action runs;
 //! 4. run the actions, fold their results in (`decide::apply`), save;
-//! 5. repeat while the time budget lasts, then release the lease and make
-//!    sure one wake is on its way unless the job is terminal.
+//! 5. repeat only while what it did unlocks the next step at once (a failed
+//!    call, the record's last steps) and the time budget lasts, then
+//!    release the lease and make sure one wake is on its way unless the job
+//!    is terminal.
 //!
 //! A crash anywhere leaves intents in the record (tokens, comments, snapshot
 //! requests) that the next pass completes without repeating; a lease that
@@ -79,7 +81,10 @@ pub enum Handled {
 /// The lease outlives the pass budget by this much, so a pass that is still
 /// saving is never overtaken; a crashed pass's lease expires after it.
 const LEASE_MARGIN_SECONDS: i64 = 30;
-/// Observe-decide-act rounds per pass: results often unlock the next step.
+/// Observe-decide-act rounds per pass. A round runs again only when what it
+/// did can be used at once (see `Action::unlocks_at_once`): a cloud call's
+/// effect shows seconds later or comes as an event, and looking again at
+/// once would cost a whole observation for nothing.
 const MAX_ROUNDS: usize = 4;
 /// Passes in a row whose observation fails permanently before the job gives up.
 const OBSERVE_FAILURES: u32 = 5;
@@ -192,7 +197,9 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
     };
 
     let mut next = Next::After(ports.settings.poll_delay_seconds);
+    let mut again = false;
     for _ in 0..MAX_ROUNDS {
+        again = false;
         let now = ports.clock.now();
         if let Err(err) = resolve_image(cloud, &mut record).await {
             if err.is_transient() || matches!(err, CloudError::Crashed(_)) {
@@ -286,6 +293,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
                 }
                 info!(job_id = %record.job_id, action = action.name(), error = %err, "action failed");
             }
+            again |= action.unlocks_at_once(result.is_err());
             decide::apply(&mut record, action, result, ports.clock.now().trunc_subsecs(0));
         }
         save(ports, &mut record, &mut version, &owner).await?;
@@ -303,6 +311,14 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             next = Next::After(1);
             break;
         }
+        if !again {
+            break;
+        }
+    }
+    // Out of rounds with a failure still to act on: decide's wait assumed
+    // the calls would succeed, and no event follows a call that failed.
+    if let (true, Next::After(seconds)) = (again, next) {
+        next = Next::After(seconds.min(ports.settings.poll_delay_seconds));
     }
     finish_pass(ports, &mut record, &mut version, &owner, next).await
 }
