@@ -466,6 +466,11 @@ pub struct JobRecord {
     /// to run another: the next pass lists their commands.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hinted: Vec<String>,
+    /// A trigger other than a poll came while a pass held the lease: that
+    /// pass wakes the job again a gap after it ends, not at its next poll,
+    /// and the next pass looks at every command in flight.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub woken: bool,
     #[serde(default)]
     pub outcome: Option<Outcome>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -556,6 +561,7 @@ impl JobRecord {
             dead_letter_ids: vec![],
             interruptions: vec![],
             hinted: vec![],
+            woken: false,
             outcome: None,
             outcome_reason: None,
             resolved_image: None,

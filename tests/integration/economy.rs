@@ -299,3 +299,50 @@ async fn a_refused_send_is_tried_again_within_the_poll_delay() {
     let waited = (cloud.now() - refused_at).num_seconds();
     assert!(waited <= poll + 5, "sent {waited} s after the refusal (poll delay {poll} s)");
 }
+
+/// An event that comes while a pass holds the lease (the two run
+/// interleaved: the fake yields at every call) is not left for the lease's
+/// end or the next safety poll: the pass under way learns of it when it
+/// saves, and the job's next pass comes a second after it ends and lists the
+/// commands in flight.
+#[tokio::test]
+async fn an_event_during_a_pass_brings_the_next_pass_a_second_after_it() {
+    let cloud = FakeCloud::new(sim::start_time()).with_behaviour(std::sync::Arc::new(|request, _| {
+        if request.comment.contains(" run ") { (0, "done".into(), 3600) } else { (0, String::new(), 1) }
+    }));
+    let settings = Settings { safety_poll_seconds: Some(120), ..sim::settings() };
+    let ports = cloud.ports(settings);
+    let mut spec = long_job("during");
+    spec["fleet"] = json!({"count": 3});
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+    drive_until(&cloud, &ports, "during", |c| running(c, "during")).await;
+    let record = cloud.record("during").expect("record");
+    let instance = record.shards[1].current().and_then(|a| a.instance_id.clone()).expect("instance");
+    let run_batch = |r: &flotilla_shared::record::JobRecord| {
+        r.commands.values().find(|b| b.phase == Phase::Run).cloned().expect("run batch")
+    };
+    cloud.lock().queue.clear();
+    cloud.advance_to(record.updated_at.expect("a pass ran") + Duration::seconds(30));
+
+    cloud.lock().faults.yield_rate = 1.0;
+    let poll = WakeMessage::new("during", "poll");
+    let mut event = WakeMessage::new("during", "event");
+    event.instances = vec![instance];
+    let (pass, busy) = tokio::join!(reconcile::reconcile(&ports, &poll, Duration::seconds(BUDGET)), async {
+        tokio::task::yield_now().await;
+        reconcile::reconcile(&ports, &event, Duration::seconds(BUDGET)).await
+    });
+    cloud.lock().faults.yield_rate = 0.0;
+    assert!(matches!(pass, Ok(Handled::Reconciled { .. })), "{pass:?}");
+    assert_eq!(busy.ok(), Some(Handled::Busy), "the event came during the pass");
+    let ended = cloud.now();
+    let listed_before = run_batch(&cloud.record("during").expect("record")).listed_at;
+    let due = cloud.next_due().expect("a wake");
+    assert!(due <= ended + Duration::seconds(2), "next pass {} s after the one the event found busy", (due - ended).num_seconds());
+    let next = cloud.next_message().expect("a wake");
+    let handled = reconcile::reconcile(&ports, &next, Duration::seconds(BUDGET)).await.expect("pass");
+    assert!(matches!(handled, Handled::Reconciled { .. }), "{handled:?}");
+    let after = cloud.record("during").expect("record");
+    assert!(!after.woken);
+    assert_ne!(run_batch(&after).listed_at, listed_before, "the commands in flight were listed");
+}

@@ -148,8 +148,24 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
                 continue;
             }
             if let Some(lease) = record.lease.as_ref().filter(|l| l.until > started) {
+                // The pass under way takes `woken` in when it saves, and the
+                // job's next pass comes a gap after it ends and looks at every
+                // command in flight (`finish_pass`). Only the first trigger of
+                // a pass writes, so a big job's burst of events costs the
+                // pass one conflict, not one per event. A poll or tick asks
+                // for nothing new.
+                let asks = !matches!(message.trigger.as_deref(), Some("poll" | "tick"));
+                if asks && record.woken {
+                    return Ok(Handled::Busy); // that pass's next one looks at everything
+                }
+                if asks {
+                    record.woken = true;
+                    if let WriteOutcome::Conflict = ports.ledger.replace(&record, &loaded.version).await? {
+                        continue; // the pass saved or ended meanwhile: look again
+                    }
+                }
+                // Should that pass die, this comes when its lease ends.
                 let delay = (lease.until - started).num_seconds().clamp(1, 900) as u32;
-                // The events' hints travel on: the pass that takes them lists those commands.
                 let mut busy = WakeMessage::new(&record.job_id, "busy");
                 busy.instances = message.instances.clone();
                 ports.queue.send(&busy, delay).await?;
@@ -161,7 +177,12 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             }
             record.passes += 1;
             record.updated_at = Some(started);
-            let hinted = std::mem::take(&mut record.hinted);
+            let mut hinted = std::mem::take(&mut record.hinted);
+            if std::mem::take(&mut record.woken) {
+                // Triggers came during the last pass: what they named is not
+                // known, so every command in flight is looked at.
+                hinted.extend(record.shards.iter().filter_map(|s| s.current()).filter_map(|a| a.instance_id.clone()));
+            }
             if let WriteOutcome::Written { version } = ports.ledger.replace(&record, &loaded.version).await? {
                 taken = Some((record, version, hinted));
                 break;
@@ -390,9 +411,12 @@ async fn finish_pass(
     let now = ports.clock.now();
     record.lease = None;
     let mut send = None;
+    // A trigger came during this pass: the next one comes a gap after it.
+    let soon = decide::pass_gap(record.shards.len()).max(1);
+    let woken = record.woken;
     if let (false, Next::After(seconds)) = (record.state.is_terminal(), next) {
         // SQS caps DelaySeconds at 900.
-        let seconds = seconds.min(900);
+        let seconds = if woken { seconds.min(soon) } else { seconds.min(900) };
         let due = now + Duration::seconds(i64::from(seconds));
         let pending = record.wake.as_ref().is_some_and(|w| w.at > now && w.at <= due + Duration::seconds(2));
         if !pending {
@@ -420,15 +444,20 @@ async fn finish_pass(
     save(ports, record, version, owner).await?;
     if record.state.is_terminal() {
         ports.ledger.set_active(&record.job_id, false).await?;
+    } else if record.woken && !woken {
+        // The trigger came while this last save was under way: its wake was
+        // already decided, so one more message brings the next pass.
+        ports.queue.send(&WakeMessage::new(&record.job_id, "busy"), soon).await?;
     }
     info!(job_id = %record.job_id, state = %record.state, reason = %record.reason, "reconciled");
     Ok(Handled::Reconciled { state: record.state.to_string() })
 }
 
 /// Compare-and-swap under our lease. Intake may set `cancel_requested`, the
-/// event path may add `interruptions`, and the reaper may count
-/// `dead_letters` (with their ids and a warning) meanwhile: those are
-/// merged; any other change means the lease was lost.
+/// event path may add `interruptions`, a trigger that found the job busy
+/// sets `woken`, and the reaper may count `dead_letters` (with their
+/// ids and a warning) meanwhile: those are merged; any other change means
+/// the lease was lost.
 async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner: &str) -> Result<(), StepError> {
     for _ in 0..5 {
         record.updated_at = Some(ports.clock.now());
@@ -461,6 +490,8 @@ async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner
                         record.interruptions.push(id);
                     }
                 }
+                // A trigger that came during the pass (see the lease above).
+                record.woken |= fresh.record.woken;
                 *version = fresh.version;
             }
         }
