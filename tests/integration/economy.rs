@@ -300,8 +300,9 @@ async fn a_refused_send_is_tried_again_within_the_poll_delay() {
     assert!(waited <= poll + 5, "sent {waited} s after the refusal (poll delay {poll} s)");
 }
 
-/// An event that comes while a pass holds the lease (the two run
-/// interleaved: the fake yields at every call) is not left for the lease's
+/// An event that comes while a pass holds the lease (the two interleaved:
+/// the fake yields at every call, and the event runs once the pass holds
+/// the lease) is not left for the lease's
 /// end or the next safety poll: the pass under way learns of it when it
 /// saves, and the job's next pass comes a second after it ends and lists the
 /// commands in flight.
@@ -328,10 +329,18 @@ async fn an_event_during_a_pass_brings_the_next_pass_a_second_after_it() {
     let poll = WakeMessage::new("during", "poll");
     let mut event = WakeMessage::new("during", "event");
     event.instances = vec![instance];
-    let (pass, busy) = tokio::join!(reconcile::reconcile(&ports, &poll, Duration::seconds(BUDGET)), async {
-        tokio::task::yield_now().await;
-        reconcile::reconcile(&ports, &event, Duration::seconds(BUDGET)).await
-    });
+    // The pass runs, one call at a time, until it holds the lease; the event
+    // comes then; the pass goes on.
+    let mut pass = std::pin::pin!(reconcile::reconcile(&ports, &poll, Duration::seconds(BUDGET)));
+    loop {
+        let step = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(pass.as_mut(), cx))).await;
+        assert!(step.is_pending(), "the pass ended before the event came: {step:?}");
+        if cloud.record("during").is_some_and(|r| r.lease.is_some()) {
+            break;
+        }
+    }
+    let busy = reconcile::reconcile(&ports, &event, Duration::seconds(BUDGET)).await;
+    let pass = pass.await;
     cloud.lock().faults.yield_rate = 0.0;
     assert!(matches!(pass, Ok(Handled::Reconciled { .. })), "{pass:?}");
     assert_eq!(busy.ok(), Some(Handled::Busy), "the event came during the pass");
@@ -345,4 +354,53 @@ async fn an_event_during_a_pass_brings_the_next_pass_a_second_after_it() {
     let after = cloud.record("during").expect("record");
     assert!(!after.woken);
     assert_ne!(run_batch(&after).listed_at, listed_before, "the commands in flight were listed");
+}
+
+/// A pass that dies holding the lease: the first event that finds it busy
+/// sets `woken` and leaves one lease-end message for the lease's end (later
+/// events add nothing). That message runs the pass the dead one owed, which
+/// lists every command in flight; a lease-end message for a pass that ended
+/// is dropped.
+#[tokio::test]
+async fn a_lease_end_message_stands_in_for_a_pass_that_died_and_is_dropped_after_one_that_ended() {
+    let cloud = FakeCloud::new(sim::start_time()).with_behaviour(std::sync::Arc::new(|request, _| {
+        if request.comment.contains(" run ") { (0, "done".into(), 3600) } else { (0, String::new(), 1) }
+    }));
+    let settings = Settings { safety_poll_seconds: Some(120), ..sim::settings() };
+    let ports = cloud.ports(settings);
+    let mut spec = long_job("dead-owner");
+    spec["fleet"] = json!({"count": 3});
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+    drive_until(&cloud, &ports, "dead-owner", |c| running(c, "dead-owner")).await;
+    cloud.lock().queue.clear();
+    cloud.advance_to(cloud.record("dead-owner").and_then(|r| r.updated_at).expect("a pass ran") + Duration::seconds(30));
+    // The pass that took this lease died.
+    let loaded = ports.ledger.load("dead-owner").await.expect("load").expect("record");
+    let mut record = loaded.record;
+    record.lease = Some(flotilla_shared::record::Lease { owner: "dead".into(), until: cloud.now() + Duration::seconds(10) });
+    ports.ledger.replace(&record, &loaded.version).await.expect("lease");
+    let instance = record.shards[0].current().and_then(|a| a.instance_id.clone()).expect("instance");
+
+    for n in 0..3 {
+        let mut event = WakeMessage::new("dead-owner", "event");
+        event.instances = vec![instance.clone()];
+        let handled = reconcile::reconcile(&ports, &event, Duration::seconds(BUDGET)).await.expect("event");
+        assert_eq!(handled, Handled::Busy);
+        assert_eq!(cloud.lock().queue.len(), 1, "after event {n}: one lease-end message");
+    }
+    assert!(cloud.record("dead-owner").is_some_and(|r| r.woken));
+    let listed_before = cloud.record("dead-owner").expect("record").commands.values().map(|b| b.listed_at).collect::<Vec<_>>();
+    let due = cloud.next_due().expect("due");
+    assert!(due > cloud.now() + Duration::seconds(10), "after the lease's end");
+    let lease_end = cloud.next_message().expect("the lease-end message");
+    assert_eq!((lease_end.trigger.as_deref(), lease_end.lease_owner.as_deref()), (Some("lease-end"), Some("dead")));
+    let handled = reconcile::reconcile(&ports, &lease_end, Duration::seconds(BUDGET)).await.expect("pass");
+    assert!(matches!(handled, Handled::Reconciled { .. }), "{handled:?}");
+    let after = cloud.record("dead-owner").expect("record");
+    assert!(!after.woken && after.lease.is_none());
+    let listed_after = after.commands.values().map(|b| b.listed_at).collect::<Vec<_>>();
+    assert_ne!(listed_after, listed_before, "every command in flight was listed");
+    // The same message again (SQS delivers at least once): that pass ended.
+    let handled = reconcile::reconcile(&ports, &lease_end, Duration::seconds(BUDGET)).await.expect("again");
+    assert_eq!(handled, Handled::Scheduled);
 }

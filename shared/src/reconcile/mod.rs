@@ -44,20 +44,30 @@ pub struct WakeMessage {
     /// Set on the job's scheduled poll, so a pass knows that poll arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_id: Option<String>,
-    /// What sent it: submit, cancel, poll, tick, event, busy. A tick skips a
-    /// job whose poll is on its way; an event, busy or stale poll right
-    /// after a pass leaves its instances for the next one.
+    /// What sent it: submit, cancel, poll, tick, event, busy, lease-end. A
+    /// tick skips a job whose poll is on its way; an event, busy, lease-end
+    /// or stale poll right after a pass leaves its instances for the next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
     /// Instances EC2 or SSM events named: their commands are listed this
     /// pass; others only once their last listing is a safety poll old.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<String>,
+    /// On a `lease-end` message: the pass whose lease it waits out. Dropped
+    /// if that pass ended (it took everything in and scheduled its next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_owner: Option<String>,
 }
 
 impl WakeMessage {
     pub fn new(job_id: &str, trigger: &str) -> Self {
-        WakeMessage { job_id: job_id.to_string(), wake_id: None, trigger: Some(trigger.to_string()), instances: vec![] }
+        WakeMessage {
+            job_id: job_id.to_string(),
+            wake_id: None,
+            trigger: Some(trigger.to_string()),
+            instances: vec![],
+            lease_owner: None,
+        }
     }
 }
 
@@ -69,7 +79,8 @@ pub enum Handled {
     Busy,
     /// No record: a wake for a job that does not exist.
     Unknown,
-    /// A safety tick for a job whose poll is on its way: nothing to do.
+    /// Nothing to do: a safety tick for a job whose poll is on its way, or a
+    /// lease-end message for a pass that ended.
     Scheduled,
     /// An event right after a pass: kept in the record for the next.
     Deferred,
@@ -104,6 +115,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
     // 1. The lease.
     let (mut record, mut version, hinted) = {
         let mut taken = None;
+        let mut fallback_sent = false;
         for _ in 0..4 {
             let Some(loaded) = ports.ledger.load(&message.job_id).await? else { return Ok(Handled::Unknown) };
             let mut record = loaded.record;
@@ -113,6 +125,10 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
                     ports.ledger.set_active(&record.job_id, false).await?;
                 }
                 return Ok(Handled::Finished);
+            }
+            let held_by = |owner: &Option<String>| record.lease.as_ref().is_some_and(|l| Some(&l.owner) == owner.as_ref());
+            if message.trigger.as_deref() == Some("lease-end") && !held_by(&message.lease_owner) {
+                return Ok(Handled::Scheduled);
             }
             let poll_coming = record.wake.as_ref().is_some_and(|w| started < w.at + Duration::seconds(TICK_GRACE_SECONDS));
             if message.trigger.as_deref() == Some("tick") && poll_coming && record.lease.is_none() {
@@ -124,7 +140,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             let gap = Duration::seconds(i64::from(decide::pass_gap(record.shards.len())));
             let scheduled = message.wake_id.is_some() && record.wake.as_ref().map(|w| &w.id) == message.wake_id.as_ref();
             let early = gap > Duration::zero()
-                && matches!(message.trigger.as_deref(), Some("event" | "busy" | "poll"))
+                && matches!(message.trigger.as_deref(), Some("event" | "busy" | "lease-end" | "poll"))
                 && !scheduled
                 && record.lease.is_none()
                 && record.updated_at.is_some_and(|at| started < at + gap);
@@ -148,15 +164,26 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
                 continue;
             }
             if let Some(lease) = record.lease.as_ref().filter(|l| l.until > started) {
-                // The pass under way takes `woken` in when it saves, and the
-                // job's next pass comes a gap after it ends and looks at every
-                // command in flight (`finish_pass`). Only the first trigger of
-                // a pass writes, so a big job's burst of events costs the
-                // pass one conflict, not one per event. A poll or tick asks
-                // for nothing new.
-                let asks = !matches!(message.trigger.as_deref(), Some("poll" | "tick"));
+                // A trigger that asks for something (not a poll, a tick or a
+                // lease-end) sets `woken`: the pass under way takes it in when
+                // it saves, and the job's next pass comes a gap after it ends
+                // and looks at every command in flight (`finish_pass`). Only
+                // the first of a pass writes, so a big job's burst of events
+                // costs that pass one conflict, not one per event.
+                let asks = !matches!(message.trigger.as_deref(), Some("poll" | "tick" | "lease-end"));
                 if asks && record.woken {
-                    return Ok(Handled::Busy); // that pass's next one looks at everything
+                    return Ok(Handled::Busy);
+                }
+                // Should that pass die, this comes when its lease ends; it is
+                // dropped if the pass ends well. Sent first: a failed write
+                // then still leaves it on its way.
+                if !fallback_sent {
+                    let remaining_ms = (lease.until - started).num_milliseconds();
+                    let mut fallback = WakeMessage::new(&record.job_id, "lease-end");
+                    fallback.lease_owner = Some(lease.owner.clone());
+                    fallback.instances = message.instances.clone();
+                    ports.queue.send(&fallback, (remaining_ms / 1000 + 1).clamp(1, 900) as u32).await?;
+                    fallback_sent = true;
                 }
                 if asks {
                     record.woken = true;
@@ -164,11 +191,6 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
                         continue; // the pass saved or ended meanwhile: look again
                     }
                 }
-                // Should that pass die, this comes when its lease ends.
-                let delay = (lease.until - started).num_seconds().clamp(1, 900) as u32;
-                let mut busy = WakeMessage::new(&record.job_id, "busy");
-                busy.instances = message.instances.clone();
-                ports.queue.send(&busy, delay).await?;
                 return Ok(Handled::Busy);
             }
             record.lease = Some(Lease { owner: owner.clone(), until: lease_until });
@@ -219,6 +241,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
 
     let mut next = Next::After(ports.settings.poll_delay_seconds);
     let mut again = false;
+    let mut focus: BTreeSet<String> = message.instances.iter().chain(&hinted).cloned().collect();
     for _ in 0..MAX_ROUNDS {
         again = false;
         let now = ports.clock.now();
@@ -232,10 +255,10 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             record.outcome.get_or_insert(Outcome::Failed);
             record.outcome_reason.get_or_insert(format!("image: {err}"));
         }
-        // 2. Observe.
-        let focus: BTreeSet<String> = message.instances.iter().chain(&hinted).cloned().collect();
+        // 2. Observe. What triggers named is listed in the first round only.
         let observation = match observe::observe(cloud, &record, &ports.settings, now, &focus).await {
             Ok(observation) => {
+                focus.clear();
                 record.observe_failures = 0;
                 record.stalled = None;
                 observation
@@ -422,15 +445,7 @@ async fn finish_pass(
         if !pending {
             let id = uuid::Uuid::new_v4().simple().to_string();
             record.wake = Some(Wake { id: id.clone(), at: due });
-            send = Some((
-                WakeMessage {
-                    job_id: record.job_id.clone(),
-                    wake_id: Some(id),
-                    trigger: Some("poll".into()),
-                    instances: vec![],
-                },
-                seconds,
-            ));
+            send = Some((WakeMessage { wake_id: Some(id), ..WakeMessage::new(&record.job_id, "poll") }, seconds));
         }
     }
     // Sent before the save: if the save is lost the wake still comes, and an
@@ -447,7 +462,7 @@ async fn finish_pass(
     } else if record.woken && !woken {
         // The trigger came while this last save was under way: its wake was
         // already decided, so one more message brings the next pass.
-        ports.queue.send(&WakeMessage::new(&record.job_id, "busy"), soon).await?;
+        ports.queue.send(&WakeMessage::new(&record.job_id, "poll"), soon).await?;
     }
     info!(job_id = %record.job_id, state = %record.state, reason = %record.reason, "reconciled");
     Ok(Handled::Reconciled { state: record.state.to_string() })
