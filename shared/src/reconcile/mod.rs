@@ -9,7 +9,7 @@
 //!    with every action's intent, is saved before any action runs;
 //! 4. run the actions, fold their results in (`decide::apply`), save;
 //! 5. repeat only while what it did unlocks the next step at once (a failed
-//!    call, the record's last steps) and the time budget lasts, then
+//!    call, a launch, the record's last steps) and the time budget lasts, then
 //!    release the lease and make sure one wake is on its way unless the job
 //!    is terminal.
 //!
@@ -44,9 +44,10 @@ pub struct WakeMessage {
     /// Set on the job's scheduled poll, so a pass knows that poll arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_id: Option<String>,
-    /// What sent it: submit, cancel, poll, tick, event, busy, lease-end. A
-    /// tick skips a job whose poll is on its way; an event, busy, lease-end
-    /// or stale poll right after a pass leaves its instances for the next.
+    /// What sent it: submit, cancel, poll, tick, event, lease-end (and busy,
+    /// from before lease-end). A tick skips a job whose poll is on its way;
+    /// an event, lease-end or stale poll right after a pass leaves its
+    /// instances for the next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
     /// Instances EC2 or SSM events named: their commands are listed this
