@@ -51,13 +51,32 @@ fn long_job(id: &str) -> serde_json::Value {
     spec
 }
 
+/// A simulated cloud on which the run phase takes an hour, the others 1 s.
+fn long_run_cloud() -> FakeCloud {
+    FakeCloud::new(sim::start_time()).with_behaviour(std::sync::Arc::new(|request, _| {
+        if request.comment.contains(" run ") { (0, "done".into(), 3600) } else { (0, String::new(), 1) }
+    }))
+}
+
+/// A 3-instance job with every shard in its hour-long run phase, no
+/// message queued, 30 s after its last pass (events on, 120 s safety poll).
+async fn quiet_running_job(id: &str) -> (FakeCloud, Ports) {
+    let cloud = long_run_cloud();
+    let ports = cloud.ports(Settings { safety_poll_seconds: Some(120), ..sim::settings() });
+    let mut spec = long_job(id);
+    spec["fleet"] = json!({"count": 3});
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+    drive_until(&cloud, &ports, id, |c| running(c, id)).await;
+    cloud.lock().queue.clear();
+    cloud.advance_to(cloud.record(id).and_then(|r| r.updated_at).expect("a pass ran") + Duration::seconds(30));
+    (cloud, ports)
+}
+
 /// A tick for a job whose poll is on its way costs nothing; once that poll
 /// is overdue (lost), the tick runs the pass that carries the job on.
 #[tokio::test]
 async fn a_tick_skips_a_job_whose_poll_is_coming_and_carries_one_whose_poll_was_lost() {
-    let cloud = FakeCloud::new(sim::start_time()).with_behaviour(std::sync::Arc::new(|request, _| {
-        if request.comment.contains(" run ") { (0, "done".into(), 3600) } else { (0, String::new(), 1) }
-    }));
+    let cloud = long_run_cloud();
     let ports = cloud.ports(sim::settings());
     intake::submit(&ports, &long_job("ticked").to_string(), "m-1", None).await.expect("intake");
     drive_until(&cloud, &ports, "ticked", |c| running(c, "ticked")).await;
@@ -84,9 +103,7 @@ async fn a_tick_skips_a_job_whose_poll_is_coming_and_carries_one_whose_poll_was_
 /// safety poll is not due.
 #[tokio::test]
 async fn an_event_right_after_a_pass_is_kept_for_the_next_and_its_instance_is_looked_at() {
-    let cloud = FakeCloud::new(sim::start_time()).with_behaviour(std::sync::Arc::new(|request, _| {
-        if request.comment.contains(" run ") { (0, "done".into(), 3600) } else { (0, String::new(), 1) }
-    }));
+    let cloud = long_run_cloud();
     let settings = Settings { safety_poll_seconds: Some(120), ..sim::settings() };
     let ports = cloud.ports(settings);
     // 40 shards: passes at least 2 s apart (none below 20 shards).
@@ -308,22 +325,12 @@ async fn a_refused_send_is_tried_again_within_the_poll_delay() {
 /// commands in flight.
 #[tokio::test]
 async fn an_event_during_a_pass_brings_the_next_pass_a_second_after_it() {
-    let cloud = FakeCloud::new(sim::start_time()).with_behaviour(std::sync::Arc::new(|request, _| {
-        if request.comment.contains(" run ") { (0, "done".into(), 3600) } else { (0, String::new(), 1) }
-    }));
-    let settings = Settings { safety_poll_seconds: Some(120), ..sim::settings() };
-    let ports = cloud.ports(settings);
-    let mut spec = long_job("during");
-    spec["fleet"] = json!({"count": 3});
-    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
-    drive_until(&cloud, &ports, "during", |c| running(c, "during")).await;
+    let (cloud, ports) = quiet_running_job("during").await;
     let record = cloud.record("during").expect("record");
     let instance = record.shards[1].current().and_then(|a| a.instance_id.clone()).expect("instance");
     let run_batch = |r: &flotilla_shared::record::JobRecord| {
         r.commands.values().find(|b| b.phase == Phase::Run).cloned().expect("run batch")
     };
-    cloud.lock().queue.clear();
-    cloud.advance_to(record.updated_at.expect("a pass ran") + Duration::seconds(30));
 
     cloud.lock().faults.yield_rate = 1.0;
     let poll = WakeMessage::new("during", "poll");
@@ -363,17 +370,7 @@ async fn an_event_during_a_pass_brings_the_next_pass_a_second_after_it() {
 /// is dropped.
 #[tokio::test]
 async fn a_lease_end_message_stands_in_for_a_pass_that_died_and_is_dropped_after_one_that_ended() {
-    let cloud = FakeCloud::new(sim::start_time()).with_behaviour(std::sync::Arc::new(|request, _| {
-        if request.comment.contains(" run ") { (0, "done".into(), 3600) } else { (0, String::new(), 1) }
-    }));
-    let settings = Settings { safety_poll_seconds: Some(120), ..sim::settings() };
-    let ports = cloud.ports(settings);
-    let mut spec = long_job("dead-owner");
-    spec["fleet"] = json!({"count": 3});
-    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
-    drive_until(&cloud, &ports, "dead-owner", |c| running(c, "dead-owner")).await;
-    cloud.lock().queue.clear();
-    cloud.advance_to(cloud.record("dead-owner").and_then(|r| r.updated_at).expect("a pass ran") + Duration::seconds(30));
+    let (cloud, ports) = quiet_running_job("dead-owner").await;
     // The pass that took this lease died.
     let loaded = ports.ledger.load("dead-owner").await.expect("load").expect("record");
     let mut record = loaded.record;
