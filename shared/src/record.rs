@@ -466,9 +466,10 @@ pub struct JobRecord {
     /// to run another: the next pass lists their commands.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hinted: Vec<String>,
-    /// A trigger other than a poll came while a pass held the lease: that
-    /// pass wakes the job again a gap after it ends, not at its next poll,
-    /// and the next pass looks at every command in flight.
+    /// A trigger that asks for something (not a poll, tick or lease-end)
+    /// came while a pass held the lease: that pass wakes the job again a gap
+    /// after it ends, not at its next poll, and the next pass looks at every
+    /// command in flight.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub woken: bool,
     #[serde(default)]
