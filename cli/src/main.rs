@@ -51,7 +51,9 @@ enum Command {
         timeout: u64,
     },
     /// Ask a job to stop: running commands are cancelled, volumes unmounted
-    /// and snapshotted per policy, the fleet terminated.
+    /// and snapshotted per policy, the fleet terminated. A cancel for a job
+    /// intake has not read yet is kept for 15 days: if the job arrives, it
+    /// ends CANCELLED and launches nothing.
     Cancel { job_id: String },
     /// List the dead-letter queues: each message's job, how often it was
     /// tried, and why its job's last pass stopped.
@@ -90,7 +92,20 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Watch { job_id, timeout } => watch(&job_id, timeout).await,
         Command::Cancel { job_id } => {
             send_to_jobs_queue(&serde_json::json!({ "cancel": job_id }).to_string()).await?;
-            println!("cancel requested for {job_id}");
+            // Only to tell the user: the cancel is sent whatever this finds.
+            let known = match ledger().await {
+                Ok(ledger) => ledger.load(&job_id).await.ok().map(|found| found.map(|v| v.record.state)),
+                Err(_) => None,
+            };
+            match known {
+                None => println!("cancel requested for {job_id}"),
+                Some(Some(state)) => println!("cancel requested for {job_id} (now {state})"),
+                Some(None) => println!(
+                    "cancel requested for {job_id}: the job is not known yet; the cancel is kept for {} days, \
+                     and if the job arrives it ends CANCELLED without launching anything",
+                    flotilla_shared::intake::CANCEL_WINDOW_DAYS
+                ),
+            }
             Ok(0)
         }
         Command::Dlq => list_dead_letters().await,
@@ -210,7 +225,9 @@ async fn plan_command(path: &PathBuf, prices_path: Option<&PathBuf>) -> Result<i
             let prices = plan::Prices::with_override(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
             (prices, format!("{} over the built-in table", p.display()))
         }
-        None => (plan::Prices::builtin(), "the built-in table (shared/prices.json; override with --prices)".to_string()),
+        None => {
+            (plan::Prices::builtin(), "the built-in table (shared/prices.json; override with --prices)".to_string())
+        }
     };
     // An S3 prefix is listed now, as intake will list it.
     let items = match &job.work {
@@ -241,7 +258,9 @@ async fn plan_command(path: &PathBuf, prices_path: Option<&PathBuf>) -> Result<i
     if let Some(items) = plan.items {
         let (most, least) = (items.div_ceil(u64::from(plan.instance_count)), items / u64::from(plan.instance_count));
         let source = match &job.work {
-            Some(spec::WorkSpec::S3Prefix(uri)) => format!(" (the objects under {uri}); {least}-{most} per shard, one manifest each"),
+            Some(spec::WorkSpec::S3Prefix(uri)) => {
+                format!(" (the objects under {uri}); {least}-{most} per shard, one manifest each")
+            }
             Some(spec::WorkSpec::List(_)) => format!(" (work.list); {least}-{most} per shard, one manifest each"),
             None => format!("; {least}-{most} per shard, as FLOTILLA_ITEM_START..FLOTILLA_ITEM_END"),
         };

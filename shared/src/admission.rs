@@ -96,7 +96,8 @@ pub async fn take(ledger: &dyn Ledger, wanted: u32, now: DateTime<Utc>) -> Cloud
             return (Grant { instances: 0, retry_after_seconds: need.ceil().clamp(1.0, 30.0) as u32 }, None);
         }
         let granted = (budget.instances.floor() as u32).min(wanted);
-        let left = Budget { instances: budget.instances - f64::from(granted), requests: budget.requests - 1.0, ..budget };
+        let left =
+            Budget { instances: budget.instances - f64::from(granted), requests: budget.requests - 1.0, ..budget };
         (Grant { instances: granted, retry_after_seconds: 0 }, Some(left))
     })
     .await

@@ -839,8 +839,27 @@ impl Fleet for FakeCloud {
         // EC2 refuses the call if any resource would pass 50 tags.
         let instance_tags = state.instances.iter().filter(|i| resource_ids.contains(&i.id)).map(|i| &i.tags);
         let volume_tags = state.volumes.iter().filter(|v| resource_ids.contains(&v.id)).map(|v| &v.tags);
-        for tags in instance_tags.chain(volume_tags) {
+        let snapshot_tags = state.snapshots.iter().filter(|s| resource_ids.contains(&s.id)).map(|s| &s.tags);
+        for tags in instance_tags.chain(volume_tags).chain(snapshot_tags) {
             tag_limit("CreateTags", tags.len() + usize::from(!tags.contains_key(key)))?;
+        }
+        // EC2 fails the whole call for an id it does not know.
+        if let Some(unknown) = resource_ids.iter().find(|id| {
+            !state.instances.iter().any(|i| &i.id == *id)
+                && !state.volumes.iter().any(|v| &v.id == *id && v.state != "deleted")
+                && !state.snapshots.iter().any(|s| &s.id == *id)
+        }) {
+            let code = if unknown.starts_with("snap-") {
+                "InvalidSnapshot.NotFound"
+            } else if unknown.starts_with("vol-") {
+                "InvalidVolume.NotFound"
+            } else {
+                "InvalidInstanceID.NotFound"
+            };
+            return Err(CloudError::api("ec2", "CreateTags", code, &format!("{unknown} does not exist")));
+        }
+        for snapshot in state.snapshots.iter_mut().filter(|s| resource_ids.contains(&s.id)) {
+            snapshot.tags.insert(key.to_string(), value.to_string());
         }
         for instance in state.instances.iter_mut().filter(|i| resource_ids.contains(&i.id)) {
             instance.tags.insert(key.to_string(), value.to_string());
@@ -857,9 +876,16 @@ impl Fleet for FakeCloud {
         let now = state.now.unwrap_or_default();
         let (lo, hi) = self.latencies.shutting_down;
         let mut terminated = Vec::new();
+        // EC2 refuses an id it does not know (or not yet: eventual
+        // consistency); the adapter splits the call so the others go.
+        let unknown =
+            instance_ids.iter().find(|id| !state.instances.iter().any(|i| &i.id == *id && now >= i.visible_at));
+        let refused = unknown.map(|id| {
+            CloudError::api("ec2", "TerminateInstances", "InvalidInstanceID.NotFound", &format!("{id} does not exist"))
+        });
         for id in instance_ids {
             let delay = state.rng.as_mut().expect("rng").range(lo, hi);
-            if let Some(instance) = state.instances.iter_mut().find(|i| &i.id == id) {
+            if let Some(instance) = state.instances.iter_mut().find(|i| &i.id == id && now >= i.visible_at) {
                 if !matches!(instance.state.as_str(), "terminated" | "shutting-down") {
                     instance.state = "shutting-down".into();
                     instance.shutting_down_at = Some(now);
@@ -877,7 +903,8 @@ impl Fleet for FakeCloud {
             }
         }
         refresh(&mut state);
-        self.after(&mut state, "TerminateInstances")
+        self.after(&mut state, "TerminateInstances")?;
+        refused.map_or(Ok(()), Err)
     }
 }
 
@@ -1352,6 +1379,12 @@ impl Ledger for FakeCloud {
         Ok(self.lock().objects.get(key).map(|(body, _)| body.clone()))
     }
 
+    async fn delete(&self, key: &str) -> CloudResult<()> {
+        self.call("DeleteObject", true).await?;
+        self.lock().objects.remove(key);
+        Ok(())
+    }
+
     async fn set_active(&self, job_id: &str, active: bool) -> CloudResult<()> {
         self.call("PutObject", true).await?;
         let mut state = self.lock();
@@ -1393,7 +1426,12 @@ impl Ledger for FakeCloud {
             state.objects.keys().filter(|k| k.starts_with(prefix)).cloned().collect()
         } else {
             let Some(keys) = state.buckets.get(bucket) else {
-                return Err(CloudError::api("s3", "ListObjectsV2", "NoSuchBucket", "The specified bucket does not exist"));
+                return Err(CloudError::api(
+                    "s3",
+                    "ListObjectsV2",
+                    "NoSuchBucket",
+                    "The specified bucket does not exist",
+                ));
             };
             keys.iter().filter(|k| k.starts_with(prefix)).cloned().collect()
         };

@@ -184,8 +184,7 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
 
 /// The event's detail-type and what it is about.
 fn subject_of(body: &str) -> Result<(String, Subject), StepError> {
-    let event: CloudWatchEvent<Value> =
-        serde_json::from_str(body).map_err(|e| StepError::BadMessage(e.to_string()))?;
+    let event: CloudWatchEvent<Value> = serde_json::from_str(body).map_err(|e| StepError::BadMessage(e.to_string()))?;
     let detail_type = event.detail_type.clone().unwrap_or_default();
     let subject = match detail_type.as_str() {
         "EC2 Instance State-change Notification" => {
@@ -263,7 +262,9 @@ pub async fn intake_event(ports: &Ports, event: LambdaEvent<Value>) -> Result<Va
         let outcome = intake::submit(ports, &payload.to_string(), "dry-run", None).await?;
         return Ok(match outcome {
             intake::Intake::Planned { job_id, plan } => json!({ "outcome": "planned", "job_id": job_id, "plan": plan }),
-            intake::Intake::Rejected { job_id, reason } => json!({ "outcome": "rejected", "job_id": job_id, "reason": reason }),
+            intake::Intake::Rejected { job_id, reason } => {
+                json!({ "outcome": "rejected", "job_id": job_id, "reason": reason })
+            }
             other => json!({ "outcome": format!("{other:?}") }),
         });
     }
@@ -283,5 +284,7 @@ pub async fn intake_event(ports: &Ports, event: LambdaEvent<Value>) -> Result<Va
         info!(?outcome, "scheduled intake");
         return Ok(json!({ "outcome": format!("{outcome:?}") }));
     }
-    Err(StepError::BadMessage("expected an SQS batch, an EventBridge Scheduled Event or {\"dry_run\": <job spec>}".into()))
+    Err(StepError::BadMessage(
+        "expected an SQS batch, an EventBridge Scheduled Event or {\"dry_run\": <job spec>}".into(),
+    ))
 }

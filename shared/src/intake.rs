@@ -10,6 +10,7 @@ use crate::plan::{given_items, plan_for, Prices};
 use crate::ports::{tags, Cloud, Ports, WriteOutcome};
 use crate::reconcile::{self, WakeMessage};
 use crate::record::JobRecord;
+use crate::sources::{self, Claimed};
 use crate::spec::{self, check_job_id, EnvValue, JobSpec, SecretRef, VolumeSource, WorkSpec};
 use crate::work;
 
@@ -39,6 +40,37 @@ pub enum Intake {
         job_id: String,
         reason: String,
     },
+    /// A cancel for a job intake has not seen: kept for
+    /// [`CANCEL_WINDOW_DAYS`], so the job ends CANCELLED if it arrives.
+    CancelPending {
+        job_id: String,
+    },
+    /// The job arrived after its cancel: recorded CANCELLED, nothing launched.
+    CancelledOnArrival {
+        job_id: String,
+    },
+}
+
+/// How long a cancel for a job not seen yet is kept: longer than the jobs
+/// dead-letter queue keeps a submission (14 days, counted from when it was
+/// first sent), so `flotilla redrive` honours it. template.yaml expires
+/// `cancels/` after as many days.
+pub const CANCEL_WINDOW_DAYS: i64 = 15;
+
+/// `cancels/<job id>`: a cancel that arrived before its job.
+pub fn cancel_key(job_id: &str) -> String {
+    format!("cancels/{job_id}")
+}
+
+/// When a cancel for this id arrived before the job, if within the window.
+async fn pending_cancel(ports: &Ports, job_id: &str, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, StepError> {
+    let Some(body) = ports.ledger.get(&cancel_key(job_id)).await? else { return Ok(None) };
+    let at = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|text| DateTime::parse_from_rfc3339(text.trim()).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or(now); // unreadable: assume it is recent rather than lose it
+    Ok((now - at <= chrono::Duration::days(CANCEL_WINDOW_DAYS)).then_some(at))
 }
 
 /// Where a scheduled rule's job spec is kept: `schedules/<rule-name>.json`.
@@ -125,6 +157,11 @@ async fn submit_spec(
     };
     let mut spec = spec;
     let job_id = spec.id.clone().unwrap_or(fallback_id);
+    if mode == Mode::Submit {
+        if let Some(at) = pending_cancel(ports, &job_id, now).await? {
+            return cancel_on_arrival(ports, job_id, spec, at, now).await;
+        }
+    }
     let prices = match prices(ports).await? {
         Ok(prices) => prices,
         Err(reason) => return refuse(job_id, reason, body).await,
@@ -160,7 +197,7 @@ async fn submit_spec(
     if let Some(reason) = over_total(ports, &job_id, plan.instance_count).await? {
         return refuse(job_id, reason, body).await;
     }
-    if let Err(reason) = check_sources(ports, &spec, &job_id).await? {
+    if let Err(reason) = check_sources(ports, &spec, &job_id, mode).await? {
         return refuse(job_id, reason, body).await;
     }
     if mode == Mode::DryRun {
@@ -169,8 +206,7 @@ async fn submit_spec(
     }
     if let Some(items) = &items {
         // Before the record: a job is never visible without its manifests.
-        plan.manifests =
-            Some(work::write_manifests(ports.ledger.as_ref(), &job_id, items, plan.instance_count).await?);
+        plan.manifests = Some(work::write_manifests(ports.ledger.as_ref(), &job_id, items, plan.instance_count).await?);
     }
     // The list lives in the manifests, not in the record every pass reads.
     if let Some(WorkSpec::List(list)) = &mut spec.work {
@@ -182,6 +218,7 @@ async fn submit_spec(
     ports.ledger.set_active(&job_id, true).await?;
     match ports.ledger.create(&record).await? {
         WriteOutcome::Written { .. } => {
+            honour_late_cancel(ports, &job_id, now).await?;
             ports.queue.send(&WakeMessage::new(&job_id, "submit"), 0).await?;
             info!(%job_id, reason = %record.reason, "job accepted");
             Ok(Intake::Accepted { job_id })
@@ -192,6 +229,7 @@ async fn submit_spec(
             if let Some(existing) = ports.ledger.load(&job_id).await? {
                 if existing.record.state == crate::record::JobState::Rejected {
                     if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &existing.version).await? {
+                        honour_late_cancel(ports, &job_id, now).await?;
                         ports.queue.send(&WakeMessage::new(&job_id, "submit"), 0).await?;
                         info!(%job_id, "job accepted in place of an earlier rejection");
                         return Ok(Intake::Accepted { job_id });
@@ -286,8 +324,39 @@ async fn over_total(ports: &Ports, job_id: &str, wanted: u32) -> Result<Option<S
 /// (`flotilla:allow=<stack>`), looked up where the job runs: otherwise any
 /// submitter could attach any volume in the account to a root shell. IAM
 /// refuses the same (see template.yaml); this gives the reason first.
-/// `Ok(Err(reason))` rejects; `Err` is a lookup to retry.
-async fn check_sources(ports: &Ports, spec: &JobSpec, job_id: &str) -> Result<Result<(), String>, StepError> {
+/// `Ok(Err(reason))` rejects; `Err` is a lookup to retry. A submission
+/// claims each `snapshot_id` source before it looks the snapshot up, so
+/// retention keeps it while the job may restore from it (`sources.rs`).
+async fn check_sources(
+    ports: &Ports,
+    spec: &JobSpec,
+    job_id: &str,
+    mode: Mode,
+) -> Result<Result<(), String>, StepError> {
+    let mut claimed = Vec::new();
+    let checked = check_sources_claiming(ports, spec, job_id, mode, &mut claimed).await;
+    // Only this submission's own claims: a redelivery of a job that exists
+    // shares its claim keys, and that job still needs them.
+    let owns_claims = !claimed.is_empty()
+        && ports.ledger.load(job_id).await?.is_none_or(|e| e.record.state == crate::record::JobState::Rejected);
+    if !matches!(checked, Ok(Ok(()))) && owns_claims {
+        for snapshot_id in &claimed {
+            // Best effort: a claim left behind only keeps a snapshot longer.
+            if let Err(err) = sources::release(ports.ledger.as_ref(), snapshot_id, job_id).await {
+                warn!(%job_id, %snapshot_id, error = %err, "claim not released");
+            }
+        }
+    }
+    checked
+}
+
+async fn check_sources_claiming(
+    ports: &Ports,
+    spec: &JobSpec,
+    job_id: &str,
+    mode: Mode,
+    claimed: &mut Vec<String>,
+) -> Result<Result<(), String>, StepError> {
     let named = spec.volumes.iter().enumerate().filter(|(_, v)| !matches!(v.source, VolumeSource::New { .. }));
     let named: Vec<_> = named.collect();
     if named.is_empty() {
@@ -312,6 +381,17 @@ async fn check_sources(ports: &Ports, spec: &JobSpec, job_id: &str) -> Result<Re
                 (format!("volumes[{i}].source.volume_id"), id, found.map(|v| v.map(|v| v.tags)))
             }
             VolumeSource::SnapshotId(id) => {
+                if mode == Mode::Submit {
+                    match sources::claim(ports.ledger.as_ref(), id, job_id, ports.clock.now()).await? {
+                        Claimed::Held => claimed.push(id.clone()),
+                        Claimed::BeingDeleted => {
+                            claimed.push(id.clone());
+                            return Err(StepError::Contended(format!(
+                                "{job_id}: retention is deleting {id} right now; the submission is retried"
+                            )));
+                        }
+                    }
+                }
                 let found = cloud.volumes.describe_snapshot(id).await;
                 (format!("volumes[{i}].source.snapshot_id"), id, found.map(|s| s.map(|s| s.tags)))
             }
@@ -345,12 +425,89 @@ async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Re
     }
 }
 
+/// A cancel that raced the job's creation: it wrote its marker after the
+/// check before `create`, and read no record before `create` wrote it.
+/// Marker first, record second on the cancel's side; record first, marker
+/// second here: one of the two sees the other.
+async fn honour_late_cancel(ports: &Ports, job_id: &str, now: DateTime<Utc>) -> Result<(), StepError> {
+    if pending_cancel(ports, job_id, now).await?.is_some() {
+        let at = ports.clock.now();
+        reconcile::update_inbox(
+            ports,
+            job_id,
+            |record| {
+                record.cancel_requested_at.get_or_insert(at);
+                !std::mem::replace(&mut record.cancel_requested, true)
+            },
+            "cancel",
+        )
+        .await?;
+        ports.ledger.delete(&cancel_key(job_id)).await?;
+        info!(%job_id, "cancel that arrived before the job applied");
+    }
+    Ok(())
+}
+
+/// A job whose cancel came first: recorded CANCELLED, nothing launched. If
+/// a record exists (a redelivery after a crash that followed the create, or
+/// a rejection this valid submission replaces), the cancel still reaches it.
+async fn cancel_on_arrival(
+    ports: &Ports,
+    job_id: String,
+    spec: JobSpec,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Intake, StepError> {
+    let reason = format!(
+        "cancelled before it arrived (cancel received {}); nothing was launched",
+        at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let record = JobRecord::cancelled_on_arrival(job_id.clone(), spec, reason, now);
+    let written = match ports.ledger.load(&job_id).await? {
+        None => ports.ledger.create(&record).await?,
+        Some(existing) if existing.record.state == crate::record::JobState::Rejected => {
+            ports.ledger.replace(&record, &existing.version).await?
+        }
+        Some(existing) => {
+            if !existing.record.state.is_terminal() {
+                honour_late_cancel(ports, &job_id, now).await?;
+                ports.queue.send(&WakeMessage::new(&job_id, "cancel"), 0).await?;
+            }
+            info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
+            return Ok(Intake::AlreadyKnown { job_id });
+        }
+    };
+    match written {
+        WriteOutcome::Written { .. } => {
+            ports.ledger.delete(&cancel_key(&job_id)).await?;
+            info!(%job_id, "job cancelled on arrival");
+            Ok(Intake::CancelledOnArrival { job_id })
+        }
+        // Written meanwhile by a concurrent delivery: it is handled there.
+        WriteOutcome::Conflict => Ok(Intake::AlreadyKnown { job_id }),
+    }
+}
+
 async fn cancel(ports: &Ports, job_id: &str) -> Result<Intake, StepError> {
     if check_job_id("cancel", job_id).is_err() {
         return Ok(Intake::CancelIgnored { job_id: job_id.chars().take(64).collect(), reason: "not a job id".into() });
     }
-    let Some(loaded) = ports.ledger.load(job_id).await? else {
-        return Ok(Intake::CancelIgnored { job_id: job_id.to_string(), reason: "no such job".into() });
+    let now = ports.clock.now();
+    let loaded = match ports.ledger.load(job_id).await? {
+        Some(loaded) => loaded,
+        None => {
+            // Not seen yet (the jobs queue does not keep order): keep the
+            // cancel, then look again, so a job created meanwhile is not missed.
+            let stamp = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            ports.ledger.put(&cancel_key(job_id), stamp.as_bytes(), "text/plain").await?;
+            match ports.ledger.load(job_id).await? {
+                Some(loaded) => loaded,
+                None => {
+                    info!(%job_id, "cancel kept for a job not seen yet");
+                    return Ok(Intake::CancelPending { job_id: job_id.to_string() });
+                }
+            }
+        }
     };
     if loaded.record.state.is_terminal() || loaded.record.cancel_requested {
         return Ok(Intake::CancelIgnored {
@@ -367,6 +524,7 @@ async fn cancel(ports: &Ports, job_id: &str) -> Result<Intake, StepError> {
                 return false;
             }
             record.cancel_requested = true;
+            record.cancel_requested_at = Some(now);
             true
         },
         "cancel",

@@ -16,9 +16,11 @@ pub mod reaper;
 pub mod reconcile;
 pub mod record;
 pub mod report;
+pub mod retention;
 pub mod shell;
 #[cfg(feature = "aws")]
 pub mod sim;
+pub mod sources;
 pub mod spec;
 #[cfg(feature = "aws")]
 pub mod sqs_batch;

@@ -81,7 +81,11 @@ impl Prices {
     pub fn with_override(json: &str) -> Result<Prices, String> {
         let extra: Prices = serde_json::from_str(json).map_err(|e| format!("price table: {e}"))?;
         let numbers = extra.instance_hour.values().chain(extra.volume_gib_month.values());
-        if numbers.chain(extra.spot_factor.iter()).chain(extra.snapshot_gib_month.iter()).any(|p| !p.is_finite() || *p < 0.0) {
+        if numbers
+            .chain(extra.spot_factor.iter())
+            .chain(extra.snapshot_gib_month.iter())
+            .any(|p| !p.is_finite() || *p < 0.0)
+        {
             return Err("price table: every price must be a number >= 0".into());
         }
         let mut prices = Prices::builtin();
@@ -212,11 +216,8 @@ fn estimate(spec: &JobSpec, count: u32, items: Option<u64>, prices: &Prices) -> 
     let instances_usd = cents(n * hourly * hours_per_instance);
     let volumes_usd = cents(n * volumes_hourly * hours_per_instance);
     let snapshots_usd = cents(n * snapshot_gib * prices.snapshot_gib_month.unwrap_or(0.05));
-    let hourly_usd = spec
-        .instance_types
-        .iter()
-        .filter_map(|t| Some((t.clone(), prices.hourly(t, Market::OnDemand)?)))
-        .collect();
+    let hourly_usd =
+        spec.instance_types.iter().filter_map(|t| Some((t.clone(), prices.hourly(t, Market::OnDemand)?))).collect();
     Some(Estimate {
         hours_per_instance,
         instance_hours: n * hours_per_instance,
@@ -253,7 +254,8 @@ pub fn realized(record: &crate::record::JobRecord) -> Realized {
     let mut usd = Some(0.0);
     for attempt in record.shards.iter().flat_map(|s| s.attempts.iter()) {
         let Some(launched_at) = attempt.launched_at else { continue };
-        let seconds = attempt.billed_seconds.map(u64::from).unwrap_or_else(|| (until - launched_at).num_seconds().max(0) as u64);
+        let seconds =
+            attempt.billed_seconds.map(u64::from).unwrap_or_else(|| (until - launched_at).num_seconds().max(0) as u64);
         instance_seconds += seconds;
         let option = record.launch_of(attempt);
         let hourly = estimate.and_then(|e| {
@@ -285,18 +287,30 @@ mod tests {
     #[test]
     fn benchmark_sizing_matches_the_worked_example() {
         // One instance does 100 files in 10 min; 202 files in 10 min needs 3.
-        let fleet =
-            FleetSpec::Sized { items: Some(202), items_per_instance_minute: 10.0, within_minutes: 10, max_instances: 50 };
+        let fleet = FleetSpec::Sized {
+            items: Some(202),
+            items_per_instance_minute: 10.0,
+            within_minutes: 10,
+            max_instances: 50,
+        };
         assert_eq!(fleet_size(&fleet, Some(202)).expect("fits").0, 3);
-        let exact =
-            FleetSpec::Sized { items: Some(200), items_per_instance_minute: 10.0, within_minutes: 10, max_instances: 50 };
+        let exact = FleetSpec::Sized {
+            items: Some(200),
+            items_per_instance_minute: 10.0,
+            within_minutes: 10,
+            max_instances: 50,
+        };
         assert_eq!(fleet_size(&exact, Some(200)).expect("fits").0, 2);
     }
 
     #[test]
     fn sizing_above_max_is_refused_with_numbers() {
-        let fleet =
-            FleetSpec::Sized { items: Some(10_000), items_per_instance_minute: 1.0, within_minutes: 10, max_instances: 20 };
+        let fleet = FleetSpec::Sized {
+            items: Some(10_000),
+            items_per_instance_minute: 1.0,
+            within_minutes: 10,
+            max_instances: 20,
+        };
         let err = fleet_size(&fleet, Some(10_000)).expect_err("too many");
         assert!(err.to_string().contains("needs 1000 instances, above max_instances 20"), "{err}");
     }

@@ -49,6 +49,14 @@ pub mod tags {
     /// run of the job prunes any more.
     pub const KEEP_LAST: &str = "flotilla:keep-last";
     pub const MAX_AGE_DAYS: &str = "flotilla:max-age-days";
+    /// Why a job took a snapshot (`retention::kind`): only `final` ones can
+    /// become good.
+    pub const KIND: &str = "flotilla:kind";
+    /// Set by a job that SUCCEEDED on its shards' final snapshots just
+    /// before it ends: the only snapshots `keep_last` counts.
+    pub const GOOD: &str = "flotilla:good";
+    /// The reaper's copy of an orphaned volume: outside every lineage rule.
+    pub const REAPED: &str = "flotilla:reaped";
 
     /// The tags every search for this deployment's resources carries.
     pub fn scope(stack: &str) -> [(&'static str, &str); 2] {
@@ -268,6 +276,8 @@ pub trait Ledger: Send + Sync {
     async fn put(&self, key: &str, body: &[u8], content_type: &str) -> CloudResult<()>;
     /// Any object in the bucket, e.g. a schedule's stored spec.
     async fn get(&self, key: &str) -> CloudResult<Option<Vec<u8>>>;
+    /// Remove an object; an absent one is fine.
+    async fn delete(&self, key: &str) -> CloudResult<()>;
     /// `active/<job_id>` markers: the jobs the safety tick wakes.
     async fn set_active(&self, job_id: &str, active: bool) -> CloudResult<()>;
     async fn list_active(&self) -> CloudResult<Vec<String>>;
@@ -364,6 +374,10 @@ pub struct Settings {
     pub poll_delay_seconds: u32,
     /// How long instances may live past the job deadline before the reaper may kill them.
     pub expiry_grace_minutes: u32,
+    /// The bound on a job's bill: every instance is terminated by the
+    /// deadline, or the cancel's arrival, plus this (1-60 min). Cleanup
+    /// steps get what is left of it.
+    pub cleanup_grace_minutes: u32,
     /// The deployment's worker instance profile, for specs that name none.
     pub worker_instance_profile: Option<String>,
     /// How long a pass may work before it saves and re-queues itself.
@@ -413,6 +427,7 @@ impl Default for Settings {
         Settings {
             poll_delay_seconds: 20,
             expiry_grace_minutes: 30,
+            cleanup_grace_minutes: 15,
             worker_instance_profile: None,
             pass_budget_seconds: 50,
             agent_timeout_seconds: 900,

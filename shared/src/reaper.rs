@@ -16,9 +16,9 @@
 //!   are not `available` (in use, or in `error`) are reported, not touched;
 //!   `volume_id` sources are never tagged as managed, and never touched
 //!   while a running job names them.
-//! - Snapshot lineages are pruned by the retention their tags carry; only
-//!   snapshots of jobs that SUCCEEDED count toward `keep_last`, the newest
-//!   good one is always kept, and a running job's snapshots are never pruned.
+//! - Snapshot lineages are pruned by the one retention rule
+//!   (`retention.rs`), with the retention their tags carry; rescue snapshots
+//!   are outside it.
 //! - A job past its deadline by twice the grace that no pass holds is ended
 //!   FAILED with the reason (written only if nothing wrote it since the
 //!   inventory), and the reaper removes what it left.
@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use crate::error::{CloudError, StepError};
 use crate::ports::{tags, Cloud, InstanceView, Ports, SnapshotView, VolumeView, WriteOutcome};
 use crate::record::{JobRecord, Outcome, PhaseStamp};
+use crate::retention::{self, Facts};
 use crate::spec::VolumeSource;
 
 /// A job that is not terminal, as the reaper saw it.
@@ -74,6 +75,8 @@ pub struct Inventory {
     pub volumes: Vec<VolumeView>,
     pub snapshots: Vec<SnapshotView>,
     pub jobs: BTreeMap<String, JobView>,
+    /// Snapshots jobs name as their source, and the jobs (`sources.rs`).
+    pub claims: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -276,62 +279,40 @@ fn reaped_snapshot_tags(volume: &VolumeView) -> BTreeMap<String, String> {
         .collect();
     kept.insert(tags::MANAGED_BY.into(), tags::MANAGED_BY_VALUE.into());
     kept.insert(tags::SOURCE_VOLUME.into(), volume.volume_id.clone());
-    kept.insert("flotilla:reaped".into(), "true".into());
+    kept.insert(tags::REAPED.into(), "true".into());
     kept
 }
 
-/// Snapshot lineages (submitter, job name, volume, shard) past the retention their
-/// newest snapshot carries. Only snapshots of runs that SUCCEEDED count
-/// toward `keep_last`, and the newest of those is kept whatever its age; a
-/// failed run's snapshot goes once enough good ones are newer, or by age.
-/// Snapshots of jobs not known to have ended are never touched.
+/// Snapshot retention (`retention.rs`), with the retention each lineage's
+/// snapshots carry. Jobs not known to have ended keep their snapshots, and
+/// so do snapshots an active job claims as its source; each deletion
+/// re-checks the claims (`sources.rs`).
 fn prune(inventory: &Inventory, now: DateTime<Utc>) -> Vec<ReapAction> {
-    let mut lineages: BTreeMap<(String, String, String, String), Vec<&SnapshotView>> = BTreeMap::new();
-    for snapshot in &inventory.snapshots {
-        let (Some(name), Some(volume)) = (snapshot.tags.get(tags::JOB_NAME), snapshot.tags.get(tags::VOLUME)) else {
-            continue;
-        };
-        if !snapshot.tags.contains_key(tags::KEEP_LAST) {
-            continue; // no retention recorded on it: never pruned here
-        }
-        let shard = snapshot.tags.get(tags::SHARD).cloned().unwrap_or_default();
-        // Another principal reusing the name is another lineage.
-        let submitter = snapshot.tags.get(tags::SUBMITTER).cloned().unwrap_or_default();
-        lineages.entry((submitter, name.clone(), volume.clone(), shard)).or_default().push(snapshot);
-    }
-    let mut actions = Vec::new();
-    for ((_, name, volume, shard), mut lineage) in lineages {
-        lineage.sort_by(|a, b| b.started_at.cmp(&a.started_at).then_with(|| b.snapshot_id.cmp(&a.snapshot_id)));
-        let newest = lineage[0];
-        let keep_last: usize = newest.tags.get(tags::KEEP_LAST).and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
-        let max_age: i64 = newest.tags.get(tags::MAX_AGE_DAYS).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let mut good = 0;
-        for snapshot in lineage {
-            let job = snapshot.tags.get(tags::JOB_ID).and_then(|id| inventory.jobs.get(id));
-            let succeeded = matches!(job, Some(JobView::Terminal { state }) if state == "SUCCEEDED");
-            let ended = succeeded || matches!(job, Some(JobView::Terminal { .. } | JobView::Missing));
-            if !ended || snapshot.state != "completed" {
-                continue; // a running job's, or not finished: neither kept nor counted
-            }
-            let too_old = max_age > 0 && now - snapshot.started_at > Duration::days(max_age);
-            let keep = if succeeded {
-                good += 1;
-                good == 1 || (good <= keep_last && !too_old)
-            } else {
-                good < keep_last && !too_old
-            };
-            if keep {
-                continue;
-            }
-            let why = if too_old {
-                format!("{name}/{volume} shard {shard}: older than {max_age} days")
-            } else {
-                format!("{name}/{volume} shard {shard}: {keep_last} newer successful snapshots kept")
-            };
-            actions.push(ReapAction::DeleteSnapshot { snapshot_id: snapshot.snapshot_id.clone(), why });
-        }
-    }
-    actions
+    let ended = |id: &String| matches!(inventory.jobs.get(id), Some(JobView::Terminal { .. } | JobView::Missing));
+    let active_jobs: BTreeSet<String> = inventory
+        .snapshots
+        .iter()
+        .filter_map(|s| s.tags.get(tags::JOB_ID))
+        .chain(inventory.claims.values().flatten())
+        .filter(|id| !ended(id))
+        .cloned()
+        .collect();
+    let succeeded_jobs = inventory
+        .jobs
+        .iter()
+        .filter(|(_, job)| matches!(job, JobView::Terminal { state } if state == "SUCCEEDED"))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let facts = Facts {
+        sources: crate::sources::claimed_by(&inventory.claims, &active_jobs),
+        active_jobs,
+        succeeded_jobs: Some(succeeded_jobs),
+        live_volumes: Some(inventory.volumes.iter().map(|v| v.volume_id.clone()).collect()),
+    };
+    retention::plan(&inventory.snapshots, None, &facts, now)
+        .into_iter()
+        .map(|d| ReapAction::DeleteSnapshot { snapshot_id: d.snapshot_id, why: d.why })
+        .collect()
 }
 
 /// Read what Flotilla manages in this account, and the jobs it belongs to.
@@ -348,12 +329,14 @@ pub async fn take_inventory_in(ports: &Ports, cloud: &Cloud) -> Result<Inventory
         volumes: cloud.volumes.find_volumes(&managed).await?,
         snapshots: cloud.volumes.find_snapshots(&managed).await?,
         jobs: BTreeMap::new(),
+        claims: crate::sources::claims(ports.ledger.as_ref()).await?,
     };
     let mut job_ids: BTreeSet<String> = BTreeSet::new();
     job_ids.extend(inventory.instances.iter().filter_map(|i| i.tags.get(tags::JOB_ID).cloned()));
     job_ids.extend(inventory.volumes.iter().filter_map(|v| v.tags.get(tags::JOB_ID).cloned()));
     job_ids.extend(inventory.snapshots.iter().filter_map(|s| s.tags.get(tags::JOB_ID).cloned()));
     job_ids.extend(ports.ledger.list_active().await?);
+    job_ids.extend(inventory.claims.values().flatten().cloned());
     let now = ports.clock.now();
     for job_id in job_ids {
         let view = match ports.ledger.load(&job_id).await {
@@ -386,6 +369,25 @@ pub async fn take_inventory_in(ports: &Ports, cloud: &Cloud) -> Result<Inventory
         inventory.jobs.insert(job_id, view);
     }
     Ok(inventory)
+}
+
+/// `stranded/<job id>`: instances a job could not terminate because its
+/// role could no longer be assumed. Every reaper report lists them until a
+/// person has dealt with them and deletes the key.
+pub fn stranded_key(job_id: &str) -> String {
+    format!("stranded/{job_id}")
+}
+
+/// What `stranded/` holds, for the report.
+async fn stranded(ports: &Ports) -> Result<Vec<Value>, CloudError> {
+    let keys = ports.ledger.list_keys(ports.ledger.bucket(), "stranded/", 1000).await?.unwrap_or_default();
+    let mut found = Vec::new();
+    for key in keys {
+        if let Some(body) = ports.ledger.get(&key).await? {
+            found.push(serde_json::from_slice(&body).unwrap_or_else(|_| json!({ "key": key })));
+        }
+    }
+    Ok(found)
 }
 
 /// Dead letters handled per reaper pass.
@@ -527,9 +529,15 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
         }));
         actions.extend(there);
     }
+    let stranded = match stranded(ports).await {
+        Ok(found) => found,
+        Err(err @ CloudError::Crashed(_)) => return Err(err.into()),
+        Err(err) => vec![json!({ "error": err.to_string() })],
+    };
     let report = json!({
         "at": started.to_rfc3339_opts(SecondsFormat::Millis, true),
         "dry_run": dry_run,
+        "stranded": stranded,
         "found": found,
         "planned": planned,
         "done": done.len(),
@@ -616,7 +624,11 @@ async fn execute(ports: &Ports, cloud: &Cloud, action: &ReapAction) -> Result<()
             cloud.volumes.create_snapshot(volume_id, &description, snapshot_tags).await?;
         }
         ReapAction::DeleteVolume { volume_id, .. } => cloud.volumes.delete_volume(volume_id).await?,
-        ReapAction::DeleteSnapshot { snapshot_id, .. } => cloud.volumes.delete_snapshot(snapshot_id).await?,
+        ReapAction::DeleteSnapshot { snapshot_id, .. } => {
+            if let Some(why) = crate::sources::delete_unless_claimed(ports, cloud, snapshot_id).await? {
+                info!(%snapshot_id, %why, "snapshot kept");
+            }
+        }
         ReapAction::EndJob { job_id, why, version } => end_job(ports, job_id, why, version).await?,
         ReapAction::Leave { .. } => {}
     }

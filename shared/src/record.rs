@@ -204,6 +204,10 @@ pub struct AttemptVolume {
     /// When CreateVolume answered; DescribeVolumes may not list it at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<DateTime<Utc>>,
+    /// The snapshot a retry's volume was restored from: it holds data, so
+    /// the mount step never formats it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
     /// DescribeVolumes has listed it once: not finding it later means gone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub seen: bool,
@@ -320,6 +324,18 @@ pub struct Attempt {
     pub completed_phases: Vec<Phase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end: Option<AttemptEnd>,
+    /// The first cleanup step (`before_unmount`, unmount) that failed, in
+    /// words: the shard fails, and its snapshots never count as good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_failed: Option<String>,
+    /// Stopped at the job's bound: its mounted volumes are snapshotted while
+    /// attached (crash-consistent), then the instance is terminated.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub at_bound: bool,
+    /// The cleanup failed because the instance or its agent was lost, not
+    /// the step: the shard retries as for a lost instance.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cleanup_lost: bool,
     /// Permanent errors terminating the instance; after a few it is left to
     /// the reaper with this reason.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -348,6 +364,9 @@ impl Attempt {
             phases: vec![],
             completed_phases: vec![],
             end: None,
+            cleanup_failed: None,
+            cleanup_lost: false,
+            at_bound: false,
             release_errors: 0,
             left_for_reaper: None,
         }
@@ -451,6 +470,13 @@ pub struct JobRecord {
     /// Written by intake: the only field another writer may change under a lease.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Instances the job could not terminate (its role could no longer be
+    /// assumed past its bound): the user must look at them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stranded_instances: Vec<String>,
+    /// When the cancel arrived: the bound on the bill counts from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_at: Option<DateTime<Utc>>,
     /// Reconcile messages of this job that SQS dead-lettered, counted by the
     /// reaper. Written outside a pass, like `cancel_requested`.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -545,6 +571,17 @@ impl JobRecord {
         record
     }
 
+    /// A job whose cancel arrived before it did: terminal at once, nothing
+    /// launched, its spec kept for the user.
+    pub fn cancelled_on_arrival(job_id: String, spec: JobSpec, reason: String, now: DateTime<Utc>) -> Self {
+        let mut record = JobRecord::blank(job_id, JobState::Cancelled, reason.clone(), now);
+        record.spec = Some(spec);
+        record.cancel_requested = true;
+        record.outcome = Some(Outcome::Cancelled);
+        record.outcome_reason = Some(reason);
+        record
+    }
+
     fn blank(job_id: String, state: JobState, reason: String, now: DateTime<Utc>) -> Self {
         JobRecord {
             job_id,
@@ -558,6 +595,8 @@ impl JobRecord {
             deadline_at: None,
             timeline: vec![PhaseStamp { state, at: now }],
             cancel_requested: false,
+            cancel_requested_at: None,
+            stranded_instances: vec![],
             dead_letters: 0,
             dead_letter_ids: vec![],
             interruptions: vec![],
@@ -590,8 +629,30 @@ impl JobRecord {
         self.attempts().filter_map(|a| a.instance_id.clone()).collect()
     }
 
+    /// The hard bound on the bill: every instance of the job is terminated
+    /// by the deadline, or the cancel's arrival, plus the cleanup grace,
+    /// whatever its steps' timeouts.
+    pub fn bill_bound(&self, cleanup_grace_minutes: u32) -> Option<DateTime<Utc>> {
+        let stop = match (self.deadline_at, self.cancel_requested_at) {
+            (Some(deadline), Some(cancel)) => Some(deadline.min(cancel)),
+            (one, other) => one.or(other),
+        };
+        stop.map(|at| at + chrono::Duration::minutes(i64::from(cleanup_grace_minutes)))
+    }
+
     pub fn attempts(&self) -> impl Iterator<Item = &Attempt> {
         self.shards.iter().flat_map(|s| s.attempts.iter())
+    }
+
+    /// Each shard's final snapshots (its last attempt's, completed): what a
+    /// SUCCEEDED run marks good, one per shard and volume.
+    pub fn final_snapshots(&self, volume: &str) -> Vec<String> {
+        self.shards
+            .iter()
+            .filter_map(|s| s.attempts.last())
+            .flat_map(|a| a.volumes.iter().filter(|v| v.name == volume))
+            .filter_map(|v| v.snapshot.as_ref().filter(|s| s.state == "completed")?.snapshot_id.clone())
+            .collect()
     }
 
     /// Snapshots this job took, with the volume name they belong to.

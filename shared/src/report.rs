@@ -50,13 +50,10 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
             crate::spec::Market::OnDemand => "on-demand",
             crate::spec::Market::Spot => "spot",
         };
-        let _ = writeln!(
-            out,
-            "plan: {} x {} ({market}); {}",
-            plan.instance_count, plan.instance_type, plan.sizing
-        );
+        let _ = writeln!(out, "plan: {} x {} ({market}); {}", plan.instance_count, plan.instance_type, plan.sizing);
         if let Some(items) = plan.items {
-            let manifests = plan.manifests.as_deref().map(|m| format!(", manifests {m}<shard>.txt")).unwrap_or_default();
+            let manifests =
+                plan.manifests.as_deref().map(|m| format!(", manifests {m}<shard>.txt")).unwrap_or_default();
             let _ = writeln!(out, "items: {items} over {} shards{manifests}", plan.instance_count);
         }
         let _ = writeln!(out, "cost: {cost}");

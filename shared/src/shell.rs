@@ -152,8 +152,10 @@ pub struct MountTarget {
     pub mount_point: String,
     /// Instance id to volume id attached to it.
     pub volume_by_instance: Vec<(String, String)>,
-    /// Only a volume Flotilla created empty may be formatted.
-    pub format_if_blank: bool,
+    /// Instances whose volume Flotilla created empty in this attempt: the
+    /// only ones that may be formatted (never a snapshot_id source, a
+    /// volume_id source or a retry's volume restored from a snapshot).
+    pub created_blank_on: Vec<String>,
 }
 
 /// Marker the local emulator looks for: block-device work cannot run there.
@@ -179,14 +181,24 @@ pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<Str
         lines.push("VOLUME_ID=".to_string());
         lines.push("case \"$FLOTILLA_INSTANCE_ID\" in".to_string());
         for (instance, volume) in &target.volume_by_instance {
-            lines.push(format!("  {}) VOLUME_ID={} ;;", quote(instance), quote(volume)));
+            let blank = u8::from(target.created_blank_on.contains(instance));
+            lines.push(format!("  {}) VOLUME_ID={} BLANK={blank} ;;", quote(instance), quote(volume)));
         }
         lines.push("esac".to_string());
         lines.push("if [ -n \"$VOLUME_ID\" ]; then".to_string());
         lines.push(format!("  DEV=$(find_device \"$VOLUME_ID\" {})", quote(&target.device)));
-        if target.format_if_blank {
-            lines.push("  if ! blkid \"$DEV\" >/dev/null 2>&1; then mkfs -t ext4 -q \"$DEV\"; fi".to_string());
-        }
+        // Format only on "no filesystem found" (blkid -p exits 2) of a volume
+        // created empty: an unreadable device, an ambivalent probe (8) or
+        // any other answer stops the step instead of wiping data.
+        lines.push("  if [ \"$BLANK\" = 1 ]; then".to_string());
+        lines.push("    dd if=\"$DEV\" of=/dev/null bs=4096 count=1 status=none || { echo \"flotilla: cannot read $DEV\" >&2; exit 1; }".to_string());
+        lines.push("    rc=0; blkid -p \"$DEV\" >/dev/null 2>&1 || rc=$?".to_string());
+        lines.push("    case $rc in".to_string());
+        lines.push("      0) ;;".to_string());
+        lines.push("      2) mkfs -t ext4 -q \"$DEV\" ;;".to_string());
+        lines.push("      *) echo \"flotilla: blkid -p $DEV exited $rc; not formatting\" >&2; exit 1 ;;".to_string());
+        lines.push("    esac".to_string());
+        lines.push("  fi".to_string());
         lines.push(format!("  mkdir -p {}", quote(&target.mount_point)));
         lines.push(format!("  mountpoint -q {mp} || mount \"$DEV\" {mp}", mp = quote(&target.mount_point)));
         lines.push(format!("  echo \"mounted $VOLUME_ID ($DEV) at \"{}", quote(&target.mount_point)));
@@ -250,8 +262,15 @@ mod tests {
     fn user_script_cannot_escape_its_quoting() {
         let env = BTreeMap::from([("GREETING".to_string(), EnvValue::from("it's $(whoami)"))]);
         let instances = vec![("i-0abc".to_string(), 0)];
-        let preamble =
-            Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None, manifests: None };
+        let preamble = Preamble {
+            job_id: "j1",
+            instances: &instances,
+            shard_count: 1,
+            env: &env,
+            mounts: &[],
+            items: None,
+            manifests: None,
+        };
         let step = CommandSpec {
             commands: vec![],
             script: Some("echo \"$GREETING\"; echo 'x'\"'\"'y'".to_string()),
@@ -279,8 +298,15 @@ mod tests {
         std::process::Command::new("chmod").arg("+x").arg(bin.join("aws")).status().expect("chmod");
         let run = |env: BTreeMap<String, EnvValue>| {
             let instances = vec![("i-0abc".to_string(), 0)];
-            let preamble =
-                Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None, manifests: None };
+            let preamble = Preamble {
+                job_id: "j1",
+                instances: &instances,
+                shard_count: 1,
+                env: &env,
+                mounts: &[],
+                items: None,
+                manifests: None,
+            };
             let step = CommandSpec {
                 commands: vec![],
                 script: Some("echo \"db=$DB api=$API\"".to_string()),
@@ -312,8 +338,15 @@ mod tests {
         // Mount and unmount never read secrets: a refused one must not strand a volume.
         let env = BTreeMap::from([("DB".to_string(), EnvValue::Secret(SecretRef::FromSsm("/team/db".into())))]);
         let instances = vec![("i-0abc".to_string(), 0)];
-        let preamble =
-            Preamble { job_id: "j1", instances: &instances, shard_count: 1, env: &env, mounts: &[], items: None, manifests: None };
+        let preamble = Preamble {
+            job_id: "j1",
+            instances: &instances,
+            shard_count: 1,
+            env: &env,
+            mounts: &[],
+            items: None,
+            manifests: None,
+        };
         assert!(!mount_script(&preamble, &[]).join("\n").contains("/team/db"));
         assert!(!unmount_script(&preamble, &[]).join("\n").contains("/team/db"));
         let (_, out) =

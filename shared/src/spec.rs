@@ -1112,25 +1112,43 @@ mod tests {
         let cases = [
             (serde_json::json!({"list": []}), "work.list: must hold 1..=100000 items, got 0"),
             (serde_json::json!({"list": ["ok", "two\nlines"]}), "work.list[1]: control character U+000A not allowed"),
-            (serde_json::json!({"list": ["a\u{202e}b"]}), "work.list[0]: invisible or bidi-override character U+202E not allowed"),
+            (
+                serde_json::json!({"list": ["a\u{202e}b"]}),
+                "work.list[0]: invisible or bidi-override character U+202E not allowed",
+            ),
             (serde_json::json!({"list": [""]}), "work.list[0]: must be 1-1024 bytes"),
-            (serde_json::json!({"s3_prefix": "bucket/x"}), "work.s3_prefix: expected s3://bucket/prefix, got `bucket/x`"),
-            (serde_json::json!({"s3_prefix": "s3://Bad_Bucket/x"}), "work.s3_prefix: `Bad_Bucket` is not an S3 bucket name"),
-            (serde_json::json!({"s3_prefix": "s3://ok-bucket/x\ty"}), "work.s3_prefix: control character U+0009 not allowed"),
+            (
+                serde_json::json!({"s3_prefix": "bucket/x"}),
+                "work.s3_prefix: expected s3://bucket/prefix, got `bucket/x`",
+            ),
+            (
+                serde_json::json!({"s3_prefix": "s3://Bad_Bucket/x"}),
+                "work.s3_prefix: `Bad_Bucket` is not an S3 bucket name",
+            ),
+            (
+                serde_json::json!({"s3_prefix": "s3://ok-bucket/x\ty"}),
+                "work.s3_prefix: control character U+0009 not allowed",
+            ),
         ];
         for (work, expected) in cases {
             let r = reason(with(&["work"], work.clone()));
             assert_eq!(r, expected, "{work}");
         }
         let sized = serde_json::json!({"items_per_instance_minute": 1, "within_minutes": 10, "max_instances": 5});
-        let mut both = with(&["fleet"], serde_json::json!({"items": 3, "items_per_instance_minute": 1, "within_minutes": 10, "max_instances": 5}));
+        let mut both = with(
+            &["fleet"],
+            serde_json::json!({"items": 3, "items_per_instance_minute": 1, "within_minutes": 10, "max_instances": 5}),
+        );
         both["work"] = serde_json::json!({"list": ["a"]});
         assert_eq!(reason(both), "fleet.items: omit it when `work` gives the items");
         assert_eq!(reason(with(&["fleet"], sized.clone())), "fleet.items: required unless `work` gives the items");
         let mut ok = with(&["fleet"], sized);
         ok["work"] = serde_json::json!({"s3_prefix": "s3://my-inputs/frames/"});
         validate(&parse(&ok.to_string()).expect("parses")).expect("a prefix sizes the fleet");
-        assert_eq!(reason(with(&["budget_usd"], serde_json::json!(-1))), "budget_usd: must be a positive number, got -1");
+        assert_eq!(
+            reason(with(&["budget_usd"], serde_json::json!(-1))),
+            "budget_usd: must be a positive number, got -1"
+        );
     }
 
     #[test]

@@ -38,7 +38,8 @@ fn running(cloud: &FakeCloud, job_id: &str) -> bool {
     cloud.record(job_id).is_some_and(|r| {
         r.shards.iter().all(|s| {
             s.current().is_some_and(|a| {
-                a.stage == Stage::Working && a.phases.iter().any(|p| p.phase == Phase::Run && p.status.is_none() && p.batch != 0)
+                a.stage == Stage::Working
+                    && a.phases.iter().any(|p| p.phase == Phase::Run && p.status.is_none() && p.batch != 0)
             })
         })
     })
@@ -54,7 +55,11 @@ fn long_job(id: &str) -> serde_json::Value {
 /// A simulated cloud on which the run phase takes an hour, the others 1 s.
 fn long_run_cloud() -> FakeCloud {
     FakeCloud::new(sim::start_time()).with_behaviour(std::sync::Arc::new(|request, _| {
-        if request.comment.contains(" run ") { (0, "done".into(), 3600) } else { (0, String::new(), 1) }
+        if request.comment.contains(" run ") {
+            (0, "done".into(), 3600)
+        } else {
+            (0, String::new(), 1)
+        }
     }))
 }
 
@@ -340,7 +345,8 @@ async fn an_event_during_a_pass_brings_the_next_pass_a_second_after_it() {
     // comes then; the pass goes on.
     let mut pass = std::pin::pin!(reconcile::reconcile(&ports, &poll, Duration::seconds(BUDGET)));
     loop {
-        let step = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(pass.as_mut(), cx))).await;
+        let step =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(pass.as_mut(), cx))).await;
         assert!(step.is_pending(), "the pass ended before the event came: {step:?}");
         if cloud.record("during").is_some_and(|r| r.lease.is_some()) {
             break;
@@ -354,7 +360,11 @@ async fn an_event_during_a_pass_brings_the_next_pass_a_second_after_it() {
     let ended = cloud.now();
     let listed_before = run_batch(&cloud.record("during").expect("record")).listed_at;
     let due = cloud.next_due().expect("a wake");
-    assert!(due <= ended + Duration::seconds(2), "next pass {} s after the one the event found busy", (due - ended).num_seconds());
+    assert!(
+        due <= ended + Duration::seconds(2),
+        "next pass {} s after the one the event found busy",
+        (due - ended).num_seconds()
+    );
     let next = cloud.next_message().expect("a wake");
     let handled = reconcile::reconcile(&ports, &next, Duration::seconds(BUDGET)).await.expect("pass");
     assert!(matches!(handled, Handled::Reconciled { .. }), "{handled:?}");
@@ -374,7 +384,8 @@ async fn a_lease_end_message_stands_in_for_a_pass_that_died_and_is_dropped_after
     // The pass that took this lease died.
     let loaded = ports.ledger.load("dead-owner").await.expect("load").expect("record");
     let mut record = loaded.record;
-    record.lease = Some(flotilla_shared::record::Lease { owner: "dead".into(), until: cloud.now() + Duration::seconds(10) });
+    record.lease =
+        Some(flotilla_shared::record::Lease { owner: "dead".into(), until: cloud.now() + Duration::seconds(10) });
     ports.ledger.replace(&record, &loaded.version).await.expect("lease");
     let instance = record.shards[0].current().and_then(|a| a.instance_id.clone()).expect("instance");
 
@@ -386,7 +397,8 @@ async fn a_lease_end_message_stands_in_for_a_pass_that_died_and_is_dropped_after
         assert_eq!(cloud.lock().queue.len(), 1, "after event {n}: one lease-end message");
     }
     assert!(cloud.record("dead-owner").is_some_and(|r| r.woken));
-    let listed_before = cloud.record("dead-owner").expect("record").commands.values().map(|b| b.listed_at).collect::<Vec<_>>();
+    let listed_before =
+        cloud.record("dead-owner").expect("record").commands.values().map(|b| b.listed_at).collect::<Vec<_>>();
     let due = cloud.next_due().expect("due");
     assert!(due > cloud.now() + Duration::seconds(10), "after the lease's end");
     let lease_end = cloud.next_message().expect("the lease-end message");

@@ -52,8 +52,7 @@ async fn pump_until(stack: &MotoStack, job_id: &str, ready: impl Fn(&JobRecord) 
 fn gate_run(stack: &MotoStack, spec: &mut serde_json::Value, then: &str) -> std::path::PathBuf {
     let go = stack.scratch.join("go");
     spec["env"]["GO"] = serde_json::json!(go.display().to_string());
-    spec["run"] =
-        serde_json::json!({"script": format!("until [ -e \"$GO\" ]; do sleep 0.2; done; {then}"), "timeout_seconds": 120});
+    spec["run"] = serde_json::json!({"script": format!("until [ -e \"$GO\" ]; do sleep 0.2; done; {then}"), "timeout_seconds": 120});
     go
 }
 

@@ -5,6 +5,7 @@ mod events;
 mod hostile;
 mod isolation;
 mod lifecycle_moto;
+mod lineage_moto;
 mod moto;
 mod moto_extension;
 mod reaper;

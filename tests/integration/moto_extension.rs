@@ -58,8 +58,14 @@ async fn wait_online(stack: &MotoStack, instances: &[String]) {
                 .set_values(Some(ids.to_vec()))
                 .build()
                 .expect("filter");
-            let mut pages =
-                stack.ssm().describe_instance_information().filters(filter).max_results(50).into_paginator().items().send();
+            let mut pages = stack
+                .ssm()
+                .describe_instance_information()
+                .filters(filter)
+                .max_results(50)
+                .into_paginator()
+                .items()
+                .send();
             while let Some(agent) = pages.next().await {
                 agent.expect("describe");
                 online += 1;
@@ -142,7 +148,8 @@ async fn agent_lookups_page_as_ssm_does() {
     let first = stack.ssm().describe_instance_information().filters(filter(ids.clone())).send().await.expect("page");
     assert_eq!(first.instance_information_list().len(), 10, "10 a page by default");
     assert!(first.next_token().is_some());
-    let too_small = stack.ssm().describe_instance_information().filters(filter(ids.clone())).max_results(4).send().await;
+    let too_small =
+        stack.ssm().describe_instance_information().filters(filter(ids.clone())).max_results(4).send().await;
     let code = too_small.err().and_then(|e| e.into_service_error().meta().code().map(str::to_string));
     assert_eq!(code.as_deref(), Some("ValidationException"));
     let mut many = ids.clone();
@@ -599,8 +606,14 @@ async fn instance_state_and_command_status_events_reach_eventbridge_rules() {
     let mut seen: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while seen.len() < 3 && Instant::now() < deadline {
-        let received =
-            stack.sqs().receive_message().queue_url(&queue_url).max_number_of_messages(10).send().await.expect("receive");
+        let received = stack
+            .sqs()
+            .receive_message()
+            .queue_url(&queue_url)
+            .max_number_of_messages(10)
+            .send()
+            .await
+            .expect("receive");
         for message in received.messages() {
             let event: serde_json::Value = serde_json::from_str(message.body().unwrap_or_default()).expect("json");
             assert_eq!(event["detail"]["instance-id"], ids[0].as_str(), "{event}");
@@ -653,7 +666,9 @@ async fn a_completed_snapshot_wakes_its_job_and_no_other() {
                 .resource_type(ResourceType::Snapshot)
                 .tags(Tag::builder().key("team").value("other-tool").build());
             if let Some(job) = job {
-                for (key, value) in [(tags::MANAGED_BY, tags::MANAGED_BY_VALUE), (tags::STACK, &stack_name), (tags::JOB_ID, job)] {
+                for (key, value) in
+                    [(tags::MANAGED_BY, tags::MANAGED_BY_VALUE), (tags::STACK, &stack_name), (tags::JOB_ID, job)]
+                {
                     spec = spec.tags(Tag::builder().key(key).value(value).build());
                 }
             }
@@ -672,8 +687,14 @@ async fn a_completed_snapshot_wakes_its_job_and_no_other() {
     let mut events = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while events.len() < 2 && Instant::now() < deadline {
-        let received =
-            stack.sqs().receive_message().queue_url(&queue_url).max_number_of_messages(10).send().await.expect("receive");
+        let received = stack
+            .sqs()
+            .receive_message()
+            .queue_url(&queue_url)
+            .max_number_of_messages(10)
+            .send()
+            .await
+            .expect("receive");
         events.extend(received.messages().iter().map(|m| m.body().unwrap_or_default().to_string()));
     }
     assert_eq!(events.len(), 2, "one event per completed snapshot: {events:?}");

@@ -118,14 +118,28 @@ async fn the_reaper_plans_marks_then_removes_every_orphan_and_nothing_a_job_need
     // A job that ended; one still running (its deadline far ahead, a pass
     // just now); one past its deadline that no pass has touched for an hour.
     let spec = parse(&job("busy-1").to_string()).expect("spec");
-    let mut ended = JobRecord::new("done-1".into(), spec.clone(), plan(&spec, &flotilla_shared::plan::Prices::builtin()).expect("plan"), now);
+    let mut ended = JobRecord::new(
+        "done-1".into(),
+        spec.clone(),
+        plan(&spec, &flotilla_shared::plan::Prices::builtin()).expect("plan"),
+        now,
+    );
     ended.state = flotilla_shared::record::JobState::Succeeded;
     ports.ledger.create(&ended).await.expect("record");
-    let busy = JobRecord::new("busy-1".into(), spec.clone(), plan(&spec, &flotilla_shared::plan::Prices::builtin()).expect("plan"), now);
+    let busy = JobRecord::new(
+        "busy-1".into(),
+        spec.clone(),
+        plan(&spec, &flotilla_shared::plan::Prices::builtin()).expect("plan"),
+        now,
+    );
     ports.ledger.create(&busy).await.expect("record");
     ports.ledger.set_active("busy-1", true).await.expect("active");
-    let mut stuck =
-        JobRecord::new("stuck-1".into(), spec.clone(), plan(&spec, &flotilla_shared::plan::Prices::builtin()).expect("plan"), now - Duration::minutes(75));
+    let mut stuck = JobRecord::new(
+        "stuck-1".into(),
+        spec.clone(),
+        plan(&spec, &flotilla_shared::plan::Prices::builtin()).expect("plan"),
+        now - Duration::minutes(75),
+    );
     stuck.updated_at = Some(now - Duration::minutes(50));
     ports.ledger.create(&stuck).await.expect("record");
     ports.ledger.set_active("stuck-1", true).await.expect("active");

@@ -166,5 +166,9 @@ async fn resubmitting_a_running_job_never_rewrites_its_manifests() {
     assert_eq!(manifests(&cloud), before, "no manifest written or changed");
     let record = cloud.record("resubmit-1").expect("record");
     assert_eq!(record.plan.and_then(|p| p.items), Some(20));
-    assert_eq!(record.spec.and_then(|s| s.work), Some(flotilla_shared::spec::WorkSpec::List(vec![])), "the list lives in the manifests");
+    assert_eq!(
+        record.spec.and_then(|s| s.work),
+        Some(flotilla_shared::spec::WorkSpec::List(vec![])),
+        "the list lives in the manifests"
+    );
 }

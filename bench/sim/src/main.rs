@@ -205,20 +205,25 @@ async fn fifty_jobs() -> Fleetwide {
     let ports = cloud.ports(settings(true));
     let specs: Vec<Value> = (0..50).map(|i| spec(&format!("many-{i:02}"), 100, false, 300)).collect();
     let jobs = drive(&cloud, &ports, &specs).await;
-    let all_succeeded = jobs
-        .iter()
-        .all(|j| cloud.record(j).is_some_and(|r| r.state == flotilla_shared::record::JobState::Succeeded));
+    let all_succeeded =
+        jobs.iter().all(|j| cloud.record(j).is_some_and(|r| r.state == flotilla_shared::record::JobState::Succeeded));
     let state = cloud.lock();
     let still_up = state.instances.iter().filter(|i| i.terminated_at.is_none()).count();
     if std::env::var("FLOTILLA_BENCH_BY_OP").is_ok() {
-        eprintln!("fifty jobs: {} instances, {still_up} never terminated, calls {:?}", state.instances.len(), state.calls);
+        eprintln!(
+            "fifty jobs: {} instances, {still_up} never terminated, calls {:?}",
+            state.instances.len(),
+            state.calls
+        );
     }
     let mut launches: Vec<DateTime<Utc>> = state.instances.iter().map(|i| i.launched_at).collect();
     launches.sort();
     let (first, last) = (launches[0], launches[launches.len() - 1]);
     if std::env::var("FLOTILLA_BENCH_LAUNCHES").is_ok() {
         let mut hist = std::collections::BTreeMap::new();
-        for l in &launches { *hist.entry((*l - first).num_seconds() / 100).or_insert(0) += 1; }
+        for l in &launches {
+            *hist.entry((*l - first).num_seconds() / 100).or_insert(0) += 1;
+        }
         eprintln!("launches per 100 s: {hist:?}");
     }
     let launch_seconds = (last - first).num_milliseconds() as f64 / 1000.0;
@@ -228,12 +233,7 @@ async fn fifty_jobs() -> Fleetwide {
     let mut ready: Vec<DateTime<Utc>> = jobs
         .iter()
         .filter_map(|job| {
-            state
-                .instances
-                .iter()
-                .filter(|i| i.tags.get("flotilla:job-id") == Some(job))
-                .map(|i| i.launched_at)
-                .max()
+            state.instances.iter().filter(|i| i.tags.get("flotilla:job-id") == Some(job)).map(|i| i.launched_at).max()
         })
         .collect();
     ready.sort();
@@ -271,12 +271,7 @@ async fn overhead(events: bool) -> Overhead {
     let floor_s = (ready - submitted).num_milliseconds() as f64 / 1000.0 + 2.0 + RUN_SECONDS as f64 + 2.0 + 0.1;
     let mut idle = Vec::new();
     for instance in &state.instances {
-        let last_done = state
-            .commands
-            .iter()
-            .filter_map(|c| c.runs.get(&instance.id))
-            .map(|r| r.finishes_at)
-            .max();
+        let last_done = state.commands.iter().filter_map(|c| c.runs.get(&instance.id)).map(|r| r.finishes_at).max();
         if let (Some(done), Some(down)) = (last_done, instance.shutting_down_at) {
             idle.push((down - done).num_milliseconds() as f64 / 1000.0);
         }
@@ -343,7 +338,12 @@ fn one_pass(n: u32, decide_it: bool) -> usize {
     for batch in 1..=batch_of(n as usize - 1) {
         record.commands.insert(
             batch,
-            CommandBatch { phase: Phase::Run, command_id: Some(format!("cmd-{batch}")), dispatched_at: now, listed_at: None },
+            CommandBatch {
+                phase: Phase::Run,
+                command_id: Some(format!("cmd-{batch}")),
+                dispatched_at: now,
+                listed_at: None,
+            },
         );
     }
     record.next_seq = batch_of(n as usize) + 1;
@@ -354,8 +354,11 @@ fn one_pass(n: u32, decide_it: bool) -> usize {
     // Load, decide, save: the CPU of one pass.
     let mut loaded: JobRecord = serde_json::from_slice(&body).expect("load");
     let settings = Settings { worker_instance_profile: Some("w".into()), ..Settings::default() };
-    let (actions, _) =
-        decide(&mut loaded, &obs, &Context { now: now + Duration::seconds(30), settings: &settings, bucket: "b", launch_grant: None });
+    let (actions, _) = decide(
+        &mut loaded,
+        &obs,
+        &Context { now: now + Duration::seconds(30), settings: &settings, bucket: "b", launch_grant: None },
+    );
     let saved = serde_json::to_vec(&loaded).expect("save");
     actions.len() + saved.len()
 }
@@ -383,45 +386,48 @@ async fn main() {
     let mut figures = json!({});
 
     if part("calls") {
-    println!("AWS calls per job (fault-free, one 8 GiB volume per instance, five phases, a 1-hour run, events on,");
-    println!("EC2's token buckets enforced). floor = the fewest EC2+SSM calls such a job can make.");
-    println!("{:>9} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>12}", "instances", "all calls", "EC2+SSM", "floor", "ratio", "throttled", "passes", "makespan s");
-    for n in sizes {
-        let f = calls_per_job(n).await;
-        let ratio = f.ec2_ssm as f64 / f.floor as f64;
+        println!("AWS calls per job (fault-free, one 8 GiB volume per instance, five phases, a 1-hour run, events on,");
+        println!("EC2's token buckets enforced). floor = the fewest EC2+SSM calls such a job can make.");
         println!(
-            "{n:>9} {:>9} {:>9} {:>9} {:>7.2}x {:>10} {:>7} {:>12.0}",
-            f.calls, f.ec2_ssm, f.floor, ratio, f.throttled, f.passes, f.makespan_s
+            "{:>9} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>12}",
+            "instances", "all calls", "EC2+SSM", "floor", "ratio", "throttled", "passes", "makespan s"
         );
-        figures[format!("calls_{n}")] = json!({"calls": f.calls, "ec2_ssm": f.ec2_ssm, "floor": f.floor,
+        for n in sizes {
+            let f = calls_per_job(n).await;
+            let ratio = f.ec2_ssm as f64 / f.floor as f64;
+            println!(
+                "{n:>9} {:>9} {:>9} {:>9} {:>7.2}x {:>10} {:>7} {:>12.0}",
+                f.calls, f.ec2_ssm, f.floor, ratio, f.throttled, f.passes, f.makespan_s
+            );
+            figures[format!("calls_{n}")] = json!({"calls": f.calls, "ec2_ssm": f.ec2_ssm, "floor": f.floor,
             "ratio": ratio, "throttled": f.throttled, "passes": f.passes, "makespan_s": f.makespan_s});
-    }
+        }
     }
 
     if part("fifty") {
-    println!();
-    let many = fifty_jobs().await;
-    let share = many.rate / 2.0 * 100.0;
-    let throttled: u64 = many.throttled.values().sum();
-    println!("Fifty 100-instance jobs at once, one account (RunInstances: 1,000 instances burst, then 2/s):");
-    println!(
-        "  {} instances launched over {:.0} s: {:.2}/s beyond the burst = {share:.0}% of the sustained 2/s; \
+        println!();
+        let many = fifty_jobs().await;
+        let share = many.rate / 2.0 * 100.0;
+        let throttled: u64 = many.throttled.values().sum();
+        println!("Fifty 100-instance jobs at once, one account (RunInstances: 1,000 instances burst, then 2/s):");
+        println!(
+            "  {} instances launched over {:.0} s: {:.2}/s beyond the burst = {share:.0}% of the sustained 2/s; \
          {throttled} throttled calls {:?}; job fleets complete within {:.0} s of each other; all succeeded: {}",
-        many.instances, many.launch_seconds, many.rate, many.throttled, many.spread_s, many.all_succeeded
-    );
-    figures["fifty_jobs"] = json!({"instances": many.instances, "launch_seconds": many.launch_seconds,
+            many.instances, many.launch_seconds, many.rate, many.throttled, many.spread_s, many.all_succeeded
+        );
+        figures["fifty_jobs"] = json!({"instances": many.instances, "launch_seconds": many.launch_seconds,
         "rate": many.rate, "share_of_sustained": share, "throttled": throttled, "spread_s": many.spread_s,
         "all_succeeded": many.all_succeeded});
     }
 
     if part("overhead") {
-    println!();
-    println!("Orchestration overhead, 10 instances, a 1-hour run, no volumes (makespan to the last instance shutting down):");
-    for events in [true, false] {
-        let o = overhead(events).await;
-        let over = o.makespan_s - o.floor_s;
-        let label = if events { "events on " } else { "polls only" };
-        println!(
+        println!();
+        println!("Orchestration overhead, 10 instances, a 1-hour run, no volumes (makespan to the last instance shutting down):");
+        for events in [true, false] {
+            let o = overhead(events).await;
+            let over = o.makespan_s - o.floor_s;
+            let label = if events { "events on " } else { "polls only" };
+            println!(
             "  {label}: makespan {:.0} s, floor {:.0} s, overhead {over:.1} s = {:.2}% of 1 h; idle after the last command: max {:.1} s, mean {:.1} s",
             o.makespan_s,
             o.floor_s,
@@ -429,10 +435,10 @@ async fn main() {
             o.idle_max_s,
             o.idle_mean_s
         );
-        figures[if events { "overhead_events" } else { "overhead_polls" }] = json!({"makespan_s": o.makespan_s,
+            figures[if events { "overhead_events" } else { "overhead_polls" }] = json!({"makespan_s": o.makespan_s,
             "floor_s": o.floor_s, "overhead_s": over, "overhead_pct": over / 36.0, "idle_max_s": o.idle_max_s,
             "idle_mean_s": o.idle_mean_s});
-    }
+        }
     }
     if let Some(path) = json_path {
         std::fs::write(&path, serde_json::to_string_pretty(&figures).expect("json")).expect("write figures");

@@ -148,6 +148,9 @@ impl Fleet for Ec2Fleet {
             .max_count(count)
             // A `poweroff` in a user's script must not leave a stopped, billed volume.
             .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
+            // Overrides a launch template's termination protection, which
+            // would keep the instance (and its bill) past every cleanup.
+            .disable_api_termination(false)
             .client_token(&request.client_token)
             .instance_type(InstanceType::from(request.instance_type.as_str()))
             .metadata_options(
@@ -295,19 +298,29 @@ impl Fleet for Ec2Fleet {
         Ok(())
     }
 
+    /// EC2 refuses the whole call when one id is unknown (NotFound, which
+    /// its eventual-consistency page says does not mean terminated): a
+    /// refused chunk is halved until the refused ids are alone, so the
+    /// others are terminated; the first refusal is returned, and the
+    /// reconciler believes only DescribeInstances.
     async fn terminate(&self, instance_ids: &[String]) -> CloudResult<()> {
-        for chunk in instance_ids.chunks(TERMINATE_CHUNK) {
-            match self.ec2.terminate_instances().set_instance_ids(Some(chunk.to_vec())).send().await {
-                Ok(_) => {}
-                Err(e) => {
-                    let err = cloud_error("ec2", "TerminateInstances", e);
-                    if err.class() != RetryClass::NotFound && err.class() != RetryClass::NotYetVisible {
-                        return Err(err);
-                    }
-                }
+        let mut pending: Vec<&[String]> = instance_ids.chunks(TERMINATE_CHUNK).rev().collect();
+        let mut refused = None;
+        while let Some(chunk) = pending.pop() {
+            let Err(e) = self.ec2.terminate_instances().set_instance_ids(Some(chunk.to_vec())).send().await else {
+                continue;
+            };
+            let err = cloud_error("ec2", "TerminateInstances", e);
+            let split = chunk.len() > 1 && matches!(err.class(), RetryClass::NotFound | RetryClass::NotYetVisible);
+            if split {
+                let (a, b) = chunk.split_at(chunk.len() / 2);
+                pending.push(b);
+                pending.push(a);
+            } else if refused.is_none() {
+                refused = Some(err);
             }
         }
-        Ok(())
+        refused.map_or(Ok(()), Err)
     }
 }
 

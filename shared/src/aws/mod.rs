@@ -29,8 +29,8 @@ pub async fn load_config() -> SdkConfig {
 /// The loader behind `load_config`, for callers that add to it (tests give
 /// moto's endpoint and credentials).
 pub fn config_loader() -> aws_config::ConfigLoader {
-    let mut loader =
-        aws_config::defaults(BehaviorVersion::latest()).retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5));
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5));
     // Lambda puts the function's credentials and Region in the environment,
     // where the default chains would find them first anyway. Naming them
     // skips building the rest of those chains (web identity with its own STS
@@ -162,6 +162,13 @@ impl Environment {
             number("FLOTILLA_IMPAIRED_TIMEOUT_SECONDS", settings.impaired_timeout_seconds)?;
         settings.reaper_mark_grace_seconds =
             number("FLOTILLA_REAPER_MARK_GRACE_SECONDS", settings.reaper_mark_grace_seconds)?;
+        settings.cleanup_grace_minutes = number("FLOTILLA_CLEANUP_GRACE_MINUTES", settings.cleanup_grace_minutes)?;
+        if !(1..=60).contains(&settings.cleanup_grace_minutes) {
+            return Err(SpecError::new(format!(
+                "FLOTILLA_CLEANUP_GRACE_MINUTES must be 1-60, got {}",
+                settings.cleanup_grace_minutes
+            )));
+        }
         settings.reaper_dry_run = std::env::var("FLOTILLA_REAPER_DRY_RUN").is_ok_and(|v| v == "true");
         settings.launch_admission = std::env::var("FLOTILLA_LAUNCH_ADMISSION").is_ok_and(|v| v == "true");
         // Required: a default would let two deployments share one scope.
@@ -212,10 +219,7 @@ pub fn ports(config: &SdkConfig, env: &Environment) -> Ports {
         cloud: cloud(config),
         accounts: Box::new(StsAccounts::new(config.clone())),
         ledger: Box::new(s3::S3Ledger::new(s3_client(config), env.bucket.clone())),
-        queue: Box::new(sqs::SqsWakeQueue {
-            sqs: sqs.clone(),
-            queue_url: env.reconcile_queue_url.clone(),
-        }),
+        queue: Box::new(sqs::SqsWakeQueue { sqs: sqs.clone(), queue_url: env.reconcile_queue_url.clone() }),
         dead_letters: env.reconcile_dlq_url.as_ref().map(|dlq_url| {
             Box::new(sqs::SqsDeadLetters {
                 sqs: sqs.clone(),

@@ -103,6 +103,17 @@ impl Ledger for S3Ledger {
         Ok(self.get_with_etag(key).await?.map(|(body, _)| body))
     }
 
+    async fn delete(&self, key: &str) -> CloudResult<()> {
+        self.s3
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| cloud_error("s3", "DeleteObject", e))
+    }
+
     async fn set_active(&self, job_id: &str, active: bool) -> CloudResult<()> {
         if active {
             self.s3

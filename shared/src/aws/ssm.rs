@@ -7,7 +7,9 @@ use aws_sdk_ssm::types::{CommandInvocationStatus, InstanceInformationStringFilte
 
 use super::cloud_error;
 use crate::error::RetryClass;
-use crate::ports::{CloudResult, CommandRequest, Commands, InvocationView, MAX_AGENTS_PER_PAGE, MAX_AGENT_IDS_PER_LOOKUP};
+use crate::ports::{
+    CloudResult, CommandRequest, Commands, InvocationView, MAX_AGENTS_PER_PAGE, MAX_AGENT_IDS_PER_LOOKUP,
+};
 
 pub struct SsmCommands {
     pub ssm: aws_sdk_ssm::Client,

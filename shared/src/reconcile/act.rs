@@ -3,15 +3,15 @@
 //! lost), look for their earlier result first: a command by its comment, a
 //! snapshot by its tags.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
-use chrono::Duration;
-
-use crate::error::CloudError;
+use crate::error::{CloudError, RetryClass};
 use crate::ports::{tags, Cloud, Ports};
 use crate::reconcile::decide::{Action, Done};
 use crate::record::JobRecord;
 use crate::report;
+use crate::retention::{self, Facts, Policy};
+use crate::sources;
 
 pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &Action) -> Result<Done, CloudError> {
     match action {
@@ -54,7 +54,8 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
             cloud.volumes.create_snapshot(volume_id, description, snapshot_tags).await.map(Done::Snapshotted)
         }
         Action::DeleteVolume { volume_id } => cloud.volumes.delete_volume(volume_id).await.map(|_| Done::Ok),
-        Action::Prune { volume, job_name, keep_last, max_age_days } => {
+        Action::Prune { volume, finals, job_name, keep_last, max_age_days } => {
+            mark_good(cloud, finals).await?;
             prune(ports, cloud, record, volume, job_name, *keep_last, *max_age_days).await.map(Done::Pruned)
         }
         Action::SaveOutput { name, body } => {
@@ -72,12 +73,31 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
     }
 }
 
-/// Keep the newest `keep_last` completed snapshots per job name, volume and
-/// shard; drop older ones and any past `max_age_days`. A lineage is this
-/// deployment's and this submitter's only: another principal reusing the
-/// job name never reaches these snapshots. Snapshots of this job,
-/// or of any job still active (a retry may restore from them), are never
-/// pruned, nor any that is not `completed` yet.
+/// EC2 refuses the whole CreateTags for one id it does not know (a snapshot
+/// someone deleted): then one by one, so the others are still marked.
+async fn mark_good(cloud: &Cloud, snapshot_ids: &[String]) -> Result<(), CloudError> {
+    if snapshot_ids.is_empty() {
+        return Ok(());
+    }
+    let gone = |err: &CloudError| err.class() == RetryClass::NotFound;
+    match cloud.fleet.tag(snapshot_ids, tags::GOOD, "true").await {
+        Err(err) if gone(&err) => {
+            for id in snapshot_ids {
+                match cloud.fleet.tag(std::slice::from_ref(id), tags::GOOD, "true").await {
+                    Err(err) if gone(&err) => {}
+                    other => other?,
+                }
+            }
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// The lineage's retention (`retention.rs`) after a successful run: this
+/// deployment's and this submitter's snapshots of the job name and volume.
+/// Jobs still active keep theirs (a retry may restore from them), and each
+/// deletion re-checks that no job claims the snapshot as its source.
 async fn prune(
     ports: &Ports,
     cloud: &Cloud,
@@ -88,11 +108,11 @@ async fn prune(
     max_age_days: u32,
 ) -> Result<Vec<String>, CloudError> {
     let now = ports.clock.now();
-    // A job still running may restore from its snapshots: never prune those.
-    let active: std::collections::BTreeSet<String> = ports.ledger.list_active().await?.into_iter().collect();
+    let mut active: BTreeSet<String> = ports.ledger.list_active().await?.into_iter().collect();
+    active.insert(record.job_id.clone());
     let submitter = crate::reconcile::decide::submitter(record);
     let [managed, stack] = tags::scope(&ports.settings.stack);
-    let mut lineage = cloud
+    let lineage = cloud
         .volumes
         .find_snapshots(&[
             managed,
@@ -102,20 +122,12 @@ async fn prune(
             (tags::VOLUME, volume),
         ])
         .await?;
-    lineage.sort_by(|a, b| b.started_at.cmp(&a.started_at).then_with(|| b.snapshot_id.cmp(&a.snapshot_id)));
-    let mut kept: BTreeMap<String, u32> = BTreeMap::new();
+    let facts = Facts { active_jobs: active, ..Facts::default() };
     let mut deleted = Vec::new();
-    for snapshot in lineage {
-        let own = snapshot.tags.get(tags::JOB_ID).is_some_and(|id| *id == record.job_id || active.contains(id));
-        let shard = snapshot.tags.get(tags::SHARD).cloned().unwrap_or_default();
-        let count = kept.entry(shard).or_default();
-        let too_old = max_age_days > 0 && now - snapshot.started_at > Duration::days(i64::from(max_age_days));
-        if own || snapshot.state != "completed" || (*count < keep_last && !too_old) {
-            *count += 1;
-            continue;
+    for doomed in retention::plan(&lineage, Some(Policy { keep_last, max_age_days }), &facts, now) {
+        if sources::delete_unless_claimed(ports, cloud, &doomed.snapshot_id).await?.is_none() {
+            deleted.push(doomed.snapshot_id);
         }
-        cloud.volumes.delete_snapshot(&snapshot.snapshot_id).await?;
-        deleted.push(snapshot.snapshot_id);
     }
     Ok(deleted)
 }

@@ -16,6 +16,7 @@ use crate::ports::{
     MAX_INSTANCES_PER_COMMAND,
 };
 use crate::record::*;
+use crate::retention;
 use crate::shell::{self, MountTarget, Preamble};
 use crate::spec::{
     pattern_matches, CommandSpec, JobSpec, OnRetry, RetryAction, RetryStrategy, SnapshotPolicy, VolumeSource,
@@ -95,9 +96,12 @@ pub enum Action {
     DeleteVolume {
         volume_id: String,
     },
-    /// Keep the newest `keep_last` of this job name's lineage; never this job's own.
+    /// A SUCCEEDED run tags its final snapshots of the volume `flotilla:good`
+    /// (the only snapshots `keep_last` counts), then applies the lineage's
+    /// retention (`retention.rs`); never to this job's own.
     Prune {
         volume: String,
+        finals: Vec<String>,
         job_name: String,
         keep_last: u32,
         max_age_days: u32,
@@ -274,14 +278,21 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
 
     let mut terminate: Vec<String> = Vec::new();
     let aborting = record.outcome.is_some();
+    let bound = record.bill_bound(ctx.settings.cleanup_grace_minutes);
     let job = JobFacts {
         spec: &spec,
         job_id: record.job_id.clone(),
         aborting,
         tags: job_tags(record, &spec, ctx.settings),
         deadline_at: record.deadline_at,
+        bound,
+        past_bound: bound.is_some_and(|at| now >= at),
         stack: ctx.settings.stack.clone(),
     };
+    if let Some(at) = bound.filter(|at| *at > now) {
+        // A pass at the bound, whatever else the job waits on.
+        wait = wait.min(u32::try_from((at - now).num_seconds().max(1)).unwrap_or(u32::MAX));
+    }
     let commands = record.commands.clone();
     for index in 0..record.shards.len() {
         if record.shards[index].result.is_some() {
@@ -352,6 +363,10 @@ struct JobFacts<'a> {
     /// The tags on everything the job creates.
     tags: BTreeMap<String, String>,
     deadline_at: Option<DateTime<Utc>>,
+    /// The bound on the bill (`JobRecord::bill_bound`): no command outlasts
+    /// it, and at it every instance is stopped.
+    bound: Option<DateTime<Utc>>,
+    past_bound: bool,
     stack: String,
 }
 
@@ -429,12 +444,22 @@ fn step_shard(
             if attempt.completed_phases.contains(&Phase::Run) {
                 notes.push(format!("{detail} after its work succeeded; cleanup skipped"));
                 end(attempt, EndCause::Succeeded, "", Some(0));
+                let cleaned = planned_phases(job.spec, index)
+                    .iter()
+                    .all(|p| !p.runs_after_failure() || attempt.completed_phases.contains(p));
+                if !cleaned {
+                    // Its snapshot is crash-consistent, not clean: never good.
+                    attempt.cleanup_failed.get_or_insert(format!("shard {index}: {detail} before cleanup finished"));
+                    attempt.cleanup_lost = true;
+                }
             } else {
                 let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::InstanceLost };
                 end(attempt, cause, &detail, None);
             }
             notes.push(detail);
             attempt.stage = Stage::Releasing;
+        } else if job.past_bound {
+            stop_at_bound(attempt, index, commands, now, actions, &mut notes);
         } else if job.aborting && attempt.stage != Stage::Working {
             end(attempt, EndCause::Aborted, "job stopping", None);
             attempt.stage = Stage::Releasing;
@@ -529,10 +554,15 @@ fn step_shard(
         } else {
             let events = ctx.settings.safety_poll_seconds.is_some() && job.spec.role_arn.is_none();
             let waited = snapshot_wait(attempt, events, now);
-            *wait = (*wait).min(waited.unwrap_or_else(|| release_wait(attempt, instance_gone_at(attempt), events, now)));
+            *wait =
+                (*wait).min(waited.unwrap_or_else(|| release_wait(attempt, instance_gone_at(attempt), events, now)));
             // A deleted volume settles its shard on the next look, and no
             // event says so: look again soon (a big job's gap still batches).
             if actions[before..].iter().any(|a| matches!(a, Action::DeleteVolume { .. })) {
+                *wait = (*wait).min(1);
+            }
+            // Held at the bound for a snapshot's answer: terminate right after.
+            if attempt.at_bound && !attempt.terminate_requested {
                 *wait = (*wait).min(1);
             }
         }
@@ -602,13 +632,54 @@ fn restore_snapshots(spec: &JobSpec, shard: &Shard) -> BTreeMap<String, Option<S
     let mut found = BTreeMap::new();
     let Some((_, earlier)) = shard.attempts.split_last() else { return found };
     for volume in spec.volumes.iter().filter(|v| v.on_retry == OnRetry::Restore) {
-        let Some(last) = earlier.iter().rev().find_map(|a| a.volumes.iter().find(|v| v.name == volume.name)) else {
+        let Some((owner, last)) =
+            earlier.iter().rev().find_map(|a| a.volumes.iter().find(|v| v.name == volume.name).map(|v| (a, v)))
+        else {
             continue; // no attempt got as far as creating it: start fresh
         };
+        // Created empty and never mounted: nothing to restore, and a volume
+        // restored from it would be blank yet never formatted. Start fresh.
+        let never_mounted = !owner.phases_ran().contains(&Phase::Mount);
+        if last.created && last.restored_from.is_none() && never_mounted {
+            continue;
+        }
         let snapshot = last.snapshot.as_ref().filter(|s| s.state == "completed").and_then(|s| s.snapshot_id.clone());
         found.insert(volume.name.clone(), snapshot);
     }
     found
+}
+
+/// The bound on the bill has passed: stop waiting on any step. A command in
+/// flight is cancelled (best effort: the instance goes anyway); the volumes
+/// still mounted are snapshotted while attached, then the instance is
+/// terminated (`release`). Work that finished keeps its result, but its
+/// cleanup did not finish, so no snapshot of it counts as good.
+fn stop_at_bound(
+    attempt: &mut Attempt,
+    shard: u32,
+    commands: &BTreeMap<u64, CommandBatch>,
+    now: DateTime<Utc>,
+    actions: &mut Vec<Action>,
+    notes: &mut Vec<String>,
+) {
+    let instance_id = attempt.instance_id.clone().unwrap_or_default();
+    for run in attempt.phases.iter_mut().filter(|p| p.status.is_none()) {
+        if let Some(command_id) = commands.get(&run.batch).and_then(|b| b.command_id.clone()) {
+            actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
+        }
+        run.status = Some("Cancelled".into());
+        run.finished_at = Some(now);
+    }
+    let detail = "stopped at the job's bound (deadline or cancel, plus the cleanup grace)";
+    if attempt.completed_phases.contains(&Phase::Run) {
+        end(attempt, EndCause::Succeeded, "", Some(0));
+        attempt.cleanup_failed.get_or_insert(format!("shard {shard}: cleanup {detail}"));
+    } else {
+        end(attempt, EndCause::Aborted, detail, None);
+    }
+    attempt.at_bound = true;
+    attempt.stage = Stage::Releasing;
+    notes.push(format!("{instance_id}: {detail}"));
 }
 
 fn end(attempt: &mut Attempt, cause: EndCause, detail: &str, exit_code: Option<i32>) {
@@ -625,7 +696,25 @@ fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) {
         return;
     };
     let options = launch_options(job.spec);
+    // The instance was lost during cleanup after the work succeeded: its
+    // volume was snapshotted (not good), and the shard retries as for any
+    // lost instance, so its final snapshot is a clean one.
+    let ended = match (&attempt.cleanup_failed, attempt.cleanup_lost) {
+        (Some(what), true) if ended.cause == EndCause::Succeeded => {
+            AttemptEnd { cause: EndCause::InstanceLost, detail: what.clone(), exit_code: None }
+        }
+        _ => ended,
+    };
     match ended.cause {
+        EndCause::Succeeded if attempt.cleanup_failed.is_some() => {
+            let what = attempt.cleanup_failed.clone().unwrap_or_default();
+            shard.result = Some(ShardResult {
+                succeeded: false,
+                reason: format!(
+                    "cleanup failed: {what} (the work finished; its volume snapshot is kept, not counted as good)"
+                ),
+            });
+        }
         EndCause::Succeeded => {
             shard.result = Some(ShardResult { succeeded: true, reason: String::new() });
         }
@@ -773,6 +862,7 @@ fn attach_volumes(
                 _ => (None, true),
             };
             attempt.volumes.push(AttemptVolume {
+                restored_from: None,
                 name: volume.name.clone(),
                 // ClientToken: at most 64 ASCII characters; job ids are at most 48.
                 token: client_token(&job.stack, &job.job_id, 'v', *seq),
@@ -797,6 +887,9 @@ fn attach_volumes(
             // volume is at least as large as its snapshot).
             if let Some(Some(restored)) = restore_from.get(&volume.name) {
                 snapshot_id = Some(restored.clone());
+                if let Some(v) = attempt.volumes.iter_mut().find(|v| v.name == volume.name) {
+                    v.restored_from = Some(restored.clone()); // never formatted
+                }
             }
             let mut volume_tags = job.tags.clone();
             volume_tags.insert(tags::VOLUME.to_string(), volume.name.clone());
@@ -885,7 +978,23 @@ fn phase_spec(spec: &JobSpec, phase: Phase) -> Option<&CommandSpec> {
 /// The step's own timeout, else what is left of the deadline: a work step
 /// gets all of it (at least a minute), within SSM's 48 hours; a cleanup step,
 /// which also runs after a cancel or the deadline, 10 minutes to an hour.
-pub fn phase_timeout(spec: &JobSpec, phase: Phase, deadline_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> u32 {
+/// A phase's SSM timeout: its own, or what is left of the deadline, and
+/// never past the bound on the bill.
+pub fn phase_timeout(
+    spec: &JobSpec,
+    phase: Phase,
+    deadline_at: Option<DateTime<Utc>>,
+    bound: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> u32 {
+    let own = own_phase_timeout(spec, phase, deadline_at, now);
+    match bound {
+        Some(at) => own.min(u32::try_from((at - now).num_seconds().max(1)).unwrap_or(u32::MAX)),
+        None => own,
+    }
+}
+
+fn own_phase_timeout(spec: &JobSpec, phase: Phase, deadline_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> u32 {
     let Some(step) = phase_spec(spec, phase) else { return VOLUME_OP_TIMEOUT_SECONDS };
     step.timeout_seconds.unwrap_or_else(|| {
         let left = deadline_at.map_or(i64::from(spec.deadline_minutes) * 60, |at| (at - now).num_seconds());
@@ -935,8 +1044,13 @@ fn work(
             {
                 // SSM would not take the command this long: its agent is gone.
                 let detail = format!("SSM agent of {instance_id} stopped answering before {}", run.phase.as_str());
+                let in_cleanup = run.phase.runs_after_failure();
                 if attempt.completed_phases.contains(&Phase::Run) {
                     end(attempt, EndCause::Succeeded, "", Some(0)); // the work is done
+                    if in_cleanup {
+                        attempt.cleanup_failed.get_or_insert(format!("shard {shard}: {detail}"));
+                        attempt.cleanup_lost = true;
+                    }
                 } else {
                     end(attempt, EndCause::InstanceLost, &detail, None);
                 }
@@ -947,7 +1061,7 @@ fn work(
                 return;
             }
         }
-        let sent_timeout = phase_timeout(job.spec, run.phase, job.deadline_at, dispatched_at);
+        let sent_timeout = phase_timeout(job.spec, run.phase, job.deadline_at, job.bound, dispatched_at);
         let timeout = Duration::seconds(i64::from(sent_timeout) + REPORT_GRACE_SECONDS);
         match obs.invocations.get(&(command_id.clone(), instance_id.clone())) {
             _ if unsent => {}
@@ -997,14 +1111,18 @@ fn work(
             };
             let detail = format!("{} {what} on {instance_id}", run.phase.as_str());
             notes.push(detail.clone());
+            let agent_lost = matches!(run.status.as_deref(), Some("Undeliverable" | "DeliveryTimedOut" | "Terminated"))
+                || (run.status.as_deref() == Some("TimedOut") && agent_offline_now);
             if run.phase.runs_after_failure() {
-                notes.push(format!("warning: cleanup phase {} did not succeed", run.phase.as_str()));
+                // The work's results may be on the volume, but not cleanly:
+                // its snapshot is kept but never good, and the shard fails
+                // (or, when the instance rather than the step failed, retries).
+                attempt.cleanup_failed.get_or_insert(format!("shard {shard}: {detail}"));
+                attempt.cleanup_lost |= agent_lost;
             } else if stopping {
                 let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::Aborted };
                 end(attempt, cause, "stopped while working", None);
-            } else if matches!(run.status.as_deref(), Some("Undeliverable" | "DeliveryTimedOut" | "Terminated"))
-                || (run.status.as_deref() == Some("TimedOut") && agent_offline_now)
-            {
+            } else if agent_lost {
                 // SSM never reached the agent: the instance, not the work, failed.
                 end(attempt, EndCause::InstanceLost, &detail, None);
             } else {
@@ -1076,6 +1194,12 @@ fn release(
     terminate: &mut Vec<String>,
     notes: &mut Vec<String>,
 ) -> bool {
+    if attempt.at_bound
+        && !attempt.terminate_requested
+        && snapshot_mounted_at_bound(job, shard, attempt, obs, now, actions)
+    {
+        return false; // terminated once CreateSnapshot answered
+    }
     let mut settled = true;
     let instance_gone = match attempt.instance_id.as_ref() {
         None => true,
@@ -1097,6 +1221,7 @@ fn release(
         settled = false;
     }
     let work_succeeded = attempt.end.as_ref().is_some_and(|e| e.cause == EndCause::Succeeded);
+    let kind = snapshot_kind(attempt);
     let attempt_instance = attempt.instance_id.clone();
     let left_for_reaper = attempt.left_for_reaper.is_some();
     let mut launched_volume_calls = 0;
@@ -1165,11 +1290,11 @@ fn release(
                 None => {
                     volume.snapshot =
                         Some(SnapshotRef { snapshot_id: None, state: "requested".into(), requested_at: Some(now) });
-                    actions.push(snapshot_action(job, shard, volume, &volume_id, now, false));
+                    actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, false));
                     settled = false;
                 }
                 Some(SnapshotRef { snapshot_id: None, .. }) => {
-                    actions.push(snapshot_action(job, shard, volume, &volume_id, now, true));
+                    actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, true));
                     settled = false;
                 }
                 Some(SnapshotRef { snapshot_id: Some(id), state, requested_at }) => {
@@ -1217,6 +1342,68 @@ fn release(
     settled && instance_gone && attempt.volumes.iter().all(|v| v.deleted || v.kept.is_some())
 }
 
+/// Why this attempt's volumes are snapshotted: only `final` can become good.
+fn snapshot_kind(attempt: &Attempt) -> &'static str {
+    let work_succeeded = attempt.end.as_ref().is_some_and(|e| e.cause == EndCause::Succeeded);
+    match (work_succeeded, attempt.cleanup_failed.is_some()) {
+        (true, false) => retention::kind::FINAL,
+        (true, true) => retention::kind::AFTER_FAILED_CLEANUP,
+        (false, _) => retention::kind::FAILED_ATTEMPT,
+    }
+}
+
+/// How long past the bound termination waits for CreateSnapshot to answer.
+const BOUND_SNAPSHOT_SECONDS: i64 = 120;
+
+/// At the bound, a volume the policy wants snapshotted that is still mounted
+/// is snapshotted while attached (crash-consistent), before the instance is
+/// terminated. True while such a snapshot has not been answered yet (and
+/// the short wait for it has not run out).
+fn snapshot_mounted_at_bound(
+    job: &JobFacts<'_>,
+    shard: u32,
+    attempt: &mut Attempt,
+    obs: &Observation,
+    now: DateTime<Utc>,
+    actions: &mut Vec<Action>,
+) -> bool {
+    if job.bound.is_some_and(|at| now > at + Duration::seconds(BOUND_SNAPSHOT_SECONDS)) {
+        return false;
+    }
+    let mounted =
+        attempt.completed_phases.contains(&Phase::Mount) && !attempt.completed_phases.contains(&Phase::Unmount);
+    let Some(instance_id) = attempt.instance_id.clone().filter(|_| mounted) else { return false };
+    let kind = snapshot_kind(attempt);
+    let work_succeeded = kind != retention::kind::FAILED_ATTEMPT;
+    let mut waiting = false;
+    for volume in attempt.volumes.iter_mut().filter(|v| !v.deleted && v.kept.is_none()) {
+        let Some(volume_id) = volume.volume_id.clone() else { continue };
+        let attached_here = obs.volumes.get(&volume_id).is_some_and(|v| v.attached_to.as_deref() == Some(&instance_id));
+        let wanted = match job.spec.volumes.iter().find(|v| v.name == volume.name).map(|v| v.snapshot) {
+            Some(SnapshotPolicy::Always) => true,
+            Some(SnapshotPolicy::OnSuccess) => work_succeeded,
+            _ => false,
+        };
+        if !attached_here || !wanted {
+            continue;
+        }
+        match &volume.snapshot {
+            None => {
+                volume.snapshot =
+                    Some(SnapshotRef { snapshot_id: None, state: "requested".into(), requested_at: Some(now) });
+                actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, false));
+                waiting = true;
+            }
+            Some(SnapshotRef { snapshot_id: None, .. }) => {
+                actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, true));
+                waiting = true;
+            }
+            Some(_) => {}
+        }
+    }
+    waiting
+}
+
 fn launch_of(options: &[LaunchOption], attempt: &Attempt) -> LaunchOption {
     options.get(attempt.option as usize).or(options.first()).cloned().unwrap_or(LaunchOption {
         instance_type: "?".into(),
@@ -1237,6 +1424,7 @@ fn snapshot_action(
     volume: &AttemptVolume,
     volume_id: &str,
     now: DateTime<Utc>,
+    kind: &str,
     look_first: bool,
 ) -> Action {
     let name = job.spec.name.clone().unwrap_or_else(|| job.job_id.clone());
@@ -1253,6 +1441,7 @@ fn snapshot_action(
     snapshot_tags.insert(tags::SOURCE_VOLUME.to_string(), volume_id.to_string());
     snapshot_tags.insert(tags::SHARD.to_string(), shard.to_string());
     snapshot_tags.insert(tags::ATTEMPT.to_string(), volume.token.clone());
+    snapshot_tags.insert(tags::KIND.to_string(), kind.to_string());
     snapshot_tags.insert("Name".to_string(), format!("{name}-{}-{shard}", volume.name));
     // The lineage's retention, for the reaper when no later run prunes.
     if let Some(spec) = job.spec.volumes.iter().find(|v| v.name == volume.name) {
@@ -1320,7 +1509,8 @@ pub fn launches_wanted(record: &JobRecord) -> u32 {
     // plan_launches mints no new token while this many calls are pending:
     // tokens granted now would launch nothing.
     let room = MAX_LAUNCH_CALLS.saturating_sub(pending.len()) * 1000;
-    let fresh = current().filter(|a| a.stage == Stage::Launching && a.launch_token.is_none() && a.end.is_none()).count();
+    let fresh =
+        current().filter(|a| a.stage == Stage::Launching && a.launch_token.is_none() && a.end.is_none()).count();
     fresh.min(room) as u32
 }
 
@@ -1515,7 +1705,8 @@ fn next_working_look(
         let Some(batch) = commands.get(&run.batch).filter(|b| b.command_id.is_some()) else { continue };
         in_flight = true;
         moments.push(next_look(job.spec, settings, batch));
-        let timeout = batch.dispatched_at + seconds(phase_timeout(job.spec, batch.phase, job.deadline_at, batch.dispatched_at));
+        let timeout = batch.dispatched_at
+            + seconds(phase_timeout(job.spec, batch.phase, job.deadline_at, job.bound, batch.dispatched_at));
         moments.push(timeout + Duration::seconds(1));
         moments.push(timeout + Duration::seconds(REPORT_GRACE_SECONDS + 1));
     }
@@ -1609,7 +1800,9 @@ fn plan_dispatch(
     }
     // No event says an agent is back: look again at the poll delay.
     let held_offline = record.shards.iter().filter_map(|s| s.current()).any(|a| {
-        a.stage == Stage::Working && offline(&a.instance_id) && a.phases.iter().any(|p| p.status.is_none() && p.batch == 0)
+        a.stage == Stage::Working
+            && offline(&a.instance_id)
+            && a.phases.iter().any(|p| p.status.is_none() && p.batch == 0)
     });
     if held_offline {
         *wait = (*wait).min(ctx.settings.poll_delay_seconds);
@@ -1654,7 +1847,9 @@ fn plan_dispatch(
         for chunk in shards.chunks(MAX_INSTANCES_PER_COMMAND) {
             let batch = record.take_seq();
             made_now.insert(batch);
-            record.commands.insert(batch, CommandBatch { phase, command_id: None, dispatched_at: ctx.now, listed_at: None });
+            record
+                .commands
+                .insert(batch, CommandBatch { phase, command_id: None, dispatched_at: ctx.now, listed_at: None });
             for index in chunk {
                 if let Some(run) =
                     record.shards[*index].current_mut().and_then(|a| a.phases.iter_mut().find(|p| p.status.is_none()))
@@ -1690,7 +1885,13 @@ fn plan_dispatch(
                 instance_ids: instances.iter().map(|(id, _)| id.clone()).collect(),
                 lines,
                 // From the dispatch, so a resend asks for what was recorded.
-                timeout_seconds: phase_timeout(spec, phase, record.deadline_at, dispatched_at),
+                timeout_seconds: phase_timeout(
+                    spec,
+                    phase,
+                    record.deadline_at,
+                    record.bill_bound(ctx.settings.cleanup_grace_minutes),
+                    dispatched_at,
+                ),
                 comment: command_comment(&record.job_id, phase, batch),
                 output_bucket: ctx.bucket.to_string(),
                 // Outside jobs/: the SSM agent writes output without an SSE header.
@@ -1730,7 +1931,15 @@ fn phase_lines(record: &JobRecord, spec: &JobSpec, phase: Phase, instances: &[(S
                     Some((instance.clone(), volume))
                 })
                 .collect(),
-            format_if_blank: matches!(v.source, VolumeSource::New { .. }),
+            created_blank_on: record
+                .shards
+                .iter()
+                .filter_map(|s| s.current())
+                .filter(|a| a.instance_id.as_ref().is_some_and(|id| wanted.contains(id)))
+                .filter(|a| a.volumes.iter().any(|x| x.name == v.name && x.created && x.restored_from.is_none()))
+                .filter(|_| matches!(v.source, VolumeSource::New { .. }))
+                .filter_map(|a| a.instance_id.clone())
+                .collect(),
         })
         .filter(|t| !t.volume_by_instance.is_empty())
         .collect();
@@ -1848,6 +2057,8 @@ fn finish(
         if succeeded && took_snapshots.contains(&volume.name) && !record.pruned.contains(&volume.name) {
             actions.push(Action::Prune {
                 volume: volume.name.clone(),
+                // Good only in a run that SUCCEEDED: one per shard, its last attempt's.
+                finals: record.final_snapshots(&volume.name),
                 job_name: name.clone(),
                 keep_last: volume.retention.keep_last,
                 max_age_days: volume.retention.max_age_days,
@@ -2042,6 +2253,8 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
             record.warnings.push(format!("volume {volume_id} not deleted: {message}"));
         }
         Action::Prune { volume, .. } => {
+            // Unmarked, this run's snapshots would not count as good: the
+            // executor prunes nothing when marking fails.
             record.warnings.push(format!("pruning snapshots of {volume}: {message}"));
             record.pruned.push(volume.clone());
         }
@@ -2096,6 +2309,8 @@ fn settle_launch_failures(record: &mut JobRecord, now: DateTime<Utc>) {
         aborting: record.outcome.is_some(),
         tags: BTreeMap::new(),
         deadline_at: record.deadline_at,
+        bound: None,
+        past_bound: false,
         stack: String::new(),
     };
     for shard in &mut record.shards {
@@ -2214,18 +2429,18 @@ mod tests {
     fn an_unset_step_timeout_is_what_is_left_of_the_deadline() {
         let long = record(serde_json::json!({"deadline_minutes": 480}));
         let spec = long.spec.clone().expect("spec");
-        assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, now()), 480 * 60);
-        assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, now() + Duration::hours(7)), 3600);
+        assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, None, now()), 480 * 60);
+        assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, None, now() + Duration::hours(7)), 3600);
         // A work step sent after the deadline (it is cancelled anyway) gets a minute.
-        assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, now() + Duration::hours(9)), 60);
+        assert_eq!(phase_timeout(&spec, Phase::Run, long.deadline_at, None, now() + Duration::hours(9)), 60);
         // A cleanup step: 10 minutes to an hour, whatever is left.
         let hook = record(serde_json::json!({"deadline_minutes": 480, "before_unmount": {"commands": [["sync"]]}}));
         let spec = hook.spec.clone().expect("spec");
-        assert_eq!(phase_timeout(&spec, Phase::BeforeUnmount, hook.deadline_at, now()), 3600);
-        assert_eq!(phase_timeout(&spec, Phase::BeforeUnmount, hook.deadline_at, now() + Duration::hours(9)), 600);
+        assert_eq!(phase_timeout(&spec, Phase::BeforeUnmount, hook.deadline_at, None, now()), 3600);
+        assert_eq!(phase_timeout(&spec, Phase::BeforeUnmount, hook.deadline_at, None, now() + Duration::hours(9)), 600);
         let set = record(serde_json::json!({"run": {"commands": [["true"]], "timeout_seconds": 90}}));
         let spec = set.spec.clone().expect("spec");
-        assert_eq!(phase_timeout(&spec, Phase::Run, set.deadline_at, now()), 90);
+        assert_eq!(phase_timeout(&spec, Phase::Run, set.deadline_at, None, now()), 90);
     }
 
     fn run(record: &mut JobRecord, obs: &Observation, at: DateTime<Utc>) -> Vec<Action> {
@@ -2336,6 +2551,7 @@ mod tests {
         attempt.instance_id = Some("i-1".into());
         attempt.end = Some(AttemptEnd { cause: EndCause::Succeeded, detail: String::new(), exit_code: Some(0) });
         attempt.volumes.push(AttemptVolume {
+            restored_from: None,
             name: "data".into(),
             token: "j-v1".into(),
             volume_id: Some("vol-1".into()),
@@ -2465,7 +2681,8 @@ mod tests {
             }
             let at = now() + Duration::seconds(second as i64);
             let settings = settings();
-            let (actions, next) = decide(&mut r, &obs, &Context { now: at, settings: &settings, bucket: "b", launch_grant: None });
+            let (actions, next) =
+                decide(&mut r, &obs, &Context { now: at, settings: &settings, bucket: "b", launch_grant: None });
             for action in &actions {
                 if let Action::Send { request, .. } = action {
                     sends.push((second as i64, request.instance_ids.len()));
@@ -2567,6 +2784,7 @@ mod tests {
         attempt.launch_token = Some("t".into());
         attempt.launched_at = Some(now());
         attempt.volumes.push(AttemptVolume {
+            restored_from: None,
             name: "b".into(),
             token: "j-v2".into(),
             volume_id: Some("vol-b".into()),

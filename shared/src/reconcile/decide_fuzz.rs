@@ -237,7 +237,12 @@ pub fn run_bytes(data: &[u8]) -> Result<(), String> {
 fn check(rng: &mut impl Choices) -> Result<(), String> {
     let spec = parse(&spec(rng).to_string()).map_err(|e| e.to_string())?;
     let start = Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("time");
-    let mut record = JobRecord::new("fz".into(), spec.clone(), plan(&spec, &crate::plan::Prices::builtin()).map_err(|e| e.to_string())?, start);
+    let mut record = JobRecord::new(
+        "fz".into(),
+        spec.clone(),
+        plan(&spec, &crate::plan::Prices::builtin()).map_err(|e| e.to_string())?,
+        start,
+    );
     let settings = Settings { worker_instance_profile: Some("w".into()), ..Settings::default() };
     let mut now = start;
     let mut next = 0u64;

@@ -127,11 +127,13 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
                 }
                 return Ok(Handled::Finished);
             }
-            let held_by = |owner: &Option<String>| record.lease.as_ref().is_some_and(|l| Some(&l.owner) == owner.as_ref());
+            let held_by =
+                |owner: &Option<String>| record.lease.as_ref().is_some_and(|l| Some(&l.owner) == owner.as_ref());
             if message.trigger.as_deref() == Some("lease-end") && !held_by(&message.lease_owner) {
                 return Ok(Handled::Scheduled);
             }
-            let poll_coming = record.wake.as_ref().is_some_and(|w| started < w.at + Duration::seconds(TICK_GRACE_SECONDS));
+            let poll_coming =
+                record.wake.as_ref().is_some_and(|w| started < w.at + Duration::seconds(TICK_GRACE_SECONDS));
             if message.trigger.as_deref() == Some("tick") && poll_coming && record.lease.is_none() {
                 return Ok(Handled::Scheduled);
             }
@@ -139,7 +141,8 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             // the record for the pass a gap later, so a big job's scattered
             // events share passes.
             let gap = Duration::seconds(i64::from(decide::pass_gap(record.shards.len())));
-            let scheduled = message.wake_id.is_some() && record.wake.as_ref().map(|w| &w.id) == message.wake_id.as_ref();
+            let scheduled =
+                message.wake_id.is_some() && record.wake.as_ref().map(|w| &w.id) == message.wake_id.as_ref();
             let early = gap > Duration::zero()
                 && matches!(message.trigger.as_deref(), Some("event" | "busy" | "lease-end" | "poll"))
                 && !scheduled
@@ -223,6 +226,38 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
     };
     let cloud: &Cloud = match &assumed {
         Some(Ok(cloud)) => cloud,
+        Some(Err(err))
+            if !err.is_transient()
+                && record
+                    .bill_bound(ports.settings.cleanup_grace_minutes)
+                    .is_some_and(|bound| ports.clock.now() > bound) =>
+        {
+            // Past the bound and the role is still refused: stop re-passing.
+            // The record names what may still run there (each instance's
+            // expires-at tag lets a reaper with a role there remove it).
+            let stranded: Vec<String> = record
+                .attempts()
+                .filter(|a| a.stage != crate::record::Stage::Done)
+                .filter_map(|a| a.instance_id.clone())
+                .collect();
+            let reason = format!(
+                "cannot act in the job's account past its bound ({err}); instances that could not be terminated: {}",
+                if stranded.is_empty() { "none recorded".to_string() } else { stranded.join(", ") }
+            );
+            if !stranded.is_empty() {
+                // The reaper's report lists these until a person removes the key.
+                let body = serde_json::json!({ "job_id": record.job_id, "role_arn": record.spec.as_ref().and_then(|s| s.role_arn.clone()), "instances": stranded, "reason": err.to_string() });
+                ports
+                    .ledger
+                    .put(&crate::reaper::stranded_key(&record.job_id), body.to_string().as_bytes(), "application/json")
+                    .await?;
+            }
+            record.stranded_instances = stranded;
+            record.outcome = Some(Outcome::Failed);
+            record.outcome_reason = Some(reason.clone());
+            give_up(&mut record, &reason, ports.clock.now());
+            return finish_pass(ports, &mut record, &mut version, &owner, Next::Finished).await;
+        }
         Some(Err(err)) if err.is_transient() || record.attempts().any(|a| a.launch_token.is_some()) => {
             // Resources may exist there: never go terminal without releasing
             // them; wait for the role (the reason says why).
@@ -490,6 +525,7 @@ async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner
                     return Err(StepError::LeaseLost(record.job_id.clone()));
                 }
                 record.cancel_requested |= fresh.record.cancel_requested;
+                record.cancel_requested_at = record.cancel_requested_at.or(fresh.record.cancel_requested_at);
                 record.dead_letters = record.dead_letters.max(fresh.record.dead_letters);
                 for id in fresh.record.dead_letter_ids {
                     if !record.dead_letter_ids.contains(&id) {

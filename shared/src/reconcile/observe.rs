@@ -190,11 +190,13 @@ pub async fn observe(
         .filter(|a| a.interrupted || a.timed_out || a.agent_lost_since.is_some() || a.impaired_since.is_some())
         .filter_map(|a| a.instance_id.as_ref())
         .collect();
+    let bound = record.bill_bound(settings.cleanup_grace_minutes);
     let due = |command_id: &str, instance_ids: &[String]| {
         let Some(batch) = record.commands.values().find(|b| b.command_id.as_deref() == Some(command_id)) else {
             return true;
         };
-        let timeout = spec.map_or(0, |s| decide::phase_timeout(s, batch.phase, record.deadline_at, batch.dispatched_at));
+        let timeout =
+            spec.map_or(0, |s| decide::phase_timeout(s, batch.phase, record.deadline_at, bound, batch.dispatched_at));
         stopping
             || instance_ids.iter().any(|id| focus.contains(id) || urgent.contains(id))
             || batch.listed_at.is_none()
