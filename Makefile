@@ -17,7 +17,7 @@ help:
 	@echo "make demo        run the demo job end to end on the local stack"
 	@echo "make test        unit, scenario and moto integration tests, cfn-lint, then make smoke"
 	@echo "make smoke       local stack end to end: jobs submitted with plain awscli reach their terminal states"
-	@echo "make chaos       2,000 seeded simulated jobs + five of 1,000 instances; SEED=n replays one"
+	@echo "make chaos       2,000 seeded simulated jobs + five of 1,000 instances, then 200 lineage worlds; SEED=n or WORLD=n replays one"
 	@echo "make fuzz        long property runs, then each cargo-fuzz target (nightly) for FUZZ_SECONDS"
 	@echo "make bench       release build and Lambda zips, then start-up, API-call, overhead and CPU figures beside their baselines"
 	@echo "make local-up    start moto + cargo lambda watch + event pump; writes .flotilla/local.env"
@@ -61,11 +61,17 @@ test: venv lint
 	$(MAKE) smoke
 
 # The deterministic simulator at full size; `make test` runs a short variant.
+# Single jobs on a fresh cloud each, then lineage worlds (many runs of one
+# job name on one cloud, jobs restoring from them, the reaper acting).
+# SEED=n replays one single job, WORLD=n one world.
 CHAOS_JOBS ?= 2000
 CHAOS_BIG ?= 5
+CHAOS_WORLDS ?= 200
 chaos:
-	$(if $(SEED),FLOTILLA_SIM_SEED=$(SEED)) FLOTILLA_SIM_JOBS=$(CHAOS_JOBS) FLOTILLA_SIM_BIG=$(CHAOS_BIG) \
-		cargo test -p flotilla-tests --test integration scenarios::seeded_simulation -- --nocapture
+	$(if $(WORLD),,$(if $(SEED),FLOTILLA_SIM_SEED=$(SEED)) FLOTILLA_SIM_JOBS=$(CHAOS_JOBS) FLOTILLA_SIM_BIG=$(CHAOS_BIG) \
+		cargo test -p flotilla-tests --test integration scenarios::seeded_simulation -- --nocapture)
+	$(if $(SEED),,$(if $(WORLD),FLOTILLA_SIM_WORLD=$(WORLD)) FLOTILLA_SIM_WORLDS=$(CHAOS_WORLDS) \
+		cargo test -p flotilla-tests --test integration lineage_sim::lineage_worlds -- --nocapture)
 
 # Long runs of the property tests `make test` runs briefly, then each
 # cargo-fuzz target (libFuzzer, nightly) for FUZZ_SECONDS. The fuzz crate

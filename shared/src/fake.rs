@@ -334,6 +334,9 @@ pub struct FakeCommand {
 pub struct Evidence {
     /// (volume id, its tags, completed snapshots of it at that moment).
     pub deleted_volumes: Vec<(String, BTreeMap<String, String>, Vec<String>)>,
+    /// Every snapshot ever created, as created (tags at creation), deleted
+    /// or not: what the simulator's lineage invariants judge by.
+    pub snapshots_created: Vec<FakeSnapshot>,
 }
 
 #[derive(Default)]
@@ -492,6 +495,27 @@ impl FakeCloud {
             instance.impaired_at = Some(now);
             instance.agent_lost_at = Some(instance.agent_lost_at.map_or(now, |at| at.min(now)));
         }
+    }
+
+    /// An available volume with these tags, as a crash between a create and
+    /// its record would leave one: the reaper's to find.
+    pub fn add_volume(&self, volume_tags: BTreeMap<String, String>) -> String {
+        let mut state = self.lock();
+        let now = state.now.unwrap_or_default();
+        let id = FakeCloud::next_id(&mut state, "vol");
+        state.volumes.push(FakeVolume {
+            id: id.clone(),
+            state: "available".into(),
+            az: "us-east-1a".into(),
+            attached_to: None,
+            available_at: now,
+            visible_at: now,
+            tags: volume_tags,
+            snapshot_id: None,
+            fails: false,
+            detached_at: None,
+        });
+        id
     }
 
     /// The instance's SSM agent stops answering from now on.
@@ -1118,14 +1142,16 @@ impl Volumes for FakeCloud {
         let took = rng.range(lo, hi);
         let fails = rng.chance(p);
         let id = FakeCloud::next_id(&mut state, "snap");
-        state.snapshots.push(FakeSnapshot {
+        let snapshot = FakeSnapshot {
             id: id.clone(),
             volume_id: volume_id.to_string(),
             started_at: now,
             completes_at: now + Duration::seconds(took),
             fails,
             tags: tags.clone(),
-        });
+        };
+        state.evidence.snapshots_created.push(snapshot.clone());
+        state.snapshots.push(snapshot);
         // EBS's "EBS Snapshot Notification" when it completes or fails.
         if let (true, Some(job_id)) = (state.events, tags.get(tags::JOB_ID)) {
             queue_event(&mut state, &job_id.clone(), None, now + Duration::seconds(took));

@@ -10,6 +10,7 @@ pub mod fake;
 #[cfg(feature = "aws")]
 pub mod handlers;
 pub mod intake;
+pub mod mutation;
 pub mod plan;
 pub mod ports;
 pub mod reaper;

@@ -633,6 +633,9 @@ impl JobRecord {
     /// by the deadline, or the cancel's arrival, plus the cleanup grace,
     /// whatever its steps' timeouts.
     pub fn bill_bound(&self, cleanup_grace_minutes: u32) -> Option<DateTime<Utc>> {
+        if crate::mutation::on(crate::mutation::Mutation::NoBound) {
+            return None;
+        }
         let stop = match (self.deadline_at, self.cancel_requested_at) {
             (Some(deadline), Some(cancel)) => Some(deadline.min(cancel)),
             (one, other) => one.or(other),

@@ -33,6 +33,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Duration, Utc};
 
+use crate::mutation::{self, Mutation};
 use crate::ports::{tags, SnapshotView};
 
 /// How long snapshots that are not good are kept when `max_age_days` is 0.
@@ -62,7 +63,11 @@ pub mod kind {
 }
 
 pub fn kind_of(snapshot: &SnapshotView) -> Kind {
-    if snapshot.tags.get(tags::REAPED).is_some_and(|v| v == "true") {
+    let rescue = snapshot.tags.get(tags::REAPED).is_some_and(|v| v == "true");
+    if rescue && mutation::on(Mutation::PruneRescues) {
+        return Kind::Good;
+    }
+    if rescue {
         Kind::Rescue
     } else if snapshot.tags.get(tags::GOOD).is_some_and(|v| v == "true") {
         Kind::Good
@@ -161,6 +166,9 @@ fn prune_lineage(
 ) -> Vec<Deletion> {
     // Legacy snapshots (no kind) are judged by their job's outcome, when known.
     let judged = |s: &SnapshotView| -> Option<bool> {
+        if mutation::on(Mutation::CountEveryRun) && kind_of(s) != Kind::Rescue {
+            return Some(true);
+        }
         match kind_of(s) {
             Kind::Good => Some(true),
             // A final snapshot whose job the reaper knows SUCCEEDED is good
@@ -197,6 +205,7 @@ fn prune_lineage(
         let age = now - snapshot.started_at;
         match snapshot.state.as_str() {
             "completed" => {}
+            "error" if mutation::on(Mutation::KeepErrors) => continue,
             "error" => {
                 deletions.extend(delete("ended in error; it holds no data".into()));
                 continue;

@@ -105,7 +105,8 @@ pub async fn delete_unless_claimed(
     ledger.put(&mark, b"", "text/plain").await?;
     let keys = ledger.list_keys(ledger.bucket(), &prefix(snapshot_id), usize::MAX).await?.unwrap_or_default();
     let mut holder = None;
-    for job_id in keys.iter().filter_map(|k| k.strip_prefix(&prefix(snapshot_id))).filter(|j| !j.starts_with(MARK)) {
+    let claimants = keys.iter().filter_map(|k| k.strip_prefix(&prefix(snapshot_id))).filter(|j| !j.starts_with(MARK));
+    for job_id in claimants.filter(|_| !crate::mutation::on(crate::mutation::Mutation::IgnoreClaims)) {
         if claim_is_live(ledger, snapshot_id, job_id).await? {
             holder = Some(job_id.to_string());
             break;

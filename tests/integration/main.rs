@@ -6,6 +6,7 @@ mod hostile;
 mod isolation;
 mod lifecycle_moto;
 mod lineage_moto;
+mod lineage_sim;
 mod moto;
 mod moto_extension;
 mod reaper;

@@ -637,9 +637,10 @@ fn restore_snapshots(spec: &JobSpec, shard: &Shard) -> BTreeMap<String, Option<S
         else {
             continue; // no attempt got as far as creating it: start fresh
         };
-        // Created empty and never mounted: nothing to restore, and a volume
-        // restored from it would be blank yet never formatted. Start fresh.
-        let never_mounted = !owner.phases_ran().contains(&Phase::Mount);
+        // Created empty and its mount never finished, so no step that writes
+        // data ran on it: nothing to restore, and a volume restored from it
+        // could be blank yet never formatted. Start fresh.
+        let never_mounted = !owner.completed_phases.contains(&Phase::Mount);
         if last.created && last.restored_from.is_none() && never_mounted {
             continue;
         }

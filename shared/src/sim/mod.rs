@@ -6,6 +6,8 @@
 //! error, cancels and deadlines at random moments). After each job it checks
 //! the invariants; a failing seed replays exactly.
 
+pub mod lineages;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
@@ -472,6 +474,18 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     if !alive.is_empty() {
         violation(result, "instances left", format!("{} not terminated: {alive:?}", alive.len()));
     }
+    // Every instance stopped by the bound on the bill (deadline or cancel,
+    // plus the cleanup grace), as the scenario scheduled them, with a slack.
+    let deadline = scenario.spec["deadline_minutes"].as_i64().unwrap_or(60) * 60;
+    let stop = scenario.cancel_at.map_or(deadline, |at| at.min(deadline));
+    let bound = start_time() + Duration::seconds(stop) + Duration::minutes(i64::from(settings().cleanup_grace_minutes));
+    for instance in &state.instances {
+        let Some(stopped) = instance.shutting_down_at.or(instance.terminated_at) else { continue };
+        let late = (stopped - bound).num_seconds();
+        if late > lineages::BOUND_SLACK_MINUTES * 60 {
+            violation(result, "instance past its bound", format!("{}: {late} s past it", instance.id));
+        }
+    }
     // 0 managed volumes left, apart from those the record says it kept (and why).
     let kept: BTreeSet<String> = record
         .attempts()
@@ -550,21 +564,43 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
                 let restore =
                     spec.volumes.iter().any(|v| v.name == volume.name && v.on_retry == crate::spec::OnRetry::Restore);
                 let Some(volume_id) = volume.volume_id.as_ref().filter(|_| restore) else { continue };
-                let Some(previous) =
-                    shard.attempts[..i].iter().rev().find_map(|a| a.volumes.iter().find(|v| v.name == volume.name))
+                let Some((owner, previous)) = shard.attempts[..i]
+                    .iter()
+                    .rev()
+                    .find_map(|a| a.volumes.iter().find(|v| v.name == volume.name).map(|v| (a, v)))
                 else {
                     continue;
                 };
+                // A volume created empty: if no mount step reached its instance
+                // it holds nothing, not even a filesystem, and the retry must
+                // start fresh (a volume restored from it is never formatted);
+                // if no step after the mount did, either is right.
+                let sent = |mount: bool| {
+                    state.commands.iter().any(|c| {
+                        let first = c.request.lines.first().map(String::as_str).unwrap_or_default();
+                        let is_mount = first == format!("{} mount", crate::shell::VOLUME_OP_MARKER);
+                        let data_step = !first.starts_with(crate::shell::VOLUME_OP_MARKER);
+                        (if mount { is_mount } else { data_step })
+                            && owner.instance_id.as_ref().is_some_and(|i| c.runs.contains_key(i))
+                    })
+                };
+                let created_empty = previous
+                    .volume_id
+                    .as_ref()
+                    .is_some_and(|id| state.volumes.iter().any(|v| &v.id == id && v.snapshot_id.is_none()));
+                let blank = created_empty && !sent(true);
+                let either = created_empty && !sent(false);
                 let created_at = state.volumes.iter().find(|v| &v.id == volume_id).map(|v| v.visible_at);
                 let expected = state
                     .snapshots
                     .iter()
+                    .filter(|_| !blank)
                     .filter(|s| s.tags.get(crate::ports::tags::ATTEMPT) == Some(&previous.token) && !s.fails)
                     .filter(|s| created_at.is_some_and(|at| s.completes_at <= at))
                     .max_by_key(|s| s.started_at)
                     .map(|s| s.id.clone());
                 let actual = state.volumes.iter().find(|v| &v.id == volume_id).and_then(|v| v.snapshot_id.clone());
-                if actual != expected {
+                if actual != expected && !(either && actual.is_none()) {
                     violation(
                         result,
                         "restore from snapshot",
@@ -700,9 +736,10 @@ pub struct Campaign {
     pub recoveries: BTreeMap<&'static str, u64>,
 }
 
-pub const INVARIANTS: [&str; 11] = [
+pub const INVARIANTS: [&str; 12] = [
     "terminal",
     "instances left",
+    "instance past its bound",
     "volumes left",
     "required snapshot",
     "deleted without snapshot",
