@@ -493,22 +493,23 @@ async fn cancel(ports: &Ports, job_id: &str) -> Result<Intake, StepError> {
         return Ok(Intake::CancelIgnored { job_id: job_id.chars().take(64).collect(), reason: "not a job id".into() });
     }
     let now = ports.clock.now();
-    let loaded = match ports.ledger.load(job_id).await? {
-        Some(loaded) => loaded,
-        None => {
-            // Not seen yet (the jobs queue does not keep order): keep the
-            // cancel, then look again, so a job created meanwhile is not missed.
-            let stamp = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-            ports.ledger.put(&cancel_key(job_id), stamp.as_bytes(), "text/plain").await?;
-            match ports.ledger.load(job_id).await? {
-                Some(loaded) => loaded,
-                None => {
-                    info!(%job_id, "cancel kept for a job not seen yet");
-                    return Ok(Intake::CancelPending { job_id: job_id.to_string() });
-                }
-            }
-        }
+    // No job yet, or only a rejection a valid submission may still replace.
+    let not_here = |found: &Option<crate::ports::Versioned>| {
+        found.as_ref().is_none_or(|l| l.record.state == crate::record::JobState::Rejected)
     };
+    let mut found = ports.ledger.load(job_id).await?;
+    if not_here(&found) {
+        // The jobs queue does not keep order: keep the cancel, then look
+        // again, so a job created meanwhile is not missed.
+        let stamp = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        ports.ledger.put(&cancel_key(job_id), stamp.as_bytes(), "text/plain").await?;
+        found = ports.ledger.load(job_id).await?;
+        if not_here(&found) {
+            info!(%job_id, "cancel kept for a job not seen yet");
+            return Ok(Intake::CancelPending { job_id: job_id.to_string() });
+        }
+    }
+    let Some(loaded) = found else { return Ok(Intake::CancelPending { job_id: job_id.to_string() }) };
     if loaded.record.state.is_terminal() || loaded.record.cancel_requested {
         return Ok(Intake::CancelIgnored {
             job_id: job_id.to_string(),

@@ -333,7 +333,8 @@ pub struct Attempt {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub at_bound: bool,
     /// The cleanup failed because the instance or its agent was lost, not
-    /// the step: the shard retries as for a lost instance.
+    /// the step: the work stands (it is never run twice) and the shard
+    /// succeeds, but its snapshot is crash-consistent, never good.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cleanup_lost: bool,
     /// Permanent errors terminating the instance; after a few it is left to
@@ -470,8 +471,9 @@ pub struct JobRecord {
     /// Written by intake: the only field another writer may change under a lease.
     #[serde(default)]
     pub cancel_requested: bool,
-    /// Instances the job could not terminate (its role could no longer be
-    /// assumed past its bound): the user must look at them.
+    /// Instances (or launches whose reply was lost) and volumes the job
+    /// could not remove because its role could no longer be assumed past
+    /// its bound: the user must look at them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stranded_instances: Vec<String>,
     /// When the cancel arrived: the bound on the bill counts from it.
@@ -653,6 +655,7 @@ impl JobRecord {
         self.shards
             .iter()
             .filter_map(|s| s.attempts.last())
+            .filter(|a| a.cleanup_failed.is_none())
             .flat_map(|a| a.volumes.iter().filter(|v| v.name == volume))
             .filter_map(|v| v.snapshot.as_ref().filter(|s| s.state == "completed")?.snapshot_id.clone())
             .collect()

@@ -173,11 +173,11 @@ fn prune_lineage(
             Kind::Good => Some(true),
             // A final snapshot whose job the reaper knows SUCCEEDED is good
             // even if tagging it failed.
-            Kind::NotGood if s.tags.get(tags::KIND).is_some_and(|k| k == kind::FINAL) => Some(
-                s.tags
-                    .get(tags::JOB_ID)
-                    .is_some_and(|job| facts.succeeded_jobs.as_ref().is_some_and(|succeeded| succeeded.contains(job))),
-            ),
+            // (A job's prune, which cannot know, leaves it alone.)
+            Kind::NotGood if s.tags.get(tags::KIND).is_some_and(|k| k == kind::FINAL) => {
+                let succeeded = facts.succeeded_jobs.as_ref()?;
+                Some(s.tags.get(tags::JOB_ID).is_some_and(|job| succeeded.contains(job)))
+            }
             Kind::NotGood => Some(false),
             Kind::Legacy => {
                 let succeeded = facts.succeeded_jobs.as_ref()?;

@@ -54,7 +54,8 @@ pub async fn claim(
     job_id: &str,
     now: DateTime<Utc>,
 ) -> Result<Claimed, CloudError> {
-    let stamp = now.to_rfc3339_opts(SecondsFormat::Secs, true);
+    // Milliseconds: a claim is compared with when its job's record ended.
+    let stamp = now.to_rfc3339_opts(SecondsFormat::Millis, true);
     ledger.put(&claim_key(snapshot_id, job_id), stamp.as_bytes(), "text/plain").await?;
     let keys = ledger.list_keys(ledger.bucket(), &format!("{}{MARK}", prefix(snapshot_id)), usize::MAX).await?;
     let live = keys
@@ -103,26 +104,31 @@ pub async fn delete_unless_claimed(
     let now = ports.clock.now();
     let mark = format!("{}{MARK}{}-{}", prefix(snapshot_id), now.timestamp(), uuid::Uuid::new_v4().simple());
     ledger.put(&mark, b"", "text/plain").await?;
+    let deleted = delete_marked(ports, cloud, snapshot_id).await;
+    if let Err(err @ CloudError::Crashed(_)) = deleted {
+        return Err(err); // a dead process runs nothing more: the mark goes stale
+    }
+    // Called off, done or failed, the mark goes: intake must not wait on it.
+    ledger.delete(&mark).await?;
+    deleted
+}
+
+/// Under this deleter's mark: re-read the claims, then delete unless one
+/// is live.
+async fn delete_marked(ports: &Ports, cloud: &Cloud, snapshot_id: &str) -> Result<Option<String>, CloudError> {
+    let ledger = ports.ledger.as_ref();
     let keys = ledger.list_keys(ledger.bucket(), &prefix(snapshot_id), usize::MAX).await?.unwrap_or_default();
-    let mut holder = None;
     let claimants = keys.iter().filter_map(|k| k.strip_prefix(&prefix(snapshot_id))).filter(|j| !j.starts_with(MARK));
     for job_id in claimants.filter(|_| !crate::mutation::on(crate::mutation::Mutation::IgnoreClaims)) {
         if claim_is_live(ledger, snapshot_id, job_id).await? {
-            holder = Some(job_id.to_string());
-            break;
+            return Ok(Some(format!("job {job_id} names it as a source")));
         }
         release(ledger, snapshot_id, job_id).await?;
     }
-    let deleted = match holder {
-        Some(job_id) => Ok(Some(format!("job {job_id} names it as a source"))),
-        None => match cloud.volumes.delete_snapshot(snapshot_id).await {
-            Err(err) if err.class() != crate::error::RetryClass::NotFound => Err(err),
-            _ => Ok(None),
-        },
-    };
-    // Called off or done, the mark goes: intake must not wait on it.
-    ledger.delete(&mark).await?;
-    deleted
+    match cloud.volumes.delete_snapshot(snapshot_id).await {
+        Err(err) if err.class() != crate::error::RetryClass::NotFound => Err(err),
+        _ => Ok(None),
+    }
 }
 
 /// A claim counts while its job has no record (intake is under way), or a

@@ -30,7 +30,13 @@ async fn lineage_worlds_hold_every_invariant() {
     }
     println!("{:.0} s", started.elapsed().as_secs_f64());
     campaign.print();
+    // The mix the invariants need, so none of them passes by checking nothing.
     assert!(campaign.runs > campaign.lineages, "several runs per lineage");
+    let succeeded = campaign.states.get("SUCCEEDED").copied().unwrap_or(0);
+    assert!(succeeded > campaign.lineages, "good runs to keep: {:?}", campaign.states);
+    assert!(campaign.overlapping > 0 && campaign.consumers > 0 && campaign.cancels_first > 0, "{campaign:?}");
+    assert!(campaign.rescues > 0 && campaign.bound_stops > 0, "{campaign:?}");
+    assert!(campaign.reaper_actions.get("delete_snapshot").is_some_and(|n| *n > 0), "{campaign:?}");
     assert!(
         campaign.failed_seeds.is_empty(),
         "replay one with `make chaos WORLD=<seed>`:\n{}",

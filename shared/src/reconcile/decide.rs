@@ -561,8 +561,8 @@ fn step_shard(
             if actions[before..].iter().any(|a| matches!(a, Action::DeleteVolume { .. })) {
                 *wait = (*wait).min(1);
             }
-            // Held at the bound for a snapshot's answer: terminate right after.
-            if attempt.at_bound && !attempt.terminate_requested {
+            // Held for a snapshot's answer: terminate right after.
+            if !attempt.terminate_requested && actions[before..].iter().any(|a| matches!(a, Action::Snapshot { .. })) {
                 *wait = (*wait).min(1);
             }
         }
@@ -697,16 +697,15 @@ fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) {
         return;
     };
     let options = launch_options(job.spec);
-    // The instance was lost during cleanup after the work succeeded: its
-    // volume was snapshotted (not good), and the shard retries as for any
-    // lost instance, so its final snapshot is a clean one.
-    let ended = match (&attempt.cleanup_failed, attempt.cleanup_lost) {
-        (Some(what), true) if ended.cause == EndCause::Succeeded => {
-            AttemptEnd { cause: EndCause::InstanceLost, detail: what.clone(), exit_code: None }
-        }
-        _ => ended,
-    };
     match ended.cause {
+        // The instance or its agent was lost during cleanup after the work
+        // succeeded: the work stands (never run twice), but its snapshot is
+        // crash-consistent and not counted as good.
+        EndCause::Succeeded if attempt.cleanup_lost => {
+            let what = attempt.cleanup_failed.clone().unwrap_or_default();
+            shard.note(now, format!("{what}: the work stands; its snapshot is crash-consistent, not counted as good"));
+            shard.result = Some(ShardResult { succeeded: true, reason: String::new() });
+        }
         EndCause::Succeeded if attempt.cleanup_failed.is_some() => {
             let what = attempt.cleanup_failed.clone().unwrap_or_default();
             shard.result = Some(ShardResult {
@@ -1195,10 +1194,11 @@ fn release(
     terminate: &mut Vec<String>,
     notes: &mut Vec<String>,
 ) -> bool {
-    if attempt.at_bound
-        && !attempt.terminate_requested
-        && snapshot_mounted_at_bound(job, shard, attempt, obs, now, actions)
-    {
+    // Stopped at the bound, or an unmount that failed: what is still mounted
+    // is snapshotted while attached, then the instance is terminated (which
+    // releases the volume; it is never detached while mounted).
+    let still_mounted = attempt.at_bound || attempt.cleanup_failed.is_some();
+    if still_mounted && !attempt.terminate_requested && snapshot_while_mounted(job, shard, attempt, obs, now, actions) {
         return false; // terminated once CreateSnapshot answered
     }
     let mut settled = true;
@@ -1356,11 +1356,12 @@ fn snapshot_kind(attempt: &Attempt) -> &'static str {
 /// How long past the bound termination waits for CreateSnapshot to answer.
 const BOUND_SNAPSHOT_SECONDS: i64 = 120;
 
-/// At the bound, a volume the policy wants snapshotted that is still mounted
-/// is snapshotted while attached (crash-consistent), before the instance is
-/// terminated. True while such a snapshot has not been answered yet (and
-/// the short wait for it has not run out).
-fn snapshot_mounted_at_bound(
+/// A volume the policy wants snapshotted that is still mounted (stopped at
+/// the bound, or its unmount failed) is snapshotted while attached
+/// (crash-consistent), before the instance is terminated. True while such a
+/// snapshot has not been answered yet (and the bound's short wait for it has
+/// not run out).
+fn snapshot_while_mounted(
     job: &JobFacts<'_>,
     shard: u32,
     attempt: &mut Attempt,
@@ -1368,7 +1369,16 @@ fn snapshot_mounted_at_bound(
     now: DateTime<Utc>,
     actions: &mut Vec<Action>,
 ) -> bool {
-    if job.bound.is_some_and(|at| now > at + Duration::seconds(BOUND_SNAPSHOT_SECONDS)) {
+    // The wait for CreateSnapshot's answer is short: from the bound, or from
+    // when the cleanup step failed (an instance lost in cleanup is not held).
+    let failed_cleanup_at = attempt
+        .phases
+        .iter()
+        .filter(|p| p.phase.runs_after_failure() && p.status.is_some() && !p.succeeded())
+        .filter_map(|p| p.finished_at)
+        .max();
+    let since = if attempt.at_bound { job.bound } else { failed_cleanup_at };
+    if since.is_none_or(|at| now > at + Duration::seconds(BOUND_SNAPSHOT_SECONDS)) {
         return false;
     }
     let mounted =
@@ -2701,6 +2711,86 @@ mod tests {
         assert!(sends.len() <= 4, "ten arrivals, a few sends: {sends:?}");
         // The last ones go the moment nobody is behind them.
         assert_eq!(sends.last().map(|(second, _)| *second), Some(10), "{sends:?}");
+    }
+
+    /// An unmount that fails: the shard fails, its still-mounted volume is
+    /// snapshotted while attached (never good), and only then is the
+    /// instance terminated; nothing detaches it while mounted.
+    #[test]
+    fn a_failed_unmount_snapshots_while_attached_then_terminates() {
+        let mut r = record(serde_json::json!({"fleet": {"count": 1}}));
+        let attempt = r.shards[0].current_mut().expect("attempt");
+        attempt.stage = Stage::Working;
+        attempt.instance_id = Some("i-1".into());
+        attempt.launch_token = Some("t".into());
+        attempt.launched_at = Some(now());
+        attempt.completed_phases = vec![Phase::Mount, Phase::Run];
+        attempt.volumes.push(AttemptVolume {
+            restored_from: None,
+            name: "data".into(),
+            token: "j-v1".into(),
+            volume_id: Some("vol-1".into()),
+            created: true,
+            created_at: Some(now()),
+            seen: true,
+            snapshot: None,
+            snapshot_failures: 0,
+            deleted: false,
+            kept: None,
+        });
+        attempt.phases.push(PhaseRun {
+            phase: Phase::Unmount,
+            batch: 1,
+            opened_at: Some(now()),
+            status: None,
+            exit_code: None,
+            finished_at: None,
+        });
+        r.commands.insert(
+            1,
+            CommandBatch {
+                phase: Phase::Unmount,
+                command_id: Some("c-1".into()),
+                dispatched_at: now(),
+                listed_at: None,
+            },
+        );
+        let mut obs = Observation::default();
+        obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));
+        obs.volumes.insert(
+            "vol-1".into(),
+            VolumeView {
+                volume_id: "vol-1".into(),
+                state: "in-use".into(),
+                availability_zone: "us-east-1a".into(),
+                attached_to: Some("i-1".into()),
+                tags: BTreeMap::new(),
+            },
+        );
+        obs.invocations.insert(
+            ("c-1".into(), "i-1".into()),
+            InvocationView {
+                instance_id: "i-1".into(),
+                status: "Failed".into(),
+                exit_code: Some(32),
+                stdout: String::new(),
+                stderr: "umount: /data: target is busy".into(),
+                output_uri: None,
+            },
+        );
+        let at = now() + Duration::seconds(5);
+        let actions = run(&mut r, &obs, at);
+        let snapshot = actions.iter().find(|a| matches!(a, Action::Snapshot { .. })).expect("a snapshot first");
+        let Action::Snapshot { tags: snapshot_tags, volume_id, .. } = snapshot else { unreachable!() };
+        assert_eq!(volume_id, "vol-1");
+        assert_eq!(snapshot_tags.get(tags::KIND).map(String::as_str), Some(retention::kind::AFTER_FAILED_CLEANUP));
+        assert!(!actions.iter().any(|a| matches!(a, Action::Terminate { .. })), "not before the snapshot: {actions:?}");
+        apply(&mut r, snapshot, Ok(Done::Snapshotted("snap-1".into())), at);
+        let actions = run(&mut r, &obs, at + Duration::seconds(1));
+        assert!(actions.iter().any(|a| matches!(a, Action::Terminate { .. })), "{actions:?}");
+        assert!(!actions.iter().any(|a| matches!(a, Action::Snapshot { .. })), "one snapshot: {actions:?}");
+        let attempt = r.shards[0].current().expect("attempt");
+        assert!(attempt.cleanup_failed.as_deref().is_some_and(|c| c.contains("unmount exited 32")), "{attempt:?}");
     }
 
     /// An agent silent while its instance works is forgiven when it comes

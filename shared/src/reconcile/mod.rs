@@ -235,18 +235,27 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             // Past the bound and the role is still refused: stop re-passing.
             // The record names what may still run there (each instance's
             // expires-at tag lets a reaper with a role there remove it).
-            let stranded: Vec<String> = record
-                .attempts()
-                .filter(|a| a.stage != crate::record::Stage::Done)
-                .filter_map(|a| a.instance_id.clone())
-                .collect();
+            // Everything that may still exist there: instances (or launches
+            // whose reply was lost) and volumes not yet deleted.
+            let mut stranded: Vec<String> = Vec::new();
+            for attempt in record.attempts().filter(|a| a.stage != crate::record::Stage::Done) {
+                match (&attempt.instance_id, &attempt.launch_token) {
+                    (Some(id), _) => stranded.push(id.clone()),
+                    (None, Some(token)) => stranded.push(format!("an instance launched with token {token}")),
+                    (None, None) => {}
+                }
+            }
+            let volumes = record.attempts().flat_map(|a| a.volumes.iter()).filter(|v| v.created && !v.deleted);
+            stranded.extend(
+                volumes.map(|v| v.volume_id.clone().unwrap_or_else(|| format!("a volume of token {}", v.token))),
+            );
             let reason = format!(
-                "cannot act in the job's account past its bound ({err}); instances that could not be terminated: {}",
-                if stranded.is_empty() { "none recorded".to_string() } else { stranded.join(", ") }
+                "cannot act in the job's account past its bound ({err}); left there: {}",
+                if stranded.is_empty() { "nothing recorded".to_string() } else { stranded.join(", ") }
             );
             if !stranded.is_empty() {
                 // The reaper's report lists these until a person removes the key.
-                let body = serde_json::json!({ "job_id": record.job_id, "role_arn": record.spec.as_ref().and_then(|s| s.role_arn.clone()), "instances": stranded, "reason": err.to_string() });
+                let body = serde_json::json!({ "job_id": record.job_id, "role_arn": record.spec.as_ref().and_then(|s| s.role_arn.clone()), "left": stranded, "reason": err.to_string() });
                 ports
                     .ledger
                     .put(&crate::reaper::stranded_key(&record.job_id), body.to_string().as_bytes(), "application/json")
