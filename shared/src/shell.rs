@@ -158,6 +158,20 @@ pub struct MountTarget {
     pub created_blank_on: Vec<String>,
 }
 
+/// Only for a volume Flotilla created empty in this attempt: format on "no
+/// filesystem found" (`blkid -p` exits 2) only. An unreadable device, an
+/// ambivalent probe (8) or any other answer stops the step instead of wiping
+/// data.
+const FORMAT_IF_BLANK: &str = r#"format_if_blank() {
+  dd if="$1" of=/dev/null bs=4096 count=1 status=none || { echo "flotilla: cannot read $1" >&2; return 1; }
+  local rc=0; blkid -p "$1" >/dev/null 2>&1 || rc=$?
+  case $rc in
+    0) ;;
+    2) mkfs -t ext4 -q "$1" ;;
+    *) echo "flotilla: blkid -p $1 exited $rc; not formatting" >&2; return 1 ;;
+  esac
+}"#;
+
 /// Marker the local emulator looks for: block-device work cannot run there.
 pub const VOLUME_OP_MARKER: &str = "# flotilla:volume-op";
 
@@ -177,6 +191,7 @@ pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<Str
     lines.push("    done; sleep 1".to_string());
     lines.push("  done; echo \"flotilla: no block device for $1\" >&2; return 1".to_string());
     lines.push("}".to_string());
+    lines.extend(FORMAT_IF_BLANK.lines().map(str::to_string));
     for target in targets {
         lines.push("VOLUME_ID=".to_string());
         lines.push("case \"$FLOTILLA_INSTANCE_ID\" in".to_string());
@@ -187,18 +202,7 @@ pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<Str
         lines.push("esac".to_string());
         lines.push("if [ -n \"$VOLUME_ID\" ]; then".to_string());
         lines.push(format!("  DEV=$(find_device \"$VOLUME_ID\" {})", quote(&target.device)));
-        // Format only on "no filesystem found" (blkid -p exits 2) of a volume
-        // created empty: an unreadable device, an ambivalent probe (8) or
-        // any other answer stops the step instead of wiping data.
-        lines.push("  if [ \"$BLANK\" = 1 ]; then".to_string());
-        lines.push("    dd if=\"$DEV\" of=/dev/null bs=4096 count=1 status=none || { echo \"flotilla: cannot read $DEV\" >&2; exit 1; }".to_string());
-        lines.push("    rc=0; blkid -p \"$DEV\" >/dev/null 2>&1 || rc=$?".to_string());
-        lines.push("    case $rc in".to_string());
-        lines.push("      0) ;;".to_string());
-        lines.push("      2) mkfs -t ext4 -q \"$DEV\" ;;".to_string());
-        lines.push("      *) echo \"flotilla: blkid -p $DEV exited $rc; not formatting\" >&2; exit 1 ;;".to_string());
-        lines.push("    esac".to_string());
-        lines.push("  fi".to_string());
+        lines.push("  if [ \"$BLANK\" = 1 ]; then format_if_blank \"$DEV\" || exit 1; fi".to_string());
         lines.push(format!("  mkdir -p {}", quote(&target.mount_point)));
         lines.push(format!("  mountpoint -q {mp} || mount \"$DEV\" {mp}", mp = quote(&target.mount_point)));
         lines.push(format!("  echo \"mounted $VOLUME_ID ($DEV) at \"{}", quote(&target.mount_point)));
@@ -288,6 +292,50 @@ mod tests {
 
     /// A secret reaches the step as its value, read on the instance; the
     /// script carries only its name, and a failed read stops the step.
+    /// The mount step formats only on "no filesystem found": a filesystem,
+    /// an ambivalent probe, a probe that fails or an unreadable device never
+    /// leads to mkfs.
+    #[test]
+    fn a_volume_is_formatted_only_when_blkid_finds_no_filesystem() {
+        let bin = std::env::temp_dir().join(format!("flotilla-fake-blkid-{}", std::process::id()));
+        std::fs::create_dir_all(&bin).expect("dir");
+        for (tool, body) in
+            [("blkid", "exit \"$BLKID_RC\""), ("dd", "exit \"$DD_RC\""), ("mkfs", "echo formatted \"$*\"")]
+        {
+            std::fs::write(bin.join(tool), format!("#!/bin/sh\n{body}\n")).expect("write");
+            std::process::Command::new("chmod").arg("+x").arg(bin.join(tool)).status().expect("chmod");
+        }
+        let instances = vec![("i-0abc".to_string(), 0)];
+        let env = BTreeMap::new();
+        let preamble = Preamble {
+            job_id: "j1",
+            instances: &instances,
+            shard_count: 1,
+            env: &env,
+            mounts: &[],
+            items: None,
+            manifests: None,
+        };
+        let script = mount_script(&preamble, &[]).join("\n");
+        let run = |blkid: i32, dd: i32| {
+            let out = std::process::Command::new("bash")
+                .arg("-c")
+                .arg(format!("{script}\nformat_if_blank /dev/fake"))
+                .env("AWS_SSM_INSTANCE_ID", "i-0abc")
+                .env("BLKID_RC", blkid.to_string())
+                .env("DD_RC", dd.to_string())
+                .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+                .output()
+                .expect("bash runs");
+            (out.status.success(), String::from_utf8_lossy(&out.stdout).contains("formatted"))
+        };
+        assert_eq!(run(2, 0), (true, true), "no filesystem: formatted");
+        assert_eq!(run(0, 0), (true, false), "a filesystem: kept");
+        assert_eq!(run(8, 0), (false, false), "ambivalent probe: the step stops");
+        assert_eq!(run(4, 0), (false, false), "a probe that fails: the step stops");
+        assert_eq!(run(2, 1), (false, false), "an unreadable device: the step stops");
+    }
+
     #[test]
     fn secrets_are_read_on_the_instance_and_a_failed_read_stops_the_step() {
         let bin = std::env::temp_dir().join(format!("flotilla-fake-aws-{}", std::process::id()));

@@ -13,3 +13,4 @@ mod reaper;
 mod rejections;
 mod scenarios;
 mod sharding;
+mod sources_race;

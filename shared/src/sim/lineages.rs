@@ -367,7 +367,7 @@ pub async fn run(world: &World) -> WorldResult {
     }
     check_live(world, &cloud, &submitted, &sources, &mut result);
     check_end(world, &cloud, &submitted, &cancelled, grace, &mut result);
-    if !result.violations.is_empty() {
+    if !result.violations.is_empty() || std::env::var_os("FLOTILLA_SIM_TRACE").is_some() {
         result.trace = trace(world, &cloud);
     }
     result
@@ -417,7 +417,12 @@ fn trace(world: &World, cloud: &FakeCloud) -> Vec<String> {
     }
     for (key, (body, _)) in state.objects.iter().filter(|(k, _)| k.starts_with("reaper/")) {
         let report: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-        for action in report["planned"].as_array().into_iter().flatten().filter(|a| a["action"] == "delete_snapshot") {
+        for action in report["planned"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["action"] == "delete_snapshot" || a["action"] == "leave")
+        {
             lines.push(format!("{key}: {action}"));
         }
     }
