@@ -51,9 +51,12 @@ enum Command {
         timeout: u64,
     },
     /// Ask a job to stop: running commands are cancelled, volumes unmounted
-    /// and snapshotted per policy, the fleet terminated. A cancel for a job
-    /// intake has not read yet is kept for 15 days: if the job arrives, it
-    /// ends CANCELLED and launches nothing.
+    /// and snapshotted per policy, the fleet terminated
+    ///
+    /// Every instance is terminated by the cancel's arrival plus the cleanup
+    /// grace (CleanupGraceMinutes, default 15 min). A cancel for a job intake
+    /// has not read yet is kept for 15 days: if the job arrives, it ends
+    /// CANCELLED and launches nothing.
     Cancel { job_id: String },
     /// List the dead-letter queues: each message's job, how often it was
     /// tried, and why its job's last pass stopped.

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{json, Value};
 
-use super::{settings, start_time, MAX_RECEIVES, TICK_SECONDS, VISIBILITY_SECONDS};
+use super::{settings, start_time, TICK_SECONDS};
 use crate::fake::{CommandBehaviour, FakeCloud, FakeSnapshot, Faults, Latencies, Rng};
+use crate::intake;
 use crate::ports::{tags, Ports};
 use crate::record::{active_key, JobState};
-use crate::{intake, reconcile};
 
 /// Past its bound, a job's instances must be shutting down within this: the
 /// pass at the bound, a snapshot's answer, and a crash's redelivery (150 s)
@@ -342,28 +342,7 @@ pub async fn run(world: &World) -> WorldResult {
             continue;
         }
         let Some(message) = cloud.next_message() else { continue };
-        let copies = if rng.chance(world.duplicate) { 2 } else { 1 };
-        let budget = Duration::seconds(i64::from(ports.settings.pass_budget_seconds));
-        let outcomes = if copies == 2 {
-            let (a, b) = tokio::join!(
-                reconcile::reconcile(&ports, &message, budget),
-                reconcile::reconcile(&ports, &message, budget)
-            );
-            vec![a, b]
-        } else {
-            vec![reconcile::reconcile(&ports, &message, budget).await]
-        };
-        for outcome in outcomes {
-            if let Err(err) = outcome {
-                if err.is_retryable() {
-                    let count = receives.entry(format!("{message:?}")).or_default();
-                    *count += 1;
-                    if *count < MAX_RECEIVES {
-                        cloud.redeliver_later(message.clone(), VISIBILITY_SECONDS);
-                    }
-                }
-            }
-        }
+        super::deliver(&cloud, &ports, message, world.duplicate, &mut rng, &mut receives).await;
     }
     check_live(world, &cloud, &submitted, &sources, &mut result);
     check_end(world, &cloud, &submitted, &cancelled, grace, &mut result);

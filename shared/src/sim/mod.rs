@@ -337,29 +337,7 @@ pub async fn run(scenario: &Scenario) -> SimResult {
             continue;
         }
         let Some(message) = cloud.next_message() else { continue };
-        let copies = if rng.chance(scenario.duplicate) { 2 } else { 1 };
-        let budget = Duration::seconds(i64::from(ports.settings.pass_budget_seconds));
-        let outcomes = if copies == 2 {
-            let (a, b) = tokio::join!(
-                reconcile::reconcile(&ports, &message, budget),
-                reconcile::reconcile(&ports, &message, budget)
-            );
-            vec![a, b]
-        } else {
-            vec![reconcile::reconcile(&ports, &message, budget).await]
-        };
-        for outcome in outcomes {
-            if let Err(err) = outcome {
-                if err.is_retryable() {
-                    let key = format!("{message:?}");
-                    let count = receives.entry(key).or_default();
-                    *count += 1;
-                    if *count < MAX_RECEIVES {
-                        cloud.redeliver_later(message.clone(), VISIBILITY_SECONDS);
-                    } // else: dead-lettered; the safety tick carries the job on
-                }
-            }
-        }
+        deliver(&cloud, &ports, message, scenario.duplicate, &mut rng, &mut receives).await;
     }
     // Let instances finish shutting down before counting what is left.
     let end = cloud.now();
@@ -383,6 +361,37 @@ pub async fn run(scenario: &Scenario) -> SimResult {
     }
     result.virtual_minutes = (end - start).num_minutes();
     result
+}
+
+/// Deliver one message as the Lambda event source does: now and then twice
+/// at once (interleaved at every await point), and a retryable failure
+/// comes back after the visibility timeout until SQS dead-letters it (the
+/// safety tick then carries the job on).
+pub(crate) async fn deliver(
+    cloud: &FakeCloud,
+    ports: &Ports,
+    message: reconcile::WakeMessage,
+    duplicate: f64,
+    rng: &mut Rng,
+    receives: &mut BTreeMap<String, u32>,
+) {
+    let budget = Duration::seconds(i64::from(ports.settings.pass_budget_seconds));
+    let outcomes = if rng.chance(duplicate) {
+        let (a, b) =
+            tokio::join!(reconcile::reconcile(ports, &message, budget), reconcile::reconcile(ports, &message, budget));
+        vec![a, b]
+    } else {
+        vec![reconcile::reconcile(ports, &message, budget).await]
+    };
+    for outcome in outcomes {
+        if outcome.is_err_and(|err| err.is_retryable()) {
+            let count = receives.entry(format!("{message:?}")).or_default();
+            *count += 1;
+            if *count < MAX_RECEIVES {
+                cloud.redeliver_later(message.clone(), VISIBILITY_SECONDS);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
