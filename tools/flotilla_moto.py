@@ -817,6 +817,9 @@ def _execute(execution):
         "LANG": "C.UTF-8",
         "AWS_SSM_INSTANCE_ID": execution.instance_id,
         "AWS_SSM_REGION_NAME": command.backend_region,
+        # The step guard's state, which on EC2 is the instance's own
+        # /var/lib/flotilla (it survives a reboot, not the instance).
+        "FLOTILLA_STATE_DIR": os.path.join(home, "state"),
         "FLOTILLA_EMULATOR": "1",
     }
     endpoint = os.environ.get("FLOTILLA_EMU_ENDPOINT")

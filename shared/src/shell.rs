@@ -132,15 +132,57 @@ impl Preamble<'_> {
     }
 }
 
-/// The lines of a user step: argv commands quoted, or the user's script run
-/// by its own bash so it cannot break the preamble.
-pub fn step_script(preamble: &Preamble<'_>, step: &CommandSpec) -> Vec<String> {
+/// The exit code of a step whose earlier delivery started on this instance
+/// and never finished (its process died: agent killed, reboot). The
+/// reconciler reads it as a lost instance, never as the step's own result,
+/// so a step must not exit with it itself.
+pub const LOST_EXIT_CODE: i32 = 237;
+
+/// The on-instance guard: a user step runs at most once per job, shard,
+/// phase and instance (an attempt has its own instance), however often SSM
+/// delivers its command (a retried SendCommand whose reply was lost, an
+/// agent that comes back). Under `flock`, it writes `started` before the
+/// step and `done <code>` after it, in state that survives a reboot. A
+/// delivery that finds the lock held waits for it (SSM's timeout bounds
+/// the wait); one that finds `done` reports that code; one that finds
+/// `started` alone runs nothing and exits [`LOST_EXIT_CODE`]. The step runs
+/// with the lock's descriptor closed, so a daemon it leaves running never
+/// holds the lock.
+const STEP_GUARD: &str = r#"flotilla_guard() {
+  local dir="${FLOTILLA_STATE_DIR:-/var/lib/flotilla}/steps"
+  local key="$dir/$FLOTILLA_JOB_ID.$FLOTILLA_SHARD_INDEX.$1.$FLOTILLA_INSTANCE_ID"
+  mkdir -p "$dir"
+  exec 9>>"$key.lock"
+  flock 9
+  local last=""
+  if [ -f "$key.state" ]; then last=$(tail -n 1 "$key.state"); fi
+  case "$last" in
+    "done "*) echo "flotilla: $1 already ran on this instance (exit ${last#done }); not run again" >&2; exit "${last#done }" ;;
+    started) echo "flotilla: an earlier delivery of $1 started here and never finished; not run again" >&2; exit 237 ;;
+  esac
+  echo started > "$key.state"; sync
+  set +e
+  ( set -e; flotilla_step ) 9>&-
+  local rc=$?
+  set -e
+  echo "done $rc" >> "$key.state"; sync
+  exit "$rc"
+}"#;
+
+/// The lines of a user step (`phase` names it for the guard): argv commands
+/// quoted, or the user's script run by its own bash so it cannot break the
+/// preamble; either way under [`STEP_GUARD`].
+pub fn step_script(preamble: &Preamble<'_>, step: &CommandSpec, phase: &str) -> Vec<String> {
     let mut lines = preamble.lines(true);
+    lines.extend(STEP_GUARD.lines().map(str::to_string));
+    lines.push("flotilla_step() {".to_string());
     if let Some(script) = &step.script {
-        lines.push(format!("exec bash -c {} flotilla-step", quote(script)));
+        lines.push(format!("  bash -c {} flotilla-step", quote(script)));
     } else {
-        lines.extend(step.commands.iter().map(|argv| command_line(argv)));
+        lines.extend(step.commands.iter().map(|argv| format!("  {}", command_line(argv))));
     }
+    lines.push("}".to_string());
+    lines.push(format!("flotilla_guard {}", quote(phase)));
     lines
 }
 
@@ -225,6 +267,16 @@ pub fn unmount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<S
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::process::CommandExt;
+
+    /// A fresh state directory for the step guard, one per run.
+    fn state_dir() -> String {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("flotilla-state-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("state dir");
+        dir.display().to_string()
+    }
     use super::*;
     use proptest::prelude::*;
 
@@ -280,11 +332,12 @@ mod tests {
             script: Some("echo \"$GREETING\"; echo 'x'\"'\"'y'".to_string()),
             timeout_seconds: Some(5),
         };
-        let script = step_script(&preamble, &step).join("\n");
+        let script = step_script(&preamble, &step, "run").join("\n");
         let out = std::process::Command::new("bash")
             .arg("-c")
             .arg(&script)
             .env("AWS_SSM_INSTANCE_ID", "i-0abc")
+            .env("FLOTILLA_STATE_DIR", state_dir())
             .output()
             .expect("bash runs");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $(whoami)\nx'y\n");
@@ -292,6 +345,81 @@ mod tests {
 
     /// A secret reaches the step as its value, read on the instance; the
     /// script carries only its name, and a failed read stops the step.
+    /// The step guard in a real bash with flock: two deliveries at once run
+    /// the step once (the second waits, then reports the first's code); a
+    /// later one reports that code; one after a delivery that died mid-step
+    /// runs nothing and exits the reserved code.
+    #[test]
+    fn a_step_runs_once_however_often_it_is_delivered() {
+        let instances = vec![("i-0abc".to_string(), 0)];
+        let env = BTreeMap::new();
+        let preamble = Preamble {
+            job_id: "j1",
+            instances: &instances,
+            shard_count: 1,
+            env: &env,
+            mounts: &[],
+            items: None,
+            manifests: None,
+        };
+        let state = state_dir();
+        let starts = std::path::Path::new(&state).join("starts");
+        let step = CommandSpec {
+            commands: vec![],
+            script: Some(format!("echo x >> {}; sleep \"$HOLD\"; exit 3", starts.display())),
+            timeout_seconds: None,
+        };
+        let script = step_script(&preamble, &step, "run").join("\n");
+        let deliver = |hold: &str| {
+            std::process::Command::new("bash")
+                .arg("-c")
+                .arg(&script)
+                .env("AWS_SSM_INSTANCE_ID", "i-0abc")
+                .env("FLOTILLA_STATE_DIR", &state)
+                .env("HOLD", hold)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("bash runs")
+        };
+        let count = || std::fs::read_to_string(&starts).unwrap_or_default().lines().count();
+        let first = deliver("1");
+        while count() == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let second = deliver("0");
+        let (a, b) = (first.wait_with_output().expect("first"), second.wait_with_output().expect("second"));
+        assert_eq!((a.status.code(), b.status.code()), (Some(3), Some(3)), "{}", String::from_utf8_lossy(&b.stderr));
+        assert_eq!(count(), 1, "the step started once");
+        let third = deliver("0").wait_with_output().expect("third");
+        assert_eq!((third.status.code(), count()), (Some(3), 1), "a later delivery reports the code");
+        // A delivery whose process dies mid-step (the agent killed): the next runs nothing.
+        let state2 = state_dir();
+        let mut dying = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .env("AWS_SSM_INSTANCE_ID", "i-0abc")
+            .env("FLOTILLA_STATE_DIR", &state2)
+            .env("HOLD", "30")
+            .process_group(0)
+            .spawn()
+            .expect("bash runs");
+        while count() < 2 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::process::Command::new("kill").args(["-KILL", "--", &format!("-{}", dying.id())]).status().expect("kill");
+        let _ = dying.wait();
+        let after = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .env("AWS_SSM_INSTANCE_ID", "i-0abc")
+            .env("FLOTILLA_STATE_DIR", &state2)
+            .env("HOLD", "0")
+            .output()
+            .expect("bash runs");
+        assert_eq!(after.status.code(), Some(LOST_EXIT_CODE), "{}", String::from_utf8_lossy(&after.stderr));
+        assert_eq!(count(), 2, "nothing ran again");
+    }
+
     /// The mount step formats only on "no filesystem found": a filesystem,
     /// an ambivalent probe, a probe that fails or an unreadable device never
     /// leads to mkfs.
@@ -325,6 +453,7 @@ mod tests {
                 .env("BLKID_RC", blkid.to_string())
                 .env("DD_RC", dd.to_string())
                 .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+                .env("FLOTILLA_STATE_DIR", state_dir())
                 .output()
                 .expect("bash runs");
             (out.status.success(), String::from_utf8_lossy(&out.stdout).contains("formatted"))
@@ -360,13 +489,14 @@ mod tests {
                 script: Some("echo \"db=$DB api=$API\"".to_string()),
                 timeout_seconds: None,
             };
-            let script = step_script(&preamble, &step).join("\n");
+            let script = step_script(&preamble, &step, "run").join("\n");
             let out = std::process::Command::new("bash")
                 .arg("-c")
                 .arg(&script)
                 .env("AWS_SSM_INSTANCE_ID", "i-0abc")
                 .env("AWS_SSM_REGION_NAME", "eu-west-1")
                 .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+                .env("FLOTILLA_STATE_DIR", state_dir())
                 .output()
                 .expect("bash runs");
             (script, out)
@@ -435,13 +565,14 @@ mod tests {
             script: Some("echo \"$FLOTILLA_ITEM_START-$FLOTILLA_ITEM_END $FLOTILLA_MANIFEST: $(cat \"$FLOTILLA_MANIFEST_FILE\")\"".into()),
             timeout_seconds: None,
         };
-        let script = step_script(&preamble, &step).join("\n");
+        let script = step_script(&preamble, &step, "run").join("\n");
         let run = |instance: &str| {
             std::process::Command::new("bash")
                 .arg("-c")
                 .arg(&script)
                 .env("AWS_SSM_INSTANCE_ID", instance)
                 .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+                .env("FLOTILLA_STATE_DIR", state_dir())
                 .output()
                 .expect("bash runs")
         };

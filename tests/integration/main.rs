@@ -9,6 +9,7 @@ mod lineage_moto;
 mod lineage_sim;
 mod moto;
 mod moto_extension;
+mod once_moto;
 mod reaper;
 mod rejections;
 mod scenarios;

@@ -1111,8 +1111,11 @@ fn work(
             };
             let detail = format!("{} {what} on {instance_id}", run.phase.as_str());
             notes.push(detail.clone());
+            // The on-instance guard's reserved code: an earlier delivery of
+            // this step died mid-step, so the step's outcome is unknown.
             let agent_lost = matches!(run.status.as_deref(), Some("Undeliverable" | "DeliveryTimedOut" | "Terminated"))
-                || (run.status.as_deref() == Some("TimedOut") && agent_offline_now);
+                || (run.status.as_deref() == Some("TimedOut") && agent_offline_now)
+                || run.exit_code == Some(shell::LOST_EXIT_CODE);
             if run.phase.runs_after_failure() {
                 // The work's results may be on the volume, but not cleanly:
                 // its snapshot is kept but never good, and the shard fails
@@ -1958,7 +1961,7 @@ fn phase_lines(record: &JobRecord, spec: &JobSpec, phase: Phase, instances: &[(S
         Phase::Mount => shell::mount_script(&preamble, &targets),
         Phase::Unmount => shell::unmount_script(&preamble, &targets),
         _ => match phase_spec(spec, phase) {
-            Some(command) => shell::step_script(&preamble, command),
+            Some(command) => shell::step_script(&preamble, command, phase.as_str()),
             None => vec!["true".to_string()],
         },
     }
@@ -2711,6 +2714,46 @@ mod tests {
         assert!(sends.len() <= 4, "ten arrivals, a few sends: {sends:?}");
         // The last ones go the moment nobody is behind them.
         assert_eq!(sends.last().map(|(second, _)| *second), Some(10), "{sends:?}");
+    }
+
+    /// The step guard's reserved code (an earlier delivery died mid-step)
+    /// is a lost instance, retried as one, never the step's own failure.
+    #[test]
+    fn the_guards_reserved_code_is_read_as_lost() {
+        let mut r = record(serde_json::json!({"fleet": {"count": 1}, "volumes": []}));
+        let attempt = r.shards[0].current_mut().expect("attempt");
+        attempt.stage = Stage::Working;
+        attempt.instance_id = Some("i-1".into());
+        attempt.launch_token = Some("t".into());
+        attempt.launched_at = Some(now());
+        attempt.phases.push(PhaseRun {
+            phase: Phase::Run,
+            batch: 1,
+            opened_at: Some(now()),
+            status: None,
+            exit_code: None,
+            finished_at: None,
+        });
+        r.commands.insert(
+            1,
+            CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None },
+        );
+        let mut obs = Observation::default();
+        obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));
+        obs.invocations.insert(
+            ("c-1".into(), "i-1".into()),
+            InvocationView {
+                instance_id: "i-1".into(),
+                status: "Failed".into(),
+                exit_code: Some(shell::LOST_EXIT_CODE),
+                stdout: String::new(),
+                stderr: String::new(),
+                output_uri: None,
+            },
+        );
+        run(&mut r, &obs, now() + Duration::seconds(5));
+        let first = &r.shards[0].attempts[0];
+        assert_eq!(first.end.as_ref().map(|e| e.cause), Some(EndCause::InstanceLost), "{first:?}");
     }
 
     /// An unmount that fails: the shard fails, its still-mounted volume is
