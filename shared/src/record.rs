@@ -334,7 +334,8 @@ pub struct Attempt {
     pub at_bound: bool,
     /// The cleanup failed because the instance or its agent was lost, not
     /// the step: the work stands (it is never run twice) and the shard
-    /// succeeds, but its snapshot is crash-consistent, never good.
+    /// succeeds; its snapshot, crash-consistent, is that run's only copy of
+    /// the work, so it counts as good when the job SUCCEEDED.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cleanup_lost: bool,
     /// Permanent errors terminating the instance; after a few it is left to
@@ -655,7 +656,7 @@ impl JobRecord {
         self.shards
             .iter()
             .filter_map(|s| s.attempts.last())
-            .filter(|a| a.cleanup_failed.is_none())
+            .filter(|a| a.cleanup_failed.is_none() || a.cleanup_lost)
             .flat_map(|a| a.volumes.iter().filter(|v| v.name == volume))
             .filter_map(|v| v.snapshot.as_ref().filter(|s| s.state == "completed")?.snapshot_id.clone())
             .collect()

@@ -60,6 +60,15 @@ pub mod kind {
     pub const FAILED_ATTEMPT: &str = "failed-attempt";
     /// The work succeeded but `before_unmount` or unmount failed.
     pub const AFTER_FAILED_CLEANUP: &str = "after-failed-cleanup";
+    /// The work succeeded, then the instance was lost before its cleanup
+    /// finished: the run's only copy of that work, crash-consistent. Good
+    /// once the job SUCCEEDED, like `final`, so a later run cannot push it out.
+    pub const FINAL_CRASH_CONSISTENT: &str = "final-crash-consistent";
+
+    /// Kinds a SUCCEEDED run marks good.
+    pub fn can_be_good(kind: &str) -> bool {
+        kind == FINAL || kind == FINAL_CRASH_CONSISTENT
+    }
 }
 
 pub fn kind_of(snapshot: &SnapshotView) -> Kind {
@@ -174,7 +183,7 @@ fn prune_lineage(
             // A final snapshot whose job the reaper knows SUCCEEDED is good
             // even if tagging it failed.
             // (A job's prune, which cannot know, leaves it alone.)
-            Kind::NotGood if s.tags.get(tags::KIND).is_some_and(|k| k == kind::FINAL) => {
+            Kind::NotGood if s.tags.get(tags::KIND).is_some_and(|k| kind::can_be_good(k)) => {
                 let succeeded = facts.succeeded_jobs.as_ref()?;
                 Some(s.tags.get(tags::JOB_ID).is_some_and(|job| succeeded.contains(job)))
             }

@@ -703,7 +703,7 @@ fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) {
         // crash-consistent and not counted as good.
         EndCause::Succeeded if attempt.cleanup_lost => {
             let what = attempt.cleanup_failed.clone().unwrap_or_default();
-            shard.note(now, format!("{what}: the work stands; its snapshot is crash-consistent, not counted as good"));
+            shard.note(now, format!("{what}: the work stands; its snapshot is crash-consistent"));
             shard.result = Some(ShardResult { succeeded: true, reason: String::new() });
         }
         EndCause::Succeeded if attempt.cleanup_failed.is_some() => {
@@ -1346,13 +1346,14 @@ fn release(
     settled && instance_gone && attempt.volumes.iter().all(|v| v.deleted || v.kept.is_some())
 }
 
-/// Why this attempt's volumes are snapshotted: only `final` can become good.
+/// Why this attempt's volumes are snapshotted (`retention::kind`).
 fn snapshot_kind(attempt: &Attempt) -> &'static str {
     let work_succeeded = attempt.end.as_ref().is_some_and(|e| e.cause == EndCause::Succeeded);
-    match (work_succeeded, attempt.cleanup_failed.is_some()) {
-        (true, false) => retention::kind::FINAL,
-        (true, true) => retention::kind::AFTER_FAILED_CLEANUP,
-        (false, _) => retention::kind::FAILED_ATTEMPT,
+    match (work_succeeded, attempt.cleanup_failed.is_some(), attempt.cleanup_lost) {
+        (true, false, _) => retention::kind::FINAL,
+        (true, true, true) => retention::kind::FINAL_CRASH_CONSISTENT,
+        (true, true, false) => retention::kind::AFTER_FAILED_CLEANUP,
+        (false, _, _) => retention::kind::FAILED_ATTEMPT,
     }
 }
 

@@ -24,7 +24,7 @@ use crate::record::{active_key, JobState};
 pub const BOUND_SLACK_MINUTES: i64 = 10;
 /// After the last job ended, the world runs this long (reaper passes, the
 /// last snapshots completing) before the final checks.
-const SETTLE_MINUTES: i64 = 45;
+const SETTLE_MINUTES: i64 = 90;
 
 pub const INVARIANTS: [&str; 7] = [
     "terminal",
