@@ -52,7 +52,7 @@ pub struct Preamble<'a> {
 impl Preamble<'_> {
     /// `with_env`: the job's environment, secrets included, is for its own
     /// steps only; mount and unmount must not fail on a secret.
-    fn lines(&self, with_env: bool) -> Vec<String> {
+    fn lines(&self) -> Vec<String> {
         let mut lines = vec![
             "set -euo pipefail".to_string(),
             // The SSM agent sets AWS_SSM_INSTANCE_ID; IMDSv2 is the fallback.
@@ -79,10 +79,21 @@ impl Preamble<'_> {
             "  *) echo \"flotilla: instance $FLOTILLA_INSTANCE_ID is not in this job\" >&2; exit 97 ;;".to_string(),
         );
         lines.push("esac".to_string());
-        // Secrets are read on the instance with its own credentials: only
-        // their names travel in the command.
+        for (name, mount_point) in self.mounts {
+            let var = name.to_ascii_uppercase().replace('-', "_");
+            lines.push(format!("export FLOTILLA_MOUNT_{var}={}", quote(mount_point)));
+        }
+        lines
+    }
+
+    /// The job's environment for its own steps: the shard's manifest and
+    /// the env, secrets read on the instance with its own credentials (only
+    /// their names travel in the command). Any of these may fail, so they
+    /// run inside the step guard.
+    fn env_lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
         let region = "${AWS_SSM_REGION_NAME:+--region \"$AWS_SSM_REGION_NAME\"}";
-        if with_env && self.manifests.is_some() {
+        if self.manifests.is_some() {
             // The shard's items, fetched with the instance's own credentials;
             // item names never travel inside a script. A failed read stops the step.
             lines.push("FLOTILLA_MANIFEST_FILE=$(mktemp -t flotilla-manifest.XXXXXX)".to_string());
@@ -91,8 +102,7 @@ impl Preamble<'_> {
             ));
             lines.push("export FLOTILLA_MANIFEST_FILE".to_string());
         }
-        let env = if with_env { Some(self.env) } else { None };
-        for (key, value) in env.into_iter().flatten() {
+        for (key, value) in self.env {
             // Keys are validated as [A-Za-z_][A-Za-z0-9_]*, values are quoted.
             match value {
                 EnvValue::Plain(value) => lines.push(format!("export {key}={}", quote(value))),
@@ -124,58 +134,57 @@ impl Preamble<'_> {
                 }
             }
         }
-        for (name, mount_point) in self.mounts {
-            let var = name.to_ascii_uppercase().replace('-', "_");
-            lines.push(format!("export FLOTILLA_MOUNT_{var}={}", quote(mount_point)));
-        }
         lines
     }
 }
 
 /// The exit code of a step whose earlier delivery started on this instance
-/// and never finished (its process died: agent killed, reboot). The
-/// reconciler reads it as a lost instance, never as the step's own result,
-/// so a step must not exit with it itself.
+/// and never finished (its process died: agent killed, reboot), or that
+/// could not keep the guard's state: the step's outcome is unknown. With
+/// [`LOST_MARKER`] on stderr the reconciler reads it as a lost instance,
+/// never as the step's own result.
 pub const LOST_EXIT_CODE: i32 = 237;
+/// What the guard prints when it exits [`LOST_EXIT_CODE`]: a step that exits
+/// 237 itself is not taken for a lost one.
+pub const LOST_MARKER: &str = "flotilla-guard: step outcome unknown";
 
 /// The on-instance guard: a user step runs at most once per job, shard,
 /// phase and instance (an attempt has its own instance), however often SSM
 /// delivers its command (a retried SendCommand whose reply was lost, an
 /// agent that comes back). Under `flock`, it writes `started` before the
-/// step and `done <code>` after it, in state that survives a reboot. A
-/// delivery that finds the lock held waits for it (SSM's timeout bounds
-/// the wait); one that finds `done` reports that code; one that finds
-/// `started` alone runs nothing and exits [`LOST_EXIT_CODE`]. The step runs
-/// with the lock's descriptor closed, so a daemon it leaves running never
-/// holds the lock.
+/// step and `done <code>` after it, in state that survives a reboot; the
+/// job's environment and secrets are read inside it. A delivery that finds
+/// the lock held waits for it (SSM's timeout bounds the wait); one that
+/// finds `done` reports that code; one that finds `started` alone runs
+/// nothing and exits [`LOST_EXIT_CODE`]. The step runs with the lock's
+/// descriptor closed, so a daemon it leaves running never holds the lock.
 const STEP_GUARD: &str = r#"flotilla_guard() {
   local dir="${FLOTILLA_STATE_DIR:-/var/lib/flotilla}/steps"
   local key="$dir/$FLOTILLA_JOB_ID.$FLOTILLA_SHARD_INDEX.$1.$FLOTILLA_INSTANCE_ID"
-  mkdir -p "$dir"
-  exec 9>>"$key.lock"
-  flock 9
+  { mkdir -p "$dir" && exec 9>>"$key.lock" && flock 9; } || { echo "flotilla-guard: step outcome unknown: cannot lock $key" >&2; exit 237; }
   local last=""
   if [ -f "$key.state" ]; then last=$(tail -n 1 "$key.state"); fi
   case "$last" in
     "done "*) echo "flotilla: $1 already ran on this instance (exit ${last#done }); not run again" >&2; exit "${last#done }" ;;
-    started) echo "flotilla: an earlier delivery of $1 started here and never finished; not run again" >&2; exit 237 ;;
+    started*) echo "flotilla-guard: step outcome unknown: an earlier delivery of $1 started here and never finished; not run again" >&2; exit 237 ;;
   esac
-  echo started > "$key.state"; sync
+  { echo started > "$key.state" && sync "$key.state" "$dir"; } || { echo "flotilla-guard: step outcome unknown: cannot record $key" >&2; exit 237; }
   set +e
   ( set -e; flotilla_step ) 9>&-
   local rc=$?
   set -e
-  echo "done $rc" >> "$key.state"; sync
+  { echo "done $rc" >> "$key.state" && sync "$key.state"; } 2>/dev/null || echo "flotilla: could not record that $1 ended ($rc)" >&2
   exit "$rc"
 }"#;
 
 /// The lines of a user step (`phase` names it for the guard): argv commands
 /// quoted, or the user's script run by its own bash so it cannot break the
-/// preamble; either way under [`STEP_GUARD`].
+/// preamble; the job's environment first; all of it under [`STEP_GUARD`].
 pub fn step_script(preamble: &Preamble<'_>, step: &CommandSpec, phase: &str) -> Vec<String> {
-    let mut lines = preamble.lines(true);
+    let mut lines = preamble.lines();
     lines.extend(STEP_GUARD.lines().map(str::to_string));
     lines.push("flotilla_step() {".to_string());
+    lines.extend(preamble.env_lines().into_iter().map(|line| format!("  {line}")));
     if let Some(script) = &step.script {
         lines.push(format!("  bash -c {} flotilla-step", quote(script)));
     } else {
@@ -220,7 +229,7 @@ pub const VOLUME_OP_MARKER: &str = "# flotilla:volume-op";
 /// Find each volume's device (NVMe-aware), format it if new and blank, mount it.
 pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<String> {
     let mut lines = vec![format!("{VOLUME_OP_MARKER} mount")];
-    lines.extend(preamble.lines(false));
+    lines.extend(preamble.lines());
     lines.push("find_device() {".to_string());
     // Nitro exposes EBS as NVMe; the by-id link carries the volume id without its dash.
     lines.push("  local vol=\"${1//-/}\" requested=\"$2\" alt=\"/dev/xvd${2#/dev/sd}\"".to_string());
@@ -256,7 +265,7 @@ pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<Str
 /// Flush and unmount, so the snapshot that follows is consistent.
 pub fn unmount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<String> {
     let mut lines = vec![format!("{VOLUME_OP_MARKER} unmount")];
-    lines.extend(preamble.lines(false));
+    lines.extend(preamble.lines());
     lines.push("sync".to_string());
     for target in targets {
         let mp = quote(&target.mount_point);

@@ -89,7 +89,10 @@ async fn a_step_re_sent_while_it_runs_and_after_it_ended_starts_once() {
 
     // While it runs: the second delivery waits for the first, then reports its code.
     let while_running = resend(&stack, &run, &instance).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = stack.ssm().get_command_invocation().command_id(&while_running).instance_id(&instance).send().await;
+    let status = waiting.ok().and_then(|w| w.status().map(|s| s.as_str().to_string()));
+    assert_eq!(status.as_deref(), Some("InProgress"), "the second delivery waits for the first");
     std::fs::write(&go, "").expect("go");
     assert_eq!(finished(&stack, &while_running, &instance).await, ("Failed".to_string(), 3));
     assert_eq!(starts(), 1, "the step started once");

@@ -1063,9 +1063,12 @@ fn work(
         }
         let sent_timeout = phase_timeout(job.spec, run.phase, job.deadline_at, job.bound, dispatched_at);
         let timeout = Duration::seconds(i64::from(sent_timeout) + REPORT_GRACE_SECONDS);
+        // The step guard said an earlier delivery of this step died mid-step.
+        let mut guard_lost = false;
         match obs.invocations.get(&(command_id.clone(), instance_id.clone())) {
             _ if unsent => {}
             Some(view) if view.is_finished() => {
+                guard_lost = view.exit_code == Some(shell::LOST_EXIT_CODE) && view.stderr.contains(shell::LOST_MARKER);
                 let mut lines: Vec<&str> = view.stdout.lines().collect();
                 let stderr: Vec<String> = view.stderr.lines().map(|l| format!("[stderr] {l}")).collect();
                 lines.extend(stderr.iter().map(String::as_str));
@@ -1115,7 +1118,7 @@ fn work(
             // this step died mid-step, so the step's outcome is unknown.
             let agent_lost = matches!(run.status.as_deref(), Some("Undeliverable" | "DeliveryTimedOut" | "Terminated"))
                 || (run.status.as_deref() == Some("TimedOut") && agent_offline_now)
-                || run.exit_code == Some(shell::LOST_EXIT_CODE);
+                || guard_lost;
             if run.phase.runs_after_failure() {
                 // The work's results may be on the volume, but not cleanly:
                 // its snapshot is kept but never good, and the shard fails
@@ -2748,13 +2751,21 @@ mod tests {
                 status: "Failed".into(),
                 exit_code: Some(shell::LOST_EXIT_CODE),
                 stdout: String::new(),
-                stderr: String::new(),
+                stderr: format!("{}: an earlier delivery of run started here and never finished", shell::LOST_MARKER),
                 output_uri: None,
             },
         );
+        let mut own = r.clone();
         run(&mut r, &obs, now() + Duration::seconds(5));
         let first = &r.shards[0].attempts[0];
         assert_eq!(first.end.as_ref().map(|e| e.cause), Some(EndCause::InstanceLost), "{first:?}");
+        // A step that exits 237 itself (no guard marker) failed on its own.
+        if let Some(view) = obs.invocations.get_mut(&("c-1".to_string(), "i-1".to_string())) {
+            view.stderr = String::new();
+        }
+        run(&mut own, &obs, now() + Duration::seconds(5));
+        let first = &own.shards[0].attempts[0];
+        assert_eq!(first.end.as_ref().map(|e| e.cause), Some(EndCause::CommandFailed), "{first:?}");
     }
 
     /// An unmount that fails: the shard fails, its still-mounted volume is
