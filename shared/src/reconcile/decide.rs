@@ -2720,41 +2720,54 @@ mod tests {
         assert_eq!(sends.last().map(|(second, _)| *second), Some(10), "{sends:?}");
     }
 
-    /// The step guard's reserved code (an earlier delivery died mid-step)
-    /// is a lost instance, retried as one, never the step's own failure.
-    #[test]
-    fn the_guards_reserved_code_is_read_as_lost() {
-        let mut r = record(serde_json::json!({"fleet": {"count": 1}, "volumes": []}));
+    /// One shard working on i-1, `phase` in flight as command c-1, which
+    /// has just finished with `status`, `exit_code` and `stderr`.
+    fn finished_step(
+        extra: serde_json::Value,
+        phase: Phase,
+        status: &str,
+        exit_code: i32,
+        stderr: &str,
+    ) -> (JobRecord, Observation) {
+        let mut r = record(extra);
         let attempt = r.shards[0].current_mut().expect("attempt");
         attempt.stage = Stage::Working;
         attempt.instance_id = Some("i-1".into());
         attempt.launch_token = Some("t".into());
         attempt.launched_at = Some(now());
         attempt.phases.push(PhaseRun {
-            phase: Phase::Run,
+            phase,
             batch: 1,
             opened_at: Some(now()),
             status: None,
             exit_code: None,
             finished_at: None,
         });
-        r.commands.insert(
-            1,
-            CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None },
-        );
+        r.commands
+            .insert(1, CommandBatch { phase, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None });
         let mut obs = Observation::default();
         obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));
         obs.invocations.insert(
             ("c-1".into(), "i-1".into()),
             InvocationView {
                 instance_id: "i-1".into(),
-                status: "Failed".into(),
-                exit_code: Some(shell::LOST_EXIT_CODE),
+                status: status.into(),
+                exit_code: Some(exit_code),
                 stdout: String::new(),
-                stderr: format!("{}: an earlier delivery of run started here and never finished", shell::LOST_MARKER),
+                stderr: stderr.into(),
                 output_uri: None,
             },
         );
+        (r, obs)
+    }
+
+    /// The step guard's reserved code (an earlier delivery died mid-step)
+    /// is a lost instance, retried as one, never the step's own failure.
+    #[test]
+    fn the_guards_reserved_code_is_read_as_lost() {
+        let lost = format!("{}: an earlier delivery of run started here and never finished", shell::LOST_MARKER);
+        let extra = serde_json::json!({"fleet": {"count": 1}, "volumes": []});
+        let (mut r, mut obs) = finished_step(extra, Phase::Run, "Failed", shell::LOST_EXIT_CODE, &lost);
         let mut own = r.clone();
         run(&mut r, &obs, now() + Duration::seconds(5));
         let first = &r.shards[0].attempts[0];
@@ -2773,12 +2786,10 @@ mod tests {
     /// instance terminated; nothing detaches it while mounted.
     #[test]
     fn a_failed_unmount_snapshots_while_attached_then_terminates() {
-        let mut r = record(serde_json::json!({"fleet": {"count": 1}}));
+        let busy = "umount: /data: target is busy";
+        let (mut r, mut obs) =
+            finished_step(serde_json::json!({"fleet": {"count": 1}}), Phase::Unmount, "Failed", 32, busy);
         let attempt = r.shards[0].current_mut().expect("attempt");
-        attempt.stage = Stage::Working;
-        attempt.instance_id = Some("i-1".into());
-        attempt.launch_token = Some("t".into());
-        attempt.launched_at = Some(now());
         attempt.completed_phases = vec![Phase::Mount, Phase::Run];
         attempt.volumes.push(AttemptVolume {
             restored_from: None,
@@ -2793,25 +2804,6 @@ mod tests {
             deleted: false,
             kept: None,
         });
-        attempt.phases.push(PhaseRun {
-            phase: Phase::Unmount,
-            batch: 1,
-            opened_at: Some(now()),
-            status: None,
-            exit_code: None,
-            finished_at: None,
-        });
-        r.commands.insert(
-            1,
-            CommandBatch {
-                phase: Phase::Unmount,
-                command_id: Some("c-1".into()),
-                dispatched_at: now(),
-                listed_at: None,
-            },
-        );
-        let mut obs = Observation::default();
-        obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));
         obs.volumes.insert(
             "vol-1".into(),
             VolumeView {
@@ -2820,17 +2812,6 @@ mod tests {
                 availability_zone: "us-east-1a".into(),
                 attached_to: Some("i-1".into()),
                 tags: BTreeMap::new(),
-            },
-        );
-        obs.invocations.insert(
-            ("c-1".into(), "i-1".into()),
-            InvocationView {
-                instance_id: "i-1".into(),
-                status: "Failed".into(),
-                exit_code: Some(32),
-                stdout: String::new(),
-                stderr: "umount: /data: target is busy".into(),
-                output_uri: None,
             },
         );
         let at = now() + Duration::seconds(5);
