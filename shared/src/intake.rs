@@ -431,12 +431,12 @@ async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Re
 /// second here: one of the two sees the other.
 async fn honour_late_cancel(ports: &Ports, job_id: &str, now: DateTime<Utc>) -> Result<(), StepError> {
     if pending_cancel(ports, job_id, now).await?.is_some() {
-        let at = ports.clock.now();
+        // update_inbox wakes the job when it sets the flag.
         reconcile::update_inbox(
             ports,
             job_id,
             |record| {
-                record.cancel_requested_at.get_or_insert(at);
+                record.cancel_requested_at.get_or_insert(now);
                 !std::mem::replace(&mut record.cancel_requested, true)
             },
             "cancel",
@@ -471,7 +471,6 @@ async fn cancel_on_arrival(
         Some(existing) => {
             if !existing.record.state.is_terminal() {
                 honour_late_cancel(ports, &job_id, now).await?;
-                ports.queue.send(&WakeMessage::new(&job_id, "cancel"), 0).await?;
             }
             info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
             return Ok(Intake::AlreadyKnown { job_id });
