@@ -75,6 +75,11 @@ pub struct Latencies {
     pub call_ms: (i64, i64),
     /// Seconds before a new instance, volume or snapshot shows in describes.
     pub visible: (i64, i64),
+    /// Seconds before a new command shows in ListCommands and its
+    /// invocations in ListCommandInvocations, and a new snapshot in
+    /// DescribeSnapshots: AWS documents no read-after-write consistency for
+    /// either (EC2's API is eventually consistent; SSM says nothing).
+    pub lookup_lag: (i64, i64),
 }
 
 impl Latencies {
@@ -90,6 +95,7 @@ impl Latencies {
             snapshot: (60, 600),
             call_ms: (20, 250),
             visible: (0, 4),
+            lookup_lag: (0, LOOKUP_LAG_SECONDS),
         }
     }
 
@@ -105,9 +111,14 @@ impl Latencies {
             snapshot: (0, 0),
             call_ms: (0, 0),
             visible: (0, 0),
+            lookup_lag: (0, 0),
         }
     }
 }
+
+/// The longest lookup lag the simulated cloud draws: the figure Flotilla's
+/// takeover rule assumes (`reconcile::fence::LOOKUP_LAG_SECONDS`).
+pub const LOOKUP_LAG_SECONDS: i64 = crate::reconcile::fence::LOOKUP_LAG_SECONDS;
 
 /// An EventBridge event reaches its SQS target about this long after it happened.
 const EVENT_DELIVERY_SECONDS: i64 = 1;
@@ -238,6 +249,17 @@ pub struct Faults {
     /// SQS is not FIFO: each message is delivered up to this many seconds
     /// late, so messages sent close together arrive out of order.
     pub reorder_seconds: i64,
+    /// Per instance: its agent is `ConnectionLost` once for 1-10 minutes,
+    /// then returns. Steps keep running; commands sent meanwhile are
+    /// accepted and delivered when it returns (within their timeout).
+    pub agent_blips: f64,
+    /// Per mutating call whose reply is lost (`lost_reply`): its effect
+    /// lands up to this many seconds later, after the caller gave up.
+    /// (SendCommand and CreateSnapshot, the creates with no ClientToken.)
+    pub late_effect_seconds: i64,
+    /// The next call of each named operation takes effect and its reply is
+    /// lost (the caller sees a timeout).
+    pub lose_reply: Vec<&'static str>,
 }
 
 #[derive(Debug, Clone)]
@@ -262,6 +284,8 @@ pub struct FakeInstance {
     pub agent_lost_at: Option<DateTime<Utc>>,
     /// Its status checks report `impaired` from this moment.
     pub impaired_at: Option<DateTime<Utc>>,
+    /// Its agent is `ConnectionLost` over this window, then back.
+    pub agent_away: Option<(DateTime<Utc>, DateTime<Utc>)>,
 }
 
 impl FakeInstance {
@@ -269,6 +293,14 @@ impl FakeInstance {
         self.state == "running"
             && self.online_at.is_some_and(|at| now >= at)
             && self.agent_lost_at.is_none_or(|at| now < at)
+            && self.agent_away.is_none_or(|(from, until)| now < from || now >= until)
+    }
+
+    /// A managed node SSM accepts commands for: its agent registered once
+    /// (Online or ConnectionLost) and the instance is not ending.
+    fn managed(&self, now: DateTime<Utc>) -> bool {
+        matches!(self.state.as_str(), "running" | "pending" | "stopping" | "stopped")
+            && self.online_at.is_some_and(|at| now >= at)
     }
 }
 
@@ -297,6 +329,8 @@ pub struct FakeSnapshot {
     pub completes_at: DateTime<Utc>,
     pub fails: bool,
     pub tags: BTreeMap<String, String>,
+    /// DescribeSnapshots lists it from this moment.
+    pub listed_at: DateTime<Utc>,
 }
 
 impl FakeSnapshot {
@@ -313,6 +347,16 @@ impl FakeSnapshot {
 pub struct FakeRun {
     pub exit_code: i32,
     pub stdout: String,
+    pub stderr: String,
+    /// How long the user's step takes once it starts.
+    pub seconds: i64,
+    /// When its agent received it: None while the agent is away.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// A delivery the step guard held on the lock: the run it waits for.
+    pub waits_on: Option<(String, String)>,
+    /// This delivery ran the script's work (the guard let it, or there is none).
+    pub started_step: bool,
+    /// Far in the future until it is delivered.
     pub finishes_at: DateTime<Utc>,
     /// Set when its instance stopped or terminated before it finished.
     pub died_at: Option<DateTime<Utc>>,
@@ -327,6 +371,8 @@ pub struct FakeCommand {
     pub request: CommandRequest,
     pub sent_at: DateTime<Utc>,
     pub runs: BTreeMap<String, FakeRun>,
+    /// ListCommands and ListCommandInvocations show it from this moment.
+    pub listed_at: DateTime<Utc>,
 }
 
 /// Evidence for the invariant checkers.
@@ -337,6 +383,10 @@ pub struct Evidence {
     /// Every snapshot ever created, as created (tags at creation), deleted
     /// or not: what the simulator's lineage invariants judge by.
     pub snapshots_created: Vec<FakeSnapshot>,
+    /// Every start of a user's step on an instance: (job.shard.phase.instance, when).
+    pub step_starts: Vec<(String, DateTime<Utc>)>,
+    /// Creates that landed after their caller gave up.
+    pub late_landed: u64,
 }
 
 #[derive(Default)]
@@ -385,6 +435,18 @@ pub struct FakeState {
     pub deleted_snapshots: BTreeSet<String>,
     /// Seconds a detach takes after its instance terminated (from `Latencies`).
     pub detach: (i64, i64),
+    /// The step guard's state on each instance: key to the run that holds
+    /// (or held) its lock and wrote `started`.
+    pub guards: BTreeMap<String, (String, String)>,
+    /// Creates whose reply was lost and whose effect lands later.
+    pub late: Vec<(DateTime<Utc>, LateEffect)>,
+}
+
+/// A create that lands after its caller gave up.
+#[derive(Debug, Clone)]
+pub enum LateEffect {
+    Command(FakeCommand),
+    Snapshot(FakeSnapshot),
 }
 
 #[derive(Clone)]
@@ -583,11 +645,26 @@ impl FakeCloud {
         }
     }
 
+    /// A create whose reply is lost and whose effect lands this many
+    /// seconds later (drawn only when the scenario has late effects).
+    fn lands_late(&self, state: &mut FakeState) -> Option<i64> {
+        let (late, lost) = (state.faults.late_effect_seconds, state.faults.lost_reply);
+        if late <= 0 {
+            return None;
+        }
+        let rng = state.rng.as_mut().expect("rng");
+        rng.chance(lost).then(|| rng.range(1, late))
+    }
+
     /// After a call took effect: maybe the process dies before the reply.
     fn after(&self, state: &mut FakeState, operation: &'static str) -> CloudResult<()> {
         if let Some(index) = state.crash_after.iter().position(|c| *c == operation) {
             state.crash_after.remove(index);
             return Err(CloudError::Crashed(operation));
+        }
+        if let Some(index) = state.faults.lose_reply.iter().position(|c| *c == operation) {
+            state.faults.lose_reply.remove(index);
+            return Err(CloudError::api("ec2", operation, "timeout", "injected: reply lost"));
         }
         let (p, lost) = (state.faults.crash_after, state.faults.lost_reply);
         let rng = state.rng.as_mut().expect("rng");
@@ -660,6 +737,8 @@ fn refresh(state: &mut FakeState) {
             volume.state = "available".to_string();
         }
     }
+    land_late(state, now);
+    deliver_runs(state);
     if ended.is_empty() {
         return;
     }
@@ -781,6 +860,14 @@ impl Fleet for FakeCloud {
             let agent_dies = state.faults.agent_dies;
             let rng = state.rng.as_mut().expect("rng");
             let agent_lost_at = rng.chance(agent_dies).then(|| online_at + Duration::seconds(rng.range(30, 1800)));
+            let blips = state.faults.agent_blips;
+            let agent_away = (blips > 0.0).then(|| ()).and_then(|()| {
+                let rng = state.rng.as_mut().expect("rng");
+                rng.chance(blips).then(|| {
+                    let from = online_at + Duration::seconds(rng.range(10, 1200));
+                    (from, from + Duration::seconds(rng.range(60, 600)))
+                })
+            });
             let az = ["us-east-1a", "us-east-1b"]
                 [usize::from(request.subnet_id.as_deref().is_some_and(|s| s.ends_with('b')))];
             let mut instance_tags = request.tags.clone();
@@ -801,6 +888,7 @@ impl Fleet for FakeCloud {
                 visible_at,
                 agent_lost_at,
                 impaired_at: None,
+                agent_away,
             });
             if state.events {
                 queue_event(&mut state, &request.job_id, Some(&id), running_at);
@@ -1102,16 +1190,22 @@ impl Volumes for FakeCloud {
         self.call("DescribeSnapshots", false).await?;
         let state = self.lock();
         let now = state.now.unwrap_or_default();
-        Ok(state.snapshots.iter().filter(|s| has_tags(&s.tags, tags)).map(|s| snapshot_view(s, now)).collect())
+        Ok(state
+            .snapshots
+            .iter()
+            .filter(|s| now >= s.listed_at && has_tags(&s.tags, tags))
+            .map(|s| snapshot_view(s, now))
+            .collect())
     }
 
     async fn snapshot_jobs(&self, stack: &str, snapshot_ids: &[String]) -> CloudResult<BTreeMap<String, String>> {
         self.call("DescribeSnapshots", false).await?;
         let state = self.lock();
+        let now = state.now.unwrap_or_default();
         Ok(state
             .snapshots
             .iter()
-            .filter(|s| snapshot_ids.contains(&s.id) && has_tags(&s.tags, &tags::scope(stack)))
+            .filter(|s| now >= s.listed_at && snapshot_ids.contains(&s.id) && has_tags(&s.tags, &tags::scope(stack)))
             .filter_map(|s| Some((s.id.clone(), s.tags.get(tags::JOB_ID)?.clone())))
             .collect())
     }
@@ -1120,7 +1214,7 @@ impl Volumes for FakeCloud {
         self.call("DescribeSnapshots", false).await?;
         let state = self.lock();
         let now = state.now.unwrap_or_default();
-        Ok(state.snapshots.iter().find(|s| s.id == snapshot_id).map(|s| snapshot_view(s, now)))
+        Ok(state.snapshots.iter().find(|s| s.id == snapshot_id && now >= s.listed_at).map(|s| snapshot_view(s, now)))
     }
 
     async fn create_snapshot(
@@ -1142,6 +1236,7 @@ impl Volumes for FakeCloud {
         let took = rng.range(lo, hi);
         let fails = rng.chance(p);
         let id = FakeCloud::next_id(&mut state, "snap");
+        let lag = draw(&mut state, self.latencies.lookup_lag);
         let snapshot = FakeSnapshot {
             id: id.clone(),
             volume_id: volume_id.to_string(),
@@ -1149,13 +1244,14 @@ impl Volumes for FakeCloud {
             completes_at: now + Duration::seconds(took),
             fails,
             tags: tags.clone(),
+            listed_at: now + Duration::seconds(lag),
         };
-        state.evidence.snapshots_created.push(snapshot.clone());
-        state.snapshots.push(snapshot);
-        // EBS's "EBS Snapshot Notification" when it completes or fails.
-        if let (true, Some(job_id)) = (state.events, tags.get(tags::JOB_ID)) {
-            queue_event(&mut state, &job_id.clone(), None, now + Duration::seconds(took));
+        if let Some(delay) = self.lands_late(&mut state) {
+            // The request is in AWS's hands; the caller sees a timeout.
+            state.late.push((now + Duration::seconds(delay), LateEffect::Snapshot(snapshot)));
+            return Err(CloudError::api("ec2", "CreateSnapshot", "timeout", "injected: reply lost, effect late"));
         }
+        land_snapshot(&mut state, snapshot);
         self.after(&mut state, "CreateSnapshot")?;
         Ok(id)
     }
@@ -1199,15 +1295,18 @@ impl Commands for FakeCloud {
         }
         let mut state = self.lock();
         let now = state.now.unwrap_or_default();
+        // SSM takes a command for any managed node, Online or not: one whose
+        // agent is `ConnectionLost` gets it when it returns, within the
+        // command's timeout (then `DeliveryTimedOut`).
         for id in &request.instance_ids {
-            let ready = state.instances.iter().any(|i| &i.id == id && i.agent_up(now));
-            if !ready {
+            let managed = state.instances.iter().any(|i| &i.id == id && i.managed(now));
+            if !managed {
                 let seen = state.instances.iter().find(|i| &i.id == id).map(|i| (i.state.clone(), i.online_at));
                 return Err(CloudError::api(
                     "ssm",
                     "SendCommand",
                     "InvalidInstanceId",
-                    &format!("{id} not Online: {seen:?}"),
+                    &format!("{id} is not a managed node: {seen:?}"),
                 ));
             }
         }
@@ -1228,23 +1327,33 @@ impl Commands for FakeCloud {
                 FakeRun {
                     exit_code: code,
                     stdout,
-                    finishes_at: now + Duration::seconds(seconds),
+                    stderr: String::new(),
+                    seconds,
+                    delivered_at: None,
+                    waits_on: None,
+                    started_step: false,
+                    finishes_at: FAR_FUTURE,
                     died_at: None,
                     cancel_requested_at: None,
                     cancelled_at: None,
                 },
             );
         }
-        if state.events {
-            // The comment is `flotilla <job> <phase> c<batch>`.
-            if let Some(job_id) = request.comment.split(' ').nth(1) {
-                for (instance_id, run) in &runs {
-                    queue_event(&mut state, job_id, Some(instance_id), run.finishes_at);
-                }
-            }
-        }
         let id = FakeCloud::next_id(&mut state, "cmd");
-        state.commands.push(FakeCommand { id: id.clone(), request: request.clone(), sent_at: now, runs });
+        let lag = draw(&mut state, self.latencies.lookup_lag);
+        let command = FakeCommand {
+            id: id.clone(),
+            request: request.clone(),
+            sent_at: now,
+            runs,
+            listed_at: now + Duration::seconds(lag),
+        };
+        if let Some(delay) = self.lands_late(&mut state) {
+            state.late.push((now + Duration::seconds(delay), LateEffect::Command(command)));
+            return Err(CloudError::api("ssm", "SendCommand", "timeout", "injected: reply lost, effect late"));
+        }
+        state.commands.push(command);
+        deliver_runs(&mut state);
         self.after(&mut state, "SendCommand")?;
         Ok(id)
     }
@@ -1252,10 +1361,15 @@ impl Commands for FakeCloud {
     async fn find_by_comment(&self, instance_id: &str, comment: &str) -> CloudResult<Option<String>> {
         self.call("ListCommands", false).await?;
         let state = self.lock();
+        let now = state.now.unwrap_or_default();
         Ok(state
             .commands
             .iter()
-            .find(|c| c.request.comment == comment && c.request.instance_ids.iter().any(|i| i == instance_id))
+            .find(|c| {
+                now >= c.listed_at
+                    && c.request.comment == comment
+                    && c.request.instance_ids.iter().any(|i| i == instance_id)
+            })
             .map(|c| c.id.clone()))
     }
 
@@ -1267,24 +1381,39 @@ impl Commands for FakeCloud {
             state.commands.iter().find(|c| c.id == command_id).ok_or_else(|| {
                 CloudError::api("ssm", "ListCommandInvocations", "InvalidCommandId", "no such command")
             })?;
+        if now < command.listed_at {
+            return Ok(vec![]); // not listed yet
+        }
         let deadline = command.sent_at + Duration::seconds(i64::from(command.request.timeout_seconds));
-        let agent_lost: BTreeMap<&String, DateTime<Utc>> =
-            state.instances.iter().filter_map(|i| Some((&i.id, i.agent_lost_at?))).collect();
+        let agents: BTreeMap<&String, &FakeInstance> = state.instances.iter().map(|i| (&i.id, i)).collect();
         Ok(command
             .runs
             .iter()
             .filter(|(id, _)| instance_ids.contains(id))
             .map(|(id, run)| {
+                let instance = agents.get(id);
                 // An agent that stopped answering before the run ended never reports its result.
-                let unheard = agent_lost.get(id).is_some_and(|at| *at <= now && *at < run.finishes_at);
+                let unheard = instance
+                    .and_then(|i| i.agent_lost_at)
+                    .is_some_and(|at| at <= now && at < run.finishes_at);
+                // An agent away now reports when it is back.
+                let away = instance
+                    .and_then(|i| i.agent_away)
+                    .is_some_and(|(from, until)| from <= now && now < until && from < run.finishes_at);
                 let cancelling = run.cancel_requested_at.is_some();
-                let (status, exit_code) = if run.cancelled_at.is_some_and(|at| now >= at && at <= run.finishes_at) {
+                let (status, exit_code) = if run.delivered_at.is_none() {
+                    match (run.cancelled_at.is_some(), now >= deadline) {
+                        (true, _) => ("Cancelled", None),
+                        (false, true) => ("DeliveryTimedOut", None),
+                        (false, false) => ("Pending", None),
+                    }
+                } else if run.cancelled_at.is_some_and(|at| now >= at && at <= run.finishes_at) {
                     ("Cancelled", None)
-                } else if run.died_at.is_some() || unheard {
+                } else if run.died_at.is_some() || unheard || away {
                     // The agent died with its instance, or cannot be reached:
                     // SSM never hears a result, and the invocation times out
                     // (never Success; a cancel never completes).
-                    match (now >= deadline, cancelling) {
+                    match (now >= deadline && !away, cancelling) {
                         (true, _) => ("TimedOut", Some(-1)),
                         (false, true) => ("Cancelling", None),
                         (false, false) => ("InProgress", None),
@@ -1306,7 +1435,7 @@ impl Commands for FakeCloud {
                     status: status.to_string(),
                     exit_code,
                     stdout: if done { run.stdout.clone() } else { String::new() },
-                    stderr: String::new(),
+                    stderr: if done { run.stderr.clone() } else { String::new() },
                     output_uri: None,
                 }
             })
@@ -1325,21 +1454,233 @@ impl Commands for FakeCloud {
             .iter_mut()
             .find(|c| c.id == command_id)
             .ok_or_else(|| CloudError::api("ssm", "CancelCommand", "InvalidCommandId", "no such command"))?;
+        let mut killed = Vec::new();
         for (id, run) in command.runs.iter_mut() {
-            // SSM reports Cancelling until the agent has stopped the process;
-            // an agent that cannot be reached never does.
-            if instance_ids.contains(id)
-                && run.cancel_requested_at.is_none()
-                && run.died_at.is_none()
-                && now < run.finishes_at
-            {
+            if !instance_ids.contains(id) || run.cancel_requested_at.is_some() || run.died_at.is_some() {
+                continue;
+            }
+            if run.delivered_at.is_none() {
+                // Never delivered: SSM cancels it where it waits.
+                run.cancel_requested_at = Some(now);
+                run.cancelled_at = Some(now);
+            } else if now < run.finishes_at {
+                // SSM reports Cancelling until the agent has stopped the
+                // process; an agent that cannot be reached never does.
                 run.cancel_requested_at = Some(now);
                 if agent_up.contains(id) {
-                    run.cancelled_at = Some(now + Duration::seconds(delay));
+                    let at = now + Duration::seconds(delay);
+                    run.cancelled_at = Some(at);
+                    killed.push((id.clone(), at));
+                }
+            }
+        }
+        // The step guard: a delivery waiting on a killed step's lock finds
+        // `started` with no `done`, and reports the outcome unknown.
+        for (instance_id, at) in killed {
+            let holder = (command_id.to_string(), instance_id);
+            for run in state.commands.iter_mut().flat_map(|c| c.runs.values_mut()) {
+                if run.waits_on.as_ref() == Some(&holder) && run.finishes_at > at {
+                    lose(run, at);
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Creates whose moment came land now, as AWS took them in then.
+fn land_late(state: &mut FakeState, now: DateTime<Utc>) {
+    if state.late.is_empty() {
+        return;
+    }
+    let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut state.late).into_iter().partition(|(at, _)| *at <= now);
+    state.late = later;
+    for (at, effect) in due {
+        match effect {
+            LateEffect::Command(mut command) => {
+                let managed =
+                    command.request.instance_ids.iter().all(|id| state.instances.iter().any(|i| &i.id == id && i.managed(at)));
+                if managed {
+                    let shift = at - command.sent_at;
+                    command.sent_at = at;
+                    command.listed_at += shift;
+                    state.commands.push(command);
+                    state.evidence.late_landed += 1;
+                }
+            }
+            LateEffect::Snapshot(mut snapshot) => {
+                if state.volumes.iter().any(|v| v.id == snapshot.volume_id && v.state != "deleted") {
+                    let shift = at - snapshot.started_at;
+                    snapshot.started_at = at;
+                    snapshot.completes_at += shift;
+                    snapshot.listed_at += shift;
+                    land_snapshot(state, snapshot);
+                    state.evidence.late_landed += 1;
+                }
+            }
+        }
+    }
+}
+
+/// A delivery the guard turned away: the step's outcome is unknown.
+fn lose(run: &mut FakeRun, at: DateTime<Utc>) {
+    run.finishes_at = at;
+    run.exit_code = crate::shell::LOST_EXIT_CODE;
+    run.stdout = String::new();
+    run.stderr = format!("{}: an earlier delivery started here and never finished", crate::shell::LOST_MARKER);
+    run.waits_on = None;
+}
+
+/// Far in the future: a run not delivered yet has no end.
+const FAR_FUTURE: DateTime<Utc> = DateTime::<Utc>::MAX_UTC;
+
+/// A draw from `range`, with no draw at all when it is empty (so a
+/// scenario without the fault keeps its seeded sequence).
+fn draw(state: &mut FakeState, (lo, hi): (i64, i64)) -> i64 {
+    if hi <= lo {
+        return lo;
+    }
+    state.rng.as_mut().expect("rng").range(lo, hi)
+}
+
+/// A snapshot EC2 has taken in: evidence, and EBS's "EBS Snapshot
+/// Notification" when it completes or fails.
+fn land_snapshot(state: &mut FakeState, snapshot: FakeSnapshot) {
+    if let (true, Some(job_id)) = (state.events, snapshot.tags.get(tags::JOB_ID)) {
+        queue_event(state, &job_id.clone(), None, snapshot.completes_at);
+    }
+    state.evidence.snapshots_created.push(snapshot.clone());
+    state.snapshots.push(snapshot);
+}
+
+/// Where the guard leaves a delivery.
+enum Guarded {
+    /// No guard holds this step: the user's step starts.
+    Start,
+    /// The step already ran: its recorded code, at once.
+    Report(i32),
+    /// An earlier delivery started and never finished.
+    Lost,
+    /// An earlier delivery holds the lock until `end`: wait for it, then
+    /// report its code, or the outcome unknown if it was killed.
+    Wait { holder: (String, String), end: DateTime<Utc>, code: i32, killed: bool },
+}
+
+/// The guard's key for a delivery, read off the script's own lines as bash
+/// would run them: None when the script has no guard (every delivery then
+/// starts the step). Job, shard, phase and instance, as the guard keys it.
+pub fn guard_key(lines: &[String], instance_id: &str) -> Option<String> {
+    let defined = lines.iter().any(|l| l == "flotilla_guard() {") && lines.iter().any(|l| l.contains("flock 9"));
+    let phase = lines.iter().rev().find_map(|l| l.strip_prefix("flotilla_guard "))?;
+    step_key(lines, phase, instance_id).filter(|_| defined)
+}
+
+/// A user step's identity on an instance: job, shard, phase, instance.
+pub fn step_key(lines: &[String], phase: &str, instance_id: &str) -> Option<String> {
+    let job = lines.iter().find_map(|l| l.strip_prefix("export FLOTILLA_JOB_ID="))?;
+    let shard = shards_in(lines).get(instance_id).copied()?;
+    Some(format!("{job}.{shard}.{}.{instance_id}", phase.trim_matches('\'')))
+}
+
+/// Each instance's shard index, from the preamble's `case` lines.
+pub fn shards_in(lines: &[String]) -> BTreeMap<String, u32> {
+    lines
+        .iter()
+        .filter_map(|line| {
+            let (id, rest) = line.trim().split_once(") export FLOTILLA_SHARD_INDEX=")?;
+            let index = rest.split_whitespace().next()?.trim_end_matches(";;").parse().ok()?;
+            Some((id.trim_matches('\'').to_string(), index))
+        })
+        .collect()
+}
+
+/// Deliver every run whose agent is there to take it: the guard (when the
+/// script has one) decides whether the user's step starts. A run whose
+/// timeout passes first is never delivered (`DeliveryTimedOut`).
+fn deliver_runs(state: &mut FakeState) {
+    let now = state.now.unwrap_or_default();
+    let up: BTreeSet<String> = state.instances.iter().filter(|i| i.agent_up(now)).map(|i| i.id.clone()).collect();
+    let mut waiting: Vec<(usize, String)> = Vec::new();
+    for (index, command) in state.commands.iter().enumerate() {
+        let deadline = command.sent_at + Duration::seconds(i64::from(command.request.timeout_seconds));
+        for (instance_id, run) in &command.runs {
+            if run.delivered_at.is_none() && run.cancelled_at.is_none() && up.contains(instance_id) && now < deadline {
+                waiting.push((index, instance_id.clone()));
+            }
+        }
+    }
+    for (index, instance_id) in waiting {
+        let (lines, comment, command_id) = {
+            let c = &state.commands[index];
+            (c.request.lines.clone(), c.request.comment.clone(), c.id.clone())
+        };
+        let user_step = !lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER));
+        let phase = comment.split(' ').nth(2).unwrap_or_default().to_string();
+        let key = guard_key(&lines, &instance_id);
+        let outcome = match key.as_ref().and_then(|k| state.guards.get(k)).cloned() {
+            None => Guarded::Start,
+            Some(holder) => {
+                let held = state
+                    .commands
+                    .iter()
+                    .find(|c| c.id == holder.0)
+                    .and_then(|c| c.runs.get(&holder.1).map(|r| (r.clone(), c.sent_at, c.request.timeout_seconds)));
+                match held {
+                    None => Guarded::Lost,
+                    Some((run, sent_at, timeout)) => {
+                        // A step killed (its timeout, a cancel, its instance)
+                        // never writes `done`.
+                        let mut end = run.finishes_at.min(sent_at + Duration::seconds(i64::from(timeout)));
+                        for at in [run.cancelled_at, run.died_at].into_iter().flatten() {
+                            end = end.min(at);
+                        }
+                        let killed = end < run.finishes_at;
+                        match (killed, now >= end) {
+                            (true, true) => Guarded::Lost,
+                            (false, true) => Guarded::Report(run.exit_code),
+                            (_, false) => Guarded::Wait { holder, end, code: run.exit_code, killed },
+                        }
+                    }
+                }
+            }
+        };
+        let starts = matches!(outcome, Guarded::Start);
+        if user_step && starts {
+            if let Some(step) = step_key(&lines, &phase, &instance_id) {
+                state.evidence.step_starts.push((step, now));
+            }
+        }
+        let job_id = comment.split(' ').nth(1).map(str::to_string);
+        let run = state.commands[index].runs.get_mut(&instance_id).expect("run");
+        run.delivered_at = Some(now);
+        run.started_step = starts;
+        match outcome {
+            Guarded::Start => run.finishes_at = now + Duration::seconds(run.seconds),
+            Guarded::Report(code) => {
+                run.finishes_at = now + Duration::seconds(1);
+                run.exit_code = code;
+                run.stdout = String::new();
+                run.stderr = format!("flotilla: {phase} already ran on this instance (exit {code}); not run again");
+            }
+            Guarded::Lost => lose(run, now + Duration::seconds(1)),
+            Guarded::Wait { holder, end, code, killed } => {
+                run.finishes_at = end;
+                run.exit_code = code;
+                run.stdout = String::new();
+                run.stderr = format!("flotilla: {phase} already ran on this instance (exit {code}); not run again");
+                run.waits_on = Some(holder);
+                if killed {
+                    lose(run, end);
+                }
+            }
+        }
+        let finishes_at = run.finishes_at;
+        if let (Some(key), true) = (key, starts) {
+            state.guards.insert(key, (command_id, instance_id.clone()));
+        }
+        if let (true, Some(job_id)) = (state.events, job_id) {
+            queue_event(state, &job_id, Some(&instance_id), finishes_at);
+        }
     }
 }
 

@@ -21,6 +21,13 @@ pub enum Mutation {
     /// No bound on the bill: cleanup steps keep their own timeouts.
     /// Guarded by "every instance is terminated by its bound".
     NoBound,
+    /// A step's script has no on-instance guard: each delivery runs the
+    /// step. Guarded by "step started twice".
+    NoGuard,
+    /// The takeover rule is off: a command or snapshot not found by its
+    /// lookup is sent or taken again at once. Guarded by "two snapshots of
+    /// one attempt".
+    NoFence,
 }
 
 #[cfg(feature = "mutations")]

@@ -188,6 +188,10 @@ pub struct SnapshotRef {
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_at: Option<DateTime<Utc>>,
+    /// Requested with no answer yet: until then it may still land unseen,
+    /// so a lookup that misses it does not take another (`reconcile::fence`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight_until: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -267,11 +271,28 @@ pub struct CommandBatch {
     /// an event names one of its instances, or when this is a safety poll old.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listed_at: Option<DateTime<Utc>>,
+    /// Sent with no answer yet: until then it may still land unseen, so a
+    /// lookup that misses it does not send it again (`reconcile::fence`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight_until: Option<DateTime<Utc>>,
 }
 
 /// SendCommand's Comment for a batch: unique per job and batch.
 pub fn command_comment(job_id: &str, phase: Phase, batch: u64) -> String {
     format!("flotilla {job_id} {} c{batch}", phase.as_str())
+}
+
+impl SnapshotRef {
+    /// Requested now: no answer yet, and none can land unseen before the
+    /// takeover rule's window ends.
+    pub fn requested(now: DateTime<Utc>, budget_seconds: u32) -> Self {
+        SnapshotRef {
+            snapshot_id: None,
+            state: "requested".into(),
+            requested_at: Some(now),
+            in_flight_until: Some(crate::reconcile::fence::in_flight_until(now, budget_seconds)),
+        }
+    }
 }
 
 impl PhaseRun {

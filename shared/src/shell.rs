@@ -182,7 +182,10 @@ const STEP_GUARD: &str = r#"flotilla_guard() {
 /// preamble; the job's environment first; all of it under [`STEP_GUARD`].
 pub fn step_script(preamble: &Preamble<'_>, step: &CommandSpec, phase: &str) -> Vec<String> {
     let mut lines = preamble.lines();
-    lines.extend(STEP_GUARD.lines().map(str::to_string));
+    let guarded = !crate::mutation::on(crate::mutation::Mutation::NoGuard);
+    if guarded {
+        lines.extend(STEP_GUARD.lines().map(str::to_string));
+    }
     lines.push("flotilla_step() {".to_string());
     lines.extend(preamble.env_lines().into_iter().map(|line| format!("  {line}")));
     if let Some(script) = &step.script {
@@ -191,7 +194,7 @@ pub fn step_script(preamble: &Preamble<'_>, step: &CommandSpec, phase: &str) -> 
         lines.extend(step.commands.iter().map(|argv| format!("  {}", command_line(argv))));
     }
     lines.push("}".to_string());
-    lines.push(format!("flotilla_guard {}", quote(phase)));
+    lines.push(if guarded { format!("flotilla_guard {}", quote(phase)) } else { "flotilla_step".to_string() });
     lines
 }
 

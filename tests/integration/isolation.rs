@@ -75,6 +75,7 @@ fn user_snapshot(cloud: &FakeCloud, id: &str, opt_in: Option<&str>) {
         completes_at: now - Duration::days(1),
         fails: false,
         tags,
+        listed_at: now - Duration::days(1),
     });
 }
 
@@ -152,6 +153,7 @@ fn foreign_instance(cloud: &FakeCloud, id: &str, stack: &str, job_id: &str) {
         visible_at: now,
         agent_lost_at: None,
         impaired_at: None,
+        agent_away: None,
     });
 }
 

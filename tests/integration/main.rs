@@ -10,6 +10,7 @@ mod lineage_sim;
 mod moto;
 mod moto_extension;
 mod once_moto;
+mod once_sim;
 mod reaper;
 mod rejections;
 mod scenarios;

@@ -501,6 +501,7 @@ async fn a_missing_snapshot_fails_the_job_and_tears_down() {
         completes_at: at,
         fails: false,
         tags: BTreeMap::from([(flotilla_shared::ports::tags::ALLOW.to_string(), ports.settings.stack.clone())]),
+        listed_at: at,
     });
     let mut spec = job("bad-snapshot");
     spec["volumes"][0]["source"] = json!({"snapshot_id": "snap-0123456789abcdef0"});

@@ -29,8 +29,19 @@ pub async fn load_config() -> SdkConfig {
 /// The loader behind `load_config`, for callers that add to it (tests give
 /// moto's endpoint and credentials).
 pub fn config_loader() -> aws_config::ConfigLoader {
+    use crate::reconcile::fence::{ATTEMPT_TIMEOUT_SECONDS, OPERATION_TIMEOUT_SECONDS};
+    let seconds = |s: i64| std::time::Duration::from_secs(s.unsigned_abs());
+    // Bounded calls: a pass starts a call only if it ends before the lease
+    // does (`reconcile::fence`). A timeout does not undo a call's effect on
+    // AWS's side; the takeover rule and the step guard cover that.
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .operation_attempt_timeout(seconds(ATTEMPT_TIMEOUT_SECONDS))
+        .operation_timeout(seconds(OPERATION_TIMEOUT_SECONDS))
+        .build();
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5));
+        .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5))
+        .timeout_config(timeouts);
     // Lambda puts the function's credentials and Region in the environment,
     // where the default chains would find them first anyway. Naming them
     // skips building the rest of those chains (web identity with its own STS

@@ -16,6 +16,8 @@ use crate::ports::{
     MAX_INSTANCES_PER_COMMAND,
 };
 use crate::record::*;
+use crate::mutation::{self, Mutation};
+use crate::reconcile::fence;
 use crate::retention;
 use crate::shell::{self, MountTarget, Preamble};
 use crate::spec::{
@@ -288,6 +290,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         bound,
         past_bound: bound.is_some_and(|at| now >= at),
         stack: ctx.settings.stack.clone(),
+        budget_seconds: ctx.settings.pass_budget_seconds,
     };
     if let Some(at) = bound.filter(|at| *at > now) {
         // A pass at the bound, whatever else the job waits on.
@@ -368,6 +371,8 @@ struct JobFacts<'a> {
     bound: Option<DateTime<Utc>>,
     past_bound: bool,
     stack: String,
+    /// A pass's time budget: the takeover rule's window counts from it.
+    budget_seconds: u32,
 }
 
 /// Cancel, deadline, or a shard that failed for good: decide the outcome once.
@@ -1295,16 +1300,17 @@ fn release(
         if wanted {
             match volume.snapshot.clone() {
                 None => {
-                    volume.snapshot =
-                        Some(SnapshotRef { snapshot_id: None, state: "requested".into(), requested_at: Some(now) });
+                    volume.snapshot = Some(SnapshotRef::requested(now, job.budget_seconds));
                     actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, false));
                     settled = false;
                 }
                 Some(SnapshotRef { snapshot_id: None, .. }) => {
-                    actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, true));
+                    if let Some(action) = unanswered_snapshot(job, shard, volume, &volume_id, obs, now, kind) {
+                        actions.push(action);
+                    }
                     settled = false;
                 }
-                Some(SnapshotRef { snapshot_id: Some(id), state, requested_at }) => {
+                Some(SnapshotRef { snapshot_id: Some(id), state, requested_at, .. }) => {
                     let seen = obs.snapshots.get(&id).map(|s| s.state.clone());
                     // A snapshot that never shows up (deleted by someone) is a failed one.
                     let lost = seen.is_none()
@@ -1313,8 +1319,12 @@ fn release(
                     let state_now = if lost { "error".to_string() } else { seen.unwrap_or(state) };
                     match state_now.as_str() {
                         "completed" => {
-                            volume.snapshot =
-                                Some(SnapshotRef { snapshot_id: Some(id), state: "completed".into(), requested_at });
+                            volume.snapshot = Some(SnapshotRef {
+                                snapshot_id: Some(id),
+                                state: "completed".into(),
+                                requested_at,
+                                in_flight_until: None,
+                            });
                             ready_to_delete = true;
                         }
                         "error" => {
@@ -1407,13 +1417,14 @@ fn snapshot_while_mounted(
         }
         match &volume.snapshot {
             None => {
-                volume.snapshot =
-                    Some(SnapshotRef { snapshot_id: None, state: "requested".into(), requested_at: Some(now) });
+                volume.snapshot = Some(SnapshotRef::requested(now, job.budget_seconds));
                 actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, false));
                 waiting = true;
             }
             Some(SnapshotRef { snapshot_id: None, .. }) => {
-                actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, true));
+                if let Some(action) = unanswered_snapshot(job, shard, volume, &volume_id, obs, now, kind) {
+                    actions.push(action);
+                }
                 waiting = true;
             }
             Some(_) => {}
@@ -1434,6 +1445,37 @@ fn launch_of(options: &[LaunchOption], attempt: &Attempt) -> LaunchOption {
 /// volume counts as gone only once it was listed before, or long after.
 fn is_gone(volume: &AttemptVolume, now: DateTime<Utc>) -> bool {
     !volume.created || volume.seen || volume.created_at.is_none_or(|at| now - at > Duration::minutes(5))
+}
+
+/// A snapshot requested earlier whose answer never came. What the cloud
+/// shows of it is adopted; while it may still land unseen, nothing is
+/// done; after that, it is requested again (the executor looks first).
+fn unanswered_snapshot(
+    job: &JobFacts<'_>,
+    shard: u32,
+    volume: &mut AttemptVolume,
+    volume_id: &str,
+    obs: &Observation,
+    now: DateTime<Utc>,
+    kind: &str,
+) -> Option<Action> {
+    let found = obs.snapshots.values().find(|s| {
+        s.state != "error"
+            && s.tags.get(tags::ATTEMPT) == Some(&volume.token)
+            && s.tags.get(tags::SOURCE_VOLUME).map(String::as_str) == Some(volume_id)
+    });
+    let snapshot = volume.snapshot.as_mut()?;
+    if let Some(found) = found {
+        snapshot.snapshot_id = Some(found.snapshot_id.clone());
+        snapshot.state = found.state.clone();
+        snapshot.in_flight_until = None;
+        return None;
+    }
+    if snapshot.in_flight_until.is_some_and(|until| now < until) && !mutation::on(Mutation::NoFence) {
+        return None;
+    }
+    snapshot.in_flight_until = Some(fence::in_flight_until(now, job.budget_seconds));
+    Some(snapshot_action(job, shard, volume, volume_id, now, kind, true))
 }
 
 fn snapshot_action(
@@ -1867,7 +1909,7 @@ fn plan_dispatch(
             made_now.insert(batch);
             record
                 .commands
-                .insert(batch, CommandBatch { phase, command_id: None, dispatched_at: ctx.now, listed_at: None });
+                .insert(batch, CommandBatch { phase, command_id: None, dispatched_at: ctx.now, listed_at: None, in_flight_until: None });
             for index in chunk {
                 if let Some(run) =
                     record.shards[*index].current_mut().and_then(|a| a.phases.iter_mut().find(|p| p.status.is_none()))
@@ -1892,13 +1934,25 @@ fn plan_dispatch(
         }
     }
     for (batch, instances) in unsent {
-        let Some((phase, dispatched_at)) = record.commands.get(&batch).map(|b| (b.phase, b.dispatched_at)) else {
+        let Some((phase, dispatched_at, in_flight)) =
+            record.commands.get(&batch).map(|b| (b.phase, b.dispatched_at, b.in_flight_until))
+        else {
             continue;
         };
+        let made = made_now.contains(&batch);
+        // Sent before, never answered, and not found by its comment: it may
+        // still land unseen, so it is not sent again yet (`fence`).
+        if let Some(until) = in_flight.filter(|u| !made && *u > ctx.now && !mutation::on(Mutation::NoFence)) {
+            *wait = (*wait).min(u32::try_from((until - ctx.now).num_seconds().max(1)).unwrap_or(u32::MAX));
+            continue;
+        }
+        if let Some(b) = record.commands.get_mut(&batch) {
+            b.in_flight_until = Some(fence::in_flight_until(ctx.now, ctx.settings.pass_budget_seconds));
+        }
         let lines = phase_lines(record, spec, phase, &instances);
         actions.push(Action::Send {
             batch,
-            look_first: !made_now.contains(&batch),
+            look_first: !made,
             request: CommandRequest {
                 instance_ids: instances.iter().map(|(id, _)| id.clone()).collect(),
                 lines,
@@ -2173,6 +2227,10 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
         Err(err) => err,
     };
     let class = error.class();
+    if matches!(class, RetryClass::Throttled | RetryClass::NotYetVisible) {
+        // Refused before it took effect: nothing of it can land later.
+        refused(record, action);
+    }
     if matches!(class, RetryClass::Throttled | RetryClass::Transient | RetryClass::NotYetVisible) {
         return;
     }
@@ -2283,6 +2341,28 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
     }
 }
 
+/// A create AWS refused (throttled, or not yet able to see what it names)
+/// did not happen: it is not waited for as maybe in flight.
+fn refused(record: &mut JobRecord, action: &Action) {
+    match action {
+        Action::Send { batch, .. } => {
+            if let Some(batch) = record.commands.get_mut(batch).filter(|b| b.command_id.is_none()) {
+                batch.in_flight_until = None;
+            }
+        }
+        Action::Snapshot { volume_id, .. } => {
+            for v in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()).flat_map(|a| a.volumes.iter_mut()) {
+                if v.volume_id.as_deref() == Some(volume_id.as_str()) {
+                    if let Some(snapshot) = v.snapshot.as_mut().filter(|s| s.snapshot_id.is_none()) {
+                        snapshot.in_flight_until = None;
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 fn dedup_warnings(record: &mut JobRecord) {
     let mut seen = BTreeSet::new();
     record.warnings.retain(|w| seen.insert(w.clone()));
@@ -2330,6 +2410,7 @@ fn settle_launch_failures(record: &mut JobRecord, now: DateTime<Utc>) {
         bound: None,
         past_bound: false,
         stack: String::new(),
+        budget_seconds: 0,
     };
     for shard in &mut record.shards {
         if shard.result.is_none() && shard.current().is_some_and(|a| a.stage == Stage::Done) {
@@ -2386,6 +2467,7 @@ fn apply_done(record: &mut JobRecord, action: &Action, done: Done, now: DateTime
         (Action::Send { batch, .. }, Done::Sent(command_id)) => {
             if let Some(batch) = record.commands.get_mut(batch) {
                 batch.command_id = Some(command_id);
+                batch.in_flight_until = None;
                 // Timeouts count from the send, not from a throttled wait before it.
                 batch.dispatched_at = now;
                 // Nothing to list yet: its end comes as an event, or a safety poll finds it.
@@ -2398,6 +2480,7 @@ fn apply_done(record: &mut JobRecord, action: &Action, done: Done, now: DateTime
                     if let Some(snapshot) = v.snapshot.as_mut().filter(|s| s.snapshot_id.is_none()) {
                         snapshot.snapshot_id = Some(snapshot_id.clone());
                         snapshot.state = "pending".into();
+                        snapshot.in_flight_until = None;
                     }
                 }
             }
@@ -2676,7 +2759,7 @@ mod tests {
         }
         r.commands.insert(
             batch,
-            CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None },
+            CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None, in_flight_until: None },
         );
         let view = |index: usize, status: &str| InvocationView {
             instance_id: format!("i-{index}"),
@@ -2744,7 +2827,7 @@ mod tests {
             finished_at: None,
         });
         r.commands
-            .insert(1, CommandBatch { phase, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None });
+            .insert(1, CommandBatch { phase, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None, in_flight_until: None });
         let mut obs = Observation::default();
         obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));
         obs.invocations.insert(
@@ -2849,7 +2932,7 @@ mod tests {
         });
         r.commands.insert(
             1,
-            CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None },
+            CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None, in_flight_until: None },
         );
         let mut obs = Observation::default();
         obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));

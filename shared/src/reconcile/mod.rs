@@ -22,6 +22,7 @@
 pub mod act;
 pub mod decide;
 pub mod decide_fuzz;
+pub mod fence;
 pub mod observe;
 
 use std::collections::BTreeSet;
@@ -90,9 +91,6 @@ pub enum Handled {
     },
 }
 
-/// The lease outlives the pass budget by this much, so a pass that is still
-/// saving is never overtaken; a crashed pass's lease expires after it.
-const LEASE_MARGIN_SECONDS: i64 = 30;
 /// Observe-decide-act rounds per pass. A round runs again only when what it
 /// did can be used at once (see `Action::unlocks_at_once`): a cloud call's
 /// effect shows seconds later or comes as an event, and looking again at
@@ -111,7 +109,7 @@ const TRANSIENT_BACKOFF_SECONDS: u32 = 15;
 pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -> Result<Handled, StepError> {
     let started = ports.clock.now();
     let owner = uuid::Uuid::new_v4().simple().to_string();
-    let lease_until = started + budget + Duration::seconds(LEASE_MARGIN_SECONDS);
+    let lease_until = started + budget + Duration::seconds(fence::LEASE_MARGIN_SECONDS);
 
     // 1. The lease.
     let (mut record, mut version, hinted) = {
@@ -360,7 +358,10 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
         let mut deferred = false;
         let mut transient = false;
         for action in &actions {
-            if ports.clock.now() >= started + budget {
+            // A call must end before the lease does (see `fence`).
+            let lease_end = record.lease.as_ref().map_or(lease_until, |l| l.until);
+            let now = ports.clock.now();
+            if now >= started + budget || !fence::may_start_call(now, lease_end) {
                 break; // the rest is decided again next pass
             }
             if action.waits_for_call_budget() && calls.instances == 0 {
@@ -520,7 +521,12 @@ async fn finish_pass(
 /// the lease was lost.
 async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner: &str) -> Result<(), StepError> {
     for _ in 0..5 {
-        record.updated_at = Some(ports.clock.now());
+        let now = ports.clock.now();
+        record.updated_at = Some(now);
+        // Each save extends the lease: a pass that is still saving is never overtaken.
+        if let Some(lease) = record.lease.as_mut().filter(|l| l.owner == owner) {
+            lease.until = lease.until.max(now + Duration::seconds(fence::LEASE_MARGIN_SECONDS));
+        }
         match ports.ledger.replace(record, version).await? {
             WriteOutcome::Written { version: written } => {
                 *version = written;

@@ -142,7 +142,7 @@ pub async fn observe(
     let snapshot_pending = record
         .attempts()
         .flat_map(|a| a.volumes.iter())
-        .any(|v| v.snapshot.as_ref().is_some_and(|s| s.snapshot_id.is_some() && s.state != "completed"));
+        .any(|v| v.snapshot.as_ref().is_some_and(|s| s.state != "completed"));
     if snapshot_pending {
         for view in cloud
             .volumes

@@ -48,6 +48,9 @@ pub struct Scenario {
     pub cancel_at: Option<i64>,
     /// Only faults a job must survive: it must SUCCEED.
     pub recoverable: bool,
+    /// EventBridge rules deliver instance, command and snapshot events,
+    /// beside the polls (a working job is then polled every 2 minutes).
+    pub events: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -140,6 +143,7 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
         agent_losses: vec![],
         cancel_at: None,
         recoverable,
+        events: false,
     };
     let mut types = vec!["m7i.large"];
     if two_types {
@@ -207,6 +211,17 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
         spec["role_arn"] = json!("arn:aws:iam::210987654321:role/flotilla/sim-target");
         spec["external_id"] = json!(format!("sim-{seed}"));
     }
+    // As AWS documents them: agents that drop out (ConnectionLost) and come
+    // back, sends and snapshots whose effect lands after the caller gave up,
+    // and events beside the polls. (Lookups lag in every scenario: see
+    // `Latencies::realistic`.)
+    if rng.chance(0.3) {
+        scenario.faults.agent_blips = 0.2;
+    }
+    if scenario.faults.lost_reply > 0.0 && rng.chance(0.5) {
+        scenario.faults.late_effect_seconds = crate::reconcile::fence::OPERATION_TIMEOUT_SECONDS;
+    }
+    scenario.events = rng.chance(0.5);
     scenario.spec = spec;
     scenario
 }
@@ -224,6 +239,7 @@ pub fn clean_scenario(seed: u64, size: u32) -> Scenario {
     scenario.agent_losses.clear();
     scenario.cancel_at = None;
     scenario.recoverable = true;
+    scenario.events = false;
     scenario.spec["volumes"] = json!([{"name": "data", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf",
         "mount_point": "/data", "snapshot": "on-success", "retention": {"keep_last": 2}}]);
     scenario.spec["setup"] = json!({"commands": [["true"]], "timeout_seconds": 300});
@@ -254,7 +270,8 @@ pub async fn run(scenario: &Scenario) -> SimResult {
                 (0, String::new(), 2)
             }
         }));
-    let ports = cloud.ports(settings());
+    cloud.lock().events = scenario.events;
+    let ports = cloud.ports(Settings { safety_poll_seconds: scenario.events.then_some(120), ..settings() });
     let job_id = scenario.spec["id"].as_str().unwrap_or_default().to_string();
     let shards = scenario.spec["fleet"]["count"].as_u64().unwrap_or(1) as u32;
     let mut rng = Rng::new(scenario.seed ^ 0x5151);
@@ -377,8 +394,16 @@ pub(crate) async fn deliver(
 ) {
     let budget = Duration::seconds(i64::from(ports.settings.pass_budget_seconds));
     let outcomes = if rng.chance(duplicate) {
+        // The same message twice, or another trigger for the job at once
+        // (an event beside a poll, the safety tick beside either).
+        let other = match rng.range(0, 3) {
+            0 => message.clone(),
+            1 => reconcile::WakeMessage::new(&message.job_id, "event"),
+            2 => reconcile::WakeMessage::new(&message.job_id, "tick"),
+            _ => reconcile::WakeMessage::new(&message.job_id, "poll"),
+        };
         let (a, b) =
-            tokio::join!(reconcile::reconcile(ports, &message, budget), reconcile::reconcile(ports, &message, budget));
+            tokio::join!(reconcile::reconcile(ports, &message, budget), reconcile::reconcile(ports, &other, budget));
         vec![a, b]
     } else {
         vec![reconcile::reconcile(ports, &message, budget).await]
@@ -558,6 +583,14 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
         };
         *result.recoveries.entry(kind).or_default() += 1;
     }
+    // What the step guard and SSM's delivery did on the simulated instances.
+    let runs = || state.commands.iter().flat_map(|c| c.runs.values().map(move |r| (c, r)));
+    let user = |c: &crate::fake::FakeCommand| !c.request.lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER));
+    let guarded = runs().filter(|(c, r)| user(c) && r.delivered_at.is_some() && !r.started_step).count();
+    *result.recoveries.entry("re-delivery the guard answered").or_default() += guarded as u64;
+    let later = runs().filter(|(c, r)| r.delivered_at.is_some_and(|at| at > c.sent_at + Duration::seconds(1))).count();
+    *result.recoveries.entry("delivered when its agent returned").or_default() += later as u64;
+    *result.recoveries.entry("create landed late").or_default() += state.evidence.late_landed;
     let restored = state.volumes.iter().filter(|v| v.snapshot_id.is_some()).count(); // sim sources are all `new`
     *result.recoveries.entry("volume restored").or_default() += restored as u64;
     let partial = state.launch_tokens.values().filter(|(print, ids)| {
@@ -651,13 +684,15 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     if distinct.len() != ids.len() {
         violation(result, "duplicate instances", "an instance serves two attempts".into());
     }
-    // No moment where one shard's command ran twice at once.
+    // No moment where one shard's work ran twice at once (on the simulated
+    // instances: deliveries the step guard held or turned away ran nothing).
     let mut intervals: BTreeMap<(u32, String), Vec<(DateTime<Utc>, DateTime<Utc>)>> = BTreeMap::new();
     for command in &state.commands {
-        let shards = shards_in(&command.request.lines);
+        let shards = crate::fake::shards_in(&command.request.lines);
         let phase = command.request.comment.split_whitespace().nth(2).unwrap_or_default().to_string();
         let timeout_at = command.sent_at + Duration::seconds(i64::from(command.request.timeout_seconds));
         for (instance_id, run) in &command.runs {
+            let Some(started) = run.delivered_at.filter(|_| run.started_step) else { continue };
             let mut until = run.finishes_at.min(timeout_at);
             if let Some(at) = run.died_at {
                 until = until.min(at);
@@ -666,7 +701,7 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
                 until = until.min(at);
             }
             if let Some(shard) = shards.get(instance_id) {
-                intervals.entry((*shard, phase.clone())).or_default().push((command.sent_at, until));
+                intervals.entry((*shard, phase.clone())).or_default().push((started, until));
             }
         }
     }
@@ -677,6 +712,23 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
                 violation(result, "concurrent command", format!("shard {shard} {phase} ran twice at once"));
             }
         }
+    }
+    // A user's step started at most once per shard, attempt (its instance)
+    // and phase, counted where it ran.
+    let mut starts: BTreeMap<&String, usize> = BTreeMap::new();
+    for (key, _) in &state.evidence.step_starts {
+        *starts.entry(key).or_default() += 1;
+    }
+    for (key, count) in starts.iter().filter(|(_, n)| **n > 1) {
+        violation(result, "step started twice", format!("{key}: started {count} times"));
+    }
+    // At most one snapshot (not ended in error) per volume and attempt.
+    let mut taken: BTreeMap<(&String, Option<&String>), Vec<&String>> = BTreeMap::new();
+    for snapshot in state.evidence.snapshots_created.iter().filter(|s| !s.fails) {
+        taken.entry((&snapshot.volume_id, snapshot.tags.get(crate::ports::tags::ATTEMPT))).or_default().push(&snapshot.id);
+    }
+    for ((volume, _), ids) in taken.iter().filter(|(_, ids)| ids.len() > 1) {
+        violation(result, "two snapshots of one attempt", format!("{volume}: {ids:?}"));
     }
     // A job whose only faults are recoverable succeeds.
     if scenario.recoverable && record.state != JobState::Succeeded {
@@ -720,17 +772,6 @@ fn call_floor(record: &JobRecord) -> u64 {
     floor + record.commands.len() as u64
 }
 
-fn shards_in(lines: &[String]) -> BTreeMap<String, u32> {
-    lines
-        .iter()
-        .filter_map(|line| {
-            let (id, rest) = line.trim().split_once(") export FLOTILLA_SHARD_INDEX=")?;
-            let index = rest.split_whitespace().next()?.trim_end_matches(";;").parse().ok()?;
-            Some((id.trim_matches('\'').to_string(), index))
-        })
-        .collect()
-}
-
 /// A campaign's figures: what `make chaos` prints.
 #[derive(Debug, Default)]
 pub struct Campaign {
@@ -745,7 +786,7 @@ pub struct Campaign {
     pub recoveries: BTreeMap<&'static str, u64>,
 }
 
-pub const INVARIANTS: [&str; 12] = [
+pub const INVARIANTS: [&str; 14] = [
     "terminal",
     "instances left",
     "instance past its bound",
@@ -754,6 +795,8 @@ pub const INVARIANTS: [&str; 12] = [
     "deleted without snapshot",
     "duplicate instances",
     "concurrent command",
+    "step started twice",
+    "two snapshots of one attempt",
     "restore from snapshot",
     "reaper touched a busy job",
     "recoverable job failed",
