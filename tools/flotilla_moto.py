@@ -40,7 +40,9 @@ Gaps filled (measured against moto 5.2.5):
    IdempotentParameterMismatch (HTTP 400). A refused request does not use up
    its token.
 6. CreateVolume ignores ClientToken: a repeated token returns the first
-   volume, as EC2 does.
+   volume, as EC2 does; with different parameters (other than the
+   Availability Zone) it fails with IdempotentParameterMismatch (HTTP 400),
+   as "Ensuring idempotency in Amazon EC2 API requests" says.
 
 7. Launch-template MetadataOptions and IamInstanceProfile are ignored, and a
    requested profile goes to the first instance only: the template's values
@@ -101,7 +103,24 @@ Gaps filled (measured against moto 5.2.5):
     Notification" when an invocation ends, onto the default bus, where rules
     route them (moto's EventBridge delivers to SQS targets). EBS sends an
     "EBS Snapshot Notification" (createSnapshot, succeeded) when a snapshot
-    completes, which in moto is at once.
+    completes.
+18. Snapshots are completed the moment they exist. Here they stay `pending`
+    for FLOTILLA_EMU_SNAPSHOT_SECONDS (default 2), as EBS's do ("Snapshot
+    creation is asynchronous ... it remains in the pending state until all
+    of data has been transferred").
+19. ListCommands is consistent at once. AWS documents no read-after-write
+    consistency for it (the Run Command API "follows an eventual consistency
+    model", GetCommandInvocation reference): here a command is left out of
+    ListCommands by instance for FLOTILLA_EMU_LIST_LAG_SECONDS (default 1)
+    after SendCommand, or for the seconds in $FLOTILLA_EMU_SCRATCH/list-lag
+    (re-read on every call). Lookups by CommandId are not delayed.
+20. An invocation its instance's stop killed stays lost. Here, when the
+    instance starts again before the command expires, its agent delivers
+    the invocation again and the script runs again from the start, as the
+    agent resumes a document interrupted by a reboot (AWS documents this
+    for reboots a script asks for, exit 194, and says nothing of others; we
+    take the unkind reading). Flotilla's step guard then answers with its
+    reserved code.
 
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
@@ -133,6 +152,8 @@ from moto.ssm.responses import SimpleSystemManagerResponse
 EMULATOR = "flotilla-emulator"
 VOLUME_OP_MARKER = "# flotilla:volume-op"
 AGENT_SECONDS = float(os.environ.get("FLOTILLA_EMU_AGENT_SECONDS", "2"))
+SNAPSHOT_SECONDS = float(os.environ.get("FLOTILLA_EMU_SNAPSHOT_SECONDS", "2"))
+LIST_LAG_SECONDS = float(os.environ.get("FLOTILLA_EMU_LIST_LAG_SECONDS", "1"))
 SCRATCH = os.environ.get("FLOTILLA_EMU_SCRATCH", "/tmp/flotilla-emulator")
 # GetCommandInvocation returns at most 24,000 characters of each stream;
 # ListCommandInvocations' plugin Output at most 2,500.
@@ -433,12 +454,19 @@ def _create_volume(self):
         return _original_create_volume(self)
     backend = self.ec2_backend
     tokens = backend.__dict__.setdefault("_flotilla_volume_tokens", {})
+    # Tags are parameters too; only the Region and Availability Zone may differ.
+    fingerprint = sorted(
+        (k, tuple(v)) for k, v in self.querystring.items()
+        if k not in ("ClientToken", "AvailabilityZone", "Action", "Version")
+    )
     with _lock:
         known = tokens.get(token)
-        if known in backend.volumes:
-            return ActionResult(backend.volumes[known])
+        if known is not None and known[1] in backend.volumes:
+            if known[0] != fingerprint:
+                raise IdempotentParameterMismatch()
+            return ActionResult(backend.volumes[known[1]])
         result = _original_create_volume(self)
-        tokens[token] = result.result.id
+        tokens[token] = (fingerprint, result.result.id)
         return result
 
 
@@ -585,12 +613,20 @@ def _create_snapshot_announced(self, volume_id, description, owner_id=None, from
     if from_ami is None:
         region, account = self.region_name, self.account_id
         arn = f"arn:aws:ec2:{region}::snapshot/{snapshot.id}"
-        now = _now().strftime("%a %b %d %H:%M:%S UTC %Y")
-        _emit(account, region, "aws.ec2", "EBS Snapshot Notification", {
-            "event": "createSnapshot", "result": "succeeded", "cause": "", "request-id": "",
-            "snapshot_id": arn, "source": f"arn:aws:ec2:{region}::volume/{volume_id}",
-            "startTime": now, "endTime": now,
-        }, [arn])
+        started = _now().strftime("%a %b %d %H:%M:%S UTC %Y")
+        snapshot.status = "pending"  # gap 18
+
+        def complete():
+            snapshot.status = "completed"
+            _emit(account, region, "aws.ec2", "EBS Snapshot Notification", {
+                "event": "createSnapshot", "result": "succeeded", "cause": "", "request-id": "",
+                "snapshot_id": arn, "source": f"arn:aws:ec2:{region}::volume/{volume_id}",
+                "startTime": started, "endTime": _now().strftime("%a %b %d %H:%M:%S UTC %Y"),
+            }, [arn])
+
+        timer = threading.Timer(SNAPSHOT_SECONDS, complete)
+        timer.daemon = True
+        timer.start()
     return snapshot
 
 
@@ -626,6 +662,7 @@ class Execution:
         self.process = None
         self.cancelled = False
         self.lost = False  # the instance stopped or terminated under it
+        self.generation = 0  # each delivery of it (gap 20)
         self.stdout_url = ""
         self.stderr_url = ""
         self.lock = threading.Lock()
@@ -837,6 +874,7 @@ def _execute(execution):
         if execution.cancelled:  # cancelled before it started
             execution.finish("Cancelled", "Cancelled", -1)
             return
+        generation = execution.generation
         execution.process = subprocess.Popen(
             ["bash", "-c", script],
             cwd=work,
@@ -859,7 +897,7 @@ def _execute(execution):
         _expire(execution)
         return
     with execution.lock:
-        if execution.finished() or execution.lost:
+        if execution.finished() or execution.lost or execution.generation != generation:
             return  # lost: it stays InProgress, without output, until it expires
         execution.stdout = out.decode(errors="replace")
         execution.stderr = err.decode(errors="replace")
@@ -1003,7 +1041,24 @@ def _start_instances(self, instance_ids):
         if previous.name != "running":
             _started_at[instance.id] = _now()  # the agent comes Online after boot
             _state_change(self, instance.id, "pending", "running")
+            _resume(instance.id)
     return started
+
+
+def _resume(instance_id):
+    # Gap 20: the agent delivers again what the stop interrupted, unless the
+    # command expired meanwhile.
+    with _lock:
+        executions = list(_by_instance.get(instance_id, []))
+    for execution in executions:
+        with execution.lock:
+            if not execution.lost or execution.finished() or _now() >= execution.deadline:
+                continue
+            execution.lost = False
+            execution.process = None
+            execution.generation += 1
+            execution.status = execution.details = "Delayed"
+        threading.Thread(target=_run, args=(execution,), daemon=True).start()
 
 
 EC2Backend.stop_instances = _stop_instances
@@ -1104,6 +1159,30 @@ def cancel_command(self):
 
 
 SimpleSystemManagerResponse.list_command_invocations = list_command_invocations
+
+
+# --- 19. ListCommands lags -------------------------------------------------
+
+_original_list_commands = SimpleSystemManagerBackend.list_commands
+
+
+def _list_lag():
+    try:
+        with open(os.path.join(SCRATCH, "list-lag")) as f:
+            return float(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return LIST_LAG_SECONDS
+
+
+def _list_commands(self, command_id, instance_id):
+    commands = _original_list_commands(self, command_id, instance_id)
+    if command_id:
+        return commands
+    seen_from = _now() - datetime.timedelta(seconds=_list_lag())
+    return [c for c in commands if _as_utc(c.requested_date_time) <= seen_from]
+
+
+SimpleSystemManagerBackend.list_commands = _list_commands
 SimpleSystemManagerResponse.cancel_command = cancel_command
 
 

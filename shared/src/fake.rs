@@ -260,6 +260,13 @@ pub struct Faults {
     /// The next call of each named operation takes effect and its reply is
     /// lost (the caller sees a timeout).
     pub lose_reply: Vec<&'static str>,
+    /// Per command: ListCommands does not show it for 1-5 minutes, past
+    /// the lag the takeover rule assumes (AWS promises none): the send is
+    /// made again, and only the step guard keeps the step from running twice.
+    pub long_command_lag: f64,
+    /// Per call: it takes up to the SDK's operation timeout (a slow
+    /// endpoint, retries inside the SDK) before it takes effect.
+    pub slow_calls: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -319,6 +326,12 @@ pub struct FakeVolume {
     pub fails: bool,
     /// Its instance terminated: `in-use` (attachment `detaching`) until then.
     pub detached_at: Option<DateTime<Utc>>,
+    /// Mounted on its instance (a mount step ended well there, and no
+    /// unmount, stop or termination since).
+    pub mounted: bool,
+    /// DetachVolume asked while it was mounted: it stays `busy` until it is
+    /// unmounted or its instance stops.
+    pub detach_waiting: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -356,6 +369,8 @@ pub struct FakeRun {
     pub waits_on: Option<(String, String)>,
     /// This delivery ran the script's work (the guard let it, or there is none).
     pub started_step: bool,
+    /// A mount or unmount that ended well has marked its volumes.
+    pub volume_effect_done: bool,
     /// Far in the future until it is delivered.
     pub finishes_at: DateTime<Utc>,
     /// Set when its instance stopped or terminated before it finished.
@@ -410,7 +425,8 @@ pub struct FakeState {
     pub queue: VecDeque<(DateTime<Utc>, WakeMessage)>,
     /// ClientToken -> (request fingerprint, instance ids).
     pub launch_tokens: BTreeMap<String, (String, Vec<String>)>,
-    pub volume_tokens: BTreeMap<String, String>,
+    /// ClientToken -> (request fingerprint, volume id).
+    pub volume_tokens: BTreeMap<String, (String, String)>,
     pub next_id: u64,
     /// Counts of each call, for assertions and the call budget.
     pub calls: BTreeMap<&'static str, u64>,
@@ -576,6 +592,8 @@ impl FakeCloud {
             snapshot_id: None,
             fails: false,
             detached_at: None,
+            mounted: false,
+            detach_waiting: false,
         });
         id
     }
@@ -606,6 +624,18 @@ impl FakeCloud {
             let ms = rng.range(lo, hi);
             let transient = rng.chance(transient_rate);
             let yields = rng.chance(yield_rate);
+            let slow = state.faults.slow_calls;
+            let ms = if slow > 0.0 {
+                let rng = state.rng.as_mut().expect("rng");
+                let limit = crate::reconcile::fence::OPERATION_TIMEOUT_SECONDS * 1000;
+                if rng.chance(slow) {
+                    rng.range(1000, limit)
+                } else {
+                    ms
+                }
+            } else {
+                ms
+            };
             let now = state.now.unwrap_or_default() + Duration::milliseconds(ms);
             state.now = Some(now);
             refresh(&mut state);
@@ -679,6 +709,24 @@ impl FakeCloud {
     }
 }
 
+impl FakeCloud {
+    /// Wait, on the virtual clock, until `at`: time moves as the other
+    /// branch of a join calls the cloud; once `alone` says that branch has
+    /// ended, the clock is moved to `at` here.
+    pub async fn sleep_until(&self, at: DateTime<Utc>, alone: &std::cell::Cell<bool>) {
+        loop {
+            if self.now() >= at {
+                return;
+            }
+            if alone.get() {
+                self.advance_to(at);
+                return;
+            }
+            YieldOnce(false).await;
+        }
+    }
+}
+
 /// Returns Pending once, waking itself: the executor polls the other branch.
 struct YieldOnce(bool);
 
@@ -739,6 +787,7 @@ fn refresh(state: &mut FakeState) {
     }
     land_late(state, now);
     deliver_runs(state);
+    mount_effects(state, now, &ended);
     if ended.is_empty() {
         return;
     }
@@ -1088,7 +1137,19 @@ impl Volumes for FakeCloud {
         self.call("CreateVolume", true).await?;
         tag_limit("CreateVolume", request.tags.len() + usize::from(!request.tags.contains_key(tags::MANAGED_BY)))?;
         let mut state = self.lock();
-        if let Some(id) = state.volume_tokens.get(&request.client_token).cloned() {
+        // EC2: the same token with any parameter changed but the Region or
+        // Availability Zone is refused.
+        let print =
+            format!("{:?}|{}|{:?}|{:?}", request.size_gib, request.volume_type, request.snapshot_id, request.tags);
+        if let Some((seen, id)) = state.volume_tokens.get(&request.client_token).cloned() {
+            if seen != print {
+                return Err(CloudError::api(
+                    "ec2",
+                    "CreateVolume",
+                    "IdempotentParameterMismatch",
+                    "the client token was used with different parameters",
+                ));
+            }
             if let Some(volume) = state.volumes.iter().find(|v| v.id == id) {
                 return Ok(volume_view(volume));
             }
@@ -1123,9 +1184,11 @@ impl Volumes for FakeCloud {
             snapshot_id: request.snapshot_id.clone(),
             fails,
             detached_at: None,
+            mounted: false,
+            detach_waiting: false,
         };
         state.volumes.push(volume.clone());
-        state.volume_tokens.insert(request.client_token.clone(), id);
+        state.volume_tokens.insert(request.client_token.clone(), (print, id));
         self.after(&mut state, "CreateVolume")?;
         Ok(volume_view(&volume))
     }
@@ -1154,12 +1217,21 @@ impl Volumes for FakeCloud {
         self.after(&mut state, "AttachVolume")
     }
 
-    async fn detach(&self, volume_id: &str, _instance_id: &str, _force: bool) -> CloudResult<()> {
+    async fn detach(&self, volume_id: &str, _instance_id: &str, force: bool) -> CloudResult<()> {
         self.call("DetachVolume", true).await?;
         let mut state = self.lock();
         if let Some(volume) = state.volumes.iter_mut().find(|v| v.id == volume_id) {
-            volume.attached_to = None;
-            volume.state = "available".into();
+            // "Failure to [unmount] can result in the volume becoming stuck in
+            // the busy state while detaching ... delayed indefinitely until you
+            // unmount the volume, force detachment, reboot the instance"
+            // (DetachVolume reference).
+            if volume.mounted && !force {
+                volume.detach_waiting = true;
+            } else {
+                volume.attached_to = None;
+                volume.state = "available".into();
+                volume.detach_waiting = false;
+            }
         }
         Ok(())
     }
@@ -1332,6 +1404,7 @@ impl Commands for FakeCloud {
                     delivered_at: None,
                     waits_on: None,
                     started_step: false,
+                    volume_effect_done: false,
                     finishes_at: FAR_FUTURE,
                     died_at: None,
                     cancel_requested_at: None,
@@ -1340,7 +1413,14 @@ impl Commands for FakeCloud {
             );
         }
         let id = FakeCloud::next_id(&mut state, "cmd");
-        let lag = draw(&mut state, self.latencies.lookup_lag);
+        let mut lag = draw(&mut state, self.latencies.lookup_lag);
+        let long = state.faults.long_command_lag;
+        if long > 0.0 {
+            let rng = state.rng.as_mut().expect("rng");
+            if rng.chance(long) {
+                lag = rng.range(60, 300);
+            }
+        }
         let command = FakeCommand {
             id: id.clone(),
             request: request.clone(),
@@ -1384,25 +1464,28 @@ impl Commands for FakeCloud {
         if now < command.listed_at {
             return Ok(vec![]); // not listed yet
         }
-        let deadline = command.sent_at + Duration::seconds(i64::from(command.request.timeout_seconds));
+        let timeout = Duration::seconds(i64::from(command.request.timeout_seconds));
         let agents: BTreeMap<&String, &FakeInstance> = state.instances.iter().map(|i| (&i.id, i)).collect();
         Ok(command
             .runs
             .iter()
             .filter(|(id, _)| instance_ids.contains(id))
             .map(|(id, run)| {
+                // The agent times the execution from when it received it.
+                let deadline = run.delivered_at.unwrap_or(command.sent_at) + timeout;
                 let instance = agents.get(id);
                 // An agent that stopped answering before the run ended never reports its result.
-                let unheard = instance
-                    .and_then(|i| i.agent_lost_at)
-                    .is_some_and(|at| at <= now && at < run.finishes_at);
+                let unheard =
+                    instance.and_then(|i| i.agent_lost_at).is_some_and(|at| at <= now && at < run.finishes_at);
                 // An agent away now reports when it is back.
                 let away = instance
                     .and_then(|i| i.agent_away)
                     .is_some_and(|(from, until)| from <= now && now < until && from < run.finishes_at);
                 let cancelling = run.cancel_requested_at.is_some();
                 let (status, exit_code) = if run.delivered_at.is_none() {
-                    match (run.cancelled_at.is_some(), now >= deadline) {
+                    // Pending until delivery and execution timeouts have both passed.
+                    let gave_up = deadline + Duration::seconds(delivery_timeout(&command.request));
+                    match (run.cancelled_at.is_some(), now >= gave_up) {
                         (true, _) => ("Cancelled", None),
                         (false, true) => ("DeliveryTimedOut", None),
                         (false, false) => ("Pending", None),
@@ -1413,7 +1496,7 @@ impl Commands for FakeCloud {
                     // The agent died with its instance, or cannot be reached:
                     // SSM never hears a result, and the invocation times out
                     // (never Success; a cancel never completes).
-                    match (now >= deadline && !away, cancelling) {
+                    match (now >= deadline, cancelling) {
                         (true, _) => ("TimedOut", Some(-1)),
                         (false, true) => ("Cancelling", None),
                         (false, false) => ("InProgress", None),
@@ -1488,6 +1571,50 @@ impl Commands for FakeCloud {
     }
 }
 
+/// What mount and unmount steps that ended well did to their instance's
+/// volumes; a stopped or terminated instance has nothing mounted. A detach
+/// that waited on a mounted volume completes once it is not.
+fn mount_effects(state: &mut FakeState, now: DateTime<Utc>, ended: &BTreeSet<String>) {
+    let mut mounted: Vec<(String, String)> = Vec::new();
+    let mut unmounted: BTreeSet<String> = ended.clone();
+    for command in &mut state.commands {
+        let Some(first) = command.request.lines.first() else { continue };
+        let op = first.strip_prefix(crate::shell::VOLUME_OP_MARKER).map(str::trim);
+        let Some(op) = op.filter(|op| matches!(*op, "mount" | "unmount")) else { continue };
+        for (instance_id, run) in command.runs.iter_mut() {
+            let well = run.delivered_at.is_some() && run.exit_code == 0 && now >= run.finishes_at;
+            let killed = [run.died_at, run.cancelled_at].into_iter().flatten().any(|at| at <= run.finishes_at);
+            if !well || killed || run.volume_effect_done {
+                continue;
+            }
+            run.volume_effect_done = true;
+            if op == "unmount" {
+                unmounted.insert(instance_id.clone());
+                continue;
+            }
+            let prefix = format!("  {}) VOLUME_ID=", crate::shell::quote(instance_id));
+            for line in command.request.lines.iter().filter_map(|l| l.strip_prefix(&prefix)) {
+                let volume = line.split_whitespace().next().unwrap_or_default().trim_matches('\'');
+                mounted.push((instance_id.clone(), volume.to_string()));
+            }
+        }
+    }
+    for volume in &mut state.volumes {
+        let owner = volume.attached_to.clone();
+        if mounted.iter().any(|(i, v)| *v == volume.id && owner.as_ref() == Some(i)) {
+            volume.mounted = true;
+        }
+        if owner.as_ref().is_none_or(|i| unmounted.contains(i)) {
+            volume.mounted = false;
+        }
+        if volume.detach_waiting && !volume.mounted {
+            volume.detach_waiting = false;
+            volume.attached_to = None;
+            volume.state = "available".into();
+        }
+    }
+}
+
 /// Creates whose moment came land now, as AWS took them in then.
 fn land_late(state: &mut FakeState, now: DateTime<Utc>) {
     if state.late.is_empty() {
@@ -1498,8 +1625,11 @@ fn land_late(state: &mut FakeState, now: DateTime<Utc>) {
     for (at, effect) in due {
         match effect {
             LateEffect::Command(mut command) => {
-                let managed =
-                    command.request.instance_ids.iter().all(|id| state.instances.iter().any(|i| &i.id == id && i.managed(at)));
+                let managed = command
+                    .request
+                    .instance_ids
+                    .iter()
+                    .all(|id| state.instances.iter().any(|i| &i.id == id && i.managed(at)));
                 if managed {
                     let shift = at - command.sent_at;
                     command.sent_at = at;
@@ -1529,6 +1659,12 @@ fn lose(run: &mut FakeRun, at: DateTime<Utc>) {
     run.stdout = String::new();
     run.stderr = format!("{}: an earlier delivery started here and never finished", crate::shell::LOST_MARKER);
     run.waits_on = None;
+}
+
+/// SendCommand's TimeoutSeconds, as the adapter sets it: a command its
+/// agent has not received by then never runs.
+fn delivery_timeout(request: &CommandRequest) -> i64 {
+    i64::from(crate::ports::delivery_timeout_seconds(request.timeout_seconds))
 }
 
 /// Far in the future: a run not delivered yet has no end.
@@ -1602,7 +1738,7 @@ fn deliver_runs(state: &mut FakeState) {
     let up: BTreeSet<String> = state.instances.iter().filter(|i| i.agent_up(now)).map(|i| i.id.clone()).collect();
     let mut waiting: Vec<(usize, String)> = Vec::new();
     for (index, command) in state.commands.iter().enumerate() {
-        let deadline = command.sent_at + Duration::seconds(i64::from(command.request.timeout_seconds));
+        let deadline = command.sent_at + Duration::seconds(delivery_timeout(&command.request));
         for (instance_id, run) in &command.runs {
             if run.delivered_at.is_none() && run.cancelled_at.is_none() && up.contains(instance_id) && now < deadline {
                 waiting.push((index, instance_id.clone()));
@@ -1624,13 +1760,14 @@ fn deliver_runs(state: &mut FakeState) {
                     .commands
                     .iter()
                     .find(|c| c.id == holder.0)
-                    .and_then(|c| c.runs.get(&holder.1).map(|r| (r.clone(), c.sent_at, c.request.timeout_seconds)));
+                    .and_then(|c| c.runs.get(&holder.1).map(|r| (r.clone(), c.request.timeout_seconds)));
                 match held {
                     None => Guarded::Lost,
-                    Some((run, sent_at, timeout)) => {
+                    Some((run, timeout)) => {
                         // A step killed (its timeout, a cancel, its instance)
                         // never writes `done`.
-                        let mut end = run.finishes_at.min(sent_at + Duration::seconds(i64::from(timeout)));
+                        let started = run.delivered_at.unwrap_or(now);
+                        let mut end = run.finishes_at.min(started + Duration::seconds(i64::from(timeout)));
                         for at in [run.cancelled_at, run.died_at].into_iter().flatten() {
                             end = end.min(at);
                         }

@@ -211,6 +211,14 @@ pub struct InvocationView {
     pub output_uri: Option<String>,
 }
 
+/// SendCommand's delivery timeout (TimeoutSeconds, 30 s at least) for a
+/// command with this execution timeout: a command its agent has not
+/// received by then never runs, and is `DeliveryTimedOut` once both have
+/// passed. The default would be an hour.
+pub fn delivery_timeout_seconds(execution_timeout_seconds: u32) -> u32 {
+    execution_timeout_seconds.clamp(30, 2_592_000)
+}
+
 impl InvocationView {
     pub fn is_finished(&self) -> bool {
         matches!(

@@ -61,6 +61,8 @@ fn user_volume(cloud: &FakeCloud, id: &str, opt_in: Option<&str>) {
         snapshot_id: None,
         fails: false,
         detached_at: None,
+        mounted: false,
+        detach_waiting: false,
     });
 }
 

@@ -209,6 +209,55 @@ async fn client_token_makes_create_volume_idempotent() {
     let again = create().await.expect("create again");
     assert_eq!(first.volume_id(), again.volume_id());
     assert_eq!(stack.ec2().describe_volumes().send().await.expect("describe").volumes().len(), 1);
+    // The same token with another size is refused; another zone is not a difference.
+    let other = stack.ec2().create_volume().availability_zone("us-east-1a").size(2).client_token("job-x-data-0");
+    let refused = other.send().await.expect_err("a changed parameter is refused");
+    assert_eq!(
+        aws_sdk_ec2::error::ProvideErrorMetadata::code(&refused),
+        Some("IdempotentParameterMismatch"),
+        "{refused:?}"
+    );
+    let elsewhere = stack.ec2().create_volume().availability_zone("us-east-1b").size(1).client_token("job-x-data-0");
+    assert_eq!(elsewhere.send().await.expect("another zone").volume_id(), first.volume_id());
+}
+
+/// A snapshot stays `pending` for a while, then completes (gap 18).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_pending_before_it_completes() {
+    let stack = MotoStack::start().await;
+    let volume = stack.ec2().create_volume().availability_zone("us-east-1a").size(1).send().await.expect("volume");
+    let snapshot =
+        stack.ec2().create_snapshot().volume_id(volume.volume_id().expect("id")).send().await.expect("snapshot");
+    let id = snapshot.snapshot_id().expect("id").to_string();
+    let state = || async {
+        let out = stack.ec2().describe_snapshots().snapshot_ids(&id).send().await.expect("describe");
+        out.snapshots()[0].state().map(|s| s.as_str().to_string()).unwrap_or_default()
+    };
+    assert_eq!(state().await, "pending");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state().await != "completed" {
+        assert!(Instant::now() < deadline, "the snapshot never completed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// ListCommands by instance does not show a command at once (gap 19); by
+/// its id it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_commands_lags_behind_send_command() {
+    let stack = MotoStack::start().await;
+    std::fs::write(stack.scratch.join("list-lag"), "3").expect("lag");
+    let ids = launch(&stack, 1, None).await;
+    let command = send(&stack, &ids, "true", 60).await;
+    let listed = || async {
+        let out = stack.ssm().list_commands().instance_id(&ids[0]).send().await.expect("list");
+        out.commands().iter().filter_map(|c| c.command_id().map(str::to_string)).collect::<Vec<_>>()
+    };
+    assert!(listed().await.is_empty(), "a new command is not listed at once");
+    let by_id = stack.ssm().list_commands().command_id(&command).send().await.expect("by id");
+    assert_eq!(by_id.commands().len(), 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(listed().await, vec![command]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -698,10 +747,14 @@ async fn a_completed_snapshot_wakes_its_job_and_no_other() {
         events.extend(received.messages().iter().map(|m| m.body().unwrap_or_default().to_string()));
     }
     assert_eq!(events.len(), 2, "one event per completed snapshot: {events:?}");
-    for (body, id) in events.iter().zip([&ours, &theirs]) {
-        let event: serde_json::Value = serde_json::from_str(body).expect("json");
+    // Each completes in its own time: in either order.
+    for id in [&ours, &theirs] {
+        let event = events
+            .iter()
+            .map(|body| serde_json::from_str::<serde_json::Value>(body).expect("json"))
+            .find(|e| e["resources"][0].as_str().unwrap_or_default().ends_with(&format!(":snapshot/{id}")))
+            .unwrap_or_else(|| panic!("no event for {id}: {events:?}"));
         assert_eq!(event["detail"]["result"], "succeeded");
-        assert!(event["resources"][0].as_str().unwrap_or_default().ends_with(&format!(":snapshot/{id}")), "{event}");
     }
     let batch: aws_lambda_events::event::sqs::SqsEvent = serde_json::from_value(serde_json::json!({"Records":
         events.iter().enumerate().map(|(i, body)| serde_json::json!({"messageId": format!("m-{i}"), "body": body}))

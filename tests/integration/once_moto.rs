@@ -109,3 +109,50 @@ async fn a_step_re_sent_while_it_runs_and_after_it_ended_starts_once() {
     assert!(record.reason.contains("run exited 3"), "{}", record.reason);
     assert_eq!(stack.running_managed().await, 0);
 }
+
+/// The instance is stopped mid-step (its processes die) and started again;
+/// its agent delivers the interrupted command again. The guard finds the
+/// step `started` and never finished: it runs nothing and exits with the
+/// reserved code, which the reconciler reads as a lost instance, and the
+/// shard is retried on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_killed_with_its_instance_is_never_rerun_and_the_shard_retries() {
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    let mut spec = job("once-2");
+    spec["fleet"] = serde_json::json!({"count": 1});
+    let go = stack.scratch.join("go-2");
+    spec["env"]["GO"] = serde_json::json!(go.display().to_string());
+    spec["run"] = serde_json::json!({"script": "echo start >> \"$HOME/starts\"; until [ -e \"$GO\" ]; do sleep 0.2; done", "timeout_seconds": 120});
+    stack.submit(&spec.to_string()).await;
+    let (run, instance) = pump_until(&stack, "once-2", |r| sent(r, Phase::Run)).await;
+    let starts =
+        |id: &str| std::fs::read_to_string(stack.scratch.join(id).join("starts")).unwrap_or_default().lines().count();
+    let deadline = std::time::Instant::now() + LIMIT;
+    while starts(&instance) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the run never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A reboot between two passes: the step dies with the instance's processes.
+    stack.ec2().stop_instances().instance_ids(&instance).send().await.expect("stop");
+    stack.ec2().start_instances().instance_ids(&instance).send().await.expect("start");
+    let (status, code) = finished(&stack, &run, &instance).await;
+    assert_eq!((status.as_str(), code), ("Failed", flotilla_shared::shell::LOST_EXIT_CODE));
+    let invocation = stack.ssm().get_command_invocation().command_id(&run).instance_id(&instance).send().await;
+    let stderr = invocation.expect("invocation").standard_error_content().unwrap_or_default().to_string();
+    assert!(stderr.contains(flotilla_shared::shell::LOST_MARKER), "{stderr}");
+    assert_eq!(starts(&instance), 1, "the re-delivery ran nothing");
+
+    std::fs::write(&go, "").expect("go");
+    let record = stack.run_to_end(&ports, "once-2", false, LIMIT).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    let attempts = &record.shards[0].attempts;
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    let first = attempts[0].end.as_ref().expect("first attempt ended");
+    assert_eq!(first.cause, flotilla_shared::record::EndCause::InstanceLost, "{first:?}");
+    let second = attempts[1].instance_id.clone().expect("second instance");
+    assert_ne!(second, instance);
+    assert_eq!(starts(&second), 1);
+    assert_eq!(stack.running_managed().await, 0);
+}

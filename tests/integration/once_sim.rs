@@ -50,7 +50,12 @@ async fn a_lost_send_is_found_not_resent_while_it_may_be_in_flight() {
     let scenario = one_step(9102, 60);
     let result = sim::run(&scenario).await;
     assert!(result.violations.is_empty(), "{:?}", result.violations);
-    assert_eq!(result.recoveries.get("re-delivery the guard answered").copied().unwrap_or(0), 0, "{:?}", result.recoveries);
+    assert_eq!(
+        result.recoveries.get("re-delivery the guard answered").copied().unwrap_or(0),
+        0,
+        "{:?}",
+        result.recoveries
+    );
     mutation::set(Some(Mutation::NoFence));
     let eager = sim::run(&scenario).await;
     mutation::set(None);
@@ -69,4 +74,71 @@ async fn a_lost_snapshot_is_adopted_and_taken_twice_without_the_rule() {
     scenario.latencies = Latencies { lookup_lag: (60, 60), ..Latencies::realistic() };
     scenario.faults.lose_reply = vec!["CreateSnapshot"];
     fires(&scenario, Mutation::NoFence, "two snapshots of one attempt").await;
+}
+
+/// The simulated cloud, as the DetachVolume reference says: a volume still
+/// mounted stays attached (busy) after DetachVolume until it is unmounted;
+/// a forced detach does not wait. (Flotilla itself never detaches a volume
+/// it mounted: it terminates the instance.)
+#[tokio::test]
+async fn a_mounted_volume_detaches_only_once_unmounted() {
+    use flotilla_shared::fake::{FakeCloud, FakeInstance};
+    use flotilla_shared::ports::{tags, CommandRequest, Commands, NewVolume, Volumes};
+    use flotilla_shared::shell::{quote, VOLUME_OP_MARKER};
+    let now = sim::start_time();
+    let cloud = FakeCloud::new(now);
+    cloud.lock().instances.push(FakeInstance {
+        id: "i-1".into(),
+        state: "running".into(),
+        az: "us-east-1a".into(),
+        instance_type: "m7i.large".into(),
+        market: flotilla_shared::spec::Market::OnDemand,
+        tags: std::collections::BTreeMap::from([(tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string())]),
+        launched_at: now,
+        running_at: now,
+        online_at: Some(now),
+        terminated_at: None,
+        shutting_down_at: None,
+        launch_index: 0,
+        visible_at: now,
+        agent_lost_at: None,
+        impaired_at: None,
+        agent_away: None,
+    });
+    let mut volumes = Vec::new();
+    for token in ["t-1", "t-2"] {
+        let request = NewVolume {
+            availability_zone: "us-east-1a".into(),
+            size_gib: Some(1),
+            volume_type: "gp3".into(),
+            snapshot_id: None,
+            tags: Default::default(),
+            client_token: token.into(),
+        };
+        let id = cloud.create_volume(&request).await.expect("volume").volume_id;
+        cloud.attach(&id, "i-1", "/dev/sdf").await.expect("attach");
+        volumes.push(id);
+    }
+    let op = |name: &str, volume: &str| CommandRequest {
+        instance_ids: vec!["i-1".into()],
+        lines: vec![
+            format!("{VOLUME_OP_MARKER} {name}"),
+            format!("  {}) VOLUME_ID={} BLANK=1 ;;", quote("i-1"), quote(volume)),
+        ],
+        timeout_seconds: 600,
+        comment: format!("flotilla j {name} c1"),
+        output_bucket: "b".into(),
+        output_prefix: "o".into(),
+    };
+    cloud.send(&op("mount", &volumes[0])).await.expect("mount");
+    cloud.advance_to(now + chrono::Duration::seconds(30));
+    let state = |id: &str| cloud.lock().volumes.iter().find(|v| v.id == id).map(|v| v.state.clone());
+    cloud.detach(&volumes[0], "i-1", false).await.expect("detach");
+    cloud.detach(&volumes[1], "i-1", false).await.expect("detach the unmounted one");
+    cloud.advance_to(now + chrono::Duration::seconds(600));
+    assert_eq!(state(&volumes[0]).as_deref(), Some("in-use"), "busy while mounted");
+    assert_eq!(state(&volumes[1]).as_deref(), Some("available"), "never mounted: detached");
+    cloud.send(&op("unmount", &volumes[0])).await.expect("unmount");
+    cloud.advance_to(now + chrono::Duration::seconds(700));
+    assert_eq!(state(&volumes[0]).as_deref(), Some("available"), "detached once unmounted");
 }

@@ -80,6 +80,19 @@ async fn snapshot_ids(stack: &MotoStack) -> Vec<String> {
     ids
 }
 
+/// Snapshots stay `pending` for a while, as on EBS: wait until none is.
+async fn all_completed(stack: &MotoStack) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = stack.ec2().describe_snapshots().owner_ids("self").send().await.expect("snapshots");
+        if out.snapshots().iter().all(|s| s.state().is_some_and(|s| s.as_str() == "completed")) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "snapshots never completed");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// The ids an action names, by kind.
 fn targets(actions: &[ReapAction]) -> BTreeMap<&'static str, Vec<String>> {
     let mut by_kind: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
@@ -201,6 +214,7 @@ async fn the_reaper_plans_marks_then_removes_every_orphan_and_nothing_a_job_need
     for _ in 0..2 {
         snapshot(&stack, &user_volume, &lineage("busy-1")).await;
     }
+    all_completed(&stack).await; // a pending snapshot is never pruned
     let snapshots_before = snapshot_ids(&stack).await;
 
     // Dry run: every orphan is listed, nothing changes.
@@ -252,6 +266,7 @@ async fn the_reaper_plans_marks_then_removes_every_orphan_and_nothing_a_job_need
         .await
         .expect("snapshots");
     assert_eq!(taken.snapshots().len(), 1, "one snapshot of the orphaned volume");
+    all_completed(&stack).await;
     reaper::run(&ports, &settings, false).await.expect("pass 3");
     assert!(!volume_exists(&stack, &left_data).await, "deleted once its snapshot completed");
 

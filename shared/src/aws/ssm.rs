@@ -89,6 +89,9 @@ impl Commands for SsmCommands {
             .set_instance_ids(Some(request.instance_ids.clone()))
             .parameters("commands", request.lines.clone())
             .parameters("executionTimeout", vec![request.timeout_seconds.to_string()])
+            // An agent that is away (ConnectionLost) gets the command when it
+            // returns, if before this; never an hour later (the default).
+            .timeout_seconds(crate::ports::delivery_timeout_seconds(request.timeout_seconds) as i32)
             .comment(comment)
             .output_s3_bucket_name(&request.output_bucket)
             .output_s3_key_prefix(&request.output_prefix)

@@ -11,13 +11,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 
 use crate::error::{CloudError, RetryClass};
+use crate::mutation::{self, Mutation};
 use crate::ports::{
     tags, CommandRequest, InstanceView, InvocationView, LaunchRequest, NewVolume, Settings, SnapshotView, VolumeView,
     MAX_INSTANCES_PER_COMMAND,
 };
-use crate::record::*;
-use crate::mutation::{self, Mutation};
 use crate::reconcile::fence;
+use crate::record::*;
 use crate::retention;
 use crate::shell::{self, MountTarget, Preamble};
 use crate::spec::{
@@ -1907,9 +1907,16 @@ fn plan_dispatch(
         for chunk in shards.chunks(MAX_INSTANCES_PER_COMMAND) {
             let batch = record.take_seq();
             made_now.insert(batch);
-            record
-                .commands
-                .insert(batch, CommandBatch { phase, command_id: None, dispatched_at: ctx.now, listed_at: None, in_flight_until: None });
+            record.commands.insert(
+                batch,
+                CommandBatch {
+                    phase,
+                    command_id: None,
+                    dispatched_at: ctx.now,
+                    listed_at: None,
+                    in_flight_until: None,
+                },
+            );
             for index in chunk {
                 if let Some(run) =
                     record.shards[*index].current_mut().and_then(|a| a.phases.iter_mut().find(|p| p.status.is_none()))
@@ -2759,7 +2766,13 @@ mod tests {
         }
         r.commands.insert(
             batch,
-            CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None, in_flight_until: None },
+            CommandBatch {
+                phase: Phase::Run,
+                command_id: Some("c-1".into()),
+                dispatched_at: now(),
+                listed_at: None,
+                in_flight_until: None,
+            },
         );
         let view = |index: usize, status: &str| InvocationView {
             instance_id: format!("i-{index}"),
@@ -2826,8 +2839,16 @@ mod tests {
             exit_code: None,
             finished_at: None,
         });
-        r.commands
-            .insert(1, CommandBatch { phase, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None, in_flight_until: None });
+        r.commands.insert(
+            1,
+            CommandBatch {
+                phase,
+                command_id: Some("c-1".into()),
+                dispatched_at: now(),
+                listed_at: None,
+                in_flight_until: None,
+            },
+        );
         let mut obs = Observation::default();
         obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));
         obs.invocations.insert(
@@ -2862,6 +2883,42 @@ mod tests {
         run(&mut own, &obs, now() + Duration::seconds(5));
         let first = &own.shards[0].attempts[0];
         assert_eq!(first.end.as_ref().map(|e| e.cause), Some(EndCause::CommandFailed), "{first:?}");
+    }
+
+    /// A send decided in an earlier pass whose answer never came, and that
+    /// ListCommands does not show: no new send until the takeover rule's
+    /// window ends (it may still land), then one that looks first; one
+    /// that shows is adopted; one AWS refused (throttled) is sent again at once.
+    #[test]
+    fn a_send_not_found_is_sent_again_only_after_it_cannot_land_unseen() {
+        let extra = serde_json::json!({"fleet": {"count": 1}, "volumes": []});
+        let (mut r, mut obs) = finished_step(extra, Phase::Run, "Success", 0, "");
+        obs.invocations.clear();
+        let decided = now();
+        if let Some(batch) = r.commands.get_mut(&1) {
+            batch.command_id = None;
+            batch.in_flight_until = Some(fence::in_flight_until(decided, settings().pass_budget_seconds));
+        }
+        let sends = |actions: &[Action]| actions.iter().filter(|a| matches!(a, Action::Send { .. })).count();
+        let window = fence::in_flight_until(decided, settings().pass_budget_seconds);
+        let mut early = r.clone();
+        assert_eq!(sends(&run(&mut early, &obs, window - Duration::seconds(1))), 0, "maybe in flight");
+        let mut late = r.clone();
+        let actions = run(&mut late, &obs, window);
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Send { look_first: true, .. })),
+            "after the window, sent again, looking first: {actions:?}"
+        );
+        let mut found = r.clone();
+        obs.sent.insert(1, "c-9".into());
+        assert_eq!(sends(&run(&mut found, &obs, decided + Duration::seconds(20))), 0);
+        assert_eq!(found.commands[&1].command_id.as_deref(), Some("c-9"), "adopted");
+        obs.sent.clear();
+        let mut refused = r.clone();
+        let send = run(&mut r.clone(), &obs, window).into_iter().find(|a| matches!(a, Action::Send { .. }));
+        let throttled = CloudError::api("ssm", "SendCommand", "ThrottlingException", "Rate exceeded");
+        apply(&mut refused, &send.expect("send"), Err(throttled), decided + Duration::seconds(1));
+        assert_eq!(sends(&run(&mut refused, &obs, decided + Duration::seconds(20))), 1, "refused: sent again at once");
     }
 
     /// An unmount that fails: the shard fails, its still-mounted volume is
@@ -2932,7 +2989,13 @@ mod tests {
         });
         r.commands.insert(
             1,
-            CommandBatch { phase: Phase::Run, command_id: Some("c-1".into()), dispatched_at: now(), listed_at: None, in_flight_until: None },
+            CommandBatch {
+                phase: Phase::Run,
+                command_id: Some("c-1".into()),
+                dispatched_at: now(),
+                listed_at: None,
+                in_flight_until: None,
+            },
         );
         let mut obs = Observation::default();
         obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));

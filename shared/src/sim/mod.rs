@@ -221,6 +221,12 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
     if scenario.faults.lost_reply > 0.0 && rng.chance(0.5) {
         scenario.faults.late_effect_seconds = crate::reconcile::fence::OPERATION_TIMEOUT_SECONDS;
     }
+    if rng.chance(0.3) {
+        scenario.faults.slow_calls = 0.02 / scale;
+    }
+    if scenario.faults.lost_reply > 0.0 && rng.chance(0.5) {
+        scenario.faults.long_command_lag = 0.5;
+    }
     scenario.events = rng.chance(0.5);
     scenario.spec = spec;
     scenario
@@ -393,7 +399,25 @@ pub(crate) async fn deliver(
     receives: &mut BTreeMap<String, u32>,
 ) {
     let budget = Duration::seconds(i64::from(ports.settings.pass_budget_seconds));
-    let outcomes = if rng.chance(duplicate) {
+    let outcomes = if rng.chance(duplicate / 4.0) {
+        // A second pass that comes when the first one's lease was to end
+        // (its lease-end message, or a later trigger), while the first may
+        // still be acting, slowed by its calls.
+        let at = cloud.now() + budget + Duration::seconds(crate::reconcile::fence::LEASE_MARGIN_SECONDS + 1);
+        let first_done = std::cell::Cell::new(false);
+        let first = async {
+            let outcome = reconcile::reconcile(ports, &message, budget).await;
+            first_done.set(true);
+            outcome
+        };
+        let later = reconcile::WakeMessage::new(&message.job_id, "event");
+        let second = async {
+            cloud.sleep_until(at, &first_done).await;
+            reconcile::reconcile(ports, &later, budget).await
+        };
+        let (a, b) = tokio::join!(first, second);
+        vec![a, b]
+    } else if rng.chance(duplicate) {
         // The same message twice, or another trigger for the job at once
         // (an event beside a poll, the safety tick beside either).
         let other = match rng.range(0, 3) {
@@ -585,7 +609,8 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     }
     // What the step guard and SSM's delivery did on the simulated instances.
     let runs = || state.commands.iter().flat_map(|c| c.runs.values().map(move |r| (c, r)));
-    let user = |c: &crate::fake::FakeCommand| !c.request.lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER));
+    let user =
+        |c: &crate::fake::FakeCommand| !c.request.lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER));
     let guarded = runs().filter(|(c, r)| user(c) && r.delivered_at.is_some() && !r.started_step).count();
     *result.recoveries.entry("re-delivery the guard answered").or_default() += guarded as u64;
     let later = runs().filter(|(c, r)| r.delivered_at.is_some_and(|at| at > c.sent_at + Duration::seconds(1))).count();
@@ -690,10 +715,10 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     for command in &state.commands {
         let shards = crate::fake::shards_in(&command.request.lines);
         let phase = command.request.comment.split_whitespace().nth(2).unwrap_or_default().to_string();
-        let timeout_at = command.sent_at + Duration::seconds(i64::from(command.request.timeout_seconds));
+        let timeout = Duration::seconds(i64::from(command.request.timeout_seconds));
         for (instance_id, run) in &command.runs {
             let Some(started) = run.delivered_at.filter(|_| run.started_step) else { continue };
-            let mut until = run.finishes_at.min(timeout_at);
+            let mut until = run.finishes_at.min(started + timeout);
             if let Some(at) = run.died_at {
                 until = until.min(at);
             }
@@ -725,7 +750,10 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     // At most one snapshot (not ended in error) per volume and attempt.
     let mut taken: BTreeMap<(&String, Option<&String>), Vec<&String>> = BTreeMap::new();
     for snapshot in state.evidence.snapshots_created.iter().filter(|s| !s.fails) {
-        taken.entry((&snapshot.volume_id, snapshot.tags.get(crate::ports::tags::ATTEMPT))).or_default().push(&snapshot.id);
+        taken
+            .entry((&snapshot.volume_id, snapshot.tags.get(crate::ports::tags::ATTEMPT)))
+            .or_default()
+            .push(&snapshot.id);
     }
     for ((volume, _), ids) in taken.iter().filter(|(_, ids)| ids.len() > 1) {
         violation(result, "two snapshots of one attempt", format!("{volume}: {ids:?}"));
