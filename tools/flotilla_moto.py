@@ -663,6 +663,7 @@ class Execution:
         self.cancelled = False
         self.lost = False  # the instance stopped or terminated under it
         self.generation = 0  # each delivery of it (gap 20)
+        self.deliver_by = deadline
         self.stdout_url = ""
         self.stderr_url = ""
         self.lock = threading.Lock()
@@ -796,6 +797,11 @@ def _deliver(execution):
                 execution.finish("Cancelled", "Cancelled", -1)
                 return False
             ping = _agent_of(ec2, execution.instance_id, _now())
+            # Past its delivery timeout, a command never delivered never
+            # runs: Delayed until it expires (a resumed one was delivered).
+            if _now() >= execution.deliver_by and not execution.generation:
+                execution.status = execution.details = "Delayed"
+                return False
             if ping == "Online":
                 if execution.status == "Delayed":
                     execution.started = _now()
@@ -948,6 +954,9 @@ def _send_command(self, **kwargs):
         if ping is None and instance_id not in named:
             continue  # Targets match managed nodes only
         execution = Execution(command, instance_id, now + total, delayed=ping != "Online")
+        # SendCommand TimeoutSeconds: "If this time is reached and the command
+        # hasn't already started running, it won't run."
+        execution.deliver_by = now + datetime.timedelta(seconds=int(command.timeout_seconds))
         executions[(command.command_id, instance_id)] = execution
         with _lock:
             _by_instance.setdefault(instance_id, []).append(execution)

@@ -386,8 +386,11 @@ pub struct FakeCommand {
     pub request: CommandRequest,
     pub sent_at: DateTime<Utc>,
     pub runs: BTreeMap<String, FakeRun>,
-    /// ListCommands and ListCommandInvocations show it from this moment.
+    /// ListCommandInvocations (by its id) shows it from this moment.
     pub listed_at: DateTime<Utc>,
+    /// ListCommands (a search by instance and comment) shows it from this
+    /// moment: the same lag, or longer (`Faults::long_command_lag`).
+    pub searchable_at: DateTime<Utc>,
 }
 
 /// Evidence for the invariant checkers.
@@ -1413,12 +1416,13 @@ impl Commands for FakeCloud {
             );
         }
         let id = FakeCloud::next_id(&mut state, "cmd");
-        let mut lag = draw(&mut state, self.latencies.lookup_lag);
+        let lag = draw(&mut state, self.latencies.lookup_lag);
+        let mut search_lag = lag;
         let long = state.faults.long_command_lag;
         if long > 0.0 {
             let rng = state.rng.as_mut().expect("rng");
             if rng.chance(long) {
-                lag = rng.range(60, 300);
+                search_lag = rng.range(60, 300);
             }
         }
         let command = FakeCommand {
@@ -1427,6 +1431,7 @@ impl Commands for FakeCloud {
             sent_at: now,
             runs,
             listed_at: now + Duration::seconds(lag),
+            searchable_at: now + Duration::seconds(search_lag),
         };
         if let Some(delay) = self.lands_late(&mut state) {
             state.late.push((now + Duration::seconds(delay), LateEffect::Command(command)));
@@ -1446,7 +1451,7 @@ impl Commands for FakeCloud {
             .commands
             .iter()
             .find(|c| {
-                now >= c.listed_at
+                now >= c.searchable_at
                     && c.request.comment == comment
                     && c.request.instance_ids.iter().any(|i| i == instance_id)
             })
@@ -1477,10 +1482,15 @@ impl Commands for FakeCloud {
                 // An agent that stopped answering before the run ended never reports its result.
                 let unheard =
                     instance.and_then(|i| i.agent_lost_at).is_some_and(|at| at <= now && at < run.finishes_at);
-                // An agent away now reports when it is back.
-                let away = instance
+                // An agent away when the run ended reports when it is back;
+                // not back by the execution timeout, the run is TimedOut,
+                // for good ("In Progress until the agent is available again,
+                // or until the execution timeout limit is reached").
+                let back = instance
                     .and_then(|i| i.agent_away)
-                    .is_some_and(|(from, until)| from <= now && now < until && from < run.finishes_at);
+                    .filter(|(from, until)| *from <= run.finishes_at && run.finishes_at < *until)
+                    .map(|(_, until)| until);
+                let away = back.is_some_and(|until| now < until || until > deadline);
                 let cancelling = run.cancel_requested_at.is_some();
                 let (status, exit_code) = if run.delivered_at.is_none() {
                     // Pending until delivery and execution timeouts have both passed.
@@ -1634,6 +1644,7 @@ fn land_late(state: &mut FakeState, now: DateTime<Utc>) {
                     let shift = at - command.sent_at;
                     command.sent_at = at;
                     command.listed_at += shift;
+                    command.searchable_at += shift;
                     state.commands.push(command);
                     state.evidence.late_landed += 1;
                 }

@@ -5,15 +5,27 @@
 
 use std::collections::BTreeSet;
 
+use chrono::{DateTime, Utc};
+
 use crate::error::{CloudError, RetryClass};
 use crate::ports::{tags, Cloud, Ports};
 use crate::reconcile::decide::{Action, Done};
+use crate::reconcile::fence;
 use crate::record::JobRecord;
 use crate::report;
 use crate::retention::{self, Facts, Policy};
 use crate::sources;
 
-pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &Action) -> Result<Done, CloudError> {
+/// `lease_end`: a create with no ClientToken starts only if it can end
+/// before the pass's lease does (`fence`), after its lookup.
+pub async fn execute(
+    ports: &Ports,
+    cloud: &Cloud,
+    record: &JobRecord,
+    action: &Action,
+    lease_end: DateTime<Utc>,
+) -> Result<Done, CloudError> {
+    let may_start = || fence::may_start_call(ports.clock.now(), lease_end);
     match action {
         Action::Launch { request } => cloud.fleet.launch(request).await.map(Done::Launched),
         Action::CreateVolume { request } => {
@@ -29,6 +41,9 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
                 if let Some(existing) = cloud.commands.find_by_comment(first, &request.comment).await? {
                     return Ok(Done::Sent(existing));
                 }
+            }
+            if !may_start() {
+                return Ok(Done::NotStarted);
             }
             cloud.commands.send(request).await.map(Done::Sent)
         }
@@ -50,6 +65,9 @@ pub async fn execute(ports: &Ports, cloud: &Cloud, record: &JobRecord, action: &
                 if let Some(existing) = found.into_iter().find(|s| s.state != "error") {
                     return Ok(Done::Snapshotted(existing.snapshot_id));
                 }
+            }
+            if !may_start() {
+                return Ok(Done::NotStarted);
             }
             cloud.volumes.create_snapshot(volume_id, description, snapshot_tags).await.map(Done::Snapshotted)
         }

@@ -174,7 +174,8 @@ impl Action {
 
 /// An action the pass did not run (the shared budget of calls had none
 /// left): undo the intent that would make the next pass look for its result.
-pub fn withdraw(record: &mut JobRecord, action: &Action) {
+/// A send or snapshot that never ran cannot land: it is not waited for.
+pub fn withdraw(record: &mut JobRecord, action: &Action, now: DateTime<Utc>) {
     if let Action::Snapshot { volume_id, look_first: false, .. } = action {
         for volume in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()).flat_map(|a| a.volumes.iter_mut()) {
             if volume.volume_id.as_deref() == Some(volume_id.as_str())
@@ -183,7 +184,9 @@ pub fn withdraw(record: &mut JobRecord, action: &Action) {
                 volume.snapshot = None;
             }
         }
+        return;
     }
+    refused(record, action, now);
 }
 
 /// What an action returned.
@@ -194,6 +197,8 @@ pub enum Done {
     Sent(String),
     Snapshotted(String),
     Pruned(Vec<String>),
+    /// A create not started: it could not end before the lease does.
+    NotStarted,
     Ok,
 }
 
@@ -1040,7 +1045,12 @@ fn work(
         let unsent = command_id.is_empty();
         if unsent {
             // Its Send is planned again (found by comment first).
-            if stopping && !run.phase.runs_after_failure() {
+            let in_flight = batch.is_some_and(|b| send_in_flight(b, job.budget_seconds, now));
+            if stopping && !run.phase.runs_after_failure() && in_flight {
+                // It may still land: cleanup must not run beside it. It is
+                // looked up until it is found (then cancelled) or cannot land.
+                return;
+            } else if stopping && !run.phase.runs_after_failure() {
                 run.status = Some("Cancelled".into());
                 run.finished_at = Some(now);
             } else if now
@@ -1447,6 +1457,22 @@ fn is_gone(volume: &AttemptVolume, now: DateTime<Utc>) -> bool {
     !volume.created || volume.seen || volume.created_at.is_none_or(|at| now - at > Duration::minutes(5))
 }
 
+/// A send decided earlier whose answer never came may still land until the
+/// takeover rule's window ends (`fence`); a record from before the window
+/// was kept counts it from the decision.
+fn send_in_flight(batch: &CommandBatch, budget_seconds: u32, now: DateTime<Utc>) -> bool {
+    batch.command_id.is_none()
+        && batch.in_flight_until.unwrap_or_else(|| fence::in_flight_until(batch.dispatched_at, budget_seconds)) > now
+        && !mutation::on(Mutation::NoFence)
+}
+
+/// The same for a snapshot requested earlier.
+fn snapshot_in_flight(snapshot: &SnapshotRef, budget_seconds: u32, now: DateTime<Utc>) -> bool {
+    let until =
+        snapshot.in_flight_until.or_else(|| snapshot.requested_at.map(|at| fence::in_flight_until(at, budget_seconds)));
+    snapshot.snapshot_id.is_none() && until.is_some_and(|until| until > now) && !mutation::on(Mutation::NoFence)
+}
+
 /// A snapshot requested earlier whose answer never came. What the cloud
 /// shows of it is adopted; while it may still land unseen, nothing is
 /// done; after that, it is requested again (the executor looks first).
@@ -1471,7 +1497,7 @@ fn unanswered_snapshot(
         snapshot.in_flight_until = None;
         return None;
     }
-    if snapshot.in_flight_until.is_some_and(|until| now < until) && !mutation::on(Mutation::NoFence) {
+    if snapshot_in_flight(snapshot, job.budget_seconds, now) {
         return None;
     }
     snapshot.in_flight_until = Some(fence::in_flight_until(now, job.budget_seconds));
@@ -1847,8 +1873,15 @@ fn plan_dispatch(
     // SendCommand fails for all if one agent is offline: hold those back.
     let offline =
         |id: &Option<String>| id.as_ref().is_some_and(|id| obs.agents_checked.contains(id) && !obs.online.contains(id));
-    let unsent: BTreeSet<u64> =
-        record.commands.iter().filter(|(_, b)| b.command_id.is_none()).map(|(n, _)| *n).collect();
+    // Only a batch that cannot have reached SSM: one that may still land
+    // keeps its comment, so it is found (or cancelled) rather than orphaned.
+    let budget = ctx.settings.pass_budget_seconds;
+    let unsent: BTreeSet<u64> = record
+        .commands
+        .iter()
+        .filter(|(_, b)| b.command_id.is_none() && !send_in_flight(b, budget, ctx.now))
+        .map(|(n, _)| *n)
+        .collect();
     for shard in &mut record.shards {
         let Some(a) = shard.current_mut() else { continue };
         if a.stage != Stage::Working || !offline(&a.instance_id) {
@@ -1941,15 +1974,15 @@ fn plan_dispatch(
         }
     }
     for (batch, instances) in unsent {
-        let Some((phase, dispatched_at, in_flight)) =
-            record.commands.get(&batch).map(|b| (b.phase, b.dispatched_at, b.in_flight_until))
-        else {
+        let Some((phase, dispatched_at)) = record.commands.get(&batch).map(|b| (b.phase, b.dispatched_at)) else {
             continue;
         };
         let made = made_now.contains(&batch);
         // Sent before, never answered, and not found by its comment: it may
         // still land unseen, so it is not sent again yet (`fence`).
-        if let Some(until) = in_flight.filter(|u| !made && *u > ctx.now && !mutation::on(Mutation::NoFence)) {
+        let budget = ctx.settings.pass_budget_seconds;
+        if let Some(b) = record.commands.get(&batch).filter(|b| !made && send_in_flight(b, budget, ctx.now)) {
+            let until = b.in_flight_until.unwrap_or_else(|| fence::in_flight_until(b.dispatched_at, budget));
             *wait = (*wait).min(u32::try_from((until - ctx.now).num_seconds().max(1)).unwrap_or(u32::MAX));
             continue;
         }
@@ -2236,7 +2269,7 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
     let class = error.class();
     if matches!(class, RetryClass::Throttled | RetryClass::NotYetVisible) {
         // Refused before it took effect: nothing of it can land later.
-        refused(record, action);
+        refused(record, action, now);
     }
     if matches!(class, RetryClass::Throttled | RetryClass::Transient | RetryClass::NotYetVisible) {
         return;
@@ -2350,18 +2383,18 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
 
 /// A create AWS refused (throttled, or not yet able to see what it names)
 /// did not happen: it is not waited for as maybe in flight.
-fn refused(record: &mut JobRecord, action: &Action) {
+fn refused(record: &mut JobRecord, action: &Action, now: DateTime<Utc>) {
     match action {
         Action::Send { batch, .. } => {
             if let Some(batch) = record.commands.get_mut(batch).filter(|b| b.command_id.is_none()) {
-                batch.in_flight_until = None;
+                batch.in_flight_until = Some(now);
             }
         }
         Action::Snapshot { volume_id, .. } => {
             for v in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()).flat_map(|a| a.volumes.iter_mut()) {
                 if v.volume_id.as_deref() == Some(volume_id.as_str()) {
                     if let Some(snapshot) = v.snapshot.as_mut().filter(|s| s.snapshot_id.is_none()) {
-                        snapshot.in_flight_until = None;
+                        snapshot.in_flight_until = Some(now);
                     }
                 }
             }
@@ -2428,6 +2461,7 @@ fn settle_launch_failures(record: &mut JobRecord, now: DateTime<Utc>) {
 
 fn apply_done(record: &mut JobRecord, action: &Action, done: Done, now: DateTime<Utc>) {
     match (action, done) {
+        (_, Done::NotStarted) => withdraw(record, action, now),
         (Action::Launch { request }, Done::Launched(mut instances)) => {
             let assigned: BTreeSet<String> = record.instance_ids().into_iter().collect();
             instances.retain(|i| !assigned.contains(&i.instance_id));
@@ -2919,6 +2953,42 @@ mod tests {
         let throttled = CloudError::api("ssm", "SendCommand", "ThrottlingException", "Rate exceeded");
         apply(&mut refused, &send.expect("send"), Err(throttled), decided + Duration::seconds(1));
         assert_eq!(sends(&run(&mut refused, &obs, decided + Duration::seconds(20))), 1, "refused: sent again at once");
+    }
+
+    /// A cancel while the run's send may still land (its answer lost, and
+    /// ListCommands not showing it yet): the run stays open, so no cleanup
+    /// runs beside it; found, it is cancelled; once it cannot land, it is
+    /// closed as cancelled.
+    #[test]
+    fn a_stopping_job_never_cleans_up_beside_a_send_that_may_land() {
+        let extra = serde_json::json!({"fleet": {"count": 1}, "volumes": []});
+        let (mut r, mut obs) = finished_step(extra, Phase::Run, "Success", 0, "");
+        obs.invocations.clear();
+        let budget = settings().pass_budget_seconds;
+        if let Some(batch) = r.commands.get_mut(&1) {
+            batch.command_id = None;
+            batch.in_flight_until = Some(fence::in_flight_until(now(), budget));
+        }
+        r.cancel_requested = true;
+        r.cancel_requested_at = Some(now());
+        let open =
+            |r: &JobRecord| r.shards[0].attempts[0].phases.iter().any(|p| p.phase == Phase::Run && p.status.is_none());
+        let cleanup =
+            |actions: &[Action]| actions.iter().any(|a| matches!(a, Action::Send { .. } | Action::Terminate { .. }));
+        let mut waiting = r.clone();
+        let actions = run(&mut waiting, &obs, now() + Duration::seconds(30));
+        assert!(open(&waiting) && !cleanup(&actions), "held open: {actions:?}");
+        let mut found = r.clone();
+        obs.sent.insert(1, "c-7".into());
+        let actions = run(&mut found, &obs, now() + Duration::seconds(40));
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Cancel { command_id, .. } if command_id == "c-7")),
+            "found: cancelled: {actions:?}"
+        );
+        obs.sent.clear();
+        let mut gone = r.clone();
+        run(&mut gone, &obs, fence::in_flight_until(now(), budget) + Duration::seconds(1));
+        assert!(!open(&gone), "cannot land any more: closed");
     }
 
     /// An unmount that fails: the shard fails, its still-mounted volume is

@@ -16,11 +16,16 @@
 //! ```
 //!
 //! With the default 50 s budget: 50 + 30 + 30 + 60 = 170 s. A pass starts
-//! a call only if the call can end before its lease does, and every save
-//! extends the lease, so no pass acts once another may have taken over.
-//! Timeouts only bound the wait: an effect that lands later still meets the
-//! guard (a step) or is adopted by the next lookup (a snapshot; one that
-//! lands after a second was taken is an extra snapshot, never a lost one).
+//! no action after its budget, and a create with no token (after its
+//! lookup) only if it can end before the lease does; every save extends
+//! the lease, so no pass acts once another may have taken over. While a
+//! send may be in flight, a stopping job keeps its phase open (found, it is
+//! cancelled), so cleanup never runs beside it, and a shard held back for
+//! an offline agent keeps that batch. An action the pass never ran is not
+//! waited for. Timeouts only bound the wait: an effect that lands later
+//! still meets the guard (a step) or is adopted by the next lookup (a
+//! snapshot; one that lands after a second was taken is an extra snapshot,
+//! never a lost one).
 
 use chrono::{DateTime, Duration, Utc};
 

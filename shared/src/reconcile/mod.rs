@@ -357,22 +357,27 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
         let mut calls = calls_granted(ports, &record, own_account, &actions, now).await?;
         let mut deferred = false;
         let mut transient = false;
-        for action in &actions {
+        for (index, action) in actions.iter().enumerate() {
             // A call must end before the lease does (see `fence`).
             let lease_end = record.lease.as_ref().map_or(lease_until, |l| l.until);
             let now = ports.clock.now();
             if now >= started + budget || !fence::may_start_call(now, lease_end) {
-                break; // the rest is decided again next pass
+                // The rest is decided again next pass; none of it ran.
+                let now = now.trunc_subsecs(0);
+                for skipped in &actions[index..] {
+                    decide::withdraw(&mut record, skipped, now);
+                }
+                break;
             }
             if action.waits_for_call_budget() && calls.instances == 0 {
-                decide::withdraw(&mut record, action);
+                decide::withdraw(&mut record, action, now.trunc_subsecs(0));
                 deferred = true;
                 continue;
             }
             if action.is_mutating() {
                 calls.instances = calls.instances.saturating_sub(1);
             }
-            let result = act::execute(ports, cloud, &record, action).await;
+            let result = act::execute(ports, cloud, &record, action, lease_end).await;
             if let Err(err) = &result {
                 if matches!(err, CloudError::Crashed(_)) {
                     return Err(StepError::Cloud(CloudError::Crashed("action")));

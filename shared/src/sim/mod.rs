@@ -23,6 +23,8 @@ use crate::record::{JobRecord, JobState};
 const MAX_RECEIVES: u32 = 5;
 /// The reconcile queue's visibility timeout.
 const VISIBILITY_SECONDS: i64 = 150;
+/// The jobs queue's (a submission or cancel that failed comes back after it).
+const JOBS_VISIBILITY_SECONDS: i64 = 360;
 /// The safety tick's period.
 const TICK_SECONDS: i64 = 300;
 /// A job must be terminal this long after its deadline at the latest: the
@@ -301,7 +303,7 @@ pub async fn run(scenario: &Scenario) -> SimResult {
     timed.extend(scenario.spot_warnings.iter().map(|t| (*t, Fault::SpotWarning)));
     timed.extend(scenario.impairs.iter().map(|t| (*t, Fault::Impair)));
     timed.extend(scenario.agent_losses.iter().map(|t| (*t, Fault::AgentLoss)));
-    timed.extend(scenario.cancel_at.iter().map(|t| (*t, Fault::Cancel)));
+    timed.extend(scenario.cancel_at.iter().map(|t| (*t, Fault::Cancel(1))));
     timed.sort();
     let mut receives: BTreeMap<String, u32> = BTreeMap::new();
     let mut reaper_violations: Vec<String> = Vec::new();
@@ -450,7 +452,8 @@ enum Fault {
     SpotWarning,
     Impair,
     AgentLoss,
-    Cancel,
+    /// A cancel message, on its n-th receive.
+    Cancel(u32),
     /// EC2 reclaims a spot instance two minutes after its warning.
     Reclaim(String),
 }
@@ -469,8 +472,14 @@ async fn inject(cloud: &FakeCloud, ports: &Ports, job_id: &str, fault: Fault, rn
     let victim =
         (!candidates.is_empty()).then(|| candidates[rng.range(0, candidates.len() as i64 - 1) as usize].clone());
     match (fault, victim) {
-        (Fault::Cancel, _) => {
-            let _ = intake::submit(ports, &json!({"cancel": job_id}).to_string(), "m-cancel", None).await;
+        (Fault::Cancel(receives), _) => {
+            // The jobs queue redelivers a cancel that failed after its
+            // visibility timeout, until it dead-letters after 5 receives.
+            let submitted = intake::submit(ports, &json!({"cancel": job_id}).to_string(), "m-cancel", None).await;
+            if submitted.is_err_and(|err| err.is_retryable()) && receives < MAX_RECEIVES {
+                let at = (cloud.now() - start_time()).num_seconds() + JOBS_VISIBILITY_SECONDS;
+                return Some((at, Fault::Cancel(receives + 1)));
+            }
         }
         (Fault::Reclaim(id), _) => cloud.set_instance_state(&id, "terminated"),
         (_, None) => {}
@@ -535,7 +544,9 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     // Every instance stopped by the bound on the bill (deadline or cancel,
     // plus the cleanup grace), as the scenario scheduled them, with a slack.
     let deadline = scenario.spec["deadline_minutes"].as_i64().unwrap_or(60) * 60;
-    let stop = scenario.cancel_at.map_or(deadline, |at| at.min(deadline));
+    // From when intake took the cancel in (a redelivered one comes later).
+    let cancelled = record.cancel_requested_at.map(|at| (at - start_time()).num_seconds());
+    let stop = cancelled.map_or(deadline, |at| at.min(deadline));
     let bound = start_time() + Duration::seconds(stop) + Duration::minutes(i64::from(settings().cleanup_grace_minutes));
     for instance in &state.instances {
         let Some(stopped) = instance.shutting_down_at.or(instance.terminated_at) else { continue };
@@ -747,6 +758,40 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     for (key, count) in starts.iter().filter(|(_, n)| **n > 1) {
         violation(result, "step started twice", format!("{key}: started {count} times"));
     }
+    // No user work (setup, run) running on an instance once its cleanup
+    // (before_unmount, unmount) started there: on the simulated instances.
+    let mut work: BTreeMap<&String, Vec<(DateTime<Utc>, DateTime<Utc>, String)>> = BTreeMap::new();
+    let mut cleanup: BTreeMap<&String, DateTime<Utc>> = BTreeMap::new();
+    for command in &state.commands {
+        let phase = command.request.comment.split_whitespace().nth(2).unwrap_or_default();
+        let timeout = Duration::seconds(i64::from(command.request.timeout_seconds));
+        for (instance_id, run) in &command.runs {
+            let Some(started) = run.delivered_at.filter(|_| run.started_step) else { continue };
+            let mut until = run.finishes_at.min(started + timeout);
+            for at in [run.died_at, run.cancelled_at].into_iter().flatten() {
+                until = until.min(at);
+            }
+            match phase {
+                "setup" | "run" => work.entry(instance_id).or_default().push((started, until, phase.to_string())),
+                "before_unmount" | "unmount" => {
+                    let first = cleanup.entry(instance_id).or_insert(started);
+                    *first = (*first).min(started);
+                }
+                _ => {}
+            }
+        }
+    }
+    for (instance_id, from) in &cleanup {
+        for (started, until, phase) in work.get(instance_id).into_iter().flatten() {
+            if *until > *from {
+                violation(
+                    result,
+                    "work beside cleanup",
+                    format!("{instance_id}: {phase} ran {started}..{until}, cleanup from {from}"),
+                );
+            }
+        }
+    }
     // At most one snapshot (not ended in error) per volume and attempt.
     let mut taken: BTreeMap<(&String, Option<&String>), Vec<&String>> = BTreeMap::new();
     for snapshot in state.evidence.snapshots_created.iter().filter(|s| !s.fails) {
@@ -814,7 +859,7 @@ pub struct Campaign {
     pub recoveries: BTreeMap<&'static str, u64>,
 }
 
-pub const INVARIANTS: [&str; 14] = [
+pub const INVARIANTS: [&str; 15] = [
     "terminal",
     "instances left",
     "instance past its bound",
@@ -825,6 +870,7 @@ pub const INVARIANTS: [&str; 14] = [
     "concurrent command",
     "step started twice",
     "two snapshots of one attempt",
+    "work beside cleanup",
     "restore from snapshot",
     "reaper touched a busy job",
     "recoverable job failed",
