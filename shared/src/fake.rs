@@ -369,6 +369,9 @@ pub struct FakeRun {
     pub waits_on: Option<(String, String)>,
     /// This delivery ran the script's work (the guard let it, or there is none).
     pub started_step: bool,
+    /// When its work began: after the delivery when a cleanup script's work
+    /// fence waited for the shard's work to end.
+    pub begins_at: Option<DateTime<Utc>>,
     /// A mount or unmount that ended well has marked its volumes.
     pub volume_effect_done: bool,
     /// Far in the future until it is delivered.
@@ -457,6 +460,8 @@ pub struct FakeState {
     /// The step guard's state on each instance: key to the run that holds
     /// (or held) its lock and wrote `started`.
     pub guards: BTreeMap<String, (String, String)>,
+    /// Shards whose work a cleanup script closed, as `job.shard.work.instance`.
+    pub closed: BTreeSet<String>,
     /// Creates whose reply was lost and whose effect lands later.
     pub late: Vec<(DateTime<Utc>, LateEffect)>,
 }
@@ -1407,6 +1412,7 @@ impl Commands for FakeCloud {
                     delivered_at: None,
                     waits_on: None,
                     started_step: false,
+                    begins_at: None,
                     volume_effect_done: false,
                     finishes_at: FAR_FUTURE,
                     died_at: None,
@@ -1741,6 +1747,20 @@ pub fn shards_in(lines: &[String]) -> BTreeMap<String, u32> {
         .collect()
 }
 
+/// When the run holding a guard's lock ends (now or later), whether it was
+/// killed before it could write `done` (its timeout, a cancel, its
+/// instance), and its code. None: no such run.
+fn holder_end(state: &FakeState, holder: &(String, String), now: DateTime<Utc>) -> Option<(DateTime<Utc>, bool, i32)> {
+    let command = state.commands.iter().find(|c| c.id == holder.0)?;
+    let run = command.runs.get(&holder.1)?;
+    let started = run.begins_at.or(run.delivered_at).unwrap_or(now);
+    let mut end = run.finishes_at.min(started + Duration::seconds(i64::from(command.request.timeout_seconds)));
+    for at in [run.cancelled_at, run.died_at].into_iter().flatten() {
+        end = end.min(at);
+    }
+    Some((end, end < run.finishes_at, run.exit_code))
+}
+
 /// Deliver every run whose agent is there to take it: the guard (when the
 /// script has one) decides whether the user's step starts. A run whose
 /// timeout passes first is never delivered (`DeliveryTimedOut`).
@@ -1764,33 +1784,33 @@ fn deliver_runs(state: &mut FakeState) {
         let user_step = !lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER));
         let phase = comment.split(' ').nth(2).unwrap_or_default().to_string();
         let key = guard_key(&lines, &instance_id);
-        let outcome = match key.as_ref().and_then(|k| state.guards.get(k)).cloned() {
-            None => Guarded::Start,
-            Some(holder) => {
-                let held = state
-                    .commands
-                    .iter()
-                    .find(|c| c.id == holder.0)
-                    .and_then(|c| c.runs.get(&holder.1).map(|r| (r.clone(), c.request.timeout_seconds)));
-                match held {
-                    None => Guarded::Lost,
-                    Some((run, timeout)) => {
-                        // A step killed (its timeout, a cancel, its instance)
-                        // never writes `done`.
-                        let started = run.delivered_at.unwrap_or(now);
-                        let mut end = run.finishes_at.min(started + Duration::seconds(i64::from(timeout)));
-                        for at in [run.cancelled_at, run.died_at].into_iter().flatten() {
-                            end = end.min(at);
-                        }
-                        let killed = end < run.finishes_at;
-                        match (killed, now >= end) {
-                            (true, true) => Guarded::Lost,
-                            (false, true) => Guarded::Report(run.exit_code),
-                            (_, false) => Guarded::Wait { holder, end, code: run.exit_code, killed },
-                        }
-                    }
+        // The work fence (in cleanup scripts): the shard's work here is
+        // closed, and this waits for any of it still running.
+        let closes =
+            lines.iter().any(|l| l == "flotilla_close_work() {") && lines.iter().any(|l| l == "flotilla_close_work");
+        let work = step_key(&lines, "work", &instance_id);
+        let mut begins = now;
+        if let (true, Some(work)) = (closes, work.as_ref()) {
+            state.closed.insert(work.clone());
+            for phase in ["setup", "run"] {
+                let holder = step_key(&lines, phase, &instance_id).and_then(|k| state.guards.get(&k).cloned());
+                if let Some((end, _, _)) = holder.and_then(|h| holder_end(state, &h, now)) {
+                    begins = begins.max(end);
                 }
             }
+        }
+        let closed = matches!(phase.as_str(), "setup" | "run") && work.is_some_and(|w| state.closed.contains(&w));
+        let outcome = match key.as_ref().and_then(|k| state.guards.get(k)).cloned() {
+            None if closed && key.is_some() => Guarded::Lost,
+            None => Guarded::Start,
+            Some(holder) => match holder_end(state, &holder, now) {
+                None => Guarded::Lost,
+                Some((end, killed, code)) => match (killed, now >= end) {
+                    (true, true) => Guarded::Lost,
+                    (false, true) => Guarded::Report(code),
+                    (_, false) => Guarded::Wait { holder, end, code, killed },
+                },
+            },
         };
         let starts = matches!(outcome, Guarded::Start);
         if user_step && starts {
@@ -1801,9 +1821,10 @@ fn deliver_runs(state: &mut FakeState) {
         let job_id = comment.split(' ').nth(1).map(str::to_string);
         let run = state.commands[index].runs.get_mut(&instance_id).expect("run");
         run.delivered_at = Some(now);
+        run.begins_at = Some(begins);
         run.started_step = starts;
         match outcome {
-            Guarded::Start => run.finishes_at = now + Duration::seconds(run.seconds),
+            Guarded::Start => run.finishes_at = begins + Duration::seconds(run.seconds),
             Guarded::Report(code) => {
                 run.finishes_at = now + Duration::seconds(1);
                 run.exit_code = code;

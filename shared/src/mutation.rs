@@ -28,6 +28,10 @@ pub enum Mutation {
     /// lookup is sent or taken again at once. Guarded by "two snapshots of
     /// one attempt".
     NoFence,
+    /// Cleanup scripts do not close the shard's work on the instance: a
+    /// run delivered late runs beside (or after) cleanup. Guarded by "work
+    /// beside cleanup".
+    NoWorkFence,
 }
 
 #[cfg(feature = "mutations")]

@@ -168,6 +168,11 @@ const STEP_GUARD: &str = r#"flotilla_guard() {
     "done "*) echo "flotilla: $1 already ran on this instance (exit ${last#done }); not run again" >&2; exit "${last#done }" ;;
     started*) echo "flotilla-guard: step outcome unknown: an earlier delivery of $1 started here and never finished; not run again" >&2; exit 237 ;;
   esac
+  case "$1" in setup|run)
+    if [ -e "$dir/$FLOTILLA_JOB_ID.$FLOTILLA_SHARD_INDEX.closed.$FLOTILLA_INSTANCE_ID" ]; then
+      echo "flotilla-guard: step outcome unknown: cleanup has started here; $1 not run" >&2; exit 237
+    fi ;;
+  esac
   { echo started > "$key.state" && sync "$key.state" "$dir"; } || { echo "flotilla-guard: step outcome unknown: cannot record $key" >&2; exit 237; }
   set +e
   ( set -e; flotilla_step ) 9>&-
@@ -176,6 +181,31 @@ const STEP_GUARD: &str = r#"flotilla_guard() {
   { echo "done $rc" >> "$key.state" && sync "$key.state"; } 2>/dev/null || echo "flotilla: could not record that $1 ended ($rc)" >&2
   exit "$rc"
 }"#;
+
+/// Cleanup never runs beside work, whatever SSM delivers late: the first
+/// cleanup step (`before_unmount`, or the unmount) marks the shard's work
+/// closed on this instance, so a `setup` or `run` delivered later never
+/// starts (the guard checks the mark under its own lock), then waits for
+/// any that is running to end (its lock; SSM's timeout bounds the wait).
+const WORK_FENCE: &str = r#"flotilla_close_work() {
+  local dir="${FLOTILLA_STATE_DIR:-/var/lib/flotilla}/steps"
+  local base="$dir/$FLOTILLA_JOB_ID.$FLOTILLA_SHARD_INDEX"
+  { mkdir -p "$dir" && : > "$base.closed.$FLOTILLA_INSTANCE_ID" && sync "$dir"; } || { echo "flotilla-guard: cannot close the work of $base" >&2; exit 237; }
+  local phase
+  for phase in setup run; do
+    { exec 7>>"$base.$phase.$FLOTILLA_INSTANCE_ID.lock" && flock 7 && exec 7>&-; } || { echo "flotilla-guard: cannot wait for $phase" >&2; exit 237; }
+  done
+}"#;
+
+/// The lines of the work fence, then its call, for a cleanup script.
+fn close_work() -> Vec<String> {
+    if crate::mutation::on(crate::mutation::Mutation::NoWorkFence) {
+        return vec![];
+    }
+    let mut lines: Vec<String> = WORK_FENCE.lines().map(str::to_string).collect();
+    lines.push("flotilla_close_work".to_string());
+    lines
+}
 
 /// The lines of a user step (`phase` names it for the guard): argv commands
 /// quoted, or the user's script run by its own bash so it cannot break the
@@ -194,6 +224,9 @@ pub fn step_script(preamble: &Preamble<'_>, step: &CommandSpec, phase: &str) -> 
         lines.extend(step.commands.iter().map(|argv| format!("  {}", command_line(argv))));
     }
     lines.push("}".to_string());
+    if phase == "before_unmount" {
+        lines.extend(close_work());
+    }
     lines.push(if guarded { format!("flotilla_guard {}", quote(phase)) } else { "flotilla_step".to_string() });
     lines
 }
@@ -269,6 +302,7 @@ pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<Str
 pub fn unmount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<String> {
     let mut lines = vec![format!("{VOLUME_OP_MARKER} unmount")];
     lines.extend(preamble.lines());
+    lines.extend(close_work());
     lines.push("sync".to_string());
     for target in targets {
         let mp = quote(&target.mount_point);
@@ -430,6 +464,62 @@ mod tests {
             .expect("bash runs");
         assert_eq!(after.status.code(), Some(LOST_EXIT_CODE), "{}", String::from_utf8_lossy(&after.stderr));
         assert_eq!(count(), 2, "nothing ran again");
+    }
+
+    /// Cleanup never runs beside work: `before_unmount` waits for a run in
+    /// progress to end, and a run delivered after cleanup started never starts.
+    #[test]
+    fn cleanup_waits_for_work_and_closes_it() {
+        let instances = vec![("i-0abc".to_string(), 0)];
+        let env = BTreeMap::new();
+        let preamble = Preamble {
+            job_id: "j2",
+            instances: &instances,
+            shard_count: 1,
+            env: &env,
+            mounts: &[],
+            items: None,
+            manifests: None,
+        };
+        let state = state_dir();
+        let log = std::path::Path::new(&state).join("log");
+        let step = |text: &str| CommandSpec {
+            commands: vec![],
+            script: Some(format!(
+                "echo {text}-start >> {log}; sleep \"$HOLD\"; echo {text}-end >> {log}",
+                log = log.display()
+            )),
+            timeout_seconds: None,
+        };
+        let run = step_script(&preamble, &step("run"), "run").join("\n");
+        let cleanup = step_script(&preamble, &step("cleanup"), "before_unmount").join("\n");
+        let deliver = |script: &str, hold: &str| {
+            std::process::Command::new("bash")
+                .arg("-c")
+                .arg(script)
+                .env("AWS_SSM_INSTANCE_ID", "i-0abc")
+                .env("FLOTILLA_STATE_DIR", &state)
+                .env("HOLD", hold)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("bash runs")
+        };
+        let lines =
+            || std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_string).collect::<Vec<_>>();
+        let working = deliver(&run, "1");
+        while lines().is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let cleaning = deliver(&cleanup, "0");
+        let (a, b) = (working.wait_with_output().expect("run"), cleaning.wait_with_output().expect("cleanup"));
+        assert_eq!((a.status.code(), b.status.code()), (Some(0), Some(0)), "{}", String::from_utf8_lossy(&b.stderr));
+        assert_eq!(lines(), ["run-start", "run-end", "cleanup-start", "cleanup-end"], "cleanup waited for the run");
+        // A setup delivered now (late) never starts.
+        let setup = step_script(&preamble, &step("setup"), "setup").join("\n");
+        let late = deliver(&setup, "0").wait_with_output().expect("late setup");
+        assert_eq!(late.status.code(), Some(LOST_EXIT_CODE), "{}", String::from_utf8_lossy(&late.stderr));
+        assert!(String::from_utf8_lossy(&late.stderr).contains(LOST_MARKER));
+        assert_eq!(lines().len(), 4, "nothing ran after cleanup started");
     }
 
     /// The mount step formats only on "no filesystem found": a filesystem,

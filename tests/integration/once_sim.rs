@@ -67,17 +67,25 @@ async fn a_lost_send_is_found_not_resent_while_it_may_be_in_flight() {
 }
 
 /// A cancel while the run's send may still land (its reply lost, and
-/// ListCommands not showing it for 60 s): the run is found and cancelled
-/// before cleanup starts. Without the takeover rule the run is taken for
-/// never sent, and `before_unmount` runs beside it.
+/// ListCommands not showing it). Within the assumed lag the reconciler
+/// finds and cancels it before cleanup; past it (400 s), the window ends,
+/// the run is taken for never sent, and cleanup goes out while it runs:
+/// then the cleanup script's work fence waits for the run. Without the
+/// fence, `before_unmount` runs beside it.
 #[tokio::test]
 async fn a_cancel_never_starts_cleanup_beside_a_step_that_may_land() {
-    let mut scenario = one_step(9104, 60);
-    scenario.latencies = Latencies { lookup_lag: (60, 60), ..Latencies::quick() };
-    scenario.spec["before_unmount"] = json!({"script": "sleep 5", "timeout_seconds": 300});
-    scenario.cancel_at = Some(130);
-    scenario.recoverable = false;
-    let clean = fires(&scenario, Mutation::NoFence, "work beside cleanup").await;
+    let cancelled = |lag: i64| {
+        let mut scenario = one_step(9104, lag);
+        scenario.latencies = Latencies { lookup_lag: (lag, lag), ..Latencies::quick() };
+        scenario.spec["before_unmount"] = json!({"script": "sleep 5", "timeout_seconds": 300});
+        scenario.cancel_at = Some(130);
+        scenario.recoverable = false;
+        scenario
+    };
+    let found = sim::run(&cancelled(60)).await;
+    assert!(found.violations.is_empty(), "{:?}", found.violations);
+    assert_eq!(found.state, Some(flotilla_shared::record::JobState::Cancelled));
+    let clean = fires(&cancelled(400), Mutation::NoWorkFence, "work beside cleanup").await;
     assert_eq!(clean.state, Some(flotilla_shared::record::JobState::Cancelled));
 }
 

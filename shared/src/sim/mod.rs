@@ -774,8 +774,9 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
             match phase {
                 "setup" | "run" => work.entry(instance_id).or_default().push((started, until, phase.to_string())),
                 "before_unmount" | "unmount" => {
-                    let first = cleanup.entry(instance_id).or_insert(started);
-                    *first = (*first).min(started);
+                    let began = run.begins_at.unwrap_or(started);
+                    let first = cleanup.entry(instance_id).or_insert(began);
+                    *first = (*first).min(began);
                 }
                 _ => {}
             }
