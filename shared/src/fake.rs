@@ -372,6 +372,8 @@ pub struct FakeRun {
     /// When its work began: after the delivery when a cleanup script's work
     /// fence waited for the shard's work to end.
     pub begins_at: Option<DateTime<Utc>>,
+    /// The runs that work fence waits for.
+    pub fence_waits_on: Vec<(String, String)>,
     /// A mount or unmount that ended well has marked its volumes.
     pub volume_effect_done: bool,
     /// Far in the future until it is delivered.
@@ -1413,6 +1415,7 @@ impl Commands for FakeCloud {
                     waits_on: None,
                     started_step: false,
                     begins_at: None,
+                    fence_waits_on: Vec::new(),
                     volume_effect_done: false,
                     finishes_at: FAR_FUTURE,
                     died_at: None,
@@ -1573,6 +1576,11 @@ impl Commands for FakeCloud {
                 }
             }
         }
+        // A cleanup script's work fence waiting on a killed step goes on
+        // when it ends.
+        if !killed.is_empty() {
+            refence(&mut state, now);
+        }
         // The step guard: a delivery waiting on a killed step's lock finds
         // `started` with no `done`, and reports the outcome unknown.
         for (instance_id, at) in killed {
@@ -1597,8 +1605,11 @@ fn mount_effects(state: &mut FakeState, now: DateTime<Utc>, ended: &BTreeSet<Str
         let Some(first) = command.request.lines.first() else { continue };
         let op = first.strip_prefix(crate::shell::VOLUME_OP_MARKER).map(str::trim);
         let Some(op) = op.filter(|op| matches!(*op, "mount" | "unmount")) else { continue };
+        let timeout = Duration::seconds(i64::from(command.request.timeout_seconds));
         for (instance_id, run) in command.runs.iter_mut() {
-            let well = run.delivered_at.is_some() && run.exit_code == 0 && now >= run.finishes_at;
+            // Ended well: exit 0, before SSM's timeout killed it.
+            let in_time = run.delivered_at.is_some_and(|at| run.finishes_at <= at + timeout);
+            let well = in_time && run.exit_code == 0 && now >= run.finishes_at;
             let killed = [run.died_at, run.cancelled_at].into_iter().flatten().any(|at| at <= run.finishes_at);
             if !well || killed || run.volume_effect_done {
                 continue;
@@ -1665,6 +1676,32 @@ fn land_late(state: &mut FakeState, now: DateTime<Utc>) {
                     state.evidence.late_landed += 1;
                 }
             }
+        }
+    }
+}
+
+/// Work fences still waiting: their start moves to when the runs they wait
+/// for now end (a cancel ended one early).
+fn refence(state: &mut FakeState, now: DateTime<Utc>) {
+    let mut moved: Vec<(usize, String, DateTime<Utc>)> = Vec::new();
+    for (index, command) in state.commands.iter().enumerate() {
+        for (instance_id, run) in &command.runs {
+            let (Some(delivered), Some(begins)) = (run.delivered_at, run.begins_at) else { continue };
+            if run.fence_waits_on.is_empty() || begins <= now {
+                continue;
+            }
+            let ends = run.fence_waits_on.iter().filter_map(|h| holder_end(state, h, now)).map(|(end, _, _)| end);
+            let at = ends.fold(delivered, DateTime::max);
+            if at < begins {
+                moved.push((index, instance_id.clone(), at));
+            }
+        }
+    }
+    for (index, instance_id, at) in moved {
+        if let Some(run) = state.commands[index].runs.get_mut(&instance_id) {
+            let shift = run.begins_at.map_or(Duration::zero(), |begins| begins - at);
+            run.begins_at = Some(at);
+            run.finishes_at -= shift;
         }
     }
 }
@@ -1753,8 +1790,9 @@ pub fn shards_in(lines: &[String]) -> BTreeMap<String, u32> {
 fn holder_end(state: &FakeState, holder: &(String, String), now: DateTime<Utc>) -> Option<(DateTime<Utc>, bool, i32)> {
     let command = state.commands.iter().find(|c| c.id == holder.0)?;
     let run = command.runs.get(&holder.1)?;
-    let started = run.begins_at.or(run.delivered_at).unwrap_or(now);
-    let mut end = run.finishes_at.min(started + Duration::seconds(i64::from(command.request.timeout_seconds)));
+    // SSM times a run from its delivery.
+    let delivered = run.delivered_at.unwrap_or(now);
+    let mut end = run.finishes_at.min(delivered + Duration::seconds(i64::from(command.request.timeout_seconds)));
     for at in [run.cancelled_at, run.died_at].into_iter().flatten() {
         end = end.min(at);
     }
@@ -1786,15 +1824,20 @@ fn deliver_runs(state: &mut FakeState) {
         let key = guard_key(&lines, &instance_id);
         // The work fence (in cleanup scripts): the shard's work here is
         // closed, and this waits for any of it still running.
-        let closes =
-            lines.iter().any(|l| l == "flotilla_close_work() {") && lines.iter().any(|l| l == "flotilla_close_work");
+        let fence = lines.iter().find_map(|l| l.strip_prefix("flotilla_close_work ")).map(str::to_string);
+        let closes = lines.iter().any(|l| l == "flotilla_close_work() {") && fence.is_some();
         let work = step_key(&lines, "work", &instance_id);
         let mut begins = now;
+        let mut fence_waits_on = Vec::new();
         if let (true, Some(work)) = (closes, work.as_ref()) {
             state.closed.insert(work.clone());
-            for phase in ["setup", "run"] {
+            for phase in fence.as_deref().unwrap_or_default().split_whitespace() {
                 let holder = step_key(&lines, phase, &instance_id).and_then(|k| state.guards.get(&k).cloned());
-                if let Some((end, _, _)) = holder.and_then(|h| holder_end(state, &h, now)) {
+                if let Some((holder, (end, _, _))) = holder.and_then(|h| Some((h.clone(), holder_end(state, &h, now)?)))
+                {
+                    if end > now {
+                        fence_waits_on.push(holder);
+                    }
                     begins = begins.max(end);
                 }
             }
@@ -1822,6 +1865,7 @@ fn deliver_runs(state: &mut FakeState) {
         let run = state.commands[index].runs.get_mut(&instance_id).expect("run");
         run.delivered_at = Some(now);
         run.begins_at = Some(begins);
+        run.fence_waits_on = fence_waits_on;
         run.started_step = starts;
         match outcome {
             Guarded::Start => run.finishes_at = begins + Duration::seconds(run.seconds),

@@ -190,20 +190,21 @@ const STEP_GUARD: &str = r#"flotilla_guard() {
 const WORK_FENCE: &str = r#"flotilla_close_work() {
   local dir="${FLOTILLA_STATE_DIR:-/var/lib/flotilla}/steps"
   local base="$dir/$FLOTILLA_JOB_ID.$FLOTILLA_SHARD_INDEX"
-  { mkdir -p "$dir" && : > "$base.closed.$FLOTILLA_INSTANCE_ID" && sync "$dir"; } || { echo "flotilla-guard: cannot close the work of $base" >&2; exit 237; }
+  { mkdir -p "$dir" && : > "$base.closed.$FLOTILLA_INSTANCE_ID" && sync "$dir"; } || { echo "flotilla-guard: step outcome unknown: cannot close the work of $base" >&2; exit 237; }
   local phase
-  for phase in setup run; do
-    { exec 7>>"$base.$phase.$FLOTILLA_INSTANCE_ID.lock" && flock 7 && exec 7>&-; } || { echo "flotilla-guard: cannot wait for $phase" >&2; exit 237; }
+  for phase in "$@"; do
+    { exec 7>>"$base.$phase.$FLOTILLA_INSTANCE_ID.lock" && flock 7 && exec 7>&-; } || { echo "flotilla-guard: step outcome unknown: cannot wait for $phase" >&2; exit 237; }
   done
 }"#;
 
-/// The lines of the work fence, then its call, for a cleanup script.
-fn close_work() -> Vec<String> {
+/// The lines of the work fence, then its call, for a cleanup script that
+/// waits for these phases.
+fn close_work(phases: &str) -> Vec<String> {
     if crate::mutation::on(crate::mutation::Mutation::NoWorkFence) {
         return vec![];
     }
     let mut lines: Vec<String> = WORK_FENCE.lines().map(str::to_string).collect();
-    lines.push("flotilla_close_work".to_string());
+    lines.push(format!("flotilla_close_work {phases}"));
     lines
 }
 
@@ -225,7 +226,7 @@ pub fn step_script(preamble: &Preamble<'_>, step: &CommandSpec, phase: &str) -> 
     }
     lines.push("}".to_string());
     if phase == "before_unmount" {
-        lines.extend(close_work());
+        lines.extend(close_work("setup run"));
     }
     lines.push(if guarded { format!("flotilla_guard {}", quote(phase)) } else { "flotilla_step".to_string() });
     lines
@@ -302,7 +303,7 @@ pub fn mount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<Str
 pub fn unmount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<String> {
     let mut lines = vec![format!("{VOLUME_OP_MARKER} unmount")];
     lines.extend(preamble.lines());
-    lines.extend(close_work());
+    lines.extend(close_work("setup run before_unmount"));
     lines.push("sync".to_string());
     for target in targets {
         let mp = quote(&target.mount_point);

@@ -78,6 +78,7 @@ async fn a_cancel_never_starts_cleanup_beside_a_step_that_may_land() {
         let mut scenario = one_step(9104, lag);
         scenario.latencies = Latencies { lookup_lag: (lag, lag), ..Latencies::quick() };
         scenario.spec["before_unmount"] = json!({"script": "sleep 5", "timeout_seconds": 300});
+        scenario.spec["run"] = json!({"script": "sleep 1500", "timeout_seconds": 1800});
         scenario.cancel_at = Some(130);
         scenario.recoverable = false;
         scenario
@@ -87,6 +88,10 @@ async fn a_cancel_never_starts_cleanup_beside_a_step_that_may_land() {
     assert_eq!(found.state, Some(flotilla_shared::record::JobState::Cancelled));
     let clean = fires(&cancelled(400), Mutation::NoWorkFence, "work beside cleanup").await;
     assert_eq!(clean.state, Some(flotilla_shared::record::JobState::Cancelled));
+    // The run that landed unseen is found and cancelled once ListCommands
+    // shows it, so cleanup does not wait for it until its own timeout.
+    let stuck = clean.recoveries.get("cleanup timed out behind the work fence").copied();
+    assert_eq!(stuck, Some(0), "{:?}", clean.recoveries);
 }
 
 /// A CreateSnapshot whose reply was lost, with DescribeSnapshots lagging:

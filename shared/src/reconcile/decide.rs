@@ -267,11 +267,23 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     }
     check_abort(record, now);
     adopt_launched(record, obs, now);
-    // Sends whose reply was lost but that reached SSM: theirs now.
+    // Sends whose reply was lost but that reached SSM: theirs now. One whose
+    // phase was closed as never sent (a stopping job, after the takeover
+    // window) landed late: it is cancelled, so cleanup does not wait on it.
     for (number, command_id) in &obs.sent {
         if let Some(batch) = record.commands.get_mut(number).filter(|b| b.command_id.is_none()) {
             batch.command_id = Some(command_id.clone());
             batch.listed_at = None;
+            let late: Vec<String> = record
+                .shards
+                .iter()
+                .filter_map(|s| s.current())
+                .filter(|a| a.phases.iter().any(|p| p.batch == *number && p.status.as_deref() == Some("Cancelled")))
+                .filter_map(|a| a.instance_id.clone())
+                .collect();
+            if !late.is_empty() {
+                actions.push(Action::Cancel { command_id: command_id.clone(), instance_ids: late });
+            }
         }
     }
     for batch in record.commands.values_mut() {

@@ -155,12 +155,30 @@ pub async fn observe(
     // A send decided in an earlier pass whose reply never came (a crash, a
     // lost reply): did it reach SSM? Looked up by its comment before the
     // batch can be re-planned, so a command that did is never sent twice.
+    // A phase a stopping job closed as never sent, once the takeover rule's
+    // window ended, is still looked for while SSM could deliver it (a lag
+    // past the assumed one): found, it is cancelled (`decide`).
+    let grace = settings.cleanup_grace_minutes;
+    let closed_unsent = |number: u64, batch: &crate::record::CommandBatch| {
+        let timeout = batch_timeout(record, batch, grace);
+        let could_run = i64::from(crate::ports::delivery_timeout_seconds(timeout)) + i64::from(timeout);
+        now < batch.dispatched_at + Duration::seconds(could_run)
+            && record
+                .shards
+                .iter()
+                .filter_map(|s| s.current())
+                .any(|a| a.phases.iter().any(|p| p.batch == number && p.status.as_deref() == Some("Cancelled")))
+    };
     for (number, batch) in record.commands.iter().filter(|(_, b)| b.command_id.is_none() && b.dispatched_at < now) {
+        let open = |a: &crate::record::Attempt| {
+            a.stage == Stage::Working && a.phases.iter().any(|p| p.status.is_none() && p.batch == *number)
+        };
+        let late = closed_unsent(*number, batch);
         let first = record
             .shards
             .iter()
             .filter_map(|s| s.current())
-            .filter(|a| a.stage == Stage::Working && a.phases.iter().any(|p| p.status.is_none() && p.batch == *number))
+            .filter(|a| open(a) || (late && a.phases.iter().any(|p| p.batch == *number)))
             .find_map(|a| a.instance_id.clone());
         let Some(instance_id) = first else { continue };
         let comment = crate::record::command_comment(&record.job_id, batch.phase, *number);
@@ -224,4 +242,17 @@ pub async fn observe(
         observation.agents_checked.extend(timed_out);
     }
     Ok(observation)
+}
+
+/// The execution timeout a batch's command was sent with.
+fn batch_timeout(record: &JobRecord, batch: &crate::record::CommandBatch, grace_minutes: u32) -> u32 {
+    record.spec.as_ref().map_or(0, |spec| {
+        decide::phase_timeout(
+            spec,
+            batch.phase,
+            record.deadline_at,
+            record.bill_bound(grace_minutes),
+            batch.dispatched_at,
+        )
+    })
 }

@@ -627,6 +627,15 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     let later = runs().filter(|(c, r)| r.delivered_at.is_some_and(|at| at > c.sent_at + Duration::seconds(1))).count();
     *result.recoveries.entry("delivered when its agent returned").or_default() += later as u64;
     *result.recoveries.entry("create landed late").or_default() += state.evidence.late_landed;
+    // Cleanup killed by its own timeout while the work fence waited on work
+    // nobody cancelled (counted, not a violation: data is safe, time is lost).
+    let stuck = runs()
+        .filter(|(c, r)| {
+            let timeout = Duration::seconds(i64::from(c.request.timeout_seconds));
+            r.delivered_at.zip(r.begins_at).is_some_and(|(delivered, begins)| begins > delivered + timeout)
+        })
+        .count();
+    *result.recoveries.entry("cleanup timed out behind the work fence").or_default() += stuck as u64;
     let restored = state.volumes.iter().filter(|v| v.snapshot_id.is_some()).count(); // sim sources are all `new`
     *result.recoveries.entry("volume restored").or_default() += restored as u64;
     let partial = state.launch_tokens.values().filter(|(print, ids)| {
