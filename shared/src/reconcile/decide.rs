@@ -1057,7 +1057,7 @@ fn work(
         let unsent = command_id.is_empty();
         if unsent {
             // Its Send is planned again (found by comment first).
-            let in_flight = batch.is_some_and(|b| send_in_flight(b, job.budget_seconds, now));
+            let in_flight = batch.and_then(|b| send_in_flight(b, job.budget_seconds, now)).is_some();
             if stopping && !run.phase.runs_after_failure() && in_flight {
                 // It may still land: cleanup must not run beside it. It is
                 // looked up until it is found (then cancelled) or cannot land.
@@ -1472,10 +1472,10 @@ fn is_gone(volume: &AttemptVolume, now: DateTime<Utc>) -> bool {
 /// A send decided earlier whose answer never came may still land until the
 /// takeover rule's window ends (`fence`); a record from before the window
 /// was kept counts it from the decision.
-fn send_in_flight(batch: &CommandBatch, budget_seconds: u32, now: DateTime<Utc>) -> bool {
-    batch.command_id.is_none()
-        && batch.in_flight_until.unwrap_or_else(|| fence::in_flight_until(batch.dispatched_at, budget_seconds)) > now
-        && !mutation::on(Mutation::NoFence)
+/// Some(the window's end) while it may.
+fn send_in_flight(batch: &CommandBatch, budget_seconds: u32, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let until = batch.in_flight_until.unwrap_or_else(|| fence::in_flight_until(batch.dispatched_at, budget_seconds));
+    (batch.command_id.is_none() && until > now && !mutation::on(Mutation::NoFence)).then_some(until)
 }
 
 /// The same for a snapshot requested earlier.
@@ -1891,7 +1891,7 @@ fn plan_dispatch(
     let unsent: BTreeSet<u64> = record
         .commands
         .iter()
-        .filter(|(_, b)| b.command_id.is_none() && !send_in_flight(b, budget, ctx.now))
+        .filter(|(_, b)| b.command_id.is_none() && send_in_flight(b, budget, ctx.now).is_none())
         .map(|(n, _)| *n)
         .collect();
     for shard in &mut record.shards {
@@ -1993,13 +1993,13 @@ fn plan_dispatch(
         // Sent before, never answered, and not found by its comment: it may
         // still land unseen, so it is not sent again yet (`fence`).
         let budget = ctx.settings.pass_budget_seconds;
-        if let Some(b) = record.commands.get(&batch).filter(|b| !made && send_in_flight(b, budget, ctx.now)) {
-            let until = b.in_flight_until.unwrap_or_else(|| fence::in_flight_until(b.dispatched_at, budget));
+        let in_flight = record.commands.get(&batch).and_then(|b| send_in_flight(b, budget, ctx.now));
+        if let Some(until) = in_flight.filter(|_| !made) {
             *wait = (*wait).min(u32::try_from((until - ctx.now).num_seconds().max(1)).unwrap_or(u32::MAX));
             continue;
         }
         if let Some(b) = record.commands.get_mut(&batch) {
-            b.in_flight_until = Some(fence::in_flight_until(ctx.now, ctx.settings.pass_budget_seconds));
+            b.in_flight_until = Some(fence::in_flight_until(ctx.now, budget));
         }
         let lines = phase_lines(record, spec, phase, &instances);
         actions.push(Action::Send {
