@@ -41,7 +41,10 @@ pub async fn reconcile_batch(
         let left = deadline.map(|d| d - Utc::now()).unwrap_or(most);
         let first = handled.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
         if left < chrono::Duration::seconds(5) && !first {
-            return Err(StepError::Contended("no time left in this invocation".into()));
+            return Err(StepError::Contended(format!(
+                "no time left in this invocation ({} ms before its deadline)",
+                left.num_milliseconds()
+            )));
         }
         // The first message always gets a short pass, even where a local
         // emulator reports an odd deadline.
@@ -55,6 +58,21 @@ pub async fn reconcile_batch(
     .await;
     response.batch_item_failures.extend(passes.batch_item_failures);
     response
+}
+
+/// When a reconcile invocation must stop acting: the Lambda's deadline
+/// (`Lambda-Runtime-Deadline-Ms`) less `margin_ms`, to save and re-queue.
+/// A deadline that has already passed when the invocation starts is not a
+/// deadline Lambda gives (cargo lambda's local runtime sends one), so the
+/// pass budget alone bounds the batch; otherwise every wake after a batch's
+/// first would go back to the queue and wait out its visibility timeout.
+pub fn invocation_deadline(
+    deadline_ms: u64,
+    margin_ms: i64,
+    now: chrono::DateTime<Utc>,
+) -> Option<chrono::DateTime<Utc>> {
+    let deadline = chrono::DateTime::from_timestamp_millis(i64::try_from(deadline_ms).ok()?)?;
+    (deadline > now).then(|| deadline - chrono::Duration::milliseconds(margin_ms))
 }
 
 fn is_event(body: &str) -> bool {
@@ -287,4 +305,19 @@ pub async fn intake_event(ports: &Ports, event: LambdaEvent<Value>) -> Result<Va
     Err(StepError::BadMessage(
         "expected an SQS batch, an EventBridge Scheduled Event or {\"dry_run\": <job spec>}".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::invocation_deadline;
+
+    #[test]
+    fn a_deadline_already_past_at_the_start_is_no_deadline() {
+        let now = chrono::DateTime::from_timestamp_millis(1_796_000_000_000).unwrap();
+        let ahead = invocation_deadline(1_796_000_900_000, 15_000, now).expect("a real deadline");
+        assert_eq!((ahead - now).num_milliseconds(), 885_000);
+        // cargo lambda's local runtime: a deadline far in the past.
+        assert_eq!(invocation_deadline(733_000, 15_000, now), None);
+        assert_eq!(invocation_deadline(1_796_000_000_000, 15_000, now), None);
+    }
 }

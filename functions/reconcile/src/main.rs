@@ -17,7 +17,7 @@ async fn main() -> Result<(), Error> {
     let most_ms = i64::from(env.settings.pass_budget_seconds) * 1000;
     let ports = &ports;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        let deadline = chrono::DateTime::from_timestamp_millis(event.context.deadline as i64 - SAFETY_MARGIN_MS);
+        let deadline = handlers::invocation_deadline(event.context.deadline, SAFETY_MARGIN_MS, chrono::Utc::now());
         let most = chrono::Duration::milliseconds(most_ms);
         Ok::<_, Error>(handlers::reconcile_batch(ports, event.payload, most, deadline).await)
     }))
