@@ -11,7 +11,7 @@ export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
 FUNCTIONS := intake reconcile tick
 
-.PHONY: help venv build build-functions test smoke chaos fuzz bench lint local-up local-down demo clean dlq redrive
+.PHONY: help venv host-tools build build-functions test smoke chaos fuzz bench lint local-up local-down demo clean dlq redrive
 
 help:
 	@echo "make demo        run the demo job end to end on the local stack"
@@ -27,7 +27,16 @@ help:
 	@echo "make build       release build (LTO) of every binary"
 	@echo "make lint        cfn-lint, then checkov and the IAM scope checks on the SAM-expanded template"
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed host-tools
+
+# The emulator's real block devices (tools/flotilla_devices.py) need
+# mkfs.xfs for its EBS store: installed from Debian's packages when missing
+# and this is root. Without it the emulator says so and skips block-device
+# scripts; under CI=true it refuses to start.
+host-tools:
+	@command -v mkfs.xfs >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends xfsprogs >/dev/null; } \
+		|| echo "make: mkfs.xfs is missing and could not be installed; the emulator will skip block-device scripts"; }
 
 $(VENV)/.installed: tools/requirements.txt
 	python3 -m venv $(VENV)

@@ -24,9 +24,8 @@ echo
 echo "== what is left in the emulator"
 $PY tools/inventory.py "$job_id"
 echo
-echo "note: the emulator has no block devices, so mkfs/mount/umount were not"
-echo "      really run (see the mount and unmount output above); every other"
-echo "      step went through the real AWS SDK to moto, and the setup/run"
-echo "      scripts really ran, in a scratch directory per instance under"
-echo "      .flotilla/instances/."
+echo "== restore shard 0's snapshot and read its bytes back"
+if [ "$status" = 0 ]; then
+  $PY tools/demo_restore.py "$job_id" || status=$?
+fi
 exit $status

@@ -31,9 +31,9 @@ Gaps filled (measured against moto 5.2.5):
    FLOTILLA_EMU_SCRATCH, with AWS_SSM_INSTANCE_ID set as the SSM agent does.
    executionTimeout gives TimedOut (ExecutionTimedOut), exit codes give
    Failed, CancelCommand gives Cancelled. Output is written to S3 at AWS's key
-   layout. Scripts that touch block devices (marked "# flotilla:volume-op")
-   are not run: there is no EBS device here, and the invocation output says
-   so.
+   layout. Commands run inside their instance (gap 21); where real block
+   devices cannot be had, scripts that touch them (marked "# flotilla:volume-op")
+   are not run, and the invocation output says so.
 5. RunInstances ignores ClientToken: a repeated token with the same
    parameters returns the first reservation, as EC2 does; with different
    parameters (other than the Availability Zone) it fails with
@@ -121,6 +121,26 @@ Gaps filled (measured against moto 5.2.5):
     for reboots a script asks for, exit 194, and says nothing of others; we
     take the unkind reading). Flotilla's step guard then answers with its
     reserved code.
+21. An EBS volume holds no bytes and an instance is the host. Here every
+    instance is a PID and mount namespace whose init is a holder process
+    (tools/emu_holder.py), started when the instance first runs a command or
+    gets a volume; each SSM command enters it (nsenter, then chroot into the
+    instance's own root: an overlay of the host's `/` whose writes stay with
+    the instance), so processes a step leaves running live on between
+    commands, and stopping or terminating the instance kills every one of
+    them. Every volume has a sparse backing file in an XFS store; attached
+    to a running instance it is a loop device shown only inside that
+    instance, as /dev/nvme<N>n1 with the by-id link EC2 gives it
+    (/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol<id>). CreateSnapshot
+    takes a point-in-time, crash-consistent copy of its blocks (a reflink
+    clone, see tools/flotilla_devices.py); CreateVolume from a snapshot
+    starts from them; DeleteVolume and DeleteSnapshot free them. DetachVolume
+    of a volume its instance has mounted leaves it attached, the attachment
+    `busy`, until the instance unmounts it, stops or terminates (DetachVolume
+    reference), unless forced. Past the store's budget CreateVolume fails with
+    VolumeLimitExceeded and CreateSnapshot with SnapshotLimitExceeded. Without
+    root, loop devices or mkfs.xfs the server says so in one line and skips
+    block-device scripts (gap 4); with CI=true it refuses to start.
 
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
@@ -477,7 +497,7 @@ ElasticBlockStore.create_volume = _create_volume
 # Checked at the API, not in the backend: moto's own RunInstances attaches
 # root volumes through the backend.
 
-from moto.ec2.exceptions import VolumeInUseError  # noqa: E402
+from moto.ec2.exceptions import InvalidVolumeAttachmentError, VolumeInUseError  # noqa: E402
 
 _attach_lock = threading.Lock()
 _original_attach_volume = ElasticBlockStore.attach_volume
@@ -736,6 +756,7 @@ def _instance_gone(instance_id):
         executions = list(_by_instance.get(instance_id, []))
     for execution in executions:
         _lose(execution)
+    _stop_holder(instance_id)  # gap 21: every process in it dies, its devices go
 
 
 def _settle(execution):
@@ -833,7 +854,7 @@ def _run(execution):
 def _execute(execution):
     command = execution.command
     script = _script(command)
-    if script.startswith(VOLUME_OP_MARKER):
+    if script.startswith(VOLUME_OP_MARKER) and DEVICES_WHY is not None:
         op = script.splitlines()[0][len(VOLUME_OP_MARKER):].strip() or "volume operation"
         mine = re.findall(re.escape(execution.instance_id) + r"\) VOLUME_ID=(vol-[0-9a-f]+)", script)
         mounts = sorted(set(re.findall(r"(?:mkdir -p|umount) (\S+)", script)))
@@ -855,7 +876,8 @@ def _execute(execution):
     os.makedirs(work, exist_ok=True)
     env = {
         # The AWS CLI of the venv stands in for the one on Amazon Linux.
-        "PATH": os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", "/usr/bin:/bin"),
+        "PATH": os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", "/usr/bin:/bin")
+        + ":/usr/local/sbin:/usr/sbin:/sbin",
         "HOME": home,
         "LANG": "C.UTF-8",
         "AWS_SSM_INSTANCE_ID": execution.instance_id,
@@ -874,6 +896,8 @@ def _execute(execution):
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": command.backend_region,
         })
+    # Gap 21: inside the instance's namespaces, where its volumes are.
+    holder = _holder(command.account_id, command.backend_region, execution.instance_id)
     with execution.lock:
         if execution.finished() or execution.lost:
             return
@@ -881,8 +905,9 @@ def _execute(execution):
             execution.finish("Cancelled", "Cancelled", -1)
             return
         generation = execution.generation
+        argv = holder.command(work, script) if holder else ["bash", "-c", script]
         execution.process = subprocess.Popen(
-            ["bash", "-c", script],
+            argv,
             cwd=work,
             env=env,
             stdout=subprocess.PIPE,
@@ -1361,3 +1386,212 @@ def _instance_status(self):
 
 
 Instance.instance_status = property(_instance_status)
+
+
+# --- 21. Real block devices (see flotilla_devices.py) -----------------------
+
+import flotilla_devices  # noqa: E402
+
+DEVICES_WHY = flotilla_devices.reason()
+_store = None  # the EBS store, made by start_devices()
+_holders = {}  # instance id -> Holder, while the instance runs
+_api_attached = {}  # volume id -> instance id: data volumes attached through the API
+_devices_lock = threading.Lock()
+
+
+def start_devices():
+    """Called by moto_server.py in the server's own mount namespace."""
+    global _store
+    if DEVICES_WHY is None:
+        flotilla_devices.sweep()
+        _store = flotilla_devices.Store(SCRATCH)
+
+
+class VolumeLimitExceeded(EC2ClientError):
+    def __init__(self):
+        super().__init__("VolumeLimitExceeded", "You have reached the limit on your Amazon EBS volume storage "
+                         f"(this emulator holds at most {flotilla_devices.BUDGET_BYTES >> 20} MiB).")
+
+
+class SnapshotLimitExceeded(EC2ClientError):
+    def __init__(self):
+        super().__init__("SnapshotLimitExceeded", "You have reached the limit on your Amazon EBS snapshot storage "
+                         f"(this emulator holds at most {flotilla_devices.BUDGET_BYTES >> 20} MiB).")
+
+
+def _holder(account_id, region, instance_id):
+    """The running instance's holder, started on first use; None without
+    real devices, or when the instance is not running."""
+    if _store is None:
+        return None
+    backend = ec2_backends[account_id][region]
+    with _devices_lock:
+        holder = _holders.get(instance_id)
+        if holder is not None and holder.process.poll() is None:
+            return holder
+        try:
+            if backend.get_instance(instance_id).state != "running":
+                return None
+        except Exception:
+            return None
+        home = os.path.join(SCRATCH, instance_id)
+        holder = flotilla_devices.Holder(instance_id, home, os.path.join(SCRATCH, ".ns", instance_id), SCRATCH)
+        _holders[instance_id] = holder
+        # A start after a stop: EBS volumes stayed attached, their devices come back.
+        for volume_id, owner in list(_api_attached.items()):
+            if owner == instance_id and volume_id in backend.volumes:
+                _store.blank(volume_id, backend.volumes[volume_id].size)
+                holder.attach(volume_id, _store.path(volume_id))
+        return holder
+
+
+def _stop_holder(instance_id):
+    with _devices_lock:
+        holder = _holders.pop(instance_id, None)
+    if holder is not None:
+        holder.kill()
+
+
+_quiet_create_volume = EC2Backend.create_volume
+
+
+def _create_volume_with_bytes(self, size, zone_name, snapshot_id=None, *args, **kwargs):
+    volume = _quiet_create_volume(self, size, zone_name, snapshot_id, *args, **kwargs)
+    if _store is not None and snapshot_id:
+        _store.clone(snapshot_id, volume.id, size)  # an AMI's snapshot has no bytes here
+    return volume
+
+
+EC2Backend.create_volume = _create_volume_with_bytes
+
+_token_create_volume = ElasticBlockStore.create_volume
+
+
+def _create_volume_in_budget(self):
+    if _store is not None and _store.over_budget():
+        raise VolumeLimitExceeded()
+    return _token_create_volume(self)
+
+
+ElasticBlockStore.create_volume = _create_volume_in_budget
+
+_announced_create_snapshot = EC2Backend.create_snapshot
+
+
+def _create_snapshot_with_bytes(self, volume_id, description, owner_id=None, from_ami=None):
+    if _store is None or from_ami is not None:
+        return _announced_create_snapshot(self, volume_id, description, owner_id, from_ami)
+    if _store.over_budget():
+        raise SnapshotLimitExceeded()
+    snapshot = _announced_create_snapshot(self, volume_id, description, owner_id, from_ami)
+    _store.clone(volume_id, snapshot.id)  # point in time: see flotilla_devices
+    return snapshot
+
+
+EC2Backend.create_snapshot = _create_snapshot_with_bytes
+
+_quiet_delete_volume = EC2Backend.delete_volume
+_quiet_delete_snapshot = EC2Backend.delete_snapshot
+
+
+def _delete_volume_and_bytes(self, volume_id):
+    volume = _quiet_delete_volume(self, volume_id)
+    if _store is not None:
+        _store.remove(volume_id)
+    _api_attached.pop(volume_id, None)
+    return volume
+
+
+def _delete_snapshot_and_bytes(self, snapshot_id):
+    snapshot = _quiet_delete_snapshot(self, snapshot_id)
+    if _store is not None:
+        _store.remove(snapshot_id)
+    return snapshot
+
+
+EC2Backend.delete_volume = _delete_volume_and_bytes
+EC2Backend.delete_snapshot = _delete_snapshot_and_bytes
+
+_checked_attach_volume = ElasticBlockStore.attach_volume
+
+
+def _attach_volume_device(self):
+    result = _checked_attach_volume(self)
+    if _store is not None:
+        volume_id, instance_id = self._get_param("VolumeId"), self._get_param("InstanceId")
+        backend = self.ec2_backend
+        _store.blank(volume_id, backend.volumes[volume_id].size)
+        _api_attached[volume_id] = instance_id
+        with _devices_lock:
+            holder = _holders.get(instance_id)
+        if holder is not None and holder.process.poll() is None:
+            holder.attach(volume_id, _store.path(volume_id))
+        # else: the device appears when the instance's holder starts
+    return result
+
+
+ElasticBlockStore.attach_volume = _attach_volume_device
+
+_original_detach_volume = ElasticBlockStore.detach_volume
+
+
+def _detach_volume_device(self):
+    """"If the volume is mounted ... the volume can become stuck in the busy
+    state while detaching ... until you unmount the volume, force
+    detachment, reboot the instance, or all three" (DetachVolume): here it
+    stays attached, its attachment `busy`, until the instance unmounts it,
+    stops or terminates; then it detaches."""
+    volume_id = self._get_param("VolumeId")
+    force = str(self._get_param("Force", "false")).lower() == "true"
+    volume = self.ec2_backend.get_volume(volume_id)
+    if volume.attachment is None:
+        raise InvalidVolumeAttachmentError(volume_id, self._get_param("InstanceId") or "any instance")
+    if not self._get_param("InstanceId"):
+        # InstanceId is optional (DetachVolume reference); moto needs it.
+        self.querystring["InstanceId"] = [volume.attachment.instance.id]
+        if isinstance(getattr(self, "params", None), dict):
+            self.params["InstanceId"] = volume.attachment.instance.id
+    instance_id = _api_attached.get(volume_id)
+    with _devices_lock:
+        holder = _holders.get(instance_id) if instance_id else None
+    if _store is None or holder is None or holder.process.poll() is not None:
+        if _store is not None:
+            _api_attached.pop(volume_id, None)
+        return _original_detach_volume(self)
+    answer = holder.detach(volume_id, force)
+    if answer.get("ok"):
+        _api_attached.pop(volume_id, None)
+        return _original_detach_volume(self)
+    if not answer.get("mounted"):
+        raise EC2ClientError("IncorrectState", f"Volume {volume_id} could not be detached: {answer.get('error')}")
+    backend = self.ec2_backend
+    attachment = backend.volumes[volume_id].attachment
+    attachment.status = "busy"
+    threading.Thread(target=_detach_when_unmounted, args=(backend, volume_id, instance_id), daemon=True).start()
+    return ActionResult({"VolumeId": volume_id, "InstanceId": instance_id, "Device": attachment.device,
+                         "State": "detaching", "AttachTime": attachment.attach_time})
+
+
+def _detach_when_unmounted(backend, volume_id, instance_id):
+    while True:
+        time.sleep(0.5)
+        with _devices_lock:
+            holder = _holders.get(instance_id)
+        volume = backend.volumes.get(volume_id)
+        if volume is None or volume.attachment is None:
+            return
+        try:
+            running = holder is not None and holder.process.poll() is None
+            if running and not holder.detach(volume_id).get("ok"):
+                continue
+        except OSError:
+            pass
+        _api_attached.pop(volume_id, None)
+        try:
+            backend.detach_volume(volume_id, instance_id, None)
+        except Exception:  # noqa: BLE001 - already detached
+            pass
+        return
+
+
+ElasticBlockStore.detach_volume = _detach_volume_device

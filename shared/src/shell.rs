@@ -307,7 +307,9 @@ pub fn unmount_script(preamble: &Preamble<'_>, targets: &[MountTarget]) -> Vec<S
     lines.push("sync".to_string());
     for target in targets {
         let mp = quote(&target.mount_point);
-        lines.push(format!("if mountpoint -q {mp}; then sync -f {mp}; umount {mp} && echo \"unmounted \"{mp}; fi"));
+        // Under `set -e` a failed umount ends the script: a busy mount is
+        // never hidden behind a later volume's success.
+        lines.push(format!("if mountpoint -q {mp}; then sync -f {mp}; umount {mp}; echo \"unmounted \"{mp}; fi"));
     }
     lines
 }

@@ -23,7 +23,7 @@ fn run_of(record: &JobRecord, shard: usize) -> flotilla_shared::record::PhaseRun
 }
 
 /// A shard's output tail, kept beside the record.
-async fn output(stack: &MotoStack, job_id: &str, shard: u32, attempt: u32, phase: Phase) -> Vec<String> {
+pub(crate) async fn output(stack: &MotoStack, job_id: &str, shard: u32, attempt: u32, phase: Phase) -> Vec<String> {
     let name = flotilla_shared::reconcile::decide::output_name(shard, attempt, phase);
     let ports = stack.ports();
     let body = ports.ledger.get(&format!("jobs/{job_id}/{name}")).await.expect("get").unwrap_or_default();
@@ -31,7 +31,7 @@ async fn output(stack: &MotoStack, job_id: &str, shard: u32, attempt: u32, phase
 }
 
 /// Pump until `ready` holds for the record.
-async fn pump_until(stack: &MotoStack, job_id: &str, ready: impl Fn(&JobRecord) -> bool) -> JobRecord {
+pub(crate) async fn pump_until(stack: &MotoStack, job_id: &str, ready: impl Fn(&JobRecord) -> bool) -> JobRecord {
     let ports = stack.ports();
     let deadline = std::time::Instant::now() + LIMIT;
     loop {
@@ -49,19 +49,19 @@ async fn pump_until(stack: &MotoStack, job_id: &str, ready: impl Fn(&JobRecord) 
 
 /// Make the job's run wait for the test's `go` file before `then`, so what
 /// the test does mid-run lands mid-run however slow the machine is.
-fn gate_run(stack: &MotoStack, spec: &mut serde_json::Value, then: &str) -> std::path::PathBuf {
+pub(crate) fn gate_run(stack: &MotoStack, spec: &mut serde_json::Value, then: &str) -> std::path::PathBuf {
     let go = stack.scratch.join("go");
     spec["env"]["GO"] = serde_json::json!(go.display().to_string());
     spec["run"] = serde_json::json!({"script": format!("until [ -e \"$GO\" ]; do sleep 0.2; done; {then}"), "timeout_seconds": 120});
     go
 }
 
-fn open_gate(stack: &MotoStack, go: &std::path::Path) {
+pub(crate) fn open_gate(stack: &MotoStack, go: &std::path::Path) {
     std::fs::create_dir_all(&stack.scratch).expect("scratch");
     std::fs::write(go, "").expect("go");
 }
 
-fn all_running(record: &JobRecord) -> bool {
+pub(crate) fn all_running(record: &JobRecord) -> bool {
     record.shards.iter().all(|s| {
         s.current()
             .and_then(|a| a.phase(Phase::Run))
@@ -294,10 +294,10 @@ async fn launch_template_spot_and_every_volume_source() {
         .send()
         .await
         .expect("launch template");
-    let existing = ec2.create_volume().availability_zone("us-east-1a").size(2).send().await.expect("volume");
-    let existing = existing.volume_id().expect("id").to_string();
-    let seed = ec2.create_volume().availability_zone("us-east-1a").size(1).send().await.expect("seed");
-    let seed_snapshot = ec2.create_snapshot().volume_id(seed.volume_id().expect("id")).send().await.expect("snapshot");
+    // A user's own volumes carry a filesystem; a job never formats them.
+    let existing = stack.formatted_volume(2).await;
+    let seed = stack.formatted_volume(1).await;
+    let seed_snapshot = ec2.create_snapshot().volume_id(&seed).send().await.expect("snapshot");
     let seed_snapshot = seed_snapshot.snapshot_id().expect("id").to_string();
     // Their owner opts them in for this deployment (intake checks, IAM enforces).
     let opt_in = aws_sdk_ec2::types::Tag::builder().key("flotilla:allow").value("flotilla").build();

@@ -1,5 +1,6 @@
 //! Flotilla's integration tests: one binary, so the AWS SDK links once.
 
+mod bytes_moto;
 mod economy;
 mod events;
 mod hostile;

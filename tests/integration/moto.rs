@@ -69,6 +69,11 @@ impl MotoStack {
 
     /// `agent_seconds`: how long after launch the emulated SSM agent comes Online.
     pub async fn start_with_agent_delay(agent_seconds: u32) -> MotoStack {
+        MotoStack::start_with(agent_seconds, &[]).await
+    }
+
+    /// With more environment for the server (the extension's FLOTILLA_EMU_* knobs).
+    pub async fn start_with(agent_seconds: u32, env: &[(&str, &str)]) -> MotoStack {
         let root = workspace_root();
         let python =
             std::env::var("FLOTILLA_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
@@ -87,8 +92,15 @@ impl MotoStack {
                     .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                     .env("FLOTILLA_EMU_SCRATCH", &scratch)
                     .env("FLOTILLA_EMU_AGENT_SECONDS", agent_seconds.to_string())
+                    .envs(env.iter().copied())
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
+                    // FLOTILLA_TEST_MOTO_LOG=<dir>: keep each server's log there.
+                    .stderr(match std::env::var_os("FLOTILLA_TEST_MOTO_LOG") {
+                        Some(dir) => Stdio::from(
+                            std::fs::File::create(PathBuf::from(dir).join(format!("moto-{port}.log"))).expect("log"),
+                        ),
+                        None => Stdio::null(),
+                    })
                     .spawn()
                     .expect("start moto server");
                 let deadline = Instant::now() + Duration::from_secs(60);
@@ -339,6 +351,72 @@ impl MotoStack {
             }
         }
         delivered
+    }
+
+    /// A volume with an ext4 filesystem, as a user's own volume or the source
+    /// of a snapshot they name has (a job never formats those): formatted on
+    /// a helper instance, not Flotilla's, which is then terminated.
+    pub async fn formatted_volume(&self, size_gib: i32) -> String {
+        let (ec2, ssm) = (self.ec2(), self.ssm());
+        let volume = ec2.create_volume().availability_zone("us-east-1a").size(size_gib).send().await.expect("volume");
+        let volume = volume.volume_id().expect("id").to_string();
+        let launched = ec2
+            .run_instances()
+            .image_id("ami-12c6146b")
+            .min_count(1)
+            .max_count(1)
+            .placement(aws_sdk_ec2::types::Placement::builder().availability_zone("us-east-1a").build())
+            .iam_instance_profile(
+                aws_sdk_ec2::types::IamInstanceProfileSpecification::builder().name(WORKER_PROFILE).build(),
+            )
+            .send()
+            .await
+            .expect("helper instance");
+        let helper = launched.instances()[0].instance_id().expect("id").to_string();
+        ec2.attach_volume().volume_id(&volume).instance_id(&helper).device("/dev/sdf").send().await.expect("attach");
+        let script = format!(
+            "mkfs -t ext4 -q \"$(readlink -f /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{})\"",
+            volume.replace('-', "")
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            assert!(Instant::now() < deadline, "formatting {volume} did not finish");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let Ok(sent) = ssm
+                .send_command()
+                .document_name("AWS-RunShellScript")
+                .instance_ids(&helper)
+                .parameters("commands", vec![script.clone()])
+                .send()
+                .await
+            else {
+                continue; // the agent is not Online yet
+            };
+            let command_id = sent.command().and_then(|c| c.command_id()).expect("id").to_string();
+            break loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let Ok(out) = ssm.get_command_invocation().command_id(&command_id).instance_id(&helper).send().await
+                else {
+                    continue;
+                };
+                match out.status().map(|s| s.as_str().to_string()).unwrap_or_default().as_str() {
+                    "Pending" | "InProgress" | "Delayed" => assert!(Instant::now() < deadline, "mkfs hangs"),
+                    status => break format!("{status}: {}", out.standard_error_content().unwrap_or_default()),
+                }
+            };
+        };
+        assert!(status.starts_with("Success"), "mkfs on {volume}: {status}");
+        ec2.detach_volume().volume_id(&volume).send().await.expect("detach");
+        ec2.terminate_instances().instance_ids(&helper).send().await.expect("terminate helper");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = ec2.describe_volumes().volume_ids(&volume).send().await.expect("describe");
+            if out.volumes()[0].state().map(|s| s.as_str()) == Some("available") {
+                return volume;
+            }
+            assert!(Instant::now() < deadline, "{volume} never became available");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Every volume with its state and attachments, and every instance's

@@ -298,8 +298,8 @@ async fn execution_timeout_and_cancel_are_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn volume_scripts_are_reported_not_run() {
-    let stack = MotoStack::start().await;
+async fn without_real_devices_volume_scripts_are_reported_not_run() {
+    let stack = MotoStack::start_with(1, &[("FLOTILLA_EMU_DEVICES", "off"), ("CI", "")]).await;
     let ids = launch(&stack, 1, None).await;
     let script = format!("# flotilla:volume-op mount\n  {}) VOLUME_ID=vol-0abc ;;\n  i-other) VOLUME_ID=vol-0def ;;\nmkdir -p /data\nmkfs -t ext4 /dev/nonexistent", ids[0]);
     let command_id = send(&stack, &ids, &script, 30).await;
@@ -775,4 +775,139 @@ async fn a_completed_snapshot_wakes_its_job_and_no_other() {
     assert_eq!(wakes.len(), 1, "{wakes:?}");
     assert_eq!(wakes[0]["job_id"], "snap-owner");
     assert_eq!(wakes[0]["trigger"], "event");
+}
+
+/// Gap 21: one command's stdout on one instance (30 s execution timeout).
+async fn on(stack: &MotoStack, instance: &str, script: &str) -> String {
+    let command_id = send(stack, &[instance.to_string()], script, 30).await;
+    let mut out = finished(stack, &command_id, instance).await;
+    // Delayed: the agent of an instance that just started is not Online yet.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.status() == Some(&CommandInvocationStatus::Delayed) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        out = finished(stack, &command_id, instance).await;
+    }
+    assert_eq!(
+        out.status(),
+        Some(&CommandInvocationStatus::Success),
+        "{script}: {}",
+        out.standard_error_content().unwrap_or_default()
+    );
+    out.standard_output_content().unwrap_or_default().to_string()
+}
+
+async fn new_volume(stack: &MotoStack, instance: &str) -> String {
+    let ec2 = stack.ec2();
+    let volume = ec2.create_volume().availability_zone("us-east-1a").size(1).send().await.expect("volume");
+    let id = volume.volume_id().expect("id").to_string();
+    ec2.attach_volume().volume_id(&id).instance_id(instance).device("/dev/sdf").send().await.expect("attach");
+    id
+}
+
+async fn attachment_state(stack: &MotoStack, volume: &str) -> Option<String> {
+    let out = stack.ec2().describe_volumes().volume_ids(volume).send().await.expect("describe");
+    out.volumes()[0].attachments().first().and_then(|a| a.state()).map(|s| s.as_str().to_string())
+}
+
+/// Gap 21: each instance is its own PID and mount namespace. Its volume is
+/// a device under the Nitro names inside it only; a process a command leaves
+/// running lives on between commands; the host's /data is never touched; a
+/// detach while mounted stays `busy` until the unmount; stopping the instance
+/// kills what ran in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_instance_has_its_own_devices_processes_and_mounts() {
+    let stack = MotoStack::start().await;
+    let host_data = std::path::Path::new("/data").exists();
+    let ids = launch(&stack, 2, None).await;
+    let (a, b) = (&ids[0], &ids[1]);
+    let volume = new_volume(&stack, a).await;
+    let link = format!("/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{}", volume.replace('-', ""));
+    let out = on(
+        &stack,
+        a,
+        &format!(
+            "readlink -f {link}; mkfs -t ext4 -q {link}; mkdir -p /data; mount {link} /data; echo x > /data/x\n\
+             setsid sleep 600 </dev/null >/dev/null 2>&1 &\necho pid1 $(cat /proc/1/comm)"
+        ),
+    )
+    .await;
+    assert!(out.starts_with("/dev/nvme1n1\n") && out.contains("pid1 python"), "{out}");
+    assert_eq!(on(&stack, b, &format!("ls /dev/disk/by-id/; [ -e {link} ] || echo absent")).await, "absent\n");
+    let out = on(&stack, a, "pgrep -x sleep >/dev/null && echo alive; cat /data/x; ps -e --no-headers | wc -l").await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["alive", "x"], "{out}");
+    assert!(lines[2].trim().parse::<u32>().expect("count") < 10, "a PID namespace of its own: {out}");
+    assert_eq!(std::path::Path::new("/data").exists(), host_data, "the host's /data was touched");
+
+    let detach = stack.ec2().detach_volume().volume_id(&volume).send().await.expect("detach");
+    assert_eq!(detach.state().map(|s| s.as_str()), Some("detaching"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(attachment_state(&stack, &volume).await.as_deref(), Some("busy"), "mounted: stuck busy");
+    on(&stack, a, "umount /data").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attachment_state(&stack, &volume).await.is_some() {
+        assert!(Instant::now() < deadline, "never detached after the unmount");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    stack.ec2().stop_instances().instance_ids(a).send().await.expect("stop");
+    stack.ec2().start_instances().instance_ids(a).send().await.expect("start");
+    assert_eq!(on(&stack, a, "pgrep -x sleep || echo none").await, "none\n", "the stop killed it");
+}
+
+/// Gap 21: a snapshot holds the blocks its volume had when CreateSnapshot
+/// ran, even while the volume is mounted and written: what was synced
+/// before is in it, what was written after is not (crash consistent: its
+/// ext4 journal is replayed on mount). The budget refuses past its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_the_volume_at_the_call_and_the_store_has_a_budget() {
+    let stack = MotoStack::start_with(1, &[("FLOTILLA_EMU_EBS_BUDGET_MIB", "128")]).await;
+    let ids = launch(&stack, 2, None).await;
+    let volume = new_volume(&stack, &ids[0]).await;
+    let link = format!("/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{}", volume.replace('-', ""));
+    on(
+        &stack,
+        &ids[0],
+        &format!("mkfs -t ext4 -q {link}; mkdir -p /data; mount {link} /data; echo before > /data/before; sync"),
+    )
+    .await;
+    let ec2 = stack.ec2();
+    let snapshot = ec2.create_snapshot().volume_id(&volume).send().await.expect("snapshot");
+    let snapshot = snapshot.snapshot_id().expect("id").to_string();
+    on(&stack, &ids[0], "echo after > /data/after; sync").await;
+    let restored = ec2
+        .create_volume()
+        .availability_zone("us-east-1a")
+        .snapshot_id(&snapshot)
+        .send()
+        .await
+        .expect("restore")
+        .volume_id()
+        .expect("id")
+        .to_string();
+    ec2.attach_volume().volume_id(&restored).instance_id(&ids[1]).device("/dev/sdf").send().await.expect("attach");
+    let link = format!("/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{}", restored.replace('-', ""));
+    let out = on(&stack, &ids[1], &format!("mkdir -p /data; mount {link} /data; ls /data")).await;
+    assert!(out.contains("before") && !out.contains("after"), "{out}");
+
+    // Past 128 MiB of real bytes (an ext4 journal alone is 32 MiB): no volume and no snapshot more.
+    on(&stack, &ids[0], "head -c 200000000 /dev/urandom > /data/big; sync").await;
+    let err = ec2.create_snapshot().volume_id(&volume).send().await.expect_err("over budget");
+    assert_eq!(err.into_service_error().meta().code(), Some("SnapshotLimitExceeded"));
+    let err = ec2.create_volume().availability_zone("us-east-1a").size(1).send().await.expect_err("over budget");
+    assert_eq!(err.into_service_error().meta().code(), Some("VolumeLimitExceeded"));
+    // Deleting frees them: the bytes go with the volume.
+    on(&stack, &ids[0], "rm /data/big; umount /data").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attachment_state(&stack, &volume).await.is_some() {
+        let _ = ec2.detach_volume().volume_id(&volume).send().await;
+        assert!(Instant::now() < deadline, "never detached");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    ec2.delete_volume().volume_id(&volume).send().await.expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(err) = ec2.create_volume().availability_zone("us-east-1a").size(1).send().await {
+        assert!(Instant::now() < deadline, "still over budget after the delete: {err:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

@@ -37,6 +37,8 @@ async fn a_hundred_shards_process_a_thousand_items_once_and_a_retried_shard_redo
     spec["fleet"] = serde_json::json!({"items_per_instance_minute": 1, "within_minutes": 10, "max_instances": 100});
     spec["work"] = serde_json::json!({"s3_prefix": "s3://render-inputs/frames/"});
     spec["env"] = serde_json::json!({"MARKS": marks.display().to_string()});
+    // A hundred instances' cleanup at once on a loaded 2-core machine.
+    spec["before_unmount"]["timeout_seconds"] = serde_json::json!(120);
     // All shards start processing together, and the 99 that are not killed
     // end together (as equal shards would, and within the coalescing window
     // however loaded the machine); shard 7's first instance stalls after its

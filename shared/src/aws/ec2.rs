@@ -328,7 +328,9 @@ fn volume_view(volume: &aws_sdk_ec2::types::Volume) -> Option<VolumeView> {
     let attached_to = volume
         .attachments()
         .iter()
-        .find(|a| a.state().is_some_and(|s| s.as_str() == "attached"))
+        // A `busy` attachment (a detach asked while the instance still had
+        // the volume mounted) is still attached: the device is there.
+        .find(|a| a.state().is_some_and(|s| matches!(s.as_str(), "attached" | "busy")))
         .and_then(|a| a.instance_id())
         .map(str::to_string);
     Some(VolumeView {
