@@ -32,6 +32,14 @@ def main():
     if not snapshots["Snapshots"]:
         raise SystemExit(f"demo: no snapshot of {job_id} shard 0")
     snapshot = snapshots["Snapshots"][0]["SnapshotId"]
+    # Every shard's mount and unmount ran on a real device.
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=os.environ["FLOTILLA_BUCKET"], Prefix=f"jobs/{job_id}/output/") for o in page.get("Contents", [])]
+    for key in sorted(k for k in keys if k.endswith(("-mount.txt", "-unmount.txt"))):
+        body = s3.get_object(Bucket=os.environ["FLOTILLA_BUCKET"], Key=key)["Body"].read().decode()
+        if "skipped" in body or not re.search(r"^(mounted|unmounted) ", body, re.M):
+            raise SystemExit(f"demo: {key} did not run on a device:\n{body}")
+        print(f"{key.split('/output/')[1]}: {body.strip().splitlines()[-1]}")
     wrote = SHA.search(output(s3, job_id, 0, 1, "run"))
     verify_id = f"{job_id}-restore"
     spec = {
