@@ -40,6 +40,8 @@ def main():
         if "skipped" in body or not re.search(r"^(mounted|unmounted) ", body, re.M):
             raise SystemExit(f"demo: {key} did not run on a device:\n{body}")
         print(f"{key.split('/output/')[1]}: {body.strip().splitlines()[-1]}")
+    # The owner of a snapshot opts it in for a deployment: intake checks this tag.
+    ec2.create_tags(Resources=[snapshot], Tags=[{"Key": "flotilla:allow", "Value": os.environ["FLOTILLA_STACK"]}])
     wrote = SHA.search(output(s3, job_id, 0, 1, "run"))
     verify_id = f"{job_id}-restore"
     spec = {

@@ -43,10 +43,9 @@ import sys
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 LOOP_CTL_GET_FREE, LOOP_CONFIGURE = 0x4C82, 0x4C0A
 LO_FLAGS_AUTOCLEAR = 4
-LOOP_MAJOR = 7
 
 
 def mount(source, target, fstype, flags=0, data=None):
@@ -74,6 +73,7 @@ def build_root(home, ns_dir, scratch):
           f"lowerdir=/,upperdir={os.path.join(ns_dir, 'upper')},workdir={os.path.join(ns_dir, 'work')}")
     mount("proc", os.path.join(root, "proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     mount("/sys", os.path.join(root, "sys"), None, MS_BIND | MS_REC)
+    mount("none", os.path.join(root, "sys"), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     dev = os.path.join(root, "dev")
     mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755,size=16m")
     for name, major, minor in (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
@@ -94,8 +94,9 @@ def build_root(home, ns_dir, scratch):
         if point == "/" or point.startswith(("/proc", "/sys", "/dev", root, scratch)) or point == scratch:
             continue
         if os.path.isdir(point) and "/" not in point[1:].rstrip("/"):  # top-level ones carry the rest
-            try:
+            try:  # read-only: the instance writes to its own root only
                 mount(point, root + point, None, MS_BIND | MS_REC)
+                mount("none", root + point, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
             except OSError:
                 pass
     # The emulator's scratch directory, as it is on the host (not its
@@ -146,15 +147,20 @@ class Devices:
                 os.close(control)
         finally:
             os.close(backing)
-        os.mknod(self.node(index), 0o660 | stat.S_IFBLK, os.makedev(LOOP_MAJOR, minor))
-        os.symlink(f"../../nvme{index}n1", self.link(volume))
+        try:
+            os.mknod(self.node(index), 0o660 | stat.S_IFBLK, os.fstat(loop).st_rdev)
+            os.symlink(f"../../nvme{index}n1", self.link(volume))
+        except OSError:
+            os.close(loop)  # autoclear frees it
+            raise
         self.attached[volume] = (loop, minor, index)
         return {"ok": True, "device": f"/dev/nvme{index}n1", "loop": f"/dev/loop{minor}"}
 
     def mounted(self, volume):
         if volume not in self.attached:
             return False
-        wanted = f"{LOOP_MAJOR}:{self.attached[volume][1]}"
+        rdev = os.fstat(self.attached[volume][0]).st_rdev
+        wanted = f"{os.major(rdev)}:{os.minor(rdev)}"
         with open("/proc/self/mountinfo") as f:
             return any(line.split()[2] == wanted for line in f)
 

@@ -45,12 +45,15 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 FICLONE = 0x40049409
 HOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emu_holder.py")
 BUDGET_BYTES = int(os.environ.get("FLOTILLA_EMU_EBS_BUDGET_MIB", "4096")) * 1024 * 1024
-STORE_GIB = int(os.environ.get("FLOTILLA_EMU_EBS_STORE_GIB", "256"))
+# The store's own size bounds what writes past the budget can take of the
+# host's disk (the budget is checked at create time; writes are not metered).
+STORE_GIB = max(8, 4 * (BUDGET_BYTES >> 30))
 TOOLS = ("unshare", "nsenter", "chroot", "mkfs.xfs", "mkfs.ext4", "blkid", "losetup", "mount")
 
 
@@ -68,9 +71,10 @@ def reason():
     return None
 
 
-def sweep():
-    """At start-up: loop devices this emulator made (their backing file is
-    in a `.ebs` store) that are not set to clear themselves, so nothing would
+def sweep(scratch):
+    """At start-up: loop devices an emulator with this scratch directory
+    made (their backing file is in its `.ebs` store) that are not set to
+    clear themselves, so nothing would
     ever free them. Ours are all made with autoclear, by the holder's
     LOOP_CONFIGURE or by `mount -o loop`, so this finds only what a crash in
     between could leave; nothing of anyone else's is touched."""
@@ -81,7 +85,8 @@ def sweep():
         return
     for device in listed.get("loopdevices", []):
         backing = device.get("back-file") or ""
-        if "/.ebs/" in backing and str(device.get("autoclear")).lower() in ("0", "false"):
+        mine = backing.startswith(os.path.join(os.path.abspath(scratch), ".ebs") + "/")
+        if mine and str(device.get("autoclear")).lower() in ("0", "false"):
             subprocess.run(["losetup", "-d", device["name"]], capture_output=True)
 
 
@@ -136,6 +141,32 @@ class Store:
             os.close(src)
         return True
 
+    def clone_aside(self, source_id):
+        """A clone of source's bytes under a temporary name, or None if it has
+        none; `adopt` gives it its id once the snapshot exists, so a failed
+        clone fails the call before any snapshot does."""
+        if not self.has(source_id):
+            return None
+        aside = f".clone-{source_id}-{os.getpid()}-{threading.get_ident()}"
+        self.clone(source_id, aside)
+        return aside
+
+    def adopt(self, aside, resource_id):
+        os.rename(self.path(aside), self.path(resource_id))
+
+    def sever(self, volume_id):
+        """After a detach: whatever still has the old loop device open (a
+        forced detach of a mounted volume, a process holding the device)
+        keeps writing to a file that is no longer the volume's, as an
+        instance gets I/O errors from a detached EBS volume. The volume's
+        bytes are the ones it had at the detach."""
+        if not self.has(volume_id):
+            return
+        orphan = f".severed-{volume_id}-{os.getpid()}-{threading.get_ident()}"
+        os.rename(self.path(volume_id), self.path(orphan))
+        self.clone(orphan, volume_id)
+        self.remove(orphan)
+
     def remove(self, resource_id):
         try:
             os.unlink(self.path(resource_id))
@@ -170,6 +201,8 @@ class Holder:
         self.root = hello["root"]
         self.pid = self._init_pid()
         self.indexes = {}  # volume id -> NVMe index
+        self.loops = {}  # volume id -> its loop device's name
+        self.attaching = threading.Lock()
 
     def _init_pid(self):
         # unshare --fork: its child is the namespace's init, the one to enter.
@@ -186,21 +219,26 @@ class Holder:
             return json.loads(self.process.stdout.readline() or '{"ok": false, "error": "the holder exited"}')
 
     def attach(self, volume_id, path):
-        index = self.indexes.get(volume_id)
-        if index is None:
-            taken = set(self.indexes.values())
-            index = next(i for i in range(1, 28) if i not in taken)  # nvme0n1 is the root volume
-        answer = self.ask(op="attach", volume=volume_id, file=path, index=index)
-        if not answer.get("ok"):
-            raise OSError(errno.EIO, f"attach {volume_id}: {answer.get('error')}")
-        self.indexes[volume_id] = index
-        return answer
+        with self.attaching:
+            index = self.indexes.get(volume_id)
+            if index is None:
+                taken = set(self.indexes.values())
+                index = next(i for i in range(1, 28) if i not in taken)  # nvme0n1 is the root volume
+            answer = self.ask(op="attach", volume=volume_id, file=path, index=index)
+            if not answer.get("ok"):
+                raise OSError(errno.EIO, f"attach {volume_id}: {answer.get('error')}")
+            self.indexes[volume_id] = index
+            if answer.get("loop"):
+                self.loops[volume_id] = (answer["loop"], path)
+            return answer
 
     def detach(self, volume_id, force=False):
-        answer = self.ask(op="detach", volume=volume_id, force=force)
-        if answer.get("ok"):
-            self.indexes.pop(volume_id, None)
-        return answer
+        with self.attaching:
+            answer = self.ask(op="detach", volume=volume_id, force=force)
+            if answer.get("ok"):
+                self.indexes.pop(volume_id, None)
+                self.loops.pop(volume_id, None)
+            return answer
 
     def mounted(self, volume_id):
         return bool(self.ask(op="mounted", volume=volume_id).get("mounted"))
@@ -212,15 +250,27 @@ class Holder:
 
     def kill(self):
         """The instance stops: every process in it dies, its mounts and loop
-        devices are released (the kernel kills a PID namespace with its init)."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            pid = getattr(self, "pid", None)
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
+        devices are released (the kernel kills a PID namespace with its init),
+        and this returns once its loop devices are gone, so nothing of the
+        instance still writes when the caller moves on (a snapshot, an attach
+        elsewhere)."""
+        if self.process.returncode is None:  # else its pids may be reused
+            for kill in (lambda: os.killpg(self.process.pid, signal.SIGKILL),
+                         lambda: os.kill(self.pid, signal.SIGKILL) if getattr(self, "pid", None) else None):
+                try:
+                    kill()
+                except ProcessLookupError:
+                    pass
+            self.process.wait()
+        deadline = time.monotonic() + 10
+        for loop, path in self.loops.values():
+            backing = f"/sys/block/{os.path.basename(loop)}/loop/backing_file"
+            while time.monotonic() < deadline:
+                try:
+                    with open(backing) as f:
+                        if not f.read().startswith(path):
+                            break  # cleared, and taken by another volume
+                except OSError:
+                    break  # cleared
+                time.sleep(0.05)
+        self.loops.clear()

@@ -905,6 +905,10 @@ def _execute(execution):
             execution.finish("Cancelled", "Cancelled", -1)
             return
         generation = execution.generation
+        if holder is None and _store is not None:
+            # Not running (stopped under it): its agent is gone, never the host's bash.
+            execution.lost = True
+            return
         argv = holder.command(work, script) if holder else ["bash", "-c", script]
         execution.process = subprocess.Popen(
             argv,
@@ -1051,6 +1055,8 @@ def _note_registration(backend, instance_ids):
 
 def _stop_instances(self, instance_ids):
     _note_registration(self, instance_ids)
+    for instance_id in instance_ids or []:
+        _instance_gone(instance_id)  # gap 21: nothing of it writes once it is stopped
     stopped = _original_stop_instances(self, instance_ids)
     for instance, previous in stopped:
         _instance_gone(instance.id)
@@ -1061,6 +1067,9 @@ def _stop_instances(self, instance_ids):
 
 def _terminate_instances(self, instance_ids):
     _note_registration(self, instance_ids)
+    for instance_id in instance_ids or []:
+        _instance_gone(instance_id)  # before moto detaches its volumes
+        _stop_holder(instance_id, gone=True)
     terminated = _original_terminate_instances(self, instance_ids)
     for instance, previous in terminated:
         _instance_gone(instance.id)
@@ -1403,7 +1412,7 @@ def start_devices():
     """Called by moto_server.py in the server's own mount namespace."""
     global _store
     if DEVICES_WHY is None:
-        flotilla_devices.sweep()
+        flotilla_devices.sweep(SCRATCH)
         _store = flotilla_devices.Store(SCRATCH)
 
 
@@ -1445,11 +1454,13 @@ def _holder(account_id, region, instance_id):
         return holder
 
 
-def _stop_holder(instance_id):
+def _stop_holder(instance_id, gone=False):
     with _devices_lock:
         holder = _holders.pop(instance_id, None)
     if holder is not None:
         holder.kill()
+    if gone and _store is not None:  # terminated: its root goes too
+        shutil.rmtree(os.path.join(SCRATCH, ".ns", instance_id), ignore_errors=True)
 
 
 _quiet_create_volume = EC2Backend.create_volume
@@ -1468,7 +1479,9 @@ _token_create_volume = ElasticBlockStore.create_volume
 
 
 def _create_volume_in_budget(self):
-    if _store is not None and _store.over_budget():
+    token = self._get_param("ClientToken")
+    known = token and token in self.ec2_backend.__dict__.get("_flotilla_volume_tokens", {})
+    if _store is not None and not known and _store.over_budget():  # a retried create gets its volume
         raise VolumeLimitExceeded()
     return _token_create_volume(self)
 
@@ -1483,8 +1496,11 @@ def _create_snapshot_with_bytes(self, volume_id, description, owner_id=None, fro
         return _announced_create_snapshot(self, volume_id, description, owner_id, from_ami)
     if _store.over_budget():
         raise SnapshotLimitExceeded()
+    self.get_volume(volume_id)  # InvalidVolume.NotFound first
+    aside = _store.clone_aside(volume_id)  # the point in time (flotilla_devices); a failure fails the call
     snapshot = _announced_create_snapshot(self, volume_id, description, owner_id, from_ami)
-    _store.clone(volume_id, snapshot.id)  # point in time: see flotilla_devices
+    if aside is not None:
+        _store.adopt(aside, snapshot.id)
     return snapshot
 
 
@@ -1561,36 +1577,41 @@ def _detach_volume_device(self):
     answer = holder.detach(volume_id, force)
     if answer.get("ok"):
         _api_attached.pop(volume_id, None)
-        return _original_detach_volume(self)
+        result = _original_detach_volume(self)
+        _store.sever(volume_id)  # a forced detach: the instance writes on, not to the volume
+        return result
     if not answer.get("mounted"):
         raise EC2ClientError("IncorrectState", f"Volume {volume_id} could not be detached: {answer.get('error')}")
     backend = self.ec2_backend
     attachment = backend.volumes[volume_id].attachment
     attachment.status = "busy"
-    threading.Thread(target=_detach_when_unmounted, args=(backend, volume_id, instance_id), daemon=True).start()
+    threading.Thread(target=_detach_when_unmounted, args=(backend, volume_id, instance_id, attachment),
+                     daemon=True).start()
     return ActionResult({"VolumeId": volume_id, "InstanceId": instance_id, "Device": attachment.device,
                          "State": "detaching", "AttachTime": attachment.attach_time})
 
 
-def _detach_when_unmounted(backend, volume_id, instance_id):
+def _detach_when_unmounted(backend, volume_id, instance_id, attachment):
     while True:
         time.sleep(0.5)
         with _devices_lock:
             holder = _holders.get(instance_id)
         volume = backend.volumes.get(volume_id)
-        if volume is None or volume.attachment is None:
-            return
+        if volume is None or volume.attachment is not attachment:
+            return  # detached (forced, or with its instance) and maybe attached again since
         try:
             running = holder is not None and holder.process.poll() is None
             if running and not holder.detach(volume_id).get("ok"):
                 continue
         except OSError:
             pass
-        _api_attached.pop(volume_id, None)
+        if _api_attached.get(volume_id) == instance_id:
+            _api_attached.pop(volume_id, None)
         try:
             backend.detach_volume(volume_id, instance_id, None)
         except Exception:  # noqa: BLE001 - already detached
             pass
+        _store.sever(volume_id)
         return
 
 
