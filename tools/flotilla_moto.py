@@ -1448,7 +1448,9 @@ def _holder(account_id, region, instance_id):
         _holders[instance_id] = holder
         # A start after a stop: EBS volumes stayed attached, their devices come back.
         for volume_id, owner in list(_api_attached.items()):
-            if owner == instance_id and volume_id in backend.volumes:
+            volume = backend.volumes.get(volume_id)
+            attached = volume is not None and volume.attachment is not None
+            if owner == instance_id and attached and volume.attachment.instance.id == instance_id:
                 _store.blank(volume_id, backend.volumes[volume_id].size)
                 holder.attach(volume_id, _store.path(volume_id))
         return holder
@@ -1562,7 +1564,10 @@ def _detach_volume_device(self):
     volume = self.ec2_backend.get_volume(volume_id)
     if volume.attachment is None:
         raise InvalidVolumeAttachmentError(volume_id, self._get_param("InstanceId") or "any instance")
-    if not self._get_param("InstanceId"):
+    named = self._get_param("InstanceId")
+    if named and named != volume.attachment.instance.id:
+        raise InvalidVolumeAttachmentError(volume_id, named)
+    if not named:
         # InstanceId is optional (DetachVolume reference); moto needs it.
         self.querystring["InstanceId"] = [volume.attachment.instance.id]
         if isinstance(getattr(self, "params", None), dict):
