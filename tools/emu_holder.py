@@ -104,6 +104,11 @@ def build_root(home, ns_dir, scratch):
     # and files tests leave for a step. Overlay would hide later changes.
     os.makedirs(home, exist_ok=True)
     mount(scratch, root + scratch, None, MS_BIND)
+    # Not the emulator's own state: the EBS store's image and the other
+    # instances' roots.
+    for hidden in (".ebs", ".ns"):
+        if os.path.isdir(os.path.join(scratch, hidden)):
+            mount("tmpfs", os.path.join(root + scratch, hidden), "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k")
     return root
 
 

@@ -833,10 +833,15 @@ async fn each_instance_has_its_own_devices_processes_and_mounts() {
     .await;
     assert!(out.starts_with("/dev/nvme1n1\n") && out.contains("pid1 python"), "{out}");
     assert_eq!(on(&stack, b, &format!("ls /dev/disk/by-id/; [ -e {link} ] || echo absent")).await, "absent\n");
-    let out = on(&stack, a, "pgrep -x sleep >/dev/null && echo alive; cat /data/x; ps -e --no-headers | wc -l").await;
+    let out = on(
+        &stack,
+        a,
+        "pgrep -x sleep >/dev/null && echo alive; cat /data/x; ls -A \"$HOME/../.ebs\" \"$HOME/../.ns\" | grep -v : | grep . || echo hidden; ps -e --no-headers | wc -l",
+    )
+    .await;
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[..2], ["alive", "x"], "{out}");
-    assert!(lines[2].trim().parse::<u32>().expect("count") < 10, "a PID namespace of its own: {out}");
+    assert_eq!(lines[..3], ["alive", "x", "hidden"], "the store and other roots are not the instance's: {out}");
+    assert!(lines[3].trim().parse::<u32>().expect("count") < 10, "a PID namespace of its own: {out}");
     assert_eq!(std::path::Path::new("/data").exists(), host_data, "the host's /data was touched");
 
     let detach = stack.ec2().detach_volume().volume_id(&volume).send().await.expect("detach");
