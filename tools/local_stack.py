@@ -12,7 +12,8 @@ binaries, and an event pump between them.
   python tools/local_stack.py impair INSTANCE     # its status checks fail (moto extension gap 14)
 
 The pump delivers queue messages to the functions as real SQS event batches
-through cargo lambda's invoke endpoint. It honours partial batch failures
+through cargo lambda's invoke endpoint, up to FLOTILLA_LOCAL_CONCURRENCY
+(default 3) batches of one queue at once, as Lambda's poller does. It honours partial batch failures
 (only successful records are deleted), visibility timeouts, and DLQs (moto
 moves a message after maxReceiveCount receives). It fires enabled `rate(...)`
 schedules (the safety tick) as real EventBridge "Scheduled Event" payloads,
@@ -25,6 +26,7 @@ reconcile queue and terminates the instance FLOTILLA_EMU_RECLAIM_SECONDS
 (default 120, EC2's two-minute warning) later.
 """
 
+import concurrent.futures
 import datetime
 import hashlib
 import json
@@ -54,6 +56,8 @@ LOCAL_VISIBILITY = int(os.environ.get("FLOTILLA_LOCAL_VISIBILITY_SECONDS", "10")
 # Locally, rate(...) schedules (the safety tick, rate(5 minutes) in the
 # template) fire at least this often.
 WORKER_PROFILE = "flotilla-worker"
+# Batches of one queue in flight at once, and cargo lambda's instances per function.
+PUMP_CONCURRENCY = int(os.environ.get("FLOTILLA_LOCAL_CONCURRENCY", "3"))
 LOCAL_TICK = int(os.environ.get("FLOTILLA_LOCAL_TICK_SECONDS", "20"))
 # As deployed (template.yaml's PollDelaySeconds): EC2 and SSM events, not polls, move jobs on.
 POLL_DELAY = os.environ.get("FLOTILLA_POLL_DELAY_SECONDS", "20")
@@ -63,6 +67,13 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 def log(message):
     print(f"local-stack: {message}", flush=True)
+
+
+def log_timed(message):
+    """A pump line, stamped so a slow hand-off can be traced in pump.log."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+    sys.stdout.write(f"{stamp} local-stack: {message}\n")  # one write: pump threads share stdout
+    sys.stdout.flush()
 
 
 # --- template.yaml --------------------------------------------------------
@@ -270,7 +281,7 @@ def up():
         for key, value in lines.items():
             f.write(f"{key}={value}\n")
     argv = [os.path.join(VENV_BIN, "cargo-lambda"), "lambda", "watch", "--ignore-changes", "--quiet",
-            "-A", "127.0.0.1", "-P", str(INVOKE_PORT), "--env-file", plain_env, "--concurrency", "2"]
+            "-A", "127.0.0.1", "-P", str(INVOKE_PORT), "--env-file", plain_env, "--concurrency", str(PUMP_CONCURRENCY)]
     start("cargo-lambda-watch", argv, watch_env)
     wait_for(f"http://127.0.0.1:{INVOKE_PORT}/", 120, "cargo lambda watch")
     served = {r["function"] for r in routes} | {s["function"] for s in schedules}
@@ -360,42 +371,74 @@ def local_interval(expression):
     return min(seconds, LOCAL_TICK) if seconds else None
 
 
+def deliver(route, url, arn, messages, sqs):
+    """One SQS event batch to its function, as Lambda's poller delivers it."""
+    started = time.time()
+    status, response = invoke(route["function"], {"Records": [sqs_record(m, arn) for m in messages]})
+    took = time.time() - started
+    if status != 200 or not isinstance(response, dict):
+        # A function error fails the whole batch, as Lambda does: every
+        # record becomes visible again after the visibility timeout.
+        log_timed(f"{route['function']}: invoke failed ({status}) after {took:.2f} s: {str(response)[:300]}")
+        return
+    failed = {f["itemIdentifier"] for f in response.get("batchItemFailures", [])}
+    done = [m for m in messages if m["MessageId"] not in failed]
+    for start_at in range(0, len(done), 10):
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done[start_at:start_at + 10])]
+        sqs.delete_message_batch(QueueUrl=url, Entries=entries)
+    log_timed(f"{route['function']}: {len(messages)} record(s) in {took:.2f} s, {len(failed)} returned for retry")
+
+
 def pump():
     template = load_template()
     queues, routes, schedules, _ = wiring(template)
     sqs, _ = clients()
     urls = {r["queue"]: sqs.get_queue_url(QueueName=queues[r["queue"]]["name"])["QueueUrl"] for r in routes}
+    # Lambda's SQS poller runs several batches of one queue at once, so a
+    # long pass for one job never holds back another job's events. Each
+    # route gets as many batches in flight as cargo lambda runs instances.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=PUMP_CONCURRENCY * max(len(routes), 1) + 1)
+    in_flight = {r["queue"]: set() for r in routes}
+    ticking = {}
     # Disabled rules never fire by themselves, as in EventBridge.
     next_fire = {s["name"]: time.time() + local_interval(s["expression"]) for s in schedules if s["enabled"] and local_interval(s["expression"])}
     while True:
         busy = False
         for route in routes:
+            running = in_flight[route["queue"]]
+            running -= {f for f in running if f.done()}
+            if len(running) >= PUMP_CONCURRENCY:
+                continue
             url = urls[route["queue"]]
             messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(route["batch"], 10), AttributeNames=["All"], WaitTimeSeconds=0).get("Messages", [])
             if not messages:
                 continue
             busy = True
             arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queues[route['queue']]['name']}"
-            status, response = invoke(route["function"], {"Records": [sqs_record(m, arn) for m in messages]})
-            if status != 200 or not isinstance(response, dict):
-                # A function error fails the whole batch, as Lambda does: every
-                # record becomes visible again after the visibility timeout.
-                log(f"{route['function']}: invoke failed ({status}): {str(response)[:300]}")
-                continue
-            failed = {f["itemIdentifier"] for f in response.get("batchItemFailures", [])}
-            done = [m for m in messages if m["MessageId"] not in failed]
-            for start_at in range(0, len(done), 10):
-                entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done[start_at:start_at + 10])]
-                sqs.delete_message_batch(QueueUrl=url, Entries=entries)
-            log(f"{route['function']}: {len(messages)} record(s), {len(failed)} returned for retry")
+            running.add(pool.submit(guarded, deliver, route, url, arn, messages, sqs))
         now = time.time()
         for schedule in schedules:
-            if schedule["name"] in next_fire and now >= next_fire[schedule["name"]]:
+            # One at a time per schedule: the tick has a reserved concurrency of 1.
+            if schedule["name"] in next_fire and now >= next_fire[schedule["name"]] and schedule["name"] not in ticking:
                 next_fire[schedule["name"]] = now + local_interval(schedule["expression"])
-                status, response = invoke(schedule["function"], scheduled_event(schedule["name"]))
-                log(f"schedule {schedule['name']}: {status} {str(response)[:200]}")
+                ticking[schedule["name"]] = pool.submit(guarded, fire_schedule, schedule)
+        ticking = {name: f for name, f in ticking.items() if not f.done()}
         if not busy:
-            time.sleep(0.5)
+            time.sleep(0.2)
+
+
+def guarded(work, *args):
+    """A pump thread's failure is logged, never lost in its future; the
+    batch's records come back after their visibility timeout."""
+    try:
+        work(*args)
+    except Exception as err:  # noqa: BLE001 -- the pump must go on
+        log_timed(f"pump: {work.__name__} failed: {err!r}")
+
+
+def fire_schedule(schedule):
+    status, response = invoke(schedule["function"], scheduled_event(schedule["name"]))
+    log_timed(f"schedule {schedule['name']}: {status} {str(response)[:200]}")
 
 
 def fire(rule):
