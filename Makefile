@@ -11,13 +11,14 @@ export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
 FUNCTIONS := intake reconcile tick
 
-.PHONY: help venv host-tools build build-functions test smoke chaos fuzz bench lint local-up local-down demo clean dlq redrive
+.PHONY: help venv host-tools build build-functions test smoke chaos fingerprint fuzz bench lint local-up local-down demo clean dlq redrive
 
 help:
 	@echo "make demo        run the demo job end to end on the local stack"
 	@echo "make test        unit, scenario and moto integration tests, cfn-lint, then make smoke"
 	@echo "make smoke       local stack end to end: jobs submitted with plain awscli reach their terminal states"
 	@echo "make chaos       2,000 seeded simulated jobs + five of 1,000 instances, then 200 lineage worlds; SEED=n or WORLD=n replays one"
+	@echo "make fingerprint rewrite the simulator's pinned figures (tests/fingerprint/) after a change meant to alter behaviour"
 	@echo "make fuzz        long property runs, then each cargo-fuzz target (nightly) for FUZZ_SECONDS"
 	@echo "make bench       release build and Lambda zips, then start-up, API-call, overhead and CPU figures beside their baselines"
 	@echo "make local-up    start moto + cargo lambda watch + event pump; writes .flotilla/local.env"
@@ -81,6 +82,12 @@ chaos:
 		cargo test -p flotilla-tests --test integration scenarios::seeded_simulation -- --nocapture)
 	$(if $(SEED),,$(if $(WORLD),FLOTILLA_SIM_WORLD=$(WORLD)) FLOTILLA_SIM_WORLDS=$(CHAOS_WORLDS) \
 		cargo test -p flotilla-tests --test integration lineage_sim::lineage_worlds -- --nocapture)
+
+# Rewrite the simulator's pinned figures (tests/fingerprint/) for every seed
+# `make chaos` runs. Only for a change meant to alter behaviour: say why in
+# the commit.
+fingerprint:
+	FLOTILLA_FINGERPRINT=write $(MAKE) chaos
 
 # Long runs of the property tests `make test` runs briefly, then each
 # cargo-fuzz target (libFuzzer, nightly) for FUZZ_SECONDS. The fuzz crate

@@ -9,9 +9,9 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 AWS=.venv/bin/aws
 
-# The README quotes `flotilla --help`; it must stay true to the binary.
-if ! $PY -c 'import sys; sys.exit(sys.argv[1].strip() not in open("README.md").read())' "$(flotilla --help)"; then
-  echo "FAIL README.md no longer matches \`flotilla --help\`"
+# docs/cli.md quotes `flotilla --help`; it must stay true to the binary.
+if ! $PY -c 'import sys; sys.exit(sys.argv[1].strip() not in open("docs/cli.md").read())' "$(flotilla --help)"; then
+  echo "FAIL docs/cli.md no longer matches \`flotilla --help\`"
   exit 1
 fi
 

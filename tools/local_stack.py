@@ -19,11 +19,12 @@ moves a message after maxReceiveCount receives). It fires enabled `rate(...)`
 schedules (the safety tick) as real EventBridge "Scheduled Event" payloads,
 every FLOTILLA_LOCAL_TICK_SECONDS (default 20) at most, so a stranded job is
 picked up quickly; `cron(...)` schedules fire only through `fire`.
-AWS::Events::Rule resources (EC2 and SSM events to the reconcile queue) are
-not delivered locally yet; `interrupt` puts one such event, an "EC2 Spot
-Instance Interruption Warning" shaped as EventBridge delivers it, on the
-reconcile queue and terminates the instance FLOTILLA_EMU_RECLAIM_SECONDS
-(default 120, EC2's two-minute warning) later.
+template.yaml's AWS::Events::Rule resources are created on moto's default
+bus with their SQS targets, so the EC2 state changes and Run Command status
+changes the moto extension emits reach the reconcile queue as EventBridge
+delivers them. `interrupt` puts an "EC2 Spot Instance Interruption Warning"
+on the reconcile queue and terminates the instance
+FLOTILLA_EMU_RECLAIM_SECONDS (default 120, EC2's two-minute warning) later.
 """
 
 import concurrent.futures

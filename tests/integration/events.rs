@@ -50,13 +50,22 @@ async fn drive_until(ports: &Ports, job_id: &str, done: impl Fn(JobState) -> boo
     }
 }
 
-/// The README's full spec example is the demo job, so it cannot drift.
+/// The job spec page's full example is the demo job, so it cannot drift.
 #[test]
-fn readme_example_is_the_demo_job() {
+fn job_spec_page_example_is_the_demo_job() {
+    let page = std::fs::read_to_string(workspace_root().join("docs/job-spec.md")).expect("docs/job-spec.md");
+    let block = page.split("```json\n").nth(1).and_then(|rest| rest.split("```").next()).expect("a json block");
+    let example: Value = serde_json::from_str(block).expect("the job spec page's example is JSON");
+    assert_eq!(example, event("demo-job.json"));
+}
+
+/// The README's small job is a job intake accepts.
+#[test]
+fn readme_small_job_is_a_valid_spec() {
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("README.md");
     let block = readme.split("```json\n").nth(1).and_then(|rest| rest.split("```").next()).expect("a json block");
-    let example: Value = serde_json::from_str(block).expect("README example is JSON");
-    assert_eq!(example, event("demo-job.json"));
+    let spec = flotilla_shared::spec::parse(block).expect("the README's job parses");
+    flotilla_shared::spec::validate(&spec).expect("the README's job is valid");
 }
 
 #[test]
@@ -161,4 +170,36 @@ async fn every_event_file_drives_its_function() {
     let after = ports.ledger.load("events-submit").await.expect("load").expect("job").record;
     assert!(!after.cancel_requested);
     assert_eq!(stack.running_managed().await, 0);
+}
+
+/// The README fits on a screen or two and maps every page of `docs/`; no
+/// relative link in the README or the docs points at a missing file.
+#[test]
+fn readme_is_short_and_every_docs_page_is_linked() {
+    let root = workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    assert!(readme.lines().count() < 200, "README.md has {} lines", readme.lines().count());
+    let mut pages: Vec<String> = std::fs::read_dir(root.join("docs"))
+        .expect("docs/")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".md"))
+        .collect();
+    pages.sort();
+    assert!(!pages.is_empty());
+    for page in &pages {
+        assert!(readme.contains(&format!("(docs/{page}")), "README.md does not link docs/{page}");
+    }
+    let mut files = vec![(root.clone(), readme)];
+    files.extend(pages.iter().map(|p| {
+        (root.join("docs"), std::fs::read_to_string(root.join("docs").join(p)).expect("page"))
+    }));
+    for (dir, text) in files {
+        for link in text.split("](").skip(1).filter_map(|rest| rest.split(')').next()) {
+            let target = link.split('#').next().unwrap_or_default();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            assert!(dir.join(target).exists(), "a link to {link} from {} points at nothing", dir.display());
+        }
+    }
 }

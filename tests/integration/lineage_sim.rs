@@ -3,6 +3,7 @@
 //! jobs, with the reaper acting. Then, for each lineage invariant, its
 //! mutation switch on (`mutation.rs`): the checker must fire.
 
+use crate::fingerprint::{world_figures, Fingerprint};
 use flotilla_shared::fake::Faults;
 use flotilla_shared::mutation::{self, Mutation};
 use flotilla_shared::sim::lineages::{self, consumer_spec, run_spec, LineageCampaign, PlannedJob, World};
@@ -21,15 +22,21 @@ async fn lineage_worlds_hold_every_invariant() {
     let worlds: u64 = std::env::var("FLOTILLA_SIM_WORLDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
     let started = std::time::Instant::now();
     let mut campaign = LineageCampaign::default();
+    let fingerprint = Fingerprint::open("worlds");
+    let mut drift = Vec::new();
     for seed in 1..=worlds {
         let world = lineages::world(seed);
-        campaign.add(&world, &lineages::run(&world).await);
+        let result = lineages::run(&world).await;
+        drift.extend(fingerprint.check(&format!("world {seed}"), world_figures(&result)));
+        campaign.add(&world, &result);
         if seed % 25 == 0 {
             eprintln!("{seed} worlds simulated, {:.0} s", started.elapsed().as_secs_f64());
         }
     }
     println!("{:.0} s", started.elapsed().as_secs_f64());
     campaign.print();
+    fingerprint.finish();
+    assert!(drift.is_empty(), "the simulator's figures moved from tests/fingerprint/worlds.txt:\n{}", drift.join("\n"));
     // The mix the invariants need, so none of them passes by checking nothing.
     assert!(campaign.runs > campaign.lineages, "several runs per lineage");
     let succeeded = campaign.states.get("SUCCEEDED").copied().unwrap_or(0);

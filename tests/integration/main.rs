@@ -3,6 +3,8 @@
 mod bytes_moto;
 mod economy;
 mod events;
+mod fingerprint;
+mod fixtures;
 mod hostile;
 mod isolation;
 mod lifecycle_moto;

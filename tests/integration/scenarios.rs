@@ -13,6 +13,7 @@ use flotilla_shared::record::{EndCause, JobRecord, JobState, Phase, Stage};
 use flotilla_shared::sim;
 use serde_json::json;
 
+use crate::fingerprint::{job_figures, Fingerprint};
 use crate::moto::job;
 
 fn cloud() -> FakeCloud {
@@ -749,12 +750,16 @@ async fn seeded_simulation_holds_every_invariant() {
         return;
     }
     let (jobs, big) = (env("FLOTILLA_SIM_JOBS", 120), env("FLOTILLA_SIM_BIG", 0));
+    let fingerprint = Fingerprint::open("jobs");
+    let mut drift = Vec::new();
     let started = std::time::Instant::now();
     let mut campaign = sim::Campaign::default();
     for seed in 1..=jobs {
         let scenario = sim::scenario(seed, None);
         let one = std::time::Instant::now();
-        campaign.add(&scenario, &sim::run(&scenario).await);
+        let result = sim::run(&scenario).await;
+        drift.extend(fingerprint.check(&format!("job {seed}"), job_figures(&result)));
+        campaign.add(&scenario, &result);
         if one.elapsed().as_secs() >= 10 {
             eprintln!("seed {seed} took {:.0} s", one.elapsed().as_secs_f64());
         }
@@ -764,36 +769,41 @@ async fn seeded_simulation_holds_every_invariant() {
     }
     for index in 0..big {
         let scenario = sim::scenario(1_000_000 + index, Some(1000));
-        campaign.add(&scenario, &sim::run(&scenario).await);
+        let result = sim::run(&scenario).await;
+        drift.extend(fingerprint.check(&format!("big {}", 1_000_000 + index), job_figures(&result)));
+        campaign.add(&scenario, &result);
     }
     campaign.seconds = started.elapsed().as_secs_f64();
     campaign.print();
-    if big > 0 {
-        // What a job costs when nothing goes wrong: five phases, one volume each.
-        println!("fault-free jobs (one volume per instance, five phases):");
+    // What a job costs when nothing goes wrong: five phases, one volume each.
+    // `make test` runs the small ones; `make chaos` adds 1,000 instances.
+    println!("fault-free jobs (one volume per instance, five phases):");
+    println!(
+        "  {:>9} {:>10} {:>16} {:>22} {:>12} {:>13}",
+        "instances", "calls", "calls/instance", "EC2+SSM mutating", "passes", "max record"
+    );
+    let sizes: &[u32] = if big > 0 { &[1, 10, 100, 1000] } else { &[1, 10, 100] };
+    for &size in sizes {
+        let scenario = sim::clean_scenario(7_000 + u64::from(size), size);
+        let result = sim::run(&scenario).await;
+        assert!(result.violations.is_empty(), "fault-free {size}: {:?}", result.violations);
+        drift.extend(fingerprint.check(&format!("clean {size}"), job_figures(&result)));
         println!(
-            "  {:>9} {:>10} {:>16} {:>22} {:>12} {:>13}",
-            "instances", "calls", "calls/instance", "EC2+SSM mutating", "passes", "max record"
+            "  {size:>9} {:>10} {:>16.1} {:>22} {:>12} {:>11} B",
+            result.calls,
+            result.calls as f64 / f64::from(size),
+            result.mutating_calls,
+            result.passes,
+            result.record_bytes
         );
-        for size in [1u32, 10, 100, 1000] {
-            let scenario = sim::clean_scenario(7_000 + u64::from(size), size);
-            let result = sim::run(&scenario).await;
-            assert!(result.violations.is_empty(), "fault-free {size}: {:?}", result.violations);
-            println!(
-                "  {size:>9} {:>10} {:>16.1} {:>22} {:>12} {:>11} B",
-                result.calls,
-                result.calls as f64 / f64::from(size),
-                result.mutating_calls,
-                result.passes,
-                result.record_bytes
-            );
-        }
     }
+    fingerprint.finish();
     assert!(
         campaign.failed_seeds.is_empty(),
         "replay one with `make chaos SEED=<seed>`:\n{}",
         campaign.failed_seeds.join("\n")
     );
+    assert!(drift.is_empty(), "the simulator's figures moved from tests/fingerprint/jobs.txt:\n{}", drift.join("\n"));
 }
 
 /// A malformed body that names an id gets a REJECTED record under it; the
@@ -816,3 +826,4 @@ async fn a_rejection_never_blocks_a_later_valid_job_with_the_same_id() {
     drive(&cloud, &ports2, 1, |r| r.state.is_terminal(), "claimed-1").await;
     assert_eq!(cloud.record("claimed-1").expect("record").state, JobState::Succeeded);
 }
+

@@ -1,5 +1,5 @@
 //! Intake: SQS job submissions and EventBridge scheduled events. A thin
-//! composition root; the logic is `flotilla_shared::steps::intake`.
+//! composition root; the logic is `flotilla_shared::intake`.
 
 use flotilla_shared::{aws, handlers};
 use lambda_runtime::{service_fn, Error, LambdaEvent};

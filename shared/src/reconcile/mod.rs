@@ -3,7 +3,8 @@
 //! job. It never asks which trigger woke it:
 //!
 //! 1. load the record and take its lease by compare-and-swap (one actor per
-//!    job; a busy job re-queues the trigger for when the lease ends);
+//!    job; a trigger that finds the lease held marks the record `woken`,
+//!    and one `lease-end` wake waits out that lease);
 //! 2. observe the cloud in a few batched calls;
 //! 3. `decide` (pure) updates shard state and returns actions; the record,
 //!    with every action's intent, is saved before any action runs;

@@ -81,6 +81,9 @@ pub struct WorldResult {
     /// Attempts stopped at their job's bound.
     pub bound_stops: usize,
     pub max_bound_lateness_seconds: i64,
+    /// Every call the world made, and the mutating ones.
+    pub calls: u64,
+    pub mutating_calls: u64,
     pub violations: Vec<(String, String)>,
     /// For a failed world's replay.
     pub trace: Vec<String>,
@@ -574,6 +577,7 @@ fn check_end(
         let stop = cancelled.get(i).map_or(deadline, |c| (*c).max(*at).min(deadline));
         bounds.insert(id, stop + grace);
     }
+    (result.calls, result.mutating_calls) = cloud.call_totals();
     let state = cloud.lock();
     let now = state.now.unwrap_or_default();
     for instance in &state.instances {
