@@ -20,8 +20,7 @@ pub(super) fn plan_dispatch(
     spec: &JobSpec,
     obs: &Observation,
     ctx: &Context<'_>,
-    actions: &mut Vec<Action>,
-    wait: &mut u32,
+    decision: &mut Decision,
 ) {
     // SendCommand fails for all if one agent is offline: hold those back.
     let offline =
@@ -51,7 +50,7 @@ pub(super) fn plan_dispatch(
             && a.phases.iter().any(|p| p.status.is_none() && p.batch == 0)
     });
     if held_offline {
-        *wait = (*wait).min(ctx.settings.poll_delay_seconds);
+        decision.look_within(ctx.settings.poll_delay_seconds);
     }
     let mut fresh: BTreeMap<Phase, Vec<usize>> = BTreeMap::new();
     for (index, shard) in record.shards.iter().enumerate() {
@@ -87,7 +86,7 @@ pub(super) fn plan_dispatch(
                 .any(|a| catching_up(a, phase));
             if behind && held < COALESCE_SECONDS {
                 shards.truncate(shards.len() - remainder);
-                *wait = (*wait).min((COALESCE_SECONDS - held).max(1) as u32);
+                decision.look_within((COALESCE_SECONDS - held).max(1) as u32);
             }
         }
         for chunk in shards.chunks(MAX_INSTANCES_PER_COMMAND) {
@@ -136,14 +135,14 @@ pub(super) fn plan_dispatch(
         let budget = ctx.settings.pass_budget_seconds;
         let in_flight = record.commands.get(&batch).and_then(|b| send_in_flight(b, budget, ctx.now));
         if let Some(until) = in_flight.filter(|_| !made) {
-            *wait = (*wait).min(u32::try_from((until - ctx.now).num_seconds().max(1)).unwrap_or(u32::MAX));
+            decision.look_within(u32::try_from((until - ctx.now).num_seconds().max(1)).unwrap_or(u32::MAX));
             continue;
         }
         if let Some(b) = record.commands.get_mut(&batch) {
             b.in_flight_until = Some(fence::in_flight_until(ctx.now, budget));
         }
         let lines = phase_lines(record, spec, phase, &instances);
-        actions.push(Action::Send {
+        decision.actions.push(Action::Send {
             batch,
             look_first: !made,
             request: CommandRequest {

@@ -37,14 +37,7 @@ pub(super) fn check_abort(record: &mut JobRecord, now: DateTime<Utc>) {
 
 /// Every shard has its result: sweep by tag, prune retention, write the
 /// report, then the terminal state.
-pub(super) fn finish(
-    record: &mut JobRecord,
-    spec: &JobSpec,
-    obs: &Observation,
-    actions: &mut Vec<Action>,
-    terminate: &mut Vec<String>,
-    wait: &mut u32,
-) {
+pub(super) fn finish(record: &mut JobRecord, spec: &JobSpec, obs: &Observation, decision: &mut Decision) {
     // A run whose cleanup could not finish (a refused delete, a volume kept
     // because its snapshots failed, an instance left for the reaper) is not a
     // success: the user must look at what was left.
@@ -94,7 +87,7 @@ pub(super) fn finish(
         if !view.is_terminated() {
             busy = true;
             if view.state != "shutting-down" {
-                terminate.push(view.instance_id.clone());
+                decision.terminate.push(view.instance_id.clone());
             }
         }
     }
@@ -118,7 +111,9 @@ pub(super) fn finish(
             && view.tags.contains_key(tags::ATTEMPT)
         {
             match (view.state.as_str(), view.attached_to.is_some()) {
-                ("available", false) => actions.push(Action::DeleteVolume { volume_id: view.volume_id.clone() }),
+                ("available", false) => {
+                    decision.actions.push(Action::DeleteVolume { volume_id: view.volume_id.clone() })
+                }
                 ("deleting" | "deleted", _) => continue,
                 _ => {}
             }
@@ -126,7 +121,7 @@ pub(super) fn finish(
         }
     }
     if busy {
-        *wait = (*wait).min(5);
+        decision.look_within(5);
         return;
     }
     let name = job_name(record);
@@ -137,7 +132,7 @@ pub(super) fn finish(
     let succeeded = record.outcome == Some(Outcome::Succeeded);
     for volume in &spec.volumes {
         if succeeded && took_snapshots.contains(&volume.name) && !record.pruned.contains(&volume.name) {
-            actions.push(Action::Prune {
+            decision.actions.push(Action::Prune {
                 volume: volume.name.clone(),
                 // Good only in a run that SUCCEEDED: one per shard, its last attempt's.
                 finals: record.final_snapshots(&volume.name),
@@ -152,7 +147,7 @@ pub(super) fn finish(
         return;
     }
     if !record.report_written {
-        actions.push(Action::WriteReport);
+        decision.actions.push(Action::WriteReport);
         return;
     }
     let outcome = record.outcome.unwrap_or(Outcome::Failed);

@@ -76,13 +76,7 @@ pub fn launches_wanted(record: &JobRecord) -> u32 {
     fresh.min(room) as u32
 }
 
-pub(super) fn plan_launches(
-    record: &mut JobRecord,
-    spec: &JobSpec,
-    ctx: &Context<'_>,
-    actions: &mut Vec<Action>,
-    wait: &mut u32,
-) {
+pub(super) fn plan_launches(record: &mut JobRecord, spec: &JobSpec, ctx: &Context<'_>, decision: &mut Decision) {
     if record.outcome.is_some() {
         return;
     }
@@ -109,7 +103,7 @@ pub(super) fn plan_launches(
     let mut calls = pending_tokens.len();
     let mut allowance = ctx.launch_grant.map_or(u32::MAX, |g| g.instances) as usize;
     if let Some(grant) = ctx.launch_grant.filter(|g| g.instances == 0 && !fresh.is_empty()) {
-        *wait = (*wait).min(grant.retry_after_seconds.max(1));
+        decision.look_within(grant.retry_after_seconds.max(1));
     }
     for (_, mut shards) in fresh {
         // The shared budget decides how many launch now; the rest wait their turn.
@@ -147,8 +141,8 @@ pub(super) fn plan_launches(
         }
     }
     for (token, (count, option)) in by_token {
-        actions.push(Action::Launch { request: launch_request(record, spec, ctx, &token, count, &option) });
-        *wait = (*wait).min(5);
+        decision.actions.push(Action::Launch { request: launch_request(record, spec, ctx, &token, count, &option) });
+        decision.look_within(5);
     }
 }
 

@@ -103,6 +103,35 @@ pub struct Context<'a> {
     pub launch_grant: Option<crate::admission::Grant>,
 }
 
+/// What a pass decides, gathered as it goes: the actions in the order they
+/// run, the instances to terminate (run before every other action), how
+/// soon to look again, the last ClientToken sequence number taken, and the
+/// notes for the shard being stepped.
+pub(super) struct Decision {
+    pub actions: Vec<Action>,
+    pub terminate: Vec<String>,
+    pub notes: Vec<String>,
+    wait: u32,
+    seq: u64,
+}
+
+impl Decision {
+    fn new(wait: u32) -> Self {
+        Decision { actions: Vec::new(), terminate: Vec::new(), notes: Vec::new(), wait, seq: 0 }
+    }
+
+    /// Something is due within `seconds`: the next pass comes no later.
+    pub fn look_within(&mut self, seconds: u32) {
+        self.wait = self.wait.min(seconds);
+    }
+
+    /// The next ClientToken sequence number of the job.
+    pub fn take_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+}
+
 /// Decide the next actions for a job, updating shard and job state.
 pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (Vec<Action>, Next) {
     if record.state.is_terminal() {
@@ -120,8 +149,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     let working = record.shards.iter().filter_map(|s| s.current()).any(|a| a.stage == Stage::Working);
     let base = if spec.role_arn.is_some() { ctx.settings.poll_delay_seconds } else { ctx.settings.safety_poll() };
     let ceiling = if working { working_poll(&spec, ctx.settings, now - Duration::days(1), now) } else { 0 };
-    let mut wait = ctx.settings.poll_delay_seconds.max(base).max(ceiling);
-    let mut actions = Vec::new();
+    let mut decision = Decision::new(ctx.settings.poll_delay_seconds.max(base).max(ceiling));
 
     for instance_id in std::mem::take(&mut record.interruptions) {
         for shard in &mut record.shards {
@@ -149,7 +177,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
                 .filter_map(|a| a.instance_id.clone())
                 .collect();
             if !late.is_empty() {
-                actions.push(Action::Cancel { command_id: command_id.clone(), instance_ids: late });
+                decision.actions.push(Action::Cancel { command_id: command_id.clone(), instance_ids: late });
             }
         }
     }
@@ -162,7 +190,6 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         record.health_checked_at = Some(now);
     }
 
-    let mut terminate: Vec<String> = Vec::new();
     let aborting = record.outcome.is_some();
     let bound = record.bill_bound(ctx.settings.cleanup_grace_minutes);
     let job = JobFacts {
@@ -178,28 +205,25 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     };
     if let Some(at) = bound.filter(|at| *at > now) {
         // A pass at the bound, whatever else the job waits on.
-        wait = wait.min(u32::try_from((at - now).num_seconds().max(1)).unwrap_or(u32::MAX));
+        decision.look_within(u32::try_from((at - now).num_seconds().max(1)).unwrap_or(u32::MAX));
     }
     let commands = record.commands.clone();
-    for index in 0..record.shards.len() {
-        if record.shards[index].result.is_some() {
-            continue;
-        }
-        let mut seq = record.next_seq;
-        let shard = &mut record.shards[index];
-        step_shard(&job, shard, &commands, obs, ctx, &mut seq, &mut actions, &mut terminate, &mut wait);
-        record.next_seq = seq;
+    decision.seq = record.next_seq;
+    for shard in record.shards.iter_mut().filter(|s| s.result.is_none()) {
+        step_shard(&job, shard, &commands, obs, ctx, &mut decision);
     }
+    record.next_seq = decision.seq;
     // A shard that failed for good stops the job (fail fast), with its reason.
     check_abort(record, now);
 
-    plan_launches(record, &spec, ctx, &mut actions, &mut wait);
-    plan_dispatch(record, &spec, obs, ctx, &mut actions, &mut wait);
+    plan_launches(record, &spec, ctx, &mut decision);
+    plan_dispatch(record, &spec, obs, ctx, &mut decision);
 
     let all_done = record.shards.iter().all(|s| s.result.is_some());
     if all_done {
-        finish(record, &spec, obs, &mut actions, &mut terminate, &mut wait);
+        finish(record, &spec, obs, &mut decision);
     }
+    let Decision { mut actions, mut terminate, mut wait, .. } = decision;
     if !terminate.is_empty() {
         terminate.sort();
         terminate.dedup();

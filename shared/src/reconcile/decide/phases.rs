@@ -66,7 +66,6 @@ pub(super) fn own_phase_timeout(
 /// Collect the phase in flight, then pick the next one. Work phases stop at
 /// the first failure, cancel, deadline or interruption; cleanup phases run
 /// after those if the volumes were mounted.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn work(
     job: &JobFacts<'_>,
     shard: u32,
@@ -74,8 +73,7 @@ pub(super) fn work(
     commands: &BTreeMap<u64, CommandBatch>,
     obs: &Observation,
     ctx: &Context<'_>,
-    actions: &mut Vec<Action>,
-    notes: &mut Vec<String>,
+    decision: &mut Decision,
 ) {
     let now = ctx.now;
     let instance_id = attempt.instance_id.clone().unwrap_or_default();
@@ -115,7 +113,7 @@ pub(super) fn work(
                 } else {
                     end(attempt, EndCause::InstanceLost, &detail, None);
                 }
-                notes.push(detail);
+                decision.notes.push(detail);
                 attempt.stage = Stage::Releasing;
                 return;
             } else {
@@ -135,7 +133,7 @@ pub(super) fn work(
                 lines.extend(stderr.iter().map(String::as_str));
                 if !lines.is_empty() {
                     let skip = lines.len().saturating_sub(OUTPUT_TAIL_LINES);
-                    actions.push(Action::SaveOutput {
+                    decision.actions.push(Action::SaveOutput {
                         name: output_name(shard, attempt.number, run.phase),
                         body: lines[skip..].join("\n"),
                     });
@@ -150,13 +148,13 @@ pub(super) fn work(
                 // Cancelling, the cancel is under way: asking again adds nothing.
                 let view = obs.invocations.get(&(command_id.clone(), instance_id.clone()));
                 if view.is_none_or(|v| v.status != "Cancelling") {
-                    actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
+                    decision.actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
                 }
                 return;
             }
             _ if now > dispatched_at + timeout => {
                 // SSM never reported: treat as a timeout and stop the command.
-                actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
+                decision.actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
                 run.status = Some("TimedOut".into());
                 run.finished_at = Some(now);
             }
@@ -174,7 +172,7 @@ pub(super) fn work(
                 (status, _) => status.unwrap_or("?").to_ascii_lowercase(),
             };
             let detail = format!("{} {what} on {instance_id}", run.phase.as_str());
-            notes.push(detail.clone());
+            decision.notes.push(detail.clone());
             // The on-instance guard's reserved code: an earlier delivery of
             // this step died mid-step, so the step's outcome is unknown.
             let agent_lost = matches!(run.status.as_deref(), Some("Undeliverable" | "DeliveryTimedOut" | "Terminated"))

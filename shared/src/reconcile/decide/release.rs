@@ -5,22 +5,20 @@ use super::*;
 /// Terminate the instance (stopped ones too), then snapshot what the policy
 /// wants once each volume is free, and delete a created volume only after its
 /// snapshot is `completed`. True when nothing of the attempt is left.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn release(
     job: &JobFacts<'_>,
     shard: u32,
     attempt: &mut Attempt,
     obs: &Observation,
     now: DateTime<Utc>,
-    actions: &mut Vec<Action>,
-    terminate: &mut Vec<String>,
-    notes: &mut Vec<String>,
+    decision: &mut Decision,
 ) -> bool {
     // Stopped at the bound, or an unmount that failed: what is still mounted
     // is snapshotted while attached, then the instance is terminated (which
     // releases the volume; it is never detached while mounted).
     let still_mounted = attempt.at_bound || attempt.cleanup_failed.is_some();
-    if still_mounted && !attempt.terminate_requested && snapshot_while_mounted(job, shard, attempt, obs, now, actions) {
+    if still_mounted && !attempt.terminate_requested && snapshot_while_mounted(job, shard, attempt, obs, now, decision)
+    {
         return false; // terminated once CreateSnapshot answered
     }
     let mut settled = true;
@@ -31,7 +29,7 @@ pub(super) fn release(
             Some(view) if view.is_terminated() => true,
             Some(view) => {
                 if view.state != "shutting-down" {
-                    terminate.push(id.clone());
+                    decision.terminate.push(id.clone());
                 }
                 attempt.terminate_requested = true;
                 false
@@ -112,12 +110,12 @@ pub(super) fn release(
             match volume.snapshot.clone() {
                 None => {
                     volume.snapshot = Some(SnapshotRef::requested(now, job.budget_seconds));
-                    actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, false));
+                    decision.actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, false));
                     settled = false;
                 }
                 Some(SnapshotRef { snapshot_id: None, .. }) => {
                     if let Some(action) = unanswered_snapshot(job, shard, volume, &volume_id, obs, now, kind) {
-                        actions.push(action);
+                        decision.actions.push(action);
                     }
                     settled = false;
                 }
@@ -140,7 +138,7 @@ pub(super) fn release(
                         }
                         "error" => {
                             volume.snapshot_failures += 1;
-                            notes.push(format!("snapshot {id} of {volume_id} ended in error"));
+                            decision.notes.push(format!("snapshot {id} of {volume_id} ended in error"));
                             if volume.snapshot_failures >= SNAPSHOT_TRIES {
                                 volume.kept = Some(format!(
                                     "{SNAPSHOT_TRIES} snapshots of it ended in error; kept so no data is lost"
@@ -158,7 +156,7 @@ pub(super) fn release(
         if ready_to_delete && volume.kept.is_none() {
             if volume.created {
                 if launched_volume_calls < MAX_VOLUME_CALLS {
-                    actions.push(Action::DeleteVolume { volume_id: volume_id.clone() });
+                    decision.actions.push(Action::DeleteVolume { volume_id: volume_id.clone() });
                     launched_volume_calls += 1;
                 }
                 settled = false; // marked deleted when the call succeeds
@@ -195,7 +193,7 @@ pub(super) fn snapshot_while_mounted(
     attempt: &mut Attempt,
     obs: &Observation,
     now: DateTime<Utc>,
-    actions: &mut Vec<Action>,
+    decision: &mut Decision,
 ) -> bool {
     // The wait for CreateSnapshot's answer is short: from the bound, or from
     // when the cleanup step failed (an instance lost in cleanup is not held).
@@ -229,12 +227,12 @@ pub(super) fn snapshot_while_mounted(
         match &volume.snapshot {
             None => {
                 volume.snapshot = Some(SnapshotRef::requested(now, job.budget_seconds));
-                actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, false));
+                decision.actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, false));
                 waiting = true;
             }
             Some(SnapshotRef { snapshot_id: None, .. }) => {
                 if let Some(action) = unanswered_snapshot(job, shard, volume, &volume_id, obs, now, kind) {
-                    actions.push(action);
+                    decision.actions.push(action);
                 }
                 waiting = true;
             }

@@ -3,24 +3,19 @@
 
 use super::*;
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn step_shard(
     job: &JobFacts<'_>,
     shard: &mut Shard,
     commands: &BTreeMap<u64, CommandBatch>,
     obs: &Observation,
     ctx: &Context<'_>,
-    seq: &mut u64,
-    actions: &mut Vec<Action>,
-    terminate: &mut Vec<String>,
-    wait: &mut u32,
+    decision: &mut Decision,
 ) {
     let now = ctx.now;
     let index = shard.index;
     let restore_from = restore_snapshots(job.spec, shard);
     let Some(attempt) = shard.attempts.last_mut() else { return };
     let instance = attempt.instance_id.as_ref().and_then(|id| obs.instances.get(id));
-    let mut notes: Vec<String> = Vec::new();
 
     // AWS Batch's attempt timeout: an attempt that has not finished its work
     // this long after launch ends TimedOut (its work is cancelled, cleanup runs).
@@ -31,7 +26,7 @@ pub(super) fn step_shard(
             && now - at > Duration::seconds(i64::from(limit))
         {
             let detail = format!("attempt exceeded attempt_timeout_seconds {limit}");
-            notes.push(detail.clone());
+            decision.notes.push(detail.clone());
             end(attempt, EndCause::TimedOut, &detail, None);
             attempt.timed_out = true;
             if attempt.stage != Stage::Working {
@@ -55,7 +50,7 @@ pub(super) fn step_shard(
             // Whatever the attempt was doing (cleanup included) died with it;
             // work already done stays done (its snapshot is crash-consistent).
             if attempt.completed_phases.contains(&Phase::Run) {
-                notes.push(format!("{detail} after its work succeeded; cleanup skipped"));
+                decision.notes.push(format!("{detail} after its work succeeded; cleanup skipped"));
                 end(attempt, EndCause::Succeeded, "", Some(0));
                 let cleaned = planned_phases(job.spec, index)
                     .iter()
@@ -69,10 +64,10 @@ pub(super) fn step_shard(
                 let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::InstanceLost };
                 end(attempt, cause, &detail, None);
             }
-            notes.push(detail);
+            decision.notes.push(detail);
             attempt.stage = Stage::Releasing;
         } else if job.past_bound {
-            stop_at_bound(attempt, index, commands, now, actions, &mut notes);
+            stop_at_bound(attempt, index, commands, now, decision);
         } else if job.aborting && attempt.stage != Stage::Working {
             end(attempt, EndCause::Aborted, "job stopping", None);
             attempt.stage = Stage::Releasing;
@@ -84,7 +79,7 @@ pub(super) fn step_shard(
 
     match attempt.stage {
         Stage::Launching => {
-            *wait = (*wait).min(ctx.settings.poll_delay_seconds);
+            decision.look_within(ctx.settings.poll_delay_seconds);
             if job.aborting {
                 // A launch may have happened under its token: the final sweep
                 // terminates whatever carries this job's tag.
@@ -108,17 +103,17 @@ pub(super) fn step_shard(
                             view.instance_id, ctx.settings.agent_timeout_seconds
                         );
                         end(attempt, EndCause::AgentNeverOnline, &detail, None);
-                        notes.push(detail);
+                        decision.notes.push(detail);
                         attempt.stage = Stage::Releasing;
                     } else {
                         // No event says an agent came Online: look again soon,
                         // then less often, so the wait adds at most a fifth.
                         let waited = attempt.launched_at.map_or(0, |at| (now - at).num_seconds().max(0));
                         let most = i64::from(ctx.settings.poll_delay_seconds).max(AGENT_POLL_MIN_SECONDS);
-                        *wait = (*wait).min((waited / 5).clamp(AGENT_POLL_MIN_SECONDS, most) as u32);
+                        decision.look_within((waited / 5).clamp(AGENT_POLL_MIN_SECONDS, most) as u32);
                     }
                 }
-                _ => *wait = (*wait).min(10),
+                _ => decision.look_within(10),
             }
         }
         _ => {}
@@ -127,56 +122,58 @@ pub(super) fn step_shard(
     if attempt.stage == Stage::Attaching {
         if attempt.volumes.is_empty() {
             for (name, snapshot_id) in &restore_from {
-                notes.push(match snapshot_id {
+                decision.notes.push(match snapshot_id {
                     Some(id) => format!("volume {name} restored from {id}, the last attempt's snapshot"),
                     None => format!("volume {name} starts fresh: the last attempt's volume has no completed snapshot"),
                 });
             }
         }
-        let before = actions.len();
-        match attach_volumes(job, index, attempt, &restore_from, obs, now, seq, actions) {
+        let before = decision.actions.len();
+        match attach_volumes(job, index, attempt, &restore_from, obs, now, decision) {
             Ok(true) => {
                 attempt.stage = Stage::Working;
             }
-            Ok(false) => *wait = (*wait).min(5),
+            Ok(false) => decision.look_within(5),
             Err(detail) => {
                 // The attempt ends here: create or attach nothing more for it.
-                actions.truncate(before);
+                decision.actions.truncate(before);
                 end(attempt, EndCause::Permanent, &detail, None);
-                notes.push(detail);
+                decision.notes.push(detail);
                 attempt.stage = Stage::Releasing;
             }
         }
     }
 
     if attempt.stage == Stage::Working {
-        work(job, index, attempt, commands, obs, ctx, actions, &mut notes);
+        work(job, index, attempt, commands, obs, ctx, decision);
         if attempt.stage == Stage::Working {
             // Events say when a command ends; this poll is the safety net.
             // What no event announces (a timeout, a failing health check
             // coming to its limit, the deadline) is looked at when it is due.
             let next = next_working_look(job, attempt, commands, ctx.settings, now);
-            *wait = (*wait).min((next - now).num_seconds().clamp(1, i64::from(u32::MAX)) as u32);
+            decision.look_within((next - now).num_seconds().clamp(1, i64::from(u32::MAX)) as u32);
         }
     }
 
     if attempt.stage == Stage::Releasing {
-        let before = actions.len();
-        if release(job, index, attempt, obs, now, actions, terminate, &mut notes) {
+        let before = decision.actions.len();
+        if release(job, index, attempt, obs, now, decision) {
             attempt.stage = Stage::Done;
         } else {
             let events = ctx.settings.safety_poll_seconds.is_some() && job.spec.role_arn.is_none();
             let waited = snapshot_wait(attempt, events, now);
-            *wait =
-                (*wait).min(waited.unwrap_or_else(|| release_wait(attempt, instance_gone_at(attempt), events, now)));
+            decision
+                .look_within(waited.unwrap_or_else(|| release_wait(attempt, instance_gone_at(attempt), events, now)));
             // A deleted volume settles its shard on the next look, and no
             // event says so: look again soon (a big job's gap still batches).
-            if actions[before..].iter().any(|a| matches!(a, Action::DeleteVolume { .. })) {
-                *wait = (*wait).min(1);
+            if decision.actions[before..].iter().any(|a| matches!(a, Action::DeleteVolume { .. })) {
+                decision.look_within(1);
             }
             // Held for a snapshot's answer: terminate right after.
-            if !attempt.terminate_requested && actions[before..].iter().any(|a| matches!(a, Action::Snapshot { .. })) {
-                *wait = (*wait).min(1);
+            if !attempt.terminate_requested
+                && decision.actions[before..].iter().any(|a| matches!(a, Action::Snapshot { .. }))
+            {
+                decision.look_within(1);
             }
         }
     }
@@ -189,7 +186,7 @@ pub(super) fn step_shard(
             }
         }
     }
-    for note in notes {
+    for note in std::mem::take(&mut decision.notes) {
         shard.note(now, note);
     }
     if done {
@@ -207,13 +204,12 @@ pub(super) fn stop_at_bound(
     shard: u32,
     commands: &BTreeMap<u64, CommandBatch>,
     now: DateTime<Utc>,
-    actions: &mut Vec<Action>,
-    notes: &mut Vec<String>,
+    decision: &mut Decision,
 ) {
     let instance_id = attempt.instance_id.clone().unwrap_or_default();
     for run in attempt.phases.iter_mut().filter(|p| p.status.is_none()) {
         if let Some(command_id) = commands.get(&run.batch).and_then(|b| b.command_id.clone()) {
-            actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
+            decision.actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
         }
         run.status = Some("Cancelled".into());
         run.finished_at = Some(now);
@@ -227,7 +223,7 @@ pub(super) fn stop_at_bound(
     }
     attempt.at_bound = true;
     attempt.stage = Stage::Releasing;
-    notes.push(format!("{instance_id}: {detail}"));
+    decision.notes.push(format!("{instance_id}: {detail}"));
 }
 
 pub(super) fn end(attempt: &mut Attempt, cause: EndCause, detail: &str, exit_code: Option<i32>) {

@@ -34,7 +34,6 @@ pub(super) fn volume_specs<'a>(spec: &'a JobSpec, shard: u32) -> impl Iterator<I
 
 /// Create (by token) and attach this attempt's volumes. True once all are
 /// attached; Err with a reason when retrying cannot help.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn attach_volumes(
     job: &JobFacts<'_>,
     shard: u32,
@@ -42,8 +41,7 @@ pub(super) fn attach_volumes(
     restore_from: &BTreeMap<String, Option<String>>,
     obs: &Observation,
     now: DateTime<Utc>,
-    seq: &mut u64,
-    actions: &mut Vec<Action>,
+    decision: &mut Decision,
 ) -> Result<bool, String> {
     let (Some(instance_id), Some(az)) = (attempt.instance_id.clone(), attempt.availability_zone.clone()) else {
         return Ok(false);
@@ -51,7 +49,7 @@ pub(super) fn attach_volumes(
     let mut all = true;
     for volume in volume_specs(job.spec, shard) {
         if !attempt.volumes.iter().any(|v| v.name == volume.name) {
-            *seq += 1;
+            let seq = decision.take_seq();
             let (volume_id, created) = match &volume.source {
                 VolumeSource::VolumeId(id) => (Some(id.clone()), false),
                 _ => (None, true),
@@ -60,7 +58,7 @@ pub(super) fn attach_volumes(
                 restored_from: None,
                 name: volume.name.clone(),
                 // ClientToken: at most 64 ASCII characters; job ids are at most 48.
-                token: client_token(&job.stack, &job.job_id, 'v', *seq),
+                token: client_token(&job.stack, &job.job_id, 'v', seq),
                 volume_id,
                 created,
                 created_at: None,
@@ -95,7 +93,7 @@ pub(super) fn attach_volumes(
                 // The reaper may delete it, if ever left behind, without a snapshot.
                 volume_tags.insert(tags::SCRATCH.to_string(), "true".to_string());
             }
-            actions.push(Action::CreateVolume {
+            decision.actions.push(Action::CreateVolume {
                 request: NewVolume {
                     availability_zone: az.clone(),
                     size_gib,
@@ -133,7 +131,7 @@ pub(super) fn attach_volumes(
                 all = false;
             }
             ("available", None) => {
-                actions.push(Action::Attach {
+                decision.actions.push(Action::Attach {
                     volume_id: volume_id.clone(),
                     instance_id: instance_id.clone(),
                     device: volume.device.clone(),
