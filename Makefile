@@ -98,7 +98,8 @@ FUZZ_SECONDS ?= 120
 FUZZ_TARGETS := spec quote decide
 CARGO_FUZZ_VERSION := 0.13.1
 fuzz: .cargo-tools/bin/cargo-fuzz
-	FLOTILLA_FUZZ_CASES=$(FUZZ_CASES) cargo test -p flotilla-shared --lib -- decide_fuzz spec::tests::parsing spec::tests::validating
+	FLOTILLA_FUZZ_CASES=$(FUZZ_CASES) cargo test -p flotilla-shared --lib -- spec::tests::parsing spec::tests::validating
+	FLOTILLA_FUZZ_CASES=$(FUZZ_CASES) cargo test -p flotilla-tests --test integration -- decide_fuzz
 	mkdir -p $(foreach t,$(FUZZ_TARGETS),fuzz/corpus/$(t))
 	for target in $(FUZZ_TARGETS); do \
 		echo "cargo fuzz: $$target for $(FUZZ_SECONDS) s"; \

@@ -4,7 +4,7 @@
 //! `completed` snapshot of it was observed.
 #![no_main]
 
-use flotilla_shared::reconcile::decide_fuzz::run_bytes;
+use flotilla_testkit::decide_fuzz::run_bytes;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,12 +1,11 @@
 //! Flotilla's domain: job spec, planner, the reconciler (one pure decision
-//! function and the loop around it), ports, AWS adapters and the simulated
-//! cloud.
+//! function and the loop around it), ports and AWS adapters. Test support
+//! (the simulated cloud, the simulator) is in `testkit/`.
 
 pub mod admission;
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod error;
-pub mod fake;
 #[cfg(feature = "aws")]
 pub mod handlers;
 pub mod intake;
@@ -19,8 +18,6 @@ pub mod record;
 pub mod report;
 pub mod retention;
 pub mod shell;
-#[cfg(feature = "aws")]
-pub mod sim;
 pub mod sources;
 pub mod spec;
 #[cfg(feature = "aws")]

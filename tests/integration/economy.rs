@@ -2,12 +2,12 @@
 //! waits for a later one, must never lose a job or a step.
 
 use chrono::Duration;
-use flotilla_shared::fake::{ApiLimits, FakeCloud};
 use flotilla_shared::intake;
 use flotilla_shared::ports::{Ports, Settings};
 use flotilla_shared::reconcile::{self, Handled, WakeMessage};
 use flotilla_shared::record::{JobState, Phase, Stage};
-use flotilla_shared::sim;
+use flotilla_testkit::fake::{ApiLimits, FakeCloud};
+use flotilla_testkit::sim;
 use serde_json::json;
 
 use crate::moto::job;

@@ -190,9 +190,9 @@ fn readme_is_short_and_every_docs_page_is_linked() {
         assert!(readme.contains(&format!("(docs/{page}")), "README.md does not link docs/{page}");
     }
     let mut files = vec![(root.clone(), readme)];
-    files.extend(pages.iter().map(|p| {
-        (root.join("docs"), std::fs::read_to_string(root.join("docs").join(p)).expect("page"))
-    }));
+    files.extend(
+        pages.iter().map(|p| (root.join("docs"), std::fs::read_to_string(root.join("docs").join(p)).expect("page"))),
+    );
     for (dir, text) in files {
         for link in text.split("](").skip(1).filter_map(|rest| rest.split(')').next()) {
             let target = link.split('#').next().unwrap_or_default();

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use flotilla_shared::sim::{lineages::WorldResult, SimResult};
+use flotilla_testkit::sim::{lineages::WorldResult, SimResult};
 
 pub struct Fingerprint {
     path: PathBuf,

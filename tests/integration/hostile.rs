@@ -6,10 +6,10 @@
 
 use serde_json::{json, Value};
 
-use flotilla_shared::fake::FakeCloud;
 use flotilla_shared::intake::{self, Intake};
 use flotilla_shared::record::JobState;
-use flotilla_shared::sim;
+use flotilla_testkit::fake::FakeCloud;
+use flotilla_testkit::sim;
 
 fn base(id: &str) -> Value {
     json!({

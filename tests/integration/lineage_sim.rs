@@ -4,9 +4,9 @@
 //! mutation switch on (`mutation.rs`): the checker must fire.
 
 use crate::fingerprint::{world_figures, Fingerprint};
-use flotilla_shared::fake::Faults;
 use flotilla_shared::mutation::{self, Mutation};
-use flotilla_shared::sim::lineages::{self, consumer_spec, run_spec, LineageCampaign, PlannedJob, World};
+use flotilla_testkit::fake::Faults;
+use flotilla_testkit::sim::lineages::{self, consumer_spec, run_spec, LineageCampaign, PlannedJob, World};
 
 /// `make test` runs a few worlds; `make chaos` runs FLOTILLA_SIM_WORLDS and
 /// prints the mix; FLOTILLA_SIM_WORLD replays one world.

@@ -1,6 +1,8 @@
 //! Flotilla's integration tests: one binary, so the AWS SDK links once.
 
+mod budgets_and_manifests;
 mod bytes_moto;
+mod decide_fuzz;
 mod economy;
 mod events;
 mod fingerprint;

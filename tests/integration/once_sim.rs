@@ -2,9 +2,9 @@
 //! lost, while lookups lag. Each test runs a scenario clean, then with a
 //! mutation switch (`mutation.rs`) on: the named checker must fire.
 
-use flotilla_shared::fake::Latencies;
 use flotilla_shared::mutation::{self, Mutation};
-use flotilla_shared::sim::{self, Scenario};
+use flotilla_testkit::fake::Latencies;
+use flotilla_testkit::sim::{self, Scenario};
 use serde_json::json;
 
 /// One shard, no volumes, a 300 s run: the first SendCommand is the run's.
@@ -110,9 +110,9 @@ async fn a_lost_snapshot_is_adopted_and_taken_twice_without_the_rule() {
 /// it mounted: it terminates the instance.)
 #[tokio::test]
 async fn a_mounted_volume_detaches_only_once_unmounted() {
-    use flotilla_shared::fake::{FakeCloud, FakeInstance};
     use flotilla_shared::ports::{tags, CommandRequest, Commands, NewVolume, Volumes};
     use flotilla_shared::shell::{quote, VOLUME_OP_MARKER};
+    use flotilla_testkit::fake::{FakeCloud, FakeInstance};
     let now = sim::start_time();
     let cloud = FakeCloud::new(now);
     cloud.lock().instances.push(FakeInstance {

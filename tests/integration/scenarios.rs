@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 
 use chrono::Duration;
-use flotilla_shared::fake::{FakeCloud, Faults, Latencies};
 use flotilla_shared::intake;
 use flotilla_shared::ports::Ports;
 use flotilla_shared::reconcile::{self, WakeMessage};
 use flotilla_shared::record::{EndCause, JobRecord, JobState, Phase, Stage};
-use flotilla_shared::sim;
+use flotilla_testkit::fake::{FakeCloud, Faults, Latencies};
+use flotilla_testkit::sim;
 use serde_json::json;
 
 use crate::fingerprint::{job_figures, Fingerprint};
@@ -495,7 +495,7 @@ async fn a_missing_snapshot_fails_the_job_and_tears_down() {
     let ports = ports(&cloud);
     // Opted in when intake looks, deleted before the volumes are created.
     let at = sim::start_time();
-    cloud.lock().snapshots.push(flotilla_shared::fake::FakeSnapshot {
+    cloud.lock().snapshots.push(flotilla_testkit::fake::FakeSnapshot {
         id: "snap-0123456789abcdef0".into(),
         volume_id: "vol-00000000".into(),
         started_at: at,
@@ -826,4 +826,3 @@ async fn a_rejection_never_blocks_a_later_valid_job_with_the_same_id() {
     drive(&cloud, &ports2, 1, |r| r.state.is_terminal(), "claimed-1").await;
     assert_eq!(cloud.record("claimed-1").expect("record").state, JobState::Succeeded);
 }
-

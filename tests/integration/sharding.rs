@@ -142,10 +142,10 @@ echo "shard $FLOTILLA_SHARD_INDEX: $(wc -l < "$FLOTILLA_MANIFEST_FILE") items fr
 /// listed or planned again: the running job's manifests stay as they were.
 #[tokio::test]
 async fn resubmitting_a_running_job_never_rewrites_its_manifests() {
-    use flotilla_shared::fake::FakeCloud;
     use flotilla_shared::intake::{self, Intake};
-    let cloud = FakeCloud::new(flotilla_shared::sim::start_time());
-    let ports = cloud.ports(flotilla_shared::sim::settings());
+    use flotilla_testkit::fake::FakeCloud;
+    let cloud = FakeCloud::new(flotilla_testkit::sim::start_time());
+    let ports = cloud.ports(flotilla_testkit::sim::settings());
     let mut spec = job("resubmit-1");
     spec["work"] = serde_json::json!({"list": (0..20).map(|i| format!("item-{i}")).collect::<Vec<_>>()});
     spec["fleet"] = serde_json::json!({"count": 10});

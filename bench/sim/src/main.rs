@@ -17,11 +17,12 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
-use flotilla_shared::fake::{ApiLimits, FakeCloud, Faults, Latencies};
 use flotilla_shared::ports::{InstanceView, InvocationView, Ports, Settings};
 use flotilla_shared::reconcile::decide::{decide, Context, Observation};
 use flotilla_shared::record::{active_key, CommandBatch, JobRecord, Phase, PhaseRun, Stage};
-use flotilla_shared::{handlers, intake, plan, reconcile, sim};
+use flotilla_shared::{handlers, intake, plan, reconcile};
+use flotilla_testkit::fake::{ApiLimits, FakeCloud, Faults, Latencies};
+use flotilla_testkit::sim;
 
 /// As deployed: with events, a working job is polled every 2 minutes as a
 /// safety net; without them, every 20 s.
@@ -343,6 +344,7 @@ fn one_pass(n: u32, decide_it: bool) -> usize {
                 command_id: Some(format!("cmd-{batch}")),
                 dispatched_at: now,
                 listed_at: None,
+                in_flight_until: None,
             },
         );
     }

@@ -22,7 +22,6 @@
 
 pub mod act;
 pub mod decide;
-pub mod decide_fuzz;
 pub mod fence;
 pub mod observe;
 

@@ -14,9 +14,9 @@ use serde_json::{json, Value};
 
 use super::{settings, start_time, TICK_SECONDS};
 use crate::fake::{CommandBehaviour, FakeCloud, FakeSnapshot, Faults, Latencies, Rng};
-use crate::intake;
-use crate::ports::{tags, Ports};
-use crate::record::{active_key, JobState};
+use flotilla_shared::intake;
+use flotilla_shared::ports::{tags, Ports};
+use flotilla_shared::record::{active_key, JobState};
 
 /// Past its bound, a job's instances must be shutting down within this: the
 /// pass at the bound, a snapshot's answer, and a crash's redelivery (150 s)
@@ -186,7 +186,7 @@ pub fn consumer_spec(id: &str, run_seconds: i64) -> Value {
 /// Steps are `: sim-step <seconds> <exit code>`; volume steps take 3 s.
 fn behaviour() -> CommandBehaviour {
     Arc::new(|request, _| {
-        if request.lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER)) {
+        if request.lines.iter().any(|l| l.starts_with(flotilla_shared::shell::VOLUME_OP_MARKER)) {
             return (0, String::new(), 3);
         }
         for line in &request.lines {
@@ -330,7 +330,7 @@ pub async fn run(world: &World) -> WorldResult {
         if next == next_tick && due.is_none_or(|d| d > next_tick) {
             cloud.advance_to(next_tick);
             next_tick += Duration::seconds(TICK_SECONDS);
-            let _ = crate::handlers::wake_active(&ports).await;
+            let _ = flotilla_shared::handlers::wake_active(&ports).await;
             reap(&ports, &cloud, &mut result).await;
             // Orphans appear for jobs that ended since.
             for (i, job) in world.jobs.iter().enumerate() {
@@ -429,8 +429,8 @@ async fn submit(cloud: &FakeCloud, ports: &Ports, body: &str, delivery: &str) {
 /// One reaper pass that acts, as the scheduled tick runs it; what it did
 /// is read from its report.
 async fn reap(ports: &Ports, cloud: &FakeCloud, result: &mut WorldResult) {
-    let settings = crate::reaper::ReaperSettings::from(&ports.settings);
-    let Ok(summary) = crate::reaper::run(ports, &settings, false).await else { return };
+    let settings = flotilla_shared::reaper::ReaperSettings::from(&ports.settings);
+    let Ok(summary) = flotilla_shared::reaper::run(ports, &settings, false).await else { return };
     let Some(key) = summary["report"].as_str() else { return };
     let body = cloud.lock().objects.get(key).map(|(body, _)| body.clone());
     let report: Value = body.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
@@ -475,7 +475,7 @@ fn check_live(
 ) {
     // A job's outcome is the one thing read from its record: once decided
     // SUCCEEDED (its final snapshots marked good), its own prune may run.
-    let records: BTreeMap<String, crate::record::JobRecord> = submitted
+    let records: BTreeMap<String, flotilla_shared::record::JobRecord> = submitted
         .keys()
         .filter_map(|i| {
             let id = world.jobs[*i].spec["id"].as_str()?.to_string();
@@ -485,7 +485,7 @@ fn check_live(
     let states: BTreeMap<String, JobState> = records
         .iter()
         .map(|(id, r)| {
-            let decided = r.outcome == Some(crate::record::Outcome::Succeeded);
+            let decided = r.outcome == Some(flotilla_shared::record::Outcome::Succeeded);
             (id.clone(), if decided { JobState::Succeeded } else { r.state })
         })
         .collect();

@@ -14,10 +14,10 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde_json::{json, Value};
 
 use crate::fake::{FakeCloud, Faults, Latencies, Rng};
-use crate::intake;
-use crate::ports::{Ports, Settings};
-use crate::reconcile;
-use crate::record::{JobRecord, JobState};
+use flotilla_shared::intake;
+use flotilla_shared::ports::{Ports, Settings};
+use flotilla_shared::reconcile;
+use flotilla_shared::record::{JobRecord, JobState};
 
 /// SQS hands a message to the DLQ after this many receives.
 const MAX_RECEIVES: u32 = 5;
@@ -221,7 +221,7 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
         scenario.faults.agent_blips = 0.2;
     }
     if scenario.faults.lost_reply > 0.0 && rng.chance(0.5) {
-        scenario.faults.late_effect_seconds = crate::reconcile::fence::OPERATION_TIMEOUT_SECONDS;
+        scenario.faults.late_effect_seconds = flotilla_shared::reconcile::fence::OPERATION_TIMEOUT_SECONDS;
     }
     if rng.chance(0.3) {
         scenario.faults.slow_calls = 0.02 / scale;
@@ -269,7 +269,7 @@ pub async fn run(scenario: &Scenario) -> SimResult {
         .unwrap_or(5);
     let cloud = FakeCloud::seeded(start_time(), scenario.seed, scenario.latencies.clone(), scenario.faults.clone())
         .with_behaviour(std::sync::Arc::new(move |request, _| {
-            let volume_op = request.lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER));
+            let volume_op = request.lines.iter().any(|l| l.starts_with(flotilla_shared::shell::VOLUME_OP_MARKER));
             if volume_op {
                 (0, String::new(), 3)
             } else if request.comment.contains(" run ") {
@@ -317,7 +317,7 @@ pub async fn run(scenario: &Scenario) -> SimResult {
         }
         // Cheap: a job is terminal once its active marker is gone (a record
         // read here would parse up to a megabyte per delivery).
-        let active = cloud.lock().objects.contains_key(&crate::record::active_key(&job_id));
+        let active = cloud.lock().objects.contains_key(&flotilla_shared::record::active_key(&job_id));
         if !active && steps > 1 {
             break;
         }
@@ -346,16 +346,16 @@ pub async fn run(scenario: &Scenario) -> SimResult {
         if next == next_tick && due.is_none_or(|d| d > next_tick) {
             cloud.advance_to(next_tick);
             next_tick += Duration::seconds(TICK_SECONDS);
-            let _ = crate::handlers::wake_active(&ports).await;
+            let _ = flotilla_shared::handlers::wake_active(&ports).await;
             // The reaper's plan beside the running job: while the job makes
             // progress it must condemn nothing, expired or not (it only plans
             // here, so a leak is still the job's own and still counted).
             // (The record, not the active marker: a pass that died between
             // its terminal save and clearing the marker leaves the marker.)
             let active = cloud.record(&job_id).is_some_and(|r| !r.state.is_terminal());
-            if let (true, Ok(inventory)) = (active, crate::reaper::take_inventory(&ports).await) {
-                let settings = crate::reaper::ReaperSettings::from(&ports.settings);
-                for action in crate::reaper::plan(&inventory, cloud.now(), &settings) {
+            if let (true, Ok(inventory)) = (active, flotilla_shared::reaper::take_inventory(&ports).await) {
+                let settings = flotilla_shared::reaper::ReaperSettings::from(&ports.settings);
+                for action in flotilla_shared::reaper::plan(&inventory, cloud.now(), &settings) {
                     reaper_violations.push(format!("{action:?}"));
                 }
             }
@@ -381,7 +381,7 @@ pub async fn run(scenario: &Scenario) -> SimResult {
     }
     if !result.violations.is_empty() {
         if let Some(record) = cloud.record(&job_id) {
-            result.report = crate::report::render(&record);
+            result.report = flotilla_shared::report::render(&record);
         }
     }
     result.virtual_minutes = (end - start).num_minutes();
@@ -405,7 +405,7 @@ pub(crate) async fn deliver(
         // A second pass that comes when the first one's lease was to end
         // (its lease-end message, or a later trigger), while the first may
         // still be acting, slowed by its calls.
-        let at = cloud.now() + budget + Duration::seconds(crate::reconcile::fence::LEASE_MARGIN_SECONDS + 1);
+        let at = cloud.now() + budget + Duration::seconds(flotilla_shared::reconcile::fence::LEASE_MARGIN_SECONDS + 1);
         let first_done = std::cell::Cell::new(false);
         let first = async {
             let outcome = reconcile::reconcile(ports, &message, budget).await;
@@ -526,7 +526,7 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
         violation(result, "terminal", format!("still {} ({})", record.state, record.reason));
     }
     // The simulator writes only valid specs: a rejection is a job never run.
-    if record.state == crate::record::JobState::Rejected {
+    if record.state == flotilla_shared::record::JobState::Rejected {
         violation(result, "terminal", format!("rejected: {}", record.reason));
     }
     let state = cloud.lock();
@@ -573,16 +573,16 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
         violation(result, "volumes left", format!("{leaked:?}"));
     }
     // Every required snapshot exists and is completed; no volume deleted without one.
-    let spec: crate::spec::JobSpec = serde_json::from_value(scenario.spec.clone()).expect("spec");
+    let spec: flotilla_shared::spec::JobSpec = serde_json::from_value(scenario.spec.clone()).expect("spec");
     for attempt in record.attempts() {
         for volume in &attempt.volumes {
             let policy = spec.volumes.iter().find(|v| v.name == volume.name).map(|v| v.snapshot);
             let required = match policy {
-                Some(crate::spec::SnapshotPolicy::Always) => true,
+                Some(flotilla_shared::spec::SnapshotPolicy::Always) => true,
                 // The shard's work (its run phase) succeeded on this attempt:
                 // judged from the phases, not from how the code ended it.
-                Some(crate::spec::SnapshotPolicy::OnSuccess) => {
-                    attempt.completed_phases.contains(&crate::record::Phase::Run)
+                Some(flotilla_shared::spec::SnapshotPolicy::OnSuccess) => {
+                    attempt.completed_phases.contains(&flotilla_shared::record::Phase::Run)
                 }
                 _ => false,
             };
@@ -609,19 +609,22 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     for attempt in record.attempts() {
         let Some(end) = &attempt.end else { continue };
         let kind = match end.cause {
-            crate::record::EndCause::SpotInterruption => "spot interruption",
-            crate::record::EndCause::InstanceLost if end.detail.contains("impaired") => "impaired instance",
-            crate::record::EndCause::InstanceLost if end.detail.contains("stopped reporting") => "silent agent",
-            crate::record::EndCause::InstanceLost => "instance lost",
-            crate::record::EndCause::AgentNeverOnline => "agent never online",
+            flotilla_shared::record::EndCause::SpotInterruption => "spot interruption",
+            flotilla_shared::record::EndCause::InstanceLost if end.detail.contains("impaired") => "impaired instance",
+            flotilla_shared::record::EndCause::InstanceLost if end.detail.contains("stopped reporting") => {
+                "silent agent"
+            }
+            flotilla_shared::record::EndCause::InstanceLost => "instance lost",
+            flotilla_shared::record::EndCause::AgentNeverOnline => "agent never online",
             _ => continue,
         };
         *result.recoveries.entry(kind).or_default() += 1;
     }
     // What the step guard and SSM's delivery did on the simulated instances.
     let runs = || state.commands.iter().flat_map(|c| c.runs.values().map(move |r| (c, r)));
-    let user =
-        |c: &crate::fake::FakeCommand| !c.request.lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER));
+    let user = |c: &crate::fake::FakeCommand| {
+        !c.request.lines.iter().any(|l| l.starts_with(flotilla_shared::shell::VOLUME_OP_MARKER))
+    };
     let guarded = runs().filter(|(c, r)| user(c) && r.delivered_at.is_some() && !r.started_step).count();
     *result.recoveries.entry("re-delivery the guard answered").or_default() += guarded as u64;
     let later = runs().filter(|(c, r)| r.delivered_at.is_some_and(|at| at > c.sent_at + Duration::seconds(1))).count();
@@ -648,8 +651,10 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     for shard in &record.shards {
         for (i, attempt) in shard.attempts.iter().enumerate().skip(1) {
             for volume in &attempt.volumes {
-                let restore =
-                    spec.volumes.iter().any(|v| v.name == volume.name && v.on_retry == crate::spec::OnRetry::Restore);
+                let restore = spec
+                    .volumes
+                    .iter()
+                    .any(|v| v.name == volume.name && v.on_retry == flotilla_shared::spec::OnRetry::Restore);
                 let Some(volume_id) = volume.volume_id.as_ref().filter(|_| restore) else { continue };
                 let Some((owner, previous)) = shard.attempts[..i]
                     .iter()
@@ -665,8 +670,8 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
                 let sent = |mount: bool| {
                     state.commands.iter().any(|c| {
                         let first = c.request.lines.first().map(String::as_str).unwrap_or_default();
-                        let is_mount = first == format!("{} mount", crate::shell::VOLUME_OP_MARKER);
-                        let data_step = !first.starts_with(crate::shell::VOLUME_OP_MARKER);
+                        let is_mount = first == format!("{} mount", flotilla_shared::shell::VOLUME_OP_MARKER);
+                        let data_step = !first.starts_with(flotilla_shared::shell::VOLUME_OP_MARKER);
                         (if mount { is_mount } else { data_step })
                             && owner.instance_id.as_ref().is_some_and(|i| c.runs.contains_key(i))
                     })
@@ -682,7 +687,7 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
                     .snapshots
                     .iter()
                     .filter(|_| !blank)
-                    .filter(|s| s.tags.get(crate::ports::tags::ATTEMPT) == Some(&previous.token) && !s.fails)
+                    .filter(|s| s.tags.get(flotilla_shared::ports::tags::ATTEMPT) == Some(&previous.token) && !s.fails)
                     .filter(|s| created_at.is_some_and(|at| s.completes_at <= at))
                     .max_by_key(|s| s.started_at)
                     .map(|s| s.id.clone());
@@ -711,7 +716,7 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     }
     let mut launched: BTreeMap<String, usize> = BTreeMap::new();
     for instance in &state.instances {
-        let token = instance.tags.get(crate::ports::tags::LAUNCH).cloned().unwrap_or_default();
+        let token = instance.tags.get(flotilla_shared::ports::tags::LAUNCH).cloned().unwrap_or_default();
         *launched.entry(token).or_default() += 1;
     }
     for (token, count) in &launched {
@@ -806,7 +811,7 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     let mut taken: BTreeMap<(&String, Option<&String>), Vec<&String>> = BTreeMap::new();
     for snapshot in state.evidence.snapshots_created.iter().filter(|s| !s.fails) {
         taken
-            .entry((&snapshot.volume_id, snapshot.tags.get(crate::ports::tags::ATTEMPT)))
+            .entry((&snapshot.volume_id, snapshot.tags.get(flotilla_shared::ports::tags::ATTEMPT)))
             .or_default()
             .push(&snapshot.id);
     }

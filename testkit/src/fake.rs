@@ -21,11 +21,11 @@ use std::task::{Context as TaskContext, Poll};
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 
-use crate::error::CloudError;
-use crate::ports::*;
-use crate::reconcile::WakeMessage;
-use crate::record::{active_key, record_key, JobRecord};
-use crate::spec::Market;
+use flotilla_shared::error::CloudError;
+use flotilla_shared::ports::*;
+use flotilla_shared::reconcile::WakeMessage;
+use flotilla_shared::record::{active_key, record_key, JobRecord};
+use flotilla_shared::spec::Market;
 
 /// What a command does on one instance: (exit code, stdout, seconds it takes).
 pub type CommandBehaviour = Arc<dyn Fn(&CommandRequest, &str) -> (i32, String, i64) + Send + Sync>;
@@ -118,7 +118,7 @@ impl Latencies {
 
 /// The longest lookup lag the simulated cloud draws: the figure Flotilla's
 /// takeover rule assumes (`reconcile::fence::LOOKUP_LAG_SECONDS`).
-pub const LOOKUP_LAG_SECONDS: i64 = crate::reconcile::fence::LOOKUP_LAG_SECONDS;
+pub const LOOKUP_LAG_SECONDS: i64 = flotilla_shared::reconcile::fence::LOOKUP_LAG_SECONDS;
 
 /// An EventBridge event reaches its SQS target about this long after it happened.
 const EVENT_DELIVERY_SECONDS: i64 = 1;
@@ -637,7 +637,7 @@ impl FakeCloud {
             let slow = state.faults.slow_calls;
             let ms = if slow > 0.0 {
                 let rng = state.rng.as_mut().expect("rng");
-                let limit = crate::reconcile::fence::OPERATION_TIMEOUT_SECONDS * 1000;
+                let limit = flotilla_shared::reconcile::fence::OPERATION_TIMEOUT_SECONDS * 1000;
                 if rng.chance(slow) {
                     rng.range(1000, limit)
                 } else {
@@ -1396,7 +1396,7 @@ impl Commands for FakeCloud {
         for id in &request.instance_ids {
             let (mut code, stdout, mut seconds) = (self.behaviour)(request, id);
             let faults = state.faults.clone();
-            let user_phase = !request.lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER));
+            let user_phase = !request.lines.iter().any(|l| l.starts_with(flotilla_shared::shell::VOLUME_OP_MARKER));
             let rng = state.rng.as_mut().expect("rng");
             if user_phase && rng.chance(faults.command_fail) {
                 code = 1;
@@ -1603,7 +1603,7 @@ fn mount_effects(state: &mut FakeState, now: DateTime<Utc>, ended: &BTreeSet<Str
     let mut unmounted: BTreeSet<String> = ended.clone();
     for command in &mut state.commands {
         let Some(first) = command.request.lines.first() else { continue };
-        let op = first.strip_prefix(crate::shell::VOLUME_OP_MARKER).map(str::trim);
+        let op = first.strip_prefix(flotilla_shared::shell::VOLUME_OP_MARKER).map(str::trim);
         let Some(op) = op.filter(|op| matches!(*op, "mount" | "unmount")) else { continue };
         let timeout = Duration::seconds(i64::from(command.request.timeout_seconds));
         for (instance_id, run) in command.runs.iter_mut() {
@@ -1619,7 +1619,7 @@ fn mount_effects(state: &mut FakeState, now: DateTime<Utc>, ended: &BTreeSet<Str
                 unmounted.insert(instance_id.clone());
                 continue;
             }
-            let prefix = format!("  {}) VOLUME_ID=", crate::shell::quote(instance_id));
+            let prefix = format!("  {}) VOLUME_ID=", flotilla_shared::shell::quote(instance_id));
             for line in command.request.lines.iter().filter_map(|l| l.strip_prefix(&prefix)) {
                 let volume = line.split_whitespace().next().unwrap_or_default().trim_matches('\'');
                 mounted.push((instance_id.clone(), volume.to_string()));
@@ -1709,16 +1709,17 @@ fn refence(state: &mut FakeState, now: DateTime<Utc>) {
 /// A delivery the guard turned away: the step's outcome is unknown.
 fn lose(run: &mut FakeRun, at: DateTime<Utc>) {
     run.finishes_at = at;
-    run.exit_code = crate::shell::LOST_EXIT_CODE;
+    run.exit_code = flotilla_shared::shell::LOST_EXIT_CODE;
     run.stdout = String::new();
-    run.stderr = format!("{}: an earlier delivery started here and never finished", crate::shell::LOST_MARKER);
+    run.stderr =
+        format!("{}: an earlier delivery started here and never finished", flotilla_shared::shell::LOST_MARKER);
     run.waits_on = None;
 }
 
 /// SendCommand's TimeoutSeconds, as the adapter sets it: a command its
 /// agent has not received by then never runs.
 fn delivery_timeout(request: &CommandRequest) -> i64 {
-    i64::from(crate::ports::delivery_timeout_seconds(request.timeout_seconds))
+    i64::from(flotilla_shared::ports::delivery_timeout_seconds(request.timeout_seconds))
 }
 
 /// Far in the future: a run not delivered yet has no end.
@@ -1819,7 +1820,7 @@ fn deliver_runs(state: &mut FakeState) {
             let c = &state.commands[index];
             (c.request.lines.clone(), c.request.comment.clone(), c.id.clone())
         };
-        let user_step = !lines.iter().any(|l| l.starts_with(crate::shell::VOLUME_OP_MARKER));
+        let user_step = !lines.iter().any(|l| l.starts_with(flotilla_shared::shell::VOLUME_OP_MARKER));
         let phase = comment.split(' ').nth(2).unwrap_or_default().to_string();
         let key = guard_key(&lines, &instance_id);
         // The work fence (in cleanup scripts): the shard's work here is

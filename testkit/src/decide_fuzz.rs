@@ -8,16 +8,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{Duration, TimeZone, Utc};
-#[cfg(test)]
-use proptest::prelude::*;
 
-use super::decide::*;
-use crate::error::CloudError;
 use crate::fake::Rng;
-use crate::plan::plan;
-use crate::ports::{tags, InstanceView, InvocationView, Settings, SnapshotView, VolumeView};
-use crate::record::{JobRecord, Phase};
-use crate::spec::{parse, SnapshotPolicy};
+use flotilla_shared::error::CloudError;
+use flotilla_shared::plan::plan;
+use flotilla_shared::ports::{tags, InstanceView, InvocationView, Settings, SnapshotView, VolumeView};
+use flotilla_shared::reconcile::decide::*;
+use flotilla_shared::record::{JobRecord, Phase};
+use flotilla_shared::spec::{parse, SnapshotPolicy};
 
 /// Where the checker's choices come from: a seeded generator, or the bytes
 /// a coverage-guided fuzzer mutates (so it can steer every choice).
@@ -240,7 +238,7 @@ fn check(rng: &mut impl Choices) -> Result<(), String> {
     let mut record = JobRecord::new(
         "fz".into(),
         spec.clone(),
-        plan(&spec, &crate::plan::Prices::builtin()).map_err(|e| e.to_string())?,
+        plan(&spec, &flotilla_shared::plan::Prices::builtin()).map_err(|e| e.to_string())?,
         start,
     );
     let settings = Settings { worker_instance_profile: Some("w".into()), ..Settings::default() };
@@ -307,15 +305,4 @@ fn check(rng: &mut impl Choices) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("FLOTILLA_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(300)
-    ))]
-    #[test]
-    fn decide_never_panics_nor_deletes_an_unsnapshotted_volume(seed in any::<u64>()) {
-        prop_assert_eq!(run(seed), Ok(()));
-    }
 }
