@@ -15,8 +15,9 @@ use aws_lambda_events::event::cloudwatch_events::CloudWatchEvent;
 use crate::error::StepError;
 use crate::intake;
 use crate::ports::Ports;
-use crate::reconcile::{self, WakeMessage};
+use crate::reconcile;
 use crate::sqs_batch::for_each_record;
+use crate::wake::WakeMessage;
 
 /// A batch from the reconcile queue: wakes, and EventBridge events that
 /// EC2, SSM and EBS rules deliver to the same queue. Each pass gets at most
@@ -170,7 +171,7 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
         wake.instances = named.into_iter().collect();
         let routed = async {
             if !interrupted.is_empty() {
-                reconcile::update_inbox(
+                crate::inbox::update_inbox(
                     ports,
                     &job_id,
                     move |record| {

@@ -8,10 +8,10 @@ use tracing::{info, warn};
 use crate::error::StepError;
 use crate::plan::{given_items, plan_for, Prices};
 use crate::ports::{tags, Cloud, Ports, WriteOutcome};
-use crate::reconcile::{self, WakeMessage};
 use crate::record::JobRecord;
 use crate::sources::{self, Claimed};
 use crate::spec::{self, check_job_id, EnvValue, JobSpec, SecretRef, VolumeSource, WorkSpec};
+use crate::wake::WakeMessage;
 use crate::work;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -432,7 +432,7 @@ async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Re
 async fn honour_late_cancel(ports: &Ports, job_id: &str, now: DateTime<Utc>) -> Result<(), StepError> {
     if pending_cancel(ports, job_id, now).await?.is_some() {
         // update_inbox wakes the job when it sets the flag.
-        reconcile::update_inbox(
+        crate::inbox::update_inbox(
             ports,
             job_id,
             |record| {
@@ -516,7 +516,7 @@ async fn cancel(ports: &Ports, job_id: &str) -> Result<Intake, StepError> {
         });
     }
     // Only the flag is written; the job's reconciler acts on it.
-    let requested = reconcile::update_inbox(
+    let requested = crate::inbox::update_inbox(
         ports,
         job_id,
         |record| {

@@ -6,8 +6,10 @@ pub mod admission;
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod error;
+pub mod fence;
 #[cfg(feature = "aws")]
 pub mod handlers;
+pub mod inbox;
 pub mod intake;
 pub mod mutation;
 pub mod plan;
@@ -22,4 +24,5 @@ pub mod sources;
 pub mod spec;
 #[cfg(feature = "aws")]
 pub mod sqs_batch;
+pub mod wake;
 pub mod work;

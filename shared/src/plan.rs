@@ -233,39 +233,8 @@ fn estimate(spec: &JobSpec, count: u32, items: Option<u64>, prices: &Prices) -> 
 }
 
 /// Up to the next cent, ignoring float noise (24 x 0.05 is 1.2000000000000002).
-fn cents(usd: f64) -> f64 {
+pub(crate) fn cents(usd: f64) -> f64 {
     ((usd * 100.0) - 1e-6).ceil().max(0.0) / 100.0
-}
-
-/// What a job's instances were billed for, from its record.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Realized {
-    pub instance_seconds: u64,
-    /// None when an attempt ran on a type the estimate had no price for.
-    pub usd: Option<f64>,
-}
-
-/// Launch to stop of every attempt (still running ones up to the record's
-/// last write), priced with the estimate's table in each attempt's market.
-pub fn realized(record: &crate::record::JobRecord) -> Realized {
-    let until = record.updated_at.unwrap_or(record.submitted_at);
-    let estimate = record.plan.as_ref().and_then(|p| p.estimate.as_ref());
-    let mut instance_seconds = 0;
-    let mut usd = Some(0.0);
-    for attempt in record.shards.iter().flat_map(|s| s.attempts.iter()) {
-        let Some(launched_at) = attempt.launched_at else { continue };
-        let seconds =
-            attempt.billed_seconds.map(u64::from).unwrap_or_else(|| (until - launched_at).num_seconds().max(0) as u64);
-        instance_seconds += seconds;
-        let option = record.launch_of(attempt);
-        let hourly = estimate.and_then(|e| {
-            let price = e.hourly_usd.get(&option.instance_type)?;
-            let price = if option.market == Market::Spot { price * e.spot_factor } else { *price };
-            Some(price + e.volumes_hourly_usd)
-        });
-        usd = usd.zip(hourly).map(|(sum, hourly)| sum + hourly * seconds as f64 / 3600.0);
-    }
-    Realized { instance_seconds, usd: usd.map(cents) }
 }
 
 /// Which items shard `index` of `count` processes: contiguous, sizes differ by at most one.

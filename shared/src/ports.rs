@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::error::CloudError;
-use crate::reconcile::WakeMessage;
 use crate::record::JobRecord;
 use crate::spec::Market;
+use crate::wake::WakeMessage;
 
 pub type CloudResult<T> = Result<T, CloudError>;
 

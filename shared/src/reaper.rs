@@ -429,7 +429,7 @@ async fn drain_dead_letters(ports: &Ports, dry_run: bool) -> Result<Vec<Value>, 
                 return Ok::<Value, StepError>(json!({ "job_id": null, "receive_count": letter.receive_count }));
             };
             let (count, id) = (letter.receive_count, letter.message_id.clone());
-            let recorded = crate::reconcile::update_inbox(
+            let recorded = crate::inbox::update_inbox(
                 ports,
                 &job_id,
                 |record| {

@@ -290,7 +290,7 @@ impl SnapshotRef {
             snapshot_id: None,
             state: "requested".into(),
             requested_at: Some(now),
-            in_flight_until: Some(crate::reconcile::fence::in_flight_until(now, budget_seconds)),
+            in_flight_until: Some(crate::fence::in_flight_until(now, budget_seconds)),
         }
     }
 }

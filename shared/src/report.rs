@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use crate::plan::cents;
 use crate::record::JobRecord;
+use crate::spec::Market;
 
 /// How many output lines per instance the report shows.
 pub const REPORT_TAIL_LINES: usize = 10;
@@ -57,7 +59,7 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
             let _ = writeln!(out, "items: {items} over {} shards{manifests}", plan.instance_count);
         }
         let _ = writeln!(out, "cost: {cost}");
-        let realized = crate::plan::realized(record);
+        let realized = realized(record);
         let usd = realized.usd.map(|u| format!("${u:.2}")).unwrap_or_else(|| "unpriced".to_string());
         let _ = writeln!(
             out,
@@ -181,4 +183,35 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
         let _ = writeln!(out, "received: {}", input.chars().take(300).collect::<String>());
     }
     out
+}
+
+/// What a job's instances were billed for, from its record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Realized {
+    pub instance_seconds: u64,
+    /// None when an attempt ran on a type the estimate had no price for.
+    pub usd: Option<f64>,
+}
+
+/// Launch to stop of every attempt (still running ones up to the record's
+/// last write), priced with the estimate's table in each attempt's market.
+pub fn realized(record: &JobRecord) -> Realized {
+    let until = record.updated_at.unwrap_or(record.submitted_at);
+    let estimate = record.plan.as_ref().and_then(|p| p.estimate.as_ref());
+    let mut instance_seconds = 0;
+    let mut usd = Some(0.0);
+    for attempt in record.shards.iter().flat_map(|s| s.attempts.iter()) {
+        let Some(launched_at) = attempt.launched_at else { continue };
+        let seconds =
+            attempt.billed_seconds.map(u64::from).unwrap_or_else(|| (until - launched_at).num_seconds().max(0) as u64);
+        instance_seconds += seconds;
+        let option = record.launch_of(attempt);
+        let hourly = estimate.and_then(|e| {
+            let price = e.hourly_usd.get(&option.instance_type)?;
+            let price = if option.market == Market::Spot { price * e.spot_factor } else { *price };
+            Some(price + e.volumes_hourly_usd)
+        });
+        usd = usd.zip(hourly).map(|(sum, hourly)| sum + hourly * seconds as f64 / 3600.0);
+    }
+    Realized { instance_seconds, usd: usd.map(cents) }
 }

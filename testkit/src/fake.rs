@@ -118,7 +118,7 @@ impl Latencies {
 
 /// The longest lookup lag the simulated cloud draws: the figure Flotilla's
 /// takeover rule assumes (`reconcile::fence::LOOKUP_LAG_SECONDS`).
-pub const LOOKUP_LAG_SECONDS: i64 = flotilla_shared::reconcile::fence::LOOKUP_LAG_SECONDS;
+pub const LOOKUP_LAG_SECONDS: i64 = flotilla_shared::fence::LOOKUP_LAG_SECONDS;
 
 /// An EventBridge event reaches its SQS target about this long after it happened.
 const EVENT_DELIVERY_SECONDS: i64 = 1;
@@ -637,7 +637,7 @@ impl FakeCloud {
             let slow = state.faults.slow_calls;
             let ms = if slow > 0.0 {
                 let rng = state.rng.as_mut().expect("rng");
-                let limit = flotilla_shared::reconcile::fence::OPERATION_TIMEOUT_SECONDS * 1000;
+                let limit = flotilla_shared::fence::OPERATION_TIMEOUT_SECONDS * 1000;
                 if rng.chance(slow) {
                     rng.range(1000, limit)
                 } else {

@@ -1,5 +1,6 @@
 //! Flotilla's integration tests: one binary, so the AWS SDK links once.
 
+mod architecture;
 mod budgets_and_manifests;
 mod bytes_moto;
 mod decide_fuzz;

@@ -29,7 +29,7 @@ pub async fn load_config() -> SdkConfig {
 /// The loader behind `load_config`, for callers that add to it (tests give
 /// moto's endpoint and credentials).
 pub fn config_loader() -> aws_config::ConfigLoader {
-    use crate::reconcile::fence::{ATTEMPT_TIMEOUT_SECONDS, OPERATION_TIMEOUT_SECONDS};
+    use crate::fence::{ATTEMPT_TIMEOUT_SECONDS, OPERATION_TIMEOUT_SECONDS};
     let seconds = |s: i64| std::time::Duration::from_secs(s.unsigned_abs());
     // Bounded calls: a pass starts a call only if it ends before the lease
     // does (`reconcile::fence`). A timeout does not undo a call's effect on

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use super::cloud_error;
 use crate::error::CloudError;
 use crate::ports::{CloudResult, DeadLetter, DeadLetters, WakeQueue};
-use crate::reconcile::WakeMessage;
+use crate::wake::WakeMessage;
 
 pub struct SqsWakeQueue {
     pub sqs: aws_sdk_sqs::Client,

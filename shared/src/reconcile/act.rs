@@ -8,9 +8,9 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Utc};
 
 use crate::error::{CloudError, RetryClass};
+use crate::fence;
 use crate::ports::{tags, Cloud, Ports};
 use crate::reconcile::decide::{Action, Done};
-use crate::reconcile::fence;
 use crate::record::JobRecord;
 use crate::report;
 use crate::retention::{self, Facts, Policy};

@@ -22,56 +22,21 @@
 
 pub mod act;
 pub mod decide;
-pub mod fence;
 pub mod observe;
 
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Duration, SubsecRound, Utc};
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::error::{CloudError, StepError};
+use crate::fence;
+pub use crate::inbox::update_inbox;
 use crate::ports::{Cloud, Ports, WriteOutcome};
 use crate::record::{JobRecord, Lease, Outcome, Stage, Wake};
+pub use crate::wake::WakeMessage;
 
 pub use decide::{Action, Context, Next, Observation};
-
-/// The body of a message on the reconcile queue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WakeMessage {
-    pub job_id: String,
-    /// Set on the job's scheduled poll, so a pass knows that poll arrived.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wake_id: Option<String>,
-    /// What sent it: submit, cancel, poll, tick, event, lease-end (and busy,
-    /// from before lease-end). A tick skips a job whose poll is on its way;
-    /// an event, lease-end or stale poll right after a pass leaves its
-    /// instances for the next.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trigger: Option<String>,
-    /// Instances EC2 or SSM events named: their commands are listed this
-    /// pass; others only once their last listing is a safety poll old.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub instances: Vec<String>,
-    /// On a `lease-end` message: the pass whose lease it waits out. Dropped
-    /// if that pass ended (it took everything in and scheduled its next).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lease_owner: Option<String>,
-}
-
-impl WakeMessage {
-    pub fn new(job_id: &str, trigger: &str) -> Self {
-        WakeMessage {
-            job_id: job_id.to_string(),
-            wake_id: None,
-            trigger: Some(trigger.to_string()),
-            instances: vec![],
-            lease_owner: None,
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
@@ -569,26 +534,4 @@ async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner
         }
     }
     Err(StepError::Contended(record.job_id.clone()))
-}
-
-/// Record something on a job from outside a pass (a cancel, an
-/// interruption), without touching the lease, then wake the job.
-pub async fn update_inbox(
-    ports: &Ports,
-    job_id: &str,
-    change: impl Fn(&mut JobRecord) -> bool,
-    trigger: &str,
-) -> Result<bool, StepError> {
-    for _ in 0..5 {
-        let Some(loaded) = ports.ledger.load(job_id).await? else { return Ok(false) };
-        let mut record = loaded.record;
-        if record.state.is_terminal() || !change(&mut record) {
-            return Ok(false);
-        }
-        if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &loaded.version).await? {
-            ports.queue.send(&WakeMessage::new(job_id, trigger), 0).await?;
-            return Ok(true);
-        }
-    }
-    Err(StepError::Contended(job_id.to_string()))
 }

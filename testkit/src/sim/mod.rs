@@ -221,7 +221,7 @@ pub fn scenario(seed: u64, size: Option<u32>) -> Scenario {
         scenario.faults.agent_blips = 0.2;
     }
     if scenario.faults.lost_reply > 0.0 && rng.chance(0.5) {
-        scenario.faults.late_effect_seconds = flotilla_shared::reconcile::fence::OPERATION_TIMEOUT_SECONDS;
+        scenario.faults.late_effect_seconds = flotilla_shared::fence::OPERATION_TIMEOUT_SECONDS;
     }
     if rng.chance(0.3) {
         scenario.faults.slow_calls = 0.02 / scale;
@@ -405,7 +405,7 @@ pub(crate) async fn deliver(
         // A second pass that comes when the first one's lease was to end
         // (its lease-end message, or a later trigger), while the first may
         // still be acting, slowed by its calls.
-        let at = cloud.now() + budget + Duration::seconds(flotilla_shared::reconcile::fence::LEASE_MARGIN_SECONDS + 1);
+        let at = cloud.now() + budget + Duration::seconds(flotilla_shared::fence::LEASE_MARGIN_SECONDS + 1);
         let first_done = std::cell::Cell::new(false);
         let first = async {
             let outcome = reconcile::reconcile(ports, &message, budget).await;

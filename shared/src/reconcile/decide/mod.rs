@@ -27,12 +27,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 
 use crate::error::{CloudError, RetryClass};
+use crate::fence;
 use crate::mutation::{self, Mutation};
 use crate::ports::{
     tags, CommandRequest, InstanceView, InvocationView, LaunchRequest, NewVolume, Settings, SnapshotView, VolumeView,
     MAX_INSTANCES_PER_COMMAND,
 };
-use crate::reconcile::fence;
 use crate::record::*;
 use crate::retention;
 use crate::shell::{self, MountTarget, Preamble};
