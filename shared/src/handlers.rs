@@ -17,7 +17,7 @@ use crate::intake;
 use crate::ports::Ports;
 use crate::reconcile;
 use crate::sqs_batch::for_each_record;
-use crate::wake::WakeMessage;
+use crate::wake::{Trigger, WakeMessage};
 
 /// A batch from the reconcile queue: wakes, and EventBridge events that
 /// EC2, SSM and EBS rules deliver to the same queue. Each pass gets at most
@@ -167,7 +167,7 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
     }
     for (job_id, (message_ids, named, interrupted)) in by_job {
         // The pass lists the named instances' commands at once.
-        let mut wake = WakeMessage::new(&job_id, "event");
+        let mut wake = WakeMessage::new(&job_id, Trigger::Event);
         wake.instances = named.into_iter().collect();
         let routed = async {
             if !interrupted.is_empty() {
@@ -180,7 +180,7 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
                         record.interruptions.extend(fresh.iter().cloned());
                         !fresh.is_empty()
                     },
-                    "event",
+                    Trigger::Event,
                 )
                 .await?;
             }
@@ -245,7 +245,7 @@ pub async fn tick(ports: &Ports, event: &Value) -> Result<Value, StepError> {
 pub async fn wake_active(ports: &Ports) -> Result<usize, StepError> {
     let jobs = ports.ledger.list_active().await?;
     for job_id in &jobs {
-        ports.queue.send(&WakeMessage::new(job_id, "tick"), 0).await?;
+        ports.queue.send(&WakeMessage::new(job_id, Trigger::Tick), 0).await?;
     }
     info!(jobs = jobs.len(), "safety tick");
     Ok(jobs.len())

@@ -5,7 +5,7 @@
 use crate::error::StepError;
 use crate::ports::{Ports, WriteOutcome};
 use crate::record::JobRecord;
-use crate::wake::WakeMessage;
+use crate::wake::{Trigger, WakeMessage};
 
 /// Record something on a job from outside a pass (a cancel, an
 /// interruption), without touching the lease, then wake the job.
@@ -13,7 +13,7 @@ pub async fn update_inbox(
     ports: &Ports,
     job_id: &str,
     change: impl Fn(&mut JobRecord) -> bool,
-    trigger: &str,
+    trigger: Trigger,
 ) -> Result<bool, StepError> {
     for _ in 0..5 {
         let Some(loaded) = ports.ledger.load(job_id).await? else { return Ok(false) };

@@ -11,7 +11,7 @@ use crate::ports::{tags, Cloud, Ports, WriteOutcome};
 use crate::record::JobRecord;
 use crate::sources::{self, Claimed};
 use crate::spec::{self, check_job_id, EnvValue, JobSpec, SecretRef, VolumeSource, WorkSpec};
-use crate::wake::WakeMessage;
+use crate::wake::{Trigger, WakeMessage};
 use crate::work;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,7 +172,7 @@ async fn submit_spec(
         if let Some(existing) = ports.ledger.load(&job_id).await? {
             if existing.record.state != crate::record::JobState::Rejected {
                 if !existing.record.state.is_terminal() {
-                    ports.queue.send(&WakeMessage::new(&job_id, "submit"), 0).await?;
+                    ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
                 }
                 info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
                 return Ok(Intake::AlreadyKnown { job_id });
@@ -219,7 +219,7 @@ async fn submit_spec(
     match ports.ledger.create(&record).await? {
         WriteOutcome::Written { .. } => {
             honour_late_cancel(ports, &job_id, now).await?;
-            ports.queue.send(&WakeMessage::new(&job_id, "submit"), 0).await?;
+            ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
             info!(%job_id, reason = %record.reason, "job accepted");
             Ok(Intake::Accepted { job_id })
         }
@@ -230,7 +230,7 @@ async fn submit_spec(
                 if existing.record.state == crate::record::JobState::Rejected {
                     if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &existing.version).await? {
                         honour_late_cancel(ports, &job_id, now).await?;
-                        ports.queue.send(&WakeMessage::new(&job_id, "submit"), 0).await?;
+                        ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
                         info!(%job_id, "job accepted in place of an earlier rejection");
                         return Ok(Intake::Accepted { job_id });
                     }
@@ -240,7 +240,7 @@ async fn submit_spec(
             // waking a job is always harmless.
             if let Some(existing) = ports.ledger.load(&job_id).await? {
                 if !existing.record.state.is_terminal() {
-                    ports.queue.send(&WakeMessage::new(&job_id, "submit"), 0).await?;
+                    ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
                 }
                 info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
             }
@@ -439,7 +439,7 @@ async fn honour_late_cancel(ports: &Ports, job_id: &str, now: DateTime<Utc>) -> 
                 record.cancel_requested_at.get_or_insert(now);
                 !std::mem::replace(&mut record.cancel_requested, true)
             },
-            "cancel",
+            Trigger::Cancel,
         )
         .await?;
         ports.ledger.delete(&cancel_key(job_id)).await?;
@@ -527,7 +527,7 @@ async fn cancel(ports: &Ports, job_id: &str) -> Result<Intake, StepError> {
             record.cancel_requested_at = Some(now);
             true
         },
-        "cancel",
+        Trigger::Cancel,
     )
     .await?;
     if requested {

@@ -37,6 +37,7 @@ use crate::ports::{tags, Cloud, InstanceView, Ports, SnapshotView, VolumeView, W
 use crate::record::{JobRecord, Outcome, PhaseStamp};
 use crate::retention::{self, Facts};
 use crate::spec::VolumeSource;
+use crate::wake::Trigger;
 
 /// A job that is not terminal, as the reaper saw it.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -446,7 +447,7 @@ async fn drain_dead_letters(ports: &Ports, dry_run: bool) -> Result<Vec<Value>, 
                     ));
                     true
                 },
-                "dead-letter",
+                Trigger::DeadLetter,
             )
             .await?;
             Ok(json!({ "job_id": job_id, "receive_count": count, "recorded": recorded }))

@@ -12,12 +12,10 @@ pub struct WakeMessage {
     /// Set on the job's scheduled poll, so a pass knows that poll arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_id: Option<String>,
-    /// What sent it: submit, cancel, poll, tick, event, lease-end (and busy,
-    /// from before lease-end). A tick skips a job whose poll is on its way;
-    /// an event, lease-end or stale poll right after a pass leaves its
-    /// instances for the next.
+    /// What sent it. Only the lease's gate reads it (`reconcile::lease`);
+    /// a pass, once it runs, never asks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trigger: Option<String>,
+    pub trigger: Option<Trigger>,
     /// Instances EC2 or SSM events named: their commands are listed this
     /// pass; others only once their last listing is a safety poll old.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -29,13 +27,82 @@ pub struct WakeMessage {
 }
 
 impl WakeMessage {
-    pub fn new(job_id: &str, trigger: &str) -> Self {
+    pub fn new(job_id: &str, trigger: Trigger) -> Self {
         WakeMessage {
             job_id: job_id.to_string(),
             wake_id: None,
-            trigger: Some(trigger.to_string()),
+            trigger: Some(trigger),
             instances: vec![],
             lease_owner: None,
         }
+    }
+}
+
+/// What sent a wake. Written as the kebab-case names older code wrote; a
+/// name this code does not know (from a newer or older version) still
+/// parses, as `Other`, and is treated as a trigger that asks for a pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum Trigger {
+    /// A job accepted by intake.
+    Submit,
+    /// A cancel recorded on the job.
+    Cancel,
+    /// The job's own scheduled look (`wake_id` names it).
+    Poll,
+    /// The safety tick, for every active job.
+    Tick,
+    /// An EC2, SSM or EBS event naming the job's instances or snapshots.
+    Event,
+    /// Sent by a trigger that found the lease held: comes when it ends.
+    LeaseEnd,
+    /// A dead-lettered message of the job, recorded by the reaper.
+    DeadLetter,
+    /// From before `LeaseEnd`: a trigger that found the lease held.
+    Busy,
+    Other(String),
+}
+
+impl Trigger {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Trigger::Submit => "submit",
+            Trigger::Cancel => "cancel",
+            Trigger::Poll => "poll",
+            Trigger::Tick => "tick",
+            Trigger::Event => "event",
+            Trigger::LeaseEnd => "lease-end",
+            Trigger::DeadLetter => "dead-letter",
+            Trigger::Busy => "busy",
+            Trigger::Other(name) => name,
+        }
+    }
+}
+
+impl From<String> for Trigger {
+    fn from(name: String) -> Self {
+        match name.as_str() {
+            "submit" => Trigger::Submit,
+            "cancel" => Trigger::Cancel,
+            "poll" => Trigger::Poll,
+            "tick" => Trigger::Tick,
+            "event" => Trigger::Event,
+            "lease-end" => Trigger::LeaseEnd,
+            "dead-letter" => Trigger::DeadLetter,
+            "busy" => Trigger::Busy,
+            _ => Trigger::Other(name),
+        }
+    }
+}
+
+impl From<Trigger> for String {
+    fn from(trigger: Trigger) -> Self {
+        trigger.as_str().to_string()
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }

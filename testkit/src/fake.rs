@@ -26,6 +26,7 @@ use flotilla_shared::ports::*;
 use flotilla_shared::reconcile::WakeMessage;
 use flotilla_shared::record::{active_key, record_key, JobRecord};
 use flotilla_shared::spec::Market;
+use flotilla_shared::wake::Trigger;
 
 /// What a command does on one instance: (exit code, stdout, seconds it takes).
 pub type CommandBehaviour = Arc<dyn Fn(&CommandRequest, &str) -> (i32, String, i64) + Send + Sync>;
@@ -129,12 +130,12 @@ const EVENT_DELIVERY_SECONDS: i64 = 1;
 fn queue_event(state: &mut FakeState, job_id: &str, instance_id: Option<&str>, at: DateTime<Utc>) {
     let deliver = at + Duration::seconds(EVENT_DELIVERY_SECONDS);
     let shared = state.queue.iter_mut().find(|(when, m)| {
-        m.job_id == job_id && m.trigger.as_deref() == Some("event") && (*when - deliver).num_seconds().abs() < 1
+        m.job_id == job_id && m.trigger == Some(Trigger::Event) && (*when - deliver).num_seconds().abs() < 1
     });
     match shared {
         Some((_, wake)) => wake.instances.extend(instance_id.map(str::to_string)),
         None => {
-            let mut wake = WakeMessage::new(job_id, "event");
+            let mut wake = WakeMessage::new(job_id, Trigger::Event);
             wake.instances.extend(instance_id.map(str::to_string));
             state.queue.push_back((deliver, wake));
         }

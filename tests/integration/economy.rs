@@ -11,6 +11,7 @@ use flotilla_testkit::sim;
 use serde_json::json;
 
 use crate::moto::job;
+use flotilla_shared::wake::Trigger;
 
 const BUDGET: i64 = 50;
 
@@ -88,7 +89,7 @@ async fn a_tick_skips_a_job_whose_poll_is_coming_and_carries_one_whose_poll_was_
     let record = cloud.record("ticked").expect("record");
     let wake = record.wake.clone().expect("a poll is scheduled");
     let before = ec2_calls(&cloud);
-    let tick = WakeMessage::new("ticked", "tick");
+    let tick = WakeMessage::new("ticked", Trigger::Tick);
     assert_eq!(reconcile::reconcile(&ports, &tick, Duration::seconds(BUDGET)).await.expect("tick"), Handled::Scheduled);
     assert_eq!(ec2_calls(&cloud), before, "a skipped tick makes no AWS call");
     assert_eq!(cloud.record("ticked").expect("record").passes, record.passes);
@@ -126,7 +127,7 @@ async fn an_event_right_after_a_pass_is_kept_for_the_next_and_its_instance_is_lo
     cloud.lock().queue.clear();
 
     cloud.advance_to(last_pass);
-    let mut event = WakeMessage::new("hinted", "event");
+    let mut event = WakeMessage::new("hinted", Trigger::Event);
     event.instances = vec![instance.clone()];
     let handled = reconcile::reconcile(&ports, &event, Duration::seconds(BUDGET)).await.expect("event");
     assert_eq!(handled, Handled::Deferred);
@@ -338,8 +339,8 @@ async fn an_event_during_a_pass_brings_the_next_pass_a_second_after_it() {
     };
 
     cloud.lock().faults.yield_rate = 1.0;
-    let poll = WakeMessage::new("during", "poll");
-    let mut event = WakeMessage::new("during", "event");
+    let poll = WakeMessage::new("during", Trigger::Poll);
+    let mut event = WakeMessage::new("during", Trigger::Event);
     event.instances = vec![instance];
     // The pass runs, one call at a time, until it holds the lease; the event
     // comes then; the pass goes on.
@@ -390,7 +391,7 @@ async fn a_lease_end_message_stands_in_for_a_pass_that_died_and_is_dropped_after
     let instance = record.shards[0].current().and_then(|a| a.instance_id.clone()).expect("instance");
 
     for n in 0..3 {
-        let mut event = WakeMessage::new("dead-owner", "event");
+        let mut event = WakeMessage::new("dead-owner", Trigger::Event);
         event.instances = vec![instance.clone()];
         let handled = reconcile::reconcile(&ports, &event, Duration::seconds(BUDGET)).await.expect("event");
         assert_eq!(handled, Handled::Busy);
@@ -402,7 +403,7 @@ async fn a_lease_end_message_stands_in_for_a_pass_that_died_and_is_dropped_after
     let due = cloud.next_due().expect("due");
     assert!(due > cloud.now() + Duration::seconds(10), "after the lease's end");
     let lease_end = cloud.next_message().expect("the lease-end message");
-    assert_eq!((lease_end.trigger.as_deref(), lease_end.lease_owner.as_deref()), (Some("lease-end"), Some("dead")));
+    assert_eq!((lease_end.trigger.clone(), lease_end.lease_owner.as_deref()), (Some(Trigger::LeaseEnd), Some("dead")));
     let handled = reconcile::reconcile(&ports, &lease_end, Duration::seconds(BUDGET)).await.expect("pass");
     assert!(matches!(handled, Handled::Reconciled { .. }), "{handled:?}");
     let after = cloud.record("dead-owner").expect("record");

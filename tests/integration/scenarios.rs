@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::fingerprint::{job_figures, Fingerprint};
 use crate::moto::job;
+use flotilla_shared::wake::Trigger;
 
 fn cloud() -> FakeCloud {
     FakeCloud::new(sim::start_time())
@@ -576,7 +577,7 @@ async fn a_spot_interruption_moves_the_shard_to_on_demand() {
             r.interruptions.push(noted.clone());
             true
         },
-        "event",
+        Trigger::Event,
     )
     .await
     .expect("warning");
@@ -694,7 +695,7 @@ async fn the_safety_tick_carries_a_job_whose_messages_died() {
         flotilla_shared::handlers::wake_active(&ports).await.expect("tick");
         while let Some(message) = cloud.next_message() {
             // Only the tick's wakes are delivered; polls are dropped too.
-            if message.trigger.as_deref() == Some("tick") {
+            if message.trigger == Some(Trigger::Tick) {
                 let _ = deliver(&ports, &message, 1).await;
             }
         }

@@ -97,7 +97,7 @@ async fn drive(cloud: &FakeCloud, ports: &Ports, specs: &[Value]) -> Vec<String>
             continue;
         }
         let Some(message) = cloud.next_message() else { continue };
-        *triggers.entry(message.trigger.clone().unwrap_or_default()).or_default() += 1;
+        *triggers.entry(message.trigger.as_ref().map(|t| t.to_string()).unwrap_or_default()).or_default() += 1;
         if let Err(err) = reconcile::reconcile(ports, &message, budget).await {
             if err.is_retryable() {
                 cloud.redeliver_later(message, 30);

@@ -1,10 +1,11 @@
 //! Level-triggered reconciliation: every trigger (a poll, a submission, a
 //! cancel, an EventBridge event, the safety tick) runs the same pass for one
-//! job. It never asks which trigger woke it:
+//! job. Only the gate in front of the lease (`lease.rs`) reads which
+//! trigger woke it; the pass never asks:
 //!
-//! 1. load the record and take its lease by compare-and-swap (one actor per
-//!    job; a trigger that finds the lease held marks the record `woken`,
-//!    and one `lease-end` wake waits out that lease);
+//! 1. load the record and take its lease by compare-and-swap (`lease.rs`:
+//!    one actor per job; a trigger that finds the lease held marks the
+//!    record `woken`, and one `lease-end` wake waits out that lease);
 //! 2. observe the cloud in a few batched calls;
 //! 3. `decide` (pure) updates shard state and returns actions; the record,
 //!    with every action's intent, is saved before any action runs;
@@ -22,6 +23,7 @@
 
 pub mod act;
 pub mod decide;
+mod lease;
 pub mod observe;
 
 use std::collections::BTreeSet;
@@ -33,8 +35,8 @@ use crate::error::{CloudError, StepError};
 use crate::fence;
 pub use crate::inbox::update_inbox;
 use crate::ports::{Cloud, Ports, WriteOutcome};
-use crate::record::{JobRecord, Lease, Outcome, Stage, Wake};
-pub use crate::wake::WakeMessage;
+use crate::record::{JobRecord, Outcome, Stage, Wake};
+pub use crate::wake::{Trigger, WakeMessage};
 
 pub use decide::{Action, Context, Next, Observation};
 
@@ -42,7 +44,7 @@ pub use decide::{Action, Context, Next, Observation};
 pub enum Handled {
     /// The job is terminal; nothing to do.
     Finished,
-    /// Another pass holds the lease; the trigger was re-queued for its end.
+    /// Another pass holds the lease; the trigger was folded into the record.
     Busy,
     /// No record: a wake for a job that does not exist.
     Unknown,
@@ -66,7 +68,7 @@ const OBSERVE_FAILURES: u32 = 5;
 /// A tick leaves a job alone while its scheduled poll is due within this
 /// long: a poll that never came (lost to the dead-letter queue, or never
 /// sent by a pass that crashed) is overdue, and the tick runs the pass.
-const TICK_GRACE_SECONDS: i64 = 120;
+pub(crate) const TICK_GRACE_SECONDS: i64 = 120;
 /// Back-off after a transient error that outlasted the SDK's own retries.
 const TRANSIENT_BACKOFF_SECONDS: u32 = 15;
 
@@ -76,108 +78,10 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
     let owner = uuid::Uuid::new_v4().simple().to_string();
     let lease_until = started + budget + Duration::seconds(fence::LEASE_MARGIN_SECONDS);
 
-    // 1. The lease.
-    let (mut record, mut version, hinted) = {
-        let mut taken = None;
-        let mut fallback_sent = false;
-        for _ in 0..4 {
-            let Some(loaded) = ports.ledger.load(&message.job_id).await? else { return Ok(Handled::Unknown) };
-            let mut record = loaded.record;
-            if record.state.is_terminal() {
-                // A marker left by a pass that died after its terminal save.
-                if message.trigger.as_deref() == Some("tick") {
-                    ports.ledger.set_active(&record.job_id, false).await?;
-                }
-                return Ok(Handled::Finished);
-            }
-            let held_by =
-                |owner: &Option<String>| record.lease.as_ref().is_some_and(|l| Some(&l.owner) == owner.as_ref());
-            if message.trigger.as_deref() == Some("lease-end") && !held_by(&message.lease_owner) {
-                return Ok(Handled::Scheduled);
-            }
-            let poll_coming =
-                record.wake.as_ref().is_some_and(|w| started < w.at + Duration::seconds(TICK_GRACE_SECONDS));
-            if message.trigger.as_deref() == Some("tick") && poll_coming && record.lease.is_none() {
-                return Ok(Handled::Scheduled);
-            }
-            // An event (or a stale poll) right after a pass: its hints wait in
-            // the record for the pass a gap later, so a big job's scattered
-            // events share passes.
-            let gap = Duration::seconds(i64::from(decide::pass_gap(record.shards.len())));
-            let scheduled =
-                message.wake_id.is_some() && record.wake.as_ref().map(|w| &w.id) == message.wake_id.as_ref();
-            let early = gap > Duration::zero()
-                && matches!(message.trigger.as_deref(), Some("event" | "busy" | "lease-end" | "poll"))
-                && !scheduled
-                && record.lease.is_none()
-                && record.updated_at.is_some_and(|at| started < at + gap);
-            if early {
-                let due = record.updated_at.unwrap_or(started) + gap;
-                for id in &message.instances {
-                    if !record.hinted.contains(id) {
-                        record.hinted.push(id.clone());
-                    }
-                }
-                let send = record.wake.as_ref().is_none_or(|w| w.at > due + Duration::seconds(1));
-                if send {
-                    let id = uuid::Uuid::new_v4().simple().to_string();
-                    record.wake = Some(Wake { id: id.clone(), at: due });
-                    let wake = WakeMessage { wake_id: Some(id), ..WakeMessage::new(&record.job_id, "poll") };
-                    ports.queue.send(&wake, (due - started).num_seconds().clamp(1, 900) as u32).await?;
-                }
-                if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &loaded.version).await? {
-                    return Ok(Handled::Deferred);
-                }
-                continue;
-            }
-            if let Some(lease) = record.lease.as_ref().filter(|l| l.until > started) {
-                // A trigger that asks for something (not a poll, a tick or a
-                // lease-end) sets `woken`: the pass under way takes it in when
-                // it saves, and the job's next pass comes a gap after it ends
-                // and looks at every command in flight (`finish_pass`). Only
-                // the first of a pass writes, so a big job's burst of events
-                // costs that pass one conflict, not one per event.
-                let asks = !matches!(message.trigger.as_deref(), Some("poll" | "tick" | "lease-end"));
-                if asks && record.woken {
-                    return Ok(Handled::Busy);
-                }
-                // Should that pass die, this comes when its lease ends; it is
-                // dropped if the pass ends well. Sent first: a failed write
-                // then still leaves it on its way.
-                if !fallback_sent {
-                    let remaining_ms = (lease.until - started).num_milliseconds();
-                    let mut fallback = WakeMessage::new(&record.job_id, "lease-end");
-                    fallback.lease_owner = Some(lease.owner.clone());
-                    fallback.instances = message.instances.clone();
-                    ports.queue.send(&fallback, (remaining_ms / 1000 + 1).clamp(1, 900) as u32).await?;
-                    fallback_sent = true;
-                }
-                if asks {
-                    record.woken = true;
-                    if let WriteOutcome::Conflict = ports.ledger.replace(&record, &loaded.version).await? {
-                        continue; // the pass saved or ended meanwhile: look again
-                    }
-                }
-                return Ok(Handled::Busy);
-            }
-            record.lease = Some(Lease { owner: owner.clone(), until: lease_until });
-            if message.wake_id.is_some() && record.wake.as_ref().map(|w| &w.id) == message.wake_id.as_ref() {
-                record.wake = None; // this poll arrived
-            }
-            record.passes += 1;
-            record.updated_at = Some(started);
-            let mut hinted = std::mem::take(&mut record.hinted);
-            if std::mem::take(&mut record.woken) {
-                // Triggers came during the last pass: what they named is not
-                // known, so every command in flight is looked at.
-                hinted.extend(record.shards.iter().filter_map(|s| s.current()).filter_map(|a| a.instance_id.clone()));
-            }
-            if let WriteOutcome::Written { version } = ports.ledger.replace(&record, &loaded.version).await? {
-                taken = Some((record, version, hinted));
-                break;
-            }
-        }
-        taken.ok_or_else(|| StepError::Contended(message.job_id.clone()))?
+    // 1. The lease, behind the gate that reads the trigger.
+    let (mut record, mut version, hinted) = match lease::take(ports, message, &owner, started, lease_until).await? {
+        lease::Gate::Pass(taken) => taken,
+        lease::Gate::Done(handled) => return Ok(handled),
     };
 
     // The job's cloud: its own account, or the role it names.
@@ -461,7 +365,8 @@ async fn finish_pass(
         if !pending {
             let id = uuid::Uuid::new_v4().simple().to_string();
             record.wake = Some(Wake { id: id.clone(), at: due });
-            send = Some((WakeMessage { wake_id: Some(id), ..WakeMessage::new(&record.job_id, "poll") }, seconds));
+            send =
+                Some((WakeMessage { wake_id: Some(id), ..WakeMessage::new(&record.job_id, Trigger::Poll) }, seconds));
         }
     }
     // Sent before the save: if the save is lost the wake still comes, and an
@@ -478,7 +383,7 @@ async fn finish_pass(
     } else if record.woken && !woken {
         // The trigger came while this last save was under way: its wake was
         // already decided, so one more message brings the next pass.
-        ports.queue.send(&WakeMessage::new(&record.job_id, "poll"), soon).await?;
+        ports.queue.send(&WakeMessage::new(&record.job_id, Trigger::Poll), soon).await?;
     }
     info!(job_id = %record.job_id, state = %record.state, reason = %record.reason, "reconciled");
     Ok(Handled::Reconciled { state: record.state.to_string() })

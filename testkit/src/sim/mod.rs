@@ -18,6 +18,7 @@ use flotilla_shared::intake;
 use flotilla_shared::ports::{Ports, Settings};
 use flotilla_shared::reconcile;
 use flotilla_shared::record::{JobRecord, JobState};
+use flotilla_shared::wake::Trigger;
 
 /// SQS hands a message to the DLQ after this many receives.
 const MAX_RECEIVES: u32 = 5;
@@ -412,7 +413,7 @@ pub(crate) async fn deliver(
             first_done.set(true);
             outcome
         };
-        let later = reconcile::WakeMessage::new(&message.job_id, "event");
+        let later = reconcile::WakeMessage::new(&message.job_id, Trigger::Event);
         let second = async {
             cloud.sleep_until(at, &first_done).await;
             reconcile::reconcile(ports, &later, budget).await
@@ -424,9 +425,9 @@ pub(crate) async fn deliver(
         // (an event beside a poll, the safety tick beside either).
         let other = match rng.range(0, 3) {
             0 => message.clone(),
-            1 => reconcile::WakeMessage::new(&message.job_id, "event"),
-            2 => reconcile::WakeMessage::new(&message.job_id, "tick"),
-            _ => reconcile::WakeMessage::new(&message.job_id, "poll"),
+            1 => reconcile::WakeMessage::new(&message.job_id, Trigger::Event),
+            2 => reconcile::WakeMessage::new(&message.job_id, Trigger::Tick),
+            _ => reconcile::WakeMessage::new(&message.job_id, Trigger::Poll),
         };
         let (a, b) =
             tokio::join!(reconcile::reconcile(ports, &message, budget), reconcile::reconcile(ports, &other, budget));
@@ -497,7 +498,7 @@ async fn inject(cloud: &FakeCloud, ports: &Ports, job_id: &str, fault: Fault, rn
                     record.interruptions.push(noted.clone());
                     true
                 },
-                "event",
+                Trigger::Event,
             )
             .await;
             let at = (cloud.now() - start_time()).num_seconds() + 120;
