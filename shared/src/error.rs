@@ -43,10 +43,6 @@ pub enum CloudError {
     Api { service: &'static str, operation: &'static str, code: String, message: String, class: RetryClass },
     #[error("{0}")]
     Invalid(String),
-    /// Only the simulator raises this: the process died at this await point,
-    /// after the call took effect. Nothing after it may run.
-    #[error("simulated crash in {0}")]
-    Crashed(&'static str),
 }
 
 impl CloudError {
@@ -54,7 +50,6 @@ impl CloudError {
         match self {
             CloudError::Api { class, .. } => *class,
             CloudError::Invalid(_) => RetryClass::Permanent,
-            CloudError::Crashed(_) => RetryClass::Transient,
         }
     }
 

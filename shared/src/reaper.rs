@@ -364,7 +364,6 @@ pub async fn take_inventory_in(ports: &Ports, cloud: &Cloud) -> Result<Inventory
                 })
             }
             Ok(None) => JobView::Missing,
-            Err(err @ CloudError::Crashed(_)) => return Err(err),
             Err(err) => JobView::Unknown { error: err.to_string() },
         };
         inventory.jobs.insert(job_id, view);
@@ -460,7 +459,6 @@ async fn drain_dead_letters(ports: &Ports, dry_run: bool) -> Result<Vec<Value>, 
                     warn!(error = %err, "could not delete a dead letter; it is handled again next pass");
                 }
             }
-            Err(err @ StepError::Cloud(CloudError::Crashed(_))) => return Err(err),
             Err(err) => {
                 warn!(error = %err, "dead letter not recorded; kept for the next pass");
                 seen.push(json!({ "error": err.to_string(), "receive_count": letter.receive_count }));
@@ -496,7 +494,6 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
         // is reported; the other accounts are still reaped.
         let cloud = match ports.accounts.assume(role, None, "reaper").await {
             Ok(cloud) => cloud,
-            Err(err @ CloudError::Crashed(_)) => return Err(err.into()),
             Err(err) => {
                 warn!(%role, error = %err, "reaper cannot act in this account");
                 errors.push(json!({ "account": role, "error": err.to_string() }));
@@ -505,7 +502,6 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
         };
         let inventory = match take_inventory_in(ports, &cloud).await {
             Ok(inventory) => known_jobs_only(inventory),
-            Err(err @ CloudError::Crashed(_)) => return Err(err.into()),
             Err(err) => {
                 errors.push(json!({ "account": role, "error": err.to_string() }));
                 continue;
@@ -532,7 +528,6 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
     }
     let stranded = match stranded(ports).await {
         Ok(found) => found,
-        Err(err @ CloudError::Crashed(_)) => return Err(err.into()),
         Err(err) => vec![json!({ "error": err.to_string() })],
     };
     let report = json!({
@@ -602,7 +597,6 @@ async fn act(
     for action in actions {
         match execute(ports, cloud, action).await {
             Ok(()) => done.push(action.clone()),
-            Err(err @ StepError::Cloud(CloudError::Crashed(_))) => return Err(err),
             Err(err) => {
                 warn!(?action, error = %err, "reaper action failed");
                 errors.push(json!({ "action": action, "error": err.to_string() }));

@@ -446,6 +446,10 @@ pub struct FakeState {
     /// The next call of each named operation takes effect, then the caller
     /// crashes before seeing the reply.
     pub crash_after: Vec<&'static str>,
+    /// Processes (`FakeCloud::process`) that died at a call: numbered, and
+    /// the dead ones, until their runner drops them.
+    pub processes: u64,
+    pub dead_processes: BTreeSet<u64>,
     /// Fault injection: this many SendMessage calls fail.
     pub fail_sends: u32,
     pub evidence: Evidence,
@@ -624,8 +628,12 @@ impl FakeCloud {
     }
 
     /// Every call: count it, let virtual time pass, maybe fail before it
-    /// takes effect, and maybe yield to the other reconciler.
+    /// takes effect, and maybe yield to the other reconciler. A process that
+    /// died makes no call: it never returns from this await point.
     async fn call(&self, operation: &'static str, mutating: bool) -> CloudResult<()> {
+        if self.died() {
+            return std::future::pending().await;
+        }
         let yield_now = {
             let mut state = self.lock();
             *state.calls.entry(operation).or_default() += 1;
@@ -701,7 +709,7 @@ impl FakeCloud {
     fn after(&self, state: &mut FakeState, operation: &'static str) -> CloudResult<()> {
         if let Some(index) = state.crash_after.iter().position(|c| *c == operation) {
             state.crash_after.remove(index);
-            return Err(CloudError::Crashed(operation));
+            return die(state, operation);
         }
         if let Some(index) = state.faults.lose_reply.iter().position(|c| *c == operation) {
             state.faults.lose_reply.remove(index);
@@ -710,7 +718,7 @@ impl FakeCloud {
         let (p, lost) = (state.faults.crash_after, state.faults.lost_reply);
         let rng = state.rng.as_mut().expect("rng");
         if rng.chance(p) {
-            return Err(CloudError::Crashed(operation));
+            return die(state, operation);
         }
         if rng.chance(lost) {
             // Done on AWS's side; the caller only sees a timeout.
@@ -718,6 +726,51 @@ impl FakeCloud {
         }
         Ok(())
     }
+
+    /// Whether the process polling now died at an earlier call.
+    fn died(&self) -> bool {
+        PROCESS.with(|p| p.get()).is_some_and(|id| self.lock().dead_processes.contains(&id))
+    }
+
+    /// Run `work` as one process (a Lambda invocation, a reaper run). When a
+    /// call it makes draws a crash, the process dies there: `work` is
+    /// dropped at that await point, as the process would be, and this
+    /// returns None. What the call did in the cloud stays done; the product
+    /// never sees a crash, only what the next process finds.
+    pub async fn process<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        let id = {
+            let mut state = self.lock();
+            state.processes += 1;
+            state.processes
+        };
+        let mut work = std::pin::pin!(work);
+        std::future::poll_fn(move |cx| {
+            let outer = PROCESS.with(|p| p.replace(Some(id)));
+            let polled = work.as_mut().poll(cx);
+            PROCESS.with(|p| p.set(outer));
+            if self.lock().dead_processes.remove(&id) {
+                return Poll::Ready(None);
+            }
+            polled.map(Some)
+        })
+        .await
+    }
+}
+
+thread_local! {
+    /// The process whose future is being polled (`FakeCloud::process`).
+    static PROCESS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// The polling process dies after `operation` took effect. It still gets
+/// this error back, but it is never polled again (`FakeCloud::process`), and
+/// any call it makes meanwhile never returns.
+fn die(state: &mut FakeState, operation: &'static str) -> CloudResult<()> {
+    let Some(id) = PROCESS.with(|p| p.get()) else {
+        panic!("a crash after {operation} outside FakeCloud::process: run the entry point inside it");
+    };
+    state.dead_processes.insert(id);
+    Err(CloudError::api("fake", operation, "ProcessDied", "the simulated process died after this call"))
 }
 
 impl FakeCloud {

@@ -221,7 +221,8 @@ async fn a_send_whose_reply_was_lost_is_adopted_though_its_agent_dropped_off() {
     let deliver = |message: WakeMessage| {
         let (cloud, ports) = (&cloud, &ports);
         async move {
-            if reconcile::reconcile(ports, &message, Duration::seconds(BUDGET)).await.is_err() {
+            let outcome = cloud.process(reconcile::reconcile(ports, &message, Duration::seconds(BUDGET))).await;
+            if outcome.is_none_or(|outcome| outcome.is_err()) {
                 cloud.redeliver_later(message, 150);
             }
         }

@@ -29,16 +29,17 @@ const BUDGET_SECONDS: i64 = 50;
 
 /// One delivery of a message; with `copies` 2, two deliveries interleaved
 /// at every await point the simulated cloud yields at.
-async fn deliver(ports: &Ports, message: &WakeMessage, copies: usize) -> usize {
+/// A pass whose process died (`FakeCloud::process`) counts as failed.
+async fn deliver(cloud: &FakeCloud, ports: &Ports, message: &WakeMessage, copies: usize) -> usize {
     let budget = Duration::seconds(BUDGET_SECONDS);
+    let pass = || cloud.process(reconcile::reconcile(ports, message, budget));
     let results = if copies == 2 {
-        let (a, b) =
-            tokio::join!(reconcile::reconcile(ports, message, budget), reconcile::reconcile(ports, message, budget));
+        let (a, b) = tokio::join!(pass(), pass());
         vec![a, b]
     } else {
-        vec![reconcile::reconcile(ports, message, budget).await]
+        vec![pass().await]
     };
-    results.iter().filter(|r| r.is_err()).count()
+    results.iter().filter(|r| r.as_ref().is_none_or(|r| r.is_err())).count()
 }
 
 /// Deliver messages in time order until `stop` holds or none is left; a
@@ -48,7 +49,7 @@ async fn drive(cloud: &FakeCloud, ports: &Ports, copies: usize, stop: impl Fn(&J
     while let Some(message) = cloud.next_message() {
         handled += 1;
         assert!(handled < 20_000, "runaway message loop");
-        if deliver(ports, &message, copies).await > 0 {
+        if deliver(cloud, ports, &message, copies).await > 0 {
             cloud.redeliver_later(message, 150);
         }
         if cloud.record(job_id).is_some_and(|r| stop(&r)) {
@@ -117,6 +118,30 @@ async fn interleaved_duplicate_deliveries_launch_once_and_send_each_phase_once()
 
 /// A crash after each kind of call, one at a time: the next pass finishes
 /// what the crashed one started, without repeating it.
+/// A crash kills the process at the call that drew it (`FakeCloud::process`):
+/// the call's effect stays, and nothing after it runs, not even code that
+/// would carry on after an error and call again.
+#[tokio::test]
+async fn a_crashed_process_makes_no_further_call() {
+    use flotilla_shared::ports::Fleet;
+    let cloud = cloud();
+    cloud.lock().crash_after.push("TerminateInstances");
+    let ids = vec!["i-00000000000000001".to_string()];
+    let outcome = cloud
+        .process(async {
+            let first = cloud.terminate(&ids).await;
+            let _ = cloud.terminate(&ids).await; // never returns
+            first
+        })
+        .await;
+    assert!(outcome.is_none(), "the process died");
+    assert_eq!(cloud.lock().calls.get("TerminateInstances"), Some(&1), "the second call was never made");
+    // Without a crash the same process ends, and its calls are counted.
+    let outcome = cloud.process(async { cloud.terminate(&ids).await }).await;
+    assert!(outcome.is_some());
+    assert_eq!(cloud.lock().calls.get("TerminateInstances"), Some(&2));
+}
+
 #[tokio::test]
 async fn a_crash_after_any_call_is_finished_without_repeating_it() {
     for operation in [
@@ -696,7 +721,7 @@ async fn the_safety_tick_carries_a_job_whose_messages_died() {
         while let Some(message) = cloud.next_message() {
             // Only the tick's wakes are delivered; polls are dropped too.
             if message.trigger == Some(Trigger::Tick) {
-                let _ = deliver(&ports, &message, 1).await;
+                let _ = deliver(&cloud, &ports, &message, 1).await;
             }
         }
         let now = cloud.now();

@@ -158,9 +158,8 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
         again = false;
         let now = ports.clock.now();
         if let Err(err) = resolve_image(cloud, &mut record).await {
-            if err.is_transient() || matches!(err, CloudError::Crashed(_)) {
+            if err.is_transient() {
                 record.stalled = Some(format!("resolving the image: {err}"));
-                crash_or(err)?;
                 next = Next::After(TRANSIENT_BACKOFF_SECONDS);
                 break;
             }
@@ -177,7 +176,6 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             }
             Err(err) if err.is_retryable() => {
                 record.stalled = Some(format!("observing: {err}"));
-                crash_or(err)?;
                 next = Next::After(TRANSIENT_BACKOFF_SECONDS);
                 break;
             }
@@ -203,7 +201,6 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             None => None,
             Some(()) => match crate::admission::take(ports.ledger.as_ref(), wanted, now).await {
                 Ok(grant) => Some(grant),
-                Err(CloudError::Crashed(at)) => return Err(StepError::Cloud(CloudError::Crashed(at))),
                 Err(err) => {
                     record.stalled = Some(format!("taking from the launch budget ({}): {err}", crate::admission::KEY));
                     Some(crate::admission::Grant { instances: 0, retry_after_seconds: TRANSIENT_BACKOFF_SECONDS })
@@ -248,9 +245,6 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
             }
             let result = act::execute(ports, cloud, &record, action, lease_end).await;
             if let Err(err) = &result {
-                if matches!(err, CloudError::Crashed(_)) {
-                    return Err(StepError::Cloud(CloudError::Crashed("action")));
-                }
                 if err.is_transient() {
                     transient = true;
                     record.stalled = Some(format!("{}: {err}", action.name()));
@@ -303,21 +297,12 @@ async fn calls_granted(
     }
     match crate::admission::take_calls(ports.ledger.as_ref(), wanted, now).await {
         Ok(grant) => Ok(grant),
-        Err(CloudError::Crashed(at)) => Err(StepError::Cloud(CloudError::Crashed(at))),
         // Open, not shut: an unreadable budget must never hold a teardown
         // back; EC2's throttling and the SDK's adaptive retry remain.
         Err(err) => {
             warn!(job_id = %record.job_id, error = %err, "budget of calls unavailable; calling without it");
             Ok(crate::admission::Grant { instances: wanted, retry_after_seconds: 0 })
         }
-    }
-}
-
-/// A crash is not an error to handle: the process is gone.
-fn crash_or(err: CloudError) -> Result<(), StepError> {
-    match err {
-        CloudError::Crashed(at) => Err(StepError::Cloud(CloudError::Crashed(at))),
-        _ => Ok(()),
     }
 }
 

@@ -9,7 +9,6 @@ use chrono::{DateTime, Duration, Utc};
 
 use tracing::warn;
 
-use crate::error::CloudError;
 use crate::ports::{tags, Cloud, CloudResult, Settings};
 use crate::reconcile::{decide, Observation};
 use crate::record::{JobRecord, Stage};
@@ -83,7 +82,6 @@ pub async fn observe(
                 }
                 observation.health_checked = true;
             }
-            Err(err @ CloudError::Crashed(_)) => return Err(err),
             Err(err) => warn!(job_id = %record.job_id, error = %err, "status checks unavailable"),
         }
     }

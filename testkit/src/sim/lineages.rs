@@ -330,7 +330,7 @@ pub async fn run(world: &World) -> WorldResult {
         if next == next_tick && due.is_none_or(|d| d > next_tick) {
             cloud.advance_to(next_tick);
             next_tick += Duration::seconds(TICK_SECONDS);
-            let _ = flotilla_shared::handlers::wake_active(&ports).await;
+            let _ = cloud.process(flotilla_shared::handlers::wake_active(&ports)).await;
             reap(&ports, &cloud, &mut result).await;
             // Orphans appear for jobs that ended since.
             for (i, job) in world.jobs.iter().enumerate() {
@@ -418,7 +418,8 @@ fn lineage_name(world: &World, lineage: usize) -> String {
 /// Intake, retried as SQS would until it lands.
 async fn submit(cloud: &FakeCloud, ports: &Ports, body: &str, delivery: &str) {
     for _ in 0..20 {
-        if intake::submit(ports, body, delivery, Some("AIDASIMULATED")).await.is_ok() {
+        if cloud.process(intake::submit(ports, body, delivery, Some("AIDASIMULATED"))).await.is_some_and(|r| r.is_ok())
+        {
             return;
         }
         let now = cloud.now();
@@ -430,7 +431,7 @@ async fn submit(cloud: &FakeCloud, ports: &Ports, body: &str, delivery: &str) {
 /// is read from its report.
 async fn reap(ports: &Ports, cloud: &FakeCloud, result: &mut WorldResult) {
     let settings = flotilla_shared::reaper::ReaperSettings::from(&ports.settings);
-    let Ok(summary) = flotilla_shared::reaper::run(ports, &settings, false).await else { return };
+    let Some(Ok(summary)) = cloud.process(flotilla_shared::reaper::run(ports, &settings, false)).await else { return };
     let Some(key) = summary["report"].as_str() else { return };
     let body = cloud.lock().objects.get(key).map(|(body, _)| body.clone());
     let report: Value = body.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);

@@ -290,7 +290,7 @@ pub async fn run(scenario: &Scenario) -> SimResult {
     // Intake, retried as SQS would until it lands.
     let body = scenario.spec.to_string();
     for _ in 0..20 {
-        if intake::submit(&ports, &body, "m-1", Some("AIDASIMULATED")).await.is_ok() {
+        if cloud.process(intake::submit(&ports, &body, "m-1", Some("AIDASIMULATED"))).await.is_some_and(|r| r.is_ok()) {
             break;
         }
         let now = cloud.now();
@@ -347,14 +347,16 @@ pub async fn run(scenario: &Scenario) -> SimResult {
         if next == next_tick && due.is_none_or(|d| d > next_tick) {
             cloud.advance_to(next_tick);
             next_tick += Duration::seconds(TICK_SECONDS);
-            let _ = flotilla_shared::handlers::wake_active(&ports).await;
+            let _ = cloud.process(flotilla_shared::handlers::wake_active(&ports)).await;
             // The reaper's plan beside the running job: while the job makes
             // progress it must condemn nothing, expired or not (it only plans
             // here, so a leak is still the job's own and still counted).
             // (The record, not the active marker: a pass that died between
             // its terminal save and clearing the marker leaves the marker.)
             let active = cloud.record(&job_id).is_some_and(|r| !r.state.is_terminal());
-            if let (true, Ok(inventory)) = (active, flotilla_shared::reaper::take_inventory(&ports).await) {
+            // (Taken after the job ended too: the figures count those calls.)
+            let inventory = cloud.process(flotilla_shared::reaper::take_inventory(&ports)).await;
+            if let (true, Some(Ok(inventory))) = (active, inventory) {
                 let settings = flotilla_shared::reaper::ReaperSettings::from(&ports.settings);
                 for action in flotilla_shared::reaper::plan(&inventory, cloud.now(), &settings) {
                     reaper_violations.push(format!("{action:?}"));
@@ -409,14 +411,14 @@ pub(crate) async fn deliver(
         let at = cloud.now() + budget + Duration::seconds(flotilla_shared::fence::LEASE_MARGIN_SECONDS + 1);
         let first_done = std::cell::Cell::new(false);
         let first = async {
-            let outcome = reconcile::reconcile(ports, &message, budget).await;
+            let outcome = cloud.process(reconcile::reconcile(ports, &message, budget)).await;
             first_done.set(true);
             outcome
         };
         let later = reconcile::WakeMessage::new(&message.job_id, Trigger::Event);
         let second = async {
             cloud.sleep_until(at, &first_done).await;
-            reconcile::reconcile(ports, &later, budget).await
+            cloud.process(reconcile::reconcile(ports, &later, budget)).await
         };
         let (a, b) = tokio::join!(first, second);
         vec![a, b]
@@ -429,14 +431,17 @@ pub(crate) async fn deliver(
             2 => reconcile::WakeMessage::new(&message.job_id, Trigger::Tick),
             _ => reconcile::WakeMessage::new(&message.job_id, Trigger::Poll),
         };
-        let (a, b) =
-            tokio::join!(reconcile::reconcile(ports, &message, budget), reconcile::reconcile(ports, &other, budget));
+        let (a, b) = tokio::join!(
+            cloud.process(reconcile::reconcile(ports, &message, budget)),
+            cloud.process(reconcile::reconcile(ports, &other, budget))
+        );
         vec![a, b]
     } else {
-        vec![reconcile::reconcile(ports, &message, budget).await]
+        vec![cloud.process(reconcile::reconcile(ports, &message, budget)).await]
     };
     for outcome in outcomes {
-        if outcome.is_err_and(|err| err.is_retryable()) {
+        // A process that died, or a retryable failure: SQS delivers it again.
+        if outcome.is_none_or(|outcome| outcome.is_err_and(|err| err.is_retryable())) {
             let count = receives.entry(format!("{message:?}")).or_default();
             *count += 1;
             if *count < MAX_RECEIVES {
@@ -476,8 +481,10 @@ async fn inject(cloud: &FakeCloud, ports: &Ports, job_id: &str, fault: Fault, rn
         (Fault::Cancel(receives), _) => {
             // The jobs queue redelivers a cancel that failed after its
             // visibility timeout, until it dead-letters after 5 receives.
-            let submitted = intake::submit(ports, &json!({"cancel": job_id}).to_string(), "m-cancel", None).await;
-            if submitted.is_err_and(|err| err.is_retryable()) && receives < MAX_RECEIVES {
+            let body = json!({"cancel": job_id}).to_string();
+            let submitted = cloud.process(intake::submit(ports, &body, "m-cancel", None)).await;
+            let failed = submitted.is_none_or(|submitted| submitted.is_err_and(|err| err.is_retryable()));
+            if failed && receives < MAX_RECEIVES {
                 let at = (cloud.now() - start_time()).num_seconds() + JOBS_VISIBILITY_SECONDS;
                 return Some((at, Fault::Cancel(receives + 1)));
             }
@@ -491,16 +498,17 @@ async fn inject(cloud: &FakeCloud, ports: &Ports, job_id: &str, fault: Fault, rn
         (Fault::SpotWarning, Some(id)) => {
             // The handler's path for the EventBridge warning: record it on the job.
             let noted = id.clone();
-            let _ = reconcile::update_inbox(
-                ports,
-                job_id,
-                move |record| {
-                    record.interruptions.push(noted.clone());
-                    true
-                },
-                Trigger::Event,
-            )
-            .await;
+            let _ = cloud
+                .process(reconcile::update_inbox(
+                    ports,
+                    job_id,
+                    move |record| {
+                        record.interruptions.push(noted.clone());
+                        true
+                    },
+                    Trigger::Event,
+                ))
+                .await;
             let at = (cloud.now() - start_time()).num_seconds() + 120;
             return Some((at, Fault::Reclaim(id)));
         }
