@@ -379,15 +379,27 @@ def deliver(route, url, arn, messages, sqs):
     took = time.time() - started
     if status != 200 or not isinstance(response, dict):
         # A function error fails the whole batch, as Lambda does: every
-        # record becomes visible again after the visibility timeout.
+        # record becomes visible again, here after the local visibility.
         log_timed(f"{route['function']}: invoke failed ({status}) after {took:.2f} s: {str(response)[:300]}")
+        retry_soon(sqs, url, messages)
         return
     failed = {f["itemIdentifier"] for f in response.get("batchItemFailures", [])}
     done = [m for m in messages if m["MessageId"] not in failed]
     for start_at in range(0, len(done), 10):
         entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done[start_at:start_at + 10])]
-        sqs.delete_message_batch(QueueUrl=url, Entries=entries)
+        for failure in sqs.delete_message_batch(QueueUrl=url, Entries=entries).get("Failed", []):
+            log_timed(f"{route['function']}: a handled record was not deleted: {failure}")
+    retry_soon(sqs, url, [m for m in messages if m["MessageId"] in failed])
     log_timed(f"{route['function']}: {len(messages)} record(s) in {took:.2f} s, {len(failed)} returned for retry")
+
+
+def retry_soon(sqs, url, messages):
+    """Failed records come back after LOCAL_VISIBILITY seconds, not the
+    template's visibility timeout they were received with."""
+    for start_at in range(0, len(messages), 10):
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": LOCAL_VISIBILITY}
+                   for i, m in enumerate(messages[start_at:start_at + 10])]
+        sqs.change_message_visibility_batch(QueueUrl=url, Entries=entries)
 
 
 def pump():
@@ -411,7 +423,12 @@ def pump():
             if len(running) >= PUMP_CONCURRENCY:
                 continue
             url = urls[route["queue"]]
-            messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(route["batch"], 10), AttributeNames=["All"], WaitTimeSeconds=0).get("Messages", [])
+            # Hidden for the template's visibility timeout (above the
+            # function's timeout), as Lambda's poller receives them: a batch
+            # still running is never received again by another.
+            visibility = queues[route["queue"]]["visibility"]
+            messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(route["batch"], 10), AttributeNames=["All"],
+                                           WaitTimeSeconds=0, VisibilityTimeout=visibility).get("Messages", [])
             if not messages:
                 continue
             busy = True

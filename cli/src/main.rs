@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use flotilla_shared::aws::s3::S3Ledger;
-use flotilla_shared::ports::Ledger;
+use flotilla_shared::ports::{Listing, Objects, Records};
 use flotilla_shared::reconcile::decide::output_name;
 use flotilla_shared::record::{JobRecord, JobState};
 use flotilla_shared::{aws, plan, report, spec};

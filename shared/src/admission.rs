@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CloudError;
-use crate::ports::{CloudResult, Ledger, WriteOutcome};
+use crate::ports::{CloudResult, SharedState, WriteOutcome};
 
 pub const KEY: &str = "admission/launch.json";
 /// EC2's RunInstances buckets ("Request throttling for the Amazon EC2 API").
@@ -63,7 +63,7 @@ pub struct Grant {
 /// anything, the state to write back, which only a conditional write
 /// (If-Match, or If-None-Match for the first) stores; a lost race reads again.
 async fn update<S: Serialize + DeserializeOwned>(
-    ledger: &dyn Ledger,
+    ledger: &dyn SharedState,
     key: &str,
     step: impl Fn(Option<S>) -> (Grant, Option<S>),
 ) -> CloudResult<Grant> {
@@ -85,7 +85,7 @@ async fn update<S: Serialize + DeserializeOwned>(
 }
 
 /// Take up to `wanted` instances (and one request) from the shared budget.
-pub async fn take(ledger: &dyn Ledger, wanted: u32, now: DateTime<Utc>) -> CloudResult<Grant> {
+pub async fn take(ledger: &dyn SharedState, wanted: u32, now: DateTime<Utc>) -> CloudResult<Grant> {
     update(ledger, KEY, |state: Option<Budget>| {
         let budget = state.map_or_else(|| Budget::full(now), |b| b.refilled(now));
         let least = f64::from(wanted.min(MIN_GRANT));
@@ -118,7 +118,7 @@ struct Calls {
 
 /// Take up to `wanted` mutating calls from the shared budget: the grant's
 /// `instances` is the number of calls this pass may make.
-pub async fn take_calls(ledger: &dyn Ledger, wanted: u32, now: DateTime<Utc>) -> CloudResult<Grant> {
+pub async fn take_calls(ledger: &dyn SharedState, wanted: u32, now: DateTime<Utc>) -> CloudResult<Grant> {
     update(ledger, CALLS_KEY, |state: Option<Calls>| {
         let tokens = state.map_or(CALLS_BURST, |calls| {
             let seconds = (now - calls.at).num_milliseconds().max(0) as f64 / 1000.0;

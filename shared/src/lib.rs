@@ -2,6 +2,9 @@
 //! function and the loop around it), ports and AWS adapters. Test support
 //! (the simulated cloud, the simulator) is in `testkit/`.
 
+// aws_lambda_events' types are #[non_exhaustive]: built from Default, then set.
+#![allow(clippy::field_reassign_with_default)]
+
 pub mod admission;
 #[cfg(feature = "aws")]
 pub mod aws;

@@ -271,14 +271,20 @@ pub enum WriteOutcome {
     Conflict,
 }
 
-/// Job records with compare-and-swap, and artifacts beside them.
+/// Job records, changed only by compare-and-swap.
 #[async_trait]
-pub trait Ledger: Send + Sync {
+pub trait Records: Send + Sync {
     async fn load(&self, job_id: &str) -> CloudResult<Option<Versioned>>;
     /// Create only if absent (If-None-Match: *).
     async fn create(&self, record: &JobRecord) -> CloudResult<WriteOutcome>;
     /// Replace only if unchanged since `version` (If-Match).
     async fn replace(&self, record: &JobRecord, version: &str) -> CloudResult<WriteOutcome>;
+}
+
+/// Other objects of the deployment's bucket: a job's artifacts (report,
+/// outputs, manifests), the reaper's reports, markers and stored specs.
+#[async_trait]
+pub trait Objects: Send + Sync {
     async fn put_artifact(&self, job_id: &str, name: &str, body: &[u8], content_type: &str) -> CloudResult<()>;
     /// Any object in the bucket, e.g. the reaper's `reaper/<time>.json`.
     async fn put(&self, key: &str, body: &[u8], content_type: &str) -> CloudResult<()>;
@@ -286,18 +292,39 @@ pub trait Ledger: Send + Sync {
     async fn get(&self, key: &str) -> CloudResult<Option<Vec<u8>>>;
     /// Remove an object; an absent one is fine.
     async fn delete(&self, key: &str) -> CloudResult<()>;
-    /// `active/<job_id>` markers: the jobs the safety tick wakes.
+    fn bucket(&self) -> &str;
+}
+
+/// `active/<job_id>` markers: the jobs the safety tick wakes.
+#[async_trait]
+pub trait ActiveJobs: Send + Sync {
     async fn set_active(&self, job_id: &str, active: bool) -> CloudResult<()>;
     async fn list_active(&self) -> CloudResult<Vec<String>>;
-    /// Any object and its version, for small shared state (the launch budget).
+}
+
+/// Small state every job of a deployment shares (the launch and call
+/// budgets), changed by compare-and-swap.
+#[async_trait]
+pub trait SharedState: Send + Sync {
+    /// Any object and its version.
     async fn get_versioned(&self, key: &str) -> CloudResult<Option<(Vec<u8>, String)>>;
     /// Write only if the object is still at `version` (None: only if absent).
     async fn put_if(&self, key: &str, body: &[u8], version: Option<&str>) -> CloudResult<WriteOutcome>;
-    /// Keys under `prefix` in any bucket, in S3's order; None if there are
+}
+
+/// Listing keys in any bucket the deployment may read.
+#[async_trait]
+pub trait Listing: Send + Sync {
+    /// Keys under `prefix` in `bucket`, in S3's order; None if there are
     /// more than `most`. Intake lists a job's work items with it.
     async fn list_keys(&self, bucket: &str, prefix: &str, most: usize) -> CloudResult<Option<Vec<String>>>;
-    fn bucket(&self) -> &str;
 }
+
+/// Everything the bucket holds, as one adapter provides it; each consumer
+/// asks only for the capability it uses (`&dyn Records`, `&dyn SharedState`, ...).
+pub trait Ledger: Records + Objects + ActiveJobs + SharedState + Listing {}
+
+impl<T: Records + Objects + ActiveJobs + SharedState + Listing> Ledger for T {}
 
 #[async_trait]
 pub trait WakeQueue: Send + Sync {

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::error::CloudError;
-use crate::ports::{Cloud, Ledger, Ports};
+use crate::ports::{Cloud, Ledger, Objects, Ports};
 
 pub const PREFIX: &str = "sources/";
 /// Deletion marks sort after every job id (`a-z 0-9 -`); each deleter writes
@@ -70,7 +70,7 @@ fn mark_time(key: &str) -> Option<i64> {
     key.rsplit_once(MARK)?.1.split('-').next()?.parse().ok()
 }
 
-pub async fn release(ledger: &dyn Ledger, snapshot_id: &str, job_id: &str) -> Result<(), CloudError> {
+pub async fn release(ledger: &dyn Objects, snapshot_id: &str, job_id: &str) -> Result<(), CloudError> {
     ledger.delete(&claim_key(snapshot_id, job_id)).await
 }
 

@@ -106,3 +106,33 @@ impl std::fmt::Display for Trigger {
         f.write_str(self.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every name an earlier version wrote parses to its own variant (a
+    /// known name read as `Other` would pass a round trip, yet the lease's
+    /// gate would treat a tick or a lease-end as a trigger that asks).
+    #[test]
+    fn each_name_written_parses_to_its_own_variant() {
+        let named = [
+            ("submit", Trigger::Submit),
+            ("cancel", Trigger::Cancel),
+            ("poll", Trigger::Poll),
+            ("tick", Trigger::Tick),
+            ("event", Trigger::Event),
+            ("lease-end", Trigger::LeaseEnd),
+            ("dead-letter", Trigger::DeadLetter),
+            ("busy", Trigger::Busy),
+        ];
+        for (name, variant) in named {
+            let wake: WakeMessage =
+                serde_json::from_str(&format!(r#"{{"job_id": "j", "trigger": "{name}"}}"#)).expect("parses");
+            assert_eq!(wake.trigger, Some(variant.clone()), "{name}");
+            assert_eq!(serde_json::to_value(&wake).expect("json")["trigger"], name);
+        }
+        let unknown: WakeMessage = serde_json::from_str(r#"{"job_id": "j", "trigger": "retired"}"#).expect("parses");
+        assert_eq!(unknown.trigger, Some(Trigger::Other("retired".into())));
+    }
+}

@@ -6,7 +6,7 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 
 use crate::error::StepError;
 use crate::plan::shard_range;
-use crate::ports::Ledger;
+use crate::ports::{Listing, Objects};
 use crate::spec::{split_s3_uri, JobSpec, WorkSpec, MAX_WORK_ITEMS};
 
 /// Manifests are written this many at a time: 1,000 shards in a few seconds.
@@ -14,7 +14,7 @@ const PARALLEL_WRITES: usize = 32;
 
 /// The items `work` names, in order: None when the job has no `work`. An
 /// `Err` is the reason to reject the job (a missing bucket, too many keys).
-pub async fn resolve(ledger: &dyn Ledger, spec: &JobSpec) -> Result<Result<Option<Vec<String>>, String>, StepError> {
+pub async fn resolve(ledger: &dyn Listing, spec: &JobSpec) -> Result<Result<Option<Vec<String>>, String>, StepError> {
     match &spec.work {
         None => Ok(Ok(None)),
         Some(WorkSpec::List(items)) => Ok(Ok(Some(items.clone()))),
@@ -70,7 +70,7 @@ pub fn manifest_key(folder: &str, index: u32) -> String {
 /// their folder as an `s3://` URI. Safe to repeat: the same items give the
 /// same folder and the same bodies.
 pub async fn write_manifests(
-    ledger: &dyn Ledger,
+    ledger: &dyn Objects,
     job_id: &str,
     items: &[String],
     shards: u32,

@@ -1953,7 +1953,7 @@ fn deliver_runs(state: &mut FakeState) {
 }
 
 #[async_trait]
-impl Ledger for FakeCloud {
+impl Records for FakeCloud {
     async fn load(&self, job_id: &str) -> CloudResult<Option<Versioned>> {
         self.call("GetObject", false).await?;
         let state = self.lock();
@@ -1996,7 +1996,10 @@ impl Ledger for FakeCloud {
         self.after(&mut state, "PutObject")?;
         Ok(WriteOutcome::Written { version: next.to_string() })
     }
+}
 
+#[async_trait]
+impl Objects for FakeCloud {
     async fn put_artifact(&self, job_id: &str, name: &str, body: &[u8], _content_type: &str) -> CloudResult<()> {
         self.call("PutObject", true).await?;
         self.lock().objects.insert(format!("jobs/{job_id}/{name}"), (body.to_vec(), 1));
@@ -2020,6 +2023,13 @@ impl Ledger for FakeCloud {
         Ok(())
     }
 
+    fn bucket(&self) -> &str {
+        &self.bucket
+    }
+}
+
+#[async_trait]
+impl ActiveJobs for FakeCloud {
     async fn set_active(&self, job_id: &str, active: bool) -> CloudResult<()> {
         self.call("PutObject", true).await?;
         let mut state = self.lock();
@@ -2036,7 +2046,10 @@ impl Ledger for FakeCloud {
         let state = self.lock();
         Ok(state.objects.keys().filter_map(|k| k.strip_prefix("active/")).map(str::to_string).collect())
     }
+}
 
+#[async_trait]
+impl SharedState for FakeCloud {
     async fn get_versioned(&self, key: &str) -> CloudResult<Option<(Vec<u8>, String)>> {
         self.call("GetObject", false).await?;
         Ok(self.lock().objects.get(key).map(|(body, version)| (body.clone(), version.to_string())))
@@ -2053,7 +2066,10 @@ impl Ledger for FakeCloud {
         state.objects.insert(key.to_string(), (body.to_vec(), next));
         Ok(WriteOutcome::Written { version: next.to_string() })
     }
+}
 
+#[async_trait]
+impl Listing for FakeCloud {
     async fn list_keys(&self, bucket: &str, prefix: &str, most: usize) -> CloudResult<Option<Vec<String>>> {
         self.call("ListObjectsV2", false).await?;
         let state = self.lock();
@@ -2071,10 +2087,6 @@ impl Ledger for FakeCloud {
             keys.iter().filter(|k| k.starts_with(prefix)).cloned().collect()
         };
         Ok((keys.len() <= most).then_some(keys))
-    }
-
-    fn bucket(&self) -> &str {
-        &self.bucket
     }
 }
 

@@ -127,3 +127,25 @@ fn the_circle_check_sees_a_circle() {
         ["a", "c", "d", "g"].map(String::from).into()
     );
 }
+
+/// Every source file of the product and of the test kit has its line in
+/// the architecture page's file map, so the map cannot silently fall behind.
+#[test]
+fn every_source_file_is_in_the_file_map() {
+    let root = workspace_root();
+    let map = std::fs::read_to_string(root.join("docs/architecture.md")).expect("docs/architecture.md");
+    let mut missing = Vec::new();
+    for crate_src in ["shared/src", "testkit/src"] {
+        let src = root.join(crate_src);
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        for file in files {
+            let relative = file.strip_prefix(&src).expect("inside").to_string_lossy().into_owned();
+            let name = file.file_name().expect("name").to_string_lossy().into_owned();
+            if !map.contains(&format!("`{relative}`")) && !map.contains(&format!("`{name}`")) {
+                missing.push(format!("{crate_src}/{relative}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "not in docs/architecture.md's file map: {missing:?}");
+}

@@ -4,7 +4,7 @@
 
 use chrono::Duration;
 use flotilla_shared::admission::{take, take_calls};
-use flotilla_shared::ports::Ledger;
+use flotilla_shared::ports::Objects;
 use flotilla_shared::work::{digest, manifest_key, write_manifests};
 use flotilla_testkit::fake::FakeCloud;
 use flotilla_testkit::sim;

@@ -27,11 +27,12 @@ impl Fingerprint {
     pub fn open(name: &str) -> Fingerprint {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fingerprint").join(format!("{name}.txt"));
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let pinned = text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .filter_map(|l| l.split_once(": ").map(|(k, v)| (k.to_string(), v.to_string())))
-            .collect();
+        let mut pinned = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+            let (key, figures) =
+                line.split_once(": ").unwrap_or_else(|| panic!("{}: not `key: figures`: {line}", path.display()));
+            assert!(pinned.insert(key.to_string(), figures.to_string()).is_none(), "{}: {key} twice", path.display());
+        }
         let write = std::env::var("FLOTILLA_FINGERPRINT").is_ok_and(|v| v == "write");
         Fingerprint { path, pinned, seen: Mutex::default(), write }
     }
@@ -47,6 +48,17 @@ impl Fingerprint {
             Some(pinned) => Some(format!("{key}:\n  pinned {pinned}\n  now    {figures}")),
             None => Some(format!("{key}: not pinned (now {figures}); run `make fingerprint`")),
         }
+    }
+
+    /// Pinned keys of `kind` up to `last` that this run never compared: a
+    /// seed that stopped running must not pass silently.
+    pub fn unseen(&self, kind: &str, last: u64) -> Vec<String> {
+        let seen = self.seen.lock().expect("fingerprint");
+        self.pinned
+            .keys()
+            .filter(|k| sort_key(k).0 == kind && sort_key(k).1 <= last && !seen.contains_key(*k))
+            .map(|k| format!("{k}: pinned, never run"))
+            .collect()
     }
 
     /// In write mode, the file with every line seen replaced and the rest kept.

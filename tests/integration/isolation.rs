@@ -336,14 +336,15 @@ async fn secrets_travel_by_reference_only() {
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     let stored = serde_json::to_string(&record).expect("json");
     assert!(stored.contains(r#""DB_PASSWORD":{"from_ssm":"/flotilla/prod/db-password"}"#), "{stored}");
-    let state = cloud.lock();
-    let run = state.commands.iter().find(|c| c.request.comment.contains(" run ")).expect("the run command");
-    let script = run.request.lines.join("\n");
+    let script = {
+        let state = cloud.lock();
+        let run = state.commands.iter().find(|c| c.request.comment.contains(" run ")).expect("the run command");
+        run.request.lines.join("\n")
+    };
     assert!(script.contains("DB_PASSWORD=$(aws ssm get-parameter"), "{script}");
     assert!(script
         .contains("--secret-id arn:aws:secretsmanager:us-east-1:123456789012:secret:flotilla/prod/api-key-AbCdEf"));
     assert!(script.contains("export PLAIN=visible"));
-    drop(state);
 
     // Outside the stack's namespace the worker role could never read it.
     let mut outside = job("outside-secret");

@@ -61,7 +61,8 @@ async fn drive(cloud: &FakeCloud, ports: &Ports, copies: usize, stop: impl Fn(&J
 async fn run_job(cloud: &FakeCloud, spec: serde_json::Value, copies: usize) -> JobRecord {
     let ports = ports(cloud);
     let id = spec["id"].as_str().expect("id").to_string();
-    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+    let submitted = cloud.process(intake::submit(&ports, &spec.to_string(), "m-1", None)).await;
+    submitted.expect("intake's process lived").expect("intake");
     drive(cloud, &ports, copies, |r| r.state.is_terminal(), &id).await;
     cloud.record(&id).expect("record")
 }
@@ -823,6 +824,9 @@ async fn seeded_simulation_holds_every_invariant() {
             result.record_bytes
         );
     }
+    drift.extend(fingerprint.unseen("job", jobs));
+    drift.extend(fingerprint.unseen("big", (1_000_000 + big).saturating_sub(1)));
+    drift.extend(fingerprint.unseen("clean", u64::from(*sizes.last().expect("sizes"))));
     fingerprint.finish();
     assert!(
         campaign.failed_seeds.is_empty(),

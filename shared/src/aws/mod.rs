@@ -87,9 +87,12 @@ fn amazon_roots_client() -> Option<aws_sdk_ec2::config::SharedHttpClient> {
 /// Jobs with a `role_arn` act in the target account through STS AssumeRole.
 /// Clients are cached per role and external id: a warm Lambda reuses them,
 /// and their identity cache refreshes the temporary credentials.
+/// A role ARN and its external id.
+type RoleKey = (String, Option<String>);
+
 pub struct StsAccounts {
     base: SdkConfig,
-    cache: Mutex<HashMap<(String, Option<String>), Arc<Cloud>>>,
+    cache: Mutex<HashMap<RoleKey, Arc<Cloud>>>,
 }
 
 impl StsAccounts {

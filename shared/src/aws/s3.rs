@@ -7,7 +7,7 @@ use aws_sdk_s3::types::ServerSideEncryption;
 
 use super::cloud_error;
 use crate::error::{CloudError, RetryClass};
-use crate::ports::{CloudResult, Ledger, Versioned, WriteOutcome};
+use crate::ports::{ActiveJobs, CloudResult, Listing, Objects, Records, SharedState, Versioned, WriteOutcome};
 use crate::record::{active_key, record_key, JobRecord};
 
 pub struct S3Ledger {
@@ -63,7 +63,7 @@ impl S3Ledger {
 }
 
 #[async_trait]
-impl Ledger for S3Ledger {
+impl Records for S3Ledger {
     async fn load(&self, job_id: &str) -> CloudResult<Option<Versioned>> {
         let Some((body, version)) = self.get_with_etag(&record_key(job_id)).await? else {
             return Ok(None);
@@ -80,7 +80,10 @@ impl Ledger for S3Ledger {
     async fn replace(&self, record: &JobRecord, version: &str) -> CloudResult<WriteOutcome> {
         self.put_record(record, Some(version)).await
     }
+}
 
+#[async_trait]
+impl Objects for S3Ledger {
     async fn put_artifact(&self, job_id: &str, name: &str, body: &[u8], content_type: &str) -> CloudResult<()> {
         self.put(&format!("jobs/{job_id}/{name}"), body, content_type).await
     }
@@ -114,6 +117,13 @@ impl Ledger for S3Ledger {
             .map_err(|e| cloud_error("s3", "DeleteObject", e))
     }
 
+    fn bucket(&self) -> &str {
+        &self.bucket
+    }
+}
+
+#[async_trait]
+impl ActiveJobs for S3Ledger {
     async fn set_active(&self, job_id: &str, active: bool) -> CloudResult<()> {
         if active {
             self.s3
@@ -151,7 +161,10 @@ impl Ledger for S3Ledger {
         }
         Ok(jobs)
     }
+}
 
+#[async_trait]
+impl SharedState for S3Ledger {
     async fn get_versioned(&self, key: &str) -> CloudResult<Option<(Vec<u8>, String)>> {
         self.get_with_etag(key).await
     }
@@ -159,7 +172,10 @@ impl Ledger for S3Ledger {
     async fn put_if(&self, key: &str, body: &[u8], version: Option<&str>) -> CloudResult<WriteOutcome> {
         self.put_conditional(key, body.to_vec(), version).await
     }
+}
 
+#[async_trait]
+impl Listing for S3Ledger {
     async fn list_keys(&self, bucket: &str, prefix: &str, most: usize) -> CloudResult<Option<Vec<String>>> {
         let mut pages = self.s3.list_objects_v2().bucket(bucket).prefix(prefix).into_paginator().send();
         let mut keys = Vec::new();
@@ -171,10 +187,6 @@ impl Ledger for S3Ledger {
             }
         }
         Ok(Some(keys))
-    }
-
-    fn bucket(&self) -> &str {
-        &self.bucket
     }
 }
 

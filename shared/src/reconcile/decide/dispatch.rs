@@ -90,7 +90,7 @@ pub(super) fn plan_dispatch(
             }
         }
         for chunk in shards.chunks(MAX_INSTANCES_PER_COMMAND) {
-            let batch = record.take_seq();
+            let batch = decision.take_seq();
             made_now.insert(batch);
             record.commands.insert(
                 batch,

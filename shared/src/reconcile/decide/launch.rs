@@ -114,7 +114,7 @@ pub(super) fn plan_launches(record: &mut JobRecord, spec: &JobSpec, ctx: &Contex
                 break;
             }
             calls += 1;
-            let seq = record.take_seq();
+            let seq = decision.take_seq();
             let token = client_token(&ctx.settings.stack, &record.job_id, 'l', seq);
             for index in chunk {
                 if let Some(a) = record.shards[*index].current_mut() {

@@ -105,8 +105,8 @@ pub struct Context<'a> {
 
 /// What a pass decides, gathered as it goes: the actions in the order they
 /// run, the instances to terminate (run before every other action), how
-/// soon to look again, the last ClientToken sequence number taken, and the
-/// notes for the shard being stepped.
+/// soon to look again, the job's ClientToken sequence (taken from the
+/// record, given back at the end), and the notes for the shard being stepped.
 pub(super) struct Decision {
     pub actions: Vec<Action>,
     pub terminate: Vec<String>,
@@ -116,8 +116,8 @@ pub(super) struct Decision {
 }
 
 impl Decision {
-    fn new(wait: u32) -> Self {
-        Decision { actions: Vec::new(), terminate: Vec::new(), notes: Vec::new(), wait, seq: 0 }
+    fn new(wait: u32, seq: u64) -> Self {
+        Decision { actions: Vec::new(), terminate: Vec::new(), notes: Vec::new(), wait, seq }
     }
 
     /// Something is due within `seconds`: the next pass comes no later.
@@ -149,7 +149,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     let working = record.shards.iter().filter_map(|s| s.current()).any(|a| a.stage == Stage::Working);
     let base = if spec.role_arn.is_some() { ctx.settings.poll_delay_seconds } else { ctx.settings.safety_poll() };
     let ceiling = if working { working_poll(&spec, ctx.settings, now - Duration::days(1), now) } else { 0 };
-    let mut decision = Decision::new(ctx.settings.poll_delay_seconds.max(base).max(ceiling));
+    let mut decision = Decision::new(ctx.settings.poll_delay_seconds.max(base).max(ceiling), record.next_seq);
 
     for instance_id in std::mem::take(&mut record.interruptions) {
         for shard in &mut record.shards {
@@ -208,11 +208,9 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         decision.look_within(u32::try_from((at - now).num_seconds().max(1)).unwrap_or(u32::MAX));
     }
     let commands = record.commands.clone();
-    decision.seq = record.next_seq;
     for shard in record.shards.iter_mut().filter(|s| s.result.is_none()) {
         step_shard(&job, shard, &commands, obs, ctx, &mut decision);
     }
-    record.next_seq = decision.seq;
     // A shard that failed for good stops the job (fail fast), with its reason.
     check_abort(record, now);
 
@@ -223,7 +221,9 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     if all_done {
         finish(record, &spec, obs, &mut decision);
     }
-    let Decision { mut actions, mut terminate, mut wait, .. } = decision;
+    debug_assert!(decision.notes.is_empty(), "notes belong to a shard: only step_shard writes them");
+    let Decision { mut actions, mut terminate, mut wait, seq, .. } = decision;
+    record.next_seq = seq;
     if !terminate.is_empty() {
         terminate.sort();
         terminate.dedup();
