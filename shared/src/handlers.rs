@@ -14,7 +14,7 @@ use aws_lambda_events::event::cloudwatch_events::CloudWatchEvent;
 
 use crate::error::StepError;
 use crate::intake;
-use crate::ports::Ports;
+use crate::ports::{CloudResult, Ports};
 use crate::reconcile;
 use crate::sqs_batch::for_each_record;
 use crate::wake::{Trigger, WakeMessage};
@@ -133,7 +133,9 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
         }
         ports.cloud.volumes.snapshot_jobs(stack, &snapshot_ids).await
     };
-    let lookups: [(fn(&Subject) -> bool, fn(String) -> Subject, _); 2] = [
+    type Covers = fn(&Subject) -> bool;
+    type Lookup = (Covers, fn(String) -> Subject, CloudResult<BTreeMap<String, String>>);
+    let lookups: [Lookup; 2] = [
         (|s| matches!(s, Subject::Instance(_)), Subject::Instance, instance_jobs.await),
         (|s| matches!(s, Subject::Snapshot(_)), Subject::Snapshot, snapshot_jobs.await),
     ];
@@ -148,7 +150,9 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
         }
     }
     // Per job: its messages, the instances events named, and those a spot warning named.
-    let mut by_job: BTreeMap<String, (Vec<String>, BTreeSet<String>, Vec<String>)> = BTreeMap::new();
+    // (message ids, instances named, instances a spot warning named)
+    type Named = (Vec<String>, BTreeSet<String>, Vec<String>);
+    let mut by_job: BTreeMap<String, Named> = BTreeMap::new();
     for (message_id, detail_type, subject) in &named {
         let Some(job_id) = jobs.get(subject) else {
             info!(?subject, %detail_type, "not a Flotilla resource of this stack; ignored");

@@ -974,7 +974,7 @@ impl Fleet for FakeCloud {
             let rng = state.rng.as_mut().expect("rng");
             let agent_lost_at = rng.chance(agent_dies).then(|| online_at + Duration::seconds(rng.range(30, 1800)));
             let blips = state.faults.agent_blips;
-            let agent_away = (blips > 0.0).then(|| ()).and_then(|()| {
+            let agent_away = (blips > 0.0).then_some(()).and_then(|()| {
                 let rng = state.rng.as_mut().expect("rng");
                 rng.chance(blips).then(|| {
                     let from = online_at + Duration::seconds(rng.range(10, 1200));

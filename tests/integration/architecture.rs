@@ -149,3 +149,17 @@ fn every_source_file_is_in_the_file_map() {
     }
     assert!(missing.is_empty(), "not in docs/architecture.md's file map: {missing:?}");
 }
+
+/// No product function silences clippy's argument count: a function that
+/// needs many arguments takes a struct that names them.
+#[test]
+fn no_product_function_silences_the_argument_count() {
+    let mut files = Vec::new();
+    rust_files(&workspace_root().join("shared/src"), &mut files);
+    let silenced: Vec<String> = files
+        .iter()
+        .filter(|f| std::fs::read_to_string(f).expect("source").contains("allow(clippy::too_many_arguments)"))
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(silenced.is_empty(), "{silenced:?}");
+}

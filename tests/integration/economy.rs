@@ -294,7 +294,7 @@ async fn a_pass_looks_once_unless_what_it_did_unlocks_the_next_step() {
     assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
     let looks = cloud.lock().calls.get("DescribeInstances").copied().unwrap_or(0);
     // Launching, the passes, and the two record-only rounds at the end.
-    assert!(looks <= u64::from(record.passes) + 2, "{looks} looks in {} passes", record.passes);
+    assert!(looks <= record.passes + 2, "{looks} looks in {} passes", record.passes);
 }
 
 /// A SendCommand refused after the look (an agent that dropped off in

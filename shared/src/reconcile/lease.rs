@@ -16,7 +16,7 @@ use crate::wake::{Trigger, WakeMessage};
 pub(super) enum Gate {
     /// A pass runs: the record under this pass's lease, its version, and the
     /// instances wakes named since the last pass.
-    Pass((JobRecord, String, Vec<String>)),
+    Pass(Box<(JobRecord, String, Vec<String>)>),
     /// No pass: the wake was folded into the record, or was not needed.
     Done(Handled),
 }
@@ -126,5 +126,5 @@ pub(super) async fn take(
             break;
         }
     }
-    taken.map(Gate::Pass).ok_or_else(|| StepError::Contended(message.job_id.clone()))
+    taken.map(|taken| Gate::Pass(Box::new(taken))).ok_or_else(|| StepError::Contended(message.job_id.clone()))
 }

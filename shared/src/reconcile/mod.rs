@@ -80,7 +80,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
 
     // 1. The lease, behind the gate that reads the trigger.
     let (mut record, mut version, hinted) = match lease::take(ports, message, &owner, started, lease_until).await? {
-        lease::Gate::Pass(taken) => taken,
+        lease::Gate::Pass(taken) => *taken,
         lease::Gate::Done(handled) => return Ok(handled),
     };
 

@@ -524,7 +524,7 @@ fn check_live(
         }
     }
     // 2. Every snapshot an active job names, or took (and may restore from).
-    for (i, _) in submitted {
+    for i in submitted.keys() {
         let spec = &world.jobs[*i].spec;
         let id = spec["id"].as_str().unwrap_or_default();
         if states.get(id).is_none_or(|s| s.is_terminal()) {

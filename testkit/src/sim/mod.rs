@@ -745,7 +745,8 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     }
     // No moment where one shard's work ran twice at once (on the simulated
     // instances: deliveries the step guard held or turned away ran nothing).
-    let mut intervals: BTreeMap<(u32, String), Vec<(DateTime<Utc>, DateTime<Utc>)>> = BTreeMap::new();
+    type Interval = (DateTime<Utc>, DateTime<Utc>);
+    let mut intervals: BTreeMap<(u32, String), Vec<Interval>> = BTreeMap::new();
     for command in &state.commands {
         let shards = crate::fake::shards_in(&command.request.lines);
         let phase = command.request.comment.split_whitespace().nth(2).unwrap_or_default().to_string();
@@ -783,7 +784,8 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     }
     // No user work (setup, run) running on an instance once its cleanup
     // (before_unmount, unmount) started there: on the simulated instances.
-    let mut work: BTreeMap<&String, Vec<(DateTime<Utc>, DateTime<Utc>, String)>> = BTreeMap::new();
+    type Run = (DateTime<Utc>, DateTime<Utc>, String);
+    let mut work: BTreeMap<&String, Vec<Run>> = BTreeMap::new();
     let mut cleanup: BTreeMap<&String, DateTime<Utc>> = BTreeMap::new();
     for command in &state.commands {
         let phase = command.request.comment.split_whitespace().nth(2).unwrap_or_default();

@@ -108,7 +108,8 @@ fn instances_of_a_lost_reply_are_adopted_by_their_launch_tag() {
 #[test]
 fn capacity_fails_over_in_order_and_then_fails_the_shard() {
     let mut r = record(serde_json::json!({}));
-    for expected in ["t3.small"] {
+    {
+        let expected = "t3.small";
         let actions = run(&mut r, &Observation::default(), now());
         let err = CloudError::api("ec2", "RunInstances", "InsufficientInstanceCapacity", "none");
         apply(&mut r, &actions[0], Err(err), now());

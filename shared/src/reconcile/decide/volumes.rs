@@ -28,7 +28,7 @@ pub(super) fn restore_snapshots(spec: &JobSpec, shard: &Shard) -> BTreeMap<Strin
 }
 
 /// Volumes this shard gets: a `volume_id` source goes to shard 0 only.
-pub(super) fn volume_specs<'a>(spec: &'a JobSpec, shard: u32) -> impl Iterator<Item = &'a crate::spec::VolumeSpec> {
+pub(super) fn volume_specs(spec: &JobSpec, shard: u32) -> impl Iterator<Item = &crate::spec::VolumeSpec> {
     spec.volumes.iter().filter(move |v| !matches!(v.source, VolumeSource::VolumeId(_)) || shard == 0)
 }
 
