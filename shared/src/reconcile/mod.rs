@@ -21,14 +21,16 @@
 //! loses the lease stops, and its side effects are found again by token,
 //! comment or tag.
 
+mod account;
 pub mod act;
 pub mod decide;
 mod lease;
 pub mod observe;
+mod rounds;
 
 use std::collections::BTreeSet;
 
-use chrono::{DateTime, Duration, SubsecRound, Utc};
+use chrono::{DateTime, Duration, Utc};
 use tracing::{info, warn};
 
 use crate::error::{CloudError, StepError};
@@ -84,200 +86,22 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
         lease::Gate::Done(handled) => return Ok(handled),
     };
 
-    // The job's cloud: its own account, or the role it names.
-    let assumed = match record.spec.as_ref().and_then(|s| s.role_arn.clone().map(|r| (r, s.external_id.clone()))) {
-        Some((role_arn, external_id)) => {
-            Some(ports.accounts.assume(&role_arn, external_id.as_deref(), &record.job_id).await)
-        }
-        None => None,
+    // 2. The job's cloud: its own account, or the role it names.
+    let assumed = match account::job_cloud(ports, &mut record).await? {
+        account::JobCloud::Stop(next) => return finish_pass(ports, &mut record, &mut version, &owner, next).await,
+        assumed => assumed,
     };
-    let cloud: &Cloud = match &assumed {
-        Some(Ok(cloud)) => cloud,
-        Some(Err(err))
-            if !err.is_transient()
-                && record
-                    .bill_bound(ports.settings.cleanup_grace_minutes)
-                    .is_some_and(|bound| ports.clock.now() > bound) =>
-        {
-            // Past the bound and the role is still refused: stop re-passing.
-            // The record names what may still run there (each instance's
-            // expires-at tag lets a reaper with a role there remove it).
-            // Everything that may still exist there: instances (or launches
-            // whose reply was lost) and volumes not yet deleted.
-            let mut stranded: Vec<String> = Vec::new();
-            for attempt in record.attempts().filter(|a| a.stage != crate::record::Stage::Done) {
-                match (&attempt.instance_id, &attempt.launch_token) {
-                    (Some(id), _) => stranded.push(id.clone()),
-                    (None, Some(token)) => stranded.push(format!("an instance launched with token {token}")),
-                    (None, None) => {}
-                }
-            }
-            let volumes = record.attempts().flat_map(|a| a.volumes.iter()).filter(|v| v.created && !v.deleted);
-            stranded.extend(
-                volumes.map(|v| v.volume_id.clone().unwrap_or_else(|| format!("a volume of token {}", v.token))),
-            );
-            let reason = format!(
-                "cannot act in the job's account past its bound ({err}); left there: {}",
-                if stranded.is_empty() { "nothing recorded".to_string() } else { stranded.join(", ") }
-            );
-            if !stranded.is_empty() {
-                // The reaper's report lists these until a person removes the key.
-                let body = serde_json::json!({ "job_id": record.job_id, "role_arn": record.spec.as_ref().and_then(|s| s.role_arn.clone()), "left": stranded, "reason": err.to_string() });
-                ports
-                    .ledger
-                    .put(&crate::reaper::stranded_key(&record.job_id), body.to_string().as_bytes(), "application/json")
-                    .await?;
-            }
-            record.stranded_instances = stranded;
-            record.outcome = Some(Outcome::Failed);
-            record.outcome_reason = Some(reason.clone());
-            give_up(&mut record, &reason, ports.clock.now());
-            return finish_pass(ports, &mut record, &mut version, &owner, Next::Finished).await;
-        }
-        Some(Err(err)) if err.is_transient() || record.attempts().any(|a| a.launch_token.is_some()) => {
-            // Resources may exist there: never go terminal without releasing
-            // them; wait for the role (the reason says why).
-            warn!(job_id = %record.job_id, error = %err, "cannot assume the job's role yet");
-            record.reason = format!("waiting to act in the job's account: {err}");
-            return finish_pass(ports, &mut record, &mut version, &owner, Next::After(TRANSIENT_BACKOFF_SECONDS * 4))
-                .await;
-        }
-        Some(Err(err)) => {
-            // Refused before anything was launched: nothing exists there.
-            let reason = format!("cannot act in the job's account: {err}");
-            give_up(&mut record, &reason, ports.clock.now());
-            return finish_pass(ports, &mut record, &mut version, &owner, Next::Finished).await;
-        }
-        None => &ports.cloud,
+    let cloud = match &assumed {
+        account::JobCloud::Assumed(cloud) => cloud,
+        _ => &ports.cloud,
     };
 
-    let mut next = Next::After(ports.settings.poll_delay_seconds);
-    let mut again = false;
-    let mut focus: BTreeSet<String> = message.instances.iter().chain(&hinted).cloned().collect();
-    for _ in 0..MAX_ROUNDS {
-        again = false;
-        let now = ports.clock.now();
-        if let Err(err) = resolve_image(cloud, &mut record).await {
-            if err.is_transient() {
-                record.stalled = Some(format!("resolving the image: {err}"));
-                next = Next::After(TRANSIENT_BACKOFF_SECONDS);
-                break;
-            }
-            record.outcome.get_or_insert(Outcome::Failed);
-            record.outcome_reason.get_or_insert(format!("image: {err}"));
-        }
-        // 2. Observe. What triggers named is listed in the first round only.
-        let observation = match observe::observe(cloud, &record, &ports.settings, now, &focus).await {
-            Ok(observation) => {
-                focus.clear();
-                record.observe_failures = 0;
-                record.stalled = None;
-                observation
-            }
-            Err(err) if err.is_retryable() => {
-                record.stalled = Some(format!("observing: {err}"));
-                next = Next::After(TRANSIENT_BACKOFF_SECONDS);
-                break;
-            }
-            Err(err) => {
-                record.observe_failures += 1;
-                warn!(job_id = %record.job_id, error = %err, "observation failed");
-                if record.observe_failures >= OBSERVE_FAILURES {
-                    give_up(&mut record, &format!("cannot observe the job's resources: {err}"), now);
-                    next = Next::Finished;
-                } else {
-                    next = Next::After(TRANSIENT_BACKOFF_SECONDS * record.observe_failures);
-                }
-                break;
-            }
-        };
-        // 3. Decide, and save the intents.
-        // Whole seconds: finer times only make the record bigger.
-        // The shared launch budget, asked only when something waits to launch.
-        // (Jobs in other accounts launch against those accounts' limits.)
-        let wanted = decide::launches_wanted(&record);
-        let own_account = record.spec.as_ref().is_some_and(|s| s.role_arn.is_none());
-        let launch_grant = match (ports.settings.launch_admission && own_account && wanted > 0).then_some(()) {
-            None => None,
-            Some(()) => match crate::admission::take(ports.ledger.as_ref(), wanted, now).await {
-                Ok(grant) => Some(grant),
-                Err(err) => {
-                    record.stalled = Some(format!("taking from the launch budget ({}): {err}", crate::admission::KEY));
-                    Some(crate::admission::Grant { instances: 0, retry_after_seconds: TRANSIENT_BACKOFF_SECONDS })
-                }
-            },
-        };
-        let context = Context {
-            now: now.trunc_subsecs(0),
-            settings: &ports.settings,
-            bucket: ports.ledger.bucket(),
-            launch_grant,
-        };
-        let (actions, decided) = decide::decide(&mut record, &observation, &context);
-        next = decided;
-        save(ports, &mut record, &mut version, &owner).await?;
-        if actions.is_empty() {
-            break;
-        }
-        // 4. Act, within the shared budget of mutating calls.
-        let mut calls = calls_granted(ports, &record, own_account, &actions, now).await?;
-        let mut deferred = false;
-        let mut transient = false;
-        for (index, action) in actions.iter().enumerate() {
-            // A call must end before the lease does (see `fence`).
-            let lease_end = record.lease.as_ref().map_or(lease_until, |l| l.until);
-            let now = ports.clock.now();
-            if now >= started + budget || !fence::may_start_call(now, lease_end) {
-                // The rest is decided again next pass; none of it ran.
-                let now = now.trunc_subsecs(0);
-                for skipped in &actions[index..] {
-                    decide::withdraw(&mut record, skipped, now);
-                }
-                break;
-            }
-            if action.waits_for_call_budget() && calls.instances == 0 {
-                decide::withdraw(&mut record, action, now.trunc_subsecs(0));
-                deferred = true;
-                continue;
-            }
-            if action.is_mutating() {
-                calls.instances = calls.instances.saturating_sub(1);
-            }
-            let result = act::execute(ports, cloud, &record, action, lease_end).await;
-            if let Err(err) = &result {
-                if err.is_transient() {
-                    transient = true;
-                    record.stalled = Some(format!("{}: {err}", action.name()));
-                }
-                info!(job_id = %record.job_id, action = action.name(), error = %err, "action failed");
-            }
-            again |= action.unlocks_at_once(result.is_err());
-            decide::apply(&mut record, action, result, ports.clock.now().trunc_subsecs(0));
-        }
-        save(ports, &mut record, &mut version, &owner).await?;
-        if transient {
-            next = Next::After(TRANSIENT_BACKOFF_SECONDS);
-            break;
-        }
-        if deferred {
-            if let Next::After(seconds) = next {
-                next = Next::After(seconds.min(calls.retry_after_seconds.max(1)));
-            }
-            break;
-        }
-        if ports.clock.now() >= started + budget {
-            next = Next::After(1);
-            break;
-        }
-        if !again {
-            break;
-        }
-    }
-    // Out of rounds with a failure still to act on: decide's wait assumed
-    // the calls would succeed, and no event follows a call that failed.
-    if let (true, Next::After(seconds)) = (again, next) {
-        next = Next::After(seconds.min(ports.settings.poll_delay_seconds));
-    }
+    // 3. Observe, decide, save, act and save, round after round.
+    let pass = rounds::Pass { ports, cloud, owner: &owner, started, budget, lease_until };
+    let focus: BTreeSet<String> = message.instances.iter().chain(&hinted).cloned().collect();
+    let next = rounds::run(&pass, &mut record, &mut version, focus).await?;
+
+    // 4. Release the lease, with one wake on its way unless the job is terminal.
     finish_pass(ports, &mut record, &mut version, &owner, next).await
 }
 
