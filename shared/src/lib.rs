@@ -27,5 +27,6 @@ pub mod sources;
 pub mod spec;
 #[cfg(feature = "aws")]
 pub mod sqs_batch;
+pub mod states;
 pub mod wake;
 pub mod work;

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use crate::error::CloudError;
 use crate::record::JobRecord;
 use crate::spec::Market;
+pub use crate::states::{CommandStatus, InstanceState, SnapshotState, VolumeState};
 use crate::wake::WakeMessage;
 
 pub type CloudResult<T> = Result<T, CloudError>;
@@ -67,8 +68,7 @@ pub mod tags {
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceView {
     pub instance_id: String,
-    /// pending, running, shutting-down, terminated, stopping, stopped
-    pub state: String,
+    pub state: InstanceState,
     pub availability_zone: String,
     pub launch_index: u32,
     /// Its `flotilla:job-id` tag.
@@ -81,11 +81,11 @@ pub struct InstanceView {
 impl InstanceView {
     /// Not running and never will again without help: lost to the job.
     pub fn is_gone(&self) -> bool {
-        matches!(self.state.as_str(), "shutting-down" | "terminated" | "stopping" | "stopped")
+        self.state.is_gone()
     }
 
     pub fn is_terminated(&self) -> bool {
-        self.state == "terminated"
+        self.state == InstanceState::Terminated
     }
 }
 
@@ -138,8 +138,7 @@ pub trait Fleet: Send + Sync {
 #[derive(Debug, Clone, PartialEq)]
 pub struct VolumeView {
     pub volume_id: String,
-    /// creating, available, in-use, deleting, deleted
-    pub state: String,
+    pub state: VolumeState,
     pub availability_zone: String,
     pub attached_to: Option<String>,
     pub tags: BTreeMap<String, String>,
@@ -159,7 +158,7 @@ pub struct NewVolume {
 pub struct SnapshotView {
     pub snapshot_id: String,
     pub volume_id: String,
-    pub state: String,
+    pub state: SnapshotState,
     pub started_at: DateTime<Utc>,
     pub tags: BTreeMap<String, String>,
 }
@@ -204,7 +203,7 @@ pub struct CommandRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct InvocationView {
     pub instance_id: String,
-    pub status: String,
+    pub status: CommandStatus,
     pub exit_code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
@@ -221,17 +220,7 @@ pub fn delivery_timeout_seconds(execution_timeout_seconds: u32) -> u32 {
 
 impl InvocationView {
     pub fn is_finished(&self) -> bool {
-        matches!(
-            self.status.as_str(),
-            "Success"
-                | "Failed"
-                | "TimedOut"
-                | "Cancelled"
-                | "Cancelling"
-                | "Undeliverable"
-                | "Terminated"
-                | "DeliveryTimedOut"
-        ) && self.status != "Cancelling"
+        self.status.is_finished()
     }
 }
 

@@ -34,9 +34,10 @@ use tracing::{info, warn};
 
 use crate::error::{CloudError, StepError};
 use crate::ports::{tags, Cloud, InstanceView, Ports, SnapshotView, VolumeView, WriteOutcome};
-use crate::record::{JobRecord, Outcome, PhaseStamp};
+use crate::record::{JobRecord, JobState, Outcome, PhaseStamp};
 use crate::retention::{self, Facts};
 use crate::spec::VolumeSource;
+use crate::states::{InstanceState, SnapshotState, VolumeState};
 use crate::wake::Trigger;
 
 /// A job that is not terminal, as the reaper saw it.
@@ -60,7 +61,7 @@ pub struct ActiveJob {
 pub enum JobView {
     Active(ActiveJob),
     Terminal {
-        state: String,
+        state: JobState,
     },
     /// No record: never submitted here, or deleted.
     Missing,
@@ -208,7 +209,7 @@ pub fn plan(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings
         });
     }
     for instance in &inventory.instances {
-        if matches!(instance.state.as_str(), "shutting-down" | "terminated") {
+        if matches!(instance.state, InstanceState::ShuttingDown | InstanceState::Terminated) {
             continue;
         }
         let Some(why) = orphaned(&instance.tags, &inventory.jobs, now, settings) else { continue };
@@ -233,8 +234,8 @@ pub fn plan(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings
         }
         let Some(why) = orphaned(&volume.tags, &inventory.jobs, now, settings) else { continue };
         let id = volume.volume_id.clone();
-        if volume.state != "available" {
-            if volume.state == "error" {
+        if volume.state != VolumeState::Available {
+            if volume.state == VolumeState::Error {
                 let why =
                     format!("volume {id} is in state error: it cannot be snapshotted, so it is left for you ({why})");
                 actions.push(ReapAction::Leave { resource_id: id, why });
@@ -248,14 +249,14 @@ pub fn plan(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings
             if scratch {
                 return Some(ReapAction::DeleteVolume { volume_id: id.clone(), why: format!("{why}; scratch") });
             }
-            if let Some(done) = snapshots.iter().find(|s| s.state == "completed") {
+            if let Some(done) = snapshots.iter().find(|s| s.state == SnapshotState::Completed) {
                 let why = format!("{why}; its data is in {}", done.snapshot_id);
                 return Some(ReapAction::DeleteVolume { volume_id: id.clone(), why });
             }
-            if snapshots.iter().any(|s| s.state == "pending") {
+            if snapshots.iter().any(|s| s.state == SnapshotState::Pending) {
                 return None; // the next pass deletes it once the snapshot completes
             }
-            if snapshots.iter().filter(|s| s.state == "error").count() >= REAPER_SNAPSHOT_TRIES {
+            if snapshots.iter().filter(|s| s.state == SnapshotState::Error).count() >= REAPER_SNAPSHOT_TRIES {
                 let why =
                     format!("{why}; {REAPER_SNAPSHOT_TRIES} snapshots of it ended in error, so it is kept for you");
                 return Some(ReapAction::Leave { resource_id: id.clone(), why });
@@ -301,7 +302,7 @@ fn prune(inventory: &Inventory, now: DateTime<Utc>) -> Vec<ReapAction> {
     let succeeded_jobs = inventory
         .jobs
         .iter()
-        .filter(|(_, job)| matches!(job, JobView::Terminal { state } if state == "SUCCEEDED"))
+        .filter(|(_, job)| matches!(job, JobView::Terminal { state: JobState::Succeeded }))
         .map(|(id, _)| id.clone())
         .collect();
     let facts = Facts {
@@ -341,9 +342,7 @@ pub async fn take_inventory_in(ports: &Ports, cloud: &Cloud) -> Result<Inventory
     let now = ports.clock.now();
     for job_id in job_ids {
         let view = match ports.ledger.load(&job_id).await {
-            Ok(Some(loaded)) if loaded.record.state.is_terminal() => {
-                JobView::Terminal { state: loaded.record.state.to_string() }
-            }
+            Ok(Some(loaded)) if loaded.record.state.is_terminal() => JobView::Terminal { state: loaded.record.state },
             Ok(Some(loaded)) => {
                 let record = loaded.record;
                 let spec = record.spec.as_ref();
@@ -720,7 +719,7 @@ mod tests {
         inventory.jobs.insert("tearing-down".into(), active(-40, 0, true));
         inventory.jobs.insert("stuck".into(), active(-40, 35, false));
         inventory.jobs.insert("unknown".into(), JobView::Unknown { error: "S3 503".into() });
-        inventory.jobs.insert("done".into(), JobView::Terminal { state: "SUCCEEDED".into() });
+        inventory.jobs.insert("done".into(), JobView::Terminal { state: JobState::Succeeded });
         inventory.instances = vec![
             instance("i-busy", "busy", 60, None),
             instance("i-busy-expired-but-moving", "tearing-down", -10, Some(10)),
@@ -774,7 +773,7 @@ mod tests {
     fn an_orphaned_volume_is_snapshotted_before_it_is_deleted() {
         let volume = |snapshot_state: Option<&str>| {
             let mut inventory = Inventory::default();
-            inventory.jobs.insert("done".into(), JobView::Terminal { state: "FAILED".into() });
+            inventory.jobs.insert("done".into(), JobView::Terminal { state: JobState::Failed });
             inventory.volumes.push(VolumeView {
                 volume_id: "vol-1".into(),
                 state: "available".into(),
@@ -810,9 +809,9 @@ mod tests {
     #[test]
     fn retention_counts_only_successful_runs_and_keeps_the_newest_good_one() {
         let mut inventory = Inventory::default();
-        inventory.jobs.insert("good-1".into(), JobView::Terminal { state: "SUCCEEDED".into() });
-        inventory.jobs.insert("good-2".into(), JobView::Terminal { state: "SUCCEEDED".into() });
-        inventory.jobs.insert("bad-3".into(), JobView::Terminal { state: "FAILED".into() });
+        inventory.jobs.insert("good-1".into(), JobView::Terminal { state: JobState::Succeeded });
+        inventory.jobs.insert("good-2".into(), JobView::Terminal { state: JobState::Succeeded });
+        inventory.jobs.insert("bad-3".into(), JobView::Terminal { state: JobState::Failed });
         inventory.jobs.insert("running-4".into(), active(30, 0, true));
         let snapshot = |id: &str, job: &str, days_ago: i64| SnapshotView {
             snapshot_id: id.into(),
@@ -867,7 +866,7 @@ mod tests {
             ]),
         };
         for job in ["alice-1", "mallory-1", "mallory-2"] {
-            inventory.jobs.insert(job.into(), JobView::Terminal { state: "SUCCEEDED".into() });
+            inventory.jobs.insert(job.into(), JobView::Terminal { state: JobState::Succeeded });
         }
         inventory.snapshots = vec![
             snapshot("snap-alice", "alice-1", "AROAALICE", 9),

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::plan::Plan;
 use crate::spec::{JobSpec, Market};
+use crate::states::{CommandStatus, SnapshotState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -184,8 +185,8 @@ pub struct SnapshotRef {
     /// None until CreateSnapshot answered; the executor first looks it up by tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
-    /// pending, completed or error (as EC2 reports it).
-    pub state: String,
+    /// As EC2 reports it (pending, completed, error).
+    pub state: SnapshotState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_at: Option<DateTime<Utc>>,
     /// Requested with no answer yet: until then it may still land unseen,
@@ -251,7 +252,7 @@ pub struct PhaseRun {
     pub opened_at: Option<DateTime<Utc>>,
     /// SSM status once finished: Success, Failed, TimedOut, Cancelled...
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
+    pub status: Option<CommandStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -297,7 +298,7 @@ impl SnapshotRef {
 
 impl PhaseRun {
     pub fn succeeded(&self) -> bool {
-        self.status.as_deref() == Some("Success")
+        self.status == Some(CommandStatus::Success)
     }
 }
 
@@ -679,7 +680,7 @@ impl JobRecord {
             .filter_map(|s| s.attempts.last())
             .filter(|a| a.cleanup_failed.is_none() || a.cleanup_lost)
             .flat_map(|a| a.volumes.iter().filter(|v| v.name == volume))
-            .filter_map(|v| v.snapshot.as_ref().filter(|s| s.state == "completed")?.snapshot_id.clone())
+            .filter_map(|v| v.snapshot.as_ref().filter(|s| s.state == SnapshotState::Completed)?.snapshot_id.clone())
             .collect()
     }
 

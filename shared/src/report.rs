@@ -136,7 +136,7 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
                     _ => String::new(),
                 };
                 let code = run.exit_code.map(|c| format!(" exit {c}")).unwrap_or_default();
-                let status = run.status.as_deref().unwrap_or("in progress");
+                let status = run.status.as_ref().map_or("in progress", |s| s.as_str());
                 let _ = writeln!(
                     out,
                     "    {} {status}{code}{took} [{}]",

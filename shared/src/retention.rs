@@ -35,6 +35,7 @@ use chrono::{DateTime, Duration, Utc};
 
 use crate::mutation::{self, Mutation};
 use crate::ports::{tags, SnapshotView};
+use crate::states::SnapshotState;
 
 /// How long snapshots that are not good are kept when `max_age_days` is 0.
 pub const FAILED_RUN_DAYS: i64 = 7;
@@ -159,7 +160,7 @@ pub fn plan(snapshots: &[SnapshotView], policy: Option<Policy>, facts: &Facts, n
 /// (while the volume exists, the reaper counts its failed tries).
 fn rescue(snapshot: &SnapshotView, facts: &Facts) -> Option<Deletion> {
     let volume_gone = facts.live_volumes.as_ref().is_some_and(|live| !live.contains(&snapshot.volume_id));
-    (snapshot.state == "error" && volume_gone).then(|| Deletion {
+    (snapshot.state == SnapshotState::Error && volume_gone).then(|| Deletion {
         snapshot_id: snapshot.snapshot_id.clone(),
         why: format!("rescue snapshot of {} ended in error and the volume is gone", snapshot.volume_id),
     })
@@ -196,7 +197,7 @@ fn prune_lineage(
         }
     };
     let is_good = |s: &SnapshotView| judged(s) == Some(true);
-    let newest_good = lineage.iter().find(|s| s.state == "completed" && is_good(s)).map(|s| s.started_at);
+    let newest_good = lineage.iter().find(|s| s.state == SnapshotState::Completed && is_good(s)).map(|s| s.started_at);
     let good_age = (policy.max_age_days > 0).then(|| Duration::days(i64::from(policy.max_age_days)));
     let other_age = good_age.unwrap_or(Duration::days(FAILED_RUN_DAYS));
     let keep_last = policy.keep_last.max(1) as usize;
@@ -212,10 +213,10 @@ fn prune_lineage(
             (!protected).then(|| Deletion { snapshot_id: snapshot.snapshot_id.clone(), why: format!("{at}: {why}") })
         };
         let age = now - snapshot.started_at;
-        match snapshot.state.as_str() {
-            "completed" => {}
-            "error" if mutation::on(Mutation::KeepErrors) => continue,
-            "error" => {
+        match snapshot.state {
+            SnapshotState::Completed => {}
+            SnapshotState::Error if mutation::on(Mutation::KeepErrors) => continue,
+            SnapshotState::Error => {
                 deletions.extend(delete("ended in error; it holds no data".into()));
                 continue;
             }

@@ -16,6 +16,7 @@ use flotilla_shared::ports::{tags, InstanceView, InvocationView, Settings, Snaps
 use flotilla_shared::reconcile::decide::*;
 use flotilla_shared::record::{JobRecord, Phase};
 use flotilla_shared::spec::{parse, SnapshotPolicy};
+use flotilla_shared::states::SnapshotState;
 
 /// Where the checker's choices come from: a seeded generator, or the bytes
 /// a coverage-guided fuzzer mutates (so it can steer every choice).
@@ -254,7 +255,9 @@ fn check(rng: &mut impl Choices) -> Result<(), String> {
             record.cancel_requested = true;
         }
         let obs = observe(&record, rng, &snapshot_of);
-        completed_seen.extend(obs.snapshots.values().filter(|s| s.state == "completed").map(|s| s.snapshot_id.clone()));
+        completed_seen.extend(
+            obs.snapshots.values().filter(|s| s.state == SnapshotState::Completed).map(|s| s.snapshot_id.clone()),
+        );
         let context = Context { now, settings: &settings, bucket: "b", launch_grant: None };
         let (actions, _) = decide(&mut record, &obs, &context);
         for action in &actions {

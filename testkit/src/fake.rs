@@ -26,6 +26,7 @@ use flotilla_shared::ports::*;
 use flotilla_shared::reconcile::WakeMessage;
 use flotilla_shared::record::{active_key, record_key, JobRecord};
 use flotilla_shared::spec::Market;
+use flotilla_shared::states::{CommandStatus, InstanceState, VolumeState};
 use flotilla_shared::wake::Trigger;
 
 /// What a command does on one instance: (exit code, stdout, seconds it takes).
@@ -877,7 +878,7 @@ impl Clock for FakeCloud {
 fn view(instance: &FakeInstance) -> InstanceView {
     InstanceView {
         instance_id: instance.id.clone(),
-        state: instance.state.clone(),
+        state: InstanceState::from(instance.state.as_str()),
         availability_zone: instance.az.clone(),
         launch_index: instance.launch_index,
         job_id: instance.tags.get(tags::JOB_ID).cloned(),
@@ -1136,7 +1137,7 @@ impl Fleet for FakeCloud {
 fn volume_view(volume: &FakeVolume) -> VolumeView {
     VolumeView {
         volume_id: volume.id.clone(),
-        state: volume.state.clone(),
+        state: VolumeState::from(volume.state.as_str()),
         availability_zone: volume.az.clone(),
         attached_to: volume.attached_to.clone(),
         tags: volume.tags.clone(),
@@ -1588,7 +1589,7 @@ impl Commands for FakeCloud {
                 let done = exit_code.is_some() || status == "Cancelled";
                 InvocationView {
                     instance_id: id.clone(),
-                    status: status.to_string(),
+                    status: CommandStatus::from(status),
                     exit_code,
                     stdout: if done { run.stdout.clone() } else { String::new() },
                     stderr: if done { run.stderr.clone() } else { String::new() },

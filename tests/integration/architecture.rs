@@ -163,3 +163,31 @@ fn no_product_function_silences_the_argument_count() {
         .collect();
     assert!(silenced.is_empty(), "{silenced:?}");
 }
+
+/// Cloud and job states are enums (`states.rs`, `JobState`): outside the
+/// adapters that parse AWS's replies, no state is compared as a string.
+#[test]
+fn no_state_is_compared_as_a_string_outside_the_adapters() {
+    let src = workspace_root().join("shared/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let patterns = [
+        ".state == \"",
+        ".state != \"",
+        ".status == \"",
+        ".status != \"",
+        "state.as_str()",
+        "status.as_str()",
+        "status.as_deref()",
+        "state.as_deref()",
+    ];
+    let mut found = Vec::new();
+    for file in files.iter().filter(|f| !f.starts_with(src.join("aws")) && !f.ends_with("states.rs")) {
+        for (number, line) in product_code(file).lines().enumerate() {
+            if patterns.iter().any(|p| line.contains(p)) {
+                found.push(format!("{}:{}: {}", file.display(), number + 1, line.trim()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "states compared as strings:\n{}", found.join("\n"));
+}

@@ -109,7 +109,7 @@ async fn a_process_left_holding_the_mount_fails_the_unmount_unless_before_unmoun
     assert_eq!(record.state, JobState::Failed, "{}", record.reason);
     let attempt = record.shards[0].current().expect("attempt");
     let unmount = attempt.phase(Phase::Unmount).expect("the unmount ran");
-    assert_eq!(unmount.status.as_deref(), Some("Failed"), "{unmount:?}");
+    assert_eq!(unmount.status.as_ref().map(|s| s.as_str()), Some("Failed"), "{unmount:?}");
     let said = output(&stack, "held-busy", 0, 1, Phase::Unmount).await;
     assert!(said.iter().any(|l| l.contains("target is busy")), "{said:?}");
     let snapshots = stack.snapshots("held-busy").await;

@@ -176,7 +176,7 @@ async fn timed_out_command_fails_and_always_policy_still_snapshots() {
 
     assert_eq!(record.state, JobState::Failed);
     assert!(record.reason.contains("TimedOut: run timed out after 2 s"), "{}", record.reason);
-    assert_eq!(run_of(&record, 0).status.as_deref(), Some("TimedOut"));
+    assert_eq!(run_of(&record, 0).status.as_ref().map(|s| s.as_str()), Some("TimedOut"));
     assert_eq!(stack.running_managed().await, 0);
     assert_eq!(stack.snapshots("slow-1").await.len(), 1, "always policy snapshots a failed job");
 }
@@ -203,7 +203,7 @@ async fn deadline_stops_a_long_run_and_tears_down() {
     let record = stack.run_to_end(&ports, "late-1", false, LIMIT).await;
     assert_eq!(record.state, JobState::Failed);
     assert!(record.reason.starts_with("deadline of 10 min passed while RUNNING"), "{}", record.reason);
-    assert_eq!(run_of(&record, 0).status.as_deref(), Some("Cancelled"));
+    assert_eq!(run_of(&record, 0).status.as_ref().map(|s| s.as_str()), Some("Cancelled"));
     assert!(phases(&record, 0).contains(&Phase::Unmount), "cleanup ran after the deadline");
     assert_eq!(stack.running_managed().await, 0);
     assert!(stack.snapshots("late-1").await.is_empty());
@@ -224,7 +224,7 @@ async fn cancel_mid_run_cancels_the_command_and_tears_down() {
     assert!(record.reason.starts_with("cancelled by request while RUNNING"), "{}", record.reason);
     for shard in 0..2 {
         let run = run_of(&record, shard);
-        assert_eq!(run.status.as_deref(), Some("Cancelled"));
+        assert_eq!(run.status.as_ref().map(|s| s.as_str()), Some("Cancelled"));
         let command_id = record.commands[&run.batch].command_id.clone().expect("sent");
         let status = stack.ssm().list_command_invocations().command_id(&command_id).send().await.expect("list");
         assert!(

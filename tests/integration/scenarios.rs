@@ -614,7 +614,7 @@ async fn a_spot_interruption_moves_the_shard_to_on_demand() {
     assert_eq!(shard.attempts[0].end.as_ref().map(|e| e.cause), Some(EndCause::SpotInterruption));
     let cleanup: Vec<Phase> = shard.attempts[0].phases_ran();
     assert!(cleanup.contains(&Phase::Unmount), "cleanup ran before the instance went: {cleanup:?}");
-    assert!(shard.attempts[0].volumes[0].snapshot.as_ref().is_some_and(|s| s.state == "completed"));
+    assert!(shard.attempts[0].volumes[0].snapshot.as_ref().is_some_and(|s| s.state.as_str() == "completed"));
     assert_eq!(record.launch_of(&shard.attempts[1]).market, flotilla_shared::spec::Market::OnDemand);
     assert_eq!(record.shards[1].attempts.len(), 1, "only the interrupted shard moved");
 }

@@ -17,6 +17,7 @@ use crate::ports::{
     tags, CloudResult, Fleet, InstanceView, LaunchRequest, NewVolume, SnapshotView, VolumeView, Volumes,
 };
 use crate::spec::Market;
+use crate::states::{InstanceState, SnapshotState, VolumeState};
 
 /// DescribeInstances accepts up to 1000 ids; smaller chunks keep responses small.
 const DESCRIBE_CHUNK: usize = 200;
@@ -56,7 +57,7 @@ fn tags_of(tags: &[Tag]) -> BTreeMap<String, String> {
 fn instance_view(instance: &aws_sdk_ec2::types::Instance) -> Option<InstanceView> {
     Some(InstanceView {
         instance_id: instance.instance_id()?.to_string(),
-        state: instance.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
+        state: InstanceState::from(instance.state().and_then(|s| s.name()).map(|n| n.as_str()).unwrap_or_default()),
         availability_zone: instance.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string(),
         launch_index: instance.ami_launch_index().unwrap_or_default().max(0) as u32,
         job_id: tag_value(instance.tags(), tags::JOB_ID),
@@ -335,7 +336,7 @@ fn volume_view(volume: &aws_sdk_ec2::types::Volume) -> Option<VolumeView> {
         .map(str::to_string);
     Some(VolumeView {
         volume_id: volume.volume_id()?.to_string(),
-        state: volume.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+        state: VolumeState::from(volume.state().map(|s| s.as_str()).unwrap_or_default()),
         availability_zone: volume.availability_zone().unwrap_or_default().to_string(),
         attached_to,
         tags: tags_of(volume.tags()),
@@ -398,7 +399,7 @@ impl Volumes for Ec2Volumes {
             .map_err(|e| cloud_error("ec2", "CreateVolume", e))?;
         Ok(VolumeView {
             volume_id: response.volume_id().unwrap_or_default().to_string(),
-            state: response.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+            state: VolumeState::from(response.state().map(|s| s.as_str()).unwrap_or_default()),
             availability_zone: response.availability_zone().unwrap_or_default().to_string(),
             attached_to: None,
             tags: tags_of(response.tags()),
@@ -539,7 +540,7 @@ fn snapshot_view(s: &aws_sdk_ec2::types::Snapshot) -> Option<SnapshotView> {
     Some(SnapshotView {
         snapshot_id: s.snapshot_id()?.to_string(),
         volume_id: s.volume_id().unwrap_or_default().to_string(),
-        state: s.state().map(|st| st.as_str().to_string()).unwrap_or_default(),
+        state: SnapshotState::from(s.state().map(|st| st.as_str()).unwrap_or_default()),
         started_at: s
             .start_time()
             .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))

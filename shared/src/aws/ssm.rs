@@ -10,6 +10,7 @@ use crate::error::RetryClass;
 use crate::ports::{
     CloudResult, CommandRequest, Commands, InvocationView, MAX_AGENTS_PER_PAGE, MAX_AGENT_IDS_PER_LOOKUP,
 };
+use crate::states::CommandStatus;
 
 pub struct SsmCommands {
     pub ssm: aws_sdk_ssm::Client,
@@ -166,7 +167,7 @@ impl Commands for SsmCommands {
                 let (stdout, stderr) = output.split_once(ERROR_SEPARATOR).unwrap_or((output, ""));
                 views.push(InvocationView {
                     instance_id: instance_id.to_string(),
-                    status: status.as_str().to_string(),
+                    status: CommandStatus::from(status.as_str()),
                     exit_code: finished.then(|| plugin.map_or(-1, |p| p.response_code())),
                     stdout: if finished { stdout.to_string() } else { String::new() },
                     stderr: if finished { stderr.to_string() } else { String::new() },

@@ -15,6 +15,7 @@ use crate::record::JobRecord;
 use crate::report;
 use crate::retention::{self, Facts, Policy};
 use crate::sources;
+use crate::states::SnapshotState;
 
 /// `lease_end`: a create with no ClientToken starts only if it can end
 /// before the pass's lease does (`fence`), after its lookup.
@@ -62,7 +63,7 @@ pub async fn execute(
                         (tags::STACK, &ports.settings.stack),
                     ])
                     .await?;
-                if let Some(existing) = found.into_iter().find(|s| s.state != "error") {
+                if let Some(existing) = found.into_iter().find(|s| s.state != SnapshotState::Error) {
                     return Ok(Done::Snapshotted(existing.snapshot_id));
                 }
             }

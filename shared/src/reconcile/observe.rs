@@ -13,6 +13,7 @@ use crate::ports::{tags, Cloud, CloudResult, Settings};
 use crate::reconcile::{decide, Observation};
 use crate::record::{JobRecord, Stage};
 use crate::spec::VolumeSource;
+use crate::states::{CommandStatus, InstanceState, SnapshotState};
 
 /// A command in flight is listed when an event named one of its instances
 /// (`focus`), when it was not listed for a safety poll, when it is past its
@@ -42,7 +43,9 @@ pub async fn observe(
             })
     };
     let running = |a: &&crate::record::Attempt| {
-        a.instance_id.as_ref().is_some_and(|id| observation.instances.get(id).is_some_and(|v| v.state == "running"))
+        a.instance_id
+            .as_ref()
+            .is_some_and(|id| observation.instances.get(id).is_some_and(|v| v.state == InstanceState::Running))
     };
     let health_due = launched
         && record
@@ -140,7 +143,7 @@ pub async fn observe(
     let snapshot_pending = record
         .attempts()
         .flat_map(|a| a.volumes.iter())
-        .any(|v| v.snapshot.as_ref().is_some_and(|s| s.state != "completed"));
+        .any(|v| v.snapshot.as_ref().is_some_and(|s| s.state != SnapshotState::Completed));
     if snapshot_pending {
         for view in cloud
             .volumes
@@ -165,7 +168,7 @@ pub async fn observe(
                 .shards
                 .iter()
                 .filter_map(|s| s.current())
-                .any(|a| a.phases.iter().any(|p| p.batch == number && p.status.as_deref() == Some("Cancelled")))
+                .any(|a| a.phases.iter().any(|p| p.batch == number && p.status == Some(CommandStatus::Cancelled)))
     };
     for (number, batch) in record.commands.iter().filter(|(_, b)| b.command_id.is_none() && b.dispatched_at < now) {
         let open = |a: &crate::record::Attempt| {
@@ -232,7 +235,7 @@ pub async fn observe(
     let timed_out: Vec<String> = observation
         .invocations
         .values()
-        .filter(|v| v.status == "TimedOut" && !observation.agents_checked.contains(&v.instance_id))
+        .filter(|v| v.status == CommandStatus::TimedOut && !observation.agents_checked.contains(&v.instance_id))
         .map(|v| v.instance_id.clone())
         .collect();
     if !timed_out.is_empty() {

@@ -86,7 +86,7 @@ pub(super) fn finish(record: &mut JobRecord, spec: &JobSpec, obs: &Observation, 
         }
         if !view.is_terminated() {
             busy = true;
-            if view.state != "shutting-down" {
+            if view.state != InstanceState::ShuttingDown {
                 decision.terminate.push(view.instance_id.clone());
             }
         }
@@ -110,11 +110,11 @@ pub(super) fn finish(record: &mut JobRecord, spec: &JobSpec, obs: &Observation, 
             && !recorded.contains(&view.volume_id)
             && view.tags.contains_key(tags::ATTEMPT)
         {
-            match (view.state.as_str(), view.attached_to.is_some()) {
-                ("available", false) => {
+            match (&view.state, view.attached_to.is_some()) {
+                (VolumeState::Available, false) => {
                     decision.actions.push(Action::DeleteVolume { volume_id: view.volume_id.clone() })
                 }
-                ("deleting" | "deleted", _) => continue,
+                (VolumeState::Deleting | VolumeState::Deleted, _) => continue,
                 _ => {}
             }
             busy = true;

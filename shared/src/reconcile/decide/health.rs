@@ -10,7 +10,7 @@ pub(super) fn track_health(
     obs: &Observation,
     now: DateTime<Utc>,
 ) {
-    let Some(view) = instance.filter(|v| v.state == "running") else { return };
+    let Some(view) = instance.filter(|v| v.state == InstanceState::Running) else { return };
     let id = &view.instance_id;
     // Only a conclusive `ok` clears it: initializing or unknown proves nothing.
     if obs.impaired.contains(id) {

@@ -39,6 +39,7 @@ use crate::shell::{self, MountTarget, Preamble};
 use crate::spec::{
     pattern_matches, CommandSpec, JobSpec, OnRetry, RetryAction, RetryStrategy, SnapshotPolicy, VolumeSource,
 };
+use crate::states::{CommandStatus, InstanceState, SnapshotState, VolumeState};
 
 mod actions;
 mod apply;
@@ -173,7 +174,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
                 .shards
                 .iter()
                 .filter_map(|s| s.current())
-                .filter(|a| a.phases.iter().any(|p| p.batch == *number && p.status.as_deref() == Some("Cancelled")))
+                .filter(|a| a.phases.iter().any(|p| p.batch == *number && p.status == Some(CommandStatus::Cancelled)))
                 .filter_map(|a| a.instance_id.clone())
                 .collect();
             if !late.is_empty() {

@@ -147,7 +147,7 @@ pub(super) fn work(
                 // not run beside work that is still writing. While SSM says
                 // Cancelling, the cancel is under way: asking again adds nothing.
                 let view = obs.invocations.get(&(command_id.clone(), instance_id.clone()));
-                if view.is_none_or(|v| v.status != "Cancelling") {
+                if view.is_none_or(|v| v.status != CommandStatus::Cancelling) {
                     decision.actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
                 }
                 return;
@@ -166,17 +166,19 @@ pub(super) fn work(
             attempt.phases.retain(|p| p.phase != run.phase);
             attempt.completed_phases.push(run.phase);
         } else {
-            let what = match (run.status.as_deref(), run.exit_code) {
-                (Some("TimedOut"), _) => format!("timed out after {sent_timeout} s"),
+            let what = match (&run.status, run.exit_code) {
+                (Some(CommandStatus::TimedOut), _) => format!("timed out after {sent_timeout} s"),
                 (_, Some(code)) if code >= 0 => format!("exited {code}"),
-                (status, _) => status.unwrap_or("?").to_ascii_lowercase(),
+                (status, _) => status.as_ref().map_or("?", |s| s.as_str()).to_ascii_lowercase(),
             };
             let detail = format!("{} {what} on {instance_id}", run.phase.as_str());
             decision.notes.push(detail.clone());
             // The on-instance guard's reserved code: an earlier delivery of
             // this step died mid-step, so the step's outcome is unknown.
-            let agent_lost = matches!(run.status.as_deref(), Some("Undeliverable" | "DeliveryTimedOut" | "Terminated"))
-                || (run.status.as_deref() == Some("TimedOut") && agent_offline_now)
+            let agent_lost = matches!(
+                run.status,
+                Some(CommandStatus::Undeliverable | CommandStatus::DeliveryTimedOut | CommandStatus::Terminated)
+            ) || (run.status == Some(CommandStatus::TimedOut) && agent_offline_now)
                 || guard_lost;
             if run.phase.runs_after_failure() {
                 // The work's results may be on the volume, but not cleanly:
@@ -191,7 +193,7 @@ pub(super) fn work(
                 // SSM never reached the agent: the instance, not the work, failed.
                 end(attempt, EndCause::InstanceLost, &detail, None);
             } else {
-                let cause = if run.status.as_deref() == Some("TimedOut") {
+                let cause = if run.status == Some(CommandStatus::TimedOut) {
                     EndCause::TimedOut
                 } else {
                     EndCause::CommandFailed

@@ -28,7 +28,7 @@ pub(super) fn release(
         Some(id) => match obs.instances.get(id) {
             Some(view) if view.is_terminated() => true,
             Some(view) => {
-                if view.state != "shutting-down" {
+                if view.state != InstanceState::ShuttingDown {
                     decision.terminate.push(id.clone());
                 }
                 attempt.terminate_requested = true;
@@ -84,7 +84,7 @@ pub(super) fn release(
         volume.seen = true;
         let attached_elsewhere =
             view.attached_to.as_ref().is_some_and(|owner| Some(owner) != attempt_instance.as_ref());
-        if view.state == "error" {
+        if view.state == VolumeState::Error {
             volume.kept = Some("the volume is in state error: nothing to snapshot; left for the reaper".into());
             continue;
         }
@@ -96,12 +96,12 @@ pub(super) fn release(
             volume.kept = Some("attached to an instance left for the reaper".into());
             continue;
         }
-        let attached = view.attached_to.is_some() || view.state == "in-use";
-        if attached || view.state == "creating" {
+        let attached = view.attached_to.is_some() || view.state == VolumeState::InUse;
+        if attached || view.state == VolumeState::Creating {
             settled = false;
             continue;
         }
-        if view.state != "available" {
+        if view.state != VolumeState::Available {
             settled = false;
             continue;
         }
@@ -123,20 +123,20 @@ pub(super) fn release(
                     let seen = obs.snapshots.get(&id).map(|s| s.state.clone());
                     // A snapshot that never shows up (deleted by someone) is a failed one.
                     let lost = seen.is_none()
-                        && state != "completed"
+                        && state != SnapshotState::Completed
                         && requested_at.is_some_and(|at| now - at > Duration::seconds(SNAPSHOT_LOST_SECONDS));
-                    let state_now = if lost { "error".to_string() } else { seen.unwrap_or(state) };
-                    match state_now.as_str() {
-                        "completed" => {
+                    let state_now = if lost { SnapshotState::Error } else { seen.unwrap_or(state) };
+                    match state_now {
+                        SnapshotState::Completed => {
                             volume.snapshot = Some(SnapshotRef {
                                 snapshot_id: Some(id),
-                                state: "completed".into(),
+                                state: SnapshotState::Completed,
                                 requested_at,
                                 in_flight_until: None,
                             });
                             ready_to_delete = true;
                         }
-                        "error" => {
+                        SnapshotState::Error => {
                             volume.snapshot_failures += 1;
                             decision.notes.push(format!("snapshot {id} of {volume_id} ended in error"));
                             if volume.snapshot_failures >= SNAPSHOT_TRIES {
@@ -262,7 +262,7 @@ pub(super) fn unanswered_snapshot(
     kind: &str,
 ) -> Option<Action> {
     let found = obs.snapshots.values().find(|s| {
-        s.state != "error"
+        s.state != SnapshotState::Error
             && s.tags.get(tags::ATTEMPT) == Some(&volume.token)
             && s.tags.get(tags::SOURCE_VOLUME).map(String::as_str) == Some(volume_id)
     });

@@ -90,7 +90,7 @@ pub(super) fn step_shard(
         Stage::Booting => {
             let view = instance;
             match view {
-                Some(view) if view.state == "running" => {
+                Some(view) if view.state == InstanceState::Running => {
                     attempt.availability_zone = Some(view.availability_zone.clone());
                     if obs.online.contains(&view.instance_id) {
                         attempt.stage = Stage::Attaching;

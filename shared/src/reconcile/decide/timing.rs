@@ -89,7 +89,8 @@ pub(super) fn next_working_look(
 pub(super) fn snapshot_wait(attempt: &Attempt, events: bool, now: DateTime<Utc>) -> Option<u32> {
     let mut oldest: Option<DateTime<Utc>> = None;
     for volume in attempt.volumes.iter().filter(|v| !v.deleted && v.kept.is_none()) {
-        let snapshot = volume.snapshot.as_ref().filter(|s| s.snapshot_id.is_some() && s.state == "pending")?;
+        let snapshot =
+            volume.snapshot.as_ref().filter(|s| s.snapshot_id.is_some() && s.state == SnapshotState::Pending)?;
         let at = snapshot.requested_at?;
         oldest = Some(oldest.map_or(at, |o| o.min(at)));
     }

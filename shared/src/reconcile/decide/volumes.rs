@@ -21,7 +21,8 @@ pub(super) fn restore_snapshots(spec: &JobSpec, shard: &Shard) -> BTreeMap<Strin
         if last.created && last.restored_from.is_none() && never_mounted {
             continue;
         }
-        let snapshot = last.snapshot.as_ref().filter(|s| s.state == "completed").and_then(|s| s.snapshot_id.clone());
+        let snapshot =
+            last.snapshot.as_ref().filter(|s| s.state == SnapshotState::Completed).and_then(|s| s.snapshot_id.clone());
         found.insert(volume.name.clone(), snapshot);
     }
     found
@@ -122,7 +123,7 @@ pub(super) fn attach_volumes(
                 view.availability_zone
             ));
         }
-        match (view.state.as_str(), view.attached_to.as_deref()) {
+        match (&view.state, view.attached_to.as_deref()) {
             (_, Some(owner)) if owner == instance_id => {}
             (_, Some(other)) => {
                 if !entry.created {
@@ -130,7 +131,7 @@ pub(super) fn attach_volumes(
                 }
                 all = false;
             }
-            ("available", None) => {
+            (VolumeState::Available, None) => {
                 decision.actions.push(Action::Attach {
                     volume_id: volume_id.clone(),
                     instance_id: instance_id.clone(),
@@ -138,7 +139,7 @@ pub(super) fn attach_volumes(
                 });
                 all = false;
             }
-            ("error", _) => return Err(format!("volume {volume_id} is in state error")),
+            (VolumeState::Error, _) => return Err(format!("volume {volume_id} is in state error")),
             _ => all = false,
         }
     }
