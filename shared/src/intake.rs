@@ -7,10 +7,11 @@ use tracing::{info, warn};
 
 use crate::error::StepError;
 use crate::plan::{given_items, plan_for, Prices};
-use crate::ports::{tags, Cloud, Ports, WriteOutcome};
+use crate::ports::{Cloud, Ports, WriteOutcome};
 use crate::record::JobRecord;
 use crate::sources::{self, Claimed};
 use crate::spec::{self, check_job_id, EnvValue, JobSpec, SecretRef, VolumeSource, WorkSpec};
+use crate::tags;
 use crate::wake::{Trigger, WakeMessage};
 use crate::work;
 
@@ -267,7 +268,7 @@ async fn prices(ports: &Ports) -> Result<Result<Prices, String>, StepError> {
 /// namespace can never be read: say so now rather than as a failed step. A
 /// job that names its own instance profile, or runs in another account,
 /// answers to that role's policy instead.
-fn check_secret_scope(spec: &JobSpec, settings: &crate::ports::Settings) -> Result<(), String> {
+fn check_secret_scope(spec: &JobSpec, settings: &crate::settings::Settings) -> Result<(), String> {
     if spec.instance_profile.is_some() || spec.role_arn.is_some() {
         return Ok(());
     }

@@ -22,11 +22,13 @@ pub mod reconcile;
 pub mod record;
 pub mod report;
 pub mod retention;
+pub mod settings;
 pub mod shell;
 pub mod sources;
 pub mod spec;
 #[cfg(feature = "aws")]
 pub mod sqs_batch;
 pub mod states;
+pub mod tags;
 pub mod wake;
 pub mod work;

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 
 use crate::error::CloudError;
 use crate::record::JobRecord;
+use crate::settings::Settings;
 use crate::spec::Market;
 pub use crate::states::{CommandStatus, InstanceState, SnapshotState, VolumeState};
 use crate::wake::WakeMessage;
@@ -16,54 +17,6 @@ use crate::wake::WakeMessage;
 pub type CloudResult<T> = Result<T, CloudError>;
 
 /// Tag keys Flotilla writes on everything it creates.
-pub mod tags {
-    pub const MANAGED_BY: &str = "flotilla:managed-by";
-    pub const MANAGED_BY_VALUE: &str = "flotilla";
-    /// The deployment (CloudFormation stack) that created it: every search
-    /// and every IAM condition is scoped to it, so two stacks in one account
-    /// never adopt or reap each other's resources.
-    pub const STACK: &str = "flotilla:stack";
-    /// The opt-in a user puts on a volume or snapshot (value: the stack name)
-    /// before a job may name it as `volume_id` or `snapshot_id`.
-    pub const ALLOW: &str = "flotilla:allow";
-    /// Who submitted the job (the SQS SenderId): snapshot retention never
-    /// crosses principals.
-    pub const SUBMITTER: &str = "flotilla:submitter";
-    pub const JOB_ID: &str = "flotilla:job-id";
-    pub const JOB_NAME: &str = "flotilla:job-name";
-    pub const EXPIRES_AT: &str = "flotilla:expires-at";
-    pub const SHARD: &str = "flotilla:shard";
-    pub const VOLUME: &str = "flotilla:volume";
-    pub const SOURCE_VOLUME: &str = "flotilla:source-volume";
-    pub const INSTANCE: &str = "flotilla:instance";
-    /// The RunInstances ClientToken an instance was launched with.
-    pub const LAUNCH: &str = "flotilla:launch";
-    pub const ATTEMPT: &str = "flotilla:attempt";
-    /// The reaper's mark: when it first found the resource orphaned. It acts
-    /// only on a later pass, so a record written a moment late never loses
-    /// its fleet (mark-then-delete).
-    pub const ORPHANED_AT: &str = "flotilla:orphaned-at";
-    /// A volume whose policy takes no snapshot: the reaper may delete it
-    /// without one.
-    pub const SCRATCH: &str = "flotilla:scratch";
-    /// A snapshot lineage's retention, so the reaper can apply it when no
-    /// run of the job prunes any more.
-    pub const KEEP_LAST: &str = "flotilla:keep-last";
-    pub const MAX_AGE_DAYS: &str = "flotilla:max-age-days";
-    /// Why a job took a snapshot (`retention::kind`): only `final` ones can
-    /// become good.
-    pub const KIND: &str = "flotilla:kind";
-    /// Set by a job that SUCCEEDED on its shards' final snapshots just
-    /// before it ends: the only snapshots `keep_last` counts.
-    pub const GOOD: &str = "flotilla:good";
-    /// The reaper's copy of an orphaned volume: outside every lineage rule.
-    pub const REAPED: &str = "flotilla:reaped";
-
-    /// The tags every search for this deployment's resources carries.
-    pub fn scope(stack: &str) -> [(&'static str, &str); 2] {
-        [(MANAGED_BY, MANAGED_BY_VALUE), (STACK, stack)]
-    }
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceView {
@@ -389,83 +342,4 @@ pub struct Ports {
     pub dead_letters: Option<Box<dyn DeadLetters>>,
     pub clock: Box<dyn Clock>,
     pub settings: Settings,
-}
-
-/// Tunables read from the environment.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Delay between polls while something is under way.
-    pub poll_delay_seconds: u32,
-    /// How long instances may live past the job deadline before the reaper may kill them.
-    pub expiry_grace_minutes: u32,
-    /// The bound on a job's bill: every instance is terminated by the
-    /// deadline, or the cancel's arrival, plus this (1-60 min). Cleanup
-    /// steps get what is left of it.
-    pub cleanup_grace_minutes: u32,
-    /// The deployment's worker instance profile, for specs that name none.
-    pub worker_instance_profile: Option<String>,
-    /// How long a pass may work before it saves and re-queues itself.
-    pub pass_budget_seconds: u32,
-    /// An agent not Online this long after launch, or silent this long while
-    /// its instance works, counts as a lost instance.
-    pub agent_timeout_seconds: u32,
-    /// Working instances' agents and status checks are looked at this often,
-    /// not every pass: at 1,000 instances one check is 20 + 10 calls.
-    pub health_check_seconds: u32,
-    /// An instance whose status checks stay `impaired` this long is replaced
-    /// (EC2 checks every minute; a system check may recover on its own).
-    pub impaired_timeout_seconds: u32,
-    /// The reaper acts on an orphan only once its mark is this old: less
-    /// than the reaper's period, so the next pass acts.
-    pub reaper_mark_grace_seconds: u32,
-    /// The reaper plans and reports, and changes nothing.
-    pub reaper_dry_run: bool,
-    /// While shards work, a job is polled this often: EC2 and SSM events
-    /// move it on, so this is the safety net (default: the poll delay;
-    /// template.yaml's SafetyPollSeconds, where the rules deliver events).
-    pub safety_poll_seconds: Option<u32>,
-    /// Launches take turns through one token bucket in the jobs bucket
-    /// (`admission.rs`), so jobs launching at once do not throttle each other.
-    pub launch_admission: bool,
-    /// The deployment's name (`flotilla:stack` on everything it creates).
-    pub stack: String,
-    /// Roles in the accounts `role_arn` jobs use, which the reaper assumes
-    /// to reap orphans there too.
-    pub reaper_roles: Vec<String>,
-    /// This deployment's account and Region, when known (in Lambda).
-    pub account_id: Option<String>,
-    pub region: Option<String>,
-    /// Limits the deployment puts on every job (template parameters).
-    pub limits: crate::spec::Limits,
-}
-
-impl Settings {
-    /// The safety-net poll while shards work: the poll delay unless set.
-    pub fn safety_poll(&self) -> u32 {
-        self.safety_poll_seconds.unwrap_or(self.poll_delay_seconds)
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            poll_delay_seconds: 20,
-            expiry_grace_minutes: 30,
-            cleanup_grace_minutes: 15,
-            worker_instance_profile: None,
-            pass_budget_seconds: 50,
-            agent_timeout_seconds: 900,
-            health_check_seconds: 60,
-            impaired_timeout_seconds: 300,
-            reaper_mark_grace_seconds: 240,
-            reaper_dry_run: false,
-            safety_poll_seconds: None,
-            launch_admission: false,
-            stack: "flotilla".to_string(),
-            reaper_roles: vec![],
-            account_id: None,
-            region: None,
-            limits: crate::spec::Limits::default(),
-        }
-    }
 }

@@ -33,11 +33,12 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::error::{CloudError, StepError};
-use crate::ports::{tags, Cloud, InstanceView, Ports, SnapshotView, VolumeView, WriteOutcome};
+use crate::ports::{Cloud, InstanceView, Ports, SnapshotView, VolumeView, WriteOutcome};
 use crate::record::{JobRecord, JobState, Outcome, PhaseStamp};
 use crate::retention::{self, Facts};
 use crate::spec::VolumeSource;
 use crate::states::{InstanceState, SnapshotState, VolumeState};
+use crate::tags;
 use crate::wake::Trigger;
 
 /// A job that is not terminal, as the reaper saw it.
@@ -654,7 +655,7 @@ async fn end_job(ports: &Ports, job_id: &str, why: &str, version: &str) -> Resul
 }
 
 impl ReaperSettings {
-    pub fn from(settings: &crate::ports::Settings) -> Self {
+    pub fn from(settings: &crate::settings::Settings) -> Self {
         ReaperSettings {
             mark_grace: Duration::seconds(i64::from(settings.reaper_mark_grace_seconds)),
             stall_grace: Duration::minutes(i64::from(settings.expiry_grace_minutes)),

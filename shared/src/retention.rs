@@ -34,8 +34,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Duration, Utc};
 
 use crate::mutation::{self, Mutation};
-use crate::ports::{tags, SnapshotView};
+use crate::ports::SnapshotView;
 use crate::states::SnapshotState;
+use crate::tags;
 
 /// How long snapshots that are not good are kept when `max_age_days` is 0.
 pub const FAILED_RUN_DAYS: i64 = 7;

@@ -12,11 +12,13 @@ use chrono::{Duration, TimeZone, Utc};
 use crate::fake::Rng;
 use flotilla_shared::error::CloudError;
 use flotilla_shared::plan::plan;
-use flotilla_shared::ports::{tags, InstanceView, InvocationView, Settings, SnapshotView, VolumeView};
+use flotilla_shared::ports::{InstanceView, InvocationView, SnapshotView, VolumeView};
 use flotilla_shared::reconcile::decide::*;
 use flotilla_shared::record::{JobRecord, Phase};
+use flotilla_shared::settings::Settings;
 use flotilla_shared::spec::{parse, SnapshotPolicy};
 use flotilla_shared::states::SnapshotState;
+use flotilla_shared::tags;
 
 /// Where the checker's choices come from: a seeded generator, or the bytes
 /// a coverage-guided fuzzer mutates (so it can steer every choice).

@@ -25,8 +25,10 @@ use flotilla_shared::error::CloudError;
 use flotilla_shared::ports::*;
 use flotilla_shared::reconcile::WakeMessage;
 use flotilla_shared::record::{active_key, record_key, JobRecord};
+use flotilla_shared::settings::Settings;
 use flotilla_shared::spec::Market;
 use flotilla_shared::states::{CommandStatus, InstanceState, VolumeState};
+use flotilla_shared::tags;
 use flotilla_shared::wake::Trigger;
 
 /// What a command does on one instance: (exit code, stdout, seconds it takes).

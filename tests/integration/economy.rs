@@ -3,9 +3,10 @@
 
 use chrono::Duration;
 use flotilla_shared::intake;
-use flotilla_shared::ports::{Ports, Settings};
+use flotilla_shared::ports::Ports;
 use flotilla_shared::reconcile::{self, Handled, WakeMessage};
 use flotilla_shared::record::{JobState, Phase, Stage};
+use flotilla_shared::settings::Settings;
 use flotilla_testkit::fake::{ApiLimits, FakeCloud};
 use flotilla_testkit::sim;
 use serde_json::json;

@@ -8,11 +8,13 @@ use std::collections::BTreeMap;
 
 use chrono::Duration;
 use flotilla_shared::intake::{self, Intake};
-use flotilla_shared::ports::{tags, LaunchRequest, Ports, Settings};
+use flotilla_shared::ports::{LaunchRequest, Ports};
 use flotilla_shared::reaper::{self, ReaperSettings};
 use flotilla_shared::reconcile::{self, decide::client_token};
 use flotilla_shared::record::{JobRecord, JobState};
+use flotilla_shared::settings::Settings;
 use flotilla_shared::spec::Market;
+use flotilla_shared::tags;
 use flotilla_testkit::fake::{FakeCloud, FakeInstance, FakeSnapshot, FakeVolume};
 use flotilla_testkit::sim;
 use serde_json::json;

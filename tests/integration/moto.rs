@@ -13,8 +13,9 @@ use aws_lambda_events::event::sqs::SqsEvent;
 use aws_sdk_s3::config::Credentials;
 use flotilla_shared::aws::{self, Environment};
 use flotilla_shared::handlers;
-use flotilla_shared::ports::{Ports, Settings};
+use flotilla_shared::ports::Ports;
 use flotilla_shared::record::JobRecord;
+use flotilla_shared::settings::Settings;
 use serde_json::json;
 
 /// Read at run time: a shared CARGO_TARGET_DIR may hold a binary compiled in

@@ -575,7 +575,7 @@ async fn a_listed_instance_fails_its_status_check_and_its_agent_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_and_snapshots_page_by_max_results() {
     use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
-    use flotilla_shared::ports::tags;
+    use flotilla_shared::tags;
     let stack = MotoStack::start().await;
     let ec2 = stack.ec2();
     let [managed, of_stack] = tags::scope("paged");
@@ -691,7 +691,7 @@ async fn instance_state_and_command_status_events_reach_eventbridge_rules() {
 #[tokio::test]
 async fn a_completed_snapshot_wakes_its_job_and_no_other() {
     use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
-    use flotilla_shared::ports::tags;
+    use flotilla_shared::tags;
 
     let stack = MotoStack::start().await;
     let ports = stack.ports();

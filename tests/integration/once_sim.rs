@@ -110,8 +110,9 @@ async fn a_lost_snapshot_is_adopted_and_taken_twice_without_the_rule() {
 /// it mounted: it terminates the instance.)
 #[tokio::test]
 async fn a_mounted_volume_detaches_only_once_unmounted() {
-    use flotilla_shared::ports::{tags, CommandRequest, Commands, NewVolume, Volumes};
+    use flotilla_shared::ports::{CommandRequest, Commands, NewVolume, Volumes};
     use flotilla_shared::shell::{quote, VOLUME_OP_MARKER};
+    use flotilla_shared::tags;
     use flotilla_testkit::fake::{FakeCloud, FakeInstance};
     let now = sim::start_time();
     let cloud = FakeCloud::new(now);

@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
 use chrono::{Duration, SecondsFormat, Utc};
 use flotilla_shared::plan::plan;
-use flotilla_shared::ports::tags;
 use flotilla_shared::reaper::{self, ReapAction, ReaperSettings};
 use flotilla_shared::record::JobRecord;
 use flotilla_shared::spec::parse;
+use flotilla_shared::tags;
 use serde_json::Value;
 
 use crate::moto::{job, MotoStack};

@@ -528,7 +528,7 @@ async fn a_missing_snapshot_fails_the_job_and_tears_down() {
         started_at: at,
         completes_at: at,
         fails: false,
-        tags: BTreeMap::from([(flotilla_shared::ports::tags::ALLOW.to_string(), ports.settings.stack.clone())]),
+        tags: BTreeMap::from([(flotilla_shared::tags::ALLOW.to_string(), ports.settings.stack.clone())]),
         listed_at: at,
     });
     let mut spec = job("bad-snapshot");

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use chrono::Duration;
 use flotilla_shared::intake::{self, Intake};
 use flotilla_shared::mutation::{self, Mutation};
-use flotilla_shared::ports::tags;
 use flotilla_shared::record::JobState;
 use flotilla_shared::sources;
+use flotilla_shared::tags;
 use flotilla_testkit::fake::{FakeCloud, Faults, Latencies};
 use flotilla_testkit::sim;
 

@@ -17,9 +17,10 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
-use flotilla_shared::ports::{InstanceView, InvocationView, Ports, Settings};
+use flotilla_shared::ports::{InstanceView, InvocationView, Ports};
 use flotilla_shared::reconcile::decide::{decide, Context, Observation};
 use flotilla_shared::record::{active_key, CommandBatch, JobRecord, Phase, PhaseRun, Stage};
+use flotilla_shared::settings::Settings;
 use flotilla_shared::{handlers, intake, plan, reconcile};
 use flotilla_testkit::fake::{ApiLimits, FakeCloud, Faults, Latencies};
 use flotilla_testkit::sim;

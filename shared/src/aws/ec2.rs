@@ -13,11 +13,10 @@ use chrono::{DateTime, Utc};
 
 use super::cloud_error;
 use crate::error::{CloudError, RetryClass};
-use crate::ports::{
-    tags, CloudResult, Fleet, InstanceView, LaunchRequest, NewVolume, SnapshotView, VolumeView, Volumes,
-};
+use crate::ports::{CloudResult, Fleet, InstanceView, LaunchRequest, NewVolume, SnapshotView, VolumeView, Volumes};
 use crate::spec::Market;
 use crate::states::{InstanceState, SnapshotState, VolumeState};
+use crate::tags;
 
 /// DescribeInstances accepts up to 1000 ids; smaller chunks keep responses small.
 const DESCRIBE_CHUNK: usize = 200;

@@ -16,7 +16,8 @@ use aws_sdk_ec2::config::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 use crate::error::{CloudError, RetryClass, SpecError};
-use crate::ports::{Accounts, Cloud, CloudResult, Ports, Settings, SystemClock};
+use crate::ports::{Accounts, Cloud, CloudResult, Ports, SystemClock};
+use crate::settings::Settings;
 
 /// Load the SDK config from the environment. `AWS_ENDPOINT_URL` points every
 /// client at an emulator such as moto. Adaptive retry: the SDK backs off

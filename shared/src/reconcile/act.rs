@@ -9,13 +9,14 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{CloudError, RetryClass};
 use crate::fence;
-use crate::ports::{tags, Cloud, Ports};
+use crate::ports::{Cloud, Ports};
 use crate::reconcile::decide::{Action, Done};
 use crate::record::JobRecord;
 use crate::report;
 use crate::retention::{self, Facts, Policy};
 use crate::sources;
 use crate::states::SnapshotState;
+use crate::tags;
 
 /// `lease_end`: a create with no ClientToken starts only if it can end
 /// before the pass's lease does (`fence`), after its lookup.

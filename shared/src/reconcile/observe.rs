@@ -9,11 +9,13 @@ use chrono::{DateTime, Duration, Utc};
 
 use tracing::warn;
 
-use crate::ports::{tags, Cloud, CloudResult, Settings};
+use crate::ports::{Cloud, CloudResult};
 use crate::reconcile::{decide, Observation};
 use crate::record::{JobRecord, Stage};
+use crate::settings::Settings;
 use crate::spec::VolumeSource;
 use crate::states::{CommandStatus, InstanceState, SnapshotState};
+use crate::tags;
 
 /// A command in flight is listed when an event named one of its instances
 /// (`focus`), when it was not listed for a safety poll, when it is past its

@@ -15,8 +15,9 @@ use serde_json::{json, Value};
 use super::{settings, start_time, TICK_SECONDS};
 use crate::fake::{CommandBehaviour, FakeCloud, FakeSnapshot, Faults, Latencies, Rng};
 use flotilla_shared::intake;
-use flotilla_shared::ports::{tags, Ports};
+use flotilla_shared::ports::Ports;
 use flotilla_shared::record::{active_key, JobState};
+use flotilla_shared::tags;
 
 /// Past its bound, a job's instances must be shutting down within this: the
 /// pass at the bound, a snapshot's answer, and a crash's redelivery (150 s)

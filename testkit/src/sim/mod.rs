@@ -15,9 +15,10 @@ use serde_json::{json, Value};
 
 use crate::fake::{FakeCloud, Faults, Latencies, Rng};
 use flotilla_shared::intake;
-use flotilla_shared::ports::{Ports, Settings};
+use flotilla_shared::ports::Ports;
 use flotilla_shared::reconcile;
 use flotilla_shared::record::{JobRecord, JobState};
+use flotilla_shared::settings::Settings;
 use flotilla_shared::wake::Trigger;
 
 /// SQS hands a message to the DLQ after this many receives.
@@ -696,7 +697,7 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
                     .snapshots
                     .iter()
                     .filter(|_| !blank)
-                    .filter(|s| s.tags.get(flotilla_shared::ports::tags::ATTEMPT) == Some(&previous.token) && !s.fails)
+                    .filter(|s| s.tags.get(flotilla_shared::tags::ATTEMPT) == Some(&previous.token) && !s.fails)
                     .filter(|s| created_at.is_some_and(|at| s.completes_at <= at))
                     .max_by_key(|s| s.started_at)
                     .map(|s| s.id.clone());
@@ -725,7 +726,7 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     }
     let mut launched: BTreeMap<String, usize> = BTreeMap::new();
     for instance in &state.instances {
-        let token = instance.tags.get(flotilla_shared::ports::tags::LAUNCH).cloned().unwrap_or_default();
+        let token = instance.tags.get(flotilla_shared::tags::LAUNCH).cloned().unwrap_or_default();
         *launched.entry(token).or_default() += 1;
     }
     for (token, count) in &launched {
@@ -822,7 +823,7 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     let mut taken: BTreeMap<(&String, Option<&String>), Vec<&String>> = BTreeMap::new();
     for snapshot in state.evidence.snapshots_created.iter().filter(|s| !s.fails) {
         taken
-            .entry((&snapshot.volume_id, snapshot.tags.get(flotilla_shared::ports::tags::ATTEMPT)))
+            .entry((&snapshot.volume_id, snapshot.tags.get(flotilla_shared::tags::ATTEMPT)))
             .or_default()
             .push(&snapshot.id);
     }

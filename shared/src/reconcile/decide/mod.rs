@@ -19,7 +19,6 @@
 //! - `settle`: an ended attempt is retried, replaced or gives its shard a result;
 //! - `finish`: the job's outcome, state, report and final cleanup;
 //! - `timing`: when the next pass looks again;
-//! - `naming`: names, tags and ClientTokens;
 //! - `apply`: each action's reply folded back into the record.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,16 +29,19 @@ use crate::error::{CloudError, RetryClass};
 use crate::fence;
 use crate::mutation::{self, Mutation};
 use crate::ports::{
-    tags, CommandRequest, InstanceView, InvocationView, LaunchRequest, NewVolume, Settings, SnapshotView, VolumeView,
+    CommandRequest, InstanceView, InvocationView, LaunchRequest, NewVolume, SnapshotView, VolumeView,
     MAX_INSTANCES_PER_COMMAND,
 };
 use crate::record::*;
 use crate::retention;
+use crate::settings::Settings;
 use crate::shell::{self, MountTarget, Preamble};
 use crate::spec::{
     pattern_matches, CommandSpec, JobSpec, OnRetry, RetryAction, RetryStrategy, SnapshotPolicy, VolumeSource,
 };
 use crate::states::{CommandStatus, InstanceState, SnapshotState, VolumeState};
+use crate::tags;
+pub use crate::tags::{client_token, job_name, job_tags, submitter};
 
 mod actions;
 mod apply;
@@ -47,7 +49,6 @@ mod dispatch;
 mod finish;
 mod health;
 mod launch;
-mod naming;
 mod phases;
 mod release;
 mod settle;
@@ -63,7 +64,6 @@ use dispatch::*;
 use finish::*;
 use health::*;
 pub use launch::*;
-pub use naming::*;
 pub use phases::*;
 use release::*;
 pub use settle::*;
