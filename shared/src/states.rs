@@ -3,7 +3,8 @@
 //! name this code does not know (AWS adds states) parses as `Other`, keeps
 //! its text, and matches no rule written for a known state.
 
-/// An enum of AWS's state names, each written exactly as AWS spells it.
+/// An enum of names as they are written on the wire (AWS's states, a
+/// wake's trigger), each spelled exactly as written.
 macro_rules! aws_names {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal,)+ }) => {
         $(#[$doc])*
@@ -52,6 +53,7 @@ macro_rules! aws_names {
         }
     };
 }
+pub(crate) use aws_names;
 
 aws_names! {
     /// An EC2 instance's state (`InstanceStateName`).

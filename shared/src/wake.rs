@@ -38,72 +38,27 @@ impl WakeMessage {
     }
 }
 
-/// What sent a wake. Written as the kebab-case names older code wrote; a
-/// name this code does not know (from a newer or older version) still
-/// parses, as `Other`, and is treated as a trigger that asks for a pass.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "String", into = "String")]
-pub enum Trigger {
-    /// A job accepted by intake.
-    Submit,
-    /// A cancel recorded on the job.
-    Cancel,
-    /// The job's own scheduled look (`wake_id` names it).
-    Poll,
-    /// The safety tick, for every active job.
-    Tick,
-    /// An EC2, SSM or EBS event naming the job's instances or snapshots.
-    Event,
-    /// Sent by a trigger that found the lease held: comes when it ends.
-    LeaseEnd,
-    /// A dead-lettered message of the job, recorded by the reaper.
-    DeadLetter,
-    /// From before `LeaseEnd`: a trigger that found the lease held.
-    Busy,
-    Other(String),
-}
-
-impl Trigger {
-    pub fn as_str(&self) -> &str {
-        match self {
-            Trigger::Submit => "submit",
-            Trigger::Cancel => "cancel",
-            Trigger::Poll => "poll",
-            Trigger::Tick => "tick",
-            Trigger::Event => "event",
-            Trigger::LeaseEnd => "lease-end",
-            Trigger::DeadLetter => "dead-letter",
-            Trigger::Busy => "busy",
-            Trigger::Other(name) => name,
-        }
-    }
-}
-
-impl From<String> for Trigger {
-    fn from(name: String) -> Self {
-        match name.as_str() {
-            "submit" => Trigger::Submit,
-            "cancel" => Trigger::Cancel,
-            "poll" => Trigger::Poll,
-            "tick" => Trigger::Tick,
-            "event" => Trigger::Event,
-            "lease-end" => Trigger::LeaseEnd,
-            "dead-letter" => Trigger::DeadLetter,
-            "busy" => Trigger::Busy,
-            _ => Trigger::Other(name),
-        }
-    }
-}
-
-impl From<Trigger> for String {
-    fn from(trigger: Trigger) -> Self {
-        trigger.as_str().to_string()
-    }
-}
-
-impl std::fmt::Display for Trigger {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+crate::states::aws_names! {
+    /// What sent a wake, as older code wrote it; a name this code does not
+    /// know (from a newer or older version) still parses, as `Other`, and
+    /// is treated as a trigger that asks for a pass.
+    Trigger {
+        /// A job accepted by intake.
+        Submit = "submit",
+        /// A cancel recorded on the job.
+        Cancel = "cancel",
+        /// The job's own scheduled look (`wake_id` names it).
+        Poll = "poll",
+        /// The safety tick, for every active job.
+        Tick = "tick",
+        /// An EC2, SSM or EBS event naming the job's instances or snapshots.
+        Event = "event",
+        /// Sent by a trigger that found the lease held: comes when it ends.
+        LeaseEnd = "lease-end",
+        /// A dead-lettered message of the job, recorded by the reaper.
+        DeadLetter = "dead-letter",
+        /// From before `LeaseEnd`: a trigger that found the lease held.
+        Busy = "busy",
     }
 }
 
