@@ -31,12 +31,46 @@ if __name__ == "__main__":
 import flotilla_moto  # noqa: E402  (patches moto before the server imports it)
 from moto.server import main  # noqa: E402
 
+SLOW_SECONDS = 0.5
+
+
+def _log_slow_requests():
+    """Log every request that takes SLOW_SECONDS or more, with its action:
+    where the local stack's time goes when a figure of the smoke run is
+    late (tools/fast_path.py)."""
+    import io
+    import time
+    import urllib.parse
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication
+
+    served = DomainDispatcherApplication.__call__
+
+    def timed(self, environ, start_response):
+        action = environ.get("HTTP_X_AMZ_TARGET", "")
+        if not action and environ.get("REQUEST_METHOD") == "POST":
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            environ["wsgi.input"] = io.BytesIO(body)
+            action = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("Action", [""])[0]
+        action = action or f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO', '')[:60]}"
+        started = time.monotonic()
+        try:
+            return served(self, environ, start_response)
+        finally:
+            took = time.monotonic() - started
+            if took >= SLOW_SECONDS:
+                print(f"flotilla_moto: {time.strftime('%H:%M:%S')} slow request: {action} took {took:.2f} s",
+                      file=sys.stderr, flush=True)
+
+    DomainDispatcherApplication.__call__ = timed
+
 if __name__ == "__main__":
     # Emulated instances reach this server with their "instance profile"
     # credentials, as a real instance reaches AWS (see flotilla_moto gap 15).
     if "-p" in sys.argv:
         port = sys.argv[sys.argv.index("-p") + 1]
         os.environ.setdefault("FLOTILLA_EMU_ENDPOINT", f"http://127.0.0.1:{port}")
+    _log_slow_requests()
     flotilla_moto.reset_scratch()
     flotilla_moto.start_devices()
     main(sys.argv[1:])

@@ -16,7 +16,7 @@ use crate::error::StepError;
 use crate::intake;
 use crate::ports::{CloudResult, Ports};
 use crate::reconcile;
-use crate::sqs_batch::for_each_record;
+use crate::sqs_batch::{for_each_record, for_each_record_by};
 use crate::wake::{Trigger, WakeMessage};
 
 /// A batch from the reconcile queue: wakes, and EventBridge events that
@@ -38,7 +38,15 @@ pub async fn reconcile_batch(
     let handled = &handled;
     let mut batch = SqsEvent::default();
     batch.records = wakes;
-    let passes = for_each_record(batch, |message| async move {
+    // Jobs are passed at once (one job's long pass never holds back
+    // another's wake); one job's wakes in turn.
+    let job_of = |message: &SqsMessage| {
+        let body = message.body.as_deref().unwrap_or_default();
+        serde_json::from_str::<WakeMessage>(body)
+            .map(|wake| wake.job_id)
+            .unwrap_or_else(|_| message.message_id.clone().unwrap_or_default())
+    };
+    let passes = for_each_record_by(batch, job_of, |message| async move {
         let left = deadline.map(|d| d - Utc::now()).unwrap_or(most);
         let first = handled.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
         if left < chrono::Duration::seconds(5) && !first {
