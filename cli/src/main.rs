@@ -3,6 +3,9 @@
 //! Reads `.flotilla/local.env` (written by `make local-up`) when present, else
 //! the normal AWS environment plus FLOTILLA_BUCKET and FLOTILLA_JOBS_QUEUE_URL.
 
+// No function over 80 lines of code (clippy.toml); `make lint` denies warnings.
+#![warn(clippy::too_many_lines)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -220,9 +223,9 @@ fn market(market: spec::Market) -> &'static str {
     }
 }
 
-async fn plan_command(path: &PathBuf, prices_path: Option<&PathBuf>) -> Result<i32> {
-    let (_, job) = read_spec(path)?;
-    let (prices, prices_from) = match prices_path {
+/// The price table, and where it came from.
+fn load_prices(prices_path: Option<&PathBuf>) -> Result<(plan::Prices, String)> {
+    Ok(match prices_path {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             let prices = plan::Prices::with_override(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
@@ -231,31 +234,11 @@ async fn plan_command(path: &PathBuf, prices_path: Option<&PathBuf>) -> Result<i
         None => {
             (plan::Prices::builtin(), "the built-in table (shared/prices.json; override with --prices)".to_string())
         }
-    };
-    // An S3 prefix is listed now, as intake will list it.
-    let items = match &job.work {
-        Some(spec::WorkSpec::S3Prefix(uri)) => {
-            let config = aws::load_config().await;
-            let lister = aws::s3::S3Ledger::new(aws::s3_client(&config), String::new());
-            let bucket_and_prefix = spec::split_s3_uri(uri).context("work.s3_prefix")?;
-            match lister.list_keys(bucket_and_prefix.0, bucket_and_prefix.1, spec::MAX_WORK_ITEMS as usize).await {
-                Ok(Some(keys)) => Some(keys.iter().filter(|k| !k.ends_with('/')).count() as u64),
-                Ok(None) => {
-                    println!("rejected: work.s3_prefix: {uri} holds more than {} objects", spec::MAX_WORK_ITEMS);
-                    return Ok(1);
-                }
-                Err(e) => bail!("listing {uri}: {e}"),
-            }
-        }
-        _ => plan::given_items(&job),
-    };
-    let plan = match plan::plan_for(&job, items, &prices) {
-        Ok(plan) => plan,
-        Err(err) => {
-            println!("rejected: {err}");
-            return Ok(1);
-        }
-    };
+    })
+}
+
+/// What `flotilla plan` prints: the fleet, its items, cost and budget.
+fn print_plan(job: &spec::JobSpec, plan: &plan::Plan, prices_from: &str) {
     println!("fleet:     {} x {} ({})", plan.instance_count, plan.instance_type, market(plan.market));
     println!("sizing:    {}", plan.sizing);
     if let Some(items) = plan.items {
@@ -293,6 +276,11 @@ async fn plan_command(path: &PathBuf, prices_path: Option<&PathBuf>) -> Result<i
         println!("budget:    ${budget:.2}: the estimate fits");
     }
     println!("prices:    {prices_from}");
+    print_volumes_and_steps(job);
+}
+
+/// The volumes, the steps and how instances launch.
+fn print_volumes_and_steps(job: &spec::JobSpec) {
     for volume in &job.volumes {
         let source = match &volume.source {
             spec::VolumeSource::New { size_gib, volume_type } => {
@@ -315,6 +303,36 @@ async fn plan_command(path: &PathBuf, prices_path: Option<&PathBuf>) -> Result<i
             .collect();
     println!("steps:     {}", steps.join(" -> "));
     println!("launches:  IMDSv2 required, encrypted EBS, no key pair; tagged flotilla:managed-by, flotilla:job-id, flotilla:expires-at");
+}
+
+async fn plan_command(path: &PathBuf, prices_path: Option<&PathBuf>) -> Result<i32> {
+    let (_, job) = read_spec(path)?;
+    let (prices, prices_from) = load_prices(prices_path)?;
+    // An S3 prefix is listed now, as intake will list it.
+    let items = match &job.work {
+        Some(spec::WorkSpec::S3Prefix(uri)) => {
+            let config = aws::load_config().await;
+            let lister = aws::s3::S3Ledger::new(aws::s3_client(&config), String::new());
+            let bucket_and_prefix = spec::split_s3_uri(uri).context("work.s3_prefix")?;
+            match lister.list_keys(bucket_and_prefix.0, bucket_and_prefix.1, spec::MAX_WORK_ITEMS as usize).await {
+                Ok(Some(keys)) => Some(keys.iter().filter(|k| !k.ends_with('/')).count() as u64),
+                Ok(None) => {
+                    println!("rejected: work.s3_prefix: {uri} holds more than {} objects", spec::MAX_WORK_ITEMS);
+                    return Ok(1);
+                }
+                Err(e) => bail!("listing {uri}: {e}"),
+            }
+        }
+        _ => plan::given_items(&job),
+    };
+    let plan = match plan::plan_for(&job, items, &prices) {
+        Ok(plan) => plan,
+        Err(err) => {
+            println!("rejected: {err}");
+            return Ok(1);
+        }
+    };
+    print_plan(&job, &plan, &prices_from);
     println!("nothing was created");
     Ok(0)
 }

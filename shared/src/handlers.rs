@@ -110,23 +110,45 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
             Err(err) => warn!(%message_id, error = %err, "dropped: retrying cannot help"),
         }
     }
-    let fail = |response: &mut SqsBatchResponse, ids: &mut dyn Iterator<Item = &String>| {
-        for id in ids {
-            let mut failure = BatchItemFailure::default();
-            failure.item_identifier = id.clone();
-            response.batch_item_failures.push(failure);
-        }
-    };
     if named.is_empty() {
         return response;
     }
+    let jobs = owners(ports, &named, &mut response).await;
+    for (job_id, (message_ids, instances, interrupted)) in by_job(&named, &jobs) {
+        match wake_for_events(ports, &job_id, instances, interrupted).await {
+            Ok(()) => info!(%job_id, events = message_ids.len(), "events routed to their job"),
+            Err(err) if err.is_retryable() => {
+                warn!(%job_id, error = %err, "events will retry");
+                fail_all(&mut response, &mut message_ids.iter());
+            }
+            Err(err) => warn!(%job_id, error = %err, "events dropped: retrying cannot help"),
+        }
+    }
+    response
+}
+
+/// These messages go back to the queue.
+fn fail_all(response: &mut SqsBatchResponse, ids: &mut dyn Iterator<Item = &String>) {
+    for id in ids {
+        let mut failure = BatchItemFailure::default();
+        failure.item_identifier = id.clone();
+        response.batch_item_failures.push(failure);
+    }
+}
+
+/// The job of each subject, by tag, in one DescribeInstances and one
+/// DescribeSnapshots for the whole batch; a lookup that fails costs only
+/// the events it was for.
+async fn owners(
+    ports: &Ports,
+    named: &[(String, String, Subject)],
+    response: &mut SqsBatchResponse,
+) -> BTreeMap<Subject, String> {
     let ids = |pick: fn(&Subject) -> Option<&String>| -> Vec<String> {
         named.iter().filter_map(|(_, _, s)| pick(s).cloned()).collect::<BTreeSet<_>>().into_iter().collect()
     };
     let instance_ids = ids(|s| if let Subject::Instance(id) = s { Some(id) } else { None });
     let snapshot_ids = ids(|s| if let Subject::Snapshot(id) = s { Some(id) } else { None });
-    // One DescribeInstances and one DescribeSnapshots for the whole batch;
-    // a lookup that fails costs only the events it was for.
     let stack = &ports.settings.stack;
     let mut jobs: BTreeMap<Subject, String> = BTreeMap::new();
     let instance_jobs = async {
@@ -152,16 +174,21 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
             Ok(found) => jobs.extend(found.into_iter().map(|(id, job)| (subject(id), job))),
             Err(err) if err.is_retryable() => {
                 warn!(error = %err, "events will retry");
-                fail(&mut response, &mut named.iter().filter(|(_, _, s)| covers(s)).map(|(m, _, _)| m));
+                fail_all(response, &mut named.iter().filter(|(_, _, s)| covers(s)).map(|(m, _, _)| m));
             }
             Err(err) => warn!(error = %err, "events dropped: retrying cannot help"),
         }
     }
-    // Per job: its messages, the instances events named, and those a spot warning named.
-    // (message ids, instances named, instances a spot warning named)
-    type Named = (Vec<String>, BTreeSet<String>, Vec<String>);
+    jobs
+}
+
+/// Per job: (its message ids, the instances events named, those a spot
+/// warning named).
+type Named = (Vec<String>, BTreeSet<String>, Vec<String>);
+
+fn by_job(named: &[(String, String, Subject)], jobs: &BTreeMap<Subject, String>) -> BTreeMap<String, Named> {
     let mut by_job: BTreeMap<String, Named> = BTreeMap::new();
-    for (message_id, detail_type, subject) in &named {
+    for (message_id, detail_type, subject) in named {
         let Some(job_id) = jobs.get(subject) else {
             info!(?subject, %detail_type, "not a Flotilla resource of this stack; ignored");
             continue;
@@ -177,40 +204,36 @@ async fn route_events(ports: &Ports, messages: Vec<SqsMessage>) -> SqsBatchRespo
             }
         }
     }
-    for (job_id, (message_ids, named, interrupted)) in by_job {
-        // The pass lists the named instances' commands at once.
-        let mut wake = WakeMessage::new(&job_id, Trigger::Event);
-        wake.instances = named.into_iter().collect();
-        let routed = async {
-            if !interrupted.is_empty() {
-                crate::inbox::update_inbox(
-                    ports,
-                    &job_id,
-                    move |record| {
-                        let fresh: Vec<String> =
-                            interrupted.iter().filter(|id| !record.interruptions.contains(id)).cloned().collect();
-                        record.interruptions.extend(fresh.iter().cloned());
-                        !fresh.is_empty()
-                    },
-                    Trigger::Event,
-                )
-                .await?;
-            }
-            // Also after a repeated warning, which changes nothing and wakes nobody.
-            ports.queue.send(&wake, 0).await?;
-            Ok::<(), StepError>(())
-        }
-        .await;
-        match routed {
-            Ok(()) => info!(%job_id, events = message_ids.len(), "events routed to their job"),
-            Err(err) if err.is_retryable() => {
-                warn!(%job_id, error = %err, "events will retry");
-                fail(&mut response, &mut message_ids.iter());
-            }
-            Err(err) => warn!(%job_id, error = %err, "events dropped: retrying cannot help"),
-        }
+    by_job
+}
+
+/// Record the spot warnings on the job, then wake it; the pass lists the
+/// named instances' commands at once. A repeated warning changes nothing
+/// and wakes nobody through the inbox, so the wake is sent regardless.
+async fn wake_for_events(
+    ports: &Ports,
+    job_id: &str,
+    instances: BTreeSet<String>,
+    interrupted: Vec<String>,
+) -> Result<(), StepError> {
+    let mut wake = WakeMessage::new(job_id, Trigger::Event);
+    wake.instances = instances.into_iter().collect();
+    if !interrupted.is_empty() {
+        crate::inbox::update_inbox(
+            ports,
+            job_id,
+            move |record| {
+                let fresh: Vec<String> =
+                    interrupted.iter().filter(|id| !record.interruptions.contains(id)).cloned().collect();
+                record.interruptions.extend(fresh.iter().cloned());
+                !fresh.is_empty()
+            },
+            Trigger::Event,
+        )
+        .await?;
     }
-    response
+    ports.queue.send(&wake, 0).await?;
+    Ok(())
 }
 
 /// The event's detail-type and what it is about.

@@ -133,6 +133,66 @@ pub async fn scheduled(ports: &Ports, rule_name: &str, fired_at: DateTime<Utc>) 
     submit_spec(ports, &body, job_id, Some(format!("schedule:{rule_name}")), Mode::Submit).await
 }
 
+/// The job's limits, the secrets it may read, the deployment's total, and
+/// the sources it names: Err with the reason it is refused.
+async fn admit(
+    ports: &Ports,
+    spec: &JobSpec,
+    job_id: &str,
+    instances: u32,
+    mode: Mode,
+) -> Result<Result<(), String>, StepError> {
+    if let Err(err) = ports.settings.limits.check(spec, instances) {
+        return Ok(Err(err.message));
+    }
+    if let Err(reason) = check_secret_scope(spec, &ports.settings) {
+        return Ok(Err(reason));
+    }
+    if let Some(reason) = over_total(ports, job_id, instances).await? {
+        return Ok(Err(reason));
+    }
+    check_sources(ports, spec, job_id, mode).await
+}
+
+/// Store the accepted job and wake it. The record takes the place of an
+/// earlier rejection; an existing job is only woken (a redelivery).
+async fn store(ports: &Ports, record: &JobRecord, now: DateTime<Utc>) -> Result<Intake, StepError> {
+    let job_id = record.job_id.clone();
+    // The marker first: a job the tick cannot see could strand if its wake is lost.
+    ports.ledger.set_active(&job_id, true).await?;
+    match ports.ledger.create(record).await? {
+        WriteOutcome::Written { .. } => {
+            honour_late_cancel(ports, &job_id, now).await?;
+            ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
+            info!(%job_id, reason = %record.reason, "job accepted");
+            Ok(Intake::Accepted { job_id })
+        }
+        WriteOutcome::Conflict => {
+            // A rejection holds nothing: a bad body that claimed this id must
+            // not turn the valid submission that follows into a no-op.
+            if let Some(existing) = ports.ledger.load(&job_id).await? {
+                if existing.record.state == crate::record::JobState::Rejected {
+                    if let WriteOutcome::Written { .. } = ports.ledger.replace(record, &existing.version).await? {
+                        honour_late_cancel(ports, &job_id, now).await?;
+                        ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
+                        info!(%job_id, "job accepted in place of an earlier rejection");
+                        return Ok(Intake::Accepted { job_id });
+                    }
+                }
+            }
+            // A redelivery, perhaps after a crash before the wake was sent:
+            // waking a job is always harmless.
+            if let Some(existing) = ports.ledger.load(&job_id).await? {
+                if !existing.record.state.is_terminal() {
+                    ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
+                }
+                info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
+            }
+            Ok(Intake::AlreadyKnown { job_id })
+        }
+    }
+}
+
 async fn submit_spec(
     ports: &Ports,
     body: &str,
@@ -189,16 +249,7 @@ async fn submit_spec(
         Ok(plan) => plan,
         Err(err) => return refuse(job_id, err.message, body).await,
     };
-    if let Err(err) = ports.settings.limits.check(&spec, plan.instance_count) {
-        return refuse(job_id, err.message, body).await;
-    }
-    if let Err(reason) = check_secret_scope(&spec, &ports.settings) {
-        return refuse(job_id, reason, body).await;
-    }
-    if let Some(reason) = over_total(ports, &job_id, plan.instance_count).await? {
-        return refuse(job_id, reason, body).await;
-    }
-    if let Err(reason) = check_sources(ports, &spec, &job_id, mode).await? {
+    if let Err(reason) = admit(ports, &spec, &job_id, plan.instance_count, mode).await? {
         return refuse(job_id, reason, body).await;
     }
     if mode == Mode::DryRun {
@@ -213,41 +264,9 @@ async fn submit_spec(
     if let Some(WorkSpec::List(list)) = &mut spec.work {
         list.clear();
     }
-    let mut record = JobRecord::new(job_id.clone(), spec, plan, now);
+    let mut record = JobRecord::new(job_id, spec, plan, now);
     record.submitted_by = submitted_by;
-    // The marker first: a job the tick cannot see could strand if its wake is lost.
-    ports.ledger.set_active(&job_id, true).await?;
-    match ports.ledger.create(&record).await? {
-        WriteOutcome::Written { .. } => {
-            honour_late_cancel(ports, &job_id, now).await?;
-            ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
-            info!(%job_id, reason = %record.reason, "job accepted");
-            Ok(Intake::Accepted { job_id })
-        }
-        WriteOutcome::Conflict => {
-            // A rejection holds nothing: a bad body that claimed this id must
-            // not turn the valid submission that follows into a no-op.
-            if let Some(existing) = ports.ledger.load(&job_id).await? {
-                if existing.record.state == crate::record::JobState::Rejected {
-                    if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &existing.version).await? {
-                        honour_late_cancel(ports, &job_id, now).await?;
-                        ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
-                        info!(%job_id, "job accepted in place of an earlier rejection");
-                        return Ok(Intake::Accepted { job_id });
-                    }
-                }
-            }
-            // A redelivery, perhaps after a crash before the wake was sent:
-            // waking a job is always harmless.
-            if let Some(existing) = ports.ledger.load(&job_id).await? {
-                if !existing.record.state.is_terminal() {
-                    ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
-                }
-                info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
-            }
-            Ok(Intake::AlreadyKnown { job_id })
-        }
-    }
+    store(ports, &record, now).await
 }
 
 /// Where an operator overrides the built-in price table.

@@ -4,6 +4,8 @@
 
 // aws_lambda_events' types are #[non_exhaustive]: built from Default, then set.
 #![allow(clippy::field_reassign_with_default)]
+// No function over 80 lines of code (clippy.toml); `make lint` denies warnings.
+#![warn(clippy::too_many_lines)]
 
 pub mod admission;
 #[cfg(feature = "aws")]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::plan::cents;
-use crate::record::JobRecord;
+use crate::record::{Attempt, JobRecord};
 use crate::spec::Market;
 
 /// How many output lines per instance the report shows.
@@ -41,42 +41,9 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
         let _ = writeln!(out, "warning: {warning}");
     }
     if let Some(plan) = &record.plan {
-        let cost = match &plan.estimate {
-            Some(e) => format!(
-                "estimated ${:.2} for {:.2} instance-hours (instances ${:.2}, volumes ${:.2}, snapshots ${:.2}; at most ${:.2})",
-                e.total_usd, e.instance_hours, e.instances_usd, e.volumes_usd, e.snapshots_usd, e.max_usd
-            ),
-            None => format!("no price for {} in the price table", plan.instance_type),
-        };
-        let market = match plan.market {
-            crate::spec::Market::OnDemand => "on-demand",
-            crate::spec::Market::Spot => "spot",
-        };
-        let _ = writeln!(out, "plan: {} x {} ({market}); {}", plan.instance_count, plan.instance_type, plan.sizing);
-        if let Some(items) = plan.items {
-            let manifests =
-                plan.manifests.as_deref().map(|m| format!(", manifests {m}<shard>.txt")).unwrap_or_default();
-            let _ = writeln!(out, "items: {items} over {} shards{manifests}", plan.instance_count);
-        }
-        let _ = writeln!(out, "cost: {cost}");
-        let realized = realized(record);
-        let usd = realized.usd.map(|u| format!("${u:.2}")).unwrap_or_else(|| "unpriced".to_string());
-        let _ = writeln!(
-            out,
-            "realized: {} instance-seconds ({:.2} instance-hours), {usd} from launch and terminate times",
-            realized.instance_seconds,
-            realized.instance_seconds as f64 / 3600.0
-        );
+        write_plan(&mut out, record, plan);
     }
-    let _ = writeln!(out, "timeline:");
-    for (index, stamp) in record.timeline.iter().enumerate() {
-        let took = record
-            .timeline
-            .get(index + 1)
-            .map(|next| format!(" ({:.1}s)", (next.at - stamp.at).num_milliseconds() as f64 / 1000.0))
-            .unwrap_or_default();
-        let _ = writeln!(out, "  {}  {}{took}", stamp.at.format("%Y-%m-%dT%H:%M:%S%.3fZ"), stamp.state);
-    }
+    write_timeline(&mut out, record);
     let shown = record.shards.len().min(MAX_SHARDS_SHOWN);
     if !record.shards.is_empty() {
         let failed = record.shards.iter().filter(|s| s.result.as_ref().is_some_and(|r| !r.succeeded)).count();
@@ -97,73 +64,7 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
         };
         let _ = writeln!(out, "shard {}: {result}", shard.index);
         for attempt in &shard.attempts {
-            let launch = record.launch_of(attempt);
-            let market = match launch.market {
-                crate::spec::Market::OnDemand => "on-demand",
-                crate::spec::Market::Spot => "spot",
-            };
-            let ended = match &attempt.end {
-                Some(e) if e.detail.is_empty() => format!(" -> {}", e.cause.as_str()),
-                Some(e) => format!(" -> {}: {}", e.cause.as_str(), e.detail),
-                None => String::new(),
-            };
-            let _ = writeln!(
-                out,
-                "  attempt {} {} {} {market} {}{ended}",
-                attempt.number,
-                attempt.instance_id.as_deref().unwrap_or("(not launched)"),
-                launch.instance_type,
-                attempt.availability_zone.as_deref().unwrap_or("")
-            );
-            if !attempt.completed_phases.is_empty() {
-                let names: Vec<&str> = attempt.completed_phases.iter().map(|p| p.as_str()).collect();
-                let _ = writeln!(out, "    phases succeeded: {}", names.join(", "));
-                for phase in &attempt.completed_phases {
-                    if let Some(lines) = tails.get(&(shard.index, attempt.number, phase.as_str().to_string())) {
-                        let skip = lines.len().saturating_sub(tail);
-                        for line in &lines[skip..] {
-                            let _ = writeln!(out, "      {} | {line}", phase.as_str());
-                        }
-                    }
-                }
-            }
-            for run in &attempt.phases {
-                let batch = record.commands.get(&run.batch);
-                let took = match (run.finished_at, batch) {
-                    (Some(f), Some(b)) => {
-                        format!(" in {:.1}s", (f - b.dispatched_at).num_milliseconds() as f64 / 1000.0)
-                    }
-                    _ => String::new(),
-                };
-                let code = run.exit_code.map(|c| format!(" exit {c}")).unwrap_or_default();
-                let status = run.status.as_ref().map_or("in progress", |s| s.as_str());
-                let _ = writeln!(
-                    out,
-                    "    {} {status}{code}{took} [{}]",
-                    run.phase.as_str(),
-                    batch.and_then(|b| b.command_id.as_deref()).unwrap_or("-")
-                );
-                if let Some(lines) = tails.get(&(shard.index, attempt.number, run.phase.as_str().to_string())) {
-                    let skip = lines.len().saturating_sub(tail);
-                    for line in &lines[skip..] {
-                        let _ = writeln!(out, "      | {line}");
-                    }
-                }
-            }
-            for v in &attempt.volumes {
-                let fate = match (&v.kept, v.deleted) {
-                    (Some(why), _) => format!("kept: {why}"),
-                    (None, true) => "deleted".to_string(),
-                    (None, false) => "in use".to_string(),
-                };
-                let snapshot = v
-                    .snapshot
-                    .as_ref()
-                    .and_then(|s| s.snapshot_id.as_ref().map(|id| format!(", snapshot {id} {}", s.state)))
-                    .unwrap_or_default();
-                let _ =
-                    writeln!(out, "    volume {} {} ({fate}{snapshot})", v.name, v.volume_id.as_deref().unwrap_or("-"));
-            }
+            write_attempt(&mut out, record, shard.index, attempt, tails, tail);
         }
         for note in &shard.trail {
             let _ = writeln!(out, "  why {}: {}", note.at.format("%H:%M:%S"), note.text);
@@ -183,6 +84,122 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
         let _ = writeln!(out, "received: {}", input.chars().take(300).collect::<String>());
     }
     out
+}
+
+
+/// The plan: fleet, items, estimated and realized cost.
+fn write_plan(out: &mut String, record: &JobRecord, plan: &crate::plan::Plan) {
+    let cost = match &plan.estimate {
+        Some(e) => format!(
+            "estimated ${:.2} for {:.2} instance-hours (instances ${:.2}, volumes ${:.2}, snapshots ${:.2}; at most ${:.2})",
+            e.total_usd, e.instance_hours, e.instances_usd, e.volumes_usd, e.snapshots_usd, e.max_usd
+        ),
+        None => format!("no price for {} in the price table", plan.instance_type),
+    };
+    let market = match plan.market {
+        crate::spec::Market::OnDemand => "on-demand",
+        crate::spec::Market::Spot => "spot",
+    };
+    let _ = writeln!(out, "plan: {} x {} ({market}); {}", plan.instance_count, plan.instance_type, plan.sizing);
+    if let Some(items) = plan.items {
+        let manifests =
+            plan.manifests.as_deref().map(|m| format!(", manifests {m}<shard>.txt")).unwrap_or_default();
+        let _ = writeln!(out, "items: {items} over {} shards{manifests}", plan.instance_count);
+    }
+    let _ = writeln!(out, "cost: {cost}");
+    let realized = realized(record);
+    let usd = realized.usd.map(|u| format!("${u:.2}")).unwrap_or_else(|| "unpriced".to_string());
+    let _ = writeln!(
+        out,
+        "realized: {} instance-seconds ({:.2} instance-hours), {usd} from launch and terminate times",
+        realized.instance_seconds,
+        realized.instance_seconds as f64 / 3600.0
+    );
+}
+
+/// Each state the job went through, and how long it stayed.
+fn write_timeline(out: &mut String, record: &JobRecord) {
+    let _ = writeln!(out, "timeline:");
+    for (index, stamp) in record.timeline.iter().enumerate() {
+        let took = record
+            .timeline
+            .get(index + 1)
+            .map(|next| format!(" ({:.1}s)", (next.at - stamp.at).num_milliseconds() as f64 / 1000.0))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {}  {}{took}", stamp.at.format("%Y-%m-%dT%H:%M:%S%.3fZ"), stamp.state);
+    }
+}
+
+/// One attempt of a shard: where it ran, its phases with their output
+/// tails, its volumes and what became of them.
+fn write_attempt(out: &mut String, record: &JobRecord, shard: u32, attempt: &Attempt, tails: &Tails, tail: usize) {
+    let launch = record.launch_of(attempt);
+    let market = match launch.market {
+        crate::spec::Market::OnDemand => "on-demand",
+        crate::spec::Market::Spot => "spot",
+    };
+    let ended = match &attempt.end {
+        Some(e) if e.detail.is_empty() => format!(" -> {}", e.cause.as_str()),
+        Some(e) => format!(" -> {}: {}", e.cause.as_str(), e.detail),
+        None => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "  attempt {} {} {} {market} {}{ended}",
+        attempt.number,
+        attempt.instance_id.as_deref().unwrap_or("(not launched)"),
+        launch.instance_type,
+        attempt.availability_zone.as_deref().unwrap_or("")
+    );
+    if !attempt.completed_phases.is_empty() {
+        let names: Vec<&str> = attempt.completed_phases.iter().map(|p| p.as_str()).collect();
+        let _ = writeln!(out, "    phases succeeded: {}", names.join(", "));
+        for phase in &attempt.completed_phases {
+            if let Some(lines) = tails.get(&(shard, attempt.number, phase.as_str().to_string())) {
+                let skip = lines.len().saturating_sub(tail);
+                for line in &lines[skip..] {
+                    let _ = writeln!(out, "      {} | {line}", phase.as_str());
+                }
+            }
+        }
+    }
+    for run in &attempt.phases {
+        let batch = record.commands.get(&run.batch);
+        let took = match (run.finished_at, batch) {
+            (Some(f), Some(b)) => {
+                format!(" in {:.1}s", (f - b.dispatched_at).num_milliseconds() as f64 / 1000.0)
+            }
+            _ => String::new(),
+        };
+        let code = run.exit_code.map(|c| format!(" exit {c}")).unwrap_or_default();
+        let status = run.status.as_ref().map_or("in progress", |s| s.as_str());
+        let _ = writeln!(
+            out,
+            "    {} {status}{code}{took} [{}]",
+            run.phase.as_str(),
+            batch.and_then(|b| b.command_id.as_deref()).unwrap_or("-")
+        );
+        if let Some(lines) = tails.get(&(shard, attempt.number, run.phase.as_str().to_string())) {
+            let skip = lines.len().saturating_sub(tail);
+            for line in &lines[skip..] {
+                let _ = writeln!(out, "      | {line}");
+            }
+        }
+    }
+    for v in &attempt.volumes {
+        let fate = match (&v.kept, v.deleted) {
+            (Some(why), _) => format!("kept: {why}"),
+            (None, true) => "deleted".to_string(),
+            (None, false) => "in use".to_string(),
+        };
+        let snapshot = v
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.snapshot_id.as_ref().map(|id| format!(", snapshot {id} {}", s.state)))
+            .unwrap_or_default();
+        let _ =
+            writeln!(out, "    volume {} {} ({fate}{snapshot})", v.name, v.volume_id.as_deref().unwrap_or("-"));
+    }
 }
 
 /// What a job's instances were billed for, from its record.

@@ -1,6 +1,9 @@
 //! The reconciler: wakes and EC2/SSM events for one job at a time. A thin
 //! composition root; the logic is `flotilla_shared::reconcile`.
 
+// No function over 80 lines of code (clippy.toml); `make lint` denies warnings.
+#![warn(clippy::too_many_lines)]
+
 use aws_lambda_events::event::sqs::SqsEvent;
 use flotilla_shared::{aws, handlers};
 use lambda_runtime::{service_fn, Error, LambdaEvent};

@@ -61,53 +61,18 @@ pub(super) async fn take(
             && record.lease.is_none()
             && record.updated_at.is_some_and(|at| started < at + gap);
         if early {
-            let due = record.updated_at.unwrap_or(started) + gap;
-            for id in &message.instances {
-                if !record.hinted.contains(id) {
-                    record.hinted.push(id.clone());
-                }
-            }
-            let send = record.wake.as_ref().is_none_or(|w| w.at > due + Duration::seconds(1));
-            if send {
-                let id = uuid::Uuid::new_v4().simple().to_string();
-                record.wake = Some(Wake { id: id.clone(), at: due });
-                let wake = WakeMessage { wake_id: Some(id), ..WakeMessage::new(&record.job_id, Trigger::Poll) };
-                ports.queue.send(&wake, (due - started).num_seconds().clamp(1, 900) as u32).await?;
-            }
-            if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &loaded.version).await? {
+            if defer(ports, message, &mut record, &loaded.version, started, gap).await? {
                 return Ok(Gate::Done(Handled::Deferred));
             }
             continue;
         }
-        if let Some(lease) = record.lease.as_ref().filter(|l| l.until > started) {
-            // A trigger that asks for something (not a poll, a tick or a
-            // lease-end) sets `woken`: the pass under way takes it in when
-            // it saves, and the job's next pass comes a gap after it ends
-            // and looks at every command in flight (`finish_pass`). Only
-            // the first of a pass writes, so a big job's burst of events
-            // costs that pass one conflict, not one per event.
-            let asks = !matches!(message.trigger, Some(Trigger::Poll | Trigger::Tick | Trigger::LeaseEnd));
-            if asks && record.woken {
+        if let Some(lease) = record.lease.clone().filter(|l| l.until > started) {
+            let fallback = (!fallback_sent).then_some(&lease);
+            fallback_sent = true;
+            if fold_into_pass(ports, message, &mut record, &loaded.version, started, fallback).await? {
                 return Ok(Gate::Done(Handled::Busy));
             }
-            // Should that pass die, this comes when its lease ends; it is
-            // dropped if the pass ends well. Sent first: a failed write
-            // then still leaves it on its way.
-            if !fallback_sent {
-                let remaining_ms = (lease.until - started).num_milliseconds();
-                let mut fallback = WakeMessage::new(&record.job_id, Trigger::LeaseEnd);
-                fallback.lease_owner = Some(lease.owner.clone());
-                fallback.instances = message.instances.clone();
-                ports.queue.send(&fallback, (remaining_ms / 1000 + 1).clamp(1, 900) as u32).await?;
-                fallback_sent = true;
-            }
-            if asks {
-                record.woken = true;
-                if let WriteOutcome::Conflict = ports.ledger.replace(&record, &loaded.version).await? {
-                    continue; // the pass saved or ended meanwhile: look again
-                }
-            }
-            return Ok(Gate::Done(Handled::Busy));
+            continue; // the pass saved or ended meanwhile: look again
         }
         record.lease = Some(Lease { owner: owner.to_string(), until: lease_until });
         if message.wake_id.is_some() && record.wake.as_ref().map(|w| &w.id) == message.wake_id.as_ref() {
@@ -127,4 +92,69 @@ pub(super) async fn take(
         }
     }
     taken.map(|taken| Gate::Pass(Box::new(taken))).ok_or_else(|| StepError::Contended(message.job_id.clone()))
+}
+
+/// An event (or a stale poll) right after a pass: its hints wait in the
+/// record for the pass a gap later, so a big job's scattered events share
+/// passes. True once written; false on a conflict (look again).
+async fn defer(
+    ports: &Ports,
+    message: &WakeMessage,
+    record: &mut JobRecord,
+    version: &str,
+    started: DateTime<Utc>,
+    gap: Duration,
+) -> Result<bool, StepError> {
+    let due = record.updated_at.unwrap_or(started) + gap;
+    for id in &message.instances {
+        if !record.hinted.contains(id) {
+            record.hinted.push(id.clone());
+        }
+    }
+    let send = record.wake.as_ref().is_none_or(|w| w.at > due + Duration::seconds(1));
+    if send {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        record.wake = Some(Wake { id: id.clone(), at: due });
+        let wake = WakeMessage { wake_id: Some(id), ..WakeMessage::new(&record.job_id, Trigger::Poll) };
+        ports.queue.send(&wake, (due - started).num_seconds().clamp(1, 900) as u32).await?;
+    }
+    Ok(matches!(ports.ledger.replace(record, version).await?, WriteOutcome::Written { .. }))
+}
+
+/// The lease is held by a pass under way. A trigger that asks for
+/// something (not a poll, a tick or a lease-end) sets `woken`: that pass
+/// takes it in when it saves, and the job's next pass comes a gap after it
+/// ends and looks at every command in flight (`finish_pass`). Only the
+/// first of a pass writes, so a big job's burst of events costs that pass
+/// one conflict, not one per event. Should that pass die, a `lease-end`
+/// wake (sent once per gate, given as `fallback`) comes when its lease
+/// ends; it is dropped if the pass ends well. True when done; false on a
+/// conflict (look again).
+async fn fold_into_pass(
+    ports: &Ports,
+    message: &WakeMessage,
+    record: &mut JobRecord,
+    version: &str,
+    started: DateTime<Utc>,
+    fallback: Option<&Lease>,
+) -> Result<bool, StepError> {
+    let asks = !matches!(message.trigger, Some(Trigger::Poll | Trigger::Tick | Trigger::LeaseEnd));
+    if asks && record.woken {
+        return Ok(true);
+    }
+    // Sent first: a failed write then still leaves it on its way.
+    if let Some(lease) = fallback {
+        let remaining_ms = (lease.until - started).num_milliseconds();
+        let mut wake = WakeMessage::new(&record.job_id, Trigger::LeaseEnd);
+        wake.lease_owner = Some(lease.owner.clone());
+        wake.instances = message.instances.clone();
+        ports.queue.send(&wake, (remaining_ms / 1000 + 1).clamp(1, 900) as u32).await?;
+    }
+    if asks {
+        record.woken = true;
+        if let WriteOutcome::Conflict = ports.ledger.replace(record, version).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

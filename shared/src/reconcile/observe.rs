@@ -11,7 +11,7 @@ use tracing::warn;
 
 use crate::ports::{Cloud, CloudResult};
 use crate::reconcile::{decide, Observation};
-use crate::record::{JobRecord, Stage};
+use crate::record::{Attempt, CommandBatch, JobRecord, Stage};
 use crate::settings::Settings;
 use crate::spec::VolumeSource;
 use crate::states::{CommandStatus, InstanceState, SnapshotState};
@@ -20,7 +20,7 @@ use crate::tags;
 /// A command in flight is listed when an event named one of its instances
 /// (`focus`), when it was not listed for a safety poll, when it is past its
 /// timeout, or while the job or its attempt is being stopped: not on every
-/// pass.
+/// pass. The calls go in this order, one look per concern.
 pub async fn observe(
     cloud: &Cloud,
     record: &JobRecord,
@@ -35,19 +35,46 @@ pub async fn observe(
             observation.instances.insert(view.instance_id.clone(), view);
         }
     }
-    // Agents of booting instances, and of those whose next command waits to
-    // be sent (SendCommand refuses the whole call if one agent is offline).
-    let waiting_send = |a: &crate::record::Attempt| {
+    look_at_agents(cloud, record, settings, now, launched, &mut observation).await?;
+    look_at_volumes(cloud, record, settings, &mut observation).await?;
+    look_at_snapshots(cloud, record, settings, &mut observation).await?;
+    find_unanswered_sends(cloud, record, settings, now, &mut observation).await?;
+    list_commands_in_flight(cloud, record, settings, now, focus, &mut observation).await?;
+    // A command that timed out: was its agent there to time it out, or gone?
+    let timed_out: Vec<String> = observation
+        .invocations
+        .values()
+        .filter(|v| v.status == CommandStatus::TimedOut && !observation.agents_checked.contains(&v.instance_id))
+        .map(|v| v.instance_id.clone())
+        .collect();
+    if !timed_out.is_empty() {
+        observation.online.extend(cloud.commands.online_agents(&timed_out).await?);
+        observation.agents_checked.extend(timed_out);
+    }
+    Ok(observation)
+}
+
+/// Status checks when they are due, then agents of booting instances and
+/// of those whose next command waits to be sent (SendCommand refuses the
+/// whole call if one agent is offline).
+async fn look_at_agents(
+    cloud: &Cloud,
+    record: &JobRecord,
+    settings: &Settings,
+    now: DateTime<Utc>,
+    launched: bool,
+    observation: &mut Observation,
+) -> CloudResult<()> {
+    let waiting_send = |a: &Attempt| {
         a.stage == Stage::Working
             && a.phases.iter().any(|p| {
                 p.status.is_none()
                     && (p.batch == 0 || record.commands.get(&p.batch).is_some_and(|b| b.command_id.is_none()))
             })
     };
-    let running = |a: &&crate::record::Attempt| {
-        a.instance_id
-            .as_ref()
-            .is_some_and(|id| observation.instances.get(id).is_some_and(|v| v.state == InstanceState::Running))
+    let instances = &observation.instances;
+    let running = |a: &&Attempt| {
+        a.instance_id.as_ref().is_some_and(|id| instances.get(id).is_some_and(|v| v.state == InstanceState::Running))
     };
     let health_due = launched
         && record
@@ -94,8 +121,17 @@ pub async fn observe(
         observation.online = cloud.commands.online_agents(&ask).await?.into_iter().collect();
         observation.agents_checked = ask.into_iter().collect();
     }
-    // Volumes matter while they are made and attached, released, or swept at
-    // the end; a working or booting attempt never looks at its volumes.
+    Ok(())
+}
+
+/// Volumes matter while they are made and attached, released, or swept at
+/// the end; a working or booting attempt never looks at its volumes.
+async fn look_at_volumes(
+    cloud: &Cloud,
+    record: &JobRecord,
+    settings: &Settings,
+    observation: &mut Observation,
+) -> CloudResult<()> {
     let attaching = record.shards.iter().filter_map(|s| s.current()).any(|a| a.stage == Stage::Attaching);
     let has_volumes = record.attempts().any(|a| !a.volumes.is_empty())
         || (attaching && record.spec.as_ref().is_some_and(|s| !s.volumes.is_empty()));
@@ -103,45 +139,56 @@ pub async fn observe(
         || record.attempts().any(|a| a.stage == Stage::Releasing)
         || record.outcome.is_some()
         || record.shards.iter().all(|s| s.result.is_some());
-    if has_volumes && volumes_moving {
-        for view in cloud
-            .volumes
-            .find_volumes(&[(tags::JOB_ID, record.job_id.as_str()), (tags::STACK, &settings.stack)])
-            .await?
-        {
-            observation.volumes.insert(view.volume_id.clone(), view);
-        }
-        // Sources the user named are not ours to tag: look at them by id.
-        let sources: BTreeSet<String> = record
-            .spec
-            .iter()
-            .flat_map(|s| s.volumes.iter())
-            .filter_map(|v| match &v.source {
-                VolumeSource::VolumeId(id) => Some(id.clone()),
-                _ => None,
-            })
-            .collect();
-        // Recorded volumes the tag search missed (gone, or not indexed yet), and
-        // sources the user named (not ours to tag): look at them by id.
-        let missing: BTreeSet<String> = record
-            .attempts()
-            .flat_map(|a| a.volumes.iter())
-            .filter(|v| !v.deleted && v.kept.is_none())
-            .filter_map(|v| v.volume_id.clone())
-            .filter(|id| !observation.volumes.contains_key(id))
-            .chain(sources)
-            .collect();
-        for id in missing {
-            match cloud.volumes.describe_volume(&id).await? {
-                Some(view) => {
-                    observation.volumes.insert(id, view);
-                }
-                None => {
-                    observation.gone_volumes.insert(id);
-                }
+    if !(has_volumes && volumes_moving) {
+        return Ok(());
+    }
+    for view in cloud
+        .volumes
+        .find_volumes(&[(tags::JOB_ID, record.job_id.as_str()), (tags::STACK, &settings.stack)])
+        .await?
+    {
+        observation.volumes.insert(view.volume_id.clone(), view);
+    }
+    // Sources the user named are not ours to tag: look at them by id.
+    let sources: BTreeSet<String> = record
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter())
+        .filter_map(|v| match &v.source {
+            VolumeSource::VolumeId(id) => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    // Recorded volumes the tag search missed (gone, or not indexed yet), and
+    // sources the user named (not ours to tag): look at them by id.
+    let missing: BTreeSet<String> = record
+        .attempts()
+        .flat_map(|a| a.volumes.iter())
+        .filter(|v| !v.deleted && v.kept.is_none())
+        .filter_map(|v| v.volume_id.clone())
+        .filter(|id| !observation.volumes.contains_key(id))
+        .chain(sources)
+        .collect();
+    for id in missing {
+        match cloud.volumes.describe_volume(&id).await? {
+            Some(view) => {
+                observation.volumes.insert(id, view);
+            }
+            None => {
+                observation.gone_volumes.insert(id);
             }
         }
     }
+    Ok(())
+}
+
+/// Snapshots only while one is pending.
+async fn look_at_snapshots(
+    cloud: &Cloud,
+    record: &JobRecord,
+    settings: &Settings,
+    observation: &mut Observation,
+) -> CloudResult<()> {
     let snapshot_pending = record
         .attempts()
         .flat_map(|a| a.volumes.iter())
@@ -155,14 +202,24 @@ pub async fn observe(
             observation.snapshots.insert(view.snapshot_id.clone(), view);
         }
     }
-    // A send decided in an earlier pass whose reply never came (a crash, a
-    // lost reply): did it reach SSM? Looked up by its comment before the
-    // batch can be re-planned, so a command that did is never sent twice.
-    // A phase a stopping job closed as never sent, once the takeover rule's
-    // window ended, is still looked for while SSM could deliver it (a lag
-    // past the assumed one): found, it is cancelled (`decide`).
+    Ok(())
+}
+
+/// A send decided in an earlier pass whose reply never came (a crash, a
+/// lost reply): did it reach SSM? Looked up by its comment before the
+/// batch can be re-planned, so a command that did is never sent twice.
+/// A phase a stopping job closed as never sent, once the takeover rule's
+/// window ended, is still looked for while SSM could deliver it (a lag
+/// past the assumed one): found, it is cancelled (`decide`).
+async fn find_unanswered_sends(
+    cloud: &Cloud,
+    record: &JobRecord,
+    settings: &Settings,
+    now: DateTime<Utc>,
+    observation: &mut Observation,
+) -> CloudResult<()> {
     let grace = settings.cleanup_grace_minutes;
-    let closed_unsent = |number: u64, batch: &crate::record::CommandBatch| {
+    let closed_unsent = |number: u64, batch: &CommandBatch| {
         let timeout = batch_timeout(record, batch, grace);
         let could_run = i64::from(crate::ports::delivery_timeout_seconds(timeout)) + i64::from(timeout);
         now < batch.dispatched_at + Duration::seconds(could_run)
@@ -173,7 +230,7 @@ pub async fn observe(
                 .any(|a| a.phases.iter().any(|p| p.batch == number && p.status == Some(CommandStatus::Cancelled)))
     };
     for (number, batch) in record.commands.iter().filter(|(_, b)| b.command_id.is_none() && b.dispatched_at < now) {
-        let open = |a: &crate::record::Attempt| {
+        let open = |a: &Attempt| {
             a.stage == Stage::Working && a.phases.iter().any(|p| p.status.is_none() && p.batch == *number)
         };
         let late = closed_unsent(*number, batch);
@@ -189,6 +246,18 @@ pub async fn observe(
             observation.sent.insert(*number, command_id);
         }
     }
+    Ok(())
+}
+
+/// Invocations of the commands in flight that are due a look.
+async fn list_commands_in_flight(
+    cloud: &Cloud,
+    record: &JobRecord,
+    settings: &Settings,
+    now: DateTime<Utc>,
+    focus: &BTreeSet<String>,
+    observation: &mut Observation,
+) -> CloudResult<()> {
     let mut in_flight: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for attempt in record.shards.iter().filter_map(|s| s.current()) {
         if attempt.stage != Stage::Working {
@@ -233,22 +302,11 @@ pub async fn observe(
         }
         observation.listed_commands.insert(command_id);
     }
-    // A command that timed out: was its agent there to time it out, or gone?
-    let timed_out: Vec<String> = observation
-        .invocations
-        .values()
-        .filter(|v| v.status == CommandStatus::TimedOut && !observation.agents_checked.contains(&v.instance_id))
-        .map(|v| v.instance_id.clone())
-        .collect();
-    if !timed_out.is_empty() {
-        observation.online.extend(cloud.commands.online_agents(&timed_out).await?);
-        observation.agents_checked.extend(timed_out);
-    }
-    Ok(observation)
+    Ok(())
 }
 
 /// The execution timeout a batch's command was sent with.
-fn batch_timeout(record: &JobRecord, batch: &crate::record::CommandBatch, grace_minutes: u32) -> u32 {
+fn batch_timeout(record: &JobRecord, batch: &CommandBatch, grace_minutes: u32) -> u32 {
     record.spec.as_ref().map_or(0, |spec| {
         decide::phase_timeout(
             spec,

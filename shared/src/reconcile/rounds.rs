@@ -16,6 +16,7 @@ use crate::error::StepError;
 use crate::fence;
 use crate::ports::{Cloud, Ports};
 use crate::reconcile::decide::Action;
+use crate::reconcile::Observation;
 use crate::record::{JobRecord, Outcome};
 
 /// One pass: where it acts, whose lease it holds, and its time.
@@ -42,62 +43,22 @@ pub(super) async fn run(
     for _ in 0..MAX_ROUNDS {
         again = false;
         let now = pass.ports.clock.now();
-        if let Err(err) = resolve_image(pass.cloud, record).await {
-            if err.is_transient() {
-                record.stalled = Some(format!("resolving the image: {err}"));
-                next = Next::After(TRANSIENT_BACKOFF_SECONDS);
-                break;
-            }
-            record.outcome.get_or_insert(Outcome::Failed);
-            record.outcome_reason.get_or_insert(format!("image: {err}"));
-        }
         // Observe. What triggers named is listed in the first round only.
-        let observation = match observe::observe(pass.cloud, record, &pass.ports.settings, now, &focus).await {
-            Ok(observation) => {
-                focus.clear();
-                record.observe_failures = 0;
-                record.stalled = None;
-                observation
-            }
-            Err(err) if err.is_retryable() => {
-                record.stalled = Some(format!("observing: {err}"));
-                next = Next::After(TRANSIENT_BACKOFF_SECONDS);
-                break;
-            }
-            Err(err) => {
-                record.observe_failures += 1;
-                warn!(job_id = %record.job_id, error = %err, "observation failed");
-                if record.observe_failures >= OBSERVE_FAILURES {
-                    give_up(record, &format!("cannot observe the job's resources: {err}"), now);
-                    next = Next::Finished;
-                } else {
-                    next = Next::After(TRANSIENT_BACKOFF_SECONDS * record.observe_failures);
-                }
+        let observation = match look(pass, record, now, &focus).await {
+            Ok(observation) => observation,
+            Err(stop) => {
+                next = stop;
                 break;
             }
         };
-        // Decide, and save the intents.
-        // Whole seconds: finer times only make the record bigger.
-        // The shared launch budget, asked only when something waits to launch.
-        // (Jobs in other accounts launch against those accounts' limits.)
-        let wanted = decide::launches_wanted(record);
-        let own_account = record.spec.as_ref().is_some_and(|s| s.role_arn.is_none());
-        let launch_grant = match (pass.ports.settings.launch_admission && own_account && wanted > 0).then_some(()) {
-            None => None,
-            Some(()) => match crate::admission::take(pass.ports.ledger.as_ref(), wanted, now).await {
-                Ok(grant) => Some(grant),
-                Err(err) => {
-                    record.stalled =
-                        Some(format!("taking from the launch pass.budget ({}): {err}", crate::admission::KEY));
-                    Some(crate::admission::Grant { instances: 0, retry_after_seconds: TRANSIENT_BACKOFF_SECONDS })
-                }
-            },
-        };
+        focus.clear();
+        // Decide, and save the intents. Whole seconds: finer times only
+        // make the record bigger.
         let context = Context {
             now: now.trunc_subsecs(0),
             settings: &pass.ports.settings,
             bucket: pass.ports.ledger.bucket(),
-            launch_grant,
+            launch_grant: launch_grant(pass, record, now).await,
         };
         let (actions, decided) = decide::decide(record, &observation, &context);
         next = decided;
@@ -105,7 +66,8 @@ pub(super) async fn run(
         if actions.is_empty() {
             break;
         }
-        // 4. Act, within the shared budget of mutating calls.
+        // Act, within the shared budget of mutating calls.
+        let own_account = record.spec.as_ref().is_some_and(|s| s.role_arn.is_none());
         let mut calls = calls_granted(pass.ports, record, own_account, &actions, now).await?;
         let acted = act_all(pass, record, &actions, &mut calls).await;
         again = acted.again;
@@ -134,6 +96,63 @@ pub(super) async fn run(
         next = Next::After(seconds.min(pass.ports.settings.poll_delay_seconds));
     }
     Ok(next)
+}
+
+/// The image resolved, then the cloud observed. Err: the pass stops here,
+/// and when it comes again (a transient error backs off; observing that
+/// keeps failing gives the job up).
+async fn look(
+    pass: &Pass<'_>,
+    record: &mut JobRecord,
+    now: DateTime<Utc>,
+    focus: &BTreeSet<String>,
+) -> Result<Observation, Next> {
+    if let Err(err) = resolve_image(pass.cloud, record).await {
+        if err.is_transient() {
+            record.stalled = Some(format!("resolving the image: {err}"));
+            return Err(Next::After(TRANSIENT_BACKOFF_SECONDS));
+        }
+        record.outcome.get_or_insert(Outcome::Failed);
+        record.outcome_reason.get_or_insert(format!("image: {err}"));
+    }
+    match observe::observe(pass.cloud, record, &pass.ports.settings, now, focus).await {
+        Ok(observation) => {
+            record.observe_failures = 0;
+            record.stalled = None;
+            Ok(observation)
+        }
+        Err(err) if err.is_retryable() => {
+            record.stalled = Some(format!("observing: {err}"));
+            Err(Next::After(TRANSIENT_BACKOFF_SECONDS))
+        }
+        Err(err) => {
+            record.observe_failures += 1;
+            warn!(job_id = %record.job_id, error = %err, "observation failed");
+            if record.observe_failures >= OBSERVE_FAILURES {
+                give_up(record, &format!("cannot observe the job's resources: {err}"), now);
+                Err(Next::Finished)
+            } else {
+                Err(Next::After(TRANSIENT_BACKOFF_SECONDS * record.observe_failures))
+            }
+        }
+    }
+}
+
+/// The shared launch budget, asked only when something waits to launch
+/// (jobs in other accounts launch against those accounts' limits).
+async fn launch_grant(pass: &Pass<'_>, record: &mut JobRecord, now: DateTime<Utc>) -> Option<Grant> {
+    let wanted = decide::launches_wanted(record);
+    let own_account = record.spec.as_ref().is_some_and(|s| s.role_arn.is_none());
+    if !(pass.ports.settings.launch_admission && own_account && wanted > 0) {
+        return None;
+    }
+    match crate::admission::take(pass.ports.ledger.as_ref(), wanted, now).await {
+        Ok(grant) => Some(grant),
+        Err(err) => {
+            record.stalled = Some(format!("taking from the launch budget ({}): {err}", crate::admission::KEY));
+            Some(Grant { instances: 0, retry_after_seconds: TRANSIENT_BACKOFF_SECONDS })
+        }
+    }
 }
 
 /// What one round's actions came to.

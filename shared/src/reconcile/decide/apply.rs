@@ -22,28 +22,7 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
     }
     let message = error.to_string();
     match action {
-        Action::Launch { request } => {
-            let capacity = class == RetryClass::Capacity;
-            let options = record.spec.as_ref().map(launch_options).unwrap_or_default();
-            for shard in &mut record.shards {
-                let Some(a) = shard.current_mut() else { continue };
-                if a.launch_token.as_deref() == Some(request.client_token.as_str()) && a.stage == Stage::Launching {
-                    let cause = if capacity { EndCause::Capacity } else { EndCause::Permanent };
-                    let detail = if capacity {
-                        format!(
-                            "{}: {}",
-                            error.code().unwrap_or("no capacity"),
-                            describe_option(&launch_of(&options, a))
-                        )
-                    } else {
-                        format!("launch failed: {message}")
-                    };
-                    end(a, cause, &detail, None);
-                    a.stage = Stage::Done;
-                }
-            }
-            settle_launch_failures(record, now);
-        }
+        Action::Launch { request } => launch_failed(record, &request.client_token, &error, now),
         Action::CreateVolume { .. } if class == RetryClass::Capacity => {} // the next pass tries again
         Action::CreateVolume { request } => {
             fail_attempt_where(record, |a| a.volumes.iter().any(|v| v.token == request.client_token), &message, now);
@@ -82,16 +61,7 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
             // One refused instance fails the whole call: find it one by one.
             record.terminate_singly = true;
         }
-        Action::Terminate { instance_ids } => {
-            record.warnings.push(format!("TerminateInstances {instance_ids:?}: {message}"));
-            record.cleanup_failures += 1;
-            for a in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()) {
-                if a.instance_id.as_ref().is_some_and(|id| instance_ids.contains(id)) {
-                    bump_release_error(a, &message);
-                }
-            }
-            dedup_warnings(record);
-        }
+        Action::Terminate { instance_ids } => terminate_failed(record, instance_ids, &message),
         Action::Snapshot { volume_id, .. } => {
             for v in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()).flat_map(|a| a.volumes.iter_mut()) {
                 if v.volume_id.as_deref() == Some(volume_id.as_str()) {
@@ -99,21 +69,7 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
                 }
             }
         }
-        Action::DeleteVolume { volume_id } => {
-            if class == RetryClass::NotFound {
-                mark_deleted(record, volume_id);
-                return;
-            }
-            if error.code() == Some("VolumeInUse") {
-                return;
-            }
-            for v in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()).flat_map(|a| a.volumes.iter_mut()) {
-                if v.volume_id.as_deref() == Some(volume_id.as_str()) {
-                    v.kept = Some(format!("delete refused: {message}; left for the reaper"));
-                }
-            }
-            record.warnings.push(format!("volume {volume_id} not deleted: {message}"));
-        }
+        Action::DeleteVolume { volume_id } => delete_failed(record, volume_id, &error),
         Action::Prune { volume, .. } => {
             // Unmarked, this run's snapshots would not count as good: the
             // executor prunes nothing when marking fails.
@@ -125,6 +81,58 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
             record.report_written = true;
         }
     }
+}
+
+/// A launch refused: every attempt launched under its token ends (out of
+/// capacity, or for good), and the shards settle.
+fn launch_failed(record: &mut JobRecord, client_token: &str, error: &CloudError, now: DateTime<Utc>) {
+    let capacity = error.class() == RetryClass::Capacity;
+    let options = record.spec.as_ref().map(launch_options).unwrap_or_default();
+    for shard in &mut record.shards {
+        let Some(a) = shard.current_mut() else { continue };
+        if a.launch_token.as_deref() == Some(client_token) && a.stage == Stage::Launching {
+            let cause = if capacity { EndCause::Capacity } else { EndCause::Permanent };
+            let detail = if capacity {
+                format!("{}: {}", error.code().unwrap_or("no capacity"), describe_option(&launch_of(&options, a)))
+            } else {
+                format!("launch failed: {error}")
+            };
+            end(a, cause, &detail, None);
+            a.stage = Stage::Done;
+        }
+    }
+    settle_launch_failures(record, now);
+}
+
+/// A terminate refused for these instances: a warning, and each
+/// attempt's release error counted (the reaper takes over past a limit).
+fn terminate_failed(record: &mut JobRecord, instance_ids: &[String], message: &str) {
+    record.warnings.push(format!("TerminateInstances {instance_ids:?}: {message}"));
+    record.cleanup_failures += 1;
+    for a in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()) {
+        if a.instance_id.as_ref().is_some_and(|id| instance_ids.contains(id)) {
+            bump_release_error(a, message);
+        }
+    }
+    dedup_warnings(record);
+}
+
+/// A delete refused: gone already is deleted, in use is looked at again,
+/// anything else keeps the volume for the reaper, with a warning.
+fn delete_failed(record: &mut JobRecord, volume_id: &str, error: &CloudError) {
+    if error.class() == RetryClass::NotFound {
+        mark_deleted(record, volume_id);
+        return;
+    }
+    if error.code() == Some("VolumeInUse") {
+        return;
+    }
+    for v in record.shards.iter_mut().flat_map(|s| s.attempts.iter_mut()).flat_map(|a| a.volumes.iter_mut()) {
+        if v.volume_id.as_deref() == Some(volume_id) {
+            v.kept = Some(format!("delete refused: {error}; left for the reaper"));
+        }
+    }
+    record.warnings.push(format!("volume {volume_id} not deleted: {error}"));
 }
 
 /// A create AWS refused (throttled, or not yet able to see what it names)

@@ -22,9 +22,20 @@ pub(super) fn plan_dispatch(
     ctx: &Context<'_>,
     decision: &mut Decision,
 ) {
-    // SendCommand fails for all if one agent is offline: hold those back.
-    let offline =
-        |id: &Option<String>| id.as_ref().is_some_and(|id| obs.agents_checked.contains(id) && !obs.online.contains(id));
+    hold_back_offline(record, obs, ctx, decision);
+    let made_now = make_batches(record, obs, ctx, decision);
+    send_batches(record, spec, &made_now, ctx, decision);
+}
+
+/// SendCommand fails for all if one agent is offline: hold those back.
+fn agent_offline(obs: &Observation, id: &Option<String>) -> bool {
+    id.as_ref().is_some_and(|id| obs.agents_checked.contains(id) && !obs.online.contains(id))
+}
+
+/// A phase whose agent is offline leaves its unsent batch, to be batched
+/// again once the agent is back.
+fn hold_back_offline(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>, decision: &mut Decision) {
+    let offline = |id: &Option<String>| agent_offline(obs, id);
     // Only a batch that cannot have reached SSM: one that may still land
     // keeps its comment, so it is found (or cancelled) rather than orphaned.
     let budget = ctx.settings.pass_budget_seconds;
@@ -52,6 +63,18 @@ pub(super) fn plan_dispatch(
     if held_offline {
         decision.look_within(ctx.settings.poll_delay_seconds);
     }
+}
+
+/// Phases opened this pass go into batches of up to 50 instances, one per
+/// phase; a remainder waits a moment for shards close behind. The numbers
+/// of the batches made now.
+fn make_batches(
+    record: &mut JobRecord,
+    obs: &Observation,
+    ctx: &Context<'_>,
+    decision: &mut Decision,
+) -> BTreeSet<u64> {
+    let offline = |id: &Option<String>| agent_offline(obs, id);
     let mut fresh: BTreeMap<Phase, Vec<usize>> = BTreeMap::new();
     for (index, shard) in record.shards.iter().enumerate() {
         let Some(a) = shard.current() else { continue };
@@ -111,8 +134,19 @@ pub(super) fn plan_dispatch(
             }
         }
     }
-    // Every batch without a command id gets its Send (the executor adopts a
-    // command already sent under its comment).
+    made_now
+}
+
+/// Every batch without a command id gets its Send (the executor adopts a
+/// command already sent under its comment), unless one sent before may
+/// still land unseen.
+fn send_batches(
+    record: &mut JobRecord,
+    spec: &JobSpec,
+    made_now: &BTreeSet<u64>,
+    ctx: &Context<'_>,
+    decision: &mut Decision,
+) {
     let mut unsent: BTreeMap<u64, Vec<(String, u32)>> = BTreeMap::new();
     for shard in &record.shards {
         let Some(a) = shard.current() else { continue };

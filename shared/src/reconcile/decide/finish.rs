@@ -38,9 +38,47 @@ pub(super) fn check_abort(record: &mut JobRecord, now: DateTime<Utc>) {
 /// Every shard has its result: sweep by tag, prune retention, write the
 /// report, then the terminal state.
 pub(super) fn finish(record: &mut JobRecord, spec: &JobSpec, obs: &Observation, decision: &mut Decision) {
-    // A run whose cleanup could not finish (a refused delete, a volume kept
-    // because its snapshots failed, an instance left for the reaper) is not a
-    // success: the user must look at what was left.
+    decide_outcome(record);
+    if sweep(record, obs, decision) {
+        decision.look_within(5);
+        return;
+    }
+    let name = job_name(record);
+    let took_snapshots: BTreeSet<String> = record.snapshots().into_iter().map(|(volume, _)| volume).collect();
+    let mut pruning = false;
+    // Only a succeeded run prunes: a failed one must not push out the
+    // snapshots of the last good run.
+    let succeeded = record.outcome == Some(Outcome::Succeeded);
+    for volume in &spec.volumes {
+        if succeeded && took_snapshots.contains(&volume.name) && !record.pruned.contains(&volume.name) {
+            decision.actions.push(Action::Prune {
+                volume: volume.name.clone(),
+                // Good only in a run that SUCCEEDED: one per shard, its last attempt's.
+                finals: record.final_snapshots(&volume.name),
+                job_name: name.clone(),
+                keep_last: volume.retention.keep_last,
+                max_age_days: volume.retention.max_age_days,
+            });
+            pruning = true;
+        }
+    }
+    if pruning {
+        return;
+    }
+    if !record.report_written {
+        decision.actions.push(Action::WriteReport);
+        return;
+    }
+    let outcome = record.outcome.unwrap_or(Outcome::Failed);
+    record.state = outcome.terminal_state();
+    record.reason = record.outcome_reason.clone().unwrap_or_default();
+}
+
+/// The job's outcome once every shard has its result, unless a stop
+/// decided it. A run whose cleanup could not finish (a refused delete, a
+/// volume kept because its snapshots failed, an instance left for the
+/// reaper) is not a success: the user must look at what was left.
+fn decide_outcome(record: &mut JobRecord) {
     let left: Vec<String> = record
         .attempts()
         .flat_map(|a| {
@@ -75,7 +113,12 @@ pub(super) fn finish(record: &mut JobRecord, spec: &JobSpec, obs: &Observation, 
             }
         }
     }
-    // Anything carrying this job's tag that a lost reply or a crash left.
+}
+
+/// Anything carrying this job's tag that a lost reply or a crash left:
+/// instances are terminated, volumes never attached are deleted. True
+/// while something is still going.
+fn sweep(record: &JobRecord, obs: &Observation, decision: &mut Decision) -> bool {
     let mut busy = false;
     let abandoned: BTreeSet<&String> =
         record.attempts().filter(|a| a.left_for_reaper.is_some()).filter_map(|a| a.instance_id.as_ref()).collect();
@@ -120,39 +163,7 @@ pub(super) fn finish(record: &mut JobRecord, spec: &JobSpec, obs: &Observation, 
             busy = true;
         }
     }
-    if busy {
-        decision.look_within(5);
-        return;
-    }
-    let name = job_name(record);
-    let took_snapshots: BTreeSet<String> = record.snapshots().into_iter().map(|(volume, _)| volume).collect();
-    let mut pruning = false;
-    // Only a succeeded run prunes: a failed one must not push out the
-    // snapshots of the last good run.
-    let succeeded = record.outcome == Some(Outcome::Succeeded);
-    for volume in &spec.volumes {
-        if succeeded && took_snapshots.contains(&volume.name) && !record.pruned.contains(&volume.name) {
-            decision.actions.push(Action::Prune {
-                volume: volume.name.clone(),
-                // Good only in a run that SUCCEEDED: one per shard, its last attempt's.
-                finals: record.final_snapshots(&volume.name),
-                job_name: name.clone(),
-                keep_last: volume.retention.keep_last,
-                max_age_days: volume.retention.max_age_days,
-            });
-            pruning = true;
-        }
-    }
-    if pruning {
-        return;
-    }
-    if !record.report_written {
-        decision.actions.push(Action::WriteReport);
-        return;
-    }
-    let outcome = record.outcome.unwrap_or(Outcome::Failed);
-    record.state = outcome.terminal_state();
-    record.reason = record.outcome_reason.clone().unwrap_or_default();
+    busy
 }
 
 /// Drop what finished resources no longer need, so a 1,000-shard record

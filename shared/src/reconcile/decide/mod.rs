@@ -131,6 +131,28 @@ impl Decision {
         self.seq += 1;
         self.seq
     }
+
+    /// The actions to run, terminations first (nothing a pass runs before
+    /// them keeps an instance billing), and how soon to look again; the
+    /// ClientToken sequence goes back to the record.
+    fn into_actions(self, record: &mut JobRecord) -> (Vec<Action>, u32) {
+        let Decision { mut actions, mut terminate, mut wait, seq, .. } = self;
+        record.next_seq = seq;
+        if !terminate.is_empty() {
+            terminate.sort();
+            terminate.dedup();
+            // First: nothing a pass runs before them keeps an instance billing.
+            let terminations: Vec<Action> = if record.terminate_singly {
+                terminate.into_iter().map(|id| Action::Terminate { instance_ids: vec![id] }).collect()
+            } else {
+                // TerminateInstances takes at most 1,000 ids.
+                terminate.chunks(1000).map(|chunk| Action::Terminate { instance_ids: chunk.to_vec() }).collect()
+            };
+            actions.splice(0..0, terminations);
+            wait = wait.min(5);
+        }
+        (actions, wait)
+    }
 }
 
 /// Decide the next actions for a job, updating shard and job state.
@@ -152,6 +174,53 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     let ceiling = if working { working_poll(&spec, ctx.settings, now - Duration::days(1), now) } else { 0 };
     let mut decision = Decision::new(ctx.settings.poll_delay_seconds.max(base).max(ceiling), record.next_seq);
 
+    take_in(record, obs, now, &mut decision);
+
+    let aborting = record.outcome.is_some();
+    let bound = record.bill_bound(ctx.settings.cleanup_grace_minutes);
+    let job = JobFacts {
+        spec: &spec,
+        job_id: record.job_id.clone(),
+        aborting,
+        tags: job_tags(record, &spec, ctx.settings),
+        deadline_at: record.deadline_at,
+        bound,
+        past_bound: bound.is_some_and(|at| now >= at),
+        stack: ctx.settings.stack.clone(),
+        budget_seconds: ctx.settings.pass_budget_seconds,
+    };
+    if let Some(at) = bound.filter(|at| *at > now) {
+        // A pass at the bound, whatever else the job waits on.
+        decision.look_within(u32::try_from((at - now).num_seconds().max(1)).unwrap_or(u32::MAX));
+    }
+    let commands = record.commands.clone();
+    for shard in record.shards.iter_mut().filter(|s| s.result.is_none()) {
+        step_shard(&job, shard, &commands, obs, ctx, &mut decision);
+    }
+    // A shard that failed for good stops the job (fail fast), with its reason.
+    check_abort(record, now);
+
+    plan_launches(record, &spec, ctx, &mut decision);
+    plan_dispatch(record, &spec, obs, ctx, &mut decision);
+
+    let all_done = record.shards.iter().all(|s| s.result.is_some());
+    if all_done {
+        finish(record, &spec, obs, &mut decision);
+    }
+    debug_assert!(decision.notes.is_empty(), "notes belong to a shard: only step_shard writes them");
+    let (actions, wait) = decision.into_actions(record);
+    stamp_billed(record, obs, now);
+    compact(record);
+    update_state(record, now);
+    if record.state.is_terminal() {
+        return (actions, Next::Finished);
+    }
+    (actions, Next::After(wait.max(pass_gap(record.shards.len())).max(1)))
+}
+
+/// What arrived since the last pass: spot warnings, sends found by their
+/// comment, commands listed, status checks done.
+fn take_in(record: &mut JobRecord, obs: &Observation, now: DateTime<Utc>, decision: &mut Decision) {
     for instance_id in std::mem::take(&mut record.interruptions) {
         for shard in &mut record.shards {
             let Some(attempt) = shard.current_mut() else { continue };
@@ -191,60 +260,6 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         record.health_checked_at = Some(now);
     }
 
-    let aborting = record.outcome.is_some();
-    let bound = record.bill_bound(ctx.settings.cleanup_grace_minutes);
-    let job = JobFacts {
-        spec: &spec,
-        job_id: record.job_id.clone(),
-        aborting,
-        tags: job_tags(record, &spec, ctx.settings),
-        deadline_at: record.deadline_at,
-        bound,
-        past_bound: bound.is_some_and(|at| now >= at),
-        stack: ctx.settings.stack.clone(),
-        budget_seconds: ctx.settings.pass_budget_seconds,
-    };
-    if let Some(at) = bound.filter(|at| *at > now) {
-        // A pass at the bound, whatever else the job waits on.
-        decision.look_within(u32::try_from((at - now).num_seconds().max(1)).unwrap_or(u32::MAX));
-    }
-    let commands = record.commands.clone();
-    for shard in record.shards.iter_mut().filter(|s| s.result.is_none()) {
-        step_shard(&job, shard, &commands, obs, ctx, &mut decision);
-    }
-    // A shard that failed for good stops the job (fail fast), with its reason.
-    check_abort(record, now);
-
-    plan_launches(record, &spec, ctx, &mut decision);
-    plan_dispatch(record, &spec, obs, ctx, &mut decision);
-
-    let all_done = record.shards.iter().all(|s| s.result.is_some());
-    if all_done {
-        finish(record, &spec, obs, &mut decision);
-    }
-    debug_assert!(decision.notes.is_empty(), "notes belong to a shard: only step_shard writes them");
-    let Decision { mut actions, mut terminate, mut wait, seq, .. } = decision;
-    record.next_seq = seq;
-    if !terminate.is_empty() {
-        terminate.sort();
-        terminate.dedup();
-        // First: nothing a pass runs before them keeps an instance billing.
-        let terminations: Vec<Action> = if record.terminate_singly {
-            terminate.into_iter().map(|id| Action::Terminate { instance_ids: vec![id] }).collect()
-        } else {
-            // TerminateInstances takes at most 1,000 ids.
-            terminate.chunks(1000).map(|chunk| Action::Terminate { instance_ids: chunk.to_vec() }).collect()
-        };
-        actions.splice(0..0, terminations);
-        wait = wait.min(5);
-    }
-    stamp_billed(record, obs, now);
-    compact(record);
-    update_state(record, now);
-    if record.state.is_terminal() {
-        return (actions, Next::Finished);
-    }
-    (actions, Next::After(wait.max(pass_gap(record.shards.len())).max(1)))
 }
 
 pub(super) struct JobFacts<'a> {

@@ -75,132 +75,9 @@ pub(super) fn work(
     ctx: &Context<'_>,
     decision: &mut Decision,
 ) {
-    let now = ctx.now;
-    let instance_id = attempt.instance_id.clone().unwrap_or_default();
     let stopping = job.aborting || attempt.interrupted || attempt.timed_out;
-    // SSM reports TimedOut for a command whose agent went away too: that is
-    // the instance's failure, not the work's.
-    let agent_offline_now = obs.agents_checked.contains(&instance_id) && !obs.online.contains(&instance_id);
-    if let Some(run) = attempt.phases.iter_mut().find(|p| p.status.is_none()) {
-        // No batch: held back while its agent is offline.
-        let batch = commands.get(&run.batch);
-        let dispatched_at = batch.map(|b| b.dispatched_at).or(run.opened_at).unwrap_or(now);
-        let command_id = batch.and_then(|b| b.command_id.clone()).unwrap_or_default();
-        let unsent = command_id.is_empty();
-        if unsent {
-            // Its Send is planned again (found by comment first).
-            let in_flight = batch.and_then(|b| send_in_flight(b, job.budget_seconds, now)).is_some();
-            if stopping && !run.phase.runs_after_failure() && in_flight {
-                // It may still land: cleanup must not run beside it. It is
-                // looked up until it is found (then cancelled) or cannot land.
-                return;
-            } else if stopping && !run.phase.runs_after_failure() {
-                run.status = Some("Cancelled".into());
-                run.finished_at = Some(now);
-            } else if now
-                > run.opened_at.unwrap_or(dispatched_at)
-                    + Duration::seconds(i64::from(ctx.settings.agent_timeout_seconds))
-            {
-                // SSM would not take the command this long: its agent is gone.
-                let detail = format!("SSM agent of {instance_id} stopped answering before {}", run.phase.as_str());
-                let in_cleanup = run.phase.runs_after_failure();
-                if attempt.completed_phases.contains(&Phase::Run) {
-                    end(attempt, EndCause::Succeeded, "", Some(0)); // the work is done
-                    if in_cleanup {
-                        attempt.cleanup_failed.get_or_insert(format!("shard {shard}: {detail}"));
-                        attempt.cleanup_lost = true;
-                    }
-                } else {
-                    end(attempt, EndCause::InstanceLost, &detail, None);
-                }
-                decision.notes.push(detail);
-                attempt.stage = Stage::Releasing;
-                return;
-            } else {
-                return;
-            }
-        }
-        let sent_timeout = phase_timeout(job.spec, run.phase, job.deadline_at, job.bound, dispatched_at);
-        let timeout = Duration::seconds(i64::from(sent_timeout) + REPORT_GRACE_SECONDS);
-        // The step guard said an earlier delivery of this step died mid-step.
-        let mut guard_lost = false;
-        match obs.invocations.get(&(command_id.clone(), instance_id.clone())) {
-            _ if unsent => {}
-            Some(view) if view.is_finished() => {
-                guard_lost = view.exit_code == Some(shell::LOST_EXIT_CODE) && view.stderr.contains(shell::LOST_MARKER);
-                let mut lines: Vec<&str> = view.stdout.lines().collect();
-                let stderr: Vec<String> = view.stderr.lines().map(|l| format!("[stderr] {l}")).collect();
-                lines.extend(stderr.iter().map(String::as_str));
-                if !lines.is_empty() {
-                    let skip = lines.len().saturating_sub(OUTPUT_TAIL_LINES);
-                    decision.actions.push(Action::SaveOutput {
-                        name: output_name(shard, attempt.number, run.phase),
-                        body: lines[skip..].join("\n"),
-                    });
-                }
-                run.status = Some(view.status.clone());
-                run.exit_code = view.exit_code;
-                run.finished_at = Some(now);
-            }
-            _ if stopping && !run.phase.runs_after_failure() && now <= dispatched_at + timeout => {
-                // Cancel until SSM reports the invocation ended: cleanup must
-                // not run beside work that is still writing. While SSM says
-                // Cancelling, the cancel is under way: asking again adds nothing.
-                let view = obs.invocations.get(&(command_id.clone(), instance_id.clone()));
-                if view.is_none_or(|v| v.status != CommandStatus::Cancelling) {
-                    decision.actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
-                }
-                return;
-            }
-            _ if now > dispatched_at + timeout => {
-                // SSM never reported: treat as a timeout and stop the command.
-                decision.actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id.clone()] });
-                run.status = Some("TimedOut".into());
-                run.finished_at = Some(now);
-            }
-            _ => return,
-        }
-        let run = run.clone();
-        if run.succeeded() {
-            // Only failures and the phase in flight keep their detail.
-            attempt.phases.retain(|p| p.phase != run.phase);
-            attempt.completed_phases.push(run.phase);
-        } else {
-            let what = match (&run.status, run.exit_code) {
-                (Some(CommandStatus::TimedOut), _) => format!("timed out after {sent_timeout} s"),
-                (_, Some(code)) if code >= 0 => format!("exited {code}"),
-                (status, _) => status.as_ref().map_or("?", |s| s.as_str()).to_ascii_lowercase(),
-            };
-            let detail = format!("{} {what} on {instance_id}", run.phase.as_str());
-            decision.notes.push(detail.clone());
-            // The on-instance guard's reserved code: an earlier delivery of
-            // this step died mid-step, so the step's outcome is unknown.
-            let agent_lost = matches!(
-                run.status,
-                Some(CommandStatus::Undeliverable | CommandStatus::DeliveryTimedOut | CommandStatus::Terminated)
-            ) || (run.status == Some(CommandStatus::TimedOut) && agent_offline_now)
-                || guard_lost;
-            if run.phase.runs_after_failure() {
-                // The work's results may be on the volume, but not cleanly:
-                // its snapshot is kept but never good, and the shard fails
-                // (or, when the instance rather than the step failed, retries).
-                attempt.cleanup_failed.get_or_insert(format!("shard {shard}: {detail}"));
-                attempt.cleanup_lost |= agent_lost;
-            } else if stopping {
-                let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::Aborted };
-                end(attempt, cause, "stopped while working", None);
-            } else if agent_lost {
-                // SSM never reached the agent: the instance, not the work, failed.
-                end(attempt, EndCause::InstanceLost, &detail, None);
-            } else {
-                let cause = if run.status == Some(CommandStatus::TimedOut) {
-                    EndCause::TimedOut
-                } else {
-                    EndCause::CommandFailed
-                };
-                end(attempt, cause, &detail, run.exit_code.filter(|c| *c >= 0));
-            }
-        }
+    if collect_phase(job, shard, attempt, commands, obs, ctx, decision) == Collected::Waiting {
+        return;
     }
     if stopping && attempt.end.is_none() {
         if attempt.completed_phases.contains(&Phase::Run) {
@@ -211,12 +88,236 @@ pub(super) fn work(
             end(attempt, cause, "stopped while working", None);
         }
     }
-    let planned = planned_phases(job.spec, shard);
+    open_next_phase(job.spec, shard, attempt, ctx.now);
+}
+
+/// What became of the phase in flight.
+#[derive(PartialEq, Eq)]
+enum Collected {
+    /// Still running, or waiting to be sent: nothing follows it in this pass.
+    Waiting,
+    /// It ended, or there is none: the next phase may open.
+    Ended,
+}
+
+/// The phase in flight, as one look found it.
+struct InFlight {
+    /// Its place in `attempt.phases`.
+    at: usize,
+    /// Empty while its Send has no answer.
+    command_id: String,
+    dispatched_at: DateTime<Utc>,
+    /// The execution timeout it was sent with.
+    sent_timeout: u32,
+    /// The guard said an earlier delivery of this step died mid-step.
+    guard_lost: bool,
+}
+
+/// The phase in flight: its invocation's result, a cancel while the job
+/// stops, or a timeout SSM never reported; an ended one is judged.
+fn collect_phase(
+    job: &JobFacts<'_>,
+    shard: u32,
+    attempt: &mut Attempt,
+    commands: &BTreeMap<u64, CommandBatch>,
+    obs: &Observation,
+    ctx: &Context<'_>,
+    decision: &mut Decision,
+) -> Collected {
+    let now = ctx.now;
+    let Some(at) = attempt.phases.iter().position(|p| p.status.is_none()) else { return Collected::Ended };
+    let run = &attempt.phases[at];
+    // No batch: held back while its agent is offline.
+    let batch = commands.get(&run.batch);
+    let dispatched_at = batch.map(|b| b.dispatched_at).or(run.opened_at).unwrap_or(now);
+    let mut flight = InFlight {
+        at,
+        command_id: batch.and_then(|b| b.command_id.clone()).unwrap_or_default(),
+        dispatched_at,
+        sent_timeout: phase_timeout(job.spec, run.phase, job.deadline_at, job.bound, dispatched_at),
+        guard_lost: false,
+    };
+    let collected = if flight.command_id.is_empty() {
+        collect_unsent(job, shard, attempt, &flight, batch, ctx, decision)
+    } else {
+        read_invocation(job, shard, attempt, &mut flight, obs, now, decision)
+    };
+    if collected == Collected::Ended {
+        judge(job, shard, attempt, &flight, obs, decision);
+    }
+    collected
+}
+
+/// A phase whose Send has no answer yet: it is planned again (found by
+/// comment first); while the job stops it is closed as never sent, unless
+/// it may still land; an agent that never took it ends the attempt.
+fn collect_unsent(
+    job: &JobFacts<'_>,
+    shard: u32,
+    attempt: &mut Attempt,
+    flight: &InFlight,
+    batch: Option<&CommandBatch>,
+    ctx: &Context<'_>,
+    decision: &mut Decision,
+) -> Collected {
+    let now = ctx.now;
+    let stopping = job.aborting || attempt.interrupted || attempt.timed_out;
+    let run = &mut attempt.phases[flight.at];
+    let in_flight = batch.and_then(|b| send_in_flight(b, job.budget_seconds, now)).is_some();
+    if stopping && !run.phase.runs_after_failure() && in_flight {
+        // It may still land: cleanup must not run beside it. It is
+        // looked up until it is found (then cancelled) or cannot land.
+        return Collected::Waiting;
+    }
+    if stopping && !run.phase.runs_after_failure() {
+        run.status = Some("Cancelled".into());
+        run.finished_at = Some(now);
+        return Collected::Ended;
+    }
+    let asked_at = run.opened_at.unwrap_or(flight.dispatched_at);
+    if now <= asked_at + Duration::seconds(i64::from(ctx.settings.agent_timeout_seconds)) {
+        return Collected::Waiting;
+    }
+    // SSM would not take the command this long: its agent is gone.
+    let instance_id = attempt.instance_id.clone().unwrap_or_default();
+    let detail = format!("SSM agent of {instance_id} stopped answering before {}", run.phase.as_str());
+    let in_cleanup = run.phase.runs_after_failure();
+    if attempt.completed_phases.contains(&Phase::Run) {
+        end(attempt, EndCause::Succeeded, "", Some(0)); // the work is done
+        if in_cleanup {
+            attempt.cleanup_failed.get_or_insert(format!("shard {shard}: {detail}"));
+            attempt.cleanup_lost = true;
+        }
+    } else {
+        end(attempt, EndCause::InstanceLost, &detail, None);
+    }
+    decision.notes.push(detail);
+    attempt.stage = Stage::Releasing;
+    Collected::Waiting
+}
+
+/// A sent phase's invocation: its result and output once it ended; while
+/// the job stops, a cancel until SSM says it ended; past its timeout with
+/// no report, a cancel and TimedOut.
+fn read_invocation(
+    job: &JobFacts<'_>,
+    shard: u32,
+    attempt: &mut Attempt,
+    flight: &mut InFlight,
+    obs: &Observation,
+    now: DateTime<Utc>,
+    decision: &mut Decision,
+) -> Collected {
+    let stopping = job.aborting || attempt.interrupted || attempt.timed_out;
+    let instance_id = attempt.instance_id.clone().unwrap_or_default();
+    let number = attempt.number;
+    let run = &mut attempt.phases[flight.at];
+    let timeout = Duration::seconds(i64::from(flight.sent_timeout) + REPORT_GRACE_SECONDS);
+    let command_id = flight.command_id.clone();
+    let view = obs.invocations.get(&(command_id.clone(), instance_id.clone()));
+    match view {
+        Some(view) if view.is_finished() => {
+            flight.guard_lost =
+                view.exit_code == Some(shell::LOST_EXIT_CODE) && view.stderr.contains(shell::LOST_MARKER);
+            let mut lines: Vec<&str> = view.stdout.lines().collect();
+            let stderr: Vec<String> = view.stderr.lines().map(|l| format!("[stderr] {l}")).collect();
+            lines.extend(stderr.iter().map(String::as_str));
+            if !lines.is_empty() {
+                let skip = lines.len().saturating_sub(OUTPUT_TAIL_LINES);
+                decision.actions.push(Action::SaveOutput {
+                    name: output_name(shard, number, run.phase),
+                    body: lines[skip..].join("\n"),
+                });
+            }
+            run.status = Some(view.status.clone());
+            run.exit_code = view.exit_code;
+            run.finished_at = Some(now);
+            Collected::Ended
+        }
+        _ if stopping && !run.phase.runs_after_failure() && now <= flight.dispatched_at + timeout => {
+            // Cancel until SSM reports the invocation ended: cleanup must
+            // not run beside work that is still writing. While SSM says
+            // Cancelling, the cancel is under way: asking again adds nothing.
+            if view.is_none_or(|v| v.status != CommandStatus::Cancelling) {
+                decision.actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id] });
+            }
+            Collected::Waiting
+        }
+        _ if now > flight.dispatched_at + timeout => {
+            // SSM never reported: treat as a timeout and stop the command.
+            decision.actions.push(Action::Cancel { command_id, instance_ids: vec![instance_id] });
+            run.status = Some("TimedOut".into());
+            run.finished_at = Some(now);
+            Collected::Ended
+        }
+        _ => Collected::Waiting,
+    }
+}
+
+/// An ended phase: a success is recorded; a failure fails the cleanup, or
+/// ends the attempt as stopped, lost (SSM never reached the agent, or the
+/// guard found an earlier delivery dead) or failed.
+fn judge(
+    job: &JobFacts<'_>,
+    shard: u32,
+    attempt: &mut Attempt,
+    flight: &InFlight,
+    obs: &Observation,
+    decision: &mut Decision,
+) {
+    let run = attempt.phases[flight.at].clone();
+    if run.succeeded() {
+        // Only failures and the phase in flight keep their detail.
+        attempt.phases.retain(|p| p.phase != run.phase);
+        attempt.completed_phases.push(run.phase);
+        return;
+    }
+    let stopping = job.aborting || attempt.interrupted || attempt.timed_out;
+    let instance_id = attempt.instance_id.clone().unwrap_or_default();
+    // SSM reports TimedOut for a command whose agent went away too: that is
+    // the instance's failure, not the work's.
+    let agent_offline_now = obs.agents_checked.contains(&instance_id) && !obs.online.contains(&instance_id);
+    let what = match (&run.status, run.exit_code) {
+        (Some(CommandStatus::TimedOut), _) => format!("timed out after {} s", flight.sent_timeout),
+        (_, Some(code)) if code >= 0 => format!("exited {code}"),
+        (status, _) => status.as_ref().map_or("?", |s| s.as_str()).to_ascii_lowercase(),
+    };
+    let detail = format!("{} {what} on {instance_id}", run.phase.as_str());
+    decision.notes.push(detail.clone());
+    // The on-instance guard's reserved code: an earlier delivery of
+    // this step died mid-step, so the step's outcome is unknown.
+    let agent_lost = matches!(
+        run.status,
+        Some(CommandStatus::Undeliverable | CommandStatus::DeliveryTimedOut | CommandStatus::Terminated)
+    ) || (run.status == Some(CommandStatus::TimedOut) && agent_offline_now)
+        || flight.guard_lost;
+    if run.phase.runs_after_failure() {
+        // The work's results may be on the volume, but not cleanly:
+        // its snapshot is kept but never good, and the shard fails
+        // (or, when the instance rather than the step failed, retries).
+        attempt.cleanup_failed.get_or_insert(format!("shard {shard}: {detail}"));
+        attempt.cleanup_lost |= agent_lost;
+    } else if stopping {
+        let cause = if attempt.interrupted { EndCause::SpotInterruption } else { EndCause::Aborted };
+        end(attempt, cause, "stopped while working", None);
+    } else if agent_lost {
+        // SSM never reached the agent: the instance, not the work, failed.
+        end(attempt, EndCause::InstanceLost, &detail, None);
+    } else {
+        let cause = if run.status == Some(CommandStatus::TimedOut) { EndCause::TimedOut } else { EndCause::CommandFailed };
+        end(attempt, cause, &detail, run.exit_code.filter(|c| *c >= 0));
+    }
+}
+
+/// The next phase: the planned ones in order while the attempt has not
+/// ended; after it ended, the cleanup phases, only where the volumes were
+/// mounted (or there are none). None left: the attempt releases.
+fn open_next_phase(spec: &JobSpec, shard: u32, attempt: &mut Attempt, now: DateTime<Utc>) {
+    let planned = planned_phases(spec, shard);
     let ran = |p: Phase| attempt.completed_phases.contains(&p) || attempt.phases.iter().any(|r| r.phase == p);
     let next = if attempt.end.is_none() {
         planned.into_iter().find(|p| !ran(*p))
     } else {
-        // Cleanup runs only where the volumes were mounted (or there are none).
         let mounted = attempt.volumes.is_empty() || attempt.completed_phases.contains(&Phase::Mount);
         let started =
             !attempt.completed_phases.is_empty() || attempt.phases.iter().any(|r| !r.phase.runs_after_failure());

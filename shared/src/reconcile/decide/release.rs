@@ -21,8 +21,31 @@ pub(super) fn release(
     {
         return false; // terminated once CreateSnapshot answered
     }
-    let mut settled = true;
-    let instance_gone = match attempt.instance_id.as_ref() {
+    let instance_gone = terminate(attempt, obs, now, decision);
+    let releasing = Releasing {
+        shard,
+        instance_id: attempt.instance_id.clone(),
+        left_for_reaper: attempt.left_for_reaper.is_some(),
+        work_succeeded: attempt.end.as_ref().is_some_and(|e| e.cause == EndCause::Succeeded),
+        kind: snapshot_kind(attempt),
+        now,
+    };
+    let mut settled = instance_gone;
+    let mut volume_calls = 0;
+    for volume in &mut attempt.volumes {
+        if volume.deleted || volume.kept.is_some() {
+            continue;
+        }
+        if !release_volume(job, &releasing, volume, obs, &mut volume_calls, decision) {
+            settled = false;
+        }
+    }
+    settled && attempt.volumes.iter().all(|v| v.deleted || v.kept.is_some())
+}
+
+/// Terminate the attempt's instance unless it is gone. True once it is.
+fn terminate(attempt: &mut Attempt, obs: &Observation, now: DateTime<Utc>, decision: &mut Decision) -> bool {
+    match attempt.instance_id.as_ref() {
         None => true,
         Some(_) if attempt.left_for_reaper.is_some() => true,
         Some(id) => match obs.instances.get(id) {
@@ -37,135 +60,168 @@ pub(super) fn release(
             // Not listed: terminated long ago, or never visible.
             None => attempt.terminate_requested || attempt.launched_at.is_none_or(|at| now - at > Duration::minutes(5)),
         },
-    };
-    if !instance_gone {
-        settled = false;
     }
-    let work_succeeded = attempt.end.as_ref().is_some_and(|e| e.cause == EndCause::Succeeded);
-    let kind = snapshot_kind(attempt);
-    let attempt_instance = attempt.instance_id.clone();
-    let left_for_reaper = attempt.left_for_reaper.is_some();
-    let mut launched_volume_calls = 0;
-    for volume in &mut attempt.volumes {
-        if volume.deleted || volume.kept.is_some() {
-            continue;
-        }
-        // A create whose reply was lost: find the volume by its token tag.
+}
+
+/// What every volume of a releasing attempt shares.
+struct Releasing {
+    shard: u32,
+    instance_id: Option<String>,
+    left_for_reaper: bool,
+    work_succeeded: bool,
+    /// Why its volumes are snapshotted (`retention::kind`).
+    kind: &'static str,
+    now: DateTime<Utc>,
+}
+
+/// One volume of a releasing attempt: found, freed, snapshotted if the
+/// policy wants it, then deleted if Flotilla created it; kept with a reason
+/// where that is not safe. True when nothing more is to be done for it.
+fn release_volume(
+    job: &JobFacts<'_>,
+    releasing: &Releasing,
+    volume: &mut AttemptVolume,
+    obs: &Observation,
+    volume_calls: &mut usize,
+    decision: &mut Decision,
+) -> bool {
+    let now = releasing.now;
+    // A create whose reply was lost: find the volume by its token tag.
+    if volume.volume_id.is_none() {
+        volume.volume_id = obs
+            .volumes
+            .values()
+            .find(|v| v.tags.get(tags::ATTEMPT) == Some(&volume.token))
+            .map(|v| v.volume_id.clone());
         if volume.volume_id.is_none() {
-            volume.volume_id = obs
-                .volumes
-                .values()
-                .find(|v| v.tags.get(tags::ATTEMPT) == Some(&volume.token))
-                .map(|v| v.volume_id.clone());
-            if volume.volume_id.is_none() {
-                volume.deleted = true; // never created (the final sweep catches a late one)
-                continue;
-            }
+            volume.deleted = true; // never created (the final sweep catches a late one)
+            return true;
         }
-        let volume_id = volume.volume_id.clone().unwrap_or_default();
-        let Some(view) = obs.volumes.get(&volume_id) else {
-            if obs.gone_volumes.contains(&volume_id) && is_gone(volume, now) {
-                if volume.created {
-                    volume.deleted = true;
-                } else {
-                    volume.kept = Some("a volume_id source: never deleted".into());
-                }
-            } else {
-                settled = false; // not visible yet
-            }
-            continue;
-        };
-        let policy = job.spec.volumes.iter().find(|v| v.name == volume.name).map(|v| v.snapshot);
-        let wanted = match policy {
-            Some(SnapshotPolicy::Always) => true,
-            Some(SnapshotPolicy::OnSuccess) => work_succeeded,
-            _ => false,
-        };
-        volume.seen = true;
-        let attached_elsewhere =
-            view.attached_to.as_ref().is_some_and(|owner| Some(owner) != attempt_instance.as_ref());
-        if view.state == VolumeState::Error {
-            volume.kept = Some("the volume is in state error: nothing to snapshot; left for the reaper".into());
-            continue;
-        }
-        if attached_elsewhere && !volume.created {
-            volume.kept = Some("a volume_id source attached to another instance: left alone".into());
-            continue;
-        }
-        if view.attached_to.is_some() && left_for_reaper {
-            volume.kept = Some("attached to an instance left for the reaper".into());
-            continue;
-        }
-        let attached = view.attached_to.is_some() || view.state == VolumeState::InUse;
-        if attached || view.state == VolumeState::Creating {
-            settled = false;
-            continue;
-        }
-        if view.state != VolumeState::Available {
-            settled = false;
-            continue;
-        }
-        let mut ready_to_delete = !wanted;
-        if wanted {
-            match volume.snapshot.clone() {
-                None => {
-                    volume.snapshot = Some(SnapshotRef::requested(now, job.budget_seconds));
-                    decision.actions.push(snapshot_action(job, shard, volume, &volume_id, now, kind, false));
-                    settled = false;
-                }
-                Some(SnapshotRef { snapshot_id: None, .. }) => {
-                    if let Some(action) = unanswered_snapshot(job, shard, volume, &volume_id, obs, now, kind) {
-                        decision.actions.push(action);
-                    }
-                    settled = false;
-                }
-                Some(SnapshotRef { snapshot_id: Some(id), state, requested_at, .. }) => {
-                    let seen = obs.snapshots.get(&id).map(|s| s.state.clone());
-                    // A snapshot that never shows up (deleted by someone) is a failed one.
-                    let lost = seen.is_none()
-                        && state != SnapshotState::Completed
-                        && requested_at.is_some_and(|at| now - at > Duration::seconds(SNAPSHOT_LOST_SECONDS));
-                    let state_now = if lost { SnapshotState::Error } else { seen.unwrap_or(state) };
-                    match state_now {
-                        SnapshotState::Completed => {
-                            volume.snapshot = Some(SnapshotRef {
-                                snapshot_id: Some(id),
-                                state: SnapshotState::Completed,
-                                requested_at,
-                                in_flight_until: None,
-                            });
-                            ready_to_delete = true;
-                        }
-                        SnapshotState::Error => {
-                            volume.snapshot_failures += 1;
-                            decision.notes.push(format!("snapshot {id} of {volume_id} ended in error"));
-                            if volume.snapshot_failures >= SNAPSHOT_TRIES {
-                                volume.kept = Some(format!(
-                                    "{SNAPSHOT_TRIES} snapshots of it ended in error; kept so no data is lost"
-                                ));
-                            } else {
-                                volume.snapshot = None; // a new one next pass
-                                settled = false;
-                            }
-                        }
-                        _ => settled = false,
-                    }
-                }
-            }
-        }
-        if ready_to_delete && volume.kept.is_none() {
+    }
+    let volume_id = volume.volume_id.clone().unwrap_or_default();
+    let Some(view) = obs.volumes.get(&volume_id) else {
+        if obs.gone_volumes.contains(&volume_id) && is_gone(volume, now) {
             if volume.created {
-                if launched_volume_calls < MAX_VOLUME_CALLS {
-                    decision.actions.push(Action::DeleteVolume { volume_id: volume_id.clone() });
-                    launched_volume_calls += 1;
-                }
-                settled = false; // marked deleted when the call succeeds
+                volume.deleted = true;
             } else {
                 volume.kept = Some("a volume_id source: never deleted".into());
             }
+            return true;
+        }
+        return false; // not visible yet
+    };
+    volume.seen = true;
+    let attached_elsewhere = view.attached_to.as_ref().is_some_and(|owner| Some(owner) != releasing.instance_id.as_ref());
+    if view.state == VolumeState::Error {
+        volume.kept = Some("the volume is in state error: nothing to snapshot; left for the reaper".into());
+        return true;
+    }
+    if attached_elsewhere && !volume.created {
+        volume.kept = Some("a volume_id source attached to another instance: left alone".into());
+        return true;
+    }
+    if view.attached_to.is_some() && releasing.left_for_reaper {
+        volume.kept = Some("attached to an instance left for the reaper".into());
+        return true;
+    }
+    let attached = view.attached_to.is_some() || view.state == VolumeState::InUse;
+    if attached || view.state != VolumeState::Available {
+        return false;
+    }
+    let policy = job.spec.volumes.iter().find(|v| v.name == volume.name).map(|v| v.snapshot);
+    let wanted = match policy {
+        Some(SnapshotPolicy::Always) => true,
+        Some(SnapshotPolicy::OnSuccess) => releasing.work_succeeded,
+        _ => false,
+    };
+    let mut settled = true;
+    let ready_to_delete = if wanted {
+        let snapshotted = snapshot_before_delete(job, releasing, volume, &volume_id, obs, decision);
+        settled = snapshotted.settled;
+        snapshotted.completed
+    } else {
+        true
+    };
+    if ready_to_delete && volume.kept.is_none() {
+        if volume.created {
+            if *volume_calls < MAX_VOLUME_CALLS {
+                decision.actions.push(Action::DeleteVolume { volume_id: volume_id.clone() });
+                *volume_calls += 1;
+            }
+            settled = false; // marked deleted when the call succeeds
+        } else {
+            volume.kept = Some("a volume_id source: never deleted".into());
         }
     }
-    settled && instance_gone && attempt.volumes.iter().all(|v| v.deleted || v.kept.is_some())
+    settled
+}
+
+/// Where a free volume's snapshot stands.
+struct Snapshotted {
+    /// It is `completed`: the volume may go.
+    completed: bool,
+    /// Nothing more to wait for (a volume kept after failed snapshots).
+    settled: bool,
+}
+
+/// Ask for the snapshot, find one whose answer was lost, or follow it to
+/// `completed`; one that ends in error is asked again, up to
+/// SNAPSHOT_TRIES, then the volume is kept so no data is lost.
+fn snapshot_before_delete(
+    job: &JobFacts<'_>,
+    releasing: &Releasing,
+    volume: &mut AttemptVolume,
+    volume_id: &str,
+    obs: &Observation,
+    decision: &mut Decision,
+) -> Snapshotted {
+    let (now, shard, kind) = (releasing.now, releasing.shard, releasing.kind);
+    let waiting = Snapshotted { completed: false, settled: false };
+    match volume.snapshot.clone() {
+        None => {
+            volume.snapshot = Some(SnapshotRef::requested(now, job.budget_seconds));
+            decision.actions.push(snapshot_action(job, shard, volume, volume_id, now, kind, false));
+            waiting
+        }
+        Some(SnapshotRef { snapshot_id: None, .. }) => {
+            if let Some(action) = unanswered_snapshot(job, shard, volume, volume_id, obs, now, kind) {
+                decision.actions.push(action);
+            }
+            waiting
+        }
+        Some(SnapshotRef { snapshot_id: Some(id), state, requested_at, .. }) => {
+            let seen = obs.snapshots.get(&id).map(|s| s.state.clone());
+            // A snapshot that never shows up (deleted by someone) is a failed one.
+            let lost = seen.is_none()
+                && state != SnapshotState::Completed
+                && requested_at.is_some_and(|at| now - at > Duration::seconds(SNAPSHOT_LOST_SECONDS));
+            let state_now = if lost { SnapshotState::Error } else { seen.unwrap_or(state) };
+            match state_now {
+                SnapshotState::Completed => {
+                    volume.snapshot = Some(SnapshotRef {
+                        snapshot_id: Some(id),
+                        state: SnapshotState::Completed,
+                        requested_at,
+                        in_flight_until: None,
+                    });
+                    Snapshotted { completed: true, settled: true }
+                }
+                SnapshotState::Error => {
+                    volume.snapshot_failures += 1;
+                    decision.notes.push(format!("snapshot {id} of {volume_id} ended in error"));
+                    if volume.snapshot_failures >= SNAPSHOT_TRIES {
+                        volume.kept =
+                            Some(format!("{SNAPSHOT_TRIES} snapshots of it ended in error; kept so no data is lost"));
+                        Snapshotted { completed: false, settled: true }
+                    } else {
+                        volume.snapshot = None; // a new one next pass
+                        waiting
+                    }
+                }
+                _ => waiting,
+            }
+        }
+    }
 }
 
 /// Why this attempt's volumes are snapshotted (`retention::kind`).

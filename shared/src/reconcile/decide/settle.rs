@@ -9,7 +9,6 @@ pub(super) fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) 
         shard.result = Some(ShardResult { succeeded: false, reason: "attempt ended without a cause".into() });
         return;
     };
-    let options = launch_options(job.spec);
     match ended.cause {
         // The instance or its agent was lost during cleanup after the work
         // succeeded: the work stands (never run twice), but its snapshot is
@@ -34,24 +33,7 @@ pub(super) fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) 
         EndCause::Aborted | EndCause::Permanent => {
             shard.result = Some(ShardResult { succeeded: false, reason: ended.detail.clone() });
         }
-        EndCause::Capacity => {
-            let next = attempt.option + 1;
-            if job.aborting {
-                shard.result = Some(ShardResult { succeeded: false, reason: "job stopped".into() });
-            } else if let Some(option) = options.get(next as usize) {
-                // Nothing was launched: the same attempt moves to the next
-                // option (the trail keeps why), so the record stays small.
-                shard.note(now, format!("{} -> failing over to {}", ended.detail, describe_option(option)));
-                if let Some(attempt) = shard.attempts.last_mut() {
-                    *attempt = Attempt::new(attempt.number, next);
-                }
-            } else {
-                shard.result = Some(ShardResult {
-                    succeeded: false,
-                    reason: format!("no capacity in any allowed option: {}", ended.detail),
-                });
-            }
-        }
+        EndCause::Capacity => fail_over(job, shard, &ended, now),
         cause if attempt.left_for_reaper.is_some() && !attempt.completed_phases.contains(&Phase::Run) => {
             // Its instance could not be terminated, so its work may still be
             // running: a retry could run the shard twice at once.
@@ -66,53 +48,76 @@ pub(super) fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) 
                 ),
             });
         }
-        cause => {
-            let strategy = job.spec.retry.clone().unwrap_or_default();
-            let used = shard.attempts.last().map(|a| a.number).unwrap_or(1);
-            let action = retry_action(&strategy, cause, ended.exit_code);
-            if !job.aborting && action == RetryAction::Retry && used < strategy.attempts {
-                let current = shard.attempts.last().cloned().expect("an attempt");
-                // A spot interruption moves the slot to on-demand when allowed.
-                let option = if cause == EndCause::SpotInterruption {
-                    options
-                        .iter()
-                        .position(|o| o.market == crate::spec::Market::OnDemand)
-                        .map(|p| p as u32)
-                        .unwrap_or(current.option)
-                } else {
-                    current.option
-                };
-                let launch = options.get(option as usize).cloned().unwrap_or(LaunchOption {
-                    instance_type: "?".into(),
-                    subnet_id: None,
-                    market: crate::spec::Market::OnDemand,
-                });
-                shard.note(
-                    now,
-                    format!(
-                        "{}: {}; retrying (attempt {} of {}) on {}",
-                        cause.as_str(),
-                        ended.detail,
-                        used + 1,
-                        strategy.attempts,
-                        describe_option(&launch)
-                    ),
-                );
-                shard.attempts.push(Attempt::new(used + 1, option));
-            } else {
-                let why = if job.aborting {
-                    "job stopping".to_string()
-                } else if action == RetryAction::Exit {
-                    "retry strategy says EXIT".to_string()
-                } else {
-                    format!("{used} of {} attempts used", strategy.attempts)
-                };
-                shard.result = Some(ShardResult {
-                    succeeded: false,
-                    reason: format!("{}: {} ({why})", cause.as_str(), ended.detail),
-                });
-            }
+        cause => retry_or_fail(job, shard, cause, &ended, now),
+    }
+}
+
+/// Nothing was launched for want of capacity: the same attempt moves to
+/// the next option (the trail keeps why), so the record stays small; none
+/// left, the shard fails.
+fn fail_over(job: &JobFacts<'_>, shard: &mut Shard, ended: &AttemptEnd, now: DateTime<Utc>) {
+    let Some(attempt) = shard.attempts.last() else { return };
+    let next = attempt.option + 1;
+    if job.aborting {
+        shard.result = Some(ShardResult { succeeded: false, reason: "job stopped".into() });
+    } else if let Some(option) = launch_options(job.spec).get(next as usize) {
+        shard.note(now, format!("{} -> failing over to {}", ended.detail, describe_option(option)));
+        if let Some(attempt) = shard.attempts.last_mut() {
+            *attempt = Attempt::new(attempt.number, next);
         }
+    } else {
+        shard.result = Some(ShardResult {
+            succeeded: false,
+            reason: format!("no capacity in any allowed option: {}", ended.detail),
+        });
+    }
+}
+
+/// The retry strategy decides: a new attempt (a spot interruption moves the
+/// slot to on-demand when allowed), or the shard fails with why not.
+fn retry_or_fail(job: &JobFacts<'_>, shard: &mut Shard, cause: EndCause, ended: &AttemptEnd, now: DateTime<Utc>) {
+    let options = launch_options(job.spec);
+    let strategy = job.spec.retry.clone().unwrap_or_default();
+    let used = shard.attempts.last().map(|a| a.number).unwrap_or(1);
+    let action = retry_action(&strategy, cause, ended.exit_code);
+    if !job.aborting && action == RetryAction::Retry && used < strategy.attempts {
+        let current = shard.attempts.last().cloned().expect("an attempt");
+        let option = if cause == EndCause::SpotInterruption {
+            options
+                .iter()
+                .position(|o| o.market == crate::spec::Market::OnDemand)
+                .map(|p| p as u32)
+                .unwrap_or(current.option)
+        } else {
+            current.option
+        };
+        let launch = options.get(option as usize).cloned().unwrap_or(LaunchOption {
+            instance_type: "?".into(),
+            subnet_id: None,
+            market: crate::spec::Market::OnDemand,
+        });
+        shard.note(
+            now,
+            format!(
+                "{}: {}; retrying (attempt {} of {}) on {}",
+                cause.as_str(),
+                ended.detail,
+                used + 1,
+                strategy.attempts,
+                describe_option(&launch)
+            ),
+        );
+        shard.attempts.push(Attempt::new(used + 1, option));
+    } else {
+        let why = if job.aborting {
+            "job stopping".to_string()
+        } else if action == RetryAction::Exit {
+            "retry strategy says EXIT".to_string()
+        } else {
+            format!("{used} of {} attempts used", strategy.attempts)
+        };
+        shard.result =
+            Some(ShardResult { succeeded: false, reason: format!("{}: {} ({why})", cause.as_str(), ended.detail) });
     }
 }
 

@@ -1,6 +1,7 @@
 //! Volumes: creating, restoring and attaching an attempt's EBS volumes.
 
 use super::*;
+use crate::spec::VolumeSpec;
 
 /// For volumes that restore on retry, by name: the completed snapshot of the
 /// volume the shard's latest earlier attempt had, or None when that volume
@@ -29,7 +30,7 @@ pub(super) fn restore_snapshots(spec: &JobSpec, shard: &Shard) -> BTreeMap<Strin
 }
 
 /// Volumes this shard gets: a `volume_id` source goes to shard 0 only.
-pub(super) fn volume_specs(spec: &JobSpec, shard: u32) -> impl Iterator<Item = &crate::spec::VolumeSpec> {
+pub(super) fn volume_specs(spec: &JobSpec, shard: u32) -> impl Iterator<Item = &VolumeSpec> {
     spec.volumes.iter().filter(move |v| !matches!(v.source, VolumeSource::VolumeId(_)) || shard == 0)
 }
 
@@ -51,59 +52,12 @@ pub(super) fn attach_volumes(
     for volume in volume_specs(job.spec, shard) {
         if !attempt.volumes.iter().any(|v| v.name == volume.name) {
             let seq = decision.take_seq();
-            let (volume_id, created) = match &volume.source {
-                VolumeSource::VolumeId(id) => (Some(id.clone()), false),
-                _ => (None, true),
-            };
-            attempt.volumes.push(AttemptVolume {
-                restored_from: None,
-                name: volume.name.clone(),
-                // ClientToken: at most 64 ASCII characters; job ids are at most 48.
-                token: client_token(&job.stack, &job.job_id, 'v', seq),
-                volume_id,
-                created,
-                created_at: None,
-                seen: false,
-                snapshot: None,
-                snapshot_failures: 0,
-                deleted: false,
-                kept: None,
-            });
+            attempt.volumes.push(new_volume(job, volume, seq));
         }
         let entry = attempt.volumes.iter().find(|v| v.name == volume.name).cloned().expect("just added");
         let Some(volume_id) = entry.volume_id.clone() else {
-            let (size_gib, volume_type, mut snapshot_id) = match &volume.source {
-                VolumeSource::New { size_gib, volume_type } => (Some(*size_gib), volume_type.clone(), None),
-                VolumeSource::SnapshotId(id) => (None, "gp3".to_string(), Some(id.clone())),
-                VolumeSource::VolumeId(_) => unreachable!("volume_id sources have an id"),
-            };
-            // A retry resumes from the lost attempt's data (same size: a
-            // volume is at least as large as its snapshot).
-            if let Some(Some(restored)) = restore_from.get(&volume.name) {
-                snapshot_id = Some(restored.clone());
-                if let Some(v) = attempt.volumes.iter_mut().find(|v| v.name == volume.name) {
-                    v.restored_from = Some(restored.clone()); // never formatted
-                }
-            }
-            let mut volume_tags = job.tags.clone();
-            volume_tags.insert(tags::VOLUME.to_string(), volume.name.clone());
-            volume_tags.insert(tags::INSTANCE.to_string(), instance_id.clone());
-            volume_tags.insert(tags::SHARD.to_string(), shard.to_string());
-            volume_tags.insert(tags::ATTEMPT.to_string(), entry.token.clone());
-            if volume.snapshot == SnapshotPolicy::Never {
-                // The reaper may delete it, if ever left behind, without a snapshot.
-                volume_tags.insert(tags::SCRATCH.to_string(), "true".to_string());
-            }
-            decision.actions.push(Action::CreateVolume {
-                request: NewVolume {
-                    availability_zone: az.clone(),
-                    size_gib,
-                    volume_type,
-                    snapshot_id,
-                    tags: volume_tags,
-                    client_token: entry.token.clone(),
-                },
-            });
+            let request = create_request(job, shard, attempt, volume, restore_from, &entry.token);
+            decision.actions.push(Action::CreateVolume { request });
             all = false;
             continue;
         };
@@ -144,6 +98,71 @@ pub(super) fn attach_volumes(
         }
     }
     Ok(all)
+}
+
+/// A volume of the attempt, before it exists: a created one gets its
+/// ClientToken, a `volume_id` source its id.
+fn new_volume(job: &JobFacts<'_>, volume: &VolumeSpec, seq: u64) -> AttemptVolume {
+    let (volume_id, created) = match &volume.source {
+        VolumeSource::VolumeId(id) => (Some(id.clone()), false),
+        _ => (None, true),
+    };
+    AttemptVolume {
+        restored_from: None,
+        name: volume.name.clone(),
+        // ClientToken: at most 64 ASCII characters; job ids are at most 48.
+        token: client_token(&job.stack, &job.job_id, 'v', seq),
+        volume_id,
+        created,
+        created_at: None,
+        seen: false,
+        snapshot: None,
+        snapshot_failures: 0,
+        deleted: false,
+        kept: None,
+    }
+}
+
+/// The CreateVolume for a volume of the attempt, in its instance's AZ,
+/// tagged so a lost reply is found again. A retry resumes from the lost
+/// attempt's data (same size: a volume is at least as large as its
+/// snapshot), and such a volume is never formatted.
+fn create_request(
+    job: &JobFacts<'_>,
+    shard: u32,
+    attempt: &mut Attempt,
+    volume: &VolumeSpec,
+    restore_from: &BTreeMap<String, Option<String>>,
+    token: &str,
+) -> NewVolume {
+    let (size_gib, volume_type, mut snapshot_id) = match &volume.source {
+        VolumeSource::New { size_gib, volume_type } => (Some(*size_gib), volume_type.clone(), None),
+        VolumeSource::SnapshotId(id) => (None, "gp3".to_string(), Some(id.clone())),
+        VolumeSource::VolumeId(_) => unreachable!("volume_id sources have an id"),
+    };
+    if let Some(Some(restored)) = restore_from.get(&volume.name) {
+        snapshot_id = Some(restored.clone());
+        if let Some(v) = attempt.volumes.iter_mut().find(|v| v.name == volume.name) {
+            v.restored_from = Some(restored.clone()); // never formatted
+        }
+    }
+    let mut volume_tags = job.tags.clone();
+    volume_tags.insert(tags::VOLUME.to_string(), volume.name.clone());
+    volume_tags.insert(tags::INSTANCE.to_string(), attempt.instance_id.clone().unwrap_or_default());
+    volume_tags.insert(tags::SHARD.to_string(), shard.to_string());
+    volume_tags.insert(tags::ATTEMPT.to_string(), token.to_string());
+    if volume.snapshot == SnapshotPolicy::Never {
+        // The reaper may delete it, if ever left behind, without a snapshot.
+        volume_tags.insert(tags::SCRATCH.to_string(), "true".to_string());
+    }
+    NewVolume {
+        availability_zone: attempt.availability_zone.clone().unwrap_or_default(),
+        size_gib,
+        volume_type,
+        snapshot_id,
+        tags: volume_tags,
+        client_token: token.to_string(),
+    }
 }
 
 /// DescribeVolumes is eventually consistent right after a create: a created

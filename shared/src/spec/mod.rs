@@ -5,9 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::SpecError;
+
+mod model;
+pub use model::*;
 
 /// Largest fleet one job may ask for. EC2 account limits are usually lower.
 pub const MAX_INSTANCES: u32 = 1000;
@@ -29,283 +30,6 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 pub const MAX_WORK_ITEMS: u64 = 100_000;
 /// S3's key length, and so the longest item.
 pub const MAX_ITEM_BYTES: usize = 1024;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JobSpec {
-    /// Caller-chosen id: resubmitting the same id is a no-op.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    /// Groups runs of the same job for snapshot retention; defaults to the id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    pub fleet: FleetSpec,
-    /// The work items, split into one manifest per shard in S3. Without it,
-    /// `fleet.items` (a count) gives each shard a range of item numbers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub work: Option<WorkSpec>,
-    /// Reject the job if its cost estimate is above this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub budget_usd: Option<f64>,
-    pub instance_types: Vec<String>,
-    /// An AMI id (`ami-...`) or an SSM parameter path (`/aws/service/...`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub launch_template: Option<LaunchTemplateRef>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub subnet_ids: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub security_group_ids: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance_profile: Option<String>,
-    #[serde(default)]
-    pub market: Market,
-    /// With `market: spot`: when spot has no capacity, or an instance is
-    /// interrupted, the slot moves to on-demand.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub on_demand_fallback: bool,
-    /// Which shard failures are retried, and how often.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry: Option<RetryStrategy>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub tags: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub volumes: Vec<VolumeSpec>,
-    /// Plain values, or secrets by reference (`{"from_ssm": "/path"}`,
-    /// `{"from_secrets_manager": "arn:..."}`) that the instance resolves:
-    /// a secret is never in the record or in a SendCommand.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, EnvValue>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub setup: Option<CommandSpec>,
-    pub run: CommandSpec,
-    /// Runs before unmount and snapshot, even when `run` failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub before_unmount: Option<CommandSpec>,
-    /// Whole-job deadline, counted from submission.
-    pub deadline_minutes: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role_arn: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub external_id: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged, deny_unknown_fields)]
-pub enum FleetSpec {
-    Count {
-        count: u32,
-    },
-    /// Sized from a benchmark: `ceil(items / (items_per_instance_minute * within_minutes))`.
-    /// `items` is omitted when `work` gives the items.
-    Sized {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        items: Option<u64>,
-        items_per_instance_minute: f64,
-        within_minutes: u32,
-        max_instances: u32,
-    },
-}
-
-/// Where a job's work items come from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum WorkSpec {
-    /// Every object under `s3://bucket/prefix`, listed once at intake; a
-    /// manifest line is the object's `s3://` URI.
-    S3Prefix(String),
-    /// The items themselves, one manifest line each. The record keeps only
-    /// their count: the list lives in the manifests.
-    List(Vec<String>),
-}
-
-/// AWS Batch's retry strategy, per shard: `attempts` counts the first run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetryStrategy {
-    #[serde(default = "default_attempts")]
-    pub attempts: u32,
-    /// Checked in order; the first match decides. When none matches, instance
-    /// loss, spot interruption and an agent that never came Online are
-    /// retried, and a failed or timed-out command exits.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub evaluate_on_exit: Vec<ExitRule>,
-    /// An attempt not finished this long after its instance launched ends
-    /// TimedOut (AWS Batch's attemptDurationSeconds).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attempt_timeout_seconds: Option<u32>,
-}
-
-fn default_attempts() -> u32 {
-    3
-}
-
-impl Default for RetryStrategy {
-    fn default() -> Self {
-        RetryStrategy { attempts: default_attempts(), evaluate_on_exit: vec![], attempt_timeout_seconds: None }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExitRule {
-    /// Exit code pattern: digits, optionally ending in `*` (`"13*"`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub on_exit_code: Option<String>,
-    /// Reason pattern, optionally ending in `*`: `InstanceLost`,
-    /// `SpotInterruption`, `AgentNeverOnline`, `CommandFailed`, `TimedOut`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub on_reason: Option<String>,
-    pub action: RetryAction,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum RetryAction {
-    Retry,
-    Exit,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LaunchTemplateRef {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Market {
-    #[default]
-    OnDemand,
-    Spot,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VolumeSpec {
-    /// Short name, used in tags and for retention.
-    pub name: String,
-    pub source: VolumeSource,
-    /// Device name requested at attach, e.g. `/dev/sdf`. On Nitro instances the
-    /// kernel names it `/dev/nvme*n1`; the mount script finds it by volume id.
-    pub device: String,
-    pub mount_point: String,
-    #[serde(default)]
-    pub snapshot: SnapshotPolicy,
-    #[serde(default)]
-    pub retention: Retention,
-    /// What a retried shard's replacement instance gets: a fresh volume, or
-    /// one restored from the snapshot of the lost attempt's volume.
-    #[serde(default, skip_serializing_if = "OnRetry::is_fresh")]
-    pub on_retry: OnRetry,
-}
-
-/// A retried shard's volume: fresh (the default) or restored from the last
-/// snapshot of the attempt it replaces.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnRetry {
-    #[default]
-    Fresh,
-    /// The next attempt's volume is created from the snapshot of the last
-    /// attempt's volume (`snapshot: always` takes one at the end of every
-    /// attempt), so work resumes from where it stopped.
-    Restore,
-}
-
-impl OnRetry {
-    pub fn is_fresh(&self) -> bool {
-        *self == OnRetry::Fresh
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum VolumeSource {
-    /// A fresh, empty, encrypted volume per instance; formatted on first mount.
-    New {
-        size_gib: u32,
-        #[serde(default = "default_volume_type")]
-        volume_type: String,
-    },
-    /// A volume per instance restored from this snapshot.
-    SnapshotId(String),
-    /// An existing volume; attached to the first instance only and never deleted.
-    VolumeId(String),
-}
-
-fn default_volume_type() -> String {
-    "gp3".to_string()
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SnapshotPolicy {
-    Never,
-    #[default]
-    OnSuccess,
-    Always,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Retention {
-    /// Keep this many of the newest snapshots of this job name and volume.
-    pub keep_last: u32,
-    /// Delete older snapshots past this age; 0 keeps them regardless of age.
-    #[serde(default)]
-    pub max_age_days: u32,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention { keep_last: 7, max_age_days: 0 }
-    }
-}
-
-/// An environment variable's value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum EnvValue {
-    Plain(String),
-    Secret(SecretRef),
-}
-
-impl From<&str> for EnvValue {
-    fn from(value: &str) -> Self {
-        EnvValue::Plain(value.to_string())
-    }
-}
-
-/// Where the instance reads a secret from, with its own credentials.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum SecretRef {
-    /// An SSM parameter path (a SecureString is decrypted).
-    FromSsm(String),
-    /// A Secrets Manager secret ARN; its SecretString is used.
-    FromSecretsManager(String),
-}
-
-/// One step of work: either argv arrays (quoted by Flotilla) or a script
-/// (the user's own shell code, passed verbatim).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CommandSpec {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub commands: Vec<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub script: Option<String>,
-    /// SSM's executionTimeout. Unset: whatever is left of the job's deadline.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_seconds: Option<u32>,
-}
 
 /// Parse a job body with a precise, path-qualified error.
 pub fn parse(body: &str) -> Result<JobSpec, SpecError> {
@@ -347,6 +71,71 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if let Some(name) = &spec.name {
         check_job_id("name", name)?;
     }
+    check_fleet(spec)?;
+    if let Some(work) = &spec.work {
+        check_work(work)?;
+    }
+    if let Some(budget) = spec.budget_usd {
+        if !budget.is_finite() || budget <= 0.0 {
+            return fail(format!("budget_usd: must be a positive number, got {budget}"));
+        }
+    }
+    if spec.instance_types.is_empty() {
+        return fail("instance_types: at least one instance type is required");
+    }
+    for (i, t) in spec.instance_types.iter().enumerate() {
+        if !is_instance_type(t) {
+            return fail(format!("instance_types[{i}]: `{}` is not an instance type like `m7g.large`", printable(t)));
+        }
+    }
+    match (&spec.image, &spec.launch_template) {
+        (None, None) => return fail("image: an AMI id or SSM parameter is required unless launch_template is given"),
+        (Some(image), _) => check_image(image)?,
+        _ => {}
+    }
+    if let Some(lt) = &spec.launch_template {
+        check_launch_template(lt)?;
+    }
+    for (i, s) in spec.subnet_ids.iter().enumerate() {
+        check_resource_id(&format!("subnet_ids[{i}]"), s, "subnet-")?;
+    }
+    for (i, s) in spec.security_group_ids.iter().enumerate() {
+        check_resource_id(&format!("security_group_ids[{i}]"), s, "sg-")?;
+    }
+    if let Some(profile) = &spec.instance_profile {
+        check_instance_profile(profile)?;
+    }
+    if spec.tags.len() > MAX_USER_TAGS {
+        return fail(format!("tags: at most {MAX_USER_TAGS} tags, got {}", spec.tags.len()));
+    }
+    for (key, value) in &spec.tags {
+        check_tag(key, value)?;
+    }
+    check_volumes(&spec.volumes)?;
+    if spec.on_demand_fallback && spec.market != Market::Spot {
+        return fail("on_demand_fallback: only meaningful with market `spot`");
+    }
+    if let Some(retry) = &spec.retry {
+        check_retry(retry)?;
+    }
+    check_env(&spec.env)?;
+    if spec.deadline_minutes == 0 || spec.deadline_minutes > MAX_DEADLINE_MINUTES {
+        return fail(format!("deadline_minutes: must be 1..={MAX_DEADLINE_MINUTES}, got {}", spec.deadline_minutes));
+    }
+    let deadline_seconds = spec.deadline_minutes.saturating_mul(60);
+    if let Some(setup) = &spec.setup {
+        check_command("setup", setup, deadline_seconds)?;
+    }
+    check_command("run", &spec.run, deadline_seconds)?;
+    if let Some(hook) = &spec.before_unmount {
+        check_command("before_unmount", hook, deadline_seconds)?;
+    }
+    check_role(spec)?;
+    Ok(())
+}
+
+/// A fleet of a fixed count, or one sized from its items and rate.
+fn check_fleet(spec: &JobSpec) -> Result<(), SpecError> {
     match &spec.fleet {
         FleetSpec::Count { count } => {
             if *count == 0 || *count > MAX_INSTANCES {
@@ -373,67 +162,32 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
             }
         }
     }
-    if let Some(work) = &spec.work {
-        check_work(work)?;
+    Ok(())
+}
+
+/// Exactly one of id or name, and a version AWS knows.
+fn check_launch_template(lt: &LaunchTemplateRef) -> Result<(), SpecError> {
+    match (&lt.id, &lt.name) {
+        (Some(id), None) => check_resource_id("launch_template.id", id, "lt-")?,
+        (None, Some(name)) => {
+            check_charset("launch_template.name", name, 128, |c| c.is_ascii_alphanumeric() || "()./_-".contains(c))?
+        }
+        _ => return fail("launch_template: give exactly one of `id` or `name`"),
     }
-    if let Some(budget) = spec.budget_usd {
-        if !budget.is_finite() || budget <= 0.0 {
-            return fail(format!("budget_usd: must be a positive number, got {budget}"));
+    if let Some(version) = &lt.version {
+        if !(version == "$Latest" || version == "$Default" || version.parse::<u64>().is_ok()) {
+            return fail(format!(
+                "launch_template.version: expected a number, `$Latest` or `$Default`, got `{}`",
+                printable(version)
+            ));
         }
     }
-    if spec.instance_types.is_empty() {
-        return fail("instance_types: at least one instance type is required");
-    }
-    for (i, t) in spec.instance_types.iter().enumerate() {
-        if !is_instance_type(t) {
-            return fail(format!("instance_types[{i}]: `{}` is not an instance type like `m7g.large`", printable(t)));
-        }
-    }
-    match (&spec.image, &spec.launch_template) {
-        (None, None) => return fail("image: an AMI id or SSM parameter is required unless launch_template is given"),
-        (Some(image), _) => check_image(image)?,
-        _ => {}
-    }
-    if let Some(lt) = &spec.launch_template {
-        match (&lt.id, &lt.name) {
-            (Some(id), None) => check_resource_id("launch_template.id", id, "lt-")?,
-            (None, Some(name)) => {
-                check_charset("launch_template.name", name, 128, |c| c.is_ascii_alphanumeric() || "()./_-".contains(c))?
-            }
-            _ => return fail("launch_template: give exactly one of `id` or `name`"),
-        }
-        if let Some(version) = &lt.version {
-            if !(version == "$Latest" || version == "$Default" || version.parse::<u64>().is_ok()) {
-                return fail(format!(
-                    "launch_template.version: expected a number, `$Latest` or `$Default`, got `{}`",
-                    printable(version)
-                ));
-            }
-        }
-    }
-    for (i, s) in spec.subnet_ids.iter().enumerate() {
-        check_resource_id(&format!("subnet_ids[{i}]"), s, "subnet-")?;
-    }
-    for (i, s) in spec.security_group_ids.iter().enumerate() {
-        check_resource_id(&format!("security_group_ids[{i}]"), s, "sg-")?;
-    }
-    if let Some(profile) = &spec.instance_profile {
-        check_instance_profile(profile)?;
-    }
-    if spec.tags.len() > MAX_USER_TAGS {
-        return fail(format!("tags: at most {MAX_USER_TAGS} tags, got {}", spec.tags.len()));
-    }
-    for (key, value) in &spec.tags {
-        check_tag(key, value)?;
-    }
-    check_volumes(&spec.volumes)?;
-    if spec.on_demand_fallback && spec.market != Market::Spot {
-        return fail("on_demand_fallback: only meaningful with market `spot`");
-    }
-    if let Some(retry) = &spec.retry {
-        check_retry(retry)?;
-    }
-    for (key, value) in &spec.env {
+    Ok(())
+}
+
+/// Names bash takes, values within SendCommand's cap.
+fn check_env(env: &BTreeMap<String, EnvValue>) -> Result<(), SpecError> {
+    for (key, value) in env {
         let ok = !key.is_empty()
             && key.len() <= 128
             && key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
@@ -454,21 +208,15 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         check_env_value(key, value)?;
     }
     // The environment travels in every SendCommand, whose parameters are capped.
-    let env_bytes: usize = spec.env.iter().map(|(k, v)| k.len() + v.text().len()).sum();
+    let env_bytes: usize = env.iter().map(|(k, v)| k.len() + v.text().len()).sum();
     if env_bytes > MAX_ENV_BYTES {
         return fail(format!("env: {env_bytes} bytes in all, at most {MAX_ENV_BYTES}"));
     }
-    if spec.deadline_minutes == 0 || spec.deadline_minutes > MAX_DEADLINE_MINUTES {
-        return fail(format!("deadline_minutes: must be 1..={MAX_DEADLINE_MINUTES}, got {}", spec.deadline_minutes));
-    }
-    let deadline_seconds = spec.deadline_minutes.saturating_mul(60);
-    if let Some(setup) = &spec.setup {
-        check_command("setup", setup, deadline_seconds)?;
-    }
-    check_command("run", &spec.run, deadline_seconds)?;
-    if let Some(hook) = &spec.before_unmount {
-        check_command("before_unmount", hook, deadline_seconds)?;
-    }
+    Ok(())
+}
+
+/// A role to assume in another account, and its external id.
+fn check_role(spec: &JobSpec) -> Result<(), SpecError> {
     if let Some(role) = &spec.role_arn {
         check_charset("role_arn", role, 2048, |c| c.is_ascii_alphanumeric() || "+=,.@-_:/".contains(c))?;
         check_role_arn(role)?;
