@@ -6,9 +6,11 @@
 //! error, cancels and deadlines at random moments). After each job it checks
 //! the invariants; a failing seed replays exactly.
 
+mod invariants;
 pub mod lineages;
+mod recoveries;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde_json::{json, Value};
@@ -17,7 +19,7 @@ use crate::fake::{FakeCloud, Faults, Latencies, Rng};
 use flotilla_shared::intake;
 use flotilla_shared::ports::Ports;
 use flotilla_shared::reconcile;
-use flotilla_shared::record::{JobRecord, JobState};
+use flotilla_shared::record::JobState;
 use flotilla_shared::settings::Settings;
 use flotilla_shared::wake::Trigger;
 
@@ -375,7 +377,7 @@ pub async fn run(scenario: &Scenario) -> SimResult {
     if let Some(first) = reaper_violations.first() {
         violation(
             &mut result,
-            "reaper touched a busy job",
+            invariants::REAPER_TOUCHED_A_BUSY_JOB,
             format!("{} actions, first: {first}", reaper_violations.len()),
         );
     }
@@ -521,10 +523,10 @@ fn violation(result: &mut SimResult, invariant: &str, detail: String) {
     result.violations.push((invariant.to_string(), detail));
 }
 
-/// The invariants, checked after every job.
+/// The figures of a job that ended, then every invariant (`invariants/`).
 fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimResult) {
     let Some(record) = cloud.record(job_id) else {
-        violation(result, "terminal", "no record".into());
+        violation(result, invariants::TERMINAL, "no record".into());
         return;
     };
     result.state = Some(record.state);
@@ -533,343 +535,19 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     let (calls, _) = cloud.call_totals();
     result.calls = calls;
     if !record.state.is_terminal() {
-        violation(result, "terminal", format!("still {} ({})", record.state, record.reason));
+        violation(result, invariants::TERMINAL, format!("still {} ({})", record.state, record.reason));
     }
     // The simulator writes only valid specs: a rejection is a job never run.
-    if record.state == flotilla_shared::record::JobState::Rejected {
-        violation(result, "terminal", format!("rejected: {}", record.reason));
+    if record.state == JobState::Rejected {
+        violation(result, invariants::TERMINAL, format!("rejected: {}", record.reason));
     }
     let state = cloud.lock();
-    let now = state.now.unwrap_or_default();
-    // 0 managed instances not terminated.
-    let alive: Vec<&String> = state
-        .instances
-        .iter()
-        .filter(|i| !matches!(i.state.as_str(), "terminated" | "shutting-down"))
-        .map(|i| &i.id)
-        .collect();
-    if !alive.is_empty() {
-        violation(result, "instances left", format!("{} not terminated: {alive:?}", alive.len()));
-    }
-    // Every instance stopped by the bound on the bill (deadline or cancel,
-    // plus the cleanup grace), as the scenario scheduled them, with a slack.
-    let deadline = scenario.spec["deadline_minutes"].as_i64().unwrap_or(60) * 60;
-    // From when intake took the cancel in (a redelivered one comes later).
-    let cancelled = record.cancel_requested_at.map(|at| (at - start_time()).num_seconds());
-    let stop = cancelled.map_or(deadline, |at| at.min(deadline));
-    let bound = start_time() + Duration::seconds(stop) + Duration::minutes(i64::from(settings().cleanup_grace_minutes));
-    for instance in &state.instances {
-        let Some(stopped) = instance.shutting_down_at.or(instance.terminated_at) else { continue };
-        let late = (stopped - bound).num_seconds();
-        if late > lineages::BOUND_SLACK_MINUTES * 60 {
-            violation(result, "instance past its bound", format!("{}: {late} s past it", instance.id));
-        }
-    }
-    // 0 managed volumes left, apart from those the record says it kept (and why).
-    let kept: BTreeSet<String> = record
-        .attempts()
-        .flat_map(|a| a.volumes.iter())
-        .filter(|v| v.kept.is_some())
-        .filter_map(|v| v.volume_id.clone())
-        .collect();
-    let leaked: Vec<&String> = state
-        .volumes
-        .iter()
-        .filter(|v| v.state != "deleted")
-        .filter(|v| !kept.contains(&v.id))
-        .map(|v| &v.id)
-        .collect();
-    if !leaked.is_empty() {
-        violation(result, "volumes left", format!("{leaked:?}"));
-    }
-    // Every required snapshot exists and is completed; no volume deleted without one.
     let spec: flotilla_shared::spec::JobSpec = serde_json::from_value(scenario.spec.clone()).expect("spec");
-    for attempt in record.attempts() {
-        for volume in &attempt.volumes {
-            let policy = spec.volumes.iter().find(|v| v.name == volume.name).map(|v| v.snapshot);
-            let required = match policy {
-                Some(flotilla_shared::spec::SnapshotPolicy::Always) => true,
-                // The shard's work (its run phase) succeeded on this attempt:
-                // judged from the phases, not from how the code ended it.
-                Some(flotilla_shared::spec::SnapshotPolicy::OnSuccess) => {
-                    attempt.completed_phases.contains(&flotilla_shared::record::Phase::Run)
-                }
-                _ => false,
-            };
-            let Some(volume_id) = &volume.volume_id else { continue };
-            let deleted = state.evidence.deleted_volumes.iter().find(|(id, _, _)| id == volume_id);
-            if required {
-                let snapshot_ok = volume
-                    .snapshot
-                    .as_ref()
-                    .and_then(|s| s.snapshot_id.as_ref())
-                    .and_then(|id| state.snapshots.iter().find(|s| &s.id == id))
-                    .is_some_and(|s| now >= s.completes_at && !s.fails);
-                if !snapshot_ok && volume.kept.is_none() {
-                    violation(result, "required snapshot", format!("{volume_id}: no completed snapshot"));
-                }
-                if let Some((_, _, completed)) = deleted {
-                    if completed.is_empty() {
-                        violation(result, "deleted without snapshot", volume_id.clone());
-                    }
-                }
-            }
-        }
-    }
-    for attempt in record.attempts() {
-        let Some(end) = &attempt.end else { continue };
-        let kind = match end.cause {
-            flotilla_shared::record::EndCause::SpotInterruption => "spot interruption",
-            flotilla_shared::record::EndCause::InstanceLost if end.detail.contains("impaired") => "impaired instance",
-            flotilla_shared::record::EndCause::InstanceLost if end.detail.contains("stopped reporting") => {
-                "silent agent"
-            }
-            flotilla_shared::record::EndCause::InstanceLost => "instance lost",
-            flotilla_shared::record::EndCause::AgentNeverOnline => "agent never online",
-            _ => continue,
-        };
-        *result.recoveries.entry(kind).or_default() += 1;
-    }
-    // What the step guard and SSM's delivery did on the simulated instances.
-    let runs = || state.commands.iter().flat_map(|c| c.runs.values().map(move |r| (c, r)));
-    let user = |c: &crate::fake::FakeCommand| {
-        !c.request.lines.iter().any(|l| l.starts_with(flotilla_shared::shell::VOLUME_OP_MARKER))
-    };
-    let guarded = runs().filter(|(c, r)| user(c) && r.delivered_at.is_some() && !r.started_step).count();
-    *result.recoveries.entry("re-delivery the guard answered").or_default() += guarded as u64;
-    let later = runs().filter(|(c, r)| r.delivered_at.is_some_and(|at| at > c.sent_at + Duration::seconds(1))).count();
-    *result.recoveries.entry("delivered when its agent returned").or_default() += later as u64;
-    *result.recoveries.entry("create landed late").or_default() += state.evidence.late_landed;
-    // Cleanup killed by its own timeout while the work fence waited on work
-    // nobody cancelled (counted, not a violation: data is safe, time is lost).
-    let stuck = runs()
-        .filter(|(c, r)| {
-            let timeout = Duration::seconds(i64::from(c.request.timeout_seconds));
-            r.delivered_at.zip(r.begins_at).is_some_and(|(delivered, begins)| begins > delivered + timeout)
-        })
-        .count();
-    *result.recoveries.entry("cleanup timed out behind the work fence").or_default() += stuck as u64;
-    let restored = state.volumes.iter().filter(|v| v.snapshot_id.is_some()).count(); // sim sources are all `new`
-    *result.recoveries.entry("volume restored").or_default() += restored as u64;
-    let partial = state.launch_tokens.values().filter(|(print, ids)| {
-        print.rsplit('|').next().and_then(|n| n.parse::<usize>().ok()).is_some_and(|asked| ids.len() < asked)
-    });
-    *result.recoveries.entry("partial launch").or_default() += partial.count() as u64;
-    // A retried shard whose volume restores on retry gets the newest
-    // completed snapshot of the volume its latest earlier attempt had (as
-    // the cloud, not the record, saw it), or a fresh volume if there is none.
-    for shard in &record.shards {
-        for (i, attempt) in shard.attempts.iter().enumerate().skip(1) {
-            for volume in &attempt.volumes {
-                let restore = spec
-                    .volumes
-                    .iter()
-                    .any(|v| v.name == volume.name && v.on_retry == flotilla_shared::spec::OnRetry::Restore);
-                let Some(volume_id) = volume.volume_id.as_ref().filter(|_| restore) else { continue };
-                let Some((owner, previous)) = shard.attempts[..i]
-                    .iter()
-                    .rev()
-                    .find_map(|a| a.volumes.iter().find(|v| v.name == volume.name).map(|v| (a, v)))
-                else {
-                    continue;
-                };
-                // A volume created empty: if no mount step reached its instance
-                // it holds nothing, not even a filesystem, and the retry must
-                // start fresh (a volume restored from it is never formatted);
-                // if no step after the mount did, either is right.
-                let sent = |mount: bool| {
-                    state.commands.iter().any(|c| {
-                        let first = c.request.lines.first().map(String::as_str).unwrap_or_default();
-                        let is_mount = first == format!("{} mount", flotilla_shared::shell::VOLUME_OP_MARKER);
-                        let data_step = !first.starts_with(flotilla_shared::shell::VOLUME_OP_MARKER);
-                        (if mount { is_mount } else { data_step })
-                            && owner.instance_id.as_ref().is_some_and(|i| c.runs.contains_key(i))
-                    })
-                };
-                let created_empty = previous
-                    .volume_id
-                    .as_ref()
-                    .is_some_and(|id| state.volumes.iter().any(|v| &v.id == id && v.snapshot_id.is_none()));
-                let blank = created_empty && !sent(true);
-                let either = created_empty && !sent(false);
-                let created_at = state.volumes.iter().find(|v| &v.id == volume_id).map(|v| v.visible_at);
-                let expected = state
-                    .snapshots
-                    .iter()
-                    .filter(|_| !blank)
-                    .filter(|s| s.tags.get(flotilla_shared::tags::ATTEMPT) == Some(&previous.token) && !s.fails)
-                    .filter(|s| created_at.is_some_and(|at| s.completes_at <= at))
-                    .max_by_key(|s| s.started_at)
-                    .map(|s| s.id.clone());
-                let actual = state.volumes.iter().find(|v| &v.id == volume_id).and_then(|v| v.snapshot_id.clone());
-                if actual != expected && !(either && actual.is_none()) {
-                    violation(
-                        result,
-                        "restore from snapshot",
-                        format!(
-                            "shard {} attempt {}: {volume_id} from {actual:?}, expected {expected:?}",
-                            shard.index, attempt.number
-                        ),
-                    );
-                }
-            }
-        }
-    }
-    // 0 duplicate instances for one slot attempt: a launch token never
-    // yields more instances than attempts were given it, and no instance
-    // serves two attempts.
-    let mut given: BTreeMap<String, usize> = BTreeMap::new();
-    for attempt in record.attempts() {
-        if let Some(token) = &attempt.launch_token {
-            *given.entry(token.clone()).or_default() += 1;
-        }
-    }
-    let mut launched: BTreeMap<String, usize> = BTreeMap::new();
-    for instance in &state.instances {
-        let token = instance.tags.get(flotilla_shared::tags::LAUNCH).cloned().unwrap_or_default();
-        *launched.entry(token).or_default() += 1;
-    }
-    for (token, count) in &launched {
-        let allowed = given.get(token).copied().unwrap_or(0);
-        if *count > allowed {
-            violation(
-                result,
-                "duplicate instances",
-                format!("token {token}: {count} instances for {allowed} attempts"),
-            );
-        }
-    }
-    let ids = record.instance_ids();
-    let distinct: BTreeSet<&String> = ids.iter().collect();
-    if distinct.len() != ids.len() {
-        violation(result, "duplicate instances", "an instance serves two attempts".into());
-    }
-    // No moment where one shard's work ran twice at once (on the simulated
-    // instances: deliveries the step guard held or turned away ran nothing).
-    type Interval = (DateTime<Utc>, DateTime<Utc>);
-    let mut intervals: BTreeMap<(u32, String), Vec<Interval>> = BTreeMap::new();
-    for command in &state.commands {
-        let shards = crate::fake::shards_in(&command.request.lines);
-        let phase = command.request.comment.split_whitespace().nth(2).unwrap_or_default().to_string();
-        let timeout = Duration::seconds(i64::from(command.request.timeout_seconds));
-        for (instance_id, run) in &command.runs {
-            let Some(started) = run.delivered_at.filter(|_| run.started_step) else { continue };
-            let mut until = run.finishes_at.min(started + timeout);
-            if let Some(at) = run.died_at {
-                until = until.min(at);
-            }
-            if let Some(at) = run.cancelled_at {
-                until = until.min(at);
-            }
-            if let Some(shard) = shards.get(instance_id) {
-                intervals.entry((*shard, phase.clone())).or_default().push((started, until));
-            }
-        }
-    }
-    for ((shard, phase), mut runs) in intervals {
-        runs.sort();
-        for pair in runs.windows(2) {
-            if pair[1].0 < pair[0].1 {
-                violation(result, "concurrent command", format!("shard {shard} {phase} ran twice at once"));
-            }
-        }
-    }
-    // A user's step started at most once per shard, attempt (its instance)
-    // and phase, counted where it ran.
-    let mut starts: BTreeMap<&String, usize> = BTreeMap::new();
-    for (key, _) in &state.evidence.step_starts {
-        *starts.entry(key).or_default() += 1;
-    }
-    for (key, count) in starts.iter().filter(|(_, n)| **n > 1) {
-        violation(result, "step started twice", format!("{key}: started {count} times"));
-    }
-    // No user work (setup, run) running on an instance once its cleanup
-    // (before_unmount, unmount) started there: on the simulated instances.
-    type Run = (DateTime<Utc>, DateTime<Utc>, String);
-    let mut work: BTreeMap<&String, Vec<Run>> = BTreeMap::new();
-    let mut cleanup: BTreeMap<&String, DateTime<Utc>> = BTreeMap::new();
-    for command in &state.commands {
-        let phase = command.request.comment.split_whitespace().nth(2).unwrap_or_default();
-        let timeout = Duration::seconds(i64::from(command.request.timeout_seconds));
-        for (instance_id, run) in &command.runs {
-            let Some(started) = run.delivered_at.filter(|_| run.started_step) else { continue };
-            let mut until = run.finishes_at.min(started + timeout);
-            for at in [run.died_at, run.cancelled_at].into_iter().flatten() {
-                until = until.min(at);
-            }
-            match phase {
-                "setup" | "run" => work.entry(instance_id).or_default().push((started, until, phase.to_string())),
-                "before_unmount" | "unmount" => {
-                    let began = run.begins_at.unwrap_or(started);
-                    let first = cleanup.entry(instance_id).or_insert(began);
-                    *first = (*first).min(began);
-                }
-                _ => {}
-            }
-        }
-    }
-    for (instance_id, from) in &cleanup {
-        for (started, until, phase) in work.get(instance_id).into_iter().flatten() {
-            if *until > *from {
-                violation(
-                    result,
-                    "work beside cleanup",
-                    format!("{instance_id}: {phase} ran {started}..{until}, cleanup from {from}"),
-                );
-            }
-        }
-    }
-    // At most one snapshot (not ended in error) per volume and attempt.
-    let mut taken: BTreeMap<(&String, Option<&String>), Vec<&String>> = BTreeMap::new();
-    for snapshot in state.evidence.snapshots_created.iter().filter(|s| !s.fails) {
-        taken
-            .entry((&snapshot.volume_id, snapshot.tags.get(flotilla_shared::tags::ATTEMPT)))
-            .or_default()
-            .push(&snapshot.id);
-    }
-    for ((volume, _), ids) in taken.iter().filter(|(_, ids)| ids.len() > 1) {
-        violation(result, "two snapshots of one attempt", format!("{volume}: {ids:?}"));
-    }
-    // A job whose only faults are recoverable succeeds.
-    if scenario.recoverable && record.state != JobState::Succeeded {
-        violation(result, "recoverable job failed", format!("{}: {}", record.state, record.reason));
-    }
-    // EC2 and SSM mutating calls within a factor of the floor for the work done.
-    let floor = call_floor(&record);
-    result.call_floor = floor;
-    let ec2_mutating: u64 = [
-        "RunInstances",
-        "CreateVolume",
-        "AttachVolume",
-        "CreateSnapshot",
-        "DeleteVolume",
-        "SendCommand",
-        "TerminateInstances",
-    ]
-    .iter()
-    .map(|k| state.calls.get(k).copied().unwrap_or(0))
-    .sum();
-    result.mutating_calls = ec2_mutating;
-    if ec2_mutating > floor * CALL_FACTOR + 10 {
-        violation(result, "call budget", format!("{ec2_mutating} mutating EC2/SSM calls, floor {floor}"));
-    }
-}
-
-/// Mutating EC2/SSM calls may exceed the floor by this factor (retries after
-/// injected throttling, interleaved duplicates, capacity failover).
-pub const CALL_FACTOR: u64 = 3;
-
-/// The fewest mutating EC2/SSM calls the work the record shows could take.
-fn call_floor(record: &JobRecord) -> u64 {
-    let mut floor = 0u64;
-    for attempt in record.attempts() {
-        if attempt.instance_id.is_some() {
-            floor += 1; // its share of RunInstances and TerminateInstances, rounded up
-        }
-        // CreateVolume, AttachVolume, CreateSnapshot, DeleteVolume.
-        floor += 4 * attempt.volumes.len() as u64;
-    }
-    floor + record.commands.len() as u64
+    let ended = invariants::Ended { scenario, record: &record, spec: &spec, state: &state, now: state.now.unwrap_or_default() };
+    invariants::check_all(&ended, &mut result.violations);
+    recoveries::count(&record, &state, &mut result.recoveries);
+    result.call_floor = invariants::call_budget::call_floor(&record);
+    result.mutating_calls = invariants::call_budget::mutating_calls(&state);
 }
 
 /// A campaign's figures: what `make chaos` prints.
@@ -886,23 +564,8 @@ pub struct Campaign {
     pub recoveries: BTreeMap<&'static str, u64>,
 }
 
-pub const INVARIANTS: [&str; 15] = [
-    "terminal",
-    "instances left",
-    "instance past its bound",
-    "volumes left",
-    "required snapshot",
-    "deleted without snapshot",
-    "duplicate instances",
-    "concurrent command",
-    "step started twice",
-    "two snapshots of one attempt",
-    "work beside cleanup",
-    "restore from snapshot",
-    "reaper touched a busy job",
-    "recoverable job failed",
-    "call budget",
-];
+pub use invariants::ALL as INVARIANTS;
+pub use invariants::call_budget::CALL_FACTOR;
 
 fn bucket(shards: u32) -> &'static str {
     match shards {
