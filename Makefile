@@ -26,7 +26,7 @@ help:
 	@echo "make dlq         list what the local stack's dead-letter queues hold, with reasons"
 	@echo "make redrive     send the local reconcile DLQ's messages back (QUEUE=jobs for the jobs DLQ)"
 	@echo "make build       release build (LTO) of every binary"
-	@echo "make lint        clippy (warnings are errors), cfn-lint, then checkov and the IAM scope checks on the SAM-expanded template"
+	@echo "make lint        rustfmt --check, clippy (warnings are errors, functions within 80 lines), cfn-lint, then checkov and the IAM scope checks on the SAM-expanded template"
 
 venv: $(VENV)/.installed host-tools
 
@@ -59,6 +59,7 @@ $(CHECKOV_VENV)/.installed: tools/requirements-checkov.txt
 # and their inline policies are checked too; each skip is justified in
 # template.yaml. check_policies.py holds the IAM scoping this project needs.
 lint: venv $(CHECKOV_VENV)/.installed
+	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/cfn-lint template.yaml
 	mkdir -p .flotilla

@@ -961,6 +961,11 @@ def _send_command(self, **kwargs):
     ec2 = ec2_backends[self.account_id][self.region_name]
     now = _now()
     named = list(kwargs.get("instance_ids") or [])  # moto extends the list it is given
+    # InstanceIds: "you can specify up to 50 IDs" (SendCommand API
+    # reference); SSM refuses more, misleadingly, as ThrottlingException
+    # "Rate exceeded" (boto/botocore#993), before looking at any of them.
+    if len(named) > 50:
+        raise SSMException("ThrottlingException", "Rate exceeded")
     # InvalidInstanceId: "SSM Agent isn't registered with the SSM endpoint" or
     # "The managed node isn't in a valid state. Valid states are: Running,
     # Pending, Stopped, and Stopping. Invalid states are: Shutting-down and

@@ -70,7 +70,6 @@ pub trait Fleet: Send + Sync {
     /// ones included while EC2 still lists them, found by tag (one paginated call).
     async fn find_instances(&self, stack: &str, job_id: &str) -> CloudResult<Vec<InstanceView>>;
     async fn launch(&self, request: &LaunchRequest) -> CloudResult<Vec<InstanceView>>;
-    async fn describe(&self, instance_ids: &[String]) -> CloudResult<Vec<InstanceView>>;
     /// The job each of these instances belongs to, from its tags, in one
     /// filtered call; instances that are not this deployment's (or not
     /// visible yet) are left out.

@@ -86,7 +86,6 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
     out
 }
 
-
 /// The plan: fleet, items, estimated and realized cost.
 fn write_plan(out: &mut String, record: &JobRecord, plan: &crate::plan::Plan) {
     let cost = match &plan.estimate {
@@ -102,8 +101,7 @@ fn write_plan(out: &mut String, record: &JobRecord, plan: &crate::plan::Plan) {
     };
     let _ = writeln!(out, "plan: {} x {} ({market}); {}", plan.instance_count, plan.instance_type, plan.sizing);
     if let Some(items) = plan.items {
-        let manifests =
-            plan.manifests.as_deref().map(|m| format!(", manifests {m}<shard>.txt")).unwrap_or_default();
+        let manifests = plan.manifests.as_deref().map(|m| format!(", manifests {m}<shard>.txt")).unwrap_or_default();
         let _ = writeln!(out, "items: {items} over {} shards{manifests}", plan.instance_count);
     }
     let _ = writeln!(out, "cost: {cost}");
@@ -197,8 +195,7 @@ fn write_attempt(out: &mut String, record: &JobRecord, shard: u32, attempt: &Att
             .as_ref()
             .and_then(|s| s.snapshot_id.as_ref().map(|id| format!(", snapshot {id} {}", s.state)))
             .unwrap_or_default();
-        let _ =
-            writeln!(out, "    volume {} {} ({fate}{snapshot})", v.name, v.volume_id.as_deref().unwrap_or("-"));
+        let _ = writeln!(out, "    volume {} {} ({fate}{snapshot})", v.name, v.volume_id.as_deref().unwrap_or("-"));
     }
 }
 

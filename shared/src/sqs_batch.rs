@@ -118,7 +118,9 @@ mod tests {
                 }
             },
         );
-        let response = tokio::time::timeout(std::time::Duration::from_secs(5), run).await.expect("a batch handled in turn would wait forever");
+        let response = tokio::time::timeout(std::time::Duration::from_secs(5), run)
+            .await
+            .expect("a batch handled in turn would wait forever");
         assert!(response.batch_item_failures.is_empty());
         let seen = seen.into_inner().unwrap();
         assert_eq!(seen, vec!["b1", "a1", "a2"]);

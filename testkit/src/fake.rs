@@ -1016,12 +1016,6 @@ impl Fleet for FakeCloud {
         Ok(state.instances.iter().filter(|i| ids.contains(&i.id)).map(view).collect())
     }
 
-    async fn describe(&self, instance_ids: &[String]) -> CloudResult<Vec<InstanceView>> {
-        self.call("DescribeInstances", false).await?;
-        let state = self.lock();
-        Ok(state.instances.iter().filter(|i| instance_ids.contains(&i.id)).map(view).collect())
-    }
-
     async fn jobs_of(&self, stack: &str, instance_ids: &[String]) -> CloudResult<BTreeMap<String, String>> {
         self.call("DescribeInstances", false).await?;
         let state = self.lock();
@@ -1314,7 +1308,9 @@ impl Volumes for FakeCloud {
             .map(|s| s.id.clone())
             .collect();
         let Some(volume) = state.volumes.iter_mut().find(|v| v.id == volume_id && v.state != "deleted") else {
-            return Err(not_found("DeleteVolume", "InvalidVolume.NotFound"));
+            // EC2 answers InvalidVolume.NotFound; the port, as the adapter
+            // does (`ignore_not_found`), answers that it is gone: done.
+            return Ok(());
         };
         if volume.attached_to.is_some() || volume.state == "in-use" {
             return Err(CloudError::api("ec2", "DeleteVolume", "VolumeInUse", "attached"));
@@ -1564,6 +1560,9 @@ impl Commands for FakeCloud {
                     match (run.cancelled_at.is_some(), now >= gave_up) {
                         (true, _) => ("Cancelled", None),
                         (false, true) => ("DeliveryTimedOut", None),
+                        // "Delayed: The system attempted to send the command to the
+                        // managed node but wasn't successful" (the status guide).
+                        (false, false) if instance.is_some_and(|i| !i.agent_up(now)) => ("Delayed", None),
                         (false, false) => ("Pending", None),
                     }
                 } else if run.cancelled_at.is_some_and(|at| now >= at && at <= run.finishes_at) {
@@ -1608,11 +1607,9 @@ impl Commands for FakeCloud {
         let delay = state.rng.as_mut().expect("rng").range(1, 8);
         let agent_up: BTreeSet<String> =
             state.instances.iter().filter(|i| i.agent_up(now)).map(|i| i.id.clone()).collect();
-        let command = state
-            .commands
-            .iter_mut()
-            .find(|c| c.id == command_id)
-            .ok_or_else(|| CloudError::api("ssm", "CancelCommand", "InvalidCommandId", "no such command"))?;
+        // SSM answers InvalidCommandId; the port, as the adapter does, has
+        // nothing to cancel.
+        let Some(command) = state.commands.iter_mut().find(|c| c.id == command_id) else { return Ok(()) };
         let mut killed = Vec::new();
         for (id, run) in command.runs.iter_mut() {
             if !instance_ids.contains(id) || run.cancel_requested_at.is_some() || run.died_at.is_some() {

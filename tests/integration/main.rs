@@ -3,6 +3,7 @@
 mod architecture;
 mod budgets_and_manifests;
 mod bytes_moto;
+mod contract;
 mod decide_fuzz;
 mod economy;
 mod events;

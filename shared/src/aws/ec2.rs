@@ -18,8 +18,6 @@ use crate::spec::Market;
 use crate::states::{InstanceState, SnapshotState, VolumeState};
 use crate::tags;
 
-/// DescribeInstances accepts up to 1000 ids; smaller chunks keep responses small.
-const DESCRIBE_CHUNK: usize = 200;
 /// TerminateInstances accepts up to 1000 ids per call.
 const TERMINATE_CHUNK: usize = 1000;
 /// DescribeInstanceStatus accepts at most 100 explicit instance ids.
@@ -211,14 +209,6 @@ impl Fleet for Ec2Fleet {
         }
         let response = call.send().await.map_err(|e| cloud_error("ec2", "RunInstances", e))?;
         Ok(response.instances().iter().filter_map(instance_view).collect())
-    }
-
-    async fn describe(&self, instance_ids: &[String]) -> CloudResult<Vec<InstanceView>> {
-        let mut views = Vec::new();
-        for chunk in instance_ids.chunks(DESCRIBE_CHUNK) {
-            views.extend(self.describe_filtered(chunk, vec![]).await?);
-        }
-        Ok(views)
     }
 
     async fn jobs_of(&self, stack: &str, instance_ids: &[String]) -> CloudResult<BTreeMap<String, String>> {
@@ -508,7 +498,8 @@ impl Volumes for Ec2Volumes {
             .create_snapshot()
             .volume_id(volume_id)
             .description(description)
-            .tag_specifications(tag_spec(ResourceType::Snapshot, tags))
+            // EC2 refuses a TagSpecification without tags.
+            .set_tag_specifications((!tags.is_empty()).then(|| vec![tag_spec(ResourceType::Snapshot, tags)]))
             // No ClientToken: no blind SDK retry; the next pass finds a
             // snapshot made by a lost reply by its tags first.
             .customize()

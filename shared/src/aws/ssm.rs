@@ -167,7 +167,7 @@ impl Commands for SsmCommands {
                 let (stdout, stderr) = output.split_once(ERROR_SEPARATOR).unwrap_or((output, ""));
                 views.push(InvocationView {
                     instance_id: instance_id.to_string(),
-                    status: CommandStatus::from(status.as_str()),
+                    status: invocation_status(status, invocation.status_details()),
                     exit_code: finished.then(|| plugin.map_or(-1, |p| p.response_code())),
                     stdout: if finished { stdout.to_string() } else { String::new() },
                     stderr: if finished { stderr.to_string() } else { String::new() },
@@ -206,5 +206,22 @@ impl Commands for SsmCommands {
                 }
             }
         }
+    }
+}
+
+/// An invocation's status, with what only StatusDetails tells: an
+/// invocation never delivered (Delivery Timed Out, Undeliverable) or whose
+/// instance went away (Terminated) has the Status TimedOut, Failed or
+/// Cancelled, like a step that timed out, failed or was cancelled, while
+/// it is the instance, not the work, that failed ("Understanding command
+/// statuses", Systems Manager User Guide). The guide writes the details
+/// with spaces, the events without: both are read.
+fn invocation_status(status: &CommandInvocationStatus, details: Option<&str>) -> CommandStatus {
+    let details = details.unwrap_or_default().replace(' ', "");
+    match details.as_str() {
+        "DeliveryTimedOut" => CommandStatus::DeliveryTimedOut,
+        "Undeliverable" => CommandStatus::Undeliverable,
+        "Terminated" => CommandStatus::Terminated,
+        _ => CommandStatus::from(status.as_str()),
     }
 }

@@ -142,10 +142,8 @@ async fn look_at_volumes(
     if !(has_volumes && volumes_moving) {
         return Ok(());
     }
-    for view in cloud
-        .volumes
-        .find_volumes(&[(tags::JOB_ID, record.job_id.as_str()), (tags::STACK, &settings.stack)])
-        .await?
+    for view in
+        cloud.volumes.find_volumes(&[(tags::JOB_ID, record.job_id.as_str()), (tags::STACK, &settings.stack)]).await?
     {
         observation.volumes.insert(view.volume_id.clone(), view);
     }

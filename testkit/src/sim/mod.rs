@@ -543,7 +543,8 @@ fn check(scenario: &Scenario, cloud: &FakeCloud, job_id: &str, result: &mut SimR
     }
     let state = cloud.lock();
     let spec: flotilla_shared::spec::JobSpec = serde_json::from_value(scenario.spec.clone()).expect("spec");
-    let ended = invariants::Ended { scenario, record: &record, spec: &spec, state: &state, now: state.now.unwrap_or_default() };
+    let ended =
+        invariants::Ended { scenario, record: &record, spec: &spec, state: &state, now: state.now.unwrap_or_default() };
     invariants::check_all(&ended, &mut result.violations);
     recoveries::count(&record, &state, &mut result.recoveries);
     result.call_floor = invariants::call_budget::call_floor(&record);
@@ -564,8 +565,8 @@ pub struct Campaign {
     pub recoveries: BTreeMap<&'static str, u64>,
 }
 
-pub use invariants::ALL as INVARIANTS;
 pub use invariants::call_budget::CALL_FACTOR;
+pub use invariants::ALL as INVARIANTS;
 
 fn bucket(shards: u32) -> &'static str {
     match shards {

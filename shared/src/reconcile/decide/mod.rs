@@ -259,7 +259,6 @@ fn take_in(record: &mut JobRecord, obs: &Observation, now: DateTime<Utc>, decisi
     if obs.health_due {
         record.health_checked_at = Some(now);
     }
-
 }
 
 pub(super) struct JobFacts<'a> {

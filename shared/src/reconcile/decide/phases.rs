@@ -304,7 +304,8 @@ fn judge(
         // SSM never reached the agent: the instance, not the work, failed.
         end(attempt, EndCause::InstanceLost, &detail, None);
     } else {
-        let cause = if run.status == Some(CommandStatus::TimedOut) { EndCause::TimedOut } else { EndCause::CommandFailed };
+        let cause =
+            if run.status == Some(CommandStatus::TimedOut) { EndCause::TimedOut } else { EndCause::CommandFailed };
         end(attempt, cause, &detail, run.exit_code.filter(|c| *c >= 0));
     }
 }

@@ -111,7 +111,8 @@ fn release_volume(
         return false; // not visible yet
     };
     volume.seen = true;
-    let attached_elsewhere = view.attached_to.as_ref().is_some_and(|owner| Some(owner) != releasing.instance_id.as_ref());
+    let attached_elsewhere =
+        view.attached_to.as_ref().is_some_and(|owner| Some(owner) != releasing.instance_id.as_ref());
     if view.state == VolumeState::Error {
         volume.kept = Some("the volume is in state error: nothing to snapshot; left for the reaper".into());
         return true;

@@ -22,9 +22,7 @@ pub fn check(ended: &Ended<'_>, violations: &mut Violations) {
     for (token, count) in &launched {
         let allowed = given.get(token).copied().unwrap_or(0);
         if *count > allowed {
-            found(violations, NAME,
-                format!("token {token}: {count} instances for {allowed} attempts"),
-            );
+            found(violations, NAME, format!("token {token}: {count} instances for {allowed} attempts"));
         }
     }
     let ids = record.instance_ids();

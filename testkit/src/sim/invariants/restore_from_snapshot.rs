@@ -53,7 +53,9 @@ pub fn check(ended: &Ended<'_>, violations: &mut Violations) {
                     .map(|s| s.id.clone());
                 let actual = state.volumes.iter().find(|v| &v.id == volume_id).and_then(|v| v.snapshot_id.clone());
                 if actual != expected && !(either && actual.is_none()) {
-                    found(violations, NAME,
+                    found(
+                        violations,
+                        NAME,
                         format!(
                             "shard {} attempt {}: {volume_id} from {actual:?}, expected {expected:?}",
                             shard.index, attempt.number

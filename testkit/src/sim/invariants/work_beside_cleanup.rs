@@ -33,9 +33,7 @@ pub fn check(ended: &Ended<'_>, violations: &mut Violations) {
     for (instance_id, from) in &cleanup {
         for (started, until, phase) in work.get(instance_id).into_iter().flatten() {
             if *until > *from {
-                found(violations, NAME,
-                    format!("{instance_id}: {phase} ran {started}..{until}, cleanup from {from}"),
-                );
+                found(violations, NAME, format!("{instance_id}: {phase} ran {started}..{until}, cleanup from {from}"));
             }
         }
     }
