@@ -697,18 +697,24 @@ impl JobRecord {
 
     /// Where an attempt runs: its option in the spec's list.
     pub fn launch_of(&self, attempt: &Attempt) -> LaunchOption {
-        let options = self.spec.as_ref().map(launch_options).unwrap_or_default();
-        options.get(attempt.option as usize).cloned().unwrap_or(LaunchOption {
-            instance_type: "?".into(),
-            subnet_id: None,
-            market: Market::OnDemand,
-        })
+        launch_of(&self.spec.as_ref().map(launch_options).unwrap_or_default(), attempt)
     }
 
     pub fn take_seq(&mut self) -> u64 {
         self.next_seq += 1;
         self.next_seq
     }
+}
+
+/// The option an attempt launches on: its index in `options`, else the
+/// first (an index no option has is never written; a record is read
+/// safely anyway), else a placeholder for a spec with no types.
+pub fn launch_of(options: &[LaunchOption], attempt: &Attempt) -> LaunchOption {
+    options.get(attempt.option as usize).or(options.first()).cloned().unwrap_or(LaunchOption {
+        instance_type: "?".into(),
+        subnet_id: None,
+        market: Market::OnDemand,
+    })
 }
 
 /// The (instance type x subnet x market) options a slot may launch on, in

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use super::{give_up, TRANSIENT_BACKOFF_SECONDS};
+use super::backoff::{next_after, Setback};
+use super::give_up;
 use crate::error::StepError;
 use crate::ports::{Cloud, Ports};
 use crate::reconcile::decide::Next;
@@ -75,7 +76,7 @@ pub(super) async fn job_cloud(ports: &Ports, record: &mut JobRecord) -> Result<J
             // them; wait for the role (the reason says why).
             warn!(job_id = %record.job_id, error = %err, "cannot assume the job's role yet");
             record.reason = format!("waiting to act in the job's account: {err}");
-            JobCloud::Stop(Next::After(TRANSIENT_BACKOFF_SECONDS * 4))
+            JobCloud::Stop(next_after(Setback::AccountUnreachable, None))
         }
         Some(Err(err)) => {
             // Refused before anything was launched: nothing exists there.

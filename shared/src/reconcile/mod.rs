@@ -23,6 +23,7 @@
 
 mod account;
 pub mod act;
+mod backoff;
 pub mod decide;
 mod lease;
 pub mod observe;
@@ -71,8 +72,6 @@ const OBSERVE_FAILURES: u32 = 5;
 /// long: a poll that never came (lost to the dead-letter queue, or never
 /// sent by a pass that crashed) is overdue, and the tick runs the pass.
 pub(crate) const TICK_GRACE_SECONDS: i64 = 120;
-/// Back-off after a transient error that outlasted the SDK's own retries.
-const TRANSIENT_BACKOFF_SECONDS: u32 = 15;
 
 /// One reconcile pass for one job, within `budget`.
 pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -> Result<Handled, StepError> {

@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use tracing::{info, warn};
 
+use super::backoff::{self, next_after, Setback};
 use super::{
     act, calls_granted, decide, give_up, observe, resolve_image, save, Context, Next, MAX_ROUNDS, OBSERVE_FAILURES,
-    TRANSIENT_BACKOFF_SECONDS,
 };
 use crate::admission::Grant;
 use crate::error::StepError;
@@ -73,17 +73,15 @@ pub(super) async fn run(
         again = acted.again;
         save(pass.ports, record, version, pass.owner).await?;
         if acted.transient {
-            next = Next::After(TRANSIENT_BACKOFF_SECONDS);
+            next = next_after(Setback::Transient, Some(next));
             break;
         }
         if acted.deferred {
-            if let Next::After(seconds) = next {
-                next = Next::After(seconds.min(calls.retry_after_seconds.max(1)));
-            }
+            next = next_after(Setback::CallBudget(calls.retry_after_seconds), Some(next));
             break;
         }
         if pass.ports.clock.now() >= pass.started + pass.budget {
-            next = Next::After(1);
+            next = next_after(Setback::OutOfTime, None);
             break;
         }
         if !again {
@@ -110,7 +108,7 @@ async fn look(
     if let Err(err) = resolve_image(pass.cloud, record).await {
         if err.is_transient() {
             record.stalled = Some(format!("resolving the image: {err}"));
-            return Err(Next::After(TRANSIENT_BACKOFF_SECONDS));
+            return Err(next_after(Setback::Transient, None));
         }
         record.outcome.get_or_insert(Outcome::Failed);
         record.outcome_reason.get_or_insert(format!("image: {err}"));
@@ -123,7 +121,7 @@ async fn look(
         }
         Err(err) if err.is_retryable() => {
             record.stalled = Some(format!("observing: {err}"));
-            Err(Next::After(TRANSIENT_BACKOFF_SECONDS))
+            Err(next_after(Setback::Transient, None))
         }
         Err(err) => {
             record.observe_failures += 1;
@@ -132,7 +130,7 @@ async fn look(
                 give_up(record, &format!("cannot observe the job's resources: {err}"), now);
                 Err(Next::Finished)
             } else {
-                Err(Next::After(TRANSIENT_BACKOFF_SECONDS * record.observe_failures))
+                Err(next_after(Setback::ObserveFailed(record.observe_failures), None))
             }
         }
     }
@@ -150,7 +148,7 @@ async fn launch_grant(pass: &Pass<'_>, record: &mut JobRecord, now: DateTime<Utc
         Ok(grant) => Some(grant),
         Err(err) => {
             record.stalled = Some(format!("taking from the launch budget ({}): {err}", crate::admission::KEY));
-            Some(Grant { instances: 0, retry_after_seconds: TRANSIENT_BACKOFF_SECONDS })
+            Some(Grant { instances: 0, retry_after_seconds: backoff::launch_budget_unreadable() })
         }
     }
 }

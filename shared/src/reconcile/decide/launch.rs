@@ -14,14 +14,6 @@ pub(super) fn describe_option(option: &LaunchOption) -> String {
     }
 }
 
-pub(super) fn launch_of(options: &[LaunchOption], attempt: &Attempt) -> LaunchOption {
-    options.get(attempt.option as usize).or(options.first()).cloned().unwrap_or(LaunchOption {
-        instance_type: "?".into(),
-        subnet_id: None,
-        market: crate::spec::Market::OnDemand,
-    })
-}
-
 /// Instances a RunInstances made whose reply was lost (a crash) carry the
 /// batch's token as a tag: give them to the attempts waiting on that token,
 /// in launch order, as the reply would have.

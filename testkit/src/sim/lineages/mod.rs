@@ -13,6 +13,8 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::{json, Value};
 
 use super::{settings, start_time, TICK_SECONDS};
+
+mod invariants;
 use crate::fake::{CommandBehaviour, FakeCloud, FakeSnapshot, Faults, Latencies, Rng};
 use flotilla_shared::intake;
 use flotilla_shared::ports::Ports;
@@ -27,15 +29,7 @@ pub const BOUND_SLACK_MINUTES: i64 = 10;
 /// last snapshots completing) before the final checks.
 const SETTLE_MINUTES: i64 = 90;
 
-pub const INVARIANTS: [&str; 7] = [
-    "terminal",
-    "instances left",
-    "newest good snapshot",
-    "active job's snapshots",
-    "rescue snapshot",
-    "snapshot in error",
-    "instance past its bound",
-];
+pub use invariants::ALL as INVARIANTS;
 
 /// One job of a world, and what happens to it.
 #[derive(Debug, Clone)]
@@ -467,7 +461,7 @@ fn newest_good(cloud: &FakeCloud, name: &str) -> Option<String> {
         .map(|s| s.id.clone())
 }
 
-/// Invariants that hold at every moment.
+/// Invariants that hold at every moment (`invariants/`).
 fn check_live(
     world: &World,
     cloud: &FakeCloud,
@@ -492,60 +486,16 @@ fn check_live(
         })
         .collect();
     let state = cloud.lock();
-    let now = state.now.unwrap_or_default();
-    let exists = |id: &str| state.snapshots.iter().any(|s| s.id == id);
-    let history = &state.evidence.snapshots_created;
-    // 1. The newest good snapshot of every lineage (shard, volume): the last
-    //    snapshot a SUCCEEDED run took of it, the newest such run's.
-    let mut finals: BTreeMap<(String, String, String, String), &FakeSnapshot> = BTreeMap::new();
-    for snapshot in history.iter().filter(|s| tag(s, tags::REAPED) != "true") {
-        let job = tag(snapshot, tags::JOB_ID).to_string();
-        if states.get(&job) != Some(&JobState::Succeeded) {
-            continue;
-        }
-        let key = (
-            job,
-            tag(snapshot, tags::JOB_NAME).into(),
-            tag(snapshot, tags::VOLUME).into(),
-            tag(snapshot, tags::SHARD).into(),
-        );
-        finals.insert(key, snapshot); // history is in creation order: the last one wins
-    }
-    let mut newest: BTreeMap<(String, String, String), &FakeSnapshot> = BTreeMap::new();
-    for ((_, name, volume, shard), snapshot) in finals {
-        let entry = newest.entry((name, volume, shard)).or_insert(snapshot);
-        if snapshot.started_at > entry.started_at {
-            *entry = snapshot;
-        }
-    }
+    let live = invariants::Live {
+        world,
+        submitted,
+        sources,
+        states: &states,
+        state: &state,
+        now: state.now.unwrap_or_default(),
+    };
     let mut found = Vec::new();
-    for ((name, volume, shard), snapshot) in &newest {
-        if completed(snapshot, now) && !exists(&snapshot.id) {
-            found.push(("newest good snapshot", format!("{name}/{volume} shard {shard}: {} is gone", snapshot.id)));
-        }
-    }
-    // 2. Every snapshot an active job names, or took (and may restore from).
-    for i in submitted.keys() {
-        let spec = &world.jobs[*i].spec;
-        let id = spec["id"].as_str().unwrap_or_default();
-        if states.get(id).is_none_or(|s| s.is_terminal()) {
-            continue;
-        }
-        if let Some(named) = sources.get(id).filter(|named| !exists(named)) {
-            found.push(("active job's snapshots", format!("{id} restores from {named}, which is gone")));
-        }
-        for taken in history.iter().filter(|s| tag(s, tags::JOB_ID) == id && completed(s, now)) {
-            if !exists(&taken.id) {
-                found.push(("active job's snapshots", format!("{id} may restore from {}, which is gone", taken.id)));
-            }
-        }
-    }
-    // 3. Every rescue snapshot (kept until its owner deletes it).
-    for rescue in history.iter().filter(|s| tag(s, tags::REAPED) == "true" && completed(s, now)) {
-        if !exists(&rescue.id) {
-            found.push(("rescue snapshot", format!("{} of {} is gone", rescue.id, rescue.volume_id)));
-        }
-    }
+    invariants::check_live(&live, &mut found);
     drop(state);
     for (invariant, detail) in found {
         violation(result, invariant, detail);
@@ -581,37 +531,9 @@ fn check_end(
     }
     (result.calls, result.mutating_calls) = cloud.call_totals();
     let state = cloud.lock();
-    let now = state.now.unwrap_or_default();
-    for instance in &state.instances {
-        let job = instance.tags.get(tags::JOB_ID).cloned().unwrap_or_default();
-        if !matches!(instance.state.as_str(), "terminated" | "shutting-down") {
-            result
-                .violations
-                .push(("instances left".into(), format!("{} of {job} is {}", instance.id, instance.state)));
-            continue;
-        }
-        let (Some(bound), Some(stopped)) = (bounds.get(&job), instance.shutting_down_at.or(instance.terminated_at))
-        else {
-            continue;
-        };
-        let late = (stopped - *bound).num_seconds();
-        result.max_bound_lateness_seconds = result.max_bound_lateness_seconds.max(late);
-        if late > BOUND_SLACK_MINUTES * 60 {
-            result
-                .violations
-                .push(("instance past its bound".into(), format!("{} of {job}: {late} s past it", instance.id)));
-        }
-    }
-    let live_volumes: BTreeSet<&String> =
-        state.volumes.iter().filter(|v| v.state != "deleted").map(|v| &v.id).collect();
-    for snapshot in state.snapshots.iter().filter(|s| s.fails && now >= s.completes_at) {
-        let rescue_of_live_volume = tag(snapshot, tags::REAPED) == "true" && live_volumes.contains(&snapshot.volume_id);
-        if !rescue_of_live_volume {
-            result
-                .violations
-                .push(("snapshot in error".into(), format!("{} ({})", snapshot.id, tag(snapshot, tags::JOB_ID))));
-        }
-    }
+    let end = invariants::End { bounds: &bounds, state: &state, now: state.now.unwrap_or_default() };
+    result.max_bound_lateness_seconds =
+        result.max_bound_lateness_seconds.max(invariants::check_end(&end, &mut result.violations));
     result.rescues = state.evidence.snapshots_created.iter().filter(|s| tag(s, tags::REAPED) == "true").count();
 }
 
