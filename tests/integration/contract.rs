@@ -378,6 +378,14 @@ async fn a_new_command_is_found_by_its_comment_only_after_the_lag(side: Side) {
     assert_eq!(found, sent, "{}", side.name());
     let other = side.cloud().commands.find_by_comment(&ids[0], "contract lag 8").await.expect("lookup");
     assert_eq!(other, None, "{}: only its own comment finds it", side.name());
+    // The adapter asks SSM to reach every instance whatever fails: with its
+    // default MaxErrors 0, "the system stops sending the command to
+    // additional targets" after one error (SendCommand API reference).
+    if let Side::Moto(stack, _) = &side {
+        let listed = stack.ssm().list_commands().command_id(&sent).send().await.expect("list");
+        let command = &listed.commands()[0];
+        assert_eq!((command.max_errors(), command.max_concurrency()), (Some("100%"), Some("100%")));
+    }
 }
 
 /// Each case, on the simulated cloud and on moto.

@@ -94,6 +94,12 @@ impl Commands for SsmCommands {
             // returns, if before this; never an hour later (the default).
             .timeout_seconds(crate::ports::delivery_timeout_seconds(request.timeout_seconds) as i32)
             .comment(comment)
+            // Each shard's step is its own: one failing must never stop the
+            // command reaching the others. SSM's defaults would (MaxErrors
+            // 0: "the system stops sending the command to additional
+            // targets" after one error, and those end Terminated).
+            .max_errors("100%")
+            .max_concurrency("100%")
             .output_s3_bucket_name(&request.output_bucket)
             .output_s3_key_prefix(&request.output_prefix)
             // No ClientToken exists for SendCommand: a retry after a lost
