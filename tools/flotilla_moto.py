@@ -678,6 +678,8 @@ class Execution:
         self.stdout = ""
         self.stderr = ""
         self.started = _now()
+        # Reached its agent once: its plugin started (ResponseStartDateTime).
+        self.delivered = False
         self.ended = None
         self.process = None
         self.cancelled = False
@@ -827,6 +829,7 @@ def _deliver(execution):
                 if execution.status == "Delayed":
                     execution.started = _now()
                 execution.status = execution.details = "InProgress"
+                execution.delivered = True
                 return True
             execution.status = execution.details = "Delayed"
             execution.lost = False  # not delivered yet: nothing was lost
@@ -1019,6 +1022,7 @@ def _invocation(backend, command, instance_id, details_limit=None):
             "PluginName": "aws:runShellScript",
             "ResponseCode": execution.response_code,
             "ExecutionStartDateTime": "" if delayed else execution.started.isoformat(),
+            "Delivered": execution.delivered,
             "ExecutionElapsedTime": "" if delayed else f"PT{elapsed:.3f}S",
             "ExecutionEndDateTime": execution.ended.isoformat() if execution.ended else "",
             "Status": execution.status,
@@ -1038,6 +1042,7 @@ def _get_command_invocation(self, command_id, instance_id, plugin_name):
         from moto.core.exceptions import RESTError
 
         raise RESTError("InvocationDoesNotExist", "An error occurred (InvocationDoesNotExist) when calling the GetCommandInvocation operation")
+    body.pop("Delivered")  # ours, for ListCommandInvocations' plugins
     return body
 
 
@@ -1168,6 +1173,7 @@ def list_command_invocations(self):
                         "Status": body["Status"],
                         "StatusDetails": body["StatusDetails"],
                         "ResponseCode": body["ResponseCode"],
+                        **({"ResponseStartDateTime": body["ExecutionStartDateTime"]} if body["Delivered"] else {}),
                         "Output": _plugin_output(body),
                         "StandardOutputUrl": body["StandardOutputUrl"],
                         "StandardErrorUrl": body["StandardErrorUrl"],

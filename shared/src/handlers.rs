@@ -47,7 +47,10 @@ pub async fn reconcile_batch(
             .unwrap_or_else(|_| message.message_id.clone().unwrap_or_default())
     };
     let passes = for_each_record_by(batch, job_of, |message| async move {
-        let left = deadline.map(|d| d - Utc::now()).unwrap_or(most);
+        // A call started at the end of a pass may take its whole operation
+        // timeout: the pass ends that long before the invocation must.
+        let call = chrono::Duration::seconds(crate::fence::OPERATION_TIMEOUT_SECONDS);
+        let left = deadline.map(|d| d - Utc::now() - call).unwrap_or(most);
         let first = handled.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
         if left < chrono::Duration::seconds(5) && !first {
             return Err(StepError::Contended(format!(

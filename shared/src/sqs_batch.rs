@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
+use futures_util::stream::StreamExt;
+
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use tracing::{error, warn, Instrument};
 
@@ -35,6 +37,12 @@ where
     response
 }
 
+/// How many keys one invocation handles at once: enough that one job's
+/// long pass does not hold back the others, few enough that the calls,
+/// memory and CPU of one invocation stay near those of one pass
+/// (`ReconcileMaxConcurrency` invocations run at once).
+pub const AT_ONCE: usize = 4;
+
 /// As `for_each_record`, with records of different keys handled at once:
 /// one job's long pass never holds back another job's wake in the same
 /// batch. Records with the same key are handled one at a time, in order, so
@@ -50,11 +58,13 @@ where
         groups.entry(key(&message)).or_default().push(message);
     }
     let handle = &handle;
-    let responses = futures_util::future::join_all(groups.into_values().map(|records| {
+    let responses: Vec<SqsBatchResponse> = futures_util::stream::iter(groups.into_values().map(|records| {
         let mut group = SqsEvent::default();
         group.records = records;
         for_each_record(group, handle)
     }))
+    .buffer_unordered(AT_ONCE)
+    .collect()
     .await;
     let mut response = SqsBatchResponse::default();
     for part in responses {

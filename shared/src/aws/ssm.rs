@@ -173,7 +173,11 @@ impl Commands for SsmCommands {
                 let (stdout, stderr) = output.split_once(ERROR_SEPARATOR).unwrap_or((output, ""));
                 views.push(InvocationView {
                     instance_id: instance_id.to_string(),
-                    status: invocation_status(status, invocation.status_details()),
+                    status: invocation_status(
+                        status,
+                        invocation.status_details(),
+                        plugin.is_some_and(|p| p.response_start_date_time().is_some()),
+                    ),
                     exit_code: finished.then(|| plugin.map_or(-1, |p| p.response_code())),
                     stdout: if finished { stdout.to_string() } else { String::new() },
                     stderr: if finished { stderr.to_string() } else { String::new() },
@@ -215,17 +219,20 @@ impl Commands for SsmCommands {
     }
 }
 
-/// An invocation's status, with what only StatusDetails tells: an
-/// invocation never delivered (Delivery Timed Out, Undeliverable) or whose
-/// instance went away (Terminated) has the Status TimedOut, Failed or
-/// Cancelled, like a step that timed out, failed or was cancelled, while
-/// it is the instance, not the work, that failed ("Understanding command
-/// statuses", Systems Manager User Guide). The guide writes the details
-/// with spaces, the events without: both are read.
-fn invocation_status(status: &CommandInvocationStatus, details: Option<&str>) -> CommandStatus {
+/// An invocation's status, with what only StatusDetails tells about a step
+/// that never started. Undeliverable and Terminated ("the parent command
+/// exceeded its MaxErrors limit and subsequent command invocations were
+/// canceled") never reached the instance; Delivery Timed Out is also what
+/// SSM says of a step that started and whose agent then went silent
+/// ("Understanding command statuses", Systems Manager User Guide), so it
+/// counts as never delivered only when its plugin never started
+/// (ResponseStartDateTime unset). Anything else keeps its Status: a step
+/// that may have run is never retried as if it had not. The guide writes
+/// the details with spaces, the events without: both are read.
+fn invocation_status(status: &CommandInvocationStatus, details: Option<&str>, started: bool) -> CommandStatus {
     let details = details.unwrap_or_default().replace(' ', "");
     match details.as_str() {
-        "DeliveryTimedOut" => CommandStatus::DeliveryTimedOut,
+        "DeliveryTimedOut" if !started => CommandStatus::DeliveryTimedOut,
         "Undeliverable" => CommandStatus::Undeliverable,
         "Terminated" => CommandStatus::Terminated,
         _ => CommandStatus::from(status.as_str()),
