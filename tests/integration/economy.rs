@@ -416,3 +416,24 @@ async fn a_lease_end_message_stands_in_for_a_pass_that_died_and_is_dropped_after
     let handled = reconcile::reconcile(&ports, &lease_end, Duration::seconds(BUDGET)).await.expect("again");
     assert_eq!(handled, Handled::Scheduled);
 }
+
+/// A command SSM no longer knows (its invocations answer InvalidCommandId)
+/// must not stall its job: the look goes on without it, the step times out
+/// in `decide`, and the job ends with every instance gone. Before, the
+/// whole observation failed, every pass, so nothing ran, the bound on the
+/// bill included.
+#[tokio::test]
+async fn a_command_ssm_no_longer_knows_does_not_stall_its_job() {
+    let cloud = long_run_cloud();
+    let ports = cloud.ports(sim::settings());
+    let mut spec = long_job("forgotten");
+    spec["run"]["timeout_seconds"] = json!(600);
+    intake::submit(&ports, &spec.to_string(), "m-1", None).await.expect("intake");
+    drive_until(&cloud, &ports, "forgotten", |c| running(c, "forgotten")).await;
+    cloud.lock().commands.clear();
+    drive_until(&cloud, &ports, "forgotten", |c| c.record("forgotten").is_some_and(|r| r.state.is_terminal())).await;
+    let record = cloud.record("forgotten").expect("record");
+    assert_eq!(record.state, JobState::Failed, "{}", record.reason);
+    assert!(record.reason.contains("run timed out"), "the step's timeout, not the look's failure: {}", record.reason);
+    assert_eq!(cloud.running_instances(), 0);
+}

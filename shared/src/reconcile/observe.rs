@@ -9,6 +9,7 @@ use chrono::{DateTime, Duration, Utc};
 
 use tracing::warn;
 
+use crate::error::RetryClass;
 use crate::ports::{Cloud, CloudResult};
 use crate::reconcile::{decide, Observation};
 use crate::record::{Attempt, CommandBatch, JobRecord, Stage};
@@ -295,7 +296,17 @@ async fn list_commands_in_flight(
         if !due(&command_id, &instance_ids) {
             continue;
         }
-        for view in cloud.commands.invocations(&command_id, &instance_ids).await? {
+        let views = match cloud.commands.invocations(&command_id, &instance_ids).await {
+            // SSM does not know it (not yet, or no longer): as if nothing
+            // were listed, so the step times out in `decide` and the job
+            // goes on; failing the whole look would stall it, past its bound.
+            Err(err) if err.class() == RetryClass::NotFound => {
+                warn!(job_id = %record.job_id, %command_id, error = %err, "command not found");
+                continue;
+            }
+            views => views?,
+        };
+        for view in views {
             observation.invocations.insert((command_id.clone(), view.instance_id.clone()), view);
         }
         observation.listed_commands.insert(command_id);
