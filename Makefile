@@ -9,7 +9,7 @@ CHECKOV_VENV := .venv-checkov
 CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
-FUNCTIONS := intake reconcile tick
+FUNCTIONS := intake reconcile tick notify
 
 .PHONY: help venv host-tools build build-functions test smoke chaos fingerprint fuzz bench lint local-up local-down demo clean dlq redrive
 
@@ -61,7 +61,7 @@ $(CHECKOV_VENV)/.installed: tools/requirements-checkov.txt
 lint: venv $(CHECKOV_VENV)/.installed
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	$(VENV)/bin/cfn-lint template.yaml
+	$(VENV)/bin/cfn-lint template.yaml examples/*.yaml
 	mkdir -p .flotilla
 	$(CHECKOV_VENV)/bin/python tools/sam_transform.py template.yaml .flotilla/template.sam.json
 	$(CHECKOV_VENV)/bin/checkov -f .flotilla/template.sam.json --framework cloudformation --skip-download --compact --quiet

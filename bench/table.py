@@ -69,6 +69,14 @@ def main():
         row("idle instance time, command done to terminate", f"{on['idle_max_s']:.1f} s max",
             f"polls only {off['idle_max_s']:.1f} s" if off else "-", f"mean {on['idle_mean_s']:.1f} s", "<= 10 s",
             on["idle_max_s"] <= 10)
+    # SSM lists a new command 0-60 s late in the simulator (AWS promises no
+    # read-after-write): a command's end is seen at most one 15 s look
+    # after its listing catches up.
+    on, off = sim.get("overhead_events_lagged"), sim.get("overhead_polls_lagged")
+    if on:
+        row("idle to terminate, SSM listing lag 0-60 s", f"{on['idle_max_s']:.1f} s max",
+            f"polls only {off['idle_max_s']:.1f} s" if off else "-", f"mean {on['idle_mean_s']:.1f} s",
+            "<= 60 + 15 s", on["idle_max_s"] <= 75)
     for n, count in cpu.items():
         rows.append((f"CPU per pass, {n} shards", f"{count:,} instr", "-", f"{count / int(n):,.0f}/shard", "-", "-"))
 

@@ -141,6 +141,15 @@ Gaps filled (measured against moto 5.2.5):
     VolumeLimitExceeded and CreateSnapshot with SnapshotLimitExceeded. Without
     root, loop devices or mkfs.xfs the server says so in one line and skips
     block-device scripts (gap 4); with CI=true it refuses to start.
+22. SendTaskSuccess, SendTaskFailure and SendTaskHeartbeat accept any token
+    and do nothing. Here a task exists only while waiting: tokens listed in
+    $FLOTILLA_EMU_SCRATCH/sfn-open (one per line, re-read on every call) wait;
+    a success or failure closes one, and after that, or for a token in
+    $FLOTILLA_EMU_SCRATCH/sfn-timed-out, every call fails with TaskTimedOut
+    ("The task token has either expired or the task associated with the
+    token has already been closed"); any other token with TaskDoesNotExist.
+    Output over 262,144 bytes fails with InvalidOutput. Every call is
+    appended to $FLOTILLA_EMU_SCRATCH/sfn-calls.jsonl, for tests to read.
 
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
@@ -1632,3 +1641,70 @@ def _detach_when_unmounted(backend, volume_id, instance_id, attachment):
 
 
 ElasticBlockStore.detach_volume = _detach_volume_device
+
+
+# --- gap 22: Step Functions task tokens --------------------------------------
+
+import json  # noqa: E402
+
+from moto.core.exceptions import AWSError  # noqa: E402
+from moto.stepfunctions.models import StepFunctionBackend  # noqa: E402
+
+
+class TaskTimedOut(AWSError):
+    TYPE = "TaskTimedOut"
+    STATUS = 400
+
+
+class TaskDoesNotExist(AWSError):
+    TYPE = "TaskDoesNotExist"
+    STATUS = 400
+
+
+class InvalidOutput(AWSError):
+    TYPE = "InvalidOutput"
+    STATUS = 400
+
+
+_closed_tasks = set()
+_tasks_lock = threading.Lock()
+
+
+def _lines(name):
+    try:
+        with open(os.path.join(SCRATCH, name)) as f:
+            return {line.strip() for line in f if line.strip()}
+    except OSError:
+        return set()
+
+
+def _task_call(action, token, closes, **fields):
+    with _tasks_lock:
+        if token in _closed_tasks or token in _lines("sfn-timed-out"):
+            raise TaskTimedOut("The task token has either expired or the task associated with the token has already been closed.")
+        if token not in _lines("sfn-open"):
+            raise TaskDoesNotExist("Task does not exist")
+        if closes:
+            _closed_tasks.add(token)
+        os.makedirs(SCRATCH, exist_ok=True)
+        with open(os.path.join(SCRATCH, "sfn-calls.jsonl"), "a") as f:
+            f.write(json.dumps({"action": action, "token": token, **fields}) + "\n")
+
+
+def _send_task_success(self, task_token, outcome):
+    if len((outcome or "").encode()) > 262144:
+        raise InvalidOutput("Output exceeds the 262144-byte limit")
+    _task_call("SendTaskSuccess", task_token, True, output=json.loads(outcome))
+
+
+def _send_task_failure(self, task_token, error=None):
+    _task_call("SendTaskFailure", task_token, True, error=error)
+
+
+def _send_task_heartbeat(self, task_token):
+    _task_call("SendTaskHeartbeat", task_token, False)
+
+
+StepFunctionBackend.send_task_success = _send_task_success
+StepFunctionBackend.send_task_failure = _send_task_failure
+StepFunctionBackend.send_task_heartbeat = _send_task_heartbeat

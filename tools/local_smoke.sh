@@ -115,6 +115,13 @@ expect smoke-cancel CANCELLED 180
 expect "job-$malformed_id" REJECTED 60
 expect smoke-hostile REJECTED 60
 
+echo "== what a subscriber to Flotilla's events heard (EventBridge rule, source flotilla)"
+if ! $PY tools/events_check.py smoke-fast=SUCCEEDED smoke-ok=SUCCEEDED smoke-fail=FAILED smoke-cancel=CANCELLED \
+    smoke-hostile=REJECTED; then
+  echo "FAIL the job events were incomplete"
+  failures=$((failures + 1))
+fi
+
 echo "== what is left in the emulator"
 if ! $PY tools/inventory.py; then
   echo "FAIL managed instances are still running"
@@ -132,7 +139,7 @@ done
 hostile_instances=$(aws_local ec2 describe-instances --filters "Name=tag:flotilla:job-id,Values=smoke-hostile" \
   --query 'length(Reservations)' --output text)
 if [ "$hostile_instances" = 0 ]; then echo "ok   rejected jobs launched nothing"; else echo "FAIL a rejected job launched instances"; failures=$((failures + 1)); fi
-for dlq in flotilla-jobs-dlq flotilla-reconcile-dlq; do
+for dlq in flotilla-jobs-dlq flotilla-reconcile-dlq flotilla-notify-dlq; do
   url=$(aws_local sqs get-queue-url --queue-name "$dlq" --query QueueUrl --output text)
   depth=$(aws_local sqs get-queue-attributes --queue-url "$url" --attribute-names ApproximateNumberOfMessages \
     --query Attributes.ApproximateNumberOfMessages --output text)

@@ -5,6 +5,7 @@ binaries, and an event pump between them.
   python tools/local_stack.py up        # start everything, write .flotilla/local.env
   python tools/local_stack.py down      # stop what `up` started, by pid
   python tools/local_stack.py fire RULE # fire a schedule now (cron or rate)
+  python tools/local_stack.py next-fires 'cron(...)' ZONE AFTER COUNT  # when Scheduler fires it
   python tools/local_stack.py pump      # the pump itself (started by `up`)
   python tools/local_stack.py interrupt INSTANCE  # spot interruption warning, then reclaim
   python tools/local_stack.py kill INSTANCE       # EC2 TerminateInstances
@@ -149,7 +150,17 @@ def wiring(template):
                 props = event["Properties"]
                 name = sub(props["Name"]) if "Name" in props else f"{STACK}-{logical}-{event_name}"
                 schedules.append({"name": name, "expression": resolve(template, props["Schedule"]), "function": binary,
-                                  "enabled": resolve(template, props.get("Enabled", True))})
+                                  "enabled": resolve(template, props.get("Enabled", True)), "kind": "rule"})
+            elif event["Type"] == "ScheduleV2":
+                # EventBridge Scheduler: a time zone, and the target's Input with
+                # Scheduler's placeholders (filled in by `scheduler_input`).
+                props = event["Properties"]
+                name = sub(props["Name"]) if "Name" in props else f"{STACK}-{logical}-{event_name}"
+                schedules.append({"name": name, "expression": resolve(template, props["ScheduleExpression"]),
+                                  "function": binary, "kind": "scheduler",
+                                  "timezone": props.get("ScheduleExpressionTimezone", "UTC"),
+                                  "enabled": resolve(template, props.get("State", "ENABLED")) != "DISABLED",
+                                  "input": props.get("Input", "{}")})
     return queues, routes, schedules, bucket
 
 
@@ -163,7 +174,8 @@ def create_event_rules(template, queues):
                           aws_access_key_id="testing", aws_secret_access_key="testing")
     names = []
     for logical, resource in sorted(template["Resources"].items()):
-        if resource["Type"] != "AWS::Events::Rule":
+        # Optional rules (the job-ends topic) need parameters set only when deployed.
+        if resource["Type"] != "AWS::Events::Rule" or "Condition" in resource:
             continue
         props = resource["Properties"]
         name = sub(props["Name"])
@@ -176,6 +188,21 @@ def create_event_rules(template, queues):
         events.put_targets(Rule=name, Targets=targets)
         names.append(name)
     return names
+
+
+def subscribe_to_flotilla_events(sqs):
+    """A subscriber, as a user would add one: a queue and a rule on the
+    default bus matching source "flotilla". The notify function's PutEvents
+    reach it through moto's EventBridge, as they would on AWS."""
+    import boto3
+
+    events = boto3.client("events", endpoint_url=ENDPOINT, region_name=REGION,
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    name = f"{STACK}-events-local-subscriber"
+    url = sqs.create_queue(QueueName=name)["QueueUrl"]
+    events.put_rule(Name=name, EventPattern=json.dumps({"source": ["flotilla"]}), State="ENABLED")
+    events.put_targets(Rule=name, Targets=[{"Id": "subscriber", "Arn": f"arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"}])
+    return url
 
 
 # --- process management ---------------------------------------------------
@@ -248,6 +275,8 @@ def up():
     log(f"bucket {bucket} (SSE) and {len(urls)} queues from template.yaml")
     rules = create_event_rules(template, queues)
     log(f"EventBridge rules {', '.join(rules)} deliver EC2 and SSM events to the reconcile queue")
+    events_url = subscribe_to_flotilla_events(sqs)
+    log(f"Flotilla's own events (source flotilla) reach {events_url}, as an EventBridge rule delivers them")
 
     lines = {
         "AWS_ENDPOINT_URL": ENDPOINT,
@@ -261,6 +290,10 @@ def up():
         "FLOTILLA_RECONCILE_QUEUE_URL": urls["ReconcileQueue"],
         "FLOTILLA_JOBS_DLQ_URL": urls["JobsDLQ"],
         "FLOTILLA_RECONCILE_DLQ_URL": urls["ReconcileDeadLetterQueue"],
+        "FLOTILLA_NOTIFY_QUEUE_URL": urls["NotifyQueue"],
+        "FLOTILLA_NOTIFY_DLQ_URL": urls["NotifyDLQ"],
+        # A subscriber's queue: every Flotilla event of the local stack.
+        "FLOTILLA_EVENTS_QUEUE_URL": events_url,
         "FLOTILLA_POLL_DELAY_SECONDS": POLL_DELAY,
         "FLOTILLA_SAFETY_POLL_SECONDS": SAFETY_POLL,
         "FLOTILLA_LAUNCH_ADMISSION": "true",
@@ -359,6 +392,102 @@ def scheduled_event(rule):
     }
 
 
+def scheduler_input(schedule, scheduled):
+    """The Input a Scheduler schedule delivers, its context placeholders
+    filled in as EventBridge Scheduler does (UTC, second precision)."""
+    arn = f"arn:aws:scheduler:{REGION}:{ACCOUNT}:schedule/default/{schedule['name']}"
+    text = schedule["input"].replace("<aws.scheduler.schedule-arn>", arn)
+    text = text.replace("<aws.scheduler.scheduled-time>", scheduled.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    text = text.replace("<aws.scheduler.execution-id>", str(uuid.uuid4()))
+    text = text.replace("<aws.scheduler.attempt-number>", "1")
+    return json.loads(text)
+
+
+def payload_for(schedule, scheduled):
+    """What the function receives when the schedule fires at `scheduled`."""
+    if schedule.get("kind") == "scheduler":
+        return scheduler_input(schedule, scheduled)
+    return scheduled_event(schedule["name"])
+
+
+# --- AWS cron expressions in a time zone, as EventBridge Scheduler reads them ---
+
+def _cron_field(text, low, high, names=None):
+    """The values one field of an AWS cron expression allows (`*`, `?`,
+    lists, ranges, `/` steps, month and weekday names). `L`, `W` and `#`
+    are not supported locally and refuse the expression."""
+    if text in ("*", "?"):
+        return set(range(low, high + 1))
+    values = set()
+    for part in text.split(","):
+        step = 1
+        if "/" in part:
+            part, step = part.split("/")
+            step = int(step)
+        if names:
+            for i, name in enumerate(names):
+                part = part.upper().replace(name, str(i + low))
+        if any(c in part for c in "LW#"):
+            raise SystemExit(f"local-stack: cron field {text!r}: L, W and # are not supported locally")
+        if part == "*":
+            start, end = low, high
+        elif "-" in part:
+            start, end = (int(p) for p in part.split("-"))
+        else:
+            start = end = int(part)
+            if step != 1:
+                end = high
+        values.update(range(start, end + 1, step))
+    return values
+
+
+def cron_fires(expression, timezone, after, count):
+    """The next `count` UTC instants after `after` at which EventBridge
+    Scheduler fires `cron(...)` in `timezone`. Scheduler evaluates the
+    expression on the zone's wall clock: a time the spring change skips
+    never fires, and a time the autumn change repeats fires once, the first
+    time (Scheduler's user guide, "Daylight saving time")."""
+    from zoneinfo import ZoneInfo
+
+    fields = expression[len("cron("):-1].split()
+    if len(fields) != 6:
+        raise SystemExit(f"local-stack: {expression}: AWS cron has six fields")
+    minutes = _cron_field(fields[0], 0, 59)
+    hours = _cron_field(fields[1], 0, 23)
+    days = _cron_field(fields[2], 1, 31)
+    months = _cron_field(fields[3], 1, 12, ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"])
+    # AWS numbers weekdays 1-7 from Sunday.
+    weekdays = _cron_field(fields[4], 1, 7, ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"])
+    years = _cron_field(fields[5], 1970, 2199)
+    zone = ZoneInfo(timezone)
+    fires = []
+    at = after.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+    horizon = at + datetime.timedelta(days=366 * 2)
+    while len(fires) < count and at < horizon:
+        local = at.astimezone(zone)
+        weekday = (local.isoweekday() % 7) + 1  # Sunday 1 ... Saturday 7
+        day_ok = (fields[2] == "?" or local.day in days) and (fields[4] == "?" or weekday in weekdays)
+        if (local.minute in minutes and local.hour in hours and day_ok and local.month in months
+                and local.year in years and local.fold == 0):
+            fires.append(at)
+        at += datetime.timedelta(minutes=1)
+    return fires
+
+
+def next_fire_at(schedule, after_epoch):
+    """When a schedule next fires locally, in epoch seconds, or None."""
+    if not schedule["enabled"]:
+        return None
+    interval = local_interval(schedule["expression"])
+    if interval:
+        return after_epoch + interval
+    if schedule.get("kind") == "scheduler" and schedule["expression"].startswith("cron("):
+        after = datetime.datetime.fromtimestamp(after_epoch, datetime.timezone.utc)
+        fires = cron_fires(schedule["expression"], schedule["timezone"], after, 1)
+        return fires[0].timestamp() if fires else None
+    return None  # an EventBridge rule's cron fires only through `fire`
+
+
 def rate_seconds(expression):
     if not expression.startswith("rate("):
         return None  # cron schedules fire only on demand: `local_stack.py fire`
@@ -413,8 +542,9 @@ def pump():
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=PUMP_CONCURRENCY * max(len(routes), 1) + 1)
     in_flight = {r["queue"]: set() for r in routes}
     ticking = {}
-    # Disabled rules never fire by themselves, as in EventBridge.
-    next_fire = {s["name"]: time.time() + local_interval(s["expression"]) for s in schedules if s["enabled"] and local_interval(s["expression"])}
+    # Disabled schedules never fire by themselves, as in EventBridge.
+    next_fire = {s["name"]: next_fire_at(s, time.time()) for s in schedules}
+    next_fire = {name: at for name, at in next_fire.items() if at is not None}
     while True:
         busy = False
         for route in routes:
@@ -438,8 +568,10 @@ def pump():
         for schedule in schedules:
             # One at a time per schedule: the tick has a reserved concurrency of 1.
             if schedule["name"] in next_fire and now >= next_fire[schedule["name"]] and schedule["name"] not in ticking:
-                next_fire[schedule["name"]] = now + local_interval(schedule["expression"])
-                ticking[schedule["name"]] = pool.submit(guarded, fire_schedule, schedule)
+                due = next_fire[schedule["name"]]
+                next_fire[schedule["name"]] = next_fire_at(schedule, max(now, due))
+                scheduled = datetime.datetime.fromtimestamp(due, datetime.timezone.utc).replace(microsecond=0)
+                ticking[schedule["name"]] = pool.submit(guarded, fire_schedule, schedule, scheduled)
         ticking = {name: f for name, f in ticking.items() if not f.done()}
         if not busy:
             time.sleep(0.2)
@@ -454,8 +586,8 @@ def guarded(work, *args):
         log_timed(f"pump: {work.__name__} failed: {err!r}")
 
 
-def fire_schedule(schedule):
-    status, response = invoke(schedule["function"], scheduled_event(schedule["name"]))
+def fire_schedule(schedule, scheduled):
+    status, response = invoke(schedule["function"], payload_for(schedule, scheduled))
     log_timed(f"schedule {schedule['name']}: {status} {str(response)[:200]}")
 
 
@@ -464,7 +596,8 @@ def fire(rule):
     match = [s for s in schedules if s["name"] == rule]
     if not match:
         raise SystemExit(f"local-stack: no schedule {rule}; template.yaml has {', '.join(s['name'] for s in schedules)}")
-    status, response = invoke(match[0]["function"], scheduled_event(rule))
+    now = datetime.datetime.now(datetime.timezone.utc).replace(second=0, microsecond=0)
+    status, response = invoke(match[0]["function"], payload_for(match[0], now))
     print(json.dumps(response) if not isinstance(response, str) else response)
     return 0 if status == 200 else 1
 
@@ -562,6 +695,19 @@ if __name__ == "__main__":
         pump()
     elif command == "fire" and len(sys.argv) == 3:
         sys.exit(fire(sys.argv[2]))
+    elif command == "payload" and len(sys.argv) == 4:
+        # payload SCHEDULE SCHEDULED(RFC 3339): what its function receives when it fires then.
+        _, _, found, _ = wiring(load_template())
+        match = [s for s in found if s["name"] == sys.argv[2]]
+        if not match:
+            raise SystemExit(f"local-stack: no schedule {sys.argv[2]}")
+        at = datetime.datetime.fromisoformat(sys.argv[3].replace("Z", "+00:00"))
+        print(json.dumps(payload_for(match[0], at)))
+    elif command == "next-fires" and len(sys.argv) == 6:
+        # next-fires 'cron(...)' ZONE AFTER(RFC 3339) COUNT: when Scheduler would fire.
+        after = datetime.datetime.fromisoformat(sys.argv[4].replace("Z", "+00:00"))
+        for fire_at in cron_fires(sys.argv[2], sys.argv[3], after, int(sys.argv[5])):
+            print(fire_at.strftime("%Y-%m-%dT%H:%M:%SZ"))
     elif command == "interrupt" and len(sys.argv) == 3:
         interrupt(sys.argv[2])
     elif command == "kill" and len(sys.argv) == 3:

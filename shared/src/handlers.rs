@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use lambda_runtime::LambdaEvent;
 use serde_json::{json, Value};
 use tracing::{info, warn};
@@ -341,9 +341,48 @@ pub async fn intake_event(ports: &Ports, event: LambdaEvent<Value>) -> Result<Va
         info!(?outcome, "scheduled intake");
         return Ok(json!({ "outcome": format!("{outcome:?}") }));
     }
+    if payload.get("schedule_arn").is_some() || payload.get("scheduled_time").is_some() {
+        let (schedule, fired_at) = scheduler_firing(&payload)?;
+        let outcome = intake::scheduled(ports, &schedule, fired_at).await?;
+        info!(?outcome, %schedule, "scheduled intake");
+        return Ok(json!({ "outcome": format!("{outcome:?}") }));
+    }
     Err(StepError::BadMessage(
-        "expected an SQS batch, an EventBridge Scheduled Event or {\"dry_run\": <job spec>}".into(),
+        "expected an SQS batch, an EventBridge Scheduler firing ({\"schedule_arn\", \"scheduled_time\"}), \
+         an EventBridge Scheduled Event or {\"dry_run\": <job spec>}"
+            .into(),
     ))
+}
+
+/// An EventBridge Scheduler firing: the target's `Input`, as template.yaml
+/// gives it, with Scheduler's placeholders filled in:
+/// `{"schedule_arn": "<aws.scheduler.schedule-arn>", "scheduled_time":
+/// "<aws.scheduler.scheduled-time>"}`. The schedule's name (the ARN's last
+/// part) names its spec in the bucket; the scheduled time, not the moment
+/// of delivery, makes the job id, so a repeated delivery, or one a
+/// flexible window moved, is the same job.
+fn scheduler_firing(payload: &Value) -> Result<(String, DateTime<Utc>), StepError> {
+    let field = |name: &str| {
+        payload.get(name).and_then(Value::as_str).filter(|v| !v.starts_with("<aws.scheduler.")).ok_or_else(|| {
+            StepError::BadMessage(format!(
+                "a Scheduler firing needs {name} filled in by Scheduler's placeholder (<aws.scheduler.{}>), got {}",
+                if name == "schedule_arn" { "schedule-arn" } else { "scheduled-time" },
+                payload.get(name).map_or("nothing".to_string(), |v| v.to_string())
+            ))
+        })
+    };
+    let arn = field("schedule_arn")?;
+    // arn:<partition>:scheduler:<region>:<account>:schedule/<group>/<name>
+    let name = arn
+        .split_once(":schedule/")
+        .and_then(|(_, rest)| rest.rsplit('/').next())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| StepError::BadMessage(format!("schedule_arn {arn:?} is not a Scheduler schedule ARN")))?;
+    let at = field("scheduled_time")?;
+    let fired_at = DateTime::parse_from_rfc3339(at)
+        .map_err(|e| StepError::BadMessage(format!("scheduled_time {at:?} is not an RFC 3339 time: {e}")))?
+        .with_timezone(&Utc);
+    Ok((name.to_string(), fired_at))
 }
 
 #[cfg(test)]

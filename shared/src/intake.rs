@@ -158,6 +158,12 @@ async fn admit(
 /// earlier rejection; an existing job is only woken (a redelivery).
 async fn store(ports: &Ports, record: &JobRecord, now: DateTime<Utc>) -> Result<Intake, StepError> {
     let job_id = record.job_id.clone();
+    // SUBMITTED, saved with the record; the job's first pass sends it.
+    let mut record = record.clone();
+    if ports.notices.is_some() {
+        crate::events::collect(&mut record, ports.ledger.bucket(), now);
+    }
+    let record = &record;
     // The marker first: a job the tick cannot see could strand if its wake is lost.
     ports.ledger.set_active(&job_id, true).await?;
     match ports.ledger.create(record).await? {
@@ -165,6 +171,11 @@ async fn store(ports: &Ports, record: &JobRecord, now: DateTime<Utc>) -> Result<
             honour_late_cancel(ports, &job_id, now).await?;
             ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
             info!(%job_id, reason = %record.reason, "job accepted");
+            crate::metrics::emit(
+                &ports.settings.stack,
+                job_name(record),
+                &[("JobsSubmitted", crate::metrics::Unit::Count, 1.0)],
+            );
             Ok(Intake::Accepted { job_id })
         }
         WriteOutcome::Conflict => {
@@ -437,12 +448,72 @@ async fn check_sources_claiming(
 
 async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Result<Intake, StepError> {
     warn!(%job_id, %reason, "job rejected");
-    let record = JobRecord::rejected(job_id.clone(), reason.clone(), body, ports.clock.now());
+    let now = ports.clock.now();
+    let mut record = JobRecord::rejected(job_id.clone(), reason.clone(), &without_task_token(body), now);
+    announce_rejection(ports, &mut record, body, now);
     match ports.ledger.create(&record).await? {
-        WriteOutcome::Written { .. } => Ok(Intake::Rejected { job_id, reason }),
-        // Never overwrite a real job with a rejection of a later submission.
-        WriteOutcome::Conflict => Ok(Intake::AlreadyKnown { job_id }),
+        WriteOutcome::Written { version } => {
+            crate::metrics::emit(&ports.settings.stack, None, &crate::metrics::job_ended(&record));
+            send_terminal_notices(ports, record, version).await?;
+            Ok(Intake::Rejected { job_id, reason })
+        }
+        // Never overwrite a real job with a rejection of a later submission;
+        // a redelivery sends the notices a crash or failure kept back.
+        WriteOutcome::Conflict => {
+            if let Some(existing) = ports.ledger.load(&job_id).await? {
+                if existing.record.state.is_terminal() && !existing.record.outbox.is_empty() {
+                    send_terminal_notices(ports, existing.record, existing.version).await?;
+                }
+            }
+            Ok(Intake::AlreadyKnown { job_id })
+        }
     }
+}
+
+/// The body as the record keeps it for the user: a task token replaced,
+/// since the report shows what was received and a token is a secret.
+fn without_task_token(body: &str) -> String {
+    match serde_json::from_str::<Value>(body) {
+        Ok(mut value) if value.pointer("/notify/task_token").is_some() => {
+            value["notify"]["task_token"] = Value::String("<redacted>".into());
+            value.to_string()
+        }
+        _ => body.to_string(),
+    }
+}
+
+/// A rejected job's event, and SendTaskFailure (`Flotilla.JobRejected`) for
+/// a task token the body carries, read leniently: the body did not parse
+/// as a spec, yet its caller still waits.
+fn announce_rejection(ports: &Ports, record: &mut JobRecord, body: &str, now: DateTime<Utc>) {
+    if ports.notices.is_none() {
+        return;
+    }
+    crate::events::collect(record, ports.ledger.bucket(), now);
+    let token = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/notify/task_token").and_then(Value::as_str).map(str::to_string))
+        .filter(|t| !t.is_empty() && t.len() <= 1024);
+    let Some(detail) = record.outbox.last().map(|n| n.detail.clone()) else { return };
+    if let Some(token) = token {
+        let answer = crate::events::answer(record, token, &detail);
+        if let Some(last) = record.outbox.last_mut() {
+            last.task = Some(answer);
+        }
+    }
+}
+
+/// Send a terminal record's notices (intake wrote it: no pass will), then
+/// clear them. A failed send fails the delivery, so SQS brings it back.
+async fn send_terminal_notices(ports: &Ports, mut record: JobRecord, version: String) -> Result<(), StepError> {
+    if record.outbox.is_empty() {
+        return Ok(());
+    }
+    if crate::publish::send_outbox(ports, &record).await? {
+        record.outbox.clear();
+        ports.ledger.replace(&record, &version).await?;
+    }
+    Ok(())
 }
 
 /// A cancel that raced the job's creation: it wrote its marker after the
@@ -482,7 +553,10 @@ async fn cancel_on_arrival(
         "cancelled before it arrived (cancel received {}); nothing was launched",
         at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
-    let record = JobRecord::cancelled_on_arrival(job_id.clone(), spec, reason, now);
+    let mut record = JobRecord::cancelled_on_arrival(job_id.clone(), spec, reason, now);
+    if ports.notices.is_some() {
+        crate::events::collect(&mut record, ports.ledger.bucket(), now);
+    }
     let written = match ports.ledger.load(&job_id).await? {
         None => ports.ledger.create(&record).await?,
         Some(existing) if existing.record.state == crate::record::JobState::Rejected => {
@@ -497,7 +571,9 @@ async fn cancel_on_arrival(
         }
     };
     match written {
-        WriteOutcome::Written { .. } => {
+        WriteOutcome::Written { version } => {
+            crate::metrics::emit(&ports.settings.stack, job_name(&record), &crate::metrics::job_ended(&record));
+            send_terminal_notices(ports, record, version).await?;
             ports.ledger.delete(&cancel_key(&job_id)).await?;
             info!(%job_id, "job cancelled on arrival");
             Ok(Intake::CancelledOnArrival { job_id })
@@ -580,4 +656,9 @@ fn derived_id(delivery_id: &str) -> String {
     } else {
         format!("job-{clean}")
     }
+}
+
+/// The job-name dimension's value (`metrics`): its name, or its id.
+fn job_name(record: &JobRecord) -> Option<&str> {
+    record.spec.as_ref().and_then(|s| s.name.as_deref()).or(Some(record.job_id.as_str()))
 }

@@ -273,6 +273,14 @@ pub trait WakeQueue: Send + Sync {
     async fn send(&self, message: &WakeMessage, delay_seconds: u32) -> CloudResult<()>;
 }
 
+/// The notify queue: a job's notices, for the notify function to put on
+/// EventBridge and answer Step Functions with (`events`).
+#[async_trait]
+pub trait Notices: Send + Sync {
+    /// All of them, in order, in as few messages as SQS's size allows.
+    async fn send(&self, batch: &crate::notice::NoticeBatch) -> CloudResult<()>;
+}
+
 /// A message SQS moved to a dead-letter queue after its last receive.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
@@ -337,6 +345,8 @@ pub struct Ports {
     pub accounts: Box<dyn Accounts>,
     pub ledger: Box<dyn Ledger>,
     pub queue: Box<dyn WakeQueue>,
+    /// Where job and shard notices go; None: the deployment publishes none.
+    pub notices: Option<Box<dyn Notices>>,
     /// The reconcile queue's dead letters, when the deployment names its DLQ.
     pub dead_letters: Option<Box<dyn DeadLetters>>,
     pub clock: Box<dyn Clock>,

@@ -543,6 +543,9 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
     let key = format!("reaper/{}.json", started.to_rfc3339_opts(SecondsFormat::Millis, true));
     let body = serde_json::to_vec_pretty(&report).map_err(|e| StepError::BadMessage(e.to_string()))?;
     ports.ledger.put(&key, &body, "application/json").await?;
+    if !dry_run {
+        emit_metrics(ports, done.len(), dead_letters.len(), errors.len());
+    }
     // The plan as JSON in the log too: a dry run is read there.
     info!(dry_run, planned = actions.len(), done = done.len(), errors = errors.len(), %key, plan = %json!(actions), "reaper");
     Ok(json!({
@@ -553,6 +556,18 @@ pub async fn run(ports: &Ports, settings: &ReaperSettings, dry_run: bool) -> Res
         "dead_letters": dead_letters.len(),
         "report": key,
     }))
+}
+
+/// The reaper's figures (`metrics`): what it removed, the dead letters it
+/// recorded, and what it could not do.
+fn emit_metrics(ports: &Ports, done: usize, dead_letters: usize, errors: usize) {
+    use crate::metrics::Unit::Count;
+    let figures = [
+        ("OrphansReaped", Count, done as f64),
+        ("DeadLetters", Count, dead_letters as f64),
+        ("ReaperErrors", Count, errors as f64),
+    ];
+    crate::metrics::emit(&ports.settings.stack, None, &figures);
 }
 
 /// In another account, only what this deployment's records name: a

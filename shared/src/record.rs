@@ -435,6 +435,30 @@ pub struct Shard {
     pub trail: Vec<Note>,
 }
 
+/// What a job last announced: its state, each shard's status, the counter
+/// that numbers its notices, and its last heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Announced {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobState>,
+    /// `STATUS#attempt` per shard index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<String>,
+    /// The last notice's sequence number; the next is one more.
+    #[serde(default)]
+    pub sequence: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_at: Option<DateTime<Utc>>,
+}
+
+/// Lines of output kept per shard and phase; the full output is in S3.
+pub const OUTPUT_TAIL_LINES: usize = 50;
+
+/// Where a shard's phase output tail is kept, under `jobs/<id>/`.
+pub fn output_name(shard: u32, attempt: u32, phase: Phase) -> String {
+    format!("output/{shard}/{attempt}-{}.txt", phase.as_str())
+}
+
 /// The trail keeps this many entries per shard, so records stay small.
 pub const TRAIL_LIMIT: usize = 12;
 
@@ -575,6 +599,13 @@ pub struct JobRecord {
     /// For REJECTED records: the start of what was received.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected_input: Option<String>,
+    /// What the job last announced on its events (`events::collect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announced: Option<Announced>,
+    /// Notices saved with their transitions and not yet sent to the
+    /// notify queue (`reconcile::finish_pass` sends them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<crate::notice::Notice>,
 }
 
 impl JobRecord {
@@ -646,6 +677,8 @@ impl JobRecord {
             terminate_singly: false,
             warnings: vec![],
             rejected_input: None,
+            announced: None,
+            outbox: Vec::new(),
         }
     }
 

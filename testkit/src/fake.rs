@@ -431,6 +431,11 @@ pub struct FakeState {
     pub limits: Option<ApiLimits>,
     /// Every call with its virtual time, when a bench asks for it.
     pub call_log: Option<Vec<(DateTime<Utc>, &'static str)>>,
+    /// The notify queue: Some turns publishing on (`Ports::notices`), and
+    /// holds every batch sent, duplicates included.
+    pub notices: Option<Vec<flotilla_shared::events::NoticeBatch>>,
+    /// Sends to the notify queue to fail before they land.
+    pub fail_notices: u32,
     /// EventBridge on: an instance's `running` and each command's end wake
     /// its job a second later, as the template's rules deliver them.
     pub events: bool,
@@ -544,6 +549,7 @@ impl FakeCloud {
             accounts: Box::new(self.clone()),
             ledger: Box::new(self.clone()),
             queue: Box::new(self.clone()),
+            notices: self.lock().notices.is_some().then(|| Box::new(self.clone()) as Box<dyn Notices>),
             dead_letters: None,
             clock: Box::new(self.clone()),
             settings,
@@ -2107,6 +2113,20 @@ impl Accounts for FakeCloud {
         state.assumed_roles.push((role_arn.to_string(), external_id.map(str::to_string)));
         drop(state);
         Ok(Arc::new(self.cloud()))
+    }
+}
+
+#[async_trait]
+impl Notices for FakeCloud {
+    async fn send(&self, batch: &flotilla_shared::events::NoticeBatch) -> CloudResult<()> {
+        self.call("SendMessage", true).await?;
+        let mut state = self.lock();
+        if state.fail_notices > 0 {
+            state.fail_notices -= 1;
+            return Err(CloudError::api("sqs", "SendMessage", "ServiceUnavailable", "injected fault"));
+        }
+        state.notices.get_or_insert_with(Vec::new).push(batch.clone());
+        Ok(())
     }
 }
 

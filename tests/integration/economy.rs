@@ -7,7 +7,7 @@ use flotilla_shared::ports::Ports;
 use flotilla_shared::reconcile::{self, Handled, WakeMessage};
 use flotilla_shared::record::{JobState, Phase, Stage};
 use flotilla_shared::settings::Settings;
-use flotilla_testkit::fake::{ApiLimits, FakeCloud};
+use flotilla_testkit::fake::{ApiLimits, FakeCloud, Faults, Latencies};
 use flotilla_testkit::sim;
 use serde_json::json;
 
@@ -436,4 +436,36 @@ async fn a_command_ssm_no_longer_knows_does_not_stall_its_job() {
     assert_eq!(record.state, JobState::Failed, "{}", record.reason);
     assert!(record.reason.contains("run timed out"), "the step's timeout, not the look's failure: {}", record.reason);
     assert_eq!(cloud.running_instances(), 0);
+}
+
+/// SSM lists a new command's invocations only after a lag, and its
+/// status-change event can come first: the pass the event brings finds
+/// nothing listed. The next phase must start once the listing catches up
+/// (looks every 2-15 s while the lag lasts), not a safety poll later.
+#[tokio::test]
+async fn a_step_whose_event_outruns_its_listing_is_seen_once_listed() {
+    const LAG: i64 = 30;
+    let latencies = Latencies { lookup_lag: (LAG, LAG), ..Latencies::quick() };
+    let cloud = FakeCloud::seeded(sim::start_time(), 7, latencies, Faults::default())
+        .with_behaviour(std::sync::Arc::new(|_, _| (0, String::new(), 1)));
+    cloud.lock().events = true;
+    let ports = cloud.ports(Settings { safety_poll_seconds: Some(120), ..sim::settings() });
+    intake::submit(&ports, &job("lagged").to_string(), "m-1", None).await.expect("intake");
+    drive_until(&cloud, &ports, "lagged", |c| c.record("lagged").is_some_and(|r| r.state.is_terminal())).await;
+    assert_eq!(cloud.record("lagged").map(|r| r.state), Some(JobState::Succeeded));
+
+    let state = cloud.lock();
+    let phases: Vec<(String, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> = state
+        .commands
+        .iter()
+        .map(|c| {
+            let ended = c.runs.values().map(|r| r.finishes_at).max().expect("a run");
+            (c.request.comment.clone(), c.sent_at, ended)
+        })
+        .collect();
+    assert!(phases.len() >= 3, "{phases:?}");
+    for pair in phases.windows(2) {
+        let gap = (pair[1].1 - pair[0].2).num_seconds();
+        assert!(gap <= LAG + 15 + 2, "{} sent {gap} s after {} ended (lag {LAG} s): {phases:?}", pair[1].0, pair[0].0);
+    }
 }

@@ -39,6 +39,8 @@ pub struct MotoStack {
     pub bucket: String,
     pub jobs_queue: String,
     pub reconcile_queue: String,
+    /// Where the reconciler sends job notices (the notify function's queue).
+    pub notify_queue: String,
     pub scratch: PathBuf,
     python: PathBuf,
 }
@@ -150,7 +152,9 @@ impl MotoStack {
         };
         let jobs_queue = create("flotilla-jobs".to_string()).await;
         let reconcile_queue = create("flotilla-reconcile".to_string()).await;
-        let stack = MotoStack { child, endpoint, config, bucket, jobs_queue, reconcile_queue, scratch, python };
+        let notify_queue = create("flotilla-notify".to_string()).await;
+        let stack =
+            MotoStack { child, endpoint, config, bucket, jobs_queue, reconcile_queue, notify_queue, scratch, python };
         // The deployment's worker profile: the SSM agent needs one to come Online.
         stack.create_instance_profile(WORKER_PROFILE);
         stack
@@ -161,6 +165,7 @@ impl MotoStack {
             bucket: self.bucket.clone(),
             reconcile_queue_url: self.reconcile_queue.clone(),
             reconcile_dlq_url: Some(format!("{}-dlq", self.reconcile_queue)),
+            notify_queue_url: Some(self.notify_queue.clone()),
             settings: Settings {
                 poll_delay_seconds: 1,
                 expiry_grace_minutes: 30,
@@ -283,7 +288,7 @@ impl MotoStack {
     /// Deliver every queue's messages once, as the Lambda event source does.
     /// With `duplicate`, each batch is handed to the handler twice at once.
     pub async fn pump_once(&self, ports: &Ports, duplicate: bool) -> usize {
-        let mut delivered = 0;
+        let mut delivered = self.pump_notices().await;
         for (intake, url) in [(true, self.jobs_queue.clone()), (false, self.reconcile_queue.clone())] {
             let received = self
                 .sqs()
@@ -352,6 +357,44 @@ impl MotoStack {
             }
         }
         delivered
+    }
+
+    /// The notify function's part: what the notify queue holds onto moto's
+    /// EventBridge (and Step Functions), failures left for redelivery.
+    pub async fn pump_notices(&self) -> usize {
+        let received = self
+            .sqs()
+            .receive_message()
+            .queue_url(&self.notify_queue)
+            .max_number_of_messages(10)
+            .send()
+            .await
+            .expect("receive notices");
+        let messages = received.messages().to_vec();
+        if messages.is_empty() {
+            return 0;
+        }
+        let event = json!({"Records": messages.iter().map(|m| json!({
+            "messageId": m.message_id(), "receiptHandle": m.receipt_handle(), "body": m.body(),
+            "attributes": {}, "messageAttributes": {}, "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:flotilla-notify", "awsRegion": "us-east-1",
+        })).collect::<Vec<_>>()});
+        let batch: SqsEvent = serde_json::from_value(event).expect("sqs event");
+        let notifier = notify::Notifier::new(&self.config, "default", &self.jobs_queue);
+        let failed = failures(&serde_json::to_value(notifier.handle(batch).await).expect("json"));
+        for message in &messages {
+            if !failed.contains(&message.message_id().unwrap_or_default().to_string()) {
+                let receipt = message.receipt_handle().unwrap_or_default();
+                self.sqs()
+                    .delete_message()
+                    .queue_url(&self.notify_queue)
+                    .receipt_handle(receipt)
+                    .send()
+                    .await
+                    .expect("delete");
+            }
+        }
+        messages.len()
     }
 
     /// A volume with an ext4 filesystem, as a user's own volume or the source

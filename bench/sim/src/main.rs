@@ -48,9 +48,13 @@ fn spec(id: &str, instances: u32, volumes: bool, run_seconds: i64) -> Value {
 }
 
 /// A fault-free fake cloud with EC2's token buckets, commands that take 2 s
-/// (3 s for volume operations) and `run_seconds` for the run.
-fn cloud(seed: u64, events: bool, run_seconds: i64) -> FakeCloud {
-    let latencies = Latencies { call_ms: (20, 120), ..Latencies::realistic() };
+/// (3 s for volume operations) and `run_seconds` for the run. SSM lists a
+/// new command (and EC2 a new snapshot) 0-60 s after it is made, as the
+/// simulator draws it, unless `lag` is off.
+fn cloud(seed: u64, events: bool, run_seconds: i64, lag: bool) -> FakeCloud {
+    let realistic = Latencies::realistic();
+    let lookup_lag = if lag { realistic.lookup_lag } else { (0, 0) };
+    let latencies = Latencies { call_ms: (20, 120), lookup_lag, ..realistic };
     let cloud = FakeCloud::seeded(sim::start_time(), seed, latencies, Faults::default()).with_behaviour(
         std::sync::Arc::new(move |request, _| {
             if request.lines.iter().any(|l| l.starts_with(flotilla_shared::shell::VOLUME_OP_MARKER)) {
@@ -160,7 +164,7 @@ struct JobFigures {
 }
 
 async fn calls_per_job(n: u32) -> JobFigures {
-    let cloud = cloud(u64::from(n), true, RUN_SECONDS);
+    let cloud = cloud(u64::from(n), true, RUN_SECONDS, true);
     let ports = cloud.ports(settings(true));
     let jobs = drive(&cloud, &ports, &[spec(&format!("calls-{n}"), n, true, RUN_SECONDS)]).await;
     let record = cloud.record(&jobs[0]).expect("record");
@@ -203,7 +207,7 @@ struct Fleetwide {
 
 /// Fifty 100-instance jobs submitted together in one account.
 async fn fifty_jobs() -> Fleetwide {
-    let cloud = cloud(50, true, 300);
+    let cloud = cloud(50, true, 300, true);
     let ports = cloud.ports(settings(true));
     let specs: Vec<Value> = (0..50).map(|i| spec(&format!("many-{i:02}"), 100, false, 300)).collect();
     let jobs = drive(&cloud, &ports, &specs).await;
@@ -260,9 +264,10 @@ struct Overhead {
 /// A 10-instance, 1-hour job without volumes: makespan (submission to the
 /// last instance shutting down, when billing stops) minus the physical
 /// floor (the slowest agent Online, then setup 2 s, run 1 h, before_unmount
-/// 2 s, and one terminate call).
-async fn overhead(events: bool) -> Overhead {
-    let cloud = cloud(10, events, RUN_SECONDS);
+/// 2 s, and one terminate call). With `lag`, each command's end is seen
+/// only once SSM lists the command, so the idle time includes that lag.
+async fn overhead(events: bool, lag: bool) -> Overhead {
+    let cloud = cloud(10, events, RUN_SECONDS, lag);
     let ports = cloud.ports(settings(events));
     let jobs = drive(&cloud, &ports, &[spec("overhead", 10, false, RUN_SECONDS)]).await;
     let record = cloud.record(&jobs[0]).expect("record");
@@ -426,21 +431,32 @@ async fn main() {
     if part("overhead") {
         println!();
         println!("Orchestration overhead, 10 instances, a 1-hour run, no volumes (makespan to the last instance shutting down):");
-        for events in [true, false] {
-            let o = overhead(events).await;
-            let over = o.makespan_s - o.floor_s;
-            let label = if events { "events on " } else { "polls only" };
+        for (lag, suffix) in [(false, ""), (true, "_lagged")] {
             println!(
-            "  {label}: makespan {:.0} s, floor {:.0} s, overhead {over:.1} s = {:.2}% of 1 h; idle after the last command: max {:.1} s, mean {:.1} s",
-            o.makespan_s,
-            o.floor_s,
-            over / 36.0,
-            o.idle_max_s,
-            o.idle_mean_s
-        );
-            figures[if events { "overhead_events" } else { "overhead_polls" }] = json!({"makespan_s": o.makespan_s,
-            "floor_s": o.floor_s, "overhead_s": over, "overhead_pct": over / 36.0, "idle_max_s": o.idle_max_s,
-            "idle_mean_s": o.idle_mean_s});
+                "  {}",
+                if lag {
+                    "with SSM's listing lag (0-60 s, drawn per command):"
+                } else {
+                    "no listing lag (what Flotilla adds):"
+                }
+            );
+            for events in [true, false] {
+                let o = overhead(events, lag).await;
+                let over = o.makespan_s - o.floor_s;
+                let label = if events { "events on " } else { "polls only" };
+                println!(
+                    "    {label}: makespan {:.0} s, floor {:.0} s, overhead {over:.1} s = {:.2}% of 1 h; \
+                     idle after the last command: max {:.1} s, mean {:.1} s",
+                    o.makespan_s,
+                    o.floor_s,
+                    over / 36.0,
+                    o.idle_max_s,
+                    o.idle_mean_s
+                );
+                let key = format!("overhead_{}{suffix}", if events { "events" } else { "polls" });
+                figures[key] = json!({"makespan_s": o.makespan_s, "floor_s": o.floor_s, "overhead_s": over,
+                    "overhead_pct": over / 36.0, "idle_max_s": o.idle_max_s, "idle_mean_s": o.idle_mean_s});
+            }
         }
     }
     if let Some(path) = json_path {

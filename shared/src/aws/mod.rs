@@ -154,6 +154,8 @@ pub struct Environment {
     pub reconcile_queue_url: String,
     /// The reconcile queue's DLQ, which the reaper drains onto the jobs.
     pub reconcile_dlq_url: Option<String>,
+    /// The notify queue: without it, no job events are published.
+    pub notify_queue_url: Option<String>,
     pub settings: Settings,
 }
 
@@ -221,6 +223,7 @@ impl Environment {
             bucket: var("FLOTILLA_BUCKET")?,
             reconcile_queue_url: var("FLOTILLA_RECONCILE_QUEUE_URL")?,
             reconcile_dlq_url: std::env::var("FLOTILLA_RECONCILE_DLQ_URL").ok().filter(|u| !u.trim().is_empty()),
+            notify_queue_url: std::env::var("FLOTILLA_NOTIFY_QUEUE_URL").ok().filter(|u| !u.trim().is_empty()),
             settings,
         })
     }
@@ -235,6 +238,10 @@ pub fn ports(config: &SdkConfig, env: &Environment) -> Ports {
         accounts: Box::new(StsAccounts::new(config.clone())),
         ledger: Box::new(s3::S3Ledger::new(s3_client(config), env.bucket.clone())),
         queue: Box::new(sqs::SqsWakeQueue { sqs: sqs.clone(), queue_url: env.reconcile_queue_url.clone() }),
+        notices: env.notify_queue_url.as_ref().map(|queue_url| {
+            Box::new(sqs::SqsNotices { sqs: sqs.clone(), queue_url: queue_url.clone() })
+                as Box<dyn crate::ports::Notices>
+        }),
         dead_letters: env.reconcile_dlq_url.as_ref().map(|dlq_url| {
             Box::new(sqs::SqsDeadLetters {
                 sqs: sqs.clone(),
@@ -258,11 +265,7 @@ pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
 /// Keep the AWS error code, and classify it the way the SDK's own retry
 /// classifiers do (transport errors, 5xx, its lists of throttling and
 /// transient codes) before the domain table decides the rest.
-pub(crate) fn cloud_error<E>(
-    service: &'static str,
-    operation: &'static str,
-    err: SdkError<E, HttpResponse>,
-) -> CloudError
+pub fn cloud_error<E>(service: &'static str, operation: &'static str, err: SdkError<E, HttpResponse>) -> CloudError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {

@@ -1,4 +1,5 @@
-//! SQS behind `WakeQueue` (the reconcile queue) and `DeadLetters` (a DLQ).
+//! SQS behind `WakeQueue` (the reconcile queue), `Notices` (the notify
+//! queue) and `DeadLetters` (a DLQ).
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::MessageSystemAttributeName;
@@ -6,7 +7,8 @@ use chrono::{DateTime, Utc};
 
 use super::cloud_error;
 use crate::error::CloudError;
-use crate::ports::{CloudResult, DeadLetter, DeadLetters, WakeQueue};
+use crate::notice::{NoticeBatch, NOTICES_PER_MESSAGE};
+use crate::ports::{CloudResult, DeadLetter, DeadLetters, Notices, WakeQueue};
 use crate::wake::WakeMessage;
 
 pub struct SqsWakeQueue {
@@ -28,6 +30,29 @@ impl WakeQueue for SqsWakeQueue {
             .await
             .map(|_| ())
             .map_err(|e| cloud_error("sqs", "SendMessage", e))
+    }
+}
+
+pub struct SqsNotices {
+    pub sqs: aws_sdk_sqs::Client,
+    pub queue_url: String,
+}
+
+#[async_trait]
+impl Notices for SqsNotices {
+    async fn send(&self, batch: &NoticeBatch) -> CloudResult<()> {
+        for notices in batch.notices.chunks(NOTICES_PER_MESSAGE) {
+            let part = NoticeBatch { job_id: batch.job_id.clone(), notices: notices.to_vec() };
+            let body = serde_json::to_string(&part).map_err(|e| CloudError::Invalid(e.to_string()))?;
+            self.sqs
+                .send_message()
+                .queue_url(&self.queue_url)
+                .message_body(body)
+                .send()
+                .await
+                .map_err(|e| cloud_error("sqs", "SendMessage", e))?;
+        }
+        Ok(())
     }
 }
 

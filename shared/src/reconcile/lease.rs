@@ -19,6 +19,8 @@ pub(super) enum Gate {
     Pass(Box<(JobRecord, String, Vec<String>)>),
     /// No pass: the wake was folded into the record, or was not needed.
     Done(Handled),
+    /// A terminal job whose last notices were not sent: send them.
+    Flush(Box<(JobRecord, String)>),
 }
 
 /// Take the job's lease for `owner` until `lease_until`, unless the wake
@@ -36,6 +38,9 @@ pub(super) async fn take(
         let Some(loaded) = ports.ledger.load(&message.job_id).await? else { return Ok(Gate::Done(Handled::Unknown)) };
         let mut record = loaded.record;
         if record.state.is_terminal() {
+            if !record.outbox.is_empty() && ports.notices.is_some() {
+                return Ok(Gate::Flush(Box::new((record, loaded.version))));
+            }
             // A marker left by a pass that died after its terminal save.
             if message.trigger == Some(Trigger::Tick) {
                 ports.ledger.set_active(&record.job_id, false).await?;
@@ -48,6 +53,7 @@ pub(super) async fn take(
         }
         let poll_coming = record.wake.as_ref().is_some_and(|w| started < w.at + Duration::seconds(TICK_GRACE_SECONDS));
         if message.trigger == Some(Trigger::Tick) && poll_coming && record.lease.is_none() {
+            heartbeat(ports, &record, started).await;
             return Ok(Gate::Done(Handled::Scheduled));
         }
         // An event (or a stale poll) right after a pass: its hints wait in
@@ -157,4 +163,14 @@ async fn fold_into_pass(
         }
     }
     Ok(true)
+}
+
+/// The tick's heartbeat for a Step Functions task waiting on a job whose
+/// passes are far apart (a long step): best effort, the next tick tries again.
+async fn heartbeat(ports: &Ports, record: &JobRecord, now: DateTime<Utc>) {
+    let (Some(notices), Some(notice)) = (ports.notices.as_ref(), crate::events::heartbeat(record, now)) else { return };
+    let batch = crate::events::NoticeBatch { job_id: record.job_id.clone(), notices: vec![notice] };
+    if let Err(err) = notices.send(&batch).await {
+        tracing::warn!(job_id = %record.job_id, error = %err, "heartbeat not sent");
+    }
 }

@@ -37,6 +37,7 @@ use tracing::{info, warn};
 use crate::error::{CloudError, StepError};
 use crate::fence;
 pub use crate::inbox::update_inbox;
+use crate::metrics;
 use crate::ports::{Cloud, Ports, WriteOutcome};
 use crate::record::{JobRecord, Outcome, Stage, Wake};
 pub use crate::wake::{Trigger, WakeMessage};
@@ -83,6 +84,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
     let (mut record, mut version, hinted) = match lease::take(ports, message, &owner, started, lease_until).await? {
         lease::Gate::Pass(taken) => *taken,
         lease::Gate::Done(handled) => return Ok(handled),
+        lease::Gate::Flush(unsent) => return flush_terminal(ports, unsent.0, unsent.1).await,
     };
 
     // 2. The job's cloud: its own account, or the role it names.
@@ -160,6 +162,8 @@ async fn finish_pass(
     next: Next,
 ) -> Result<Handled, StepError> {
     let now = ports.clock.now();
+    // The notices, under the lease: saved, sent, then cleared by the save below.
+    flush_outbox(ports, record, version, owner).await?;
     record.lease = None;
     let mut send = None;
     // A trigger came during this pass: the next one comes a gap after it.
@@ -186,7 +190,10 @@ async fn finish_pass(
         record.wake = None;
     }
     save(ports, record, version, owner).await?;
-    if record.state.is_terminal() {
+    // A terminal job whose notices did not go stays active: the tick brings
+    // it back to the gate, which sends them (`lease::Gate::Flush`).
+    emit_metrics(ports, record);
+    if record.state.is_terminal() && record.outbox.is_empty() {
         ports.ledger.set_active(&record.job_id, false).await?;
     } else if record.woken && !woken {
         // The trigger came while this last save was under way: its wake was
@@ -195,6 +202,52 @@ async fn finish_pass(
     }
     info!(job_id = %record.job_id, state = %record.state, reason = %record.reason, "reconciled");
     Ok(Handled::Reconciled { state: record.state.to_string() })
+}
+
+/// The job's figures once its end is saved (only this pass can have ended
+/// it: the gate lets no pass run on a terminal job), and a stall.
+fn emit_metrics(ports: &Ports, record: &JobRecord) {
+    let name = record.spec.as_ref().and_then(|s| s.name.clone()).unwrap_or_else(|| record.job_id.clone());
+    let mut figures = if record.state.is_terminal() { metrics::job_ended(record) } else { vec![] };
+    if record.stalled.is_some() {
+        figures.push(("Stalls", metrics::Unit::Count, 1.0));
+    }
+    metrics::emit(&ports.settings.stack, Some(&name), &figures);
+}
+
+/// Save the outbox with what it announces, send it, clear it (the caller's
+/// next save writes that). A failed send keeps it for the next pass.
+async fn flush_outbox(
+    ports: &Ports,
+    record: &mut JobRecord,
+    version: &mut String,
+    owner: &str,
+) -> Result<(), StepError> {
+    if ports.notices.is_none() {
+        return Ok(());
+    }
+    crate::events::collect(record, ports.ledger.bucket(), ports.clock.now());
+    if record.outbox.is_empty() {
+        return Ok(());
+    }
+    save(ports, record, version, owner).await?;
+    match crate::publish::send_outbox(ports, record).await {
+        Ok(_) => record.outbox.clear(),
+        Err(err) => warn!(job_id = %record.job_id, error = %err, "notices not sent; the next pass sends them"),
+    }
+    Ok(())
+}
+
+/// A terminal job's notices that its last pass could not send: sent now,
+/// and the job leaves the tick's list.
+async fn flush_terminal(ports: &Ports, mut record: JobRecord, version: String) -> Result<Handled, StepError> {
+    if crate::publish::send_outbox(ports, &record).await? {
+        record.outbox.clear();
+        // A conflict means another writer (a redelivery) got here first.
+        ports.ledger.replace(&record, &version).await?;
+    }
+    ports.ledger.set_active(&record.job_id, false).await?;
+    Ok(Handled::Finished)
 }
 
 /// Compare-and-swap under our lease. Intake may set `cancel_requested`, the
@@ -206,6 +259,10 @@ async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner
     for _ in 0..5 {
         let now = ports.clock.now();
         record.updated_at = Some(now);
+        // Each transition's notice is saved with it (`events`).
+        if ports.notices.is_some() {
+            crate::events::collect(record, ports.ledger.bucket(), now);
+        }
         // Each save extends the lease: a pass that is still saving is never overtaken.
         if let Some(lease) = record.lease.as_mut().filter(|l| l.owner == owner) {
             lease.until = lease.until.max(now + Duration::seconds(fence::LEASE_MARGIN_SECONDS));

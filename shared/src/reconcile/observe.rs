@@ -306,6 +306,9 @@ async fn list_commands_in_flight(
             }
             views => views?,
         };
+        if instance_ids.iter().any(|id| !views.iter().any(|v| &v.instance_id == id)) {
+            observation.not_yet_listed.insert(command_id.clone());
+        }
         for view in views {
             observation.invocations.insert((command_id.clone(), view.instance_id.clone()), view);
         }

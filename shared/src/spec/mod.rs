@@ -131,6 +131,7 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         check_command("before_unmount", hook, deadline_seconds)?;
     }
     check_role(spec)?;
+    check_notify(spec)?;
     Ok(())
 }
 
@@ -211,6 +212,19 @@ fn check_env(env: &BTreeMap<String, EnvValue>) -> Result<(), SpecError> {
     let env_bytes: usize = env.iter().map(|(k, v)| k.len() + v.text().len()).sum();
     if env_bytes > MAX_ENV_BYTES {
         return fail(format!("env: {env_bytes} bytes in all, at most {MAX_ENV_BYTES}"));
+    }
+    Ok(())
+}
+
+/// Step Functions takes a task token of 1-1024 characters. The token is
+/// never echoed: whoever reads it can end the caller's task.
+fn check_notify(spec: &JobSpec) -> Result<(), SpecError> {
+    let Some(token) = spec.notify.as_ref().and_then(|n| n.task_token.as_ref()) else { return Ok(()) };
+    if token.is_empty() || token.len() > 1024 {
+        return fail(format!("notify.task_token: must be 1-1024 characters, got {}", token.len()));
+    }
+    if token.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return fail("notify.task_token: has a space or control character (not shown: a token is a secret)");
     }
     Ok(())
 }

@@ -64,6 +64,27 @@ pub struct JobSpec {
     pub role_arn: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
+    /// Who hears of the job besides EventBridge: a Step Functions task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifySpec>,
+}
+
+/// `notify.task_token`: the token of a Step Functions task started with
+/// `.waitForTaskToken`. The job ends it with SendTaskSuccess (the job's
+/// summary) or SendTaskFailure (`Flotilla.JobFailed`, `Flotilla.JobCancelled`,
+/// `Flotilla.JobRejected`), and heartbeats it while it runs.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_token: Option<String>,
+}
+
+/// A token ends the caller's task for whoever holds it: never printed.
+impl std::fmt::Debug for NotifySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotifySpec").field("task_token", &self.task_token.as_ref().map(|_| "<redacted>")).finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

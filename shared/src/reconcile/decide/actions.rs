@@ -32,6 +32,10 @@ pub struct Observation {
     pub healthy: BTreeSet<String>,
     /// Commands whose invocations were listed this pass.
     pub listed_commands: BTreeSet<String>,
+    /// Of those, commands SSM did not list yet for every instance looked
+    /// for: a new command's invocations appear after a lag, even when its
+    /// status-change event has come.
+    pub not_yet_listed: BTreeSet<String>,
     /// Batches with no command id whose send is found to have reached SSM
     /// (by its comment), with the command id.
     pub sent: BTreeMap<u64, String>,
@@ -95,13 +99,7 @@ pub enum Action {
     WriteReport,
 }
 
-/// Lines of output kept per shard and phase; the full output is in S3.
-pub const OUTPUT_TAIL_LINES: usize = 50;
-
-/// Where a shard's phase output tail is kept, under `jobs/<id>/`.
-pub fn output_name(shard: u32, attempt: u32, phase: Phase) -> String {
-    format!("output/{shard}/{attempt}-{}.txt", phase.as_str())
-}
+pub use crate::record::{output_name, OUTPUT_TAIL_LINES};
 
 impl Action {
     pub fn name(&self) -> &'static str {

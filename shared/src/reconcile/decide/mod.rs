@@ -252,7 +252,11 @@ fn take_in(record: &mut JobRecord, obs: &Observation, now: DateTime<Utc>, decisi
         }
     }
     for batch in record.commands.values_mut() {
-        if batch.command_id.as_ref().is_some_and(|id| obs.listed_commands.contains(id)) {
+        let Some(id) = batch.command_id.as_ref() else { continue };
+        if obs.not_yet_listed.contains(id) {
+            // Not a look: listed again soon (`timing::next_working_look`).
+            batch.listed_at = None;
+        } else if obs.listed_commands.contains(id) {
             batch.listed_at = Some(now);
         }
     }

@@ -36,6 +36,20 @@ pub fn next_look(spec: &JobSpec, settings: &Settings, batch: &CommandBatch) -> D
     last + Duration::seconds(i64::from(working_poll(spec, settings, batch.dispatched_at, last)))
 }
 
+/// A command whose invocations SSM did not list yet (its listing lags its
+/// send, by up to `fence::LOOKUP_LAG_SECONDS`, and its status-change event
+/// can come first): looked at again after a quarter of its age, 2-15 s,
+/// while that lag lasts, so its end is seen seconds after the event, not a
+/// safety poll later. Past the lag, its safety looks and timeout go on.
+fn unlisted_look(batch: &CommandBatch, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let age = (now - batch.dispatched_at).num_seconds().max(0);
+    (batch.listed_at.is_none() && age <= fence::LOOKUP_LAG_SECONDS + UNLISTED_LOOK_MAX_SECONDS)
+        .then(|| now + Duration::seconds((age / 4).clamp(2, UNLISTED_LOOK_MAX_SECONDS)))
+}
+
+/// The longest wait between looks at a command not listed yet.
+const UNLISTED_LOOK_MAX_SECONDS: i64 = 15;
+
 /// Is a command in flight due a look this pass? From half-way to its next
 /// look on: a pass that one command's look brings lists every command
 /// that is half-way there, so the looks of shards that started apart fall
@@ -63,6 +77,7 @@ pub(super) fn next_working_look(
         let Some(batch) = commands.get(&run.batch).filter(|b| b.command_id.is_some()) else { continue };
         in_flight = true;
         moments.push(next_look(job.spec, settings, batch));
+        moments.extend(unlisted_look(batch, now));
         let timeout = batch.dispatched_at
             + seconds(phase_timeout(job.spec, batch.phase, job.deadline_at, job.bound, batch.dispatched_at));
         moments.push(timeout + Duration::seconds(1));

@@ -1,0 +1,53 @@
+//! Sending a record's outbox (`events`) to the notify queue. Callers save
+//! the record with its outbox first, then send, then clear the outbox:
+//! a notice is never sent for a transition that was not saved, and a
+//! crash after the send only sends it again, with the same `event_id`.
+
+use serde_json::{json, Value};
+use tracing::warn;
+
+use crate::error::CloudError;
+use crate::events::{NoticeBatch, FAILING_LINES, JOB_STATE_CHANGE};
+use crate::ports::Ports;
+use crate::record::JobRecord;
+
+/// The longest output line an event carries, in characters.
+const LINE_CHARS: usize = 300;
+
+/// Send the outbox; Ok(false) when the deployment publishes nothing.
+pub async fn send_outbox(ports: &Ports, record: &JobRecord) -> Result<bool, CloudError> {
+    let Some(notices) = ports.notices.as_ref() else { return Ok(false) };
+    if record.outbox.is_empty() {
+        return Ok(true);
+    }
+    let mut batch = NoticeBatch { job_id: record.job_id.clone(), notices: record.outbox.clone() };
+    for notice in &mut batch.notices {
+        if notice.detail_type.as_deref() == Some(JOB_STATE_CHANGE) {
+            add_failing_lines(ports, &record.job_id, &mut notice.detail).await;
+        }
+    }
+    notices.send(&batch).await?;
+    Ok(true)
+}
+
+/// The failing shard's last output lines, read from its saved output
+/// (`jobs/<id>/output/...`). Best effort: an event without them still goes.
+async fn add_failing_lines(ports: &Ports, job_id: &str, detail: &mut Value) {
+    let Some(name) = detail["failingShard"]["output"].as_str().map(str::to_string) else { return };
+    if !detail["failingShard"]["lastLines"].is_null() {
+        return;
+    }
+    match ports.ledger.get(&format!("jobs/{job_id}/{name}")).await {
+        Ok(Some(body)) => {
+            let text = String::from_utf8_lossy(&body);
+            let lines: Vec<&str> = text.lines().collect();
+            let last: Vec<String> = lines[lines.len().saturating_sub(FAILING_LINES)..]
+                .iter()
+                .map(|l| l.chars().take(LINE_CHARS).collect())
+                .collect();
+            detail["failingShard"]["lastLines"] = json!(last);
+        }
+        Ok(None) => {}
+        Err(err) => warn!(%job_id, error = %err, "failing shard's output unreadable; event sent without it"),
+    }
+}
