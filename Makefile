@@ -11,7 +11,16 @@ export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
 FUNCTIONS := intake reconcile tick notify
 
-.PHONY: help venv host-tools build build-functions test smoke chaos fingerprint fuzz bench lint local-up local-down demo clean dlq redrive
+# The SAM CLI pins its own boto3 and cfn-lint: its own venv, only for package and deploy.
+SAM_VENV := .venv-sam
+SAM := $(SAM_VENV)/bin/sam
+# What the functions are built for: arm64 when this machine's Rust has the
+# aarch64 target (cargo lambda cross-compiles with zig), else x86_64. The
+# template's Architecture parameter is set to match, so x86_64 binaries
+# built here never ship to arm64 functions.
+ARCH ?= $(shell rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu && echo arm64 || echo x86_64)
+
+.PHONY: help venv host-tools build build-functions test smoke chaos fingerprint fuzz bench lint local-up local-down demo clean dlq redrive package deploy
 
 help:
 	@echo "make demo        run the demo job end to end on the local stack"
@@ -26,6 +35,8 @@ help:
 	@echo "make dlq         list what the local stack's dead-letter queues hold, with reasons"
 	@echo "make redrive     send the local reconcile DLQ's messages back (QUEUE=jobs for the jobs DLQ)"
 	@echo "make build       release build (LTO) of every binary"
+	@echo "make package     sam build of the four functions for ARCH (arm64 when the aarch64 target is installed, else x86_64)"
+	@echo "make deploy      make package, then sam deploy with samconfig.toml (DEPLOY_ARGS=... adds to it)"
 	@echo "make lint        rustfmt --check, clippy (warnings are errors, functions within 80 lines), cfn-lint, then checkov and the IAM scope checks on the SAM-expanded template"
 
 venv: $(VENV)/.installed host-tools
@@ -157,3 +168,22 @@ demo: venv build-functions
 
 clean: local-down
 	rm -rf .flotilla
+
+$(SAM_VENV)/.installed: tools/requirements-deploy.txt
+	python3 -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-deploy.txt
+	touch $@
+
+# Release builds of the four functions, as SAM lays them out in .aws-sam/
+# (BuildMethod rust-cargolambda is a SAM beta feature). Not part of `make
+# test`: a release build takes about 25 minutes here.
+package: venv $(SAM_VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SAM) build --beta-features --parameter-overrides Architecture=$(ARCH)
+	echo $(ARCH) > .aws-sam/flotilla-architecture
+	@echo "packaged for $(ARCH); make deploy deploys it with Architecture=$(ARCH)"
+
+# samconfig.toml holds the stack name, region and confirmations; the
+# architecture is what `make package` built.
+deploy: package
+	$(SAM) deploy --config-file samconfig.toml \
+		--parameter-overrides Architecture=$$(cat .aws-sam/flotilla-architecture) $(DEPLOY_ARGS)

@@ -150,6 +150,12 @@ Gaps filled (measured against moto 5.2.5):
     token has already been closed"); any other token with TaskDoesNotExist.
     Output over 262,144 bytes fails with InvalidOutput. Every call is
     appended to $FLOTILLA_EMU_SCRATCH/sfn-calls.jsonl, for tests to read.
+23. PutEvents never fails an entry. EventBridge may: a call answered with
+    HTTP 200 can report some entries failed (FailedEntryCount, and an
+    ErrorCode such as InternalFailure or ThrottlingException on each), and
+    the caller must send those again. For tests: the next N entries fail
+    that way, N read from $FLOTILLA_EMU_SCRATCH/put-events-fail and counted
+    down there.
 
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
@@ -1708,3 +1714,35 @@ def _send_task_heartbeat(self, task_token):
 StepFunctionBackend.send_task_success = _send_task_success
 StepFunctionBackend.send_task_failure = _send_task_failure
 StepFunctionBackend.send_task_heartbeat = _send_task_heartbeat
+
+
+# --- gap 23: PutEvents entries that fail inside a successful call -----------
+
+from moto.events.models import EventsBackend  # noqa: E402
+
+_original_put_events = EventsBackend.put_events
+
+
+def _failures_to_inject(wanted):
+    path = os.path.join(SCRATCH, "put-events-fail")
+    with _tasks_lock:
+        try:
+            with open(path) as f:
+                left = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+        taken = min(left, wanted)
+        if taken:
+            with open(path, "w") as f:
+                f.write(str(left - taken))
+        return taken
+
+
+def _put_events(self, events):
+    failing = _failures_to_inject(len(events))
+    entries = [{"ErrorCode": "InternalFailure", "ErrorMessage": "injected: the entry was not put"}
+               for _ in range(failing)]
+    return entries + _original_put_events(self, events[failing:]) if failing < len(events) else entries
+
+
+EventsBackend.put_events = _put_events

@@ -122,6 +122,13 @@ if ! $PY tools/events_check.py smoke-fast=SUCCEEDED smoke-ok=SUCCEEDED smoke-fai
   failures=$((failures + 1))
 fi
 
+echo "== CloudWatch metrics in the functions' real output (embedded metric format)"
+if ! $PY tools/emf_check.py .flotilla/logs/cargo-lambda-watch.log \
+    --expect JobsSubmitted JobsSucceeded JobsFailed JobsCancelled JobsRejected RealizedCostUsd TimeToFleetReady; then
+  echo "FAIL the metric lines"
+  failures=$((failures + 1))
+fi
+
 echo "== what is left in the emulator"
 if ! $PY tools/inventory.py; then
   echo "FAIL managed instances are still running"
@@ -139,7 +146,7 @@ done
 hostile_instances=$(aws_local ec2 describe-instances --filters "Name=tag:flotilla:job-id,Values=smoke-hostile" \
   --query 'length(Reservations)' --output text)
 if [ "$hostile_instances" = 0 ]; then echo "ok   rejected jobs launched nothing"; else echo "FAIL a rejected job launched instances"; failures=$((failures + 1)); fi
-for dlq in flotilla-jobs-dlq flotilla-reconcile-dlq flotilla-notify-dlq; do
+for dlq in flotilla-jobs-dlq flotilla-reconcile-dlq flotilla-notify-dlq.fifo; do
   url=$(aws_local sqs get-queue-url --queue-name "$dlq" --query QueueUrl --output text)
   depth=$(aws_local sqs get-queue-attributes --queue-url "$url" --attribute-names ApproximateNumberOfMessages \
     --query Attributes.ApproximateNumberOfMessages --output text)

@@ -132,6 +132,7 @@ def wiring(template):
             redrive = props.get("RedrivePolicy")
             queues[logical] = {
                 "name": sub(props["QueueName"]),
+                "fifo": bool(props.get("FifoQueue")),
                 "visibility": props.get("VisibilityTimeout", 30),
                 "dlq": redrive["deadLetterTargetArn"]["Fn::GetAtt"].split(".")[0] if redrive else None,
                 "max_receives": redrive["maxReceiveCount"] if redrive else None,
@@ -268,6 +269,8 @@ def up():
     for logical in sorted(queues, key=lambda q: queues[q]["dlq"] is not None):  # DLQs first
         queue = queues[logical]
         attributes = {"VisibilityTimeout": str(min(queue["visibility"], LOCAL_VISIBILITY))}
+        if queue["fifo"]:
+            attributes["FifoQueue"] = "true"
         if queue["dlq"]:
             dlq_arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queues[queue['dlq']]['name']}"
             attributes["RedrivePolicy"] = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": queue["max_receives"]})
@@ -300,6 +303,8 @@ def up():
         "FLOTILLA_WORKER_INSTANCE_PROFILE": WORKER_PROFILE,
         "FLOTILLA_INVOKE_URL": f"http://127.0.0.1:{INVOKE_PORT}",
         "RUST_LOG": "info",
+        # As template.yaml's LoggingConfig: JSON log lines, EMF lines at top level.
+        "AWS_LAMBDA_LOG_FORMAT": "JSON",
     }
     with open(ENV_FILE, "w") as f:
         f.write("# Written by `make local-up`. Source it to use awscli or flotilla against the local stack.\n")

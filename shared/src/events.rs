@@ -81,6 +81,8 @@ pub fn collect(record: &mut JobRecord, bucket: &str, now: DateTime<Utc>) {
     }
     let heartbeat_due = announced.heartbeat_at.is_none_or(|at| (now - at).num_seconds() >= HEARTBEAT_SECONDS);
     if let Some(notice) = heartbeat(record, now).filter(|_| heartbeat_due) {
+        // One heartbeat waiting is enough: while sends fail, no pile of them.
+        record.outbox.retain(|n| !matches!(n.task, Some(TaskAnswer::Heartbeat { .. })));
         record.outbox.push(notice);
         announced.heartbeat_at = Some(now);
     }
@@ -216,4 +218,93 @@ fn shard_detail(record: &JobRecord, shard: &Shard) -> Value {
         "startedAt": millis(attempt.and_then(|a| a.launched_at)),
         "snapshots": snapshots,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{AttemptVolume, ShardResult};
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("time")
+    }
+
+    /// A finished 1,000-shard job, each shard with a snapshot and a long
+    /// reason: what the largest events carry.
+    fn big_job(token: Option<&str>) -> JobRecord {
+        let mut spec = json!({
+            "id": "big", "name": "n".repeat(100), "fleet": {"count": 1000}, "instance_types": ["t3.micro"],
+            "image": "ami-0abc1234", "run": {"commands": [["true"]]}, "deadline_minutes": 60,
+            "volumes": [{"name": "data", "source": {"new": {"size_gib": 1}}, "device": "/dev/sdf", "mount_point": "/data"}]
+        });
+        if let Some(token) = token {
+            spec["notify"] = json!({"task_token": token});
+        }
+        let spec = crate::spec::parse(&spec.to_string()).expect("spec");
+        let plan = crate::plan::plan(&spec, &crate::plan::Prices::builtin()).expect("plan");
+        let mut record = JobRecord::new("big".into(), spec, plan, now());
+        for shard in &mut record.shards {
+            let volume: AttemptVolume = serde_json::from_value(json!({
+                "name": "data", "token": "t", "volume_id": format!("vol-{:017x}", shard.index),
+                "snapshot": {"snapshot_id": format!("snap-{:017x}", shard.index), "state": "completed"}
+            }))
+            .expect("volume");
+            let attempt = shard.current_mut().expect("attempt");
+            attempt.volumes.push(volume);
+            attempt.stage = Stage::Done;
+            shard.result = Some(ShardResult { succeeded: false, reason: "x".repeat(2_000) });
+        }
+        record.state = JobState::Failed;
+        record.reason = "r".repeat(5_000);
+        record
+    }
+
+    /// EventBridge takes 256 KB an entry, Step Functions 256 KiB of output
+    /// and SQS 256 KiB a message: at 1,000 shards every event, answer and
+    /// notify-queue message stays under them.
+    #[test]
+    fn a_thousand_shard_jobs_events_stay_under_every_limit() {
+        let mut record = big_job(Some("token"));
+        collect(&mut record, "bucket", now());
+        assert_eq!(record.outbox.len(), 1_001, "a job event and one per shard");
+        let end = record.outbox.last().expect("the job's end");
+        assert_eq!(end.detail["status"], "FAILED");
+        assert_eq!(end.detail["snapshots"].as_array().map(Vec::len), Some(SNAPSHOTS_LISTED));
+        assert_eq!(end.detail["snapshotsTotal"], 1_000);
+        for notice in &record.outbox {
+            let size = notice.detail.to_string().len() + notice.detail_type.as_ref().map_or(0, String::len);
+            assert!(size < 32 * 1024, "{} is {size} bytes", notice.event_id);
+        }
+        match &end.task {
+            Some(TaskAnswer::Failure { error, cause, .. }) => {
+                assert_eq!(error, errors::FAILED);
+                assert!(cause.len() <= CAUSE_CHARS, "{}", cause.len());
+            }
+            other => panic!("{:?}", other.as_ref().map(TaskAnswer::kind)),
+        }
+        for part in record.outbox.chunks(NOTICES_PER_MESSAGE) {
+            let message =
+                serde_json::to_string(&NoticeBatch { job_id: "big".into(), notices: part.to_vec() }).expect("json");
+            assert!(message.len() < 256 * 1024, "a notify message is {} bytes", message.len());
+        }
+    }
+
+    /// Every notice numbered once, in order, with no gap; a second collect
+    /// with nothing changed adds nothing.
+    #[test]
+    fn sequences_have_no_gap_and_nothing_changed_adds_nothing() {
+        let mut record = big_job(None);
+        record.shards.truncate(3);
+        record.state = JobState::Running;
+        collect(&mut record, "bucket", now());
+        let first = record.outbox.len();
+        collect(&mut record, "bucket", now());
+        assert_eq!(record.outbox.len(), first);
+        record.state = JobState::Failed;
+        collect(&mut record, "bucket", now());
+        let sequences: Vec<u64> = record.outbox.iter().map(|n| n.sequence).collect();
+        assert_eq!(sequences, (1..=record.outbox.len() as u64).collect::<Vec<_>>());
+        assert_eq!(record.outbox.last().map(|n| n.detail["previousStatus"].clone()), Some(json!("RUNNING")));
+    }
 }

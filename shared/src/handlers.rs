@@ -372,17 +372,20 @@ fn scheduler_firing(payload: &Value) -> Result<(String, DateTime<Utc>), StepErro
         })
     };
     let arn = field("schedule_arn")?;
-    // arn:<partition>:scheduler:<region>:<account>:schedule/<group>/<name>
+    // arn:<partition>:scheduler:<region>:<account>:schedule/<group>/<name>;
+    // a schedule outside the default group is `<group>/<name>`, its spec
+    // `schedules/<group>/<name>.json`, so two groups' names never meet.
     let name = arn
         .split_once(":schedule/")
-        .and_then(|(_, rest)| rest.rsplit('/').next())
-        .filter(|n| !n.is_empty())
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .filter(|(group, name)| !group.is_empty() && !name.is_empty() && !name.contains('/'))
+        .map(|(group, name)| if group == "default" { name.to_string() } else { format!("{group}/{name}") })
         .ok_or_else(|| StepError::BadMessage(format!("schedule_arn {arn:?} is not a Scheduler schedule ARN")))?;
     let at = field("scheduled_time")?;
     let fired_at = DateTime::parse_from_rfc3339(at)
         .map_err(|e| StepError::BadMessage(format!("scheduled_time {at:?} is not an RFC 3339 time: {e}")))?
         .with_timezone(&Utc);
-    Ok((name.to_string(), fired_at))
+    Ok((name, fired_at))
 }
 
 #[cfg(test)]

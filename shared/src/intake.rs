@@ -108,10 +108,7 @@ enum Mode {
 /// A scheduled firing: the spec is read from the bucket, the job id is the rule
 /// and the firing minute, so a duplicate delivery of one firing is one job.
 pub async fn scheduled(ports: &Ports, rule_name: &str, fired_at: DateTime<Utc>) -> Result<Intake, StepError> {
-    let clean: String =
-        rule_name.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-    let clean = clean.trim_matches('-');
-    let job_id = format!("{}-{}", &clean[..clean.len().min(34)], fired_at.format("%Y%m%d%H%M"));
+    let job_id = format!("{}-{}", schedule_id_part(rule_name), fired_at.format("%Y%m%d%H%M"));
     let Some(body) = ports.ledger.get(&schedule_key(rule_name)).await? else {
         return reject(
             ports,
@@ -131,6 +128,22 @@ pub async fn scheduled(ports: &Ports, rule_name: &str, fired_at: DateTime<Utc>) 
         _ => body,
     };
     submit_spec(ports, &body, job_id, Some(format!("schedule:{rule_name}")), Mode::Submit).await
+}
+
+/// A schedule's part of its jobs' ids: its name in lowercase letters,
+/// digits and dashes, at most 34 characters. A longer name keeps 25 and
+/// adds a hash of the whole, so two long names that share a start never
+/// make the same id.
+fn schedule_id_part(name: &str) -> String {
+    let clean: String =
+        name.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let clean = clean.trim_matches('-');
+    if clean.len() <= 34 {
+        return clean.to_string();
+    }
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let hash = clean.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    format!("{}-{hash:08x}", clean[..25].trim_end_matches('-'))
 }
 
 /// The job's limits, the secrets it may read, the deployment's total, and
@@ -158,6 +171,7 @@ async fn admit(
 /// earlier rejection; an existing job is only woken (a redelivery).
 async fn store(ports: &Ports, record: &JobRecord, now: DateTime<Utc>) -> Result<Intake, StepError> {
     let job_id = record.job_id.clone();
+    let fresh = record;
     // SUBMITTED, saved with the record; the job's first pass sends it.
     let mut record = record.clone();
     if ports.notices.is_some() {
@@ -183,10 +197,13 @@ async fn store(ports: &Ports, record: &JobRecord, now: DateTime<Utc>) -> Result<
             // not turn the valid submission that follows into a no-op.
             if let Some(existing) = ports.ledger.load(&job_id).await? {
                 if existing.record.state == crate::record::JobState::Rejected {
-                    if let WriteOutcome::Written { .. } = ports.ledger.replace(record, &existing.version).await? {
+                    let replacement = carry_notices(ports, &existing.record, fresh.clone(), now);
+                    if let WriteOutcome::Written { .. } = ports.ledger.replace(&replacement, &existing.version).await? {
                         honour_late_cancel(ports, &job_id, now).await?;
                         ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
                         info!(%job_id, "job accepted in place of an earlier rejection");
+                        let submitted = [("JobsSubmitted", crate::metrics::Unit::Count, 1.0)];
+                        crate::metrics::emit(&ports.settings.stack, job_name(&replacement), &submitted);
                         return Ok(Intake::Accepted { job_id });
                     }
                 }
@@ -451,10 +468,14 @@ async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Re
     let now = ports.clock.now();
     let mut record = JobRecord::rejected(job_id.clone(), reason.clone(), &without_task_token(body), now);
     announce_rejection(ports, &mut record, body, now);
+    if !record.outbox.is_empty() {
+        // Its notices are sent below; if they are not, the tick sends them.
+        ports.ledger.set_active(&job_id, true).await?;
+    }
     match ports.ledger.create(&record).await? {
         WriteOutcome::Written { version } => {
             crate::metrics::emit(&ports.settings.stack, None, &crate::metrics::job_ended(&record));
-            send_terminal_notices(ports, record, version).await?;
+            crate::publish::finish_terminal(ports, record, version).await?;
             Ok(Intake::Rejected { job_id, reason })
         }
         // Never overwrite a real job with a rejection of a later submission;
@@ -462,7 +483,7 @@ async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Re
         WriteOutcome::Conflict => {
             if let Some(existing) = ports.ledger.load(&job_id).await? {
                 if existing.record.state.is_terminal() && !existing.record.outbox.is_empty() {
-                    send_terminal_notices(ports, existing.record, existing.version).await?;
+                    crate::publish::finish_terminal(ports, existing.record, existing.version).await?;
                 }
             }
             Ok(Intake::AlreadyKnown { job_id })
@@ -470,16 +491,49 @@ async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Re
     }
 }
 
+/// A record taking the place of a rejection (a valid body for the same id)
+/// goes on with its notices: the rejection's unsent ones first, then its
+/// own numbered after the rejection's, so no `event_id` is used twice.
+fn carry_notices(ports: &Ports, rejected: &JobRecord, mut record: JobRecord, now: DateTime<Utc>) -> JobRecord {
+    if ports.notices.is_none() {
+        return record;
+    }
+    let sequence = rejected.announced.as_ref().map_or(0, |a| a.sequence);
+    record.announced = Some(crate::record::Announced { sequence, ..Default::default() });
+    record.outbox = rejected.outbox.clone();
+    crate::events::collect(&mut record, ports.ledger.bucket(), now);
+    record
+}
+
 /// The body as the record keeps it for the user: a task token replaced,
 /// since the report shows what was received and a token is a secret.
 fn without_task_token(body: &str) -> String {
-    match serde_json::from_str::<Value>(body) {
-        Ok(mut value) if value.pointer("/notify/task_token").is_some() => {
-            value["notify"]["task_token"] = Value::String("<redacted>".into());
-            value.to_string()
-        }
-        _ => body.to_string(),
+    match raw_task_token(body) {
+        Some((start, end)) => format!("{}<redacted>{}", &body[..start], &body[end..]),
+        None => body.to_string(),
     }
+}
+
+/// Where a task token's text is in a body, read leniently: the body may
+/// not parse as JSON (a trailing comma), yet its caller waits and the
+/// token must not reach the report. The first `"task_token"` key's string
+/// value, as byte offsets of its contents.
+fn raw_task_token(body: &str) -> Option<(usize, usize)> {
+    let key = body.find("\"task_token\"")? + "\"task_token\"".len();
+    let rest = &body[key..];
+    let colon = rest.find(|c: char| !c.is_whitespace()).filter(|i| rest[*i..].starts_with(':'))?;
+    let after = &rest[colon + 1..];
+    let quote = after.find(|c: char| !c.is_whitespace()).filter(|i| after[*i..].starts_with('"'))?;
+    let start = key + colon + 1 + quote + 1;
+    let mut escaped = false;
+    for (offset, c) in body[start..].char_indices() {
+        match c {
+            '\\' if !escaped => escaped = true,
+            '"' if !escaped => return Some((start, start + offset)),
+            _ => escaped = false,
+        }
+    }
+    None
 }
 
 /// A rejected job's event, and SendTaskFailure (`Flotilla.JobRejected`) for
@@ -490,10 +544,9 @@ fn announce_rejection(ports: &Ports, record: &mut JobRecord, body: &str, now: Da
         return;
     }
     crate::events::collect(record, ports.ledger.bucket(), now);
-    let token = serde_json::from_str::<Value>(body)
-        .ok()
-        .and_then(|v| v.pointer("/notify/task_token").and_then(Value::as_str).map(str::to_string))
-        .filter(|t| !t.is_empty() && t.len() <= 1024);
+    let token = raw_task_token(body)
+        .map(|(start, end)| body[start..end].to_string())
+        .filter(|t| !t.is_empty() && t.len() <= 1024 && !t.contains('\\'));
     let Some(detail) = record.outbox.last().map(|n| n.detail.clone()) else { return };
     if let Some(token) = token {
         let answer = crate::events::answer(record, token, &detail);
@@ -501,19 +554,6 @@ fn announce_rejection(ports: &Ports, record: &mut JobRecord, body: &str, now: Da
             last.task = Some(answer);
         }
     }
-}
-
-/// Send a terminal record's notices (intake wrote it: no pass will), then
-/// clear them. A failed send fails the delivery, so SQS brings it back.
-async fn send_terminal_notices(ports: &Ports, mut record: JobRecord, version: String) -> Result<(), StepError> {
-    if record.outbox.is_empty() {
-        return Ok(());
-    }
-    if crate::publish::send_outbox(ports, &record).await? {
-        record.outbox.clear();
-        ports.ledger.replace(&record, &version).await?;
-    }
-    Ok(())
 }
 
 /// A cancel that raced the job's creation: it wrote its marker after the
@@ -554,26 +594,35 @@ async fn cancel_on_arrival(
         at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
     let mut record = JobRecord::cancelled_on_arrival(job_id.clone(), spec, reason, now);
-    if ports.notices.is_some() {
-        crate::events::collect(&mut record, ports.ledger.bucket(), now);
-    }
     let written = match ports.ledger.load(&job_id).await? {
-        None => ports.ledger.create(&record).await?,
+        None => {
+            if ports.notices.is_some() {
+                crate::events::collect(&mut record, ports.ledger.bucket(), now);
+                // Its notices are sent below; if they are not, the tick sends them.
+                ports.ledger.set_active(&job_id, true).await?;
+            }
+            ports.ledger.create(&record).await?
+        }
         Some(existing) if existing.record.state == crate::record::JobState::Rejected => {
+            record = carry_notices(ports, &existing.record, record, now);
+            ports.ledger.set_active(&job_id, true).await?;
             ports.ledger.replace(&record, &existing.version).await?
         }
         Some(existing) => {
+            info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
             if !existing.record.state.is_terminal() {
                 honour_late_cancel(ports, &job_id, now).await?;
+            } else if !existing.record.outbox.is_empty() {
+                // A redelivery after the notices did not go: send them now.
+                crate::publish::finish_terminal(ports, existing.record, existing.version).await?;
             }
-            info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
             return Ok(Intake::AlreadyKnown { job_id });
         }
     };
     match written {
         WriteOutcome::Written { version } => {
             crate::metrics::emit(&ports.settings.stack, job_name(&record), &crate::metrics::job_ended(&record));
-            send_terminal_notices(ports, record, version).await?;
+            crate::publish::finish_terminal(ports, record, version).await?;
             ports.ledger.delete(&cancel_key(&job_id)).await?;
             info!(%job_id, "job cancelled on arrival");
             Ok(Intake::CancelledOnArrival { job_id })

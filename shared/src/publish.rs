@@ -4,12 +4,43 @@
 //! crash after the send only sends it again, with the same `event_id`.
 
 use serde_json::{json, Value};
-use tracing::warn;
+use tracing::{error, warn};
 
-use crate::error::CloudError;
+use crate::error::{CloudError, StepError};
 use crate::events::{NoticeBatch, FAILING_LINES, JOB_STATE_CHANGE};
 use crate::ports::Ports;
 use crate::record::JobRecord;
+
+/// A terminal record's notices (no pass will run on it again): sent, then
+/// cleared, and the job leaves the tick's list. A send that fails for a
+/// reason that passes keeps it on the list, so the next tick tries again
+/// (`reconcile::lease::Gate::Flush`); one that cannot succeed (no such
+/// queue, no permission) leaves the notices in the record, says so, and
+/// takes the job off the list: never a message retried forever.
+pub async fn finish_terminal(ports: &Ports, mut record: JobRecord, version: String) -> Result<(), StepError> {
+    match send_outbox(ports, &record).await {
+        Ok(_) => {
+            record.outbox.clear();
+            // A conflict: another delivery got here first and sent them too.
+            ports.ledger.replace(&record, &version).await?;
+        }
+        Err(err) if err.is_retryable() => {
+            warn!(job_id = %record.job_id, error = %err, "notices not sent; the next tick tries again");
+            return Ok(());
+        }
+        Err(err) => {
+            error!(job_id = %record.job_id, error = %err, notices = record.outbox.len(),
+                "notices cannot be sent; they stay in the job's record");
+            crate::metrics::emit(
+                &ports.settings.stack,
+                None,
+                &[("NoticesUndelivered", crate::metrics::Unit::Count, 1.0)],
+            );
+        }
+    }
+    ports.ledger.set_active(&record.job_id, false).await?;
+    Ok(())
+}
 
 /// The longest output line an event carries, in characters.
 const LINE_CHARS: usize = 300;

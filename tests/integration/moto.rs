@@ -152,7 +152,18 @@ impl MotoStack {
         };
         let jobs_queue = create("flotilla-jobs".to_string()).await;
         let reconcile_queue = create("flotilla-reconcile".to_string()).await;
-        let notify_queue = create("flotilla-notify".to_string()).await;
+        // FIFO, as template.yaml's (one message group per job).
+        let notify_queue = sqs
+            .create_queue()
+            .queue_name("flotilla-notify.fifo")
+            .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+            .attributes(aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout, "2")
+            .send()
+            .await
+            .expect("notify queue")
+            .queue_url()
+            .expect("url")
+            .to_string();
         let stack =
             MotoStack { child, endpoint, config, bucket, jobs_queue, reconcile_queue, notify_queue, scratch, python };
         // The deployment's worker profile: the SSM agent needs one to come Online.

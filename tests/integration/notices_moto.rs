@@ -287,3 +287,41 @@ fn the_example_state_machine_catches_the_errors_flotilla_sends() {
         assert!(caught.iter().any(|c| c == name), "{name} is not caught");
     }
 }
+
+/// PutEvents answers HTTP 200 with some entries failed (moto extension
+/// gap 23): the notifier sends those again, so every event arrives; past
+/// its rounds the message fails and SQS brings it back, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_eventbridge_fails_are_sent_again() {
+    let stack = MotoStack::start().await;
+    let subscriber = stack
+        .sqs()
+        .create_queue()
+        .queue_name("failures")
+        .send()
+        .await
+        .expect("queue")
+        .queue_url()
+        .expect("url")
+        .to_string();
+    stack.route_events("flotilla-all", &json!({"source": ["flotilla"]}), &subscriber);
+    let notice = |n: u64| flotilla_shared::events::Notice {
+        event_id: format!("retry-1:{n}"),
+        sequence: n,
+        detail_type: Some(flotilla_shared::events::JOB_STATE_CHANGE.into()),
+        detail: json!({"jobId": "retry-1", "sequence": n, "event_id": format!("retry-1:{n}")}),
+        task: None,
+    };
+    let batch = NoticeBatch { job_id: "retry-1".into(), notices: (1..=12).map(notice).collect() };
+    let notifier = notify::Notifier::new(&stack.config, "default", &stack.jobs_queue);
+    tasks_waiting(&stack, "put-events-fail", &["5"]);
+    notifier.deliver(&batch).await.expect("delivered after sending the failed entries again");
+    let events = received(&stack, &subscriber).await;
+    let mut ids: Vec<u64> = events.iter().filter_map(|e| e["detail"]["sequence"].as_u64()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=12).collect::<Vec<_>>(), "each once");
+    // More failures than rounds: the message fails, to be redelivered whole.
+    tasks_waiting(&stack, "put-events-fail", &["100"]);
+    let err = notifier.deliver(&batch).await.expect_err("not all delivered");
+    assert!(err.is_retryable(), "{err}");
+}

@@ -5,14 +5,18 @@
 //! could not all be delivered goes back to the queue whole, and notices
 //! carry `event_id` so subscribers drop the repeats.
 
+// aws_lambda_events' types are #[non_exhaustive]: built from Default, then set.
+#![allow(clippy::field_reassign_with_default)]
+
 use std::time::Duration;
 
-use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use std::collections::BTreeSet;
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use flotilla_shared::aws::cloud_error;
 use flotilla_shared::error::{CloudError, StepError};
 use flotilla_shared::events::{Notice, NoticeBatch, TaskAnswer, SOURCE};
-use flotilla_shared::sqs_batch::for_each_record;
 use tracing::{info, warn};
 
 /// PutEvents takes at most 10 entries a call.
@@ -50,14 +54,38 @@ impl Notifier {
         Ok(Notifier::new(config, &bus, &jobs))
     }
 
-    /// One SQS batch: each message on its own, failures back to the queue.
+    /// One SQS batch from the FIFO notify queue, in order: failures go back
+    /// to the queue, and so does every later message of a job whose message
+    /// failed, so its notices never overtake one another. A message that
+    /// is not a notice batch is dropped with its reason (never retried).
     pub async fn handle(&self, batch: SqsEvent) -> SqsBatchResponse {
-        for_each_record(batch, |message| async move {
-            let body = message.body.unwrap_or_default();
-            let batch: NoticeBatch = serde_json::from_str(&body).map_err(|e| StepError::BadMessage(e.to_string()))?;
-            self.deliver(&batch).await
-        })
-        .await
+        let mut response = SqsBatchResponse::default();
+        let mut held: BTreeSet<String> = BTreeSet::new();
+        for message in batch.records {
+            let id = message.message_id.clone().unwrap_or_default();
+            let group = message.attributes.get("MessageGroupId").cloned();
+            let parsed: Result<NoticeBatch, _> = serde_json::from_str(message.body.as_deref().unwrap_or_default());
+            let job = parsed.as_ref().map(|b| b.job_id.clone()).ok().or(group);
+            let result = match (&parsed, &job) {
+                (_, Some(job)) if held.contains(job) => {
+                    Err(StepError::Contended(format!("{job}: an earlier notice failed")))
+                }
+                (Ok(notices), _) => self.deliver(notices).await,
+                (Err(err), _) => Err(StepError::BadMessage(err.to_string())),
+            };
+            match result {
+                Ok(()) => {}
+                Err(err) if err.is_retryable() => {
+                    warn!(message_id = %id, error = %err, "will retry");
+                    held.extend(job);
+                    let mut failure = BatchItemFailure::default();
+                    failure.item_identifier = id;
+                    response.batch_item_failures.push(failure);
+                }
+                Err(err) => warn!(message_id = %id, error = %err, "dropped: not a notice batch"),
+            }
+        }
+        response
     }
 
     /// Every notice's event, then every task answer.

@@ -44,9 +44,18 @@ impl Notices for SqsNotices {
         for notices in batch.notices.chunks(NOTICES_PER_MESSAGE) {
             let part = NoticeBatch { job_id: batch.job_id.clone(), notices: notices.to_vec() };
             let body = serde_json::to_string(&part).map_err(|e| CloudError::Invalid(e.to_string()))?;
+            // FIFO: one group per job keeps its notices in order; the same
+            // notices sent again within SQS's 5-minute window are dropped.
+            let ids: Vec<&str> = notices.iter().map(|n| n.event_id.as_str()).collect();
+            let dedup = ids
+                .join(",")
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
             self.sqs
                 .send_message()
                 .queue_url(&self.queue_url)
+                .message_group_id(&batch.job_id)
+                .message_deduplication_id(format!("{dedup:016x}-{}", ids.len()))
                 .message_body(body)
                 .send()
                 .await

@@ -238,15 +238,9 @@ async fn flush_outbox(
     Ok(())
 }
 
-/// A terminal job's notices that its last pass could not send: sent now,
-/// and the job leaves the tick's list.
-async fn flush_terminal(ports: &Ports, mut record: JobRecord, version: String) -> Result<Handled, StepError> {
-    if crate::publish::send_outbox(ports, &record).await? {
-        record.outbox.clear();
-        // A conflict means another writer (a redelivery) got here first.
-        ports.ledger.replace(&record, &version).await?;
-    }
-    ports.ledger.set_active(&record.job_id, false).await?;
+/// A terminal job's notices that its last pass could not send.
+async fn flush_terminal(ports: &Ports, record: JobRecord, version: String) -> Result<Handled, StepError> {
+    crate::publish::finish_terminal(ports, record, version).await?;
     Ok(Handled::Finished)
 }
 

@@ -253,7 +253,8 @@ fn take_in(record: &mut JobRecord, obs: &Observation, now: DateTime<Utc>, decisi
     }
     for batch in record.commands.values_mut() {
         let Some(id) = batch.command_id.as_ref() else { continue };
-        if obs.not_yet_listed.contains(id) {
+        let young = now - batch.dispatched_at <= Duration::seconds(fence::LOOKUP_LAG_SECONDS);
+        if obs.not_yet_listed.contains(id) && young {
             // Not a look: listed again soon (`timing::next_working_look`).
             batch.listed_at = None;
         } else if obs.listed_commands.contains(id) {
