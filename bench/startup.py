@@ -50,6 +50,7 @@ BASE_ENV = {
     "FLOTILLA_RECONCILE_QUEUE_URL": "http://127.0.0.1:9/123456789012/flotilla-bench-reconcile",
     "FLOTILLA_ACCOUNT_ID": "123456789012",
 }
+NOTIFY_ENV = {"FLOTILLA_JOBS_QUEUE_URL": "http://127.0.0.1:9/123456789012/flotilla-bench-jobs"}
 TICK_ENV = {
     "FLOTILLA_RECONCILE_DLQ_URL": "http://127.0.0.1:9/123456789012/flotilla-bench-reconcile-dlq",
     "FLOTILLA_REAPER_DRY_RUN": "true",
@@ -253,6 +254,7 @@ def main():
         {"name": "reconcile", "cmd": [args.bin_dir / "reconcile"], "event": EMPTY_BATCH, "invocations": n, "env": {}},
         # One invocation only: each one is an S3 call refused and retried.
         {"name": "tick", "cmd": [args.bin_dir / "tick"], "event": TICK_EVENT, "invocations": 1, "env": TICK_ENV},
+        {"name": "notify", "cmd": [args.bin_dir / "notify"], "event": EMPTY_BATCH, "invocations": n, "env": NOTIFY_ENV},
         {"name": "boto3", "cmd": [sys.executable, HERE / "boto3_baseline" / "bootstrap.py"],
          "event": EMPTY_BATCH, "invocations": n, "env": {}},
     ]
@@ -279,7 +281,7 @@ def main():
         print("tick: RSS after 1 invocation only (every tick event lists S3 first).")
     report = {"bin_dir": str(args.bin_dir), "runs": args.runs, "invocations": n, "results": results}
     if args.zip_dir:
-        report["zip_mb"] = zip_sizes(args.zip_dir, ["intake", "reconcile", "tick"])
+        report["zip_mb"] = zip_sizes(args.zip_dir, ["intake", "reconcile", "tick", "notify"])
         print(f"\nzip size, MB (10^6 bytes), goal {ZIP_GOAL_MB:g} MB:")
         for name, size in report["zip_mb"].items():
             verdict = "missing" if size is None else f"{size:.2f} {'ok' if size <= ZIP_GOAL_MB else 'OVER'}"

@@ -27,7 +27,7 @@ def main():
     floor, boto3 = results.get("floor", {}), results.get("boto3", {})
     med = lambda r: (r.get("init_ms") or {}).get("median")
     rss = lambda r, n: (r.get("rss_mib") or {}).get(str(n))
-    for name in ("intake", "reconcile", "tick"):
+    for name in ("intake", "reconcile", "tick", "notify"):
         r = results.get(name)
         if not r or not med(r) or not med(floor):
             continue

@@ -58,9 +58,11 @@ pub fn line(stack: &str, job_name: Option<&str>, figures: &[Figure], timestamp_m
     Value::Object(root).to_string()
 }
 
-/// Print `figures` as one EMF line (nothing when there are none).
+/// Print `figures` as one EMF line: only in a Lambda function (Lambda,
+/// and cargo lambda locally, set AWS_LAMBDA_FUNCTION_NAME), so the
+/// simulator and the tests, which run the same code, print none.
 pub fn emit(stack: &str, job_name: Option<&str>, figures: &[Figure]) {
-    if figures.is_empty() {
+    if figures.is_empty() || std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_none() {
         return;
     }
     let by_name = std::env::var("FLOTILLA_METRICS_BY_JOB_NAME").is_ok_and(|v| v == "true");
