@@ -8,7 +8,7 @@ use tracing::{error, warn};
 
 use crate::error::{CloudError, StepError};
 use crate::events::{NoticeBatch, FAILING_LINES, JOB_STATE_CHANGE};
-use crate::ports::Ports;
+use crate::ports::{Ports, WriteOutcome};
 use crate::record::JobRecord;
 
 /// A terminal record's notices (no pass will run on it again): sent, then
@@ -21,8 +21,12 @@ pub async fn finish_terminal(ports: &Ports, mut record: JobRecord, version: Stri
     match send_outbox(ports, &record).await {
         Ok(_) => {
             record.outbox.clear();
-            // A conflict: another delivery got here first and sent them too.
-            ports.ledger.replace(&record, &version).await?;
+            // A conflict: another writer got here first (a delivery that sent
+            // them too, or a valid job in place of this rejection). Its marker
+            // is not ours to clear; the next tick's gate clears a terminal one.
+            if ports.ledger.replace(&record, &version).await? == WriteOutcome::Conflict {
+                return Ok(());
+            }
         }
         Err(err) if err.is_retryable() => {
             warn!(job_id = %record.job_id, error = %err, "notices not sent; the next tick tries again");

@@ -107,3 +107,22 @@ async fn an_unfilled_placeholder_is_refused_with_its_name() {
     assert!(!err.is_retryable());
     assert!(cloud.lock().objects.is_empty());
 }
+
+/// A rejection's notices are flushed from a stale copy after a valid
+/// submission took its id: the flush must not take the now running job
+/// off the tick's list (its replace conflicts; the marker is not its own).
+#[tokio::test]
+async fn flushing_a_replaced_rejection_leaves_the_live_jobs_marker() {
+    use flotilla_shared::ports::ActiveJobs;
+    let cloud = FakeCloud::new(sim::start_time());
+    cloud.lock().notices = Some(Vec::new());
+    let ports = cloud.ports(sim::settings());
+    let mut bad = job("taken");
+    bad["deadline_minutes"] = serde_json::json!(0);
+    flotilla_shared::intake::submit(&ports, &bad.to_string(), "m-1", None).await.expect("rejected");
+    let stale = cloud.load("taken").await.expect("load").expect("the rejection");
+    assert_eq!(stale.record.state, flotilla_shared::record::JobState::Rejected);
+    flotilla_shared::intake::submit(&ports, &job("taken").to_string(), "m-2", None).await.expect("accepted");
+    flotilla_shared::publish::finish_terminal(&ports, stale.record, stale.version).await.expect("flush");
+    assert!(cloud.list_active().await.expect("list").contains(&"taken".to_string()), "the live job stays on the list");
+}
