@@ -153,9 +153,11 @@ Gaps filled (measured against moto 5.2.5):
 23. PutEvents never fails an entry. EventBridge may: a call answered with
     HTTP 200 can report some entries failed (FailedEntryCount, and an
     ErrorCode such as InternalFailure or ThrottlingException on each), and
-    the caller must send those again. For tests: the next N entries fail
-    that way, N read from $FLOTILLA_EMU_SCRATCH/put-events-fail and counted
-    down there.
+    the caller must send those again, and an entry with a code AWS calls
+    non-retryable (MalformedDetail, AccessDeniedException, ...) fails the
+    same way every time. For tests: the next N entries fail that way, read
+    from $FLOTILLA_EMU_SCRATCH/put-events-fail as "N" (InternalFailure) or
+    "N CODE", and counted down there.
 
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
@@ -1724,23 +1726,26 @@ _original_put_events = EventsBackend.put_events
 
 
 def _failures_to_inject(wanted):
+    """How many of the next `wanted` entries fail, and with which code:
+    the file holds "N" (InternalFailure) or "N CODE"."""
     path = os.path.join(SCRATCH, "put-events-fail")
     with _tasks_lock:
         try:
             with open(path) as f:
-                left = int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            return 0
+                words = f.read().split()
+            left, code = int(words[0]), (words[1] if len(words) > 1 else "InternalFailure")
+        except (OSError, ValueError, IndexError):
+            return 0, None
         taken = min(left, wanted)
         if taken:
             with open(path, "w") as f:
-                f.write(str(left - taken))
-        return taken
+                f.write(f"{left - taken} {code}")
+        return taken, code
 
 
 def _put_events(self, events):
-    failing = _failures_to_inject(len(events))
-    entries = [{"ErrorCode": "InternalFailure", "ErrorMessage": "injected: the entry was not put"}
+    failing, code = _failures_to_inject(len(events))
+    entries = [{"ErrorCode": code, "ErrorMessage": "injected: the entry was not put"}
                for _ in range(failing)]
     return entries + _original_put_events(self, events[failing:]) if failing < len(events) else entries
 

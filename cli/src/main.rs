@@ -66,7 +66,7 @@ enum Command {
     Dlq,
     /// Send dead-lettered messages back to the queue they came from, after a fix.
     Redrive {
-        /// jobs or reconcile
+        /// jobs, reconcile or notify
         #[arg(long, default_value = "reconcile")]
         queue: String,
     },
@@ -119,12 +119,16 @@ async fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-/// The DLQ of `queue` (jobs or reconcile), from FLOTILLA_<QUEUE>_DLQ_URL.
+/// The queues with a DLQ: jobs (intake), reconcile, notify (events out).
+const QUEUES: [&str; 3] = ["jobs", "reconcile", "notify"];
+
+/// The DLQ of `queue`, from FLOTILLA_<QUEUE>_DLQ_URL.
 async fn dead_letter_queue(queue: &str) -> Result<aws::sqs::SqsDeadLetters> {
     let prefix = match queue {
         "jobs" => "FLOTILLA_JOBS",
         "reconcile" => "FLOTILLA_RECONCILE",
-        other => bail!("unknown queue `{other}`: expected jobs or reconcile"),
+        "notify" => "FLOTILLA_NOTIFY",
+        other => bail!("unknown queue `{other}`: expected one of {}", QUEUES.join(", ")),
     };
     let var = |name: String| {
         std::env::var(&name).with_context(|| format!("{name} is not set (run `make local-up` or export it)"))
@@ -141,7 +145,7 @@ async fn list_dead_letters() -> Result<i32> {
     use flotilla_shared::ports::DeadLetters;
     let ledger = ledger().await?;
     let mut total = 0;
-    for queue in ["jobs", "reconcile"] {
+    for queue in QUEUES {
         let dlq = dead_letter_queue(queue).await?;
         let letters = dlq.receive(100).await.map_err(|e| anyhow::anyhow!("reading the {queue} DLQ: {e}"))?;
         println!("{queue} DLQ: {} message(s)", letters.len());

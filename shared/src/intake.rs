@@ -131,19 +131,23 @@ pub async fn scheduled(ports: &Ports, rule_name: &str, fired_at: DateTime<Utc>) 
 }
 
 /// A schedule's part of its jobs' ids: its name in lowercase letters,
-/// digits and dashes, at most 34 characters. A longer name keeps 25 and
-/// adds a hash of the whole, so two long names that share a start never
-/// make the same id.
+/// digits and dashes, at most 34 characters. A name that cleaning changed
+/// (`team/nightly`, `Team-Nightly`, `team.nightly`) or that is longer keeps
+/// at most 25 of those characters and adds a hash of the name as given, so
+/// two schedules never make the same id.
 fn schedule_id_part(name: &str) -> String {
     let clean: String =
         name.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     let clean = clean.trim_matches('-');
-    if clean.len() <= 34 {
+    if clean == name && clean.len() <= 34 {
         return clean.to_string();
     }
-    // FNV-1a: stable across builds and platforms, unlike std's hasher.
-    let hash = clean.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    format!("{}-{hash:08x}", clean[..25].trim_end_matches('-'))
+    let hash = crate::hash::fnv32(name.as_bytes());
+    let kept = clean.get(..25).unwrap_or(clean).trim_end_matches('-');
+    if kept.is_empty() {
+        return format!("{hash:08x}");
+    }
+    format!("{kept}-{hash:08x}")
 }
 
 /// The job's limits, the secrets it may read, the deployment's total, and
@@ -466,7 +470,7 @@ async fn check_sources_claiming(
 async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Result<Intake, StepError> {
     warn!(%job_id, %reason, "job rejected");
     let now = ports.clock.now();
-    let mut record = JobRecord::rejected(job_id.clone(), reason.clone(), &without_task_token(body), now);
+    let mut record = JobRecord::rejected(job_id.clone(), reason.clone(), &crate::task_token::redacted(body), now);
     announce_rejection(ports, &mut record, body, now);
     if !record.outbox.is_empty() {
         // Its notices are sent below; if they are not, the tick sends them.
@@ -505,37 +509,6 @@ fn carry_notices(ports: &Ports, rejected: &JobRecord, mut record: JobRecord, now
     record
 }
 
-/// The body as the record keeps it for the user: a task token replaced,
-/// since the report shows what was received and a token is a secret.
-fn without_task_token(body: &str) -> String {
-    match raw_task_token(body) {
-        Some((start, end)) => format!("{}<redacted>{}", &body[..start], &body[end..]),
-        None => body.to_string(),
-    }
-}
-
-/// Where a task token's text is in a body, read leniently: the body may
-/// not parse as JSON (a trailing comma), yet its caller waits and the
-/// token must not reach the report. The first `"task_token"` key's string
-/// value, as byte offsets of its contents.
-fn raw_task_token(body: &str) -> Option<(usize, usize)> {
-    let key = body.find("\"task_token\"")? + "\"task_token\"".len();
-    let rest = &body[key..];
-    let colon = rest.find(|c: char| !c.is_whitespace()).filter(|i| rest[*i..].starts_with(':'))?;
-    let after = &rest[colon + 1..];
-    let quote = after.find(|c: char| !c.is_whitespace()).filter(|i| after[*i..].starts_with('"'))?;
-    let start = key + colon + 1 + quote + 1;
-    let mut escaped = false;
-    for (offset, c) in body[start..].char_indices() {
-        match c {
-            '\\' if !escaped => escaped = true,
-            '"' if !escaped => return Some((start, start + offset)),
-            _ => escaped = false,
-        }
-    }
-    None
-}
-
 /// A rejected job's event, and SendTaskFailure (`Flotilla.JobRejected`) for
 /// a task token the body carries, read leniently: the body did not parse
 /// as a spec, yet its caller still waits.
@@ -544,9 +517,7 @@ fn announce_rejection(ports: &Ports, record: &mut JobRecord, body: &str, now: Da
         return;
     }
     crate::events::collect(record, ports.ledger.bucket(), now);
-    let token = raw_task_token(body)
-        .map(|(start, end)| body[start..end].to_string())
-        .filter(|t| !t.is_empty() && t.len() <= 1024 && !t.contains('\\'));
+    let token = crate::task_token::find(body);
     let Some(detail) = record.outbox.last().map(|n| n.detail.clone()) else { return };
     if let Some(token) = token {
         let answer = crate::events::answer(record, token, &detail);
@@ -710,4 +681,28 @@ fn derived_id(delivery_id: &str) -> String {
 /// The job-name dimension's value (`metrics`): its name, or its id.
 fn job_name(record: &JobRecord) -> Option<&str> {
     record.spec.as_ref().and_then(|s| s.name.as_deref()).or(Some(record.job_id.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::schedule_id_part;
+
+    #[test]
+    fn schedules_whose_names_clean_alike_make_different_ids() {
+        let names = ["team/nightly", "team-nightly", "Team-Nightly", "a.b", "a_b", "a-b", "-a-b-", "__"];
+        let ids: Vec<String> = names.iter().map(|n| schedule_id_part(n)).collect();
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len(), "{ids:?}");
+        // A clean name is its own id part, as the jobs it made so far.
+        assert_eq!(schedule_id_part("flotilla-nightly-example"), "flotilla-nightly-example");
+        for id in &ids {
+            assert!(id.len() <= 34 && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+            assert!(!id.starts_with('-') && !id.ends_with('-'), "{id}");
+        }
+        let long = "a-schedule-whose-name-runs-past-thirty-four-characters";
+        assert_ne!(schedule_id_part(long), schedule_id_part(&format!("{long}-2")));
+        assert!(schedule_id_part(long).len() <= 34);
+    }
 }

@@ -15,6 +15,7 @@ pub mod events;
 pub mod fence;
 #[cfg(feature = "aws")]
 pub mod handlers;
+pub mod hash;
 pub mod inbox;
 pub mod intake;
 pub mod metrics;
@@ -36,5 +37,6 @@ pub mod spec;
 pub mod sqs_batch;
 pub mod states;
 pub mod tags;
+pub mod task_token;
 pub mod wake;
 pub mod work;

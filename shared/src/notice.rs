@@ -25,6 +25,13 @@ pub struct Notice {
     pub task: Option<TaskAnswer>,
 }
 
+impl Notice {
+    /// A heartbeat: no event, only "still working" to a waiting task.
+    pub fn is_heartbeat(&self) -> bool {
+        self.detail_type.is_none() && matches!(self.task, Some(TaskAnswer::Heartbeat { .. }))
+    }
+}
+
 /// Never print a task token: whoever has it can end the caller's task.
 impl std::fmt::Debug for Notice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -292,6 +292,8 @@ pub struct DeadLetter {
     /// SQS's ApproximateReceiveCount: how often it was tried.
     pub receive_count: u32,
     pub sent_at: Option<DateTime<Utc>>,
+    /// A FIFO queue's message group: the redrive sends it back in the same one.
+    pub group: Option<String>,
 }
 
 /// A dead-letter queue and the queue it serves.

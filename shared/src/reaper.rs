@@ -647,7 +647,8 @@ async fn execute(ports: &Ports, cloud: &Cloud, action: &ReapAction) -> Result<()
 
 /// Write a stalled job's terminal state, only if nothing wrote the record
 /// since the inventory read it (If-Match on that version): a pass that took
-/// the lease meanwhile wins, and the job goes on.
+/// the lease meanwhile wins, and the job goes on. Its notices go out as a
+/// pass's would.
 async fn end_job(ports: &Ports, job_id: &str, why: &str, version: &str) -> Result<(), StepError> {
     let Some(loaded) = ports.ledger.load(job_id).await? else { return Ok(()) };
     if loaded.version != version || loaded.record.state.is_terminal() {
@@ -663,8 +664,14 @@ async fn end_job(ports: &Ports, job_id: &str, why: &str, version: &str) -> Resul
     record.timeline.push(PhaseStamp { state: record.state, at: now });
     record.lease = None;
     record.updated_at = Some(now);
-    if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, version).await? {
-        ports.ledger.set_active(job_id, false).await?;
+    // Its end is announced like any other (a waiting task gets its failure).
+    if ports.notices.is_some() {
+        crate::events::collect(&mut record, ports.ledger.bucket(), now);
+    }
+    if let WriteOutcome::Written { version } = ports.ledger.replace(&record, version).await? {
+        // Sends the outbox, then takes the job off the active list; one
+        // that could not be sent keeps it there for the tick's flush.
+        crate::publish::finish_terminal(ports, record, version).await?;
     }
     Ok(())
 }

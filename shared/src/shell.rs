@@ -323,6 +323,8 @@ mod tests {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("flotilla-state-{}-{n}", std::process::id()));
+        // An earlier run whose pid this one reuses left its guard's records here.
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("state dir");
         dir.display().to_string()
     }

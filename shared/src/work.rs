@@ -49,15 +49,12 @@ pub async fn resolve(ledger: &dyn Listing, spec: &JobSpec) -> Result<Result<Opti
 /// intakes of one job that listed different objects, or split them into a
 /// different number of shards, never overwrite each other's manifests.
 pub fn digest(items: &[String], shards: u32) -> String {
-    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
-    for b in shards.to_le_bytes() {
-        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
+    let mut hash = crate::hash::Fnv64::default();
+    hash.write(&shards.to_le_bytes());
     for item in items {
-        for b in item.bytes().chain(std::iter::once(b'\n')) {
-            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
+        hash.write(item.as_bytes()).write(b"\n");
     }
+    let hash = hash.finish();
     format!("{hash:016x}")
 }
 

@@ -373,24 +373,11 @@ impl MotoStack {
     /// The notify function's part: what the notify queue holds onto moto's
     /// EventBridge (and Step Functions), failures left for redelivery.
     pub async fn pump_notices(&self) -> usize {
-        let received = self
-            .sqs()
-            .receive_message()
-            .queue_url(&self.notify_queue)
-            .max_number_of_messages(10)
-            .send()
-            .await
-            .expect("receive notices");
-        let messages = received.messages().to_vec();
+        let messages = self.receive_notices().await;
         if messages.is_empty() {
             return 0;
         }
-        let event = json!({"Records": messages.iter().map(|m| json!({
-            "messageId": m.message_id(), "receiptHandle": m.receipt_handle(), "body": m.body(),
-            "attributes": {}, "messageAttributes": {}, "eventSource": "aws:sqs",
-            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:flotilla-notify", "awsRegion": "us-east-1",
-        })).collect::<Vec<_>>()});
-        let batch: SqsEvent = serde_json::from_value(event).expect("sqs event");
+        let batch = notify_event(&messages);
         let notifier = notify::Notifier::new(&self.config, "default", &self.jobs_queue);
         let failed = failures(&serde_json::to_value(notifier.handle(batch).await).expect("json"));
         for message in &messages {
@@ -406,6 +393,20 @@ impl MotoStack {
             }
         }
         messages.len()
+    }
+
+    /// Up to ten messages of the notify queue, with their message groups.
+    pub async fn receive_notices(&self) -> Vec<aws_sdk_sqs::types::Message> {
+        let received = self
+            .sqs()
+            .receive_message()
+            .queue_url(&self.notify_queue)
+            .max_number_of_messages(10)
+            .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::MessageGroupId)
+            .send()
+            .await
+            .expect("receive notices");
+        received.messages().to_vec()
     }
 
     /// A volume with an ext4 filesystem, as a user's own volume or the source
@@ -532,7 +533,17 @@ impl MotoStack {
     }
 }
 
-fn failures(response: &serde_json::Value) -> Vec<String> {
+/// Notify-queue messages as Lambda hands them to the notify function.
+pub fn notify_event(messages: &[aws_sdk_sqs::types::Message]) -> SqsEvent {
+    let event = json!({"Records": messages.iter().map(|m| json!({
+        "messageId": m.message_id(), "receiptHandle": m.receipt_handle(), "body": m.body(),
+        "attributes": {}, "messageAttributes": {}, "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:flotilla-notify", "awsRegion": "us-east-1",
+    })).collect::<Vec<_>>()});
+    serde_json::from_value(event).expect("sqs event")
+}
+
+pub fn failures(response: &serde_json::Value) -> Vec<String> {
     response["batchItemFailures"]
         .as_array()
         .map(|items| items.iter().filter_map(|i| i["itemIdentifier"].as_str().map(str::to_string)).collect())

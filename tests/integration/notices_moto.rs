@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use flotilla_shared::events::NoticeBatch;
+use flotilla_shared::events::{Notice, NoticeBatch, TaskAnswer};
 use flotilla_shared::ports::{CloudResult, Notices};
 use flotilla_shared::record::JobState;
 use serde_json::{json, Value};
 
 use crate::lifecycle_moto::{all_running, gate_run, open_gate, pump_until};
-use crate::moto::{job, MotoStack};
+use crate::moto::{job, notify_event, MotoStack};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
@@ -46,6 +46,25 @@ impl Notices for Flaky {
     }
 }
 
+/// A queue that an EventBridge rule sends every Flotilla event to.
+async fn subscribed(stack: &MotoStack, name: &str) -> String {
+    let queue = stack.sqs().create_queue().queue_name(name).send().await.expect("queue");
+    let url = queue.queue_url().expect("url").to_string();
+    stack.route_events(&format!("{name}-rule"), &json!({"source": ["flotilla"]}), &url);
+    url
+}
+
+/// A job event notice, numbered `n`.
+fn notice(job_id: &str, n: u64) -> Notice {
+    Notice {
+        event_id: format!("{job_id}:{n}"),
+        sequence: n,
+        detail_type: Some(flotilla_shared::events::JOB_STATE_CHANGE.into()),
+        detail: json!({"jobId": job_id, "sequence": n, "event_id": format!("{job_id}:{n}")}),
+        task: None,
+    }
+}
+
 /// Every event the subscriber's queue holds, as EventBridge delivered them.
 async fn received(stack: &MotoStack, queue: &str) -> Vec<Value> {
     let mut events = Vec::new();
@@ -71,17 +90,7 @@ async fn received(stack: &MotoStack, queue: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_hears_every_transition_once_by_event_id_though_sends_fail() {
     let stack = MotoStack::start().await;
-    let subscriber = stack
-        .sqs()
-        .create_queue()
-        .queue_name("subscriber")
-        .send()
-        .await
-        .expect("queue")
-        .queue_url()
-        .expect("url")
-        .to_string();
-    stack.route_events("flotilla-events", &json!({"source": ["flotilla"]}), &subscriber);
+    let subscriber = subscribed(&stack, "subscriber").await;
     let mut ports = stack.ports();
     let sends = Arc::new(AtomicU32::new(0));
     let real = ports.notices.take().expect("the stack publishes");
@@ -294,25 +303,8 @@ fn the_example_state_machine_catches_the_errors_flotilla_sends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_eventbridge_fails_are_sent_again() {
     let stack = MotoStack::start().await;
-    let subscriber = stack
-        .sqs()
-        .create_queue()
-        .queue_name("failures")
-        .send()
-        .await
-        .expect("queue")
-        .queue_url()
-        .expect("url")
-        .to_string();
-    stack.route_events("flotilla-all", &json!({"source": ["flotilla"]}), &subscriber);
-    let notice = |n: u64| flotilla_shared::events::Notice {
-        event_id: format!("retry-1:{n}"),
-        sequence: n,
-        detail_type: Some(flotilla_shared::events::JOB_STATE_CHANGE.into()),
-        detail: json!({"jobId": "retry-1", "sequence": n, "event_id": format!("retry-1:{n}")}),
-        task: None,
-    };
-    let batch = NoticeBatch { job_id: "retry-1".into(), notices: (1..=12).map(notice).collect() };
+    let subscriber = subscribed(&stack, "failures").await;
+    let batch = NoticeBatch { job_id: "retry-1".into(), notices: (1..=12).map(|n| notice("retry-1", n)).collect() };
     let notifier = notify::Notifier::new(&stack.config, "default", &stack.jobs_queue);
     tasks_waiting(&stack, "put-events-fail", &["5"]);
     notifier.deliver(&batch).await.expect("delivered after sending the failed entries again");
@@ -324,4 +316,98 @@ async fn entries_eventbridge_fails_are_sent_again() {
     tasks_waiting(&stack, "put-events-fail", &["100"]);
     let err = notifier.deliver(&batch).await.expect_err("not all delivered");
     assert!(err.is_retryable(), "{err}");
+}
+
+/// An entry EventBridge will never take (a code AWS calls non-retryable)
+/// is dropped, not sent again: the rest of the batch is delivered and the
+/// message is done, never a poison message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_eventbridge_refuses_for_good_is_not_sent_again() {
+    let stack = MotoStack::start().await;
+    let subscriber = subscribed(&stack, "refused").await;
+    let batch = NoticeBatch { job_id: "refused-1".into(), notices: (1..=6).map(|n| notice("refused-1", n)).collect() };
+    let notifier = notify::Notifier::new(&stack.config, "default", &stack.jobs_queue);
+    tasks_waiting(&stack, "put-events-fail", &["2 MalformedDetail"]);
+    notifier.deliver(&batch).await.expect("done: the refused entries are dropped");
+    let mut got: Vec<u64> =
+        received(&stack, &subscriber).await.iter().filter_map(|e| e["detail"]["sequence"].as_u64()).collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![3, 4, 5, 6], "the two refused are not put again");
+}
+
+/// A job's heartbeats go in a message group of their own, and a notice of
+/// the job that fails never holds one back or sends it round again: a
+/// heartbeat held past the task's HeartbeatSeconds times the task out,
+/// and Flotilla then cancels a healthy job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_notice_never_holds_back_its_jobs_heartbeat() {
+    let stack = MotoStack::start().await;
+    tasks_waiting(&stack, "sfn-open", &["token-hb"]);
+    let ports = stack.ports();
+    let heartbeat = Notice {
+        event_id: "hb-1:heartbeat:60".into(),
+        sequence: 0,
+        detail_type: None,
+        detail: Value::Null,
+        task: Some(TaskAnswer::Heartbeat { token: "token-hb".into() }),
+    };
+    let batch = NoticeBatch { job_id: "hb-1".into(), notices: vec![notice("hb-1", 1), heartbeat] };
+    ports.notices.as_ref().expect("the stack publishes").send(&batch).await.expect("sent");
+    let mut messages = Vec::new();
+    loop {
+        let got = stack.receive_notices().await;
+        if got.is_empty() {
+            break;
+        }
+        messages.extend(got);
+    }
+    let group = |m: &aws_sdk_sqs::types::Message| {
+        m.attributes()
+            .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::MessageGroupId))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let groups: Vec<String> = messages.iter().map(group).collect();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    assert!(groups.contains(&"hb-1".to_string()) && groups.contains(&"hb-1#heartbeat".to_string()), "{groups:?}");
+    // The job's event first, failing every round; its heartbeat after it.
+    messages.sort_by_key(|m| group(m).contains("#heartbeat"));
+    tasks_waiting(&stack, "put-events-fail", &["100"]);
+    let notifier = notify::Notifier::new(&stack.config, "default", &stack.jobs_queue);
+    let response = notifier.handle(notify_event(&messages)).await;
+    let failed: Vec<String> = response.batch_item_failures.iter().map(|f| f.item_identifier.clone()).collect();
+    assert_eq!(failed, vec![messages[0].message_id().unwrap_or_default().to_string()], "only the event goes back");
+    let calls = task_calls(&stack);
+    assert!(calls.iter().any(|c| c["action"] == "SendTaskHeartbeat" && c["token"] == "token-hb"), "{calls:?}");
+}
+
+/// A job the reaper ends (no pass for long past its deadline) is announced
+/// like any other end: its waiting task fails with the name a Catch
+/// matches, and its marker is cleared only once its notices are sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_reaper_ends_fails_its_waiting_task() {
+    use flotilla_shared::reaper::{self, ReaperSettings};
+    let stack = MotoStack::start().await;
+    let ports = stack.ports();
+    tasks_waiting(&stack, "sfn-open", &["token-reaped"]);
+    let now = chrono::Utc::now();
+    let spec = flotilla_shared::spec::parse(&with_token(job("stuck-2"), "token-reaped").to_string()).expect("spec");
+    let planned = flotilla_shared::plan::plan(&spec, &flotilla_shared::plan::Prices::builtin()).expect("plan");
+    let mut stuck =
+        flotilla_shared::record::JobRecord::new("stuck-2".into(), spec, planned, now - chrono::Duration::minutes(75));
+    stuck.updated_at = Some(now - chrono::Duration::minutes(50));
+    ports.ledger.create(&stuck).await.expect("record");
+    ports.ledger.set_active("stuck-2", true).await.expect("active");
+
+    reaper::run(&ports, &ReaperSettings::from(&ports.settings), false).await.expect("reaper");
+    let record = stack.record(&ports, "stuck-2").await.expect("record");
+    assert_eq!(record.state, JobState::Failed, "{}", record.reason);
+    assert!(record.outbox.is_empty(), "sent, then cleared");
+    assert!(!ports.ledger.list_active().await.expect("list").contains(&"stuck-2".to_string()));
+    while stack.pump_notices().await > 0 {}
+    let calls = task_calls(&stack);
+    let ended: Vec<&Value> = calls.iter().filter(|c| c["token"] == "token-reaped").collect();
+    assert_eq!(ended.len(), 1, "{calls:?}");
+    assert_eq!(ended[0]["action"], "SendTaskFailure");
+    assert_eq!(ended[0]["error"], flotilla_shared::events::errors::FAILED);
 }

@@ -8,8 +8,6 @@
 // aws_lambda_events' types are #[non_exhaustive]: built from Default, then set.
 #![allow(clippy::field_reassign_with_default)]
 
-use std::time::Duration;
-
 use std::collections::BTreeSet;
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
@@ -17,13 +15,15 @@ use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use flotilla_shared::aws::cloud_error;
 use flotilla_shared::error::{CloudError, StepError};
 use flotilla_shared::events::{Notice, NoticeBatch, TaskAnswer, SOURCE};
-use tracing::{info, warn};
+use flotilla_shared::metrics::Unit;
+use tracing::{error, info, warn};
 
 /// PutEvents takes at most 10 entries a call.
 const ENTRIES_PER_CALL: usize = 10;
 /// Rounds of PutEvents for entries it reports failed (`FailedEntryCount`
-/// with HTTP 200), before the message goes back to the queue.
-const PUT_ROUNDS: u32 = 4;
+/// with HTTP 200), with no sleep between them (a Lambda waiting is billed),
+/// before the message goes back to the queue.
+const PUT_ROUNDS: u32 = 2;
 
 pub struct Notifier {
     pub events: aws_sdk_eventbridge::Client,
@@ -33,6 +33,8 @@ pub struct Notifier {
     pub bus: String,
     /// The jobs queue, where a cancel goes when a task's caller gave up.
     pub jobs_queue_url: String,
+    /// The stack, for metrics' dimension.
+    pub stack: String,
 }
 
 impl Notifier {
@@ -43,6 +45,7 @@ impl Notifier {
             sqs: aws_sdk_sqs::Client::new(config),
             bus: bus.to_string(),
             jobs_queue_url: jobs_queue_url.to_string(),
+            stack: std::env::var("FLOTILLA_STACK").unwrap_or_default(),
         }
     }
 
@@ -54,38 +57,58 @@ impl Notifier {
         Ok(Notifier::new(config, &bus, &jobs))
     }
 
-    /// One SQS batch from the FIFO notify queue, in order: failures go back
-    /// to the queue, and so does every later message of a job whose message
-    /// failed, so its notices never overtake one another. A message that
-    /// is not a notice batch is dropped with its reason (never retried).
+    /// One SQS batch from the FIFO notify queue, in order. A message that
+    /// failed for a reason that passes goes back to the queue, and so does
+    /// every later message of its job, so its notices never overtake one
+    /// another. A heartbeat is never held and never retried: the next tick
+    /// sends another, and a held one could outlive the task's
+    /// `HeartbeatSeconds`. A message that can never be delivered is
+    /// dropped with its reason and counted (`NoticesUndelivered`).
     pub async fn handle(&self, batch: SqsEvent) -> SqsBatchResponse {
         let mut response = SqsBatchResponse::default();
         let mut held: BTreeSet<String> = BTreeSet::new();
         for message in batch.records {
             let id = message.message_id.clone().unwrap_or_default();
-            let group = message.attributes.get("MessageGroupId").cloned();
-            let parsed: Result<NoticeBatch, _> = serde_json::from_str(message.body.as_deref().unwrap_or_default());
-            let job = parsed.as_ref().map(|b| b.job_id.clone()).ok().or(group);
-            let result = match (&parsed, &job) {
-                (_, Some(job)) if held.contains(job) => {
-                    Err(StepError::Contended(format!("{job}: an earlier notice failed")))
+            let notices: NoticeBatch = match serde_json::from_str(message.body.as_deref().unwrap_or_default()) {
+                Ok(notices) => notices,
+                Err(err) => {
+                    error!(message_id = %id, error = %err, "dropped: not a notice batch");
+                    self.count_undelivered(1);
+                    continue;
                 }
-                (Ok(notices), _) => self.deliver(notices).await,
-                (Err(err), _) => Err(StepError::BadMessage(err.to_string())),
+            };
+            if notices.notices.iter().all(Notice::is_heartbeat) {
+                if let Err(err) = self.deliver(&notices).await {
+                    warn!(job_id = %notices.job_id, error = %err, "heartbeat not sent; the next tick sends another");
+                }
+                continue;
+            }
+            let result = if held.contains(&notices.job_id) {
+                Err(StepError::Contended(format!("{}: an earlier notice failed", notices.job_id)))
+            } else {
+                self.deliver(&notices).await
             };
             match result {
                 Ok(()) => {}
                 Err(err) if err.is_retryable() => {
-                    warn!(message_id = %id, error = %err, "will retry");
-                    held.extend(job);
+                    warn!(message_id = %id, job_id = %notices.job_id, error = %err, "will retry");
+                    held.insert(notices.job_id.clone());
                     let mut failure = BatchItemFailure::default();
                     failure.item_identifier = id;
                     response.batch_item_failures.push(failure);
                 }
-                Err(err) => warn!(message_id = %id, error = %err, "dropped: not a notice batch"),
+                Err(err) => {
+                    error!(message_id = %id, job_id = %notices.job_id, error = %err,
+                        "dropped: these notices cannot be delivered");
+                    self.count_undelivered(notices.notices.len());
+                }
             }
         }
         response
+    }
+
+    fn count_undelivered(&self, notices: usize) {
+        flotilla_shared::metrics::emit(&self.stack, None, &[("NoticesUndelivered", Unit::Count, notices as f64)]);
     }
 
     /// Every notice's event, then every task answer.
@@ -101,13 +124,14 @@ impl Notifier {
         Ok(())
     }
 
-    /// PutEvents, again for the entries it failed (throttled, internal).
+    /// PutEvents, and again at once for the entries it failed for a reason
+    /// that passes (`InternalFailure`, `ThrottlingException`); still failing,
+    /// the message goes back to the queue, whose visibility timeout is the
+    /// backoff. An entry EventBridge will never take (`MalformedDetail`,
+    /// `AccessDeniedException`, ...) is logged whole and counted, never retried.
     async fn put_events(&self, notices: &[&Notice]) -> Result<(), StepError> {
         let mut pending: Vec<&Notice> = notices.to_vec();
-        for round in 0..PUT_ROUNDS {
-            if round > 0 {
-                tokio::time::sleep(Duration::from_millis(200 << round)).await;
-            }
+        for _ in 0..PUT_ROUNDS {
             let entries: Vec<PutEventsRequestEntry> = pending.iter().map(|n| self.entry(n)).collect();
             let response = self
                 .events
@@ -120,16 +144,25 @@ impl Notifier {
                 return Ok(());
             }
             // Results are in the order of the entries; a failed one has an error code.
-            let failed: Vec<&Notice> = pending
-                .iter()
-                .zip(response.entries())
-                .filter(|(_, result)| result.error_code().is_some())
-                .map(|(notice, result)| {
-                    warn!(event_id = %notice.event_id, code = ?result.error_code(), "PutEvents entry failed");
-                    *notice
-                })
-                .collect();
-            pending = failed;
+            let mut again = Vec::new();
+            for (notice, result) in pending.iter().zip(response.entries()) {
+                match result.error_code() {
+                    None => {}
+                    Some(code @ ("InternalFailure" | "ThrottlingException")) => {
+                        warn!(event_id = %notice.event_id, code, "PutEvents entry failed; sent again");
+                        again.push(*notice);
+                    }
+                    Some(code) => {
+                        error!(event_id = %notice.event_id, code, reason = ?result.error_message(),
+                            detail = %notice.detail, "PutEvents refused this event; it is dropped");
+                        self.count_undelivered(1);
+                    }
+                }
+            }
+            if again.is_empty() {
+                return Ok(());
+            }
+            pending = again;
         }
         Err(StepError::Cloud(CloudError::classified(
             "events",

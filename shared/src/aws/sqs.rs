@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::cloud_error;
 use crate::error::CloudError;
-use crate::notice::{NoticeBatch, NOTICES_PER_MESSAGE};
+use crate::notice::{Notice, NoticeBatch, NOTICES_PER_MESSAGE};
 use crate::ports::{CloudResult, DeadLetter, DeadLetters, Notices, WakeQueue};
 use crate::wake::WakeMessage;
 
@@ -40,28 +40,42 @@ pub struct SqsNotices {
 
 #[async_trait]
 impl Notices for SqsNotices {
+    /// FIFO, one message group per job, so a job's notices stay in order;
+    /// its heartbeats go in a group of their own (`<job>#heartbeat`), so a
+    /// notice that fails never holds them back past the task's
+    /// `HeartbeatSeconds`. The same notices sent again within SQS's
+    /// 5-minute deduplication window are dropped.
     async fn send(&self, batch: &NoticeBatch) -> CloudResult<()> {
-        for notices in batch.notices.chunks(NOTICES_PER_MESSAGE) {
-            let part = NoticeBatch { job_id: batch.job_id.clone(), notices: notices.to_vec() };
-            let body = serde_json::to_string(&part).map_err(|e| CloudError::Invalid(e.to_string()))?;
-            // FIFO: one group per job keeps its notices in order; the same
-            // notices sent again within SQS's 5-minute window are dropped.
-            let ids: Vec<&str> = notices.iter().map(|n| n.event_id.as_str()).collect();
-            let dedup = ids
-                .join(",")
-                .bytes()
-                .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-            self.sqs
-                .send_message()
-                .queue_url(&self.queue_url)
-                .message_group_id(&batch.job_id)
-                .message_deduplication_id(format!("{dedup:016x}-{}", ids.len()))
-                .message_body(body)
-                .send()
-                .await
-                .map_err(|e| cloud_error("sqs", "SendMessage", e))?;
+        let (heartbeats, notices): (Vec<Notice>, Vec<Notice>) =
+            batch.notices.iter().cloned().partition(Notice::is_heartbeat);
+        for notices in notices.chunks(NOTICES_PER_MESSAGE) {
+            self.send_one(&batch.job_id, batch.job_id.clone(), notices).await?;
+        }
+        // The outbox holds at most one heartbeat; the newest is enough.
+        if let Some(heartbeat) = heartbeats.last() {
+            let group = format!("{}#heartbeat", batch.job_id);
+            self.send_one(&batch.job_id, group, std::slice::from_ref(heartbeat)).await?;
         }
         Ok(())
+    }
+}
+
+impl SqsNotices {
+    async fn send_one(&self, job_id: &str, group: String, notices: &[Notice]) -> CloudResult<()> {
+        let part = NoticeBatch { job_id: job_id.to_string(), notices: notices.to_vec() };
+        let body = serde_json::to_string(&part).map_err(|e| CloudError::Invalid(e.to_string()))?;
+        let ids: Vec<&str> = notices.iter().map(|n| n.event_id.as_str()).collect();
+        let dedup = crate::hash::fnv64(ids.join(",").as_bytes());
+        self.sqs
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_group_id(group)
+            .message_deduplication_id(format!("{dedup:016x}-{}", ids.len()))
+            .message_body(body)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| cloud_error("sqs", "SendMessage", e))
     }
 }
 
@@ -86,6 +100,7 @@ impl DeadLetters for SqsDeadLetters {
                 .visibility_timeout(60)
                 .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
                 .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+                .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
                 .send()
                 .await
                 .map_err(|e| cloud_error("sqs", "ReceiveMessage", e))?;
@@ -105,6 +120,10 @@ impl DeadLetters for SqsDeadLetters {
                         as u32,
                     sent_at: attribute(MessageSystemAttributeName::SentTimestamp)
                         .and_then(DateTime::<Utc>::from_timestamp_millis),
+                    group: message
+                        .attributes()
+                        .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
+                        .cloned(),
                 });
             }
         }
@@ -134,11 +153,17 @@ impl DeadLetters for SqsDeadLetters {
             .map_err(|e| cloud_error("sqs", "ChangeMessageVisibility", e))
     }
 
+    /// Back to the source queue; to a FIFO one in the message's own group,
+    /// deduplicated by its id, so a redrive repeated within SQS's 5-minute
+    /// window sends it once.
     async fn redrive(&self, letter: &DeadLetter) -> CloudResult<()> {
+        let fifo = letter.group.as_ref();
         self.sqs
             .send_message()
             .queue_url(&self.source_url)
             .message_body(&letter.body)
+            .set_message_group_id(fifo.cloned())
+            .set_message_deduplication_id(fifo.map(|_| letter.message_id.clone()))
             .send()
             .await
             .map_err(|e| cloud_error("sqs", "SendMessage", e))?;
