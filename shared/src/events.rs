@@ -79,6 +79,10 @@ pub fn collect(record: &mut JobRecord, bucket: &str, now: DateTime<Utc>) {
     if job_changed && terminal {
         push_job(record, &mut announced, bucket, now);
     }
+    if terminal {
+        // Its answer is on its way: a heartbeat after it would find the task closed.
+        record.outbox.retain(|n| !n.is_heartbeat());
+    }
     let heartbeat_due = announced.heartbeat_at.is_none_or(|at| (now - at).num_seconds() >= HEARTBEAT_SECONDS);
     if let Some(notice) = heartbeat(record, now).filter(|_| heartbeat_due) {
         // One heartbeat waiting is enough: while sends fail, no pile of them.
@@ -195,7 +199,7 @@ fn failing_shard(shard: &Shard) -> Value {
     })
 }
 
-fn shard_detail(record: &JobRecord, shard: &Shard) -> Value {
+pub fn shard_detail(record: &JobRecord, shard: &Shard) -> Value {
     let attempt = shard.current();
     let launch = attempt.map(|a| record.launch_of(a));
     let snapshots: Vec<&str> = attempt

@@ -186,6 +186,7 @@ async fn store(ports: &Ports, record: &JobRecord, now: DateTime<Utc>) -> Result<
     ports.ledger.set_active(&job_id, true).await?;
     match ports.ledger.create(record).await? {
         WriteOutcome::Written { .. } => {
+            crate::index::add(&*ports.ledger, record).await?;
             honour_late_cancel(ports, &job_id, now).await?;
             ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
             info!(%job_id, reason = %record.reason, "job accepted");
@@ -203,6 +204,7 @@ async fn store(ports: &Ports, record: &JobRecord, now: DateTime<Utc>) -> Result<
                 if existing.record.state == crate::record::JobState::Rejected {
                     let replacement = carry_notices(ports, &existing.record, fresh.clone(), now);
                     if let WriteOutcome::Written { .. } = ports.ledger.replace(&replacement, &existing.version).await? {
+                        crate::index::add(&*ports.ledger, &replacement).await?;
                         honour_late_cancel(ports, &job_id, now).await?;
                         ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
                         info!(%job_id, "job accepted in place of an earlier rejection");
@@ -215,6 +217,8 @@ async fn store(ports: &Ports, record: &JobRecord, now: DateTime<Utc>) -> Result<
             // A redelivery, perhaps after a crash before the wake was sent:
             // waking a job is always harmless.
             if let Some(existing) = ports.ledger.load(&job_id).await? {
+                // Perhaps after a crash before its index entries were written.
+                crate::index::add(&*ports.ledger, &existing.record).await?;
                 if !existing.record.state.is_terminal() {
                     ports.queue.send(&WakeMessage::new(&job_id, Trigger::Submit), 0).await?;
                 }
@@ -478,6 +482,7 @@ async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Re
     }
     match ports.ledger.create(&record).await? {
         WriteOutcome::Written { version } => {
+            crate::index::add(&*ports.ledger, &record).await?;
             crate::metrics::emit(&ports.settings.stack, None, &crate::metrics::job_ended(&record));
             crate::publish::finish_terminal(ports, record, version).await?;
             Ok(Intake::Rejected { job_id, reason })
@@ -486,6 +491,7 @@ async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Re
         // a redelivery sends the notices a crash or failure kept back.
         WriteOutcome::Conflict => {
             if let Some(existing) = ports.ledger.load(&job_id).await? {
+                crate::index::add(&*ports.ledger, &existing.record).await?;
                 if existing.record.state.is_terminal() && !existing.record.outbox.is_empty() {
                     crate::publish::finish_terminal(ports, existing.record, existing.version).await?;
                 }
@@ -581,6 +587,7 @@ async fn cancel_on_arrival(
         }
         Some(existing) => {
             info!(%job_id, state = %existing.record.state, "job already exists; resubmission ignored");
+            crate::index::add(&*ports.ledger, &existing.record).await?;
             if !existing.record.state.is_terminal() {
                 honour_late_cancel(ports, &job_id, now).await?;
             } else if !existing.record.outbox.is_empty() {
@@ -592,6 +599,7 @@ async fn cancel_on_arrival(
     };
     match written {
         WriteOutcome::Written { version } => {
+            crate::index::add(&*ports.ledger, &record).await?;
             crate::metrics::emit(&ports.settings.stack, job_name(&record), &crate::metrics::job_ended(&record));
             crate::publish::finish_terminal(ports, record, version).await?;
             ports.ledger.delete(&cancel_key(&job_id)).await?;

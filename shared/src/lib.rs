@@ -12,11 +12,13 @@ pub mod admission;
 pub mod aws;
 pub mod error;
 pub mod events;
+pub mod explain;
 pub mod fence;
 #[cfg(feature = "aws")]
 pub mod handlers;
 pub mod hash;
 pub mod inbox;
+pub mod index;
 pub mod intake;
 pub mod metrics;
 pub mod mutation;
@@ -28,6 +30,8 @@ pub mod reaper;
 pub mod reconcile;
 pub mod record;
 pub mod report;
+#[cfg(feature = "aws")]
+pub mod report_html;
 pub mod retention;
 pub mod settings;
 pub mod shell;

@@ -296,6 +296,12 @@ impl SnapshotRef {
     }
 }
 
+/// Whole seconds from `from` to `to`, for the report's timeline.
+pub fn seconds_after(from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> Option<u32> {
+    let (from, to) = (from?, to?);
+    u32::try_from((to - from).num_seconds().max(0)).ok()
+}
+
 impl PhaseRun {
     pub fn succeeded(&self) -> bool {
         self.status == Some(CommandStatus::Success)
@@ -333,6 +339,11 @@ pub struct Attempt {
     /// First health check that found its SSM agent not Online while working.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_lost_since: Option<DateTime<Utc>>,
+    /// Last health check that found its agent not Online while working: a
+    /// step that then times out may have timed out for want of its agent
+    /// (SSM cannot tell), so it counts as the instance's failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_away_seen_at: Option<DateTime<Utc>>,
     /// First health check that found a status check `impaired`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub impaired_since: Option<DateTime<Utc>>,
@@ -344,6 +355,14 @@ pub struct Attempt {
     /// stays small; the phase in flight and failures keep their detail.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub completed_phases: Vec<Phase>,
+    /// Seconds after launch that the instance was ready (running, its agent
+    /// Online): the report's timeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_after: Option<u32>,
+    /// Each succeeded phase's start and end, in seconds after launch
+    /// (`["run", 14, 40]`): the report's timeline, in few bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phase_times: Vec<(Phase, u32, u32)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end: Option<AttemptEnd>,
     /// The first cleanup step (`before_unmount`, unmount) that failed, in
@@ -383,10 +402,13 @@ impl Attempt {
             interrupted: false,
             timed_out: false,
             agent_lost_since: None,
+            agent_away_seen_at: None,
             impaired_since: None,
             volumes: vec![],
             phases: vec![],
             completed_phases: vec![],
+            ready_after: None,
+            phase_times: vec![],
             end: None,
             cleanup_failed: None,
             cleanup_lost: false,

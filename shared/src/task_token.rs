@@ -20,25 +20,36 @@ pub fn redacted(body: &str) -> String {
     }
     let mut out = String::with_capacity(body.len());
     let mut rest = body;
-    while let Some((start, end)) = raw_value(rest) {
-        out.push_str(&rest[..start]);
+    while let Some(raw) = raw_value(rest) {
+        out.push_str(&rest[..raw.start]);
         out.push_str(REDACTED);
-        rest = &rest[end..];
+        rest = &rest[raw.end..];
     }
     out.push_str(rest);
     out
 }
 
 /// The token the job's caller waits with: `notify.task_token` of a body
-/// that parses; otherwise the first `"task_token"` string in its text,
-/// with its JSON escapes read.
+/// that parses; otherwise the only `"task_token"` string in its text, with
+/// its JSON escapes read.
 pub fn find(body: &str) -> Option<String> {
     let token = match serde_json::from_str::<Value>(body) {
         Ok(value) => value.pointer("/notify/task_token").and_then(Value::as_str).map(str::to_string),
-        Err(_) => raw_value(body).and_then(|(start, end)| serde_json::from_str(&body[start - 1..end + 1]).ok()),
+        Err(_) => lenient_token(body),
     };
     // Step Functions' tokens are at most 1,024 characters.
     token.filter(|t: &String| !t.is_empty() && t.len() <= 1024)
+}
+
+/// The one `"task_token"` string of a text that is not JSON, its escapes
+/// read; none when there are several (which is `notify`'s cannot be told)
+/// or it is not closed.
+fn lenient_token(body: &str) -> Option<String> {
+    let first = raw_value(body).filter(|raw| raw.closed)?;
+    if raw_value(&body[first.end..]).is_some() {
+        return None;
+    }
+    serde_json::from_str(&body[first.start - 1..first.end + 1]).ok()
 }
 
 /// Every string under a key named task_token, at any depth, replaced.
@@ -61,9 +72,17 @@ fn redact_value(value: &mut Value) -> bool {
     }
 }
 
-/// The first `"task_token"` key's string value in `text`, as byte offsets
-/// of its contents (inside the quotes).
-fn raw_value(text: &str) -> Option<(usize, usize)> {
+/// Where a `"task_token"` key's string value is in a text that is not JSON.
+struct Raw {
+    /// Byte offsets of its contents, inside the quotes.
+    start: usize,
+    end: usize,
+    /// The closing quote was found; otherwise it runs to the end of the text.
+    closed: bool,
+}
+
+/// The first `"task_token"` key's string value in `text`.
+fn raw_value(text: &str) -> Option<Raw> {
     let pattern = format!("\"{KEY}\"");
     let mut from = 0;
     while let Some(found) = text[from..].find(&pattern) {
@@ -80,11 +99,11 @@ fn raw_value(text: &str) -> Option<(usize, usize)> {
         for (offset, c) in text[start..].char_indices() {
             match c {
                 '\\' if !escaped => escaped = true,
-                '"' if !escaped => return Some((start, start + offset)),
+                '"' if !escaped => return Some(Raw { start, end: start + offset, closed: true }),
                 _ => escaped = false,
             }
         }
-        return None;
+        return Some(Raw { start, end: text.len(), closed: false });
     }
     None
 }
@@ -108,8 +127,18 @@ mod tests {
         let out = redacted(body);
         assert!(!out.contains("first") && !out.contains("AAA") && !out.contains("BBB"), "{out}");
         assert_eq!(out.matches("<redacted>").count(), 2, "{out}");
+        // Two tokens: which one is notify's cannot be told, so none is answered.
+        assert_eq!(find(body), None);
+        let one = r#"{"id":"a", "notify": {"task_token" : "AAA\\BBB",},}"#;
         // The escapes read: the token as Step Functions gave it.
-        assert_eq!(find(body).as_deref(), Some("first\\one"));
+        assert_eq!(find(one).as_deref(), Some("AAA\\BBB"));
+    }
+
+    #[test]
+    fn a_token_whose_string_never_closes_is_redacted_to_the_end() {
+        let body = r#"{"notify": {"task_token": "SECRET-UNTIL-THE-END"#;
+        assert_eq!(redacted(body), r#"{"notify": {"task_token": "<redacted>"#);
+        assert_eq!(find(body), None);
     }
 
     #[test]

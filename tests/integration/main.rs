@@ -23,5 +23,6 @@ mod reaper;
 mod rejections;
 mod scenarios;
 mod schedules;
+mod see_moto;
 mod sharding;
 mod sources_race;

@@ -17,7 +17,7 @@ use crate::fingerprint::{job_figures, Fingerprint};
 use crate::moto::job;
 use flotilla_shared::wake::Trigger;
 
-fn cloud() -> FakeCloud {
+pub(crate) fn cloud() -> FakeCloud {
     FakeCloud::new(sim::start_time())
 }
 
@@ -58,7 +58,7 @@ async fn drive(cloud: &FakeCloud, ports: &Ports, copies: usize, stop: impl Fn(&J
     }
 }
 
-async fn run_job(cloud: &FakeCloud, spec: serde_json::Value, copies: usize) -> JobRecord {
+pub(crate) async fn run_job(cloud: &FakeCloud, spec: serde_json::Value, copies: usize) -> JobRecord {
     let ports = ports(cloud);
     let id = spec["id"].as_str().expect("id").to_string();
     let submitted = cloud.process(intake::submit(&ports, &spec.to_string(), "m-1", None)).await;

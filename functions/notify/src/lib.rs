@@ -9,14 +9,22 @@
 #![allow(clippy::field_reassign_with_default)]
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use flotilla_shared::aws::cloud_error;
 use flotilla_shared::error::{CloudError, StepError};
-use flotilla_shared::events::{Notice, NoticeBatch, TaskAnswer, SOURCE};
+use flotilla_shared::events::{Notice, NoticeBatch, TaskAnswer, JOB_STATE_CHANGE, SOURCE};
 use flotilla_shared::metrics::Unit;
 use tracing::{error, info, warn};
+
+/// The job states after which no pass runs: the report is final.
+const TERMINAL: [&str; 4] = ["SUCCEEDED", "FAILED", "CANCELLED", "REJECTED"];
+
+/// Time kept back from the invocation's deadline: a message is started
+/// only with at least this left (a few calls at their timeouts).
+const HEADROOM: Duration = Duration::from_secs(8);
 
 /// PutEvents takes at most 10 entries a call.
 const ENTRIES_PER_CALL: usize = 10;
@@ -35,6 +43,8 @@ pub struct Notifier {
     pub jobs_queue_url: String,
     /// The stack, for metrics' dimension.
     pub stack: String,
+    /// The jobs bucket: where a job's HTML report is written when it ends.
+    pub reports: Option<flotilla_shared::aws::s3::S3Ledger>,
 }
 
 impl Notifier {
@@ -46,7 +56,15 @@ impl Notifier {
             bus: bus.to_string(),
             jobs_queue_url: jobs_queue_url.to_string(),
             stack: std::env::var("FLOTILLA_STACK").unwrap_or_default(),
+            reports: None,
         }
+    }
+
+    /// Write each ended job's HTML report to `bucket` (`report_html`).
+    pub fn with_reports(mut self, config: &aws_config::SdkConfig, bucket: &str) -> Self {
+        let s3 = flotilla_shared::aws::s3_client(config);
+        self.reports = Some(flotilla_shared::aws::s3::S3Ledger::new(s3, bucket.to_string()));
+        self
     }
 
     /// FLOTILLA_JOBS_QUEUE_URL, and FLOTILLA_EVENT_BUS (default: `default`).
@@ -54,7 +72,11 @@ impl Notifier {
         let jobs = std::env::var("FLOTILLA_JOBS_QUEUE_URL")
             .map_err(|_| "environment variable FLOTILLA_JOBS_QUEUE_URL is not set".to_string())?;
         let bus = std::env::var("FLOTILLA_EVENT_BUS").ok().filter(|b| !b.is_empty()).unwrap_or("default".into());
-        Ok(Notifier::new(config, &bus, &jobs))
+        let notifier = Notifier::new(config, &bus, &jobs);
+        Ok(match std::env::var("FLOTILLA_BUCKET") {
+            Ok(bucket) if !bucket.is_empty() => notifier.with_reports(config, &bucket),
+            _ => notifier,
+        })
     }
 
     /// One SQS batch from the FIFO notify queue, in order. A message that
@@ -63,12 +85,25 @@ impl Notifier {
     /// another. A heartbeat is never held and never retried: the next tick
     /// sends another, and a held one could outlive the task's
     /// `HeartbeatSeconds`. A message that can never be delivered is
-    /// dropped with its reason and counted (`NoticesUndelivered`).
-    pub async fn handle(&self, batch: SqsEvent) -> SqsBatchResponse {
+    /// dropped with its reason and counted (`NoticesUndelivered`); one
+    /// refused for a reason a fix can clear (no permission) goes back, and
+    /// after five receives to the dead-letter queue, for `flotilla redrive`.
+    /// Messages left when less than `HEADROOM` remains before `deadline`
+    /// go back untried, so a slow call never times the whole batch out.
+    pub async fn handle(&self, batch: SqsEvent, deadline: Option<Instant>) -> SqsBatchResponse {
         let mut response = SqsBatchResponse::default();
         let mut held: BTreeSet<String> = BTreeSet::new();
+        let give_back = |response: &mut SqsBatchResponse, id: String| {
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = id;
+            response.batch_item_failures.push(failure);
+        };
         for message in batch.records {
             let id = message.message_id.clone().unwrap_or_default();
+            if deadline.is_some_and(|d| d.saturating_duration_since(Instant::now()) < HEADROOM) {
+                give_back(&mut response, id);
+                continue;
+            }
             let notices: NoticeBatch = match serde_json::from_str(message.body.as_deref().unwrap_or_default()) {
                 Ok(notices) => notices,
                 Err(err) => {
@@ -90,17 +125,15 @@ impl Notifier {
             };
             match result {
                 Ok(()) => {}
-                Err(err) if err.is_retryable() => {
-                    warn!(message_id = %id, job_id = %notices.job_id, error = %err, "will retry");
-                    held.insert(notices.job_id.clone());
-                    let mut failure = BatchItemFailure::default();
-                    failure.item_identifier = id;
-                    response.batch_item_failures.push(failure);
+                Err(err) if is_content_error(&err) => {
+                    error!(message_id = %id, job_id = %notices.job_id, error = %err,
+                        "dropped: these notices can never be delivered");
+                    self.count_undelivered(notices.notices.len());
                 }
                 Err(err) => {
-                    error!(message_id = %id, job_id = %notices.job_id, error = %err,
-                        "dropped: these notices cannot be delivered");
-                    self.count_undelivered(notices.notices.len());
+                    warn!(message_id = %id, job_id = %notices.job_id, error = %err, "will retry");
+                    held.insert(notices.job_id.clone());
+                    give_back(&mut response, id);
                 }
             }
         }
@@ -111,7 +144,8 @@ impl Notifier {
         flotilla_shared::metrics::emit(&self.stack, None, &[("NoticesUndelivered", Unit::Count, notices as f64)]);
     }
 
-    /// Every notice's event, then every task answer.
+    /// Every notice's event, every task answer, then, for a job that ended,
+    /// its HTML report (written again by a redelivery: the same page).
     pub async fn deliver(&self, batch: &NoticeBatch) -> Result<(), StepError> {
         let events: Vec<&Notice> = batch.notices.iter().filter(|n| n.detail_type.is_some()).collect();
         for chunk in events.chunks(ENTRIES_PER_CALL) {
@@ -120,15 +154,24 @@ impl Notifier {
         for answer in batch.notices.iter().filter_map(|n| n.task.as_ref()) {
             self.answer(&batch.job_id, answer).await?;
         }
+        let ended = batch.notices.iter().any(|n| {
+            n.detail_type.as_deref() == Some(JOB_STATE_CHANGE)
+                && n.detail["status"].as_str().is_some_and(|s| TERMINAL.contains(&s))
+        });
+        if let (true, Some(reports)) = (ended, &self.reports) {
+            flotilla_shared::report_html::write(reports, &batch.job_id, chrono::Utc::now()).await?;
+        }
         info!(job_id = %batch.job_id, events = events.len(), "notices delivered");
         Ok(())
     }
 
-    /// PutEvents, and again at once for the entries it failed for a reason
-    /// that passes (`InternalFailure`, `ThrottlingException`); still failing,
-    /// the message goes back to the queue, whose visibility timeout is the
-    /// backoff. An entry EventBridge will never take (`MalformedDetail`,
-    /// `AccessDeniedException`, ...) is logged whole and counted, never retried.
+    /// PutEvents, and again at once from the first entry it failed for a
+    /// reason that passes (`InternalFailure`, `ThrottlingException`): the
+    /// entries after it go again too (their `event_id` marks the repeats),
+    /// so a job's events reach the bus in order. An entry whose content
+    /// EventBridge will never take (`MalformedDetail`, `InvalidArgument`)
+    /// is logged whole and counted, never retried; any other refusal (no
+    /// permission) fails the message, which SQS brings back.
     async fn put_events(&self, notices: &[&Notice]) -> Result<(), StepError> {
         let mut pending: Vec<&Notice> = notices.to_vec();
         for _ in 0..PUT_ROUNDS {
@@ -143,26 +186,34 @@ impl Notifier {
             if response.failed_entry_count() == 0 {
                 return Ok(());
             }
-            // Results are in the order of the entries; a failed one has an error code.
-            let mut again = Vec::new();
-            for (notice, result) in pending.iter().zip(response.entries()) {
+            let mut resend_from = None;
+            let mut dropped = BTreeSet::new();
+            for (index, (notice, result)) in pending.iter().zip(response.entries()).enumerate() {
                 match result.error_code() {
                     None => {}
-                    Some(code @ ("InternalFailure" | "ThrottlingException")) => {
-                        warn!(event_id = %notice.event_id, code, "PutEvents entry failed; sent again");
-                        again.push(*notice);
+                    Some(code @ ("MalformedDetail" | "InvalidArgument")) => {
+                        error!(event_id = %notice.event_id, code, reason = ?result.error_message(),
+                            detail = %notice.detail, "PutEvents refused this event's content; it is dropped");
+                        self.count_undelivered(1);
+                        dropped.insert(notice.event_id.clone());
+                    }
+                    Some("InternalFailure" | "ThrottlingException") => {
+                        warn!(event_id = %notice.event_id, "PutEvents entry failed; sent again");
+                        resend_from.get_or_insert(index);
                     }
                     Some(code) => {
-                        error!(event_id = %notice.event_id, code, reason = ?result.error_message(),
-                            detail = %notice.detail, "PutEvents refused this event; it is dropped");
-                        self.count_undelivered(1);
+                        return Err(StepError::Cloud(CloudError::classified(
+                            "events",
+                            "PutEvents",
+                            code,
+                            result.error_message().unwrap_or_default(),
+                            Some(flotilla_shared::error::RetryClass::Transient),
+                        )))
                     }
                 }
             }
-            if again.is_empty() {
-                return Ok(());
-            }
-            pending = again;
+            let Some(from) = resend_from else { return Ok(()) };
+            pending = pending[from..].iter().filter(|n| !dropped.contains(&n.event_id)).copied().collect();
         }
         Err(StepError::Cloud(CloudError::classified(
             "events",
@@ -242,6 +293,38 @@ impl Notifier {
             .map_err(|e| StepError::Cloud(cloud_error("sqs", "SendMessage", e)))?;
         info!(%job_id, "cancelled: its Step Functions task is gone");
         Ok(())
+    }
+}
+
+/// The deployment's AWS configuration with the notifier's own bounds: a
+/// batch of ten messages must end well inside the function's 30 s, so a
+/// call gets 3 s an attempt, 8 s in all, and three attempts (the SDK's
+/// standard retry); what does not fit goes back to the queue (`handle`).
+pub fn quick_calls(config: &aws_config::SdkConfig) -> aws_config::SdkConfig {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .operation_attempt_timeout(Duration::from_secs(3))
+        .operation_timeout(Duration::from_secs(8))
+        .build();
+    config
+        .to_builder()
+        .timeout_config(timeouts)
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(3))
+        .build()
+}
+
+/// Errors no retry or fix can clear: the notices' own content (too large,
+/// malformed). Everything else goes back to the queue.
+fn is_content_error(err: &StepError) -> bool {
+    match err {
+        StepError::BadMessage(_) => true,
+        StepError::Cloud(cloud) => {
+            matches!(
+                cloud.code(),
+                Some("MalformedDetail" | "InvalidArgument" | "InvalidOutput" | "ValidationException")
+            )
+        }
+        _ => false,
     }
 }
 

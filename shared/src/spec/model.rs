@@ -182,6 +182,16 @@ pub enum Market {
     Spot,
 }
 
+impl Market {
+    /// As the spec spells it: `on-demand` or `spot`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Market::OnDemand => "on-demand",
+            Market::Spot => "spot",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeSpec {

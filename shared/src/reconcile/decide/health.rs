@@ -23,6 +23,7 @@ pub(super) fn track_health(
             attempt.agent_lost_since = None;
         } else {
             attempt.agent_lost_since.get_or_insert(now);
+            attempt.agent_away_seen_at = Some(now);
         }
     }
 }

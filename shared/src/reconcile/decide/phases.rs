@@ -267,7 +267,12 @@ fn judge(
 ) {
     let run = attempt.phases[flight.at].clone();
     if run.succeeded() {
-        // Only failures and the phase in flight keep their detail.
+        // Only failures and the phase in flight keep their detail; a
+        // success keeps its name and, for the report, its times.
+        let after_launch = |at| crate::record::seconds_after(attempt.launched_at, at);
+        if let (Some(start), Some(end)) = (after_launch(run.opened_at), after_launch(run.finished_at)) {
+            attempt.phase_times.push((run.phase, start, end));
+        }
         attempt.phases.retain(|p| p.phase != run.phase);
         attempt.completed_phases.push(run.phase);
         return;
@@ -289,7 +294,8 @@ fn judge(
     let agent_lost = matches!(
         run.status,
         Some(CommandStatus::Undeliverable | CommandStatus::DeliveryTimedOut | CommandStatus::Terminated)
-    ) || (run.status == Some(CommandStatus::TimedOut) && agent_offline_now)
+    ) || (run.status == Some(CommandStatus::TimedOut)
+        && (agent_offline_now || agent_away_during(attempt, flight)))
         || flight.guard_lost;
     if run.phase.runs_after_failure() {
         // The work's results may be on the volume, but not cleanly:
@@ -308,6 +314,13 @@ fn judge(
             if run.status == Some(CommandStatus::TimedOut) { EndCause::TimedOut } else { EndCause::CommandFailed };
         end(attempt, cause, &detail, run.exit_code.filter(|c| *c >= 0));
     }
+}
+
+/// Its agent was seen away while this step was out: SSM times out a step
+/// whose agent is not back by the execution timeout, as it times out one
+/// that ran too long, and cannot tell them apart.
+fn agent_away_during(attempt: &Attempt, flight: &InFlight) -> bool {
+    attempt.agent_away_seen_at.is_some_and(|seen| seen >= flight.dispatched_at)
 }
 
 /// The next phase: the planned ones in order while the attempt has not

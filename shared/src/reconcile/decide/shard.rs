@@ -153,6 +153,7 @@ fn boot(attempt: &mut Attempt, obs: &Observation, ctx: &Context<'_>, decision: &
     attempt.availability_zone = Some(view.availability_zone.clone());
     if obs.online.contains(&view.instance_id) {
         attempt.stage = Stage::Attaching;
+        attempt.ready_after = crate::record::seconds_after(attempt.launched_at, Some(now));
     } else if attempt
         .launched_at
         .is_some_and(|at| now - at > Duration::seconds(i64::from(ctx.settings.agent_timeout_seconds)))

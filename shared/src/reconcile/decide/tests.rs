@@ -566,6 +566,60 @@ fn a_silent_agent_is_replaced_after_the_agent_timeout_and_forgiven_if_it_returns
     );
 }
 
+/// Found by the simulator (seed 217 of `make chaos`): an agent away for a
+/// few minutes while a step ran, back before the step was judged. SSM
+/// reports such a step TimedOut, as it does one that ran too long; the
+/// health check saw the agent away, so the instance failed, not the work:
+/// the shard is retried, never failed for it.
+#[test]
+fn a_step_timed_out_while_its_agent_was_seen_away_is_the_instances_failure() {
+    let mut r = record(serde_json::json!({"fleet": {"count": 1}, "volumes": []}));
+    let attempt = r.shards[0].current_mut().expect("attempt");
+    attempt.stage = Stage::Working;
+    attempt.instance_id = Some("i-1".into());
+    attempt.launch_token = Some("t".into());
+    attempt.launched_at = Some(now());
+    attempt.phases.push(PhaseRun {
+        phase: Phase::Run,
+        batch: 1,
+        opened_at: Some(now()),
+        status: None,
+        exit_code: None,
+        finished_at: None,
+    });
+    r.commands.insert(
+        1,
+        CommandBatch {
+            phase: Phase::Run,
+            command_id: Some("c-1".into()),
+            dispatched_at: now(),
+            listed_at: None,
+            in_flight_until: None,
+        },
+    );
+    let mut obs = Observation::default();
+    obs.instances.insert("i-1".into(), instance("i-1", "running", "t", 0));
+    let invocation = |status: &str, exit_code: Option<i32>| InvocationView {
+        instance_id: "i-1".into(),
+        status: status.into(),
+        exit_code,
+        stdout: String::new(),
+        stderr: String::new(),
+        output_uri: None,
+    };
+    obs.invocations.insert(("c-1".into(), "i-1".into()), invocation("InProgress", None));
+    obs.health_checked = true;
+    obs.agents_checked.insert("i-1".into());
+    let minutes = |m: i64| now() + Duration::minutes(m);
+    run(&mut r, &obs, minutes(2)); // the agent is away
+    obs.online.insert("i-1".into());
+    run(&mut r, &obs, minutes(4)); // and back
+    obs.invocations.insert(("c-1".into(), "i-1".into()), invocation("TimedOut", Some(-1)));
+    run(&mut r, &obs, minutes(6));
+    let end = r.shards[0].attempts[0].end.clone().expect("ended");
+    assert_eq!(end.cause, EndCause::InstanceLost, "{end:?}");
+}
+
 /// Found by the simulator (seed 1186): an attempt that fails on one volume
 /// in `error` must not create its other volumes in the same pass; a
 /// volume created then was found by the final sweep and deleted without
