@@ -77,6 +77,18 @@ def main():
         row("idle to terminate, SSM listing lag 0-60 s", f"{on['idle_max_s']:.1f} s max",
             f"polls only {off['idle_max_s']:.1f} s" if off else "-", f"mean {on['idle_mean_s']:.1f} s",
             "<= 60 + 15 s", on["idle_max_s"] <= 75)
+    # Flotilla's own cost per fault-free job (own_cost.rs's prices, events on).
+    for key in sorted((k for k in sim if k.startswith("own_cost_")), key=lambda k: int(k.split("_")[-1])):
+        own, n = sim[key], key.split("_")[-1]
+        cost = own["cost"]
+        share = cost["s3_writes_usd"] / cost["total_usd"] * 100 if cost["total_usd"] else 0
+        label = f"Flotilla's own cost, {n} instance(s)"
+        if n == "10":
+            row(label, f"${cost['total_usd']:.5f}", f"record alone ${own['from_record_usd']:.5f}",
+                f"{share:.0f}% S3 PUTs", f"<= ${own['goal_usd']}", cost["total_usd"] <= own["goal_usd"])
+        else:
+            rows.append((label, f"${cost['total_usd']:.5f}", f"record alone ${own['from_record_usd']:.5f}",
+                         f"{share:.0f}% S3 PUTs", "-", "-"))
     for n, count in cpu.items():
         rows.append((f"CPU per pass, {n} shards", f"{count:,} instr", "-", f"{count / int(n):,.0f}/shard", "-", "-"))
 

@@ -158,6 +158,14 @@ Gaps filled (measured against moto 5.2.5):
     same way every time. For tests: the next N entries fail that way, read
     from $FLOTILLA_EMU_SCRATCH/put-events-fail as "N" (InternalFailure) or
     "N CODE", and counted down there.
+24. DescribeSpotPriceHistory answers every offered type with a price of
+    $0.00001 stamped 2006, whatever the window or product asked. Here the
+    history is what $FLOTILLA_EMU_SCRATCH/spot-prices holds (lines "TYPE
+    ZONE USD HOURS_AGO", Linux/UNIX), and it is answered as EC2 documents:
+    the prices that changed within StartTime..EndTime, plus for each type
+    and zone the last change before StartTime ("the effective price as of
+    the start time"), filtered by InstanceTypes and ProductDescriptions,
+    newest first. Without the file there is no history.
 
 Not filled here:
 - Schedules never fire: the local pump (tools/local_stack.py) fires them.
@@ -1751,3 +1759,48 @@ def _put_events(self, events):
 
 
 EventsBackend.put_events = _put_events
+
+
+# --- gap 24: spot price history --------------------------------------------
+
+from moto.ec2.responses.spot_instances import SpotInstances as _SpotInstances  # noqa: E402
+
+
+def _spot_history_rows():
+    rows = []
+    try:
+        with open(os.path.join(SCRATCH, "spot-prices")) as f:
+            for line in f:
+                words = line.split()
+                if len(words) == 4:
+                    rows.append((words[0], words[1], words[2], float(words[3])))
+    except (OSError, ValueError):
+        return []
+    return rows
+
+
+def _describe_spot_price_history(self):
+    now = _now()
+    start = _as_utc(self._get_param("StartTime")) if self._get_param("StartTime") else None
+    end = _as_utc(self._get_param("EndTime")) if self._get_param("EndTime") else now
+    types = set(self._get_param("InstanceTypes", []))
+    products = set(self._get_param("ProductDescriptions", []))
+    if products and not products & {"Linux/UNIX", "Linux/UNIX (Amazon VPC)"}:
+        return ActionResult({"SpotPriceHistory": []})
+    stamped = [(t, zone, price, now - datetime.timedelta(hours=hours)) for t, zone, price, hours in _spot_history_rows()
+               if not types or t in types]
+    inside = [r for r in stamped if r[3] <= end and (start is None or r[3] >= start)]
+    before = {}
+    for r in stamped:
+        if start is not None and r[3] < start:
+            key = (r[0], r[1])
+            if key not in before or r[3] > before[key][3]:
+                before[key] = r
+    rows = sorted(inside + list(before.values()), key=lambda r: r[3], reverse=True)
+    history = [{"InstanceType": t, "ProductDescription": "Linux/UNIX", "SpotPrice": price,
+                "AvailabilityZone": zone, "Timestamp": stamp.strftime("%Y-%m-%dT%H:%M:%S.000Z")}
+               for t, zone, price, stamp in rows]
+    return ActionResult({"SpotPriceHistory": history})
+
+
+_SpotInstances.describe_spot_price_history = _describe_spot_price_history

@@ -122,11 +122,21 @@ expect smoke-hostile REJECTED 60
 
 expect smoke-follow SUCCEEDED 180
 
-echo "== the CLI: ls, explain, logs, report and --output json"
 check() { # description, command...: ok when the command succeeds
   local what=$1; shift
   if "$@"; then echo "ok   $what"; else echo "FAIL $what"; failures=$((failures + 1)); fi
 }
+echo "== flotilla plan --spot-history: a GPU job priced from the Region's spot price history"
+# The emulator's history (gap 24): us-east-1a's price in force at the
+# window's start, and a dearer us-east-1b one within it.
+printf 'g5.xlarge us-east-1a 0.4500 30\ng5.xlarge us-east-1b 0.5200 3\n' > "${FLOTILLA_EMU_SCRATCH:-.flotilla/instances}/spot-prices"
+gpu=$(flotilla plan --spot-history events/gpu-spot-job.json); echo "$gpu"
+check "plan prices g5.xlarge spot from DescribeSpotPriceHistory, the dearest zone" grep -q '^spot:      \$0.5200/h per g5.xlarge from DescribeSpotPriceHistory in us-east-1' <<<"$gpu"
+check "plan names the GPU vCPU quota and that it starts low" grep -q 'vCPUs of "All G and VT Spot Instance Requests".*starts this quota at 0' <<<"$(tr '\n' ' ' <<<"$gpu")"
+table=$(flotilla plan events/gpu-spot-job.json)
+check "without --spot-history, plan says spot is a fixed fraction" grep -q '^spot:      \$0.4024/h per g5.xlarge from a fixed fraction: 0.4 x on-demand' <<<"$table"
+
+echo "== the CLI: ls, explain, logs, report and --output json"
 listed=$(flotilla ls --limit 50); echo "$listed"
 check "ls lists the jobs with their states" grep -qE "^ *smoke-fail +- +FAILED" <<<"$listed"
 check "ls --output json: the failed ones, by schema" $PY -c '

@@ -12,7 +12,8 @@ mod dlq;
 pub mod jobs;
 pub mod logs;
 pub mod output;
-mod plan_view;
+pub mod plan_view;
+mod spot_prices;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -47,9 +48,14 @@ enum Command {
     /// Show sizing, cost and what would be launched. Creates nothing.
     Plan {
         spec: PathBuf,
-        /// A price table (JSON, shaped like shared/prices.json) whose entries replace the built-in ones.
+        /// A price table (JSON, shaped like shared/prices.json) whose entries replace the
+        /// deployment's, to see what-if figures; budget_usd is still judged as intake judges it.
         #[arg(long)]
         prices: Option<PathBuf>,
+        /// Price spot from the Region's last 24 h of DescribeSpotPriceHistory (the dearest
+        /// Availability Zone) instead of a fixed fraction of on-demand.
+        #[arg(long)]
+        spot_history: bool,
     },
     /// List jobs, newest first: id, name, state, age, shards, cost.
     Ls {
@@ -156,7 +162,10 @@ pub fn main() {
 async fn run(deployment: &Deployment, command: Command, format: Format) -> Result<()> {
     let now = chrono::Utc::now();
     match command {
-        Command::Plan { spec, prices } => plan_view::plan_command(deployment, &spec, prices.as_ref(), format).await,
+        Command::Plan { spec, prices, spot_history } => {
+            let options = plan_view::PlanOptions { prices: prices.as_ref(), spot_history };
+            plan_view::plan_command(deployment, &spec, options, format).await
+        }
         Command::Submit { spec } => plan_view::submit(deployment, &spec).await,
         Command::Ls { state, name, limit } => {
             let state = state.map(|s| parse_state(&s)).transpose()?;

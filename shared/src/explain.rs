@@ -62,6 +62,26 @@ pub fn vcpu_quota_name(instance_type: &str, spot: bool) -> String {
     }
 }
 
+/// vCPUs of an instance type, from its size as EC2 names sizes: `large` 2,
+/// `xlarge` 4, `Nxlarge` 4N; burstable `nano`..`medium` 2, other `medium` 1.
+/// None for `metal` and names this rule does not know.
+pub fn vcpus(instance_type: &str) -> Option<u32> {
+    let (family, size) = instance_type.split_once('.')?;
+    match size {
+        "nano" | "micro" | "small" if family.starts_with('t') => Some(2),
+        "medium" => Some(if family.starts_with('t') { 2 } else { 1 }),
+        "large" => Some(2),
+        "xlarge" => Some(4),
+        _ => size.strip_suffix("xlarge")?.parse::<u32>().ok().map(|n| 4 * n),
+    }
+}
+
+/// Families whose vCPU quota new accounts get at or near 0.
+pub fn starts_low(instance_type: &str) -> bool {
+    let family: String = instance_type.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+    matches!(family.as_str(), "g" | "vt" | "p" | "inf" | "trn" | "f" | "dl" | "x" | "u")
+}
+
 pub fn explain(record: &JobRecord, now: DateTime<Utc>) -> Explanation {
     let mut findings = Vec::new();
     for shard in &record.shards {

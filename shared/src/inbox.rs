@@ -21,6 +21,7 @@ pub async fn update_inbox(
         if record.state.is_terminal() || !change(&mut record) {
             return Ok(false);
         }
+        record.writes += 1;
         if let WriteOutcome::Written { .. } = ports.ledger.replace(&record, &loaded.version).await? {
             ports.queue.send(&WakeMessage::new(job_id, trigger), 0).await?;
             return Ok(true);

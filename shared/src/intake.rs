@@ -181,6 +181,7 @@ async fn store(ports: &Ports, record: &JobRecord, now: DateTime<Utc>) -> Result<
     if ports.notices.is_some() {
         crate::events::collect(&mut record, ports.ledger.bucket(), now);
     }
+    record.writes += 1;
     let record = &record;
     // The marker first: a job the tick cannot see could strand if its wake is lost.
     ports.ledger.set_active(&job_id, true).await?;
@@ -202,7 +203,8 @@ async fn store(ports: &Ports, record: &JobRecord, now: DateTime<Utc>) -> Result<
             // not turn the valid submission that follows into a no-op.
             if let Some(existing) = ports.ledger.load(&job_id).await? {
                 if existing.record.state == crate::record::JobState::Rejected {
-                    let replacement = carry_notices(ports, &existing.record, fresh.clone(), now);
+                    let mut replacement = carry_notices(ports, &existing.record, fresh.clone(), now);
+                    replacement.writes += 1;
                     if let WriteOutcome::Written { .. } = ports.ledger.replace(&replacement, &existing.version).await? {
                         crate::index::add(&*ports.ledger, &replacement).await?;
                         honour_late_cancel(ports, &job_id, now).await?;
@@ -480,6 +482,7 @@ async fn reject(ports: &Ports, job_id: String, reason: String, body: &str) -> Re
         // Its notices are sent below; if they are not, the tick sends them.
         ports.ledger.set_active(&job_id, true).await?;
     }
+    record.writes += 1;
     match ports.ledger.create(&record).await? {
         WriteOutcome::Written { version } => {
             crate::index::add(&*ports.ledger, &record).await?;
@@ -578,11 +581,13 @@ async fn cancel_on_arrival(
                 // Its notices are sent below; if they are not, the tick sends them.
                 ports.ledger.set_active(&job_id, true).await?;
             }
+            record.writes += 1;
             ports.ledger.create(&record).await?
         }
         Some(existing) if existing.record.state == crate::record::JobState::Rejected => {
             record = carry_notices(ports, &existing.record, record, now);
             ports.ledger.set_active(&job_id, true).await?;
+            record.writes += 1;
             ports.ledger.replace(&record, &existing.version).await?
         }
         Some(existing) => {

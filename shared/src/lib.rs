@@ -23,6 +23,7 @@ pub mod intake;
 pub mod metrics;
 pub mod mutation;
 pub mod notice;
+pub mod own_cost;
 pub mod plan;
 pub mod ports;
 pub mod publish;

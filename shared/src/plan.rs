@@ -45,6 +45,13 @@ pub struct Estimate {
     /// spot factor: the report prices the realized hours with them.
     pub hourly_usd: BTreeMap<String, f64>,
     pub spot_factor: f64,
+    /// Spot USD per hour of the types a quote priced (`Prices::spot_hour`);
+    /// the others are priced at `spot_factor` x on-demand.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub spot_hourly_usd: BTreeMap<String, f64>,
+    /// Where the spot price of the first instance type came from, in words.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub spot_price_from: String,
     /// Data volumes' USD per instance-hour (all of one instance's volumes).
     pub volumes_hourly_usd: f64,
 }
@@ -70,6 +77,14 @@ pub struct Prices {
     pub volume_gib_month: BTreeMap<String, f64>,
     #[serde(default)]
     pub instance_hour: BTreeMap<String, f64>,
+    /// Quoted spot USD per hour by instance type (e.g. from the Region's
+    /// DescribeSpotPriceHistory); a type without a quote is priced at
+    /// `spot_factor` x on-demand.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub spot_hour: BTreeMap<String, f64>,
+    /// Where `spot_hour` came from, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_hour_from: Option<String>,
 }
 
 impl Prices {
@@ -79,8 +94,14 @@ impl Prices {
 
     /// The built-in table with `json`'s entries replacing or adding to it.
     pub fn with_override(json: &str) -> Result<Prices, String> {
+        Prices::builtin().over(json)
+    }
+
+    /// This table with `json`'s entries replacing or adding to it.
+    pub fn over(&self, json: &str) -> Result<Prices, String> {
         let extra: Prices = serde_json::from_str(json).map_err(|e| format!("price table: {e}"))?;
-        let numbers = extra.instance_hour.values().chain(extra.volume_gib_month.values());
+        let numbers =
+            extra.instance_hour.values().chain(extra.volume_gib_month.values()).chain(extra.spot_hour.values());
         if numbers
             .chain(extra.spot_factor.iter())
             .chain(extra.snapshot_gib_month.iter())
@@ -88,9 +109,13 @@ impl Prices {
         {
             return Err("price table: every price must be a number >= 0".into());
         }
-        let mut prices = Prices::builtin();
+        let mut prices = self.clone();
         prices.instance_hour.extend(extra.instance_hour);
         prices.volume_gib_month.extend(extra.volume_gib_month);
+        if !extra.spot_hour.is_empty() {
+            prices.spot_hour.extend(extra.spot_hour);
+            prices.spot_hour_from = extra.spot_hour_from.or(Some("the price table's spot_hour".into()));
+        }
         prices.spot_factor = extra.spot_factor.or(prices.spot_factor);
         prices.snapshot_gib_month = extra.snapshot_gib_month.or(prices.snapshot_gib_month);
         Ok(prices)
@@ -98,10 +123,54 @@ impl Prices {
 
     /// USD per hour of one instance in this market.
     pub fn hourly(&self, instance_type: &str, market: Market) -> Option<f64> {
+        if market == Market::Spot {
+            if let Some(quoted) = self.spot_hour.get(instance_type) {
+                return Some(*quoted);
+            }
+        }
         let price = *self.instance_hour.get(instance_type)?;
-        // Spot usually runs at 30-40% of on-demand; the table takes the high end.
-        Some(if market == Market::Spot { price * self.spot_factor.unwrap_or(0.4) } else { price })
+        Some(if market == Market::Spot { price * self.spot_factor() } else { price })
     }
+
+    /// Spot usually runs at 30-40% of on-demand; the table takes the high end.
+    pub fn spot_factor(&self) -> f64 {
+        self.spot_factor.unwrap_or(0.4)
+    }
+
+    /// Where a spot price of this type comes from, in words.
+    pub fn spot_price_from(&self, instance_type: &str) -> String {
+        match (self.spot_hour.get(instance_type), &self.spot_hour_from) {
+            (Some(_), Some(from)) => from.clone(),
+            (Some(_), None) => "the price table's spot_hour".into(),
+            (None, _) => format!("a fixed fraction: {} x on-demand (spot_factor)", self.spot_factor()),
+        }
+    }
+}
+
+/// One price of a spot price history (DescribeSpotPriceHistory's shape).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpotPoint {
+    pub instance_type: String,
+    pub zone: String,
+    pub usd_per_hour: f64,
+}
+
+/// Spot USD per hour of each type from a window of its history: the highest
+/// price any Availability Zone charged in it. A fleet's instances land in
+/// whichever zones have capacity, so the estimate takes the dearest one
+/// rather than the cheapest; the history also carries the price in force
+/// at the window's start. Returns, per type, the price and how many zones
+/// quoted it.
+pub fn spot_quotes(points: &[SpotPoint]) -> BTreeMap<String, (f64, usize)> {
+    let mut by_type: BTreeMap<&str, BTreeMap<&str, f64>> = BTreeMap::new();
+    for point in points.iter().filter(|p| p.usd_per_hour.is_finite() && p.usd_per_hour >= 0.0) {
+        let zone = by_type.entry(&point.instance_type).or_default().entry(&point.zone).or_insert(0.0);
+        *zone = zone.max(point.usd_per_hour);
+    }
+    by_type
+        .into_iter()
+        .map(|(t, zones)| (t.to_string(), (zones.values().copied().fold(0.0, f64::max), zones.len())))
+        .collect()
 }
 
 /// How many items the spec itself gives: `fleet.items` or the explicit
@@ -218,6 +287,12 @@ fn estimate(spec: &JobSpec, count: u32, items: Option<u64>, prices: &Prices) -> 
     let snapshots_usd = cents(n * snapshot_gib * prices.snapshot_gib_month.unwrap_or(0.05));
     let hourly_usd =
         spec.instance_types.iter().filter_map(|t| Some((t.clone(), prices.hourly(t, Market::OnDemand)?))).collect();
+    let spot_hourly_usd =
+        spec.instance_types.iter().filter_map(|t| Some((t.clone(), *prices.spot_hour.get(t)?))).collect();
+    // Each part of the bound is rounded as its part of the estimate is, so
+    // the bound is never below the estimate.
+    let max_usd =
+        cents(cents(n * hourly * deadline_hours) + cents(n * volumes_hourly * deadline_hours) + snapshots_usd);
     Some(Estimate {
         hours_per_instance,
         instance_hours: n * hours_per_instance,
@@ -225,16 +300,24 @@ fn estimate(spec: &JobSpec, count: u32, items: Option<u64>, prices: &Prices) -> 
         volumes_usd,
         snapshots_usd,
         total_usd: cents(instances_usd + volumes_usd + snapshots_usd),
-        max_usd: cents(n * (hourly + volumes_hourly) * deadline_hours + snapshots_usd),
+        max_usd,
         hourly_usd,
-        spot_factor: prices.spot_factor.unwrap_or(0.4),
+        spot_factor: prices.spot_factor(),
         volumes_hourly_usd: volumes_hourly,
+        spot_hourly_usd,
+        spot_price_from: if spec.market == Market::Spot {
+            prices.spot_price_from(&spec.instance_types[0])
+        } else {
+            String::new()
+        },
     })
 }
 
 /// Up to the next cent, ignoring float noise (24 x 0.05 is 1.2000000000000002).
 pub(crate) fn cents(usd: f64) -> f64 {
-    ((usd * 100.0) - 1e-6).ceil().max(0.0) / 100.0
+    // `+ 0.0` turns the -0.0 that `ceil` gives a zero price into 0.0, which
+    // would print as "$-0.00".
+    ((usd * 100.0) - 1e-6).ceil().max(0.0) / 100.0 + 0.0
 }
 
 /// Which items shard `index` of `count` processes: contiguous, sizes differ by at most one.
@@ -340,6 +423,17 @@ mod tests {
         let err = plan(&spec(serde_json::json!({"budget_usd": 1.0, "instance_types": ["x9.huge"]})), &prices)
             .expect_err("unpriced");
         assert!(err.message.contains("no price for x9.huge"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_zero_price_prints_as_zero_and_the_bound_is_never_below_the_estimate() {
+        assert_eq!(format!("{:.2}", cents(0.0)), "0.00");
+        // Parts rounded up one by one once summed past a bound rounded once:
+        // $0.12 estimated, "at most" $0.11.
+        let prices = Prices::builtin();
+        let s = spec(serde_json::json!({"fleet": {"count": 2}, "deadline_minutes": 10}));
+        let e = plan(&s, &prices).expect("plan").estimate.expect("priced");
+        assert!(e.max_usd >= e.total_usd, "{e:?}");
     }
 
     #[test]

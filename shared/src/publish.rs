@@ -24,6 +24,7 @@ pub async fn finish_terminal(ports: &Ports, mut record: JobRecord, version: Stri
             // A conflict: another writer got here first (a delivery that sent
             // them too, or a valid job in place of this rejection). Its marker
             // is not ours to clear; the next tick's gate clears a terminal one.
+            record.writes += 1;
             if ports.ledger.replace(&record, &version).await? == WriteOutcome::Conflict {
                 return Ok(());
             }

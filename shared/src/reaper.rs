@@ -668,6 +668,7 @@ async fn end_job(ports: &Ports, job_id: &str, why: &str, version: &str) -> Resul
     if ports.notices.is_some() {
         crate::events::collect(&mut record, ports.ledger.bucket(), now);
     }
+    record.writes += 1;
     if let WriteOutcome::Written { version } = ports.ledger.replace(&record, version).await? {
         // Sends the outbox, then takes the job off the active list; one
         // that could not be sent keeps it there for the tick's flush.

@@ -228,6 +228,10 @@ pub struct AttemptVolume {
     pub kept: Option<String>,
 }
 
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
+}
+
 fn is_zero(value: &u32) -> bool {
     *value == 0
 }
@@ -590,6 +594,14 @@ pub struct JobRecord {
     /// Reconcile passes so far.
     #[serde(default)]
     pub passes: u64,
+    /// Writes of this record (S3 PUTs), counted by each writer just before
+    /// it writes: Flotilla's own cost is mostly these (`own_cost.rs`).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub writes: u64,
+    /// Milliseconds reconcile passes took, lease to release: the Lambda
+    /// duration Flotilla bills itself for this job.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub busy_ms: u64,
     /// Last health check of working instances (agents and status checks):
     /// once a minute, not every pass, so a big fleet costs few calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -689,6 +701,8 @@ impl JobRecord {
             lease: None,
             wake: None,
             passes: 0,
+            writes: 0,
+            busy_ms: 0,
             health_checked_at: None,
             pruned: vec![],
             pruned_snapshots: vec![],

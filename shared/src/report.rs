@@ -113,6 +113,15 @@ fn write_plan(out: &mut String, record: &JobRecord, plan: &crate::plan::Plan) {
         realized.instance_seconds,
         realized.instance_seconds as f64 / 3600.0
     );
+    let own = crate::own_cost::from_record(record);
+    let _ = writeln!(
+        out,
+        "flotilla's own cost: {} from {} passes, {} record writes, {:.1} s of Lambda",
+        crate::own_cost::summary(&crate::own_cost::price(&own)),
+        record.passes,
+        record.writes,
+        record.busy_ms as f64 / 1000.0
+    );
 }
 
 /// Each state the job went through, and how long it stayed.
@@ -221,8 +230,13 @@ pub fn realized(record: &JobRecord) -> Realized {
         instance_seconds += seconds;
         let option = record.launch_of(attempt);
         let hourly = estimate.and_then(|e| {
-            let price = e.hourly_usd.get(&option.instance_type)?;
-            let price = if option.market == Market::Spot { price * e.spot_factor } else { *price };
+            let quoted = e.spot_hourly_usd.get(&option.instance_type).filter(|_| option.market == Market::Spot);
+            let on_demand = e.hourly_usd.get(&option.instance_type);
+            let price = match (quoted, on_demand) {
+                (Some(quoted), _) => *quoted,
+                (None, Some(price)) if option.market == Market::Spot => price * e.spot_factor,
+                (None, price) => *price?,
+            };
             Some(price + e.volumes_hourly_usd)
         });
         usd = usd.zip(hourly).map(|(sum, hourly)| sum + hourly * seconds as f64 / 3600.0);

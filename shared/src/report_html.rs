@@ -120,6 +120,11 @@ fn write_header(out: &mut String, record: &JobRecord, explanation: &Explanation)
     let spent = realized(record);
     let usd = spent.usd.map_or("unpriced".to_string(), |u| format!("${u:.4}"));
     fact("realized cost", format!("{usd} ({} instance-seconds, launch to terminate)", spent.instance_seconds));
+    let own = crate::own_cost::price(&crate::own_cost::from_record(record));
+    fact(
+        "Flotilla's own cost",
+        format!("{} ({} passes, {} record writes)", crate::own_cost::summary(&own), record.passes, record.writes),
+    );
     let failed = record.shards.iter().filter(|s| s.result.as_ref().is_some_and(|r| !r.succeeded)).count();
     let attempts: usize = record.shards.iter().map(|s| s.attempts.len()).sum();
     fact("shards", format!("{} ({failed} failed, {attempts} attempts)", record.shards.len()));

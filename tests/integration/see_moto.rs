@@ -294,3 +294,83 @@ async fn a_thousand_shard_report_has_a_row_each_and_stays_small() {
     assert_eq!(distinct.len(), 1000, "every shard");
     assert!(dom.contains("<rect class=\"run\""), "timelines drawn");
 }
+
+/// `flotilla plan --spot-history` prices a GPU job from the Region's spot
+/// price history (the dearest zone over the window, including the price in
+/// force at its start), says so, and judges `budget_usd` as intake does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_prices_a_gpu_job_from_spot_history_and_says_so() {
+    use flotilla_cli::plan_view::{priced_plan, PlanOptions};
+    let stack = MotoStack::start().await;
+    stack_with_outputs(&stack, "flotilla-gpu").await;
+    let deployment = Deployment::from_stack(&stack.config, "flotilla-gpu").await.expect("the stack's outputs");
+    // us-east-1a's 0.45 changed 30 h ago, so it is the price in force at the
+    // window's start; 0.52 is within the window; 0.61 is older than both and
+    // superseded; p3 is another type.
+    std::fs::create_dir_all(&stack.scratch).expect("scratch");
+    std::fs::write(
+        stack.scratch.join("spot-prices"),
+        "g5.xlarge us-east-1a 0.6100 40\ng5.xlarge us-east-1a 0.4500 30\ng5.xlarge us-east-1b 0.5200 3\n\
+         g5.xlarge us-east-1b 0.3900 1\np3.2xlarge us-east-1a 2.0000 1\n",
+    )
+    .expect("spot prices");
+    let mut spec = job("gpu-plan");
+    spec["instance_types"] = json!(["g5.xlarge"]);
+    spec["market"] = json!("spot");
+    spec["fleet"] = json!({"count": 4});
+    spec["deadline_minutes"] = json!(60);
+    spec["budget_usd"] = json!(10.0);
+    let path = stack.scratch.join("gpu.json");
+    std::fs::write(&path, spec.to_string()).expect("spec");
+
+    let table = PlanOptions { prices: None, spot_history: false };
+    let (_, plan, priced) = priced_plan(&deployment, &path, table).await.expect("plan from the table");
+    let e = plan.estimate.expect("g5.xlarge is in the table");
+    assert_eq!(e.hourly_usd["g5.xlarge"], 1.006);
+    assert!(e.spot_price_from.starts_with("a fixed fraction: 0.4 x on-demand"), "{}", e.spot_price_from);
+    assert!(!priced.shown_differs);
+
+    let history = PlanOptions { prices: None, spot_history: true };
+    let (_, plan, priced) = priced_plan(&deployment, &path, history).await.expect("plan from the history");
+    let e = plan.estimate.expect("priced");
+    assert_eq!(e.spot_hourly_usd["g5.xlarge"], 0.52, "the dearest zone in the window");
+    assert!(e.spot_price_from.starts_with("DescribeSpotPriceHistory in us-east-1"), "{}", e.spot_price_from);
+    assert!(e.spot_price_from.contains("2 Availability Zone(s) in the 24 h"), "{}", e.spot_price_from);
+    // Intake judges the budget with its own table: plan reports that figure.
+    assert!(priced.shown_differs);
+    let intake_total = priced.intake_total.expect("intake's estimate");
+    assert!((intake_total - e.total_usd).abs() > 0.01, "the history moved the estimate: {intake_total} vs {e:?}");
+
+    // A budget intake would refuse is refused by plan, whatever it shows.
+    spec["budget_usd"] = json!(0.5);
+    std::fs::write(&path, spec.to_string()).expect("spec");
+    let again = PlanOptions { prices: None, spot_history: true };
+    let err = priced_plan(&deployment, &path, again).await.err().expect("over budget");
+    assert!(format!("{err}").contains("above the budget $0.50"), "{err}");
+
+    // The deployment's own table (config/prices.json) is the one intake
+    // prices with: plan reads it too, so the two give one verdict and one
+    // figure for a budget the built-in table alone would let through.
+    spec["budget_usd"] = json!(10.0);
+    spec["id"] = json!("gpu-dear");
+    std::fs::write(&path, spec.to_string()).expect("spec");
+    flotilla_shared::aws::s3_client(&stack.config)
+        .put_object()
+        .bucket(&stack.bucket)
+        .key(flotilla_shared::intake::PRICES_KEY)
+        .body(br#"{"instance_hour": {"g5.xlarge": 8.0}}"#.to_vec().into())
+        .send()
+        .await
+        .expect("the deployment's table");
+    let table = PlanOptions { prices: None, spot_history: false };
+    let planned = priced_plan(&deployment, &path, table).await.err().expect("over budget at the deployment's prices");
+    let planned = format!("{planned}");
+    assert!(planned.contains("the estimate is $13.01"), "{planned}");
+    let ports = stack.ports();
+    stack.submit(&spec.to_string()).await;
+    stack.pump_once(&ports, false).await;
+    let record = stack.record(&ports, "gpu-dear").await.expect("a record");
+    assert_eq!(record.state, JobState::Rejected);
+    let reason = record.reason.clone();
+    assert!(planned.ends_with(&reason), "plan said {planned:?}, intake {reason:?}");
+}

@@ -21,7 +21,7 @@ use flotilla_shared::ports::{InstanceView, InvocationView, Ports};
 use flotilla_shared::reconcile::decide::{decide, Context, Observation};
 use flotilla_shared::record::{active_key, CommandBatch, JobRecord, Phase, PhaseRun, Stage};
 use flotilla_shared::settings::Settings;
-use flotilla_shared::{handlers, intake, plan, reconcile};
+use flotilla_shared::{handlers, intake, own_cost, plan, reconcile};
 use flotilla_testkit::fake::{ApiLimits, FakeCloud, Faults, Latencies};
 use flotilla_testkit::sim;
 
@@ -71,13 +71,26 @@ fn cloud(seed: u64, events: bool, run_seconds: i64, lag: bool) -> FakeCloud {
         state.limits = Some(ApiLimits::ec2());
         state.call_log = Some(Vec::new());
         state.events = events;
+        // Events out on, as deployed: every transition is a notice.
+        state.notices = Some(Vec::new());
     }
     cloud
 }
 
 /// Submit every spec, then deliver messages (and the 5-minute tick) until no
 /// job is active.
+/// Lambda invocations a drive made: reconcile deliveries and tick runs.
+#[derive(Default)]
+struct Invoked {
+    deliveries: u64,
+    ticks: u64,
+}
+
 async fn drive(cloud: &FakeCloud, ports: &Ports, specs: &[Value]) -> Vec<String> {
+    drive_counted(cloud, ports, specs).await.0
+}
+
+async fn drive_counted(cloud: &FakeCloud, ports: &Ports, specs: &[Value]) -> (Vec<String>, Invoked) {
     let mut jobs = Vec::new();
     for spec in specs {
         let id = spec["id"].as_str().unwrap_or_default().to_string();
@@ -87,6 +100,7 @@ async fn drive(cloud: &FakeCloud, ports: &Ports, specs: &[Value]) -> Vec<String>
     let mut next_tick = cloud.now() + Duration::seconds(300);
     let budget = Duration::seconds(i64::from(ports.settings.pass_budget_seconds));
     let mut triggers: BTreeMap<String, u64> = BTreeMap::new();
+    let mut invoked = Invoked::default();
     for _ in 0..5_000_000u64 {
         let active = {
             let state = cloud.lock();
@@ -98,10 +112,12 @@ async fn drive(cloud: &FakeCloud, ports: &Ports, specs: &[Value]) -> Vec<String>
         if cloud.next_due().is_none_or(|due| due > next_tick) {
             cloud.advance_to(next_tick);
             next_tick += Duration::seconds(300);
+            invoked.ticks += 1;
             let _ = handlers::wake_active(ports).await;
             continue;
         }
         let Some(message) = cloud.next_message() else { continue };
+        invoked.deliveries += 1;
         *triggers.entry(message.trigger.as_ref().map(|t| t.to_string()).unwrap_or_default()).or_default() += 1;
         if let Err(err) = reconcile::reconcile(ports, &message, budget).await {
             if err.is_retryable() {
@@ -112,7 +128,7 @@ async fn drive(cloud: &FakeCloud, ports: &Ports, specs: &[Value]) -> Vec<String>
     if std::env::var("FLOTILLA_BENCH_BY_OP").is_ok() {
         eprintln!("deliveries by trigger: {triggers:?}");
     }
-    jobs
+    (jobs, invoked)
 }
 
 const EC2_SSM: [&str; 18] = [
@@ -155,6 +171,7 @@ fn floor(n: u64, volumes: bool, phases: u64) -> u64 {
 }
 
 struct JobFigures {
+    own: OwnFigures,
     calls: u64,
     ec2_ssm: u64,
     floor: u64,
@@ -166,7 +183,7 @@ struct JobFigures {
 async fn calls_per_job(n: u32) -> JobFigures {
     let cloud = cloud(u64::from(n), true, RUN_SECONDS, true);
     let ports = cloud.ports(settings(true));
-    let jobs = drive(&cloud, &ports, &[spec(&format!("calls-{n}"), n, true, RUN_SECONDS)]).await;
+    let (jobs, invoked) = drive_counted(&cloud, &ports, &[spec(&format!("calls-{n}"), n, true, RUN_SECONDS)]).await;
     let record = cloud.record(&jobs[0]).expect("record");
     assert!(record.state.is_terminal(), "calls-{n} ended {}", record.state);
     let state = cloud.lock();
@@ -186,7 +203,9 @@ async fn calls_per_job(n: u32) -> JobFigures {
         }
     }
     let end = record.updated_at.unwrap_or(record.submitted_at);
+    let own = own_figures(&state, &record, &invoked);
     JobFigures {
+        own,
         calls: state.calls.values().sum(),
         ec2_ssm,
         floor: floor(u64::from(n), true, 5),
@@ -194,6 +213,40 @@ async fn calls_per_job(n: u32) -> JobFigures {
         passes: record.passes,
         makespan_s: (end - record.submitted_at).num_milliseconds() as f64 / 1000.0,
     }
+}
+
+/// Flotilla's own cost of one job, from the simulator's counters: every
+/// call the job's functions made, priced by `own_cost`.
+struct OwnFigures {
+    usage: own_cost::Usage,
+    cost: own_cost::OwnCost,
+    /// The same job priced from its record alone, as the report does.
+    from_record: f64,
+}
+
+/// Milliseconds assumed for an invocation that is not a reconcile pass
+/// (intake, a tick, a notify batch): a few calls at the simulator's 20-120 ms.
+const OTHER_INVOCATION_MS: u64 = 200;
+
+fn own_figures(state: &flotilla_testkit::fake::FakeState, record: &JobRecord, invoked: &Invoked) -> OwnFigures {
+    let count = |op: &str| state.calls.get(op).copied().unwrap_or(0);
+    let batches = state.notices.as_ref().map_or(0, Vec::len) as u64;
+    let events = state.notices.as_ref().map_or(0, |b| b.iter().map(|b| b.notices.len()).sum::<usize>()) as u64;
+    let others = 1 + invoked.ticks + batches;
+    let usage = own_cost::Usage {
+        invocations: invoked.deliveries + others,
+        // A pass's calls run one after another in the simulator, each 20-120
+        // ms of virtual time: the record's busy time is their sum.
+        busy_ms: record.busy_ms + others * OTHER_INVOCATION_MS,
+        // Intake's own message, then every wake and notice batch sent.
+        sqs_messages: 1 + count("SendMessage"),
+        s3_writes: count("PutObject") + count("ListObjectsV2"),
+        s3_reads: count("GetObject"),
+        events,
+    };
+    let cost = own_cost::price(&usage);
+    let from_record = own_cost::price(&own_cost::from_record(record)).total_usd;
+    OwnFigures { usage, cost, from_record }
 }
 
 struct Fleetwide {
@@ -371,6 +424,51 @@ fn one_pass(n: u32, decide_it: bool) -> usize {
     actions.len() + saved.len()
 }
 
+/// Flotilla's own cost per job, part by part, beside the goal.
+fn print_own_costs(owns: &[(u32, OwnFigures)], figures: &mut Value) {
+    println!();
+    println!(
+        "Flotilla's own cost per job (same jobs; us-east-1 list prices, arm64 Lambda at {} MB; each AWS call \
+         20-120 ms, a pass's calls one after another; {} B of logs per invocation; goal ${} at 10 instances):",
+        own_cost::MEMORY_MB,
+        own_cost::LOG_BYTES_PER_INVOCATION,
+        own_cost::GOAL_USD
+    );
+    println!(
+        "{:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "instances",
+        "total $",
+        "invokes",
+        "GB-s",
+        "SQS msg",
+        "S3 PUT",
+        "S3 GET",
+        "events",
+        "S3 PUT $",
+        "Lambda $",
+        "record's $"
+    );
+    for (n, own) in owns {
+        let u = &own.usage;
+        let gb_s = u.busy_ms as f64 / 1000.0 * own_cost::MEMORY_MB as f64 / 1024.0;
+        println!(
+            "{n:>9} {:>10.5} {:>8} {:>8.1} {:>8} {:>8} {:>9} {:>9} {:>9.5} {:>10.5} {:>10.5}",
+            own.cost.total_usd,
+            u.invocations,
+            gb_s,
+            u.sqs_messages,
+            u.s3_writes,
+            u.s3_reads,
+            u.events,
+            own.cost.s3_writes_usd,
+            own.cost.lambda_requests_usd + own.cost.lambda_compute_usd,
+            own.from_record
+        );
+        figures[format!("own_cost_{n}")] = json!({"usage": u, "cost": own.cost, "from_record_usd": own.from_record,
+            "goal_usd": own_cost::GOAL_USD});
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -394,6 +492,7 @@ async fn main() {
     let mut figures = json!({});
 
     if part("calls") {
+        let mut owns = Vec::new();
         println!("AWS calls per job (fault-free, one 8 GiB volume per instance, five phases, a 1-hour run, events on,");
         println!("EC2's token buckets enforced). floor = the fewest EC2+SSM calls such a job can make.");
         println!(
@@ -409,7 +508,9 @@ async fn main() {
             );
             figures[format!("calls_{n}")] = json!({"calls": f.calls, "ec2_ssm": f.ec2_ssm, "floor": f.floor,
             "ratio": ratio, "throttled": f.throttled, "passes": f.passes, "makespan_s": f.makespan_s});
+            owns.push((n, f.own));
         }
+        print_own_costs(&owns, &mut figures);
     }
 
     if part("fifty") {

@@ -92,6 +92,7 @@ pub(super) async fn take(
             // known, so every command in flight is looked at.
             hinted.extend(record.shards.iter().filter_map(|s| s.current()).filter_map(|a| a.instance_id.clone()));
         }
+        record.writes += 1;
         if let WriteOutcome::Written { version } = ports.ledger.replace(&record, &loaded.version).await? {
             taken = Some((record, version, hinted));
             break;
@@ -124,6 +125,7 @@ async fn defer(
         let wake = WakeMessage { wake_id: Some(id), ..WakeMessage::new(&record.job_id, Trigger::Poll) };
         ports.queue.send(&wake, (due - started).num_seconds().clamp(1, 900) as u32).await?;
     }
+    record.writes += 1;
     Ok(matches!(ports.ledger.replace(record, version).await?, WriteOutcome::Written { .. }))
 }
 
@@ -158,6 +160,7 @@ async fn fold_into_pass(
     }
     if asks {
         record.woken = true;
+        record.writes += 1;
         if let WriteOutcome::Conflict = ports.ledger.replace(record, version).await? {
             return Ok(false);
         }

@@ -89,7 +89,9 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
 
     // 2. The job's cloud: its own account, or the role it names.
     let assumed = match account::job_cloud(ports, &mut record).await? {
-        account::JobCloud::Stop(next) => return finish_pass(ports, &mut record, &mut version, &owner, next).await,
+        account::JobCloud::Stop(next) => {
+            return finish_pass(ports, &mut record, &mut version, &owner, next, started).await
+        }
         assumed => assumed,
     };
     let cloud = match &assumed {
@@ -103,7 +105,7 @@ pub async fn reconcile(ports: &Ports, message: &WakeMessage, budget: Duration) -
     let next = rounds::run(&pass, &mut record, &mut version, focus).await?;
 
     // 4. Release the lease, with one wake on its way unless the job is terminal.
-    finish_pass(ports, &mut record, &mut version, &owner, next).await
+    finish_pass(ports, &mut record, &mut version, &owner, next, started).await
 }
 
 /// How many of this round's mutating calls may run: all of them unless
@@ -160,8 +162,10 @@ async fn finish_pass(
     version: &mut String,
     owner: &str,
     next: Next,
+    started: DateTime<Utc>,
 ) -> Result<Handled, StepError> {
     let now = ports.clock.now();
+    record.busy_ms += (now - started).num_milliseconds().max(0) as u64;
     // The notices, under the lease: saved, sent, then cleared by the save below.
     flush_outbox(ports, record, version, owner).await?;
     record.lease = None;
@@ -261,6 +265,7 @@ async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner
         if let Some(lease) = record.lease.as_mut().filter(|l| l.owner == owner) {
             lease.until = lease.until.max(now + Duration::seconds(fence::LEASE_MARGIN_SECONDS));
         }
+        record.writes += 1;
         match ports.ledger.replace(record, version).await? {
             WriteOutcome::Written { version: written } => {
                 *version = written;
