@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod logs;
 pub mod output;
 pub mod plan_view;
+pub mod release;
 mod spot_prices;
 pub mod watch;
 
@@ -78,6 +79,8 @@ enum Command {
     },
     /// Why a job is not running, or why it ended, in plain words.
     Explain { job_id: String },
+    /// End a failed shard's debug hold now: the reaper then removes its instance and volumes.
+    Release { job_id: String },
     /// A job's step output, whole: every shard and phase, or the ones named.
     Logs {
         job_id: String,
@@ -196,6 +199,23 @@ async fn run(deployment: &Deployment, command: Command, format: Format) -> Resul
             match format {
                 Format::Text => print!("{}", explain_text(&explanation)),
                 Format::Json => print_json("explain", serde_json::to_value(&explanation)?),
+            }
+            Ok(())
+        }
+        Command::Release { job_id } => {
+            let released = release::release(&deployment.ledger()?, &job_id, now).await?;
+            let (hold, said) = match released {
+                release::Released::Now(hold) => (hold, "released"),
+                release::Released::AlreadyEnded(hold) => (hold, "already ended"),
+            };
+            match format {
+                Format::Text => println!(
+                    "{said}: {} of job {job_id} (shard {}); the reaper snapshots its volumes ({}) and removes them and the instance within about 10 minutes",
+                    hold.instance_id,
+                    hold.shard,
+                    hold.volume_ids.join(", ")
+                ),
+                Format::Json => print_json("release", serde_json::json!({"jobId": job_id, "status": said, "hold": hold})),
             }
             Ok(())
         }

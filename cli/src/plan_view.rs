@@ -74,9 +74,17 @@ pub fn print_plan(job: &spec::JobSpec, plan: &plan::Plan, prices: &Priced) {
                 e.volumes_usd,
                 e.snapshots_usd
             );
+            if let Some(minutes) = job.debug_hold_minutes {
+                println!(
+                    "hold:      ${:.2}: the first shard that fails for good keeps its instance and volumes {minutes} min after the job fails (in the estimate and the bound)",
+                    e.hold_usd
+                );
+            }
             println!(
-                "at most:   ${:.2} (every instance and volume for the whole {} min deadline)",
-                e.max_usd, job.deadline_minutes
+                "at most:   ${:.2} (every instance and volume for the whole {} min deadline{})",
+                e.max_usd,
+                job.deadline_minutes,
+                if e.hold_usd > 0.0 { ", and the debug hold" } else { "" }
             );
         }
         None => println!("estimate:  no price for {} in the price table", plan.instance_type),

@@ -76,6 +76,12 @@ pub fn collect(record: &mut JobRecord, bucket: &str, now: DateTime<Utc>) {
             announced.shards[index] = mark;
         }
     }
+    if let Some(hold) = record.hold.clone().filter(|_| !announced.hold) {
+        // Before the job's end, so a subscriber hears of the hold first.
+        let detail = hold_detail(record, &hold);
+        push(record, &mut announced, DEBUG_HOLD, detail, None);
+        announced.hold = true;
+    }
     if job_changed && terminal {
         push_job(record, &mut announced, bucket, now);
     }
@@ -196,6 +202,21 @@ fn failing_shard(shard: &Shard) -> Value {
         "reason": shard.result.as_ref().map(|r| r.reason.clone()),
         "phase": phase.map(|p| p.phase.as_str()),
         "output": phase.zip(attempt).map(|(p, a)| output_name(shard.index, a.number, p.phase)),
+    })
+}
+
+/// A shard held for debugging: where it is, how to reach it, until when.
+pub fn hold_detail(record: &JobRecord, hold: &crate::record::DebugHold) -> Value {
+    json!({
+        "jobId": record.job_id,
+        "jobName": record.spec.as_ref().and_then(|s| s.name.clone()),
+        "shard": hold.shard,
+        "instanceId": hold.instance_id,
+        "volumeIds": hold.volume_ids,
+        "holdSince": millis(Some(hold.since)),
+        "holdUntil": millis(Some(hold.until)),
+        "startSession": hold.session_command(None),
+        "release": format!("flotilla release {}", record.job_id),
     })
 }
 

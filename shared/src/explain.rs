@@ -110,6 +110,13 @@ pub fn explain(record: &JobRecord, now: DateTime<Utc>) -> Explanation {
     for (kind, text) in job_findings(record) {
         findings.push(Finding { kind, shard: None, text });
     }
+    if let Some(hold) = &record.hold {
+        findings.push(Finding {
+            kind: "debug-hold",
+            shard: Some(hold.shard),
+            text: hold.describe(&record.job_id, now),
+        });
+    }
     Explanation {
         job_id: record.job_id.clone(),
         state: record.state,

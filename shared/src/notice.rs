@@ -9,6 +9,7 @@ use serde_json::Value;
 pub const SOURCE: &str = "flotilla";
 pub const JOB_STATE_CHANGE: &str = "Flotilla Job State Change";
 pub const SHARD_STATE_CHANGE: &str = "Flotilla Shard State Change";
+pub const DEBUG_HOLD: &str = "Flotilla Debug Hold";
 
 /// One event to put on EventBridge, and what to tell a waiting task.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]

@@ -38,6 +38,10 @@ pub struct Estimate {
     pub volumes_usd: f64,
     /// One month of the snapshots the policy takes, at full volume size.
     pub snapshots_usd: f64,
+    /// `debug_hold_minutes` of one instance and its volumes: the first shard
+    /// that fails for good is held that long after the job fails.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hold_usd: f64,
     pub total_usd: f64,
     /// Every instance and volume for the whole deadline.
     pub max_usd: f64,
@@ -54,6 +58,10 @@ pub struct Estimate {
     pub spot_price_from: String,
     /// Data volumes' USD per instance-hour (all of one instance's volumes).
     pub volumes_hourly_usd: f64,
+}
+
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
 }
 
 /// Start-up (boot, agent, attach) and teardown (snapshot wait aside) billed
@@ -237,8 +245,9 @@ pub fn plan_for(spec: &JobSpec, items: Option<u64>, prices: &Prices) -> Result<P
             }
             Some(e) if e.total_usd > budget => {
                 return Err(SpecError::new(format!(
-                    "budget_usd: the estimate is ${:.2} ({instance_count} x {instance_type}, {:.2} instance-hours: instances ${:.2}, volumes ${:.2}, snapshots ${:.2}), above the budget ${budget:.2}",
-                    e.total_usd, e.instance_hours, e.instances_usd, e.volumes_usd, e.snapshots_usd
+                    "budget_usd: the estimate is ${:.2} ({instance_count} x {instance_type}, {:.2} instance-hours: instances ${:.2}, volumes ${:.2}, snapshots ${:.2}{}), above the budget ${budget:.2}",
+                    e.total_usd, e.instance_hours, e.instances_usd, e.volumes_usd, e.snapshots_usd,
+                    if e.hold_usd > 0.0 { format!(", debug hold ${:.2}", e.hold_usd) } else { String::new() }
                 )))
             }
             Some(_) => {}
@@ -282,6 +291,8 @@ fn estimate(spec: &JobSpec, count: u32, items: Option<u64>, prices: &Prices) -> 
         }
     }
     let n = f64::from(count);
+    let hold_hours = spec.debug_hold_minutes.map_or(0.0, |m| f64::from(m) / 60.0);
+    let hold_usd = cents(hold_hours * (hourly + volumes_hourly));
     let instances_usd = cents(n * hourly * hours_per_instance);
     let volumes_usd = cents(n * volumes_hourly * hours_per_instance);
     let snapshots_usd = cents(n * snapshot_gib * prices.snapshot_gib_month.unwrap_or(0.05));
@@ -291,15 +302,17 @@ fn estimate(spec: &JobSpec, count: u32, items: Option<u64>, prices: &Prices) -> 
         spec.instance_types.iter().filter_map(|t| Some((t.clone(), *prices.spot_hour.get(t)?))).collect();
     // Each part of the bound is rounded as its part of the estimate is, so
     // the bound is never below the estimate.
-    let max_usd =
-        cents(cents(n * hourly * deadline_hours) + cents(n * volumes_hourly * deadline_hours) + snapshots_usd);
+    let max_usd = cents(
+        cents(n * hourly * deadline_hours) + cents(n * volumes_hourly * deadline_hours) + snapshots_usd + hold_usd,
+    );
     Some(Estimate {
         hours_per_instance,
         instance_hours: n * hours_per_instance,
         instances_usd,
         volumes_usd,
         snapshots_usd,
-        total_usd: cents(instances_usd + volumes_usd + snapshots_usd),
+        total_usd: cents(instances_usd + volumes_usd + snapshots_usd + hold_usd),
+        hold_usd,
         max_usd,
         hourly_usd,
         spot_factor: prices.spot_factor(),
@@ -434,6 +447,26 @@ mod tests {
         let s = spec(serde_json::json!({"fleet": {"count": 2}, "deadline_minutes": 10}));
         let e = plan(&s, &prices).expect("plan").estimate.expect("priced");
         assert!(e.max_usd >= e.total_usd, "{e:?}");
+    }
+
+    /// A debug hold bills one instance and its volumes for its length: it is
+    /// in the estimate `budget_usd` is judged by, and in the bound.
+    #[test]
+    fn a_debug_hold_is_in_the_estimate_the_budget_and_the_bound() {
+        let prices = Prices::builtin();
+        let plain = spec(serde_json::json!({"instance_types": ["g5.xlarge"]}));
+        let held = spec(serde_json::json!({"instance_types": ["g5.xlarge"], "debug_hold_minutes": 60}));
+        let without = plan(&plain, &prices).expect("plan").estimate.expect("priced");
+        let with = plan(&held, &prices).expect("plan").estimate.expect("priced");
+        // An hour of one g5.xlarge ($1.006) and its 8 GiB gp3 volume.
+        assert_eq!(with.hold_usd, 1.01);
+        assert!((with.total_usd - without.total_usd - 1.01).abs() < 0.011, "{with:?}");
+        assert!(with.max_usd >= without.max_usd + 1.0 && with.max_usd >= with.total_usd);
+        let budget = without.total_usd + 0.5;
+        let mut tight = held.clone();
+        tight.budget_usd = Some(budget);
+        let err = plan(&tight, &prices).expect_err("the hold does not fit");
+        assert!(err.message.contains("debug hold $1.01"), "{}", err.message);
     }
 
     #[test]

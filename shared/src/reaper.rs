@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::error::{CloudError, StepError};
 use crate::ports::{Cloud, InstanceView, Ports, SnapshotView, VolumeView, WriteOutcome};
-use crate::record::{JobRecord, JobState, Outcome, PhaseStamp};
+use crate::record::{DebugHold, JobRecord, JobState, Outcome, PhaseStamp};
 use crate::retention::{self, Facts};
 use crate::spec::VolumeSource;
 use crate::states::{InstanceState, SnapshotState, VolumeState};
@@ -80,6 +80,9 @@ pub struct Inventory {
     pub jobs: BTreeMap<String, JobView>,
     /// Snapshots jobs name as their source, and the jobs (`sources.rs`).
     pub claims: BTreeMap<String, Vec<String>>,
+    /// Debug holds of ended jobs, by job: the held instance is kept until
+    /// the hold ends, and its volumes need a snapshot taken after it.
+    pub holds: BTreeMap<String, DebugHold>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -170,6 +173,16 @@ fn orphaned(
     }
 }
 
+/// The debug hold of the resource's job, while it lasts.
+fn held<'a>(
+    inventory: &'a Inventory,
+    resource_tags: &BTreeMap<String, String>,
+    now: DateTime<Utc>,
+) -> Option<&'a DebugHold> {
+    let job_id = resource_tags.get(tags::JOB_ID)?;
+    inventory.holds.get(job_id).filter(|hold| now < hold.ends_at())
+}
+
 /// Mark now (or renew a stale mark), or act once the mark has stood for the grace.
 fn mark_or(
     id: &str,
@@ -213,6 +226,9 @@ pub fn plan(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings
         if matches!(instance.state, InstanceState::ShuttingDown | InstanceState::Terminated) {
             continue;
         }
+        if held(inventory, &instance.tags, now).is_some_and(|hold| hold.instance_id == instance.instance_id) {
+            continue; // held for debugging: the reaper's after the hold
+        }
         let Some(why) = orphaned(&instance.tags, &inventory.jobs, now, settings) else { continue };
         let id = instance.instance_id.clone();
         let why = format!("instance {id} ({}): {why}", instance.state);
@@ -244,7 +260,15 @@ pub fn plan(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings
             continue;
         }
         let why = format!("volume {id}: {why}");
-        let snapshots: Vec<&SnapshotView> = inventory.snapshots.iter().filter(|s| s.volume_id == id).collect();
+        // A held volume may have changed during the hold: only a snapshot
+        // the reaper took once its instance was gone holds what it holds.
+        let was_held = inventory.holds.values().any(|hold| hold.volume_ids.contains(&id));
+        let snapshots: Vec<&SnapshotView> = inventory
+            .snapshots
+            .iter()
+            .filter(|s| s.volume_id == id)
+            .filter(|s| !was_held || s.tags.get(tags::REAPED).is_some_and(|v| v == "true"))
+            .collect();
         let scratch = volume.tags.get(tags::SCRATCH).is_some_and(|v| v == "true");
         actions.extend(mark_or(&id, &volume.tags, why, now, settings, |why| {
             if scratch {
@@ -333,6 +357,7 @@ pub async fn take_inventory_in(ports: &Ports, cloud: &Cloud) -> Result<Inventory
         snapshots: cloud.volumes.find_snapshots(&managed).await?,
         jobs: BTreeMap::new(),
         claims: crate::sources::claims(ports.ledger.as_ref()).await?,
+        holds: BTreeMap::new(),
     };
     let mut job_ids: BTreeSet<String> = BTreeSet::new();
     job_ids.extend(inventory.instances.iter().filter_map(|i| i.tags.get(tags::JOB_ID).cloned()));
@@ -343,7 +368,12 @@ pub async fn take_inventory_in(ports: &Ports, cloud: &Cloud) -> Result<Inventory
     let now = ports.clock.now();
     for job_id in job_ids {
         let view = match ports.ledger.load(&job_id).await {
-            Ok(Some(loaded)) if loaded.record.state.is_terminal() => JobView::Terminal { state: loaded.record.state },
+            Ok(Some(loaded)) if loaded.record.state.is_terminal() => {
+                if let Some(hold) = loaded.record.hold.clone() {
+                    inventory.holds.insert(job_id.clone(), hold);
+                }
+                JobView::Terminal { state: loaded.record.state }
+            }
             Ok(Some(loaded)) => {
                 let record = loaded.record;
                 let spec = record.spec.as_ref();
@@ -826,6 +856,82 @@ mod tests {
             "a failed one does not count"
         );
         assert!(matches!(volume(Some("completed")).as_slice(), [ReapAction::DeleteVolume { .. }]));
+    }
+
+    /// A failed job's held instance is spared until its hold ends (or its
+    /// release), then marked and terminated as any orphan; its volume, once
+    /// free, needs a snapshot taken after the hold: the failure's snapshot
+    /// from before it may miss what the person debugging changed.
+    #[test]
+    fn a_held_instance_is_reaped_after_its_hold_not_before() {
+        let hold = |released_ago: Option<i64>| DebugHold {
+            shard: 0,
+            instance_id: "i-held".into(),
+            volume_ids: vec!["vol-held".into()],
+            since: now() - Duration::minutes(30),
+            until: now() + Duration::minutes(30),
+            released_at: released_ago.map(|m| now() - Duration::minutes(m)),
+            tagged: true,
+        };
+        let inventory = |hold: DebugHold, marked_ago: Option<i64>| {
+            let mut inventory = Inventory::default();
+            inventory.jobs.insert("failed".into(), JobView::Terminal { state: JobState::Failed });
+            inventory.holds.insert("failed".into(), hold);
+            inventory.instances = vec![instance("i-held", "failed", 30, marked_ago)];
+            inventory
+        };
+        let named = |actions: Vec<ReapAction>| -> Vec<String> {
+            actions
+                .iter()
+                .map(|a| match a {
+                    ReapAction::Mark { resource_id, .. } => format!("mark {resource_id}"),
+                    ReapAction::Terminate { instance_id, .. } => format!("terminate {instance_id}"),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        assert!(plan(&inventory(hold(None), None), now(), &settings()).is_empty(), "spared during the hold");
+        assert!(plan(&inventory(hold(None), Some(10)), now(), &settings()).is_empty(), "a mark does not condemn it");
+        let after = now() + Duration::minutes(31);
+        assert_eq!(named(plan(&inventory(hold(None), None), after, &settings())), ["mark i-held"]);
+        let marked = inventory(hold(None), Some(-26)); // marked 5 min before `after`
+        assert_eq!(named(plan(&marked, after, &settings())), ["terminate i-held"]);
+        // Released 5 minutes ago: the hold is over.
+        assert_eq!(named(plan(&inventory(hold(Some(5)), None), now(), &settings())), ["mark i-held"]);
+
+        let mut freed = inventory(hold(None), None);
+        freed.instances.clear();
+        freed.volumes.push(VolumeView {
+            volume_id: "vol-held".into(),
+            state: "available".into(),
+            availability_zone: "us-east-1a".into(),
+            attached_to: None,
+            tags: BTreeMap::from([
+                (tags::JOB_ID.to_string(), "failed".to_string()),
+                (tags::ORPHANED_AT.to_string(), at(-10)),
+            ]),
+        });
+        let snapshot = |id: &str, reaped: bool| SnapshotView {
+            snapshot_id: id.into(),
+            volume_id: "vol-held".into(),
+            state: "completed".into(),
+            started_at: now() - Duration::minutes(31),
+            tags: if reaped {
+                BTreeMap::from([(tags::REAPED.to_string(), "true".to_string())])
+            } else {
+                BTreeMap::new()
+            },
+        };
+        freed.snapshots.push(snapshot("snap-failure", false));
+        assert!(
+            matches!(plan(&freed, after, &settings()).as_slice(), [ReapAction::Snapshot { .. }]),
+            "the failure's snapshot predates the hold"
+        );
+        freed.snapshots.push(snapshot("snap-after", true));
+        assert!(matches!(
+            plan(&freed, after, &settings()).as_slice(),
+            [ReapAction::DeleteVolume { why, .. }] if why.contains("snap-after")
+        ));
     }
 
     /// A failed run's snapshots never push out the last good one, and the

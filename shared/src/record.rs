@@ -389,6 +389,10 @@ pub struct Attempt {
     pub release_errors: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub left_for_reaper: Option<String>,
+    /// Held for debugging (`debug_hold_minutes`) until then: its instance
+    /// and attached volumes are left for the reaper, which removes them after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_until: Option<DateTime<Utc>>,
 }
 
 impl Attempt {
@@ -418,6 +422,7 @@ impl Attempt {
             cleanup_lost: false,
             at_bound: false,
             release_errors: 0,
+            held_until: None,
             left_for_reaper: None,
         }
     }
@@ -461,6 +466,65 @@ pub struct Shard {
     pub trail: Vec<Note>,
 }
 
+/// The first shard that failed for good, kept for debugging
+/// (`debug_hold_minutes`): its instance and volumes stay until `ends_at`,
+/// then the reaper removes them (snapshotting the volumes first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DebugHold {
+    pub shard: u32,
+    pub instance_id: String,
+    /// Its volumes, attached to it while it is held.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_ids: Vec<String>,
+    /// When the hold began: once the failure's snapshots were taken.
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    /// `flotilla release` ended it early.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_at: Option<DateTime<Utc>>,
+    /// The instance's `expires-at` tag says `until`, so the reaper honours
+    /// the hold even when it cannot read this record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tagged: bool,
+}
+
+impl DebugHold {
+    /// When the hold ends: its end, or the release if that came first.
+    pub fn ends_at(&self) -> DateTime<Utc> {
+        self.released_at.map_or(self.until, |at| at.min(self.until))
+    }
+
+    /// The hold in words, with how to reach the instance and end the hold.
+    pub fn describe(&self, job_id: &str, now: DateTime<Utc>) -> String {
+        let until = self.ends_at().format("%Y-%m-%d %H:%M UTC");
+        let volumes = if self.volume_ids.is_empty() {
+            String::new()
+        } else {
+            format!(" with {} attached (unmounted; mount it to look)", self.volume_ids.join(", "))
+        };
+        if now < self.ends_at() {
+            format!(
+                "shard {}'s instance {}{volumes} is held for debugging until {until}: `{}`; `flotilla release {job_id}` ends it; then the reaper snapshots its volumes again and removes them and the instance",
+                self.shard,
+                self.instance_id,
+                self.session_command(None)
+            )
+        } else {
+            let how = if self.released_at.is_some() { "released" } else { "ended" };
+            format!(
+                "shard {}'s instance {} was held for debugging; the hold {how} at {until}, and the reaper removes it and its volumes (snapshotting them first)",
+                self.shard, self.instance_id
+            )
+        }
+    }
+
+    /// How a person reaches the instance: Session Manager, no SSH key.
+    pub fn session_command(&self, region: Option<&str>) -> String {
+        let region = region.map(|r| format!(" --region {r}")).unwrap_or_default();
+        format!("aws ssm start-session --target {}{region}", self.instance_id)
+    }
+}
+
 /// What a job last announced: its state, each shard's status, the counter
 /// that numbers its notices, and its last heartbeat.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -475,6 +539,9 @@ pub struct Announced {
     pub sequence: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_at: Option<DateTime<Utc>>,
+    /// The debug hold was announced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
 }
 
 /// Lines of output kept per shard and phase; the full output is in S3.
@@ -594,6 +661,9 @@ pub struct JobRecord {
     /// Reconcile passes so far.
     #[serde(default)]
     pub passes: u64,
+    /// The shard held for debugging, once its hold began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<DebugHold>,
     /// Writes of this record (S3 PUTs), counted by each writer just before
     /// it writes: Flotilla's own cost is mostly these (`own_cost.rs`).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
@@ -701,6 +771,7 @@ impl JobRecord {
             lease: None,
             wake: None,
             passes: 0,
+            hold: None,
             writes: 0,
             busy_ms: 0,
             health_checked_at: None,

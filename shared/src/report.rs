@@ -34,6 +34,10 @@ pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> Strin
         _ => record.reason.clone(),
     };
     let _ = writeln!(out, "reason: {reason}");
+    if let Some(hold) = &record.hold {
+        let now = record.updated_at.unwrap_or(record.submitted_at);
+        let _ = writeln!(out, "debug hold: {}", hold.describe(&record.job_id, now));
+    }
     if let (Some(stalled), false) = (&record.stalled, state.is_terminal()) {
         let _ = writeln!(out, "retrying after: {stalled}");
     }
@@ -225,8 +229,12 @@ pub fn realized(record: &JobRecord) -> Realized {
     let mut usd = Some(0.0);
     for attempt in record.shards.iter().flat_map(|s| s.attempts.iter()) {
         let Some(launched_at) = attempt.launched_at else { continue };
-        let seconds =
+        let mut seconds =
             attempt.billed_seconds.map(u64::from).unwrap_or_else(|| (until - launched_at).num_seconds().max(0) as u64);
+        // A debug hold bills on after the attempt: to its end, or the release.
+        if let Some(hold) = record.hold.as_ref().filter(|h| attempt.held_until.is_some() && h.since >= launched_at) {
+            seconds += (hold.ends_at() - hold.since).num_seconds().max(0) as u64;
+        }
         instance_seconds += seconds;
         let option = record.launch_of(attempt);
         let hourly = estimate.and_then(|e| {

@@ -117,6 +117,10 @@ fn write_header(out: &mut String, record: &JobRecord, explanation: &Explanation)
             );
         }
     }
+    if let Some(hold) = &record.hold {
+        let now = record.updated_at.unwrap_or(record.submitted_at);
+        fact("debug hold", hold.describe(&record.job_id, now));
+    }
     let spent = realized(record);
     let usd = spent.usd.map_or("unpriced".to_string(), |u| format!("${u:.4}"));
     fact("realized cost", format!("{usd} ({} instance-seconds, launch to terminate)", spent.instance_seconds));

@@ -9,6 +9,7 @@ mod economy;
 mod events;
 mod fingerprint;
 mod fixtures;
+mod hold_moto;
 mod hostile;
 mod isolation;
 mod lifecycle_moto;

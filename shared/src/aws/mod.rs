@@ -199,6 +199,7 @@ impl Environment {
         };
         settings.limits.max_instances_per_job = optional("FLOTILLA_MAX_INSTANCES_PER_JOB")?;
         settings.limits.max_deadline_minutes = optional("FLOTILLA_MAX_DEADLINE_MINUTES")?;
+        settings.limits.max_debug_hold_minutes = optional("FLOTILLA_MAX_DEBUG_HOLD_MINUTES")?;
         settings.limits.max_instances_total = optional("FLOTILLA_MAX_INSTANCES_TOTAL")?.filter(|n| *n > 0);
         settings.limits.allowed_instance_types = std::env::var("FLOTILLA_ALLOWED_INSTANCE_TYPES")
             .unwrap_or_default()

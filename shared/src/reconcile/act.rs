@@ -74,6 +74,9 @@ pub async fn execute(
             cloud.volumes.create_snapshot(volume_id, description, snapshot_tags).await.map(Done::Snapshotted)
         }
         Action::DeleteVolume { volume_id } => cloud.volumes.delete_volume(volume_id).await.map(|_| Done::Ok),
+        Action::TagHold { instance_id, until } => {
+            cloud.fleet.tag(std::slice::from_ref(instance_id), crate::tags::EXPIRES_AT, until).await.map(|_| Done::Ok)
+        }
         Action::Prune { volume, finals, job_name, keep_last, max_age_days } => {
             mark_good(cloud, finals).await?;
             prune(ports, cloud, record, volume, job_name, *keep_last, *max_age_days).await.map(Done::Pruned)

@@ -280,6 +280,10 @@ async fn save(ports: &Ports, record: &mut JobRecord, version: &mut String, owner
                 }
                 record.cancel_requested |= fresh.record.cancel_requested;
                 record.cancel_requested_at = record.cancel_requested_at.or(fresh.record.cancel_requested_at);
+                // `flotilla release` ended the debug hold meanwhile.
+                if let (Some(hold), Some(fresh)) = (record.hold.as_mut(), fresh.record.hold.as_ref()) {
+                    hold.released_at = hold.released_at.or(fresh.released_at);
+                }
                 record.dead_letters = record.dead_letters.max(fresh.record.dead_letters);
                 for id in fresh.record.dead_letter_ids {
                     if !record.dead_letter_ids.contains(&id) {

@@ -15,6 +15,10 @@ pub const MAX_INSTANCES: u32 = 1000;
 /// SSM `executionTimeout` accepts at most 172800 seconds (48 hours).
 pub const MAX_STEP_TIMEOUT_SECONDS: u32 = 172_800;
 pub const MAX_DEADLINE_MINUTES: u32 = 7 * 24 * 60;
+
+/// The longest debug hold a spec may ask for; the deployment's
+/// `MaxDebugHoldMinutes` may allow less.
+pub const MAX_DEBUG_HOLD_MINUTES: u32 = 24 * 60;
 /// gp3/gp2 volumes top out at 16 TiB.
 pub const MAX_VOLUME_GIB: u32 = 16_384;
 /// SSM SendCommand's whole request is limited; keep each script well inside it.
@@ -78,6 +82,11 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if let Some(budget) = spec.budget_usd {
         if !budget.is_finite() || budget <= 0.0 {
             return fail(format!("budget_usd: must be a positive number, got {budget}"));
+        }
+    }
+    if let Some(minutes) = spec.debug_hold_minutes {
+        if !(1..=MAX_DEBUG_HOLD_MINUTES).contains(&minutes) {
+            return fail(format!("debug_hold_minutes: must be 1-{MAX_DEBUG_HOLD_MINUTES}, got {minutes}"));
         }
     }
     if spec.instance_types.is_empty() {
@@ -526,6 +535,9 @@ pub struct Limits {
     pub max_deadline_minutes: Option<u32>,
     /// Instance types allowed, exact or a prefix ending in `*` (empty: any).
     pub allowed_instance_types: Vec<String>,
+    /// The longest debug hold a job may ask for; 0 allows none (None:
+    /// [`MAX_DEBUG_HOLD_MINUTES`]).
+    pub max_debug_hold_minutes: Option<u32>,
 }
 
 impl Limits {
@@ -541,6 +553,13 @@ impl Limits {
                 return fail(format!(
                     "deadline_minutes: {}, but this deployment allows at most {max}",
                     spec.deadline_minutes
+                ));
+            }
+        }
+        if let (Some(max), Some(minutes)) = (self.max_debug_hold_minutes, spec.debug_hold_minutes) {
+            if minutes > max {
+                return fail(format!(
+                    "debug_hold_minutes: {minutes}, but this deployment allows at most {max} (template parameter MaxDebugHoldMinutes)"
                 ));
             }
         }
@@ -911,6 +930,17 @@ mod tests {
             reason(with(&["budget_usd"], serde_json::json!(-1))),
             "budget_usd: must be a positive number, got -1"
         );
+        for (minutes, expected) in [(0, "got 0"), (1441, "got 1441")] {
+            let r = reason(with(&["debug_hold_minutes"], serde_json::json!(minutes)));
+            assert_eq!(r, format!("debug_hold_minutes: must be 1-1440, {expected}"));
+        }
+        let held = parse(&with(&["debug_hold_minutes"], serde_json::json!(60)).to_string()).expect("parses");
+        validate(&held).expect("an hour's hold is valid");
+        let deployment = Limits { max_debug_hold_minutes: Some(30), ..Limits::default() };
+        let err = deployment.check(&held, 1).expect_err("above the deployment's limit");
+        assert!(err.message.contains("allows at most 30 (template parameter MaxDebugHoldMinutes)"), "{}", err.message);
+        let none = Limits { max_debug_hold_minutes: Some(0), ..Limits::default() };
+        none.check(&held, 1).expect_err("0 allows no hold");
     }
 
     #[test]

@@ -22,6 +22,11 @@ pub struct JobSpec {
     /// Reject the job if its cost estimate is above this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_usd: Option<f64>,
+    /// Keep the first shard that fails for good (its instance and volumes)
+    /// this long after the job fails, to debug it over Session Manager;
+    /// `flotilla release` ends it early and the reaper removes it after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug_hold_minutes: Option<u32>,
     pub instance_types: Vec<String>,
     /// An AMI id (`ami-...`) or an SSM parameter path (`/aws/service/...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -81,6 +81,11 @@ pub enum Action {
     DeleteVolume {
         volume_id: String,
     },
+    /// The held instance's `expires-at` moved to the end of its debug hold.
+    TagHold {
+        instance_id: String,
+        until: String,
+    },
     /// A SUCCEEDED run tags its final snapshots of the volume `flotilla:good`
     /// (the only snapshots `keep_last` counts), then applies the lineage's
     /// retention (`retention.rs`); never to this job's own.
@@ -112,6 +117,7 @@ impl Action {
             Action::Terminate { .. } => "TerminateInstances",
             Action::Snapshot { .. } => "CreateSnapshot",
             Action::DeleteVolume { .. } => "DeleteVolume",
+            Action::TagHold { .. } => "CreateTags",
             Action::Prune { .. } => "PruneSnapshots",
             Action::SaveOutput { .. } => "SaveOutput",
             Action::WriteReport => "WriteReport",
@@ -135,7 +141,11 @@ impl Action {
     /// Any other call's effect shows in seconds (volumes) or comes as an
     /// event (instances, commands, snapshots), which the pass's wait covers.
     pub fn unlocks_at_once(&self, failed: bool) -> bool {
-        failed || matches!(self, Action::Launch { .. } | Action::Prune { .. } | Action::WriteReport)
+        failed
+            || matches!(
+                self,
+                Action::Launch { .. } | Action::Prune { .. } | Action::WriteReport | Action::TagHold { .. }
+            )
     }
 
     /// A mutating call that waits when the bucket is empty. TerminateInstances

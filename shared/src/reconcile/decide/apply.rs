@@ -80,6 +80,13 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
             record.warnings.push(format!("report not written: {message}"));
             record.report_written = true;
         }
+        Action::TagHold { instance_id, .. } => {
+            // The record still says held, and the reaper reads it.
+            record.warnings.push(format!("tagging the held instance {instance_id}: {message}"));
+            if let Some(hold) = record.hold.as_mut() {
+                hold.tagged = true;
+            }
+        }
     }
 }
 
@@ -291,6 +298,11 @@ pub(super) fn apply_done(record: &mut JobRecord, action: &Action, done: Done, no
             record.pruned_snapshots.extend(ids);
         }
         (Action::WriteReport, _) => record.report_written = true,
+        (Action::TagHold { .. }, _) => {
+            if let Some(hold) = record.hold.as_mut() {
+                hold.tagged = true;
+            }
+        }
         _ => {}
     }
 }

@@ -43,6 +43,10 @@ pub(super) fn finish(record: &mut JobRecord, spec: &JobSpec, obs: &Observation, 
         decision.look_within(5);
         return;
     }
+    if let Some(tag) = tag_hold(record) {
+        decision.actions.push(tag);
+        return;
+    }
     let name = job_name(record);
     let took_snapshots: BTreeSet<String> = record.snapshots().into_iter().map(|(volume, _)| volume).collect();
     let mut pruning = false;

@@ -16,6 +16,7 @@
 //! - `phases`, `dispatch`: which steps run, their timeouts, moving from one
 //!   phase to the next, and the SendCommand batches that start them;
 //! - `release`: unmount, snapshot and delete volumes, then the instance;
+//! - `hold`: the first shard that fails for good, kept to debug (`debug_hold_minutes`);
 //! - `settle`: an ended attempt is retried, replaced or gives its shard a result;
 //! - `finish`: the job's outcome, state, report and final cleanup;
 //! - `timing`: when the next pass looks again;
@@ -48,6 +49,7 @@ mod apply;
 mod dispatch;
 mod finish;
 mod health;
+mod hold;
 mod launch;
 mod phases;
 mod release;
@@ -63,6 +65,7 @@ pub use apply::*;
 use dispatch::*;
 use finish::*;
 use health::*;
+use hold::*;
 pub use launch::*;
 pub use phases::*;
 use release::*;
@@ -112,13 +115,15 @@ pub(super) struct Decision {
     pub actions: Vec<Action>,
     pub terminate: Vec<String>,
     pub notes: Vec<String>,
+    /// A shard of the job is held for debugging: no other is.
+    pub hold_taken: bool,
     wait: u32,
     seq: u64,
 }
 
 impl Decision {
     fn new(wait: u32, seq: u64) -> Self {
-        Decision { actions: Vec::new(), terminate: Vec::new(), notes: Vec::new(), wait, seq }
+        Decision { actions: Vec::new(), terminate: Vec::new(), notes: Vec::new(), hold_taken: false, wait, seq }
     }
 
     /// Something is due within `seconds`: the next pass comes no later.
@@ -173,6 +178,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     let base = if spec.role_arn.is_some() { ctx.settings.poll_delay_seconds } else { ctx.settings.safety_poll() };
     let ceiling = if working { working_poll(&spec, ctx.settings, now - Duration::days(1), now) } else { 0 };
     let mut decision = Decision::new(ctx.settings.poll_delay_seconds.max(base).max(ceiling), record.next_seq);
+    decision.hold_taken = record.attempts().any(|a| a.held_until.is_some());
 
     take_in(record, obs, now, &mut decision);
 
@@ -197,6 +203,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
     for shard in record.shards.iter_mut().filter(|s| s.result.is_none()) {
         step_shard(&job, shard, &commands, obs, ctx, &mut decision);
     }
+    note_hold(record, now);
     // A shard that failed for good stops the job (fail fast), with its reason.
     check_abort(record, now);
 

@@ -13,6 +13,9 @@ pub(super) fn release(
     now: DateTime<Utc>,
     decision: &mut Decision,
 ) -> bool {
+    if hold_if_wanted(job, shard, attempt, obs, now, decision) {
+        return false; // held once CreateSnapshot answered
+    }
     // Stopped at the bound, or an unmount that failed: what is still mounted
     // is snapshotted while attached, then the instance is terminated (which
     // releases the volume; it is never detached while mounted).
@@ -26,6 +29,7 @@ pub(super) fn release(
         shard,
         instance_id: attempt.instance_id.clone(),
         left_for_reaper: attempt.left_for_reaper.is_some(),
+        held: attempt.held_until.is_some(),
         work_succeeded: attempt.end.as_ref().is_some_and(|e| e.cause == EndCause::Succeeded),
         kind: snapshot_kind(attempt),
         now,
@@ -68,6 +72,8 @@ struct Releasing {
     shard: u32,
     instance_id: Option<String>,
     left_for_reaper: bool,
+    /// Held for debugging: its attached volumes stay with the instance.
+    held: bool,
     work_succeeded: bool,
     /// Why its volumes are snapshotted (`retention::kind`).
     kind: &'static str,
@@ -119,6 +125,11 @@ fn release_volume(
     }
     if attached_elsewhere && !volume.created {
         volume.kept = Some("a volume_id source attached to another instance: left alone".into());
+        return true;
+    }
+    if view.attached_to.is_some() && releasing.held {
+        volume.kept =
+            Some("held for debugging with its instance; the reaper snapshots it again before deleting it".into());
         return true;
     }
     if view.attached_to.is_some() && releasing.left_for_reaper {
@@ -267,12 +278,26 @@ pub(super) fn snapshot_while_mounted(
     let mounted =
         attempt.completed_phases.contains(&Phase::Mount) && !attempt.completed_phases.contains(&Phase::Unmount);
     let Some(instance_id) = attempt.instance_id.clone().filter(|_| mounted) else { return false };
+    snapshot_attached(job, shard, attempt, &instance_id, obs, now, decision)
+}
+
+/// Snapshot each volume attached to `instance_id` that the policy wants
+/// snapshotted, while attached. True while a CreateSnapshot has not answered.
+pub(super) fn snapshot_attached(
+    job: &JobFacts<'_>,
+    shard: u32,
+    attempt: &mut Attempt,
+    instance_id: &str,
+    obs: &Observation,
+    now: DateTime<Utc>,
+    decision: &mut Decision,
+) -> bool {
     let kind = snapshot_kind(attempt);
     let work_succeeded = kind != retention::kind::FAILED_ATTEMPT;
     let mut waiting = false;
     for volume in attempt.volumes.iter_mut().filter(|v| !v.deleted && v.kept.is_none()) {
         let Some(volume_id) = volume.volume_id.clone() else { continue };
-        let attached_here = obs.volumes.get(&volume_id).is_some_and(|v| v.attached_to.as_deref() == Some(&instance_id));
+        let attached_here = obs.volumes.get(&volume_id).is_some_and(|v| v.attached_to.as_deref() == Some(instance_id));
         let wanted = match job.spec.volumes.iter().find(|v| v.name == volume.name).map(|v| v.snapshot) {
             Some(SnapshotPolicy::Always) => true,
             Some(SnapshotPolicy::OnSuccess) => work_succeeded,

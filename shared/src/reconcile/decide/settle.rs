@@ -34,7 +34,11 @@ pub(super) fn settle(job: &JobFacts<'_>, shard: &mut Shard, now: DateTime<Utc>) 
             shard.result = Some(ShardResult { succeeded: false, reason: ended.detail.clone() });
         }
         EndCause::Capacity => fail_over(job, shard, &ended, now),
-        cause if attempt.left_for_reaper.is_some() && !attempt.completed_phases.contains(&Phase::Run) => {
+        cause
+            if attempt.left_for_reaper.is_some()
+                && attempt.held_until.is_none()
+                && !attempt.completed_phases.contains(&Phase::Run) =>
+        {
             // Its instance could not be terminated, so its work may still be
             // running: a retry could run the shard twice at once.
             let why = attempt.left_for_reaper.clone().unwrap_or_default();
