@@ -158,6 +158,14 @@ Gaps filled (measured against moto 5.2.5):
     same way every time. For tests: the next N entries fail that way, read
     from $FLOTILLA_EMU_SCRATCH/put-events-fail as "N" (InternalFailure) or
     "N CODE", and counted down there.
+25. SendCommand ignores CloudWatchOutputConfig. Here, when it is enabled,
+    each invocation's stdout and stderr are streamed, as they are written,
+    to the log group (created if missing, as the agent does with
+    logs:CreateLogGroup) in streams <command id>/<instance id>/
+    aws-runShellScript/stdout and .../stderr: complete lines, put about
+    every second (the agent's upload interval), one event per non-empty
+    line (CloudWatch Logs refuses empty messages); the rest when the step
+    ends. The S3 copy still comes only at the end.
 24. DescribeSpotPriceHistory answers every offered type with a price of
     $0.00001 stamped 2006, whatever the window or product asked. Here the
     history is what $FLOTILLA_EMU_SCRATCH/spot-prices holds (lines "TYPE
@@ -949,13 +957,7 @@ def _execute(execution):
     process = execution.process
     # The execution timeout, unless the command expires first.
     limit = min(_timeout(command), max(0.0, (execution.deadline - _now()).total_seconds()))
-    try:
-        out, err = process.communicate(timeout=limit)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        _kill(process)
-        out, err = process.communicate()
-        timed_out = True
+    out, err, timed_out = _collect(execution, process, limit)
     if timed_out and limit < _timeout(command):
         _expire(execution)
         return
@@ -978,6 +980,72 @@ def _execute(execution):
     _write_output(execution)
 
 
+def _collect(execution, process, limit):
+    """The step's stdout and stderr, read as it writes them; with
+    CloudWatchOutputConfig (gap 25) its complete lines are put into the log
+    group about every second, and the rest when it ends."""
+    chunks = {"stdout": [], "stderr": []}
+
+    def read(name, pipe):
+        for block in iter(lambda: pipe.read1(65536), b""):
+            chunks[name].append(block)
+
+    readers = [threading.Thread(target=read, args=(name, pipe), daemon=True)
+               for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr))]
+    for reader in readers:
+        reader.start()
+    group = getattr(execution.command, "_flotilla_log_group", None)
+    sent = {"stdout": 0, "stderr": 0}
+
+    def upload(final):
+        if not group or execution.lost:
+            return  # the agent died with its instance: nothing more is sent
+        for name in ("stdout", "stderr"):
+            data = b"".join(chunks[name])
+            end = len(data) if final else data.rfind(b"\n") + 1
+            if end > sent[name]:
+                lines = data[sent[name]:end].decode(errors="replace").splitlines()
+                sent[name] = end
+                _put_log_lines(execution, group, name, lines)
+
+    started = time.monotonic()
+    timed_out = False
+    while True:
+        try:
+            process.wait(timeout=max(0.0, min(1.0, limit - (time.monotonic() - started))))
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() - started >= limit:
+                _kill(process)
+                process.wait()
+                timed_out = True
+                break
+            upload(False)
+    for reader in readers:
+        reader.join(timeout=5)
+    upload(True)
+    return b"".join(chunks["stdout"]), b"".join(chunks["stderr"]), timed_out
+
+
+_logs_lock = threading.Lock()
+
+
+def _put_log_lines(execution, group, name, lines):
+    from moto.logs.models import logs_backends
+
+    command = execution.command
+    backend = logs_backends[command.account_id][command.backend_region]
+    stream = f"{command.command_id}/{execution.instance_id}/aws-runShellScript/{name}"
+    with _logs_lock:
+        if group not in backend.groups:
+            backend.create_log_group(group, tags={})
+        backend.ensure_log_stream(group, stream)
+        stamp = int(time.time() * 1000)
+        events = [{"timestamp": stamp, "message": line} for line in lines if line]
+        if events:
+            backend.put_log_events(group, stream, events)
+
+
 def _executions(backend):
     return backend.__dict__.setdefault("_flotilla_executions", {})
 
@@ -986,6 +1054,32 @@ _original_send_command = SimpleSystemManagerBackend.send_command
 
 
 def _send_command(self, **kwargs):
+    log_group = getattr(_request_options, "log_group", None)
+    command = _send_command_checked(self, **kwargs)
+    command._flotilla_log_group = log_group  # gap 25
+    return command
+
+
+_request_options = threading.local()
+_original_send_command_response = SimpleSystemManagerResponse.send_command
+
+
+def _send_command_response(self):
+    # Gap 25: moto's handler drops CloudWatchOutputConfig; keep it for the backend.
+    config = self._get_param("CloudWatchOutputConfig") or {}
+    enabled = config.get("CloudWatchOutputEnabled") in (True, "true", "True")
+    named = config.get("CloudWatchLogGroupName") or f"aws/ssm/{self._get_param('DocumentName')}"
+    _request_options.log_group = named if enabled else None
+    try:
+        return _original_send_command_response(self)
+    finally:
+        _request_options.log_group = None
+
+
+SimpleSystemManagerResponse.send_command = _send_command_response
+
+
+def _send_command_checked(self, **kwargs):
     ec2 = ec2_backends[self.account_id][self.region_name]
     now = _now()
     named = list(kwargs.get("instance_ids") or [])  # moto extends the list it is given

@@ -265,6 +265,12 @@ def up():
     # The deployment's worker profile (template.yaml's WorkerInstanceProfile):
     # the SSM agent registers only on instances that have one.
     iam().create_instance_profile(InstanceProfileName=WORKER_PROFILE)
+    # template.yaml's StepOutputLogs: running steps stream their output here.
+    step_logs = f"/flotilla/{STACK}/steps"
+    import boto3
+
+    boto3.client("logs", endpoint_url=ENDPOINT, region_name=REGION, aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_log_group(logGroupName=step_logs)
     urls = {}
     for logical in sorted(queues, key=lambda q: queues[q]["dlq"] is not None):  # DLQs first
         queue = queues[logical]
@@ -295,6 +301,7 @@ def up():
         "FLOTILLA_RECONCILE_DLQ_URL": urls["ReconcileDeadLetterQueue"],
         "FLOTILLA_NOTIFY_QUEUE_URL": urls["NotifyQueue"],
         "FLOTILLA_NOTIFY_DLQ_URL": urls["NotifyDLQ"],
+        "FLOTILLA_STEP_LOG_GROUP": step_logs,
         # A subscriber's queue: every Flotilla event of the local stack.
         "FLOTILLA_EVENTS_QUEUE_URL": events_url,
         "FLOTILLA_POLL_DELAY_SECONDS": POLL_DELAY,

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 
 /// The stack outputs the CLI reads, and the variable each stands for when
 /// the deployment comes from the environment.
-pub const OUTPUTS: [(&str, &str); 7] = [
+pub const OUTPUTS: [(&str, &str); 8] = [
     ("JobsBucketName", "FLOTILLA_BUCKET"),
     ("JobsQueueUrl", "FLOTILLA_JOBS_QUEUE_URL"),
     ("ReconcileQueueUrl", "FLOTILLA_RECONCILE_QUEUE_URL"),
@@ -19,6 +19,7 @@ pub const OUTPUTS: [(&str, &str); 7] = [
     ("JobsDeadLetterQueueUrl", "FLOTILLA_JOBS_DLQ_URL"),
     ("ReconcileDeadLetterQueueUrl", "FLOTILLA_RECONCILE_DLQ_URL"),
     ("NotifyDeadLetterQueueUrl", "FLOTILLA_NOTIFY_DLQ_URL"),
+    ("StepLogGroupName", "FLOTILLA_STEP_LOG_GROUP"),
 ];
 
 /// The queues with a dead-letter queue.
@@ -134,6 +135,11 @@ impl Deployment {
 
     pub fn s3(&self) -> aws_sdk_s3::Client {
         flotilla_shared::aws::s3_client(&self.config)
+    }
+
+    /// The log group running steps stream to, when the deployment has one.
+    pub fn step_log_group(&self) -> Option<&str> {
+        self.values.get("FLOTILLA_STEP_LOG_GROUP").map(String::as_str).filter(|g| !g.is_empty())
     }
 
     pub fn sqs(&self) -> aws_sdk_sqs::Client {

@@ -221,7 +221,9 @@ async fn run(deployment: &Deployment, command: Command, format: Format) -> Resul
         }
         Command::Logs { job_id, shard, phase, follow, timeout } => {
             let selection = logs::Selection { shard, phase };
-            logs::logs(&deployment.s3(), &deployment.ledger()?, &job_id, &selection, follow, timeout).await
+            let live =
+                follow.then(|| logs::Live::new(&deployment.config, deployment.step_log_group().unwrap_or_default()));
+            logs::logs(&deployment.s3(), &deployment.ledger()?, &job_id, &selection, live.as_ref(), timeout).await
         }
         Command::Report { job_id, out, open } => report(deployment, &job_id, out, open, format).await,
         Command::Watch { job_id, timeout } => watch::watch(&deployment.ledger()?, &job_id, timeout).await,

@@ -35,7 +35,7 @@ pub enum Intake {
     /// nothing written and nothing launched.
     Planned {
         job_id: String,
-        plan: crate::plan::Plan,
+        plan: Box<crate::plan::Plan>,
     },
     CancelIgnored {
         job_id: String,
@@ -292,7 +292,7 @@ async fn submit_spec(
     }
     if mode == Mode::DryRun {
         info!(%job_id, instances = plan.instance_count, "dry run planned");
-        return Ok(Intake::Planned { job_id, plan });
+        return Ok(Intake::Planned { job_id, plan: Box::new(plan) });
     }
     if let Some(items) = &items {
         // Before the record: a job is never visible without its manifests.

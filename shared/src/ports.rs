@@ -150,6 +150,9 @@ pub struct CommandRequest {
     pub comment: String,
     pub output_bucket: String,
     pub output_prefix: String,
+    /// Stream the output to this CloudWatch Logs group as it is written
+    /// (the S3 copy comes only once the step ends).
+    pub log_group: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -236,6 +236,15 @@ pub fn plan(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings
             Some(ReapAction::Terminate { instance_id: id.clone(), why })
         }));
     }
+    actions.extend(plan_volumes(inventory, now, settings));
+    actions.extend(prune(inventory, now));
+    actions
+}
+
+/// Orphaned volumes: snapshotted (unless scratch), then deleted once a
+/// completed snapshot holds their data; what cannot be snapshotted is left.
+fn plan_volumes(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings) -> Vec<ReapAction> {
+    let mut actions = Vec::new();
     let sources: BTreeSet<&String> = inventory
         .jobs
         .values()
@@ -289,7 +298,6 @@ pub fn plan(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings
             Some(ReapAction::Snapshot { volume_id: id.clone(), why, tags: reaped_snapshot_tags(volume) })
         }));
     }
-    actions.extend(prune(inventory, now));
     actions
 }
 

@@ -47,6 +47,9 @@ pub struct Settings {
     pub region: Option<String>,
     /// Limits the deployment puts on every job (template parameters).
     pub limits: crate::spec::Limits,
+    /// The log group SSM streams step output to while it runs
+    /// (CloudWatchOutputConfig), for `flotilla logs --follow`.
+    pub step_log_group: Option<String>,
 }
 
 impl Settings {
@@ -76,6 +79,7 @@ impl Default for Settings {
             account_id: None,
             region: None,
             limits: crate::spec::Limits::default(),
+            step_log_group: None,
         }
     }
 }

@@ -223,6 +223,7 @@ fn command(instance_ids: &[String], script: &str, timeout_seconds: u32, comment:
         comment: comment.to_string(),
         output_bucket: "flotilla-test-jobs".to_string(),
         output_prefix: "outputs/contract".to_string(),
+        log_group: None,
     }
 }
 

@@ -32,6 +32,9 @@ pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// The instance profile tests' launches get by default, as a deployment's would.
 pub const WORKER_PROFILE: &str = "flotilla-worker";
 
+/// Where the test stack's steps stream their output.
+pub const STEP_LOG_GROUP: &str = "/flotilla/test/steps";
+
 pub struct MotoStack {
     child: Child,
     pub endpoint: String,
@@ -187,6 +190,8 @@ impl MotoStack {
                 impaired_timeout_seconds: 3,
                 reaper_mark_grace_seconds: 0,
                 reaper_dry_run: false,
+                // Steps stream their output there (the agent makes the group).
+                step_log_group: Some(STEP_LOG_GROUP.to_string()),
                 ..Settings::default()
             },
         };

@@ -158,6 +158,7 @@ async fn a_mounted_volume_detaches_only_once_unmounted() {
         comment: format!("flotilla j {name} c1"),
         output_bucket: "b".into(),
         output_prefix: "o".into(),
+        log_group: None,
     };
     cloud.send(&op("mount", &volumes[0])).await.expect("mount");
     cloud.advance_to(now + chrono::Duration::seconds(30));

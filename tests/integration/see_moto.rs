@@ -374,3 +374,50 @@ async fn plan_prices_a_gpu_job_from_spot_history_and_says_so() {
     let reason = record.reason.clone();
     assert!(planned.ends_with(&reason), "plan said {planned:?}, intake {reason:?}");
 }
+
+/// `logs --follow` shows a running step as it writes: the reconciler sends
+/// every step with CloudWatchOutputConfig, and the agent streams its lines
+/// to the step log group long before the S3 copy exists (that comes only
+/// when the step ends); the rest of the whole output follows from S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_reads_a_running_step_from_its_stream_before_it_ends() {
+    use flotilla_cli::logs::{after_printed, output, steps, Live, Selection};
+    let stack = MotoStack::start().await;
+    let mut spec = job("live-1");
+    spec["fleet"] = json!({"count": 1});
+    let go = gate_run(&stack, &mut spec, "echo 'after the gate'");
+    let gated = spec["run"]["script"].as_str().expect("script").to_string();
+    spec["run"]["script"] = json!(format!("echo 'first line'; echo; echo 'second line'; {gated}"));
+    stack.submit(&spec.to_string()).await;
+    pump_until(&stack, "live-1", all_running).await;
+
+    let live = Live::new(&stack.config, crate::moto::STEP_LOG_GROUP);
+    let ledger =
+        flotilla_shared::aws::s3::S3Ledger::new(flotilla_shared::aws::s3_client(&stack.config), stack.bucket.clone());
+    let s3 = flotilla_shared::aws::s3_client(&stack.config);
+    let ports = stack.ports();
+    let selection = Selection { shard: None, phase: Some("run".into()) };
+    let mut token = None;
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !seen.iter().any(|l| l == "second line") {
+        assert!(std::time::Instant::now() < deadline, "the running step's lines never streamed: {seen:?}");
+        let record = stack.record(&ports, "live-1").await.expect("record");
+        let step = steps(&record, &selection).pop().expect("the run step");
+        assert!(!step.ended, "the step ended while its gate was shut");
+        seen.extend(live.next_lines(&step, &mut token).await.expect("stream"));
+        if seen.is_empty() {
+            // Nothing in the bucket yet either: the agent uploads at the end.
+            assert_eq!(output(&s3, &ledger, "live-1", &step).await.expect("output"), None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert_eq!(seen, ["first line", "second line"], "line by line, empty lines aside");
+
+    open_gate(&stack, &go);
+    let record = stack.run_to_end(&ports, "live-1", false, LIMIT).await;
+    assert_eq!(record.state, JobState::Succeeded, "{}", record.reason);
+    let step = steps(&record, &selection).pop().expect("the run step");
+    let whole = output(&s3, &ledger, "live-1", &step).await.expect("output").expect("the S3 copy");
+    assert_eq!(after_printed(&whole, 2), "after the gate\n", "the rest, after what streamed: {whole:?}");
+}

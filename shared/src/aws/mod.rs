@@ -188,6 +188,7 @@ impl Environment {
         }
         settings.reaper_dry_run = std::env::var("FLOTILLA_REAPER_DRY_RUN").is_ok_and(|v| v == "true");
         settings.launch_admission = std::env::var("FLOTILLA_LAUNCH_ADMISSION").is_ok_and(|v| v == "true");
+        settings.step_log_group = std::env::var("FLOTILLA_STEP_LOG_GROUP").ok().filter(|g| !g.trim().is_empty());
         // Required: a default would let two deployments share one scope.
         settings.stack = var("FLOTILLA_STACK")?;
         let optional = |name: &str| match std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {

@@ -102,6 +102,14 @@ impl Commands for SsmCommands {
             .max_concurrency("100%")
             .output_s3_bucket_name(&request.output_bucket)
             .output_s3_key_prefix(&request.output_prefix)
+            // The agent uploads to S3 only when the step ends; CloudWatch
+            // Logs gets the output as it is written, for `logs --follow`.
+            .set_cloud_watch_output_config(request.log_group.as_ref().map(|group| {
+                aws_sdk_ssm::types::CloudWatchOutputConfig::builder()
+                    .cloud_watch_output_enabled(true)
+                    .cloud_watch_log_group_name(group)
+                    .build()
+            }))
             // No ClientToken exists for SendCommand: a retry after a lost
             // reply would run the work twice. The next pass looks the
             // command up by its comment before it sends again.

@@ -194,6 +194,13 @@ fn send_batches(
                 output_bucket: ctx.bucket.to_string(),
                 // Outside jobs/: the SSM agent writes output without an SSE header.
                 output_prefix: format!("outputs/{}/{}", record.job_id, phase.as_str()),
+                // Only where the stack's worker role runs it: another
+                // profile or account may not be allowed to write there.
+                log_group: ctx
+                    .settings
+                    .step_log_group
+                    .clone()
+                    .filter(|_| spec.instance_profile.is_none() && spec.role_arn.is_none()),
             },
         });
     }
