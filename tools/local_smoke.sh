@@ -156,7 +156,7 @@ cat .flotilla/logs/follow.out
 check "logs --follow printed each shard's lines as its step ended" [ "$(grep -c "line 3" .flotilla/logs/follow.out)" = 2 ]
 report=$(flotilla report smoke-fail)
 check "report writes the page" grep -q 'data-shard="1"' "$report"
-check "the notify function wrote the page beside report.txt" aws_local s3 cp "s3://$FLOTILLA_BUCKET/jobs/smoke-fail/report.html" .flotilla/reports/from-bucket.html --quiet
+check "the job's last pass wrote the page beside report.txt" aws_local s3 cp "s3://$FLOTILLA_BUCKET/jobs/smoke-fail/report.html" .flotilla/reports/from-bucket.html --quiet
 
 echo "== what a subscriber to Flotilla's events heard (EventBridge rule, source flotilla)"
 if ! $PY tools/events_check.py smoke-fast=SUCCEEDED smoke-ok=SUCCEEDED smoke-fail=FAILED smoke-cancel=CANCELLED \

@@ -21,13 +21,18 @@ pub fn render(record: &JobRecord) -> String {
     render_with_tail(record, &Tails::new(), REPORT_TAIL_LINES)
 }
 
-pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> String {
-    let mut out = String::new();
-    // The report is written just before the terminal record: show the outcome.
-    let state = match (record.state.is_terminal(), record.outcome) {
+/// The state a report shows: reports are written just before the terminal
+/// record (`WriteReport`), so a decided outcome shows as its end state.
+pub fn shown_state(record: &JobRecord) -> crate::record::JobState {
+    match (record.state.is_terminal(), record.outcome) {
         (false, Some(outcome)) if record.shards.iter().all(|s| s.result.is_some()) => outcome.terminal_state(),
         _ => record.state,
-    };
+    }
+}
+
+pub fn render_with_tail(record: &JobRecord, tails: &Tails, tail: usize) -> String {
+    let mut out = String::new();
+    let state = shown_state(record);
     let _ = writeln!(out, "job {}: {state}", record.job_id);
     let reason = match (&record.outcome_reason, state.is_terminal()) {
         (Some(reason), true) => reason.clone(),

@@ -74,7 +74,7 @@ pub fn render(record: &JobRecord, tails: &Tails, now: DateTime<Utc>) -> String {
          <title>flotilla job {} {}</title><style>{STYLE}</style></head><body>",
         content_security_policy(),
         escape(&record.job_id),
-        record.state
+        crate::report::shown_state(record)
     );
     write_header(&mut out, record, &explanation);
     write_why(&mut out, &explanation);
@@ -98,8 +98,8 @@ fn write_header(out: &mut String, record: &JobRecord, explanation: &Explanation)
         "<header><h1>job <code id=\"job-id\">{}</code> <span class=\"state {}\" id=\"job-state\">{}</span></h1>\
          <p id=\"summary\">{}</p><dl class=\"facts\">",
         escape(&record.job_id),
-        record.state,
-        record.state,
+        crate::report::shown_state(record),
+        crate::report::shown_state(record),
         escape(&explanation.summary)
     );
     let mut fact = |term: &str, value: String| {
@@ -155,7 +155,7 @@ struct Scale {
 
 impl Scale {
     fn of(record: &JobRecord, now: DateTime<Utc>) -> Self {
-        let end = if record.state.is_terminal() { record.updated_at.unwrap_or(now) } else { now };
+        let end = if crate::report::shown_state(record).is_terminal() { record.updated_at.unwrap_or(now) } else { now };
         let seconds = ((end - record.submitted_at).num_milliseconds() as f64 / 1000.0).max(1.0);
         Scale { start: record.submitted_at, seconds }
     }

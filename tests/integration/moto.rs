@@ -383,8 +383,7 @@ impl MotoStack {
             return 0;
         }
         let batch = notify_event(&messages);
-        let notifier =
-            notify::Notifier::new(&self.config, "default", &self.jobs_queue).with_reports(&self.config, &self.bucket);
+        let notifier = notify::Notifier::new(&self.config, "default", &self.jobs_queue);
         let failed = failures(&serde_json::to_value(notifier.handle(batch, None).await).expect("json"));
         for message in &messages {
             if !failed.contains(&message.message_id().unwrap_or_default().to_string()) {

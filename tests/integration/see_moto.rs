@@ -231,8 +231,6 @@ async fn a_job_with_a_retry_and_a_hostile_failure(stack: &MotoStack) -> JobRecor
     let ports = stack.ports();
     let record = stack.run_to_end(&ports, "seen-1", false, LIMIT).await;
     assert_eq!(record.state, JobState::Failed, "{}", flotilla_shared::report::render(&record));
-    // The notify function writes the page when it hears of the end.
-    while stack.pump_notices().await > 0 {}
     record
 }
 
@@ -244,7 +242,7 @@ async fn the_html_report_shows_every_attempt_and_no_hostile_markup_in_chromium()
     let stack = MotoStack::start().await;
     let record = a_job_with_a_retry_and_a_hostile_failure(&stack).await;
     let ports = stack.ports();
-    let page = ports.ledger.get("jobs/seen-1/report.html").await.expect("get").expect("the notify function wrote it");
+    let page = ports.ledger.get("jobs/seen-1/report.html").await.expect("get").expect("the reconciler wrote it beside report.txt");
     let text = String::from_utf8_lossy(&page);
     assert!(!text.contains(HOSTILE), "the hostile line is escaped in the file");
 

@@ -15,12 +15,9 @@ use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use flotilla_shared::aws::cloud_error;
 use flotilla_shared::error::{CloudError, StepError};
-use flotilla_shared::events::{Notice, NoticeBatch, TaskAnswer, JOB_STATE_CHANGE, SOURCE};
+use flotilla_shared::events::{Notice, NoticeBatch, TaskAnswer, SOURCE};
 use flotilla_shared::metrics::Unit;
 use tracing::{error, info, warn};
-
-/// The job states after which no pass runs: the report is final.
-const TERMINAL: [&str; 4] = ["SUCCEEDED", "FAILED", "CANCELLED", "REJECTED"];
 
 /// Time kept back from the invocation's deadline: a message is started
 /// only with at least this left (a few calls at their timeouts).
@@ -43,8 +40,6 @@ pub struct Notifier {
     pub jobs_queue_url: String,
     /// The stack, for metrics' dimension.
     pub stack: String,
-    /// The jobs bucket: where a job's HTML report is written when it ends.
-    pub reports: Option<flotilla_shared::aws::s3::S3Ledger>,
 }
 
 impl Notifier {
@@ -56,15 +51,7 @@ impl Notifier {
             bus: bus.to_string(),
             jobs_queue_url: jobs_queue_url.to_string(),
             stack: std::env::var("FLOTILLA_STACK").unwrap_or_default(),
-            reports: None,
         }
-    }
-
-    /// Write each ended job's HTML report to `bucket` (`report_html`).
-    pub fn with_reports(mut self, config: &aws_config::SdkConfig, bucket: &str) -> Self {
-        let s3 = flotilla_shared::aws::s3_client(config);
-        self.reports = Some(flotilla_shared::aws::s3::S3Ledger::new(s3, bucket.to_string()));
-        self
     }
 
     /// FLOTILLA_JOBS_QUEUE_URL, and FLOTILLA_EVENT_BUS (default: `default`).
@@ -72,11 +59,7 @@ impl Notifier {
         let jobs = std::env::var("FLOTILLA_JOBS_QUEUE_URL")
             .map_err(|_| "environment variable FLOTILLA_JOBS_QUEUE_URL is not set".to_string())?;
         let bus = std::env::var("FLOTILLA_EVENT_BUS").ok().filter(|b| !b.is_empty()).unwrap_or("default".into());
-        let notifier = Notifier::new(config, &bus, &jobs);
-        Ok(match std::env::var("FLOTILLA_BUCKET") {
-            Ok(bucket) if !bucket.is_empty() => notifier.with_reports(config, &bucket),
-            _ => notifier,
-        })
+        Ok(Notifier::new(config, &bus, &jobs))
     }
 
     /// One SQS batch from the FIFO notify queue, in order. A message that
@@ -153,13 +136,6 @@ impl Notifier {
         }
         for answer in batch.notices.iter().filter_map(|n| n.task.as_ref()) {
             self.answer(&batch.job_id, answer).await?;
-        }
-        let ended = batch.notices.iter().any(|n| {
-            n.detail_type.as_deref() == Some(JOB_STATE_CHANGE)
-                && n.detail["status"].as_str().is_some_and(|s| TERMINAL.contains(&s))
-        });
-        if let (true, Some(reports)) = (ended, &self.reports) {
-            flotilla_shared::report_html::write(reports, &batch.job_id, chrono::Utc::now()).await?;
         }
         info!(job_id = %batch.job_id, events = events.len(), "notices delivered");
         Ok(())

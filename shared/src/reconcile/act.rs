@@ -91,6 +91,14 @@ pub async fn execute(
                 .ledger
                 .put_artifact(&record.job_id, "report.txt", body.as_bytes(), "text/plain; charset=utf-8")
                 .await?;
+            // The page beside it: rendered here, where S3 is already linked,
+            // so the notify function stays small.
+            let tails = crate::report_html::failed_step_tails(ports.ledger.as_ref(), record).await;
+            let page = crate::report_html::render(record, &tails, ports.clock.now());
+            ports
+                .ledger
+                .put_artifact(&record.job_id, "report.html", page.as_bytes(), "text/html; charset=utf-8")
+                .await?;
             Ok(Done::Ok)
         }
     }
