@@ -258,6 +258,9 @@ fn plan_volumes(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSett
         if volume.attached_to.is_some() || sources.contains(&volume.volume_id) {
             continue; // attached volumes wait for their instance to go
         }
+        if held(inventory, &volume.tags, now).is_some_and(|hold| hold.volume_ids.contains(&volume.volume_id)) {
+            continue; // detached by the person debugging: still theirs until the hold ends
+        }
         let Some(why) = orphaned(&volume.tags, &inventory.jobs, now, settings) else { continue };
         let id = volume.volume_id.clone();
         if volume.state != VolumeState::Available {
@@ -909,6 +912,16 @@ mod tests {
 
         let mut freed = inventory(hold(None), None);
         freed.instances.clear();
+        // Detached during the hold: still the person's.
+        let mut detached = freed.clone();
+        detached.volumes.push(VolumeView {
+            volume_id: "vol-held".into(),
+            state: "available".into(),
+            availability_zone: "us-east-1a".into(),
+            attached_to: None,
+            tags: BTreeMap::from([(tags::JOB_ID.to_string(), "failed".to_string())]),
+        });
+        assert!(plan(&detached, now(), &settings()).is_empty(), "a held volume is kept during the hold");
         freed.volumes.push(VolumeView {
             volume_id: "vol-held".into(),
             state: "available".into(),

@@ -242,7 +242,12 @@ async fn the_html_report_shows_every_attempt_and_no_hostile_markup_in_chromium()
     let stack = MotoStack::start().await;
     let record = a_job_with_a_retry_and_a_hostile_failure(&stack).await;
     let ports = stack.ports();
-    let page = ports.ledger.get("jobs/seen-1/report.html").await.expect("get").expect("the reconciler wrote it beside report.txt");
+    let page = ports
+        .ledger
+        .get("jobs/seen-1/report.html")
+        .await
+        .expect("get")
+        .expect("the reconciler wrote it beside report.txt");
     let text = String::from_utf8_lossy(&page);
     assert!(!text.contains(HOSTILE), "the hostile line is escaped in the file");
 
