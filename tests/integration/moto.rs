@@ -332,8 +332,13 @@ impl MotoStack {
                 "awsRegion": "us-east-1",
             })).collect::<Vec<_>>()});
             let failed = if intake {
+                // Boxed: a debug build's handler futures are large, and the
+                // test thread's stack is 2 MiB.
                 let call = || {
-                    handlers::intake_event(ports, lambda_runtime::LambdaEvent::new(event.clone(), Default::default()))
+                    Box::pin(handlers::intake_event(
+                        ports,
+                        lambda_runtime::LambdaEvent::new(event.clone(), Default::default()),
+                    ))
                 };
                 if duplicate {
                     // Each copy fails or succeeds on its own, as two SQS receipts do.
@@ -350,14 +355,14 @@ impl MotoStack {
                 let budget = chrono::Duration::seconds(20);
                 if duplicate {
                     let (a, b) = tokio::join!(
-                        handlers::reconcile_batch(ports, batch.clone(), budget, None),
-                        handlers::reconcile_batch(ports, batch, budget, None)
+                        Box::pin(handlers::reconcile_batch(ports, batch.clone(), budget, None)),
+                        Box::pin(handlers::reconcile_batch(ports, batch, budget, None))
                     );
                     let mut failed = failed_in(a);
                     failed.extend(failed_in(b));
                     failed
                 } else {
-                    failed_in(handlers::reconcile_batch(ports, batch, budget, None).await)
+                    failed_in(Box::pin(handlers::reconcile_batch(ports, batch, budget, None)).await)
                 }
             };
             for message in messages {
