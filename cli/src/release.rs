@@ -36,7 +36,6 @@ pub async fn release(ledger: &S3Ledger, job_id: &str, now: DateTime<Utc>) -> Res
         }
         hold.released_at = Some(now);
         let released = hold.clone();
-        record.updated_at = Some(now);
         record.writes += 1;
         match ledger.replace(&record, &loaded.version).await.with_context(|| format!("writing job {job_id}"))? {
             WriteOutcome::Written { .. } => return Ok(Released::Now(released)),

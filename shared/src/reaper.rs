@@ -173,14 +173,16 @@ fn orphaned(
     }
 }
 
-/// The debug hold of the resource's job, while it lasts.
-fn held<'a>(
-    inventory: &'a Inventory,
-    resource_tags: &BTreeMap<String, String>,
-    now: DateTime<Utc>,
-) -> Option<&'a DebugHold> {
-    let job_id = resource_tags.get(tags::JOB_ID)?;
-    inventory.holds.get(job_id).filter(|hold| now < hold.ends_at())
+/// When the debug hold on this instance or volume ends (past or not): the
+/// job record's word, which knows of an early release, else the
+/// `held-until` tag the hold put on it, for when the record cannot be read.
+fn hold_ends(inventory: &Inventory, id: &str, resource_tags: &BTreeMap<String, String>) -> Option<DateTime<Utc>> {
+    let from_record = resource_tags
+        .get(tags::JOB_ID)
+        .and_then(|job_id| inventory.holds.get(job_id))
+        .filter(|hold| hold.instance_id == id || hold.volume_ids.iter().any(|v| v == id))
+        .map(DebugHold::ends_at);
+    from_record.or_else(|| parse_time(resource_tags.get(tags::HELD_UNTIL)))
 }
 
 /// Mark now (or renew a stale mark), or act once the mark has stood for the grace.
@@ -226,7 +228,7 @@ pub fn plan(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSettings
         if matches!(instance.state, InstanceState::ShuttingDown | InstanceState::Terminated) {
             continue;
         }
-        if held(inventory, &instance.tags, now).is_some_and(|hold| hold.instance_id == instance.instance_id) {
+        if hold_ends(inventory, &instance.instance_id, &instance.tags).is_some_and(|end| now < end) {
             continue; // held for debugging: the reaper's after the hold
         }
         let Some(why) = orphaned(&instance.tags, &inventory.jobs, now, settings) else { continue };
@@ -258,7 +260,8 @@ fn plan_volumes(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSett
         if volume.attached_to.is_some() || sources.contains(&volume.volume_id) {
             continue; // attached volumes wait for their instance to go
         }
-        if held(inventory, &volume.tags, now).is_some_and(|hold| hold.volume_ids.contains(&volume.volume_id)) {
+        let hold_ended = hold_ends(inventory, &volume.volume_id, &volume.tags);
+        if hold_ended.is_some_and(|end| now < end) {
             continue; // detached by the person debugging: still theirs until the hold ends
         }
         let Some(why) = orphaned(&volume.tags, &inventory.jobs, now, settings) else { continue };
@@ -273,8 +276,9 @@ fn plan_volumes(inventory: &Inventory, now: DateTime<Utc>, settings: &ReaperSett
         }
         let why = format!("volume {id}: {why}");
         // A held volume may have changed during the hold: only a snapshot
-        // the reaper took once its instance was gone holds what it holds.
-        let was_held = inventory.holds.values().any(|hold| hold.volume_ids.contains(&id));
+        // the reaper took (which it does only once the hold is over) holds
+        // what it holds; the failure's snapshot predates the hold.
+        let was_held = hold_ended.is_some();
         let snapshots: Vec<&SnapshotView> = inventory
             .snapshots
             .iter()
@@ -932,27 +936,64 @@ mod tests {
                 (tags::ORPHANED_AT.to_string(), at(-10)),
             ]),
         });
-        let snapshot = |id: &str, reaped: bool| SnapshotView {
+        let snapshot = |id: &str, reaped: bool, minutes: i64| SnapshotView {
             snapshot_id: id.into(),
             volume_id: "vol-held".into(),
             state: "completed".into(),
-            started_at: now() - Duration::minutes(31),
+            started_at: now() + Duration::minutes(minutes),
             tags: if reaped {
                 BTreeMap::from([(tags::REAPED.to_string(), "true".to_string())])
             } else {
                 BTreeMap::new()
             },
         };
-        freed.snapshots.push(snapshot("snap-failure", false));
+        freed.snapshots.push(snapshot("snap-failure", false, -31));
         assert!(
             matches!(plan(&freed, after, &settings()).as_slice(), [ReapAction::Snapshot { .. }]),
-            "the failure's snapshot predates the hold"
+            "the failure's snapshot predates what the hold changed"
         );
-        freed.snapshots.push(snapshot("snap-after", true));
+        let mut later = freed.clone();
+        later.snapshots.push(snapshot("snap-after", true, 31));
         assert!(matches!(
-            plan(&freed, after, &settings()).as_slice(),
+            plan(&later, after, &settings()).as_slice(),
             [ReapAction::DeleteVolume { why, .. }] if why.contains("snap-after")
         ));
+    }
+
+    /// The record unreadable or gone: the `held-until` tags the hold wrote
+    /// keep the instance and volume until it ends, and then the failure's
+    /// snapshot still does not count: a new one is taken first.
+    #[test]
+    fn a_hold_is_honoured_from_its_tags_when_the_record_cannot_say() {
+        let until = (now() + Duration::minutes(30)).to_rfc3339_opts(SecondsFormat::Secs, true);
+        let mut inventory = Inventory::default();
+        inventory.jobs.insert("failed".into(), JobView::Missing);
+        inventory.instances = vec![instance("i-held", "failed", 30, None)];
+        inventory.instances[0].tags.insert(tags::HELD_UNTIL.into(), until.clone());
+        inventory.volumes.push(VolumeView {
+            volume_id: "vol-held".into(),
+            state: "available".into(),
+            availability_zone: "us-east-1a".into(),
+            attached_to: None,
+            tags: BTreeMap::from([
+                (tags::JOB_ID.to_string(), "failed".to_string()),
+                (tags::ORPHANED_AT.to_string(), at(-10)),
+                (tags::HELD_UNTIL.to_string(), until),
+            ]),
+        });
+        inventory.snapshots.push(SnapshotView {
+            snapshot_id: "snap-failure".into(),
+            volume_id: "vol-held".into(),
+            state: "completed".into(),
+            started_at: now() - Duration::minutes(31),
+            tags: BTreeMap::new(),
+        });
+        assert!(plan(&inventory, now(), &settings()).is_empty(), "the tags keep the hold");
+        let planned = plan(&inventory, now() + Duration::minutes(31), &settings());
+        assert!(
+            planned.iter().any(|a| matches!(a, ReapAction::Snapshot { volume_id, .. } if volume_id == "vol-held")),
+            "after the tagged hold, a new snapshot first: {planned:?}"
+        );
     }
 
     /// A failed run's snapshots never push out the last good one, and the

@@ -234,12 +234,18 @@ pub fn realized(record: &JobRecord) -> Realized {
     let mut usd = Some(0.0);
     for attempt in record.shards.iter().flat_map(|s| s.attempts.iter()) {
         let Some(launched_at) = attempt.launched_at else { continue };
-        let mut seconds =
-            attempt.billed_seconds.map(u64::from).unwrap_or_else(|| (until - launched_at).num_seconds().max(0) as u64);
-        // A debug hold bills on after the attempt: to its end, or the release.
-        if let Some(hold) = record.hold.as_ref().filter(|h| attempt.held_until.is_some() && h.since >= launched_at) {
-            seconds += (hold.ends_at() - hold.since).num_seconds().max(0) as u64;
-        }
+        // A debug hold bills on after the attempt: to its end, or the release
+        // (counted whole once taken, so the report does not grow with it).
+        let held = record.hold.as_ref().filter(|h| attempt.held_until.is_some() && h.since >= launched_at);
+        let span = |from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chrono::Utc>| {
+            (to - from).num_seconds().max(0) as u64
+        };
+        let seconds = match (attempt.billed_seconds.map(u64::from), held) {
+            (Some(billed), Some(hold)) => billed + span(hold.since, hold.ends_at()),
+            (Some(billed), None) => billed,
+            (None, Some(hold)) => span(launched_at, hold.ends_at()),
+            (None, None) => span(launched_at, until),
+        };
         instance_seconds += seconds;
         let option = record.launch_of(attempt);
         let hourly = estimate.and_then(|e| {

@@ -856,3 +856,81 @@ async fn a_rejection_never_blocks_a_later_valid_job_with_the_same_id() {
     drive(&cloud, &ports2, 1, |r| r.state.is_terminal(), "claimed-1").await;
     assert_eq!(cloud.record("claimed-1").expect("record").state, JobState::Succeeded);
 }
+
+/// The debug hold in the simulated cloud: the failed shard's instance and
+/// volume stay, tagged `held-until` (and the instance's `expires-at` moved)
+/// so the reaper honours the hold without the record; a cancel that arrives
+/// before the hold is taken means stop everything, so nothing is held; and a
+/// held instance gone before it could be tagged ends the tagging.
+#[tokio::test]
+async fn a_failed_shard_is_held_and_tagged_but_never_once_a_cancel_arrived() {
+    use flotilla_shared::tags;
+    let failing = || -> flotilla_testkit::fake::CommandBehaviour {
+        std::sync::Arc::new(|request, _| (if request.comment.contains(" run ") { 3 } else { 0 }, String::new(), 5))
+    };
+    let held = |id: &str| {
+        let mut spec = job(id);
+        spec["fleet"] = json!({"count": 1});
+        spec["debug_hold_minutes"] = json!(30);
+        spec
+    };
+
+    // Two shards: the other's cleanup goes on after the hold is taken.
+    let cloud = cloud().with_behaviour(failing());
+    let mut two = held("held-1");
+    two["fleet"] = json!({"count": 2});
+    let record = run_job(&cloud, two, 1).await;
+    assert_eq!(record.state, JobState::Failed, "{}", record.reason);
+    let hold = record.hold.clone().expect("the failed shard is held");
+    assert!(hold.tagged);
+    let until = hold.until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    // Billed from launch to the hold's end, the passes after it not twice.
+    let held_attempt = &record.shards[hold.shard as usize].attempts[0];
+    let launched = held_attempt.launched_at.expect("launched");
+    assert!(record.updated_at.is_some_and(|at| at > hold.since), "no pass after the hold: nothing to count twice");
+    let others: u64 = record
+        .attempts()
+        .filter(|a| a.instance_id != held_attempt.instance_id)
+        .map(|a| u64::from(a.billed_seconds.expect("terminated, so billed")))
+        .sum();
+    let realized = flotilla_shared::report::realized(&record).instance_seconds;
+    assert_eq!(realized, others + (hold.ends_at() - launched).num_seconds() as u64);
+    {
+        let state = cloud.lock();
+        let instance = state.instances.iter().find(|i| i.id == hold.instance_id).expect("held instance");
+        assert_eq!(instance.state, "running");
+        assert_eq!(instance.tags.get(tags::HELD_UNTIL), Some(&until));
+        assert_eq!(instance.tags.get(tags::EXPIRES_AT), Some(&until));
+        assert!(!hold.volume_ids.is_empty());
+        for id in &hold.volume_ids {
+            let volume = state.volumes.iter().find(|v| &v.id == id).expect("held volume");
+            assert_eq!(volume.tags.get(tags::HELD_UNTIL), Some(&until), "{id}");
+        }
+    }
+
+    // A cancel once the step failed, before the failure's snapshots answer.
+    let cloud = self::cloud().with_behaviour(failing());
+    let ports = ports(&cloud);
+    intake::submit(&ports, &held("held-2").to_string(), "m-1", None).await.expect("intake");
+    drive(&cloud, &ports, 1, |r| r.shards[0].attempts.first().is_some_and(|a| a.end.is_some()), "held-2").await;
+    assert!(cloud.record("held-2").expect("record").hold.is_none(), "held before the cancel could arrive");
+    intake::submit(&ports, r#"{"cancel": "held-2"}"#, "m-2", None).await.expect("cancel");
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "held-2").await;
+    let record = cloud.record("held-2").expect("record");
+    assert!(record.hold.is_none(), "held after a cancel: {:?}", record.hold);
+    assert_eq!(cloud.running_instances(), 0);
+
+    // The held instance is gone when the tags are written: EC2 says
+    // NotFound, and the pass records it once instead of asking forever.
+    let mut gone = record.clone();
+    gone.hold = hold.clone().into();
+    gone.hold.as_mut().expect("hold").tagged = false;
+    let tag = flotilla_shared::reconcile::Action::TagHold {
+        instance_id: hold.instance_id.clone(),
+        volume_ids: hold.volume_ids.clone(),
+        until,
+    };
+    let not_found = flotilla_shared::error::CloudError::api("ec2", "CreateTags", "InvalidInstanceID.NotFound", "gone");
+    flotilla_shared::reconcile::decide::apply(&mut gone, &tag, Err(not_found), sim::start_time());
+    assert!(gone.hold.as_ref().is_some_and(|h| h.tagged), "TagHold would be asked for again on every pass");
+}

@@ -74,8 +74,12 @@ pub async fn execute(
             cloud.volumes.create_snapshot(volume_id, description, snapshot_tags).await.map(Done::Snapshotted)
         }
         Action::DeleteVolume { volume_id } => cloud.volumes.delete_volume(volume_id).await.map(|_| Done::Ok),
-        Action::TagHold { instance_id, until } => {
-            cloud.fleet.tag(std::slice::from_ref(instance_id), crate::tags::EXPIRES_AT, until).await.map(|_| Done::Ok)
+        Action::TagHold { instance_id, volume_ids, until } => {
+            let held: Vec<String> = std::iter::once(instance_id.clone()).chain(volume_ids.iter().cloned()).collect();
+            // The instance's expires-at first: it alone keeps the instance
+            // from the reaper when the record cannot be read.
+            cloud.fleet.tag(std::slice::from_ref(instance_id), crate::tags::EXPIRES_AT, until).await?;
+            cloud.fleet.tag(&held, crate::tags::HELD_UNTIL, until).await.map(|_| Done::Ok)
         }
         Action::Prune { volume, finals, job_name, keep_last, max_age_days } => {
             mark_good(cloud, finals).await?;

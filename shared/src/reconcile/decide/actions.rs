@@ -81,9 +81,11 @@ pub enum Action {
     DeleteVolume {
         volume_id: String,
     },
-    /// The held instance's `expires-at` moved to the end of its debug hold.
+    /// The held instance's `expires-at` moved to the end of its debug hold,
+    /// and `held-until` on it and its volumes.
     TagHold {
         instance_id: String,
+        volume_ids: Vec<String>,
         until: String,
     },
     /// A SUCCEEDED run tags its final snapshots of the volume `flotilla:good`

@@ -12,6 +12,9 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
         }
         Err(err) => err,
     };
+    if held_resource_gone(record, action, &error) {
+        return;
+    }
     let class = error.class();
     if matches!(class, RetryClass::Throttled | RetryClass::NotYetVisible) {
         // Refused before it took effect: nothing of it can land later.
@@ -80,13 +83,27 @@ pub fn apply(record: &mut JobRecord, action: &Action, result: Result<Done, Cloud
             record.warnings.push(format!("report not written: {message}"));
             record.report_written = true;
         }
-        Action::TagHold { instance_id, .. } => {
-            // The record still says held, and the reaper reads it.
-            record.warnings.push(format!("tagging the held instance {instance_id}: {message}"));
-            if let Some(hold) = record.hold.as_mut() {
-                hold.tagged = true;
-            }
-        }
+        // The record still says held, and the reaper reads it.
+        Action::TagHold { instance_id, .. } => tag_hold_ended(record, format!("tagging {instance_id}: {message}")),
+    }
+}
+
+/// The held instance or a volume of it is gone (terminated and purged, or
+/// deleted by hand) when its hold is tagged: nothing is left to tag, and
+/// asking again would never end.
+fn held_resource_gone(record: &mut JobRecord, action: &Action, error: &CloudError) -> bool {
+    let Action::TagHold { instance_id, .. } = action else { return false };
+    if !error.code().is_some_and(|code| code.ends_with(".NotFound")) {
+        return false;
+    }
+    tag_hold_ended(record, format!("the held instance {instance_id} or a volume of it is gone: {error}"));
+    true
+}
+
+fn tag_hold_ended(record: &mut JobRecord, warning: String) {
+    record.warnings.push(warning);
+    if let Some(hold) = record.hold.as_mut() {
+        hold.tagged = true;
     }
 }
 
@@ -211,6 +228,7 @@ pub(super) fn settle_launch_failures(record: &mut JobRecord, now: DateTime<Utc>)
         spec: &spec,
         job_id: record.job_id.clone(),
         aborting: record.outcome.is_some(),
+        cancel_requested: record.cancel_requested,
         tags: BTreeMap::new(),
         deadline_at: record.deadline_at,
         bound: None,

@@ -22,6 +22,10 @@ pub(super) fn hold_if_wanted(
     if decision.hold_taken || attempt.held_until.is_some() || attempt.terminate_requested || job.past_bound {
         return false;
     }
+    // A cancel or a passed deadline asked for everything to stop.
+    if job.cancel_requested || job.deadline_at.is_some_and(|at| now >= at) {
+        return false;
+    }
     let failed_step =
         attempt.end.as_ref().is_some_and(|e| matches!(e.cause, EndCause::CommandFailed | EndCause::TimedOut));
     if !failed_step || would_retry(job, attempt) {
@@ -81,21 +85,23 @@ pub(super) fn note_hold(record: &mut JobRecord, now: DateTime<Utc>) {
     });
 }
 
-/// The held instance's `expires-at`, moved to the hold's end, so the reaper
-/// honours the hold even without the record. None once done.
+/// The held instance's `expires-at`, moved to the hold's end, and
+/// `held-until` on it and its volumes, so the reaper honours the hold even
+/// without the record, and knows which snapshots of the volumes predate it.
+/// None once done.
 pub(super) fn tag_hold(record: &JobRecord) -> Option<Action> {
     let hold = record.hold.as_ref().filter(|h| !h.tagged)?;
     Some(Action::TagHold {
         instance_id: hold.instance_id.clone(),
+        volume_ids: hold.volume_ids.clone(),
         until: hold.until.to_rfc3339_opts(SecondsFormat::Secs, true),
     })
 }
 
-/// The retry strategy would start another attempt of this shard.
+/// The retry strategy alone would start another attempt of this shard: a
+/// shard stopped only because another failed the job is not held.
 pub(super) fn would_retry(job: &JobFacts<'_>, attempt: &Attempt) -> bool {
     let Some(ended) = attempt.end.as_ref() else { return false };
     let strategy = job.spec.retry.clone().unwrap_or_default();
-    !job.aborting
-        && retry_action(&strategy, ended.cause, ended.exit_code) == RetryAction::Retry
-        && attempt.number < strategy.attempts
+    retry_action(&strategy, ended.cause, ended.exit_code) == RetryAction::Retry && attempt.number < strategy.attempts
 }

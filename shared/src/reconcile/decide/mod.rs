@@ -188,6 +188,7 @@ pub fn decide(record: &mut JobRecord, obs: &Observation, ctx: &Context<'_>) -> (
         spec: &spec,
         job_id: record.job_id.clone(),
         aborting,
+        cancel_requested: record.cancel_requested,
         tags: job_tags(record, &spec, ctx.settings),
         deadline_at: record.deadline_at,
         bound,
@@ -277,6 +278,8 @@ pub(super) struct JobFacts<'a> {
     spec: &'a JobSpec,
     job_id: String,
     aborting: bool,
+    /// `flotilla cancel` arrived: nothing is held for debugging.
+    cancel_requested: bool,
     /// The tags on everything the job creates.
     tags: BTreeMap<String, String>,
     deadline_at: Option<DateTime<Utc>>,
