@@ -474,3 +474,28 @@ async fn the_reaper_reaps_orphans_in_target_accounts_it_is_given() {
     assert_eq!(state_of("i-0c0000000000000004").as_deref(), Some("running"), "another stack's, there too");
     assert_eq!(state_of("i-0c0000000000000005").as_deref(), Some("running"), "a job this ledger never knew");
 }
+
+/// A debug hold tags only what the job created: the owner's opted-in
+/// volume (a `volume_id` source) is held but never tagged, since the
+/// reconcile role may tag only this stack's resources (one refused id
+/// fails the whole CreateTags call).
+#[tokio::test]
+async fn a_debug_hold_never_tags_the_owners_volume() {
+    let cloud = FakeCloud::new(sim::start_time()).with_behaviour(std::sync::Arc::new(|request, _| {
+        (if request.comment.contains(" run ") { 3 } else { 0 }, String::new(), 5)
+    }));
+    let ports = cloud.ports(settings("prod"));
+    user_volume(&cloud, "vol-0000000000000000f", Some("prod"));
+    let mut spec = with_source("held-own", json!({"volume_id": "vol-0000000000000000f"}));
+    spec["debug_hold_minutes"] = json!(30);
+    intake::submit(&ports, &spec.to_string(), "m", None).await.expect("intake");
+    let record = drive(&cloud, &ports, "held-own").await;
+    assert_eq!(record.state, JobState::Failed, "{}", record.reason);
+    let hold = record.hold.clone().expect("held");
+    assert!(hold.volume_ids.contains(&"vol-0000000000000000f".to_string()), "the owner's volume is held");
+    let state = cloud.lock();
+    let own = state.volumes.iter().find(|v| v.id == "vol-0000000000000000f").expect("the owner's volume");
+    assert!(!own.tags.contains_key(tags::HELD_UNTIL), "the owner's volume was tagged: {:?}", own.tags);
+    let instance = state.instances.iter().find(|i| i.id == hold.instance_id).expect("held instance");
+    assert!(instance.tags.contains_key(tags::HELD_UNTIL), "the instance is tagged");
+}

@@ -887,7 +887,7 @@ async fn a_failed_shard_is_held_and_tagged_but_never_once_a_cancel_arrived() {
     // Billed from launch to the hold's end, the passes after it not twice.
     let held_attempt = &record.shards[hold.shard as usize].attempts[0];
     let launched = held_attempt.launched_at.expect("launched");
-    assert!(record.updated_at.is_some_and(|at| at > hold.since), "no pass after the hold: nothing to count twice");
+    assert!(record.updated_at.is_some_and(|at| at > hold.since), "passes wrote the record after the hold began");
     let others: u64 = record
         .attempts()
         .filter(|a| a.instance_id != held_attempt.instance_id)
@@ -919,6 +919,36 @@ async fn a_failed_shard_is_held_and_tagged_but_never_once_a_cancel_arrived() {
     let record = cloud.record("held-2").expect("record");
     assert!(record.hold.is_none(), "held after a cancel: {:?}", record.hold);
     assert_eq!(cloud.running_instances(), 0);
+
+    // A cancel during the hold (the other shard still running) ends it.
+    let cloud = self::cloud().with_behaviour(std::sync::Arc::new(|request, instance| {
+        if !request.comment.contains(" run ") {
+            return (0, String::new(), 5);
+        }
+        let shard1 = request.lines.iter().any(|l| l.contains(instance) && l.contains("SHARD_INDEX=1"));
+        if shard1 {
+            (0, String::new(), 1200)
+        } else {
+            (3, String::new(), 5)
+        }
+    }));
+    let ports = self::ports(&cloud);
+    let mut two = held("held-3");
+    two["fleet"] = json!({"count": 2});
+    intake::submit(&ports, &two.to_string(), "m-1", None).await.expect("intake");
+    drive(&cloud, &ports, 1, |r| r.hold.is_some(), "held-3").await;
+    assert!(!cloud.record("held-3").expect("record").state.is_terminal(), "shard 1 still runs");
+    intake::submit(&ports, r#"{"cancel": "held-3"}"#, "m-2", None).await.expect("cancel");
+    drive(&cloud, &ports, 1, |r| r.state.is_terminal(), "held-3").await;
+    let record3 = cloud.record("held-3").expect("record");
+    let ended = record3.hold.as_ref().and_then(|h| h.released_at);
+    assert!(
+        ended.is_some_and(|at| record3
+            .cancel_requested_at
+            .is_some_and(|c| at <= c.max(record3.hold.as_ref().expect("hold").since))),
+        "the cancel did not end the hold: {:?}",
+        record3.hold
+    );
 
     // The held instance is gone when the tags are written: EC2 says
     // NotFound, and the pass records it once instead of asking forever.

@@ -88,6 +88,11 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         if !(1..=MAX_DEBUG_HOLD_MINUTES).contains(&minutes) {
             return fail(format!("debug_hold_minutes: must be 1-{MAX_DEBUG_HOLD_MINUTES}, got {minutes}"));
         }
+        // The held instance is left to the reaper, which may have no role in
+        // the other account (or none it can assume): it could run forever.
+        if spec.role_arn.is_some() {
+            return fail("debug_hold_minutes: not allowed with role_arn (the reaper may be unable to remove a held instance in another account)");
+        }
     }
     if spec.instance_types.is_empty() {
         return fail("instance_types: at least one instance type is required");
@@ -936,6 +941,9 @@ mod tests {
         }
         let held = parse(&with(&["debug_hold_minutes"], serde_json::json!(60)).to_string()).expect("parses");
         validate(&held).expect("an hour's hold is valid");
+        let mut foreign = with(&["debug_hold_minutes"], serde_json::json!(60));
+        foreign["role_arn"] = serde_json::json!("arn:aws:iam::210987654321:role/flotilla-target-a");
+        assert!(reason(foreign).starts_with("debug_hold_minutes: not allowed with role_arn"));
         let deployment = Limits { max_debug_hold_minutes: Some(30), ..Limits::default() };
         let err = deployment.check(&held, 1).expect_err("above the deployment's limit");
         assert!(err.message.contains("allows at most 30 (template parameter MaxDebugHoldMinutes)"), "{}", err.message);

@@ -64,9 +64,13 @@ pub(super) fn hold_if_wanted(
     false
 }
 
-/// The record's summary of the hold, once an attempt is held.
+/// The record's summary of the hold, once an attempt is held; a cancel that
+/// arrives during the hold ends it (the reaper removes the instance next).
 pub(super) fn note_hold(record: &mut JobRecord, now: DateTime<Utc>) {
-    if record.hold.is_some() {
+    if let Some(hold) = record.hold.as_mut() {
+        if record.cancel_requested && hold.released_at.is_none() {
+            hold.released_at = Some(record.cancel_requested_at.unwrap_or(now).max(hold.since));
+        }
         return;
     }
     let held = record.shards.iter().find_map(|s| {
@@ -91,9 +95,19 @@ pub(super) fn note_hold(record: &mut JobRecord, now: DateTime<Utc>) {
 /// None once done.
 pub(super) fn tag_hold(record: &JobRecord) -> Option<Action> {
     let hold = record.hold.as_ref().filter(|h| !h.tagged)?;
+    // Only volumes the job created: a `volume_id` source is the owner's, and
+    // the role may not tag it (nor should it).
+    let created: Vec<String> = record
+        .attempts()
+        .filter(|a| a.held_until.is_some())
+        .flat_map(|a| a.volumes.iter())
+        .filter(|v| v.created)
+        .filter_map(|v| v.volume_id.clone())
+        .filter(|id| hold.volume_ids.contains(id))
+        .collect();
     Some(Action::TagHold {
         instance_id: hold.instance_id.clone(),
-        volume_ids: hold.volume_ids.clone(),
+        volume_ids: created,
         until: hold.until.to_rfc3339_opts(SecondsFormat::Secs, true),
     })
 }
