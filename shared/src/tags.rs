@@ -51,9 +51,9 @@ pub const KIND: &str = "flotilla:kind";
 pub const GOOD: &str = "flotilla:good";
 /// The reaper's copy of an orphaned volume: outside every lineage rule.
 pub const REAPED: &str = "flotilla:reaped";
-/// On a debug hold's instance and volumes: when the hold ends. A held
-/// volume may change during the hold, so only a snapshot the reaper takes
-/// after this time holds what it holds.
+/// On a debug hold's instance and the volumes its job created: when the
+/// hold ends. The reaper spares them until then, and counts only its own
+/// (`REAPED`) snapshot of a held volume: the failure's predates the hold.
 pub const HELD_UNTIL: &str = "flotilla:held-until";
 
 /// The tags every search for this deployment's resources carries.

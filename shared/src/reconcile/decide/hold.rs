@@ -91,7 +91,7 @@ pub(super) fn note_hold(record: &mut JobRecord, now: DateTime<Utc>) {
 
 /// The held instance's `expires-at`, moved to the hold's end, and
 /// `held-until` on it and its volumes, so the reaper honours the hold even
-/// without the record, and knows which snapshots of the volumes predate it.
+/// without the record, and trusts only its own snapshot of the volumes.
 /// None once done.
 pub(super) fn tag_hold(record: &JobRecord) -> Option<Action> {
     let hold = record.hold.as_ref().filter(|h| !h.tagged)?;
